@@ -463,29 +463,28 @@ def userhash(username: str, realm: str) -> bytes:
     return hashlib.sha256(f"{username}:{realm}".encode("utf-8")).digest()
 
 
-# ChannelData (RFC 8656 section 12.4): a 4-byte header, channel numbers 0x4000-0x4FFF.
+# ChannelData (RFC 8656 section 12.4): a 4-byte header.  RFC 8656 narrowed channel numbers
+# to 0x4000-0x4FFF; RFC 5766 allowed up to 0x7FFE, and RFC 5766 clients still pick numbers
+# there (coturn's turnutils_uclient does, at random).  A client-facing TURN port carries only
+# STUN and ChannelData, so accepting the old range costs nothing: coturn does the same.
 CHANNEL_HEADER = struct.Struct("!HH")
-MIN_CHANNEL, MAX_CHANNEL = 0x4000, 0x4FFF
+MIN_CHANNEL, MAX_CHANNEL = 0x4000, 0x7FFE
 
 
-def is_channel_data(data: bytes) -> bool:
-    return len(data) >= 4 and 0x40 <= data[0] <= 0x4F
-
-
-def stream_frame_length(buffer: bytes) -> Optional[int]:
-    """Length of the first whole STUN or ChannelData frame at the head of a stream buffer.
+def stream_frame_length(buffer: bytes, offset: int = 0) -> Optional[int]:
+    """Length of the whole STUN or ChannelData frame at `offset` in a stream buffer.
 
     None means more bytes are needed.  ChannelData on a stream is padded to a multiple of 4
     (RFC 8656 section 12.5), STUN always is; anything else is a protocol error: -1.
     """
-    if len(buffer) < 4:
+    if len(buffer) - offset < 4:
         return None
-    first = buffer[0]
-    length = (buffer[2] << 8) | buffer[3]
+    first = buffer[offset]
+    length = (buffer[offset + 2] << 8) | buffer[offset + 3]
     if first < 0x40:
         size = HEADER.size + length
-    elif first <= 0x4F:
+    elif first < 0x80:
         size = 4 + length + (-length % 4)
     else:
         return -1
-    return size if len(buffer) >= size else None
+    return size if len(buffer) - offset >= size else None

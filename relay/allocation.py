@@ -1,0 +1,144 @@
+"""One TURN allocation: its relay sockets, permissions, channels, lifetime and counters.
+
+The two `from_*` methods are the relay's hot path, called once per relayed packet: a header
+unpack, a dict lookup or two, plain integer additions and one send.  Expired permissions and
+channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Callable, Dict, Hashable, Optional, Protocol, Tuple
+
+from relay import stun
+
+Address = Tuple[str, int]
+PERMISSION_LIFETIME = 300
+CHANNEL_LIFETIME = 600
+# After a channel expires, neither its number nor its peer may be bound to anything else
+# for this long (RFC 8656 section 12).
+CHANNEL_COOLDOWN = 300
+
+_DATA_INDICATION_TYPE = stun.message_type(stun.DATA_METHOD, stun.INDICATION)
+_ATTR = struct.Struct("!HH")
+_CHANNEL = stun.CHANNEL_HEADER
+
+
+class RelayEndpoint(Protocol):
+    """A bound relay socket, provided by the I/O layer (see `relay.listeners`)."""
+
+    address: Address
+
+    def send(self, data: bytes, peer: Address) -> None: ...
+
+    def attach(self, receiver: Callable[[bytes, Address], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Allocation:
+    def __init__(self, key: Hashable, client: Address, transport: str, username: str,
+                 account: object, relays: Dict[int, RelayEndpoint], send_to_client: Callable[[bytes], None],
+                 started: float, expires: float):
+        self.key = key
+        self.client = client
+        self.transport = transport
+        self.username = username
+        self.account = account
+        self.relays = relays
+        self.send_to_client = send_to_client
+        self.stream = transport != "udp"
+        self.started = started
+        self.expires = expires
+        self.permissions: Dict[str, float] = {}       # peer IP -> expiry
+        self.channels: Dict[int, Tuple[Address, Callable[[bytes, Address], None], float]] = {}
+        self.channel_of_peer: Dict[Address, int] = {}
+        self.cooldown: Dict[int, Tuple[Address, float]] = {}  # expired channel -> (peer, until)
+        self.bytes_from_client = self.packets_from_client = 0
+        self.bytes_to_client = self.packets_to_client = 0
+        for relay in relays.values():
+            relay.attach(self.from_peer)
+
+    def from_peer(self, data: bytes, peer: Address) -> None:
+        """A datagram arrived on a relay socket: pass it to the client if a permission allows."""
+        if peer[0] not in self.permissions:
+            return
+        size = len(data)
+        number = self.channel_of_peer.get(peer)
+        if number is not None:
+            frame = _CHANNEL.pack(number, size) + data
+            if self.stream and size & 3:
+                frame += b"\x00" * (4 - (size & 3))
+        else:
+            frame = _data_indication(data, peer)
+        self.bytes_to_client += size
+        self.packets_to_client += 1
+        self.send_to_client(frame)
+
+    def from_client_channel(self, data: bytes) -> None:
+        """ChannelData from the client: relay its payload to the channel's peer."""
+        number, size = _CHANNEL.unpack_from(data)
+        channel = self.channels.get(number)
+        if channel is None or size > len(data) - 4:
+            return
+        peer, send, _ = channel
+        if peer[0] not in self.permissions:
+            return
+        self.bytes_from_client += size
+        self.packets_from_client += 1
+        send(data[4:4 + size], peer)
+
+    def send_indication(self, data: bytes, peer: Address) -> None:
+        relay = self.relays.get(stun.address_family(peer[0]))
+        if relay is None or peer[0] not in self.permissions:
+            return
+        self.bytes_from_client += len(data)
+        self.packets_from_client += 1
+        relay.send(data, peer)
+
+    def bind_channel(self, number: int, peer: Address, now: float) -> None:
+        relay = self.relays[stun.address_family(peer[0])]
+        self.channels[number] = (peer, relay.send, now + CHANNEL_LIFETIME)
+        self.channel_of_peer[peer] = number
+        self.cooldown.pop(number, None)
+
+    def channel_conflict(self, number: int, peer: Address, now: float) -> bool:
+        """True when binding `number` to `peer` would rebind either one (RFC 8656 12.2)."""
+        bound = self.channels.get(number)
+        if bound is not None and bound[0] != peer:
+            return True
+        if self.channel_of_peer.get(peer, number) != number:
+            return True
+        held = self.cooldown.get(number)
+        if held is not None and held[1] > now and held[0] != peer:
+            return True
+        return any(p == peer and until > now and n != number for n, (p, until) in self.cooldown.items())
+
+    def sweep(self, now: float) -> None:
+        """Drop expired permissions and channels; expired channels go into cooldown."""
+        for ip in [ip for ip, expiry in self.permissions.items() if expiry <= now]:
+            del self.permissions[ip]
+        for number in [n for n, (_, _, expiry) in self.channels.items() if expiry <= now]:
+            peer = self.channels.pop(number)[0]
+            self.channel_of_peer.pop(peer, None)
+            self.cooldown[number] = (peer, now + CHANNEL_COOLDOWN)
+        for number in [n for n, (_, until) in self.cooldown.items() if until <= now]:
+            del self.cooldown[number]
+
+    def close(self) -> None:
+        for relay in self.relays.values():
+            relay.close()
+        self.relays = {}
+
+
+def _data_indication(data: bytes, peer: Address) -> bytes:
+    """A Data indication (RFC 8656 section 11.4), built by hand: this runs once per packet."""
+    tid = stun.new_transaction_id()
+    peer_attr = stun.ATTRIBUTES[stun.XOR_PEER_ADDRESS].encode(peer, tid)
+    size = len(data)
+    pad = -size % 4
+    body_len = 4 + len(peer_attr) + 4 + size + pad
+    return b"".join((
+        stun.HEADER.pack(_DATA_INDICATION_TYPE, body_len, stun.MAGIC_COOKIE, tid),
+        _ATTR.pack(stun.XOR_PEER_ADDRESS, len(peer_attr)), peer_attr,
+        _ATTR.pack(stun.DATA, size), data, b"\x00" * pad,
+    ))

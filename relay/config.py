@@ -1,0 +1,233 @@
+"""`twistd turnrelay` options: coturn's flag names, a TOML file with the same names, validation.
+
+Precedence: built-in default < `--config` file < command line.  A list option given on the
+command line replaces the file's list rather than adding to it, so an operator can always see
+the effective value in one place.  Every check in `postOptions` names the option it rejects.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import sys
+from typing import Any, Dict, List
+
+from twisted.python import usage
+
+from relay.credentials import StaticUser, parse_user
+from relay.peers import parse_rule
+from relay.tls import TLS_VERSIONS
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.9/3.10 and PyPy
+    import tomli as tomllib
+
+
+def _port(value: str) -> int:
+    port = int(value)
+    if not 0 <= port <= 65535:
+        raise ValueError("not a port number")
+    return port
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
+LIST_OPTIONS = {
+    "listening-ip": "Address to listen on; repeat for several [default: 0.0.0.0 and ::]",
+    "listening-port": "UDP and TCP port; repeat for several [default: 3478]",
+    "tls-listening-port": "TLS port; repeat for several, e.g. 443 [default: 5349]",
+    "relay-ip": "Address relay sockets bind to, at most one per family [default: this host's "
+                "outbound IPv4 and IPv6 addresses]",
+    "external-ip": "Address clients see in XOR-RELAYED-ADDRESS: PUBLIC, or PUBLIC/RELAY-IP to map "
+                   "one relay address behind NAT; repeat per relay address",
+    "user": "Long-term credential NAME:PASSWORD, or NAME:0xKEY with the MD5 key "
+            "turnadmin -k prints; repeat for several",
+    "allowed-peer-ip": "Peer address, CIDR or FIRST-LAST range to allow even if denied or "
+                       "private; repeat for several",
+    "denied-peer-ip": "Peer address, CIDR or FIRST-LAST range to refuse; repeat for several",
+}
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = ("Serve STUN (RFC 8489) and TURN (RFC 8656) over UDP, TCP and TLS. Flag names "
+                "follow coturn's; --config reads the same names from a TOML file.")
+
+    optFlags = [
+        ["no-udp", None, "Do not listen on UDP"],
+        ["no-tcp", None, "Do not listen on TCP"],
+        ["no-tls", None, "Do not listen on TLS"],
+        ["allow-loopback-peers", None, "Allow relaying to 127.0.0.0/8 and ::1 (testing only)"],
+        ["no-software-attribute", None, "Do not send the SOFTWARE attribute"],
+    ]
+    optParameters = [
+        ["config", "c", None, "TOML file with these options (command line wins)"],
+        ["realm", "r", None, "Realm of the long-term credentials [default: host name]"],
+        ["users-file", None, None, "TOML file of users: [users.NAME] password=... or key=..., "
+                                   "optional account=..."],
+        ["min-port", None, 49152, "Lowest relay port", _port],
+        ["max-port", None, 65535, "Highest relay port", _port],
+        ["max-allocate-lifetime", None, 3600, "Longest allocation lifetime in seconds", _positive],
+        ["stale-nonce", None, 600, "Seconds a nonce stays valid", _positive],
+        ["user-quota", None, 0, "Concurrent allocations per user (0: no limit)", _positive],
+        ["source-quota", None, 0, "Concurrent allocations per client IP (0: no limit)", _positive],
+        ["total-quota", None, 0, "Concurrent allocations in all (0: no limit)", _positive],
+        ["max-permissions", None, 64, "Permissions per allocation", _positive],
+        ["max-channels", None, 64, "Channels per allocation", _positive],
+        ["cert", None, None, "TLS certificate chain, PEM [default: a self-signed one made on "
+                             "first run in --state-dir]"],
+        ["pkey", None, None, "TLS private key, PEM"],
+        ["tls-min-version", None, "1.2", "Lowest TLS version: 1.2 or 1.3"],
+        ["tls-max-version", None, "1.2", "Highest TLS version: 1.2 or 1.3"],
+        ["nonce-secret-file", None, None, "File with the nonce key (a second line: the previous "
+                                          "key, during rotation); share it across a fleet "
+                                          "[default: a random key per process]"],
+        ["state-dir", None, os.path.join(os.path.expanduser("~"), ".local", "state", "turnrelay"),
+         "Directory for generated state (self-signed certificate)"],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in LIST_OPTIONS:
+            self[name] = []
+        self._from_command_line: set = set()
+
+    def _add(self, name: str, value: str) -> None:
+        if name not in self._from_command_line:
+            self._from_command_line.add(name)
+            self[name] = []
+        self[name].append(value)
+
+    def parseOptions(self, options: List[str] = None) -> None:
+        argv = sys.argv[1:] if options is None else options
+        path = _config_path(argv)
+        if path is not None:
+            self._load_config(path)
+        super().parseOptions(argv)
+
+    def _load_config(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise usage.UsageError(f"--config: cannot read {path}: {err}") from None
+        known = {p[0]: p for p in self.optParameters}
+        flags = {f[0] for f in self.optFlags}
+        for name, value in table.items():
+            if name in LIST_OPTIONS:
+                values = value if isinstance(value, list) else [value]
+                self[name] = [str(v) for v in values]
+            elif name in flags:
+                if not isinstance(value, bool):
+                    raise usage.UsageError(f"--{name}: expected true or false in {path}")
+                self[name] = int(value)
+            elif name in known and name != "config":
+                coerce = known[name][4] if len(known[name]) > 4 else str
+                try:
+                    self[name] = coerce(str(value))
+                except ValueError as err:
+                    raise usage.UsageError(f"--{name}: {value!r} in {path}: {err}") from None
+            else:
+                raise usage.UsageError(f"{path}: unknown option {name!r}")
+
+    def postOptions(self) -> None:
+        def fail(option: str, problem: str) -> None:
+            raise usage.UsageError(f"--{option}: {problem}")
+
+        for name in ("listening-port", "tls-listening-port"):
+            try:
+                self[name] = [_port(p) for p in self[name]] or ([3478] if name == "listening-port" else [5349])
+            except ValueError:
+                fail(name, f"{self[name]} is not a list of port numbers")
+        for name in ("listening-ip", "relay-ip"):
+            for value in self[name]:
+                if not _is_ip(value):
+                    fail(name, f"{value!r} is not an IP address")
+        families = [":" in ip for ip in self["relay-ip"]]
+        if len(families) != len(set(families)):
+            fail("relay-ip", "give at most one IPv4 and one IPv6 address")
+        self["external-map"] = {}
+        for value in self["external-ip"]:
+            public, _, private = value.partition("/")
+            if not _is_ip(public) or (private and not _is_ip(private)):
+                fail("external-ip", f"{value!r} is not PUBLIC or PUBLIC/RELAY-IP")
+            self["external-map"][private or None] = public
+        if self["min-port"] > self["max-port"] or self["min-port"] < 1024:
+            fail("min-port", f"relay ports {self['min-port']}-{self['max-port']} must be an "
+                             "ascending range above 1023")
+        if self["max-allocate-lifetime"] < 600:
+            fail("max-allocate-lifetime", "must be at least the default lifetime, 600")
+        for name in ("tls-min-version", "tls-max-version"):
+            if self[name] not in TLS_VERSIONS:
+                fail(name, f"{self[name]!r}: choose one of {', '.join(TLS_VERSIONS)}")
+        if float(self["tls-min-version"]) > float(self["tls-max-version"]):
+            fail("tls-min-version", "is above --tls-max-version")
+        if bool(self["cert"]) != bool(self["pkey"]):
+            fail("cert" if not self["cert"] else "pkey", "--cert and --pkey go together")
+        for name in ("allowed-peer-ip", "denied-peer-ip"):
+            for value in self[name]:
+                try:
+                    parse_rule(value)
+                except ValueError:
+                    fail(name, f"{value!r} is not an address, CIDR network or FIRST-LAST range")
+        self["users"] = self._users(fail)
+        if self["no-udp"] and self["no-tcp"] and self["no-tls"]:
+            fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
+
+    def _users(self, fail: Any) -> Dict[str, StaticUser]:
+        users: Dict[str, StaticUser] = {}
+        for spec in self["user"]:
+            try:
+                name, user = parse_user(spec)
+            except ValueError as err:
+                fail("user", str(err))
+            users[name] = user
+        path = self["users-file"]
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    table = tomllib.load(f).get("users", {})
+            except (OSError, tomllib.TOMLDecodeError) as err:
+                fail("users-file", f"cannot read {path}: {err}")
+            for name, entry in table.items():
+                secret = entry.get("password") or ("0x" + entry["key"] if "key" in entry else "")
+                try:
+                    user = parse_user(f"{name}:{secret}")[1]
+                except ValueError as err:
+                    fail("users-file", f"user {name!r}: {err}")
+                users[name] = dataclasses.replace(user, account_id=str(entry.get("account", name)))
+        return users
+
+
+def _list_option(name: str, doc: str) -> Any:
+    def opt(self: Options, value: str) -> None:
+        self._add(name, value)
+    opt.__doc__ = doc  # usage.Options documents an option by its opt_ method's docstring
+    return opt
+
+
+for _name, _doc in LIST_OPTIONS.items():
+    setattr(Options, "opt_" + _name.replace("-", "_"), _list_option(_name, _doc))
+
+
+def _config_path(argv: List[str]) -> Any:
+    for i, arg in enumerate(argv):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,221 @@
+"""Thin Twisted adapters around `TurnServer`: client listeners (UDP, TCP/TLS) and relay sockets.
+
+Sockets are made here rather than by `listenUDP`/`listenTCP` so that an IPv6 listener can set
+IPV6_V6ONLY beside an IPv4 one on the same port, and a relay socket can set DONT-FRAGMENT
+before Twisted adopts it.  Datagrams on the hot path go straight to `socket.sendto`:
+`udp.Port.write` re-validates the address of every packet.
+"""
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Callable, Optional, Tuple
+
+from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
+from twisted.cred.portal import Portal
+from twisted.internet.interfaces import IReactorSocket, IReactorTime
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay import stun
+from relay.credentials import IAccount, StunCredentials
+from relay.turn import Client, TurnServer
+
+Address = Tuple[str, int]
+MAX_DATAGRAM = 65536
+log = Logger(namespace="turnrelay")
+
+
+def bound_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, kind)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _udp_sender(sock: socket.socket, address: Address) -> Callable[[bytes], None]:
+    sendto = sock.sendto
+
+    def send(data: bytes) -> None:
+        try:
+            sendto(data, address)
+        except OSError:
+            pass  # a full buffer or an ICMP error: UDP may drop, and so may we
+    return send
+
+
+class LoginDispatcher:
+    """Runs a request through the core, logging in through the Portal when it asks."""
+
+    def __init__(self, server: TurnServer, portal: Portal, clock: IReactorTime):
+        self.server = server
+        self.portal = portal
+        self.clock = clock
+
+    def __call__(self, client: Client, data: bytes) -> None:
+        credentials = self.server.receive(client, data, self.clock.seconds())
+        if credentials is None:
+            return
+        d = self.portal.login(credentials, None, IAccount)
+        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(client, credentials),
+                       errbackArgs=(client, credentials))
+
+    def _succeeded(self, result: tuple, client: Client, credentials: StunCredentials) -> None:
+        self.server.authenticated(client, credentials, result[1], self.clock.seconds())
+
+    def _failed(self, failure: Failure, client: Client, credentials: StunCredentials) -> None:
+        if failure.check(UnauthorizedLogin, UnhandledCredentials):
+            self.server.login_failed(client, credentials, self.clock.seconds())
+        else:
+            log.failure("auth backend failed", failure)
+            self.server.server_error(client, credentials.message, self.clock.seconds())
+
+
+class ClientDatagramProtocol(DatagramProtocol):
+    """A UDP listener: ChannelData goes straight to its allocation, the rest to the core."""
+
+    noisy = False
+
+    def __init__(self, server: TurnServer, dispatch: LoginDispatcher, listener: Address):
+        self.allocations = server.allocations
+        self.dispatch = dispatch
+        self.listener = listener
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        if data and 0x40 <= data[0] < 0x80:
+            allocation = self.allocations.get((self.listener, addr))
+            if allocation is not None and len(data) >= 4:
+                allocation.from_client_channel(data)
+            return
+        sock = self.transport.socket
+        self.dispatch(Client("udp", self.listener, addr, _udp_sender(sock, addr)), data)
+
+
+class ClientStreamProtocol(Protocol):
+    """A TCP or TLS client: the only work beyond the core is framing the byte stream."""
+
+    def __init__(self, server: TurnServer, dispatch: LoginDispatcher, transport_name: str,
+                 listener: Address):
+        self.server = server
+        self.dispatch = dispatch
+        self.transport_name = transport_name
+        self.listener = listener
+        self.buffer = b""
+        self.client: Optional[Client] = None
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client = Client(self.transport_name, self.listener, (peer.host, peer.port),
+                             self.transport.write)
+
+    def dataReceived(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        offset = 0
+        while True:
+            size = stun.stream_frame_length(buffer, offset)
+            if size is None:
+                break
+            if size < 0:
+                self.transport.loseConnection()
+                return
+            frame = buffer[offset:offset + size]
+            offset += size
+            if frame[0] >= 0x40:
+                self.server.channel_data(self.client, frame)
+            else:
+                self.dispatch(self.client, frame)
+        self.buffer = buffer[offset:]
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.server.connection_lost(self.client)
+
+
+class ClientStreamFactory(Factory):
+    noisy = False
+
+    def __init__(self, server: TurnServer, dispatch: LoginDispatcher, transport_name: str,
+                 listener: Address):
+        self.server = server
+        self.dispatch = dispatch
+        self.transport_name = transport_name
+        self.listener = listener
+
+    def buildProtocol(self, addr: object) -> ClientStreamProtocol:
+        return ClientStreamProtocol(self.server, self.dispatch, self.transport_name, self.listener)
+
+
+class RelayPort(DatagramProtocol):
+    """One relay socket of an allocation; `attach` makes datagrams go straight to it."""
+
+    noisy = False
+
+    def __init__(self, address: Address):
+        self.address = address
+        self._sendto: Callable[[bytes, Address], object] = lambda data, peer: None
+
+    def startProtocol(self) -> None:
+        self._sendto = self.transport.socket.sendto
+
+    def datagramReceived(self, data: bytes, addr: Address) -> None:
+        """Before `attach` (a reserved port): drop."""
+
+    def attach(self, receiver: Callable[[bytes, Address], None]) -> None:
+        self.datagramReceived = receiver  # type: ignore[method-assign]
+
+    def send(self, data: bytes, peer: Address) -> None:
+        try:
+            self._sendto(data, peer)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.stopListening()
+
+
+def adopt_datagram_socket(reactor: IReactorSocket, sock: socket.socket,
+                          protocol: DatagramProtocol) -> object:
+    """Hand a bound UDP socket to the reactor, which keeps its own duplicate descriptor."""
+    try:
+        return reactor.adoptDatagramPort(sock.fileno(), sock.family, protocol, MAX_DATAGRAM)
+    finally:
+        sock.close()
+
+
+class RelayBinder:
+    """The `bind` that `TurnServer` is given: opens relay sockets on this reactor."""
+
+    def __init__(self, reactor: IReactorSocket):
+        self.reactor = reactor
+
+    def __call__(self, host: str, port: int, dont_fragment: bool) -> Optional[RelayPort]:
+        try:
+            sock = bound_socket(host, port, socket.SOCK_DGRAM)
+        except OSError as err:
+            if err.errno in (errno.EADDRINUSE, errno.EACCES):
+                return None
+            raise
+        if dont_fragment:
+            _set_dont_fragment(sock)
+        relay = RelayPort(sock.getsockname()[:2])
+        adopt_datagram_socket(self.reactor, sock, relay)
+        return relay
+
+
+def _set_dont_fragment(sock: socket.socket) -> None:
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, getattr(socket, "IPV6_MTU_DISCOVER", 23), 2)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, getattr(socket, "IP_MTU_DISCOVER", 10), 2)  # IP_PMTUDISC_DO

@@ -1,0 +1,97 @@
+"""Which peer addresses a client may relay to: no open relay into the operator's network.
+
+The check runs when a permission or channel is installed, never per packet: relaying needs a
+permission, so a peer that never passed this check is never reached.
+"""
+from __future__ import annotations
+
+import ipaddress
+from typing import Iterable, List, Optional, Tuple, Union
+
+IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+
+LOOPBACK = tuple(ipaddress.ip_network(n) for n in ("127.0.0.0/8", "::1/128"))
+
+# Destinations a relay must not reach on its own initiative: this host, the operator's private
+# networks, the cloud metadata service (169.254.169.254 is link-local), and addresses that are
+# not unicast on the internet.
+FORBIDDEN = LOOPBACK + tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8",          # "this network"
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",      # carrier-grade NAT (RFC 6598)
+    "169.254.0.0/16",     # link-local, cloud metadata
+    "192.0.0.0/24",       # IETF protocol assignments
+    "192.0.2.0/24", "198.51.100.0/24", "203.0.113.0/24",  # documentation
+    "198.18.0.0/15",      # benchmarking
+    "224.0.0.0/4",        # multicast
+    "240.0.0.0/4",        # reserved, broadcast
+    "::/128",             # unspecified
+    "100::/64",           # discard
+    "2001:db8::/32",      # documentation
+    "fc00::/7",           # unique local
+    "fe80::/10",          # link-local
+    "fec0::/10",          # site-local (deprecated)
+    "ff00::/8",           # multicast
+))
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_V4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Address]:
+    """The IPv4 address an IPv6 address stands for: v4-mapped, v4-compatible, NAT64, 6to4."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address in _NAT64 or (address in _V4_COMPATIBLE and int(address) > 1):
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def parse_rule(text: str) -> Tuple[IPAddress, IPAddress]:
+    """An operator rule: one address, a CIDR network, or a coturn-style range `first-last`."""
+    if "-" in text:
+        first, last = (ipaddress.ip_address(part.strip()) for part in text.split("-", 1))
+        if first.version != last.version or first > last:
+            raise ValueError(f"{text!r} is not a range of addresses")
+        return first, last
+    network = ipaddress.ip_network(text.strip(), strict=False)
+    return network[0], network[-1]
+
+
+class PeerPolicy:
+    """Operator allow rules win over deny rules, which win over the built-in defaults."""
+
+    def __init__(self, allowed: Iterable[str] = (), denied: Iterable[str] = (),
+                 allow_loopback: bool = False):
+        self.allowed: List[Tuple[IPAddress, IPAddress]] = [parse_rule(r) for r in allowed]
+        self.denied: List[Tuple[IPAddress, IPAddress]] = [parse_rule(r) for r in denied]
+        self.allow_loopback = allow_loopback
+
+    def permits(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        candidates = [address]
+        if address.version == 6:
+            inner = embedded_ipv4(address)
+            if inner is not None:
+                candidates.append(inner)
+        return all(self._permits_one(a) for a in candidates)
+
+    def _permits_one(self, address: IPAddress) -> bool:
+        if _in_ranges(address, self.allowed):
+            return True
+        if _in_ranges(address, self.denied):
+            return False
+        if self.allow_loopback and any(address in net for net in LOOPBACK):
+            return True
+        return not any(address in net for net in FORBIDDEN)
+
+
+def _in_ranges(address: IPAddress, ranges: List[Tuple[IPAddress, IPAddress]]) -> bool:
+    return any(first.version == address.version and first <= address <= last
+               for first, last in ranges)

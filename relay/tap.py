@@ -1,0 +1,217 @@
+"""`twistd turnrelay`: options in, a MultiService of listeners and housekeeping out."""
+from __future__ import annotations
+
+import errno
+import logging
+import resource
+import signal
+import socket
+from typing import Dict, List, Optional
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
+from twisted.logger import LogLevel, Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from relay import SOFTWARE, stun
+from relay.config import Options
+from relay.credentials import AccountRealm, StaticUsersChecker
+from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher,
+                             RelayBinder, adopt_datagram_socket, bound_socket)
+from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
+                          load_secrets)
+from relay.peers import PeerPolicy
+from relay.tls import ServerTLS, self_signed
+from relay.turn import TurnConfig, TurnServer
+
+log = Logger(namespace="turnrelay")
+_LEVELS = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info,
+           logging.WARNING: LogLevel.warn, logging.ERROR: LogLevel.error}
+_DEFAULT_LISTENING_IPS = ["0.0.0.0", "::"]
+
+
+class _TwistedLogHandler(logging.Handler):
+    """The core logs through the standard library; twistd's log is where operators look."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        Logger(namespace=record.name).emit(_LEVELS.get(record.levelno, LogLevel.info), "{message}",
+                                           message=record.getMessage())
+
+
+def _route_core_logging() -> None:
+    core = logging.getLogger("turnrelay")
+    if not any(isinstance(h, _TwistedLogHandler) for h in core.handlers):
+        core.addHandler(_TwistedLogHandler())
+        core.setLevel(logging.INFO)
+        core.propagate = False
+
+
+def outbound_ip(family: int) -> Optional[str]:
+    """This host's source address toward the internet; connecting a UDP socket sends nothing."""
+    probe = ("192.0.2.1", 9) if family == socket.AF_INET else ("2001:db8::1", 9)
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(probe)
+            return s.getsockname()[0]
+    except OSError:
+        return None
+
+
+def raise_file_limit() -> int:
+    """Each relay socket is a descriptor: take the hard limit, as far as we may."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+class ListenersService(Service):
+    """Binds every client listener before the reactor runs (and before privileges drop)."""
+
+    def __init__(self, reactor, server: TurnServer, dispatch: LoginDispatcher, options: Options,
+                 tls: Optional[ServerTLS]):
+        self.reactor = reactor
+        self.server = server
+        self.dispatch = dispatch
+        self.options = options
+        self.tls = tls
+        self.ports: List[object] = []
+
+    def privilegedStartService(self) -> None:
+        options = self.options
+        explicit = bool(options["listening-ip"])
+        for host in options["listening-ip"] or _DEFAULT_LISTENING_IPS:
+            for port in options["listening-port"]:
+                if not options["no-udp"]:
+                    self._listen(host, port, "udp", explicit)
+                if not options["no-tcp"]:
+                    self._listen(host, port, "tcp", explicit)
+            if self.tls is not None:
+                for port in options["tls-listening-port"]:
+                    self._listen(host, port, "tls", explicit)
+        if not self.ports:
+            raise SystemExit("turnrelay: no listener could be opened")
+        Service.privilegedStartService(self)
+
+    def _listen(self, host: str, port: int, transport: str, explicit: bool) -> None:
+        kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+        try:
+            sock = bound_socket(host, port, kind)
+        except OSError as err:
+            if not explicit and err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                log.warn("no {transport} listener on [{host}]:{port}: {err}", transport=transport,
+                         host=host, port=port, err=err.strerror)
+                return
+            raise SystemExit(f"turnrelay: --listening-ip/--listening-port: cannot listen on "
+                             f"{transport} [{host}]:{port}: {err.strerror}")
+        listener = sock.getsockname()[:2]
+        if transport == "udp":
+            protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
+            self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
+        else:
+            sock.listen(1024)
+            factory = ClientStreamFactory(self.server, self.dispatch, transport, listener)
+            if transport == "tls":
+                factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            try:
+                self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
+            finally:
+                sock.close()
+        log.info("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
+                 port=listener[1])
+
+    def startService(self) -> None:
+        Service.startService(self)
+        if self.tls is not None:
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def reload(self) -> None:
+        try:
+            self.tls.reload()
+            log.info("TLS certificate reloaded from {cert}", cert=self.tls.cert)
+        except Exception as err:
+            log.error("TLS reload failed, still serving the old certificate: {err}", err=err)
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.server.shutdown()
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
+
+
+def _relay_ips(options: Options) -> Dict[int, str]:
+    relay_ips = {stun.address_family(ip): ip for ip in options["relay-ip"]}
+    if not relay_ips:
+        for family, code in ((socket.AF_INET, stun.FAMILY_IPV4), (socket.AF_INET6, stun.FAMILY_IPV6)):
+            ip = outbound_ip(family)
+            if ip is not None:
+                relay_ips[code] = ip
+    return relay_ips
+
+
+def makeService(options: Options, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    _route_core_logging()
+    relay_ips = _relay_ips(options)
+    if not relay_ips:
+        raise SystemExit("turnrelay: --relay-ip: no address found to relay from; give one")
+    external = options["external-map"]
+    external_ips = {ip: external.get(ip, external.get(None, ip)) for ip in relay_ips.values()}
+    realm = options["realm"] or socket.getfqdn()
+    try:
+        secrets = load_secrets(options["nonce-secret-file"])
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"turnrelay: --nonce-secret-file: {err}")
+    nonces = NonceIssuer(secrets, options["stale-nonce"],
+                         FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY)
+    users = options["users"]
+    algorithms = (stun.ALGORITHM_MD5,) if any(u.password is None for u in users.values()) \
+        else (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5)
+    portal = Portal(AccountRealm(), [StaticUsersChecker(users)])
+    config = TurnConfig(
+        realm=realm, relay_ips=relay_ips, external_ips=external_ips,
+        min_port=options["min-port"], max_port=options["max-port"],
+        max_lifetime=options["max-allocate-lifetime"],
+        user_quota=options["user-quota"], source_quota=options["source-quota"],
+        total_quota=options["total-quota"], max_permissions=options["max-permissions"],
+        max_channels=options["max-channels"],
+        software=None if options["no-software-attribute"] else SOFTWARE,
+        policy=PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
+                          bool(options["allow-loopback-peers"])),
+        password_algorithms=algorithms,
+    )
+    server = TurnServer(config, nonces, RelayBinder(reactor))
+    dispatch = LoginDispatcher(server, portal, reactor)
+
+    tls = None
+    if not options["no-tls"]:
+        cert, key = options["cert"], options["pkey"]
+        if not cert:
+            cert, key, made = self_signed(options["state-dir"])
+            log.warn("no --cert given: TLS uses the self-signed certificate {cert}{made}",
+                     cert=cert, made=" (made now)" if made else "")
+        try:
+            tls = ServerTLS(cert, key, options["tls-min-version"], options["tls-max-version"])
+        except Exception as err:
+            raise SystemExit(f"turnrelay: --cert/--pkey: cannot use {cert} and {key}: {err}")
+
+    files = raise_file_limit()
+    log.info("realm {realm}, relay addresses {relays}, ports {low}-{high}; open-file limit {files} "
+             "leaves room for about {room} allocations", realm=realm,
+             relays=", ".join(f"{ip} (seen as {external_ips[ip]})" for ip in relay_ips.values()),
+             low=options["min-port"], high=options["max-port"], files=files, room=max(files - 100, 0))
+    if not users:
+        log.warn("no credentials configured (--user, --users-file): STUN Binding works, every "
+                 "TURN request will be refused")
+
+    service = MultiService()
+    ListenersService(reactor, server, dispatch, options, tls).setServiceParent(service)
+    TimerService(1.0, lambda: server.tick(reactor.seconds())).setServiceParent(service)
+    return service

@@ -1,0 +1,84 @@
+"""TLS for the stream listeners: our own pyOpenSSL context, versions and ciphers pinned.
+
+An `ssl:` endpoint string can set neither protocol versions nor ciphers and cannot swap a
+certificate, so the context is built here.  `reload` swaps in a new certificate: connections
+made after it use the new one, established sessions keep theirs.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Tuple
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+
+TLS_VERSIONS = {
+    "1.2": SSL.TLS1_2_VERSION,
+    "1.3": SSL.TLS1_3_VERSION,
+}
+# ECDHE key exchange with AEAD ciphers only; TLS 1.3 suites are AEAD by construction.
+CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    def __init__(self, cert: str, key: str, min_version: str = "1.2", max_version: str = "1.2"):
+        self.cert, self.key = cert, key
+        self.min_version, self.max_version = TLS_VERSIONS[min_version], TLS_VERSIONS[max_version]
+        self.context = self._context()
+
+    def _context(self) -> SSL.Context:
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(self.min_version)
+        ctx.set_max_proto_version(self.max_version)
+        ctx.set_cipher_list(CIPHERS)
+        ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
+                        | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
+        ctx.use_certificate_chain_file(self.cert)
+        ctx.use_privatekey_file(self.key)
+        ctx.check_privatekey()
+        return ctx
+
+    def reload(self) -> None:
+        """Re-read certificate and key; on error keep serving the old ones (and raise)."""
+        self.context = self._context()
+
+    def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
+        return SSL.Connection(self.context, None)
+
+
+def self_signed(state_dir: str) -> Tuple[str, str, bool]:
+    """A certificate for first runs without one: made once, kept in the state directory.
+
+    Returns (cert path, key path, whether it was just made).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    cert_path = os.path.join(state_dir, "self-signed-cert.pem")
+    key_path = os.path.join(state_dir, "self-signed-key.pem")
+    if os.path.exists(cert_path) and os.path.exists(key_path):
+        return cert_path, key_path, False
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, socket.gethostname())])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=825))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(socket.gethostname())]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path, True

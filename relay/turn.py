@@ -1,0 +1,433 @@
+"""The TURN server's protocol core (RFC 8656 over RFC 8489): state and decisions, no I/O.
+
+Sockets are not opened here: relay ports come from an injected `bind` function, replies leave
+through the `send` callable of the `Client` they answer, and time arrives as an argument.
+Authentication is the one step that may wait (a database checker), so a request that needs it
+is handled in two halves: `receive` returns the `StunCredentials` to log in with, and the
+caller passes the outcome to `authenticated` or `login_failed`.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, Hashable, List, Optional, Tuple
+
+from relay import stun
+from relay.allocation import PERMISSION_LIFETIME, Address, Allocation, RelayEndpoint
+from relay.credentials import StunCredentials
+from relay.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
+from relay.peers import PeerPolicy
+from relay.ratelimit import RateLimiter
+
+log = logging.getLogger("turnrelay")
+
+UDP_PROTOCOL = 17
+RESERVATION_LIFETIME = 30
+RESPONSE_CACHE_LIFETIME = 40  # RFC 8489 section 6.3.1: 40 s covers a UDP client's retransmits
+_BIND_ATTEMPTS = 40
+
+# bind(host, port, dont_fragment) -> a bound RelayEndpoint, or None when the port is taken.
+Binder = Callable[[str, int, bool], Optional[RelayEndpoint]]
+
+
+@dataclass(eq=False)
+class Client:
+    """Where a request came from: the 5-tuple's client side, and how to answer it."""
+
+    transport: str           # "udp", "tcp" or "tls"
+    listener: Hashable       # identifies the server side of the 5-tuple
+    address: Address
+    send: Callable[[bytes], None]
+
+    @property
+    def key(self) -> Tuple[Hashable, Address]:
+        return self.listener, self.address
+
+
+@dataclass
+class TurnConfig:
+    realm: str
+    relay_ips: Dict[int, str]                        # stun.FAMILY_* -> relay socket address
+    external_ips: Dict[str, str] = field(default_factory=dict)  # relay IP -> advertised IP
+    min_port: int = 49152
+    max_port: int = 65535
+    default_lifetime: int = 600
+    max_lifetime: int = 3600
+    user_quota: int = 0       # concurrent allocations per username, 0 = unlimited
+    source_quota: int = 0     # concurrent allocations per client IP address, 0 = unlimited
+    total_quota: int = 0      # concurrent allocations in this process, 0 = unlimited
+    max_permissions: int = 64
+    max_channels: int = 64
+    software: Optional[str] = None
+    policy: PeerPolicy = field(default_factory=PeerPolicy)
+    password_algorithms: Tuple[int, ...] = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5)
+
+
+@dataclass
+class Reservation:
+    """A port held back by EVEN-PORT's R bit for a later Allocate with RESERVATION-TOKEN."""
+
+    endpoint: RelayEndpoint
+    expires: float
+
+
+class TurnServer:
+    def __init__(self, config: TurnConfig, nonces: NonceIssuer, bind: Binder,
+                 auth_limiter: Optional[RateLimiter] = None, rng: Optional[random.Random] = None):
+        self.config = config
+        self.nonces = nonces
+        self.bind = bind
+        self.auth_limiter = auth_limiter or RateLimiter(rate=2.0, burst=20)
+        self.rng = rng or random.SystemRandom()
+        self.allocations: Dict[Tuple[Hashable, Address], Allocation] = {}
+        self.reservations: Dict[bytes, Reservation] = {}
+        self._responses: "OrderedDict[Tuple[Hashable, Address, bytes], bytes]" = OrderedDict()
+        self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
+        self.on_allocation_closed: Callable[[Allocation, str], None] = lambda alloc, reason: None
+        self._algorithms_attr = [(alg, b"") for alg in config.password_algorithms]
+        self._handlers = {
+            stun.ALLOCATE: self._allocate,
+            stun.REFRESH: self._refresh,
+            stun.CREATE_PERMISSION: self._create_permission,
+            stun.CHANNEL_BIND: self._channel_bind,
+        }
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def receive(self, client: Client, data: bytes, now: float) -> Optional[StunCredentials]:
+        """A STUN message from a client; returns credentials when a login must happen first."""
+        try:
+            msg = stun.parse(data)
+        except stun.StunDecodeError:
+            return None
+        if msg.cls == stun.INDICATION:
+            if msg.method == stun.SEND:
+                self._send_indication(client, msg)
+            return None
+        if msg.cls != stun.REQUEST:
+            return None
+        cached = self._responses.get((client.listener, client.address, msg.transaction_id))
+        if cached is not None:
+            client.send(cached)
+            return None
+        try:
+            if msg.method == stun.BINDING:
+                self._binding(client, msg)
+                return None
+            if msg.method not in self._handlers:
+                raise stun.StunError(400, "Bad Request")
+            return self._credentials(client, msg, now)
+        except stun.StunError as err:
+            self._reply(client, msg, _error(msg, err), now)
+            return None
+
+    def authenticated(self, client: Client, credentials: StunCredentials, account: object,
+                      now: float) -> None:
+        """The login for `credentials` succeeded: run the request and answer it, signed."""
+        msg = credentials.message
+        try:
+            unknown = msg.unknown_required()
+            if unknown:
+                raise stun.StunError(420, "Unknown Attribute", [(stun.UNKNOWN_ATTRIBUTES, unknown)])
+            response = self._handlers[msg.method](client, msg, credentials, account, now)
+        except stun.StunError as err:
+            response = _error(msg, err)
+        if self.config.software:
+            response.add(stun.SOFTWARE, self.config.software)
+        self._reply(client, msg, response, now, credentials.key)
+
+    def login_failed(self, client: Client, credentials: StunCredentials, now: float) -> None:
+        """Wrong user or password: a fresh challenge, unless this source has failed too often."""
+        if not self.auth_limiter.allow(client.address[0], now):
+            return
+        self._reply(client, credentials.message, self._challenge(client, credentials.message, 401,
+                                                                 "Unauthorized", now), now)
+
+    def server_error(self, client: Client, msg: stun.Message, now: float) -> None:
+        """The auth backend failed: say so rather than blame the client's password."""
+        self._reply(client, msg, msg.error(500, "Server Error"), now)
+
+    def channel_data(self, client: Client, data: bytes) -> None:
+        """ChannelData on a stream connection, whose client is known without a lookup."""
+        allocation = self.allocations.get(client.key)
+        if allocation is not None:
+            allocation.from_client_channel(data)
+
+    def connection_lost(self, client: Client) -> None:
+        """A TCP/TLS client went away: its allocation goes with it (RFC 8656 section 3.1)."""
+        allocation = self.allocations.get(client.key)
+        if allocation is not None:
+            self._close(allocation, "disconnected")
+
+    def tick(self, now: float) -> None:
+        """Expire allocations, permissions, channels, reservations and cached responses."""
+        for allocation in list(self.allocations.values()):
+            if allocation.expires <= now:
+                self._close(allocation, "expired")
+            else:
+                allocation.sweep(now)
+        for token in [t for t, r in self.reservations.items() if r.expires <= now]:
+            self.reservations.pop(token).endpoint.close()
+        while self._response_expiry and self._response_expiry[0][0] <= now:
+            self._responses.pop(self._response_expiry.popleft()[1], None)
+
+    def shutdown(self) -> None:
+        for allocation in list(self.allocations.values()):
+            self._close(allocation, "shutdown")
+        for reservation in self.reservations.values():
+            reservation.endpoint.close()
+        self.reservations.clear()
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def _reply(self, client: Client, request: stun.Message, response: stun.Message, now: float,
+               key: Optional[bytes] = None) -> None:
+        wire = response.encode(key=key, sha256=request.has(stun.MESSAGE_INTEGRITY_SHA256),
+                               fingerprint=request.has(stun.FINGERPRINT))
+        cache_key = (client.listener, client.address, request.transaction_id)
+        self._responses[cache_key] = wire
+        self._response_expiry.append((now + RESPONSE_CACHE_LIFETIME, cache_key))
+        client.send(wire)
+
+    def _challenge(self, client: Client, msg: stun.Message, code: int, reason: str,
+                   now: float) -> stun.Message:
+        response = msg.error(code, reason)
+        response.add(stun.REALM, self.config.realm)
+        response.add(stun.NONCE, self.nonces.issue(client.address[0], now))
+        response.add(stun.PASSWORD_ALGORITHMS, self._algorithms_attr)
+        return response
+
+    # -- authentication (RFC 8489 section 9.2.4) ----------------------------------------------
+
+    def _credentials(self, client: Client, msg: stun.Message, now: float) -> Optional[StunCredentials]:
+        if not (msg.has(stun.MESSAGE_INTEGRITY) or msg.has(stun.MESSAGE_INTEGRITY_SHA256)):
+            self._reply(client, msg, self._challenge(client, msg, 401, "Unauthorized", now), now)
+            return None
+        username, userhash = msg.get(stun.USERNAME), msg.get(stun.USERHASH)
+        realm, nonce = msg.get(stun.REALM), msg.get(stun.NONCE)
+        if (username is None and userhash is None) or realm is None or nonce is None:
+            raise stun.StunError(400, "Bad Request")
+        if userhash is not None and not self.nonces.features & FEATURE_USERNAME_ANONYMITY:
+            raise stun.StunError(400, "Bad Request")
+        if self.nonces.check(nonce, client.address[0], now) is not NonceStatus.VALID:
+            self._reply(client, msg, self._challenge(client, msg, 438, "Stale Nonce", now), now)
+            return None
+        offered, chosen = msg.get(stun.PASSWORD_ALGORITHMS), msg.get(stun.PASSWORD_ALGORITHM)
+        if offered is None and chosen is None:
+            algorithm = stun.ALGORITHM_MD5
+        elif offered == self._algorithms_attr and chosen is not None \
+                and chosen[0] in self.config.password_algorithms:
+            algorithm = chosen[0]
+        else:
+            raise stun.StunError(400, "Bad Request")
+        if realm != self.config.realm:
+            self.login_failed(client, StunCredentials(msg, username, userhash, realm, algorithm), now)
+            return None
+        return StunCredentials(msg, username, userhash, realm, algorithm)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _binding(self, client: Client, msg: stun.Message) -> None:
+        unknown = msg.unknown_required()
+        if unknown:
+            response = _error(msg, stun.StunError(420, "Unknown Attribute",
+                                                  [(stun.UNKNOWN_ATTRIBUTES, unknown)]))
+        else:
+            response = msg.response().add(stun.XOR_MAPPED_ADDRESS, client.address)
+        # Not cached: Binding is idempotent, and caching every NAT probe would cost memory.
+        client.send(response.encode(fingerprint=msg.has(stun.FINGERPRINT)))
+
+    def _owned_allocation(self, client: Client, credentials: StunCredentials) -> Allocation:
+        allocation = self.allocations.get(client.key)
+        if allocation is None:
+            raise stun.StunError(437, "Allocation Mismatch")
+        if allocation.username != credentials.username:
+            raise stun.StunError(441, "Wrong Credentials")
+        return allocation
+
+    def _lifetime(self, msg: stun.Message) -> int:
+        """RFC 8656 section 7.2: the client's wish, capped at the maximum, at least the default."""
+        requested = msg.get(stun.LIFETIME)
+        if requested is None:
+            return self.config.default_lifetime
+        return max(self.config.default_lifetime, min(requested, self.config.max_lifetime))
+
+    def _allocate(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                  account: object, now: float) -> stun.Message:
+        if client.key in self.allocations:
+            raise stun.StunError(437, "Allocation Mismatch")
+        transport = msg.get(stun.REQUESTED_TRANSPORT)
+        if transport is None:
+            raise stun.StunError(400, "Bad Request")
+        if transport != UDP_PROTOCOL:
+            raise stun.StunError(442, "Unsupported Transport Protocol")
+        family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
+        additional = msg.get(stun.ADDITIONAL_ADDRESS_FAMILY)
+        token = msg.get(stun.RESERVATION_TOKEN)
+        even_port = msg.get(stun.EVEN_PORT)
+        if (family is not None and additional is not None) \
+                or (token is not None and (even_port is not None or family is not None
+                                           or additional is not None)) \
+                or (additional is not None and additional != stun.FAMILY_IPV6):
+            raise stun.StunError(400, "Bad Request")
+        if family is not None and family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6):
+            raise stun.StunError(440, "Address Family not Supported")
+        self._check_quotas(client, credentials.username)
+        dont_fragment = msg.has(stun.DONT_FRAGMENT)
+        response = msg.response()
+        relays: Dict[int, RelayEndpoint] = {}
+        if token is not None:
+            reservation = self.reservations.pop(token, None)
+            if reservation is None or reservation.expires <= now:
+                raise stun.StunError(508, "Insufficient Capacity")
+            primary = stun.address_family(reservation.endpoint.address[0])
+            relays[primary] = reservation.endpoint
+        else:
+            primary = family or stun.FAMILY_IPV4
+            if primary not in self.config.relay_ips:
+                raise stun.StunError(440, "Address Family not Supported")
+            relays[primary] = self._bind_relay(primary, dont_fragment, even_port, response, now)
+        if additional is not None:
+            try:
+                if stun.FAMILY_IPV6 not in self.config.relay_ips:
+                    raise stun.StunError(440, "Address Family not Supported")
+                relays[stun.FAMILY_IPV6] = self._bind_relay(stun.FAMILY_IPV6, dont_fragment, None,
+                                                            response, now)
+            except stun.StunError as err:
+                response.add(stun.ADDRESS_ERROR_CODE, (stun.FAMILY_IPV6, err.code, err.reason))
+        lifetime = self._lifetime(msg)
+        allocation = Allocation(client.key, client.address, client.transport, credentials.username,
+                                account, relays, client.send, started=now, expires=now + lifetime)
+        self.allocations[client.key] = allocation
+        for relay in relays.values():
+            host, port = relay.address
+            response.add(stun.XOR_RELAYED_ADDRESS, (self.config.external_ips.get(host, host), port))
+        response.add(stun.LIFETIME, lifetime)
+        response.add(stun.XOR_MAPPED_ADDRESS, client.address)
+        log.info("allocation opened user=%s account=%s client=%s:%d transport=%s relay=%s lifetime=%d",
+                 credentials.username, getattr(account, "account_id", "?"), client.address[0],
+                 client.address[1], client.transport,
+                 ",".join(f"{r.address[0]}:{r.address[1]}" for r in relays.values()), lifetime)
+        return response
+
+    def _check_quotas(self, client: Client, username: str) -> None:
+        config = self.config
+        if config.total_quota and len(self.allocations) >= config.total_quota:
+            raise stun.StunError(508, "Insufficient Capacity")
+        if config.user_quota and sum(
+                a.username == username for a in self.allocations.values()) >= config.user_quota:
+            raise stun.StunError(486, "Allocation Quota Reached")
+        if config.source_quota and sum(
+                a.client[0] == client.address[0] for a in self.allocations.values()) >= config.source_quota:
+            raise stun.StunError(486, "Allocation Quota Reached")
+
+    def _bind_relay(self, family: int, dont_fragment: bool, even_port: Optional[bool],
+                    response: stun.Message, now: float) -> RelayEndpoint:
+        """Bind a relay port; with EVEN-PORT an even one, and with its R bit the next one too."""
+        host = self.config.relay_ips[family]
+        low, high = self.config.min_port, self.config.max_port
+        for _ in range(_BIND_ATTEMPTS):
+            port = self.rng.randint(low, high - 1 if even_port else high)
+            if even_port is None:
+                endpoint = self.bind(host, port, dont_fragment)
+                if endpoint is not None:
+                    return endpoint
+                continue
+            port -= port % 2
+            if port < low:
+                continue
+            endpoint = self.bind(host, port, dont_fragment)
+            if endpoint is None:
+                continue
+            if not even_port:
+                return endpoint
+            reserved = self.bind(host, port + 1, dont_fragment)
+            if reserved is None:
+                endpoint.close()
+                continue
+            token = self.rng.getrandbits(64).to_bytes(8, "big")
+            self.reservations[token] = Reservation(reserved, now + RESERVATION_LIFETIME)
+            response.add(stun.RESERVATION_TOKEN, token)
+            return endpoint
+        raise stun.StunError(508, "Insufficient Capacity")
+
+    def _refresh(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                 account: object, now: float) -> stun.Message:
+        allocation = self._owned_allocation(client, credentials)
+        family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
+        if family is not None and family not in allocation.relays:
+            raise stun.StunError(443, "Peer Address Family Mismatch")
+        if msg.get(stun.LIFETIME) == 0:
+            self._close(allocation, "deleted")
+            return msg.response().add(stun.LIFETIME, 0)
+        lifetime = self._lifetime(msg)
+        allocation.expires = now + lifetime
+        return msg.response().add(stun.LIFETIME, lifetime)
+
+    def _checked_peer(self, allocation: Allocation, peer: Address) -> None:
+        if stun.address_family(peer[0]) not in allocation.relays:
+            raise stun.StunError(443, "Peer Address Family Mismatch")
+        if not self.config.policy.permits(peer[0]):
+            raise stun.StunError(403, "Forbidden")
+
+    def _create_permission(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                           account: object, now: float) -> stun.Message:
+        allocation = self._owned_allocation(client, credentials)
+        peers = msg.get_all(stun.XOR_PEER_ADDRESS)
+        if not peers:
+            raise stun.StunError(400, "Bad Request")
+        for peer in peers:
+            self._checked_peer(allocation, peer)
+        ips = {peer[0] for peer in peers}
+        if len(ips | allocation.permissions.keys()) > self.config.max_permissions:
+            raise stun.StunError(508, "Insufficient Capacity")
+        for ip in ips:
+            allocation.permissions[ip] = now + PERMISSION_LIFETIME
+        return msg.response()
+
+    def _channel_bind(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                      account: object, now: float) -> stun.Message:
+        allocation = self._owned_allocation(client, credentials)
+        number, peer = msg.get(stun.CHANNEL_NUMBER), msg.get(stun.XOR_PEER_ADDRESS)
+        if number is None or peer is None or not stun.MIN_CHANNEL <= number <= stun.MAX_CHANNEL:
+            raise stun.StunError(400, "Bad Request")
+        self._checked_peer(allocation, peer)
+        if allocation.channel_conflict(number, peer, now):
+            raise stun.StunError(400, "Bad Request")
+        if number not in allocation.channels and len(allocation.channels) >= self.config.max_channels:
+            raise stun.StunError(508, "Insufficient Capacity")
+        if peer[0] not in allocation.permissions \
+                and len(allocation.permissions) >= self.config.max_permissions:
+            raise stun.StunError(508, "Insufficient Capacity")
+        allocation.bind_channel(number, peer, now)
+        allocation.permissions[peer[0]] = now + PERMISSION_LIFETIME
+        return msg.response()
+
+    def _send_indication(self, client: Client, msg: stun.Message) -> None:
+        allocation = self.allocations.get(client.key)
+        if allocation is None:
+            return
+        try:
+            peer, data = msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)
+        except stun.StunError:
+            return
+        if peer is not None and data is not None:
+            allocation.send_indication(data, peer)
+
+    def _close(self, allocation: Allocation, reason: str) -> None:
+        del self.allocations[allocation.key]
+        allocation.close()
+        log.info("allocation closed user=%s client=%s:%d reason=%s from_client=%d/%dB to_client=%d/%dB",
+                 allocation.username, allocation.client[0], allocation.client[1], reason,
+                 allocation.packets_from_client, allocation.bytes_from_client,
+                 allocation.packets_to_client, allocation.bytes_to_client)
+        self.on_allocation_closed(allocation, reason)
+
+
+def _error(msg: stun.Message, err: stun.StunError) -> stun.Message:
+    response = msg.error(err.code, err.reason)
+    for attr_type, value in err.attributes:
+        response.add(attr_type, value)
+    return response
