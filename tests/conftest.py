@@ -1,0 +1,161 @@
+"""Real servers on loopback: `twistd turnrelay` and coturn's echo peer, started per test.
+
+Readiness is an event, not a sleep: the server is ready when its log has announced every
+listener it was asked for; the echo peer is ready when it has echoed a probe.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, List
+
+import pytest
+
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+# Relay ports above Linux's ephemeral client ports (32768-60999), so the kernel never hands
+# a relay port to a test client.
+RELAY_PORTS = ("61000", "65000")
+USER, PASSWORD = "alice", "wonderland"
+REALM = "turnrelay.test"
+
+
+def tool(name: str) -> str:
+    """A real third-party binary the suite needs: missing is a failure, never a skip."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: run `bash scripts/test.sh`, which installs it")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port free for both UDP and TCP on `host` (TURN listens on both with one number)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(100):
+        with socket.socket(family, socket.SOCK_STREAM) as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(family, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((host, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    host: str
+    port: int
+    tls_port: int
+    log: List[str] = field(default_factory=list)
+
+    def read_until(self, needle: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        for line in self.log:
+            if needle in line:
+                return line
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                break
+            self.log.append(line)
+            if needle in line:
+                return line
+        raise AssertionError(f"server never logged {needle!r}; log:\n" + "".join(self.log))
+
+    def stop(self) -> str:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                rest, _ = self.process.communicate(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                rest, _ = self.process.communicate()
+            self.log.append(rest)
+        return "".join(self.log)
+
+
+def start_server(*extra: str, host: str = "127.0.0.1", users=((USER, PASSWORD),),
+                 udp: bool = True, tcp: bool = True, tls: bool = True,
+                 state_dir: str = None) -> Server:
+    port, tls_port = free_port(host), free_port(host)
+    args = [TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay",
+            "--listening-ip", host, "--listening-port", str(port),
+            "--tls-listening-port", str(tls_port), "--relay-ip", host,
+            "--min-port", RELAY_PORTS[0], "--max-port", RELAY_PORTS[1],
+            "--realm", REALM, "--allow-loopback-peers"]
+    for name, password in users:
+        args += ["--user", f"{name}:{password}"]
+    for enabled, flag in ((udp, "--no-udp"), (tcp, "--no-tcp"), (tls, "--no-tls")):
+        if not enabled:
+            args.append(flag)
+    if state_dir:
+        args += ["--state-dir", state_dir]
+    args += list(extra)
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               cwd=os.path.dirname(os.path.dirname(__file__)))
+    server = Server(process, host, port, tls_port)
+    for enabled, name, number in ((udp, "udp", port), (tcp, "tcp", port), (tls, "tls", tls_port)):
+        if enabled:
+            server.read_until(f"listening on {name} [{host}]:{number}")
+    return server
+
+
+@pytest.fixture
+def turnrelay(tmp_path) -> Iterator[Server]:
+    server = start_server(state_dir=str(tmp_path / "state"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path) -> Iterator:
+    started: List[Server] = []
+
+    def start(*extra: str, **kwargs) -> Server:
+        kwargs.setdefault("state_dir", str(tmp_path / "state"))
+        server = start_server(*extra, **kwargs)
+        started.append(server)
+        return server
+    yield start
+    for server in started:
+        server.stop()
+
+
+def wait_for_udp_echo(host: str, port: int, timeout: float = 10.0) -> None:
+    """Ready when a probe comes back: each wait is on the reply, not a fixed sleep."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(0.2)
+        while time.monotonic() < deadline:
+            probe.sendto(b"probe", (host, port))
+            try:
+                if probe.recv(100) == b"probe":
+                    return
+            except OSError:
+                continue
+    raise AssertionError(f"echo peer on {host}:{port} never answered")
+
+
+@pytest.fixture
+def echo_peer() -> Iterator[tuple]:
+    """coturn's turnutils_peer: a UDP echo server on loopback."""
+    host, port = "127.0.0.1", free_port()
+    process = subprocess.Popen([tool("turnutils_peer"), "-L", host, "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_udp_echo(host, port)
+        yield host, port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

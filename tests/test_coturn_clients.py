@@ -1,0 +1,50 @@
+"""coturn's own client tools against turnrelay over UDP, TCP and TLS, with long-term credentials."""
+import re
+import subprocess
+
+import pytest
+
+from conftest import PASSWORD, USER, tool
+
+MESSAGES, CLIENTS = 20, 2
+
+
+def uclient(server, peer, *flags, port=None, user=USER, password=PASSWORD):
+    args = [tool("turnutils_uclient"), *flags, "-p", str(port or server.port), "-u", user,
+            "-w", password, "-e", peer[0], "-r", str(peer[1]), "-n", str(MESSAGES),
+            "-m", str(CLIENTS), "-z", "5", server.host]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flags", [
+    pytest.param((), id="udp-channels"),
+    pytest.param(("-s",), id="udp-send-indications"),
+    pytest.param(("-t",), id="tcp-channels"),
+    pytest.param(("-t", "-s"), id="tcp-send-indications"),
+    pytest.param(("-t", "-S"), id="tls-channels"),
+    pytest.param(("-t", "-S", "-s"), id="tls-send-indications"),
+])
+def test_uclient_relays_every_message(turnrelay, echo_peer, flags):
+    port = turnrelay.tls_port if "-S" in flags else turnrelay.port
+    result = uclient(turnrelay, echo_peer, *flags, port=port)
+    output = result.stdout + result.stderr
+    totals = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", output)
+    # uclient opens an RTP/RTCP pair of allocations per client (EVEN-PORT + RESERVATION-TOKEN).
+    expected = MESSAGES * CLIENTS
+    assert totals and totals[-1] == (str(expected), str(expected)), output
+    assert "Total lost packets 0 (" in output, output
+    assert not re.search(r"error [45]\d\d", output), output  # no STUN error response
+
+
+def test_uclient_with_wrong_password_gets_no_allocation(turnrelay, echo_peer):
+    result = uclient(turnrelay, echo_peer, password="not-the-password")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Cannot complete Allocation" in output, output
+
+
+def test_stunclient_binding_over_udp(turnrelay):
+    result = subprocess.run([tool("turnutils_stunclient"), "-p", str(turnrelay.port), turnrelay.host],
+                            capture_output=True, text=True, timeout=30)
+    assert re.search(r"UDP reflexive addr: 127\.0\.0\.1:\d+", result.stdout + result.stderr), \
+        result.stdout + result.stderr
