@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs, Debian packages included, then run the whole suite.
+# Idempotent: a second run installs nothing new. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO="sudo"
+packages=()
+command -v turnutils_uclient >/dev/null || packages+=(coturn)   # turnutils_* client tools
+python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
+if [ "${#packages[@]}" -gt 0 ]; then
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# editable_mode=compat: a plain editable install hides twisted/plugins from twistd.
+.venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+exec .venv/bin/python -m pytest "$@"
