@@ -38,6 +38,13 @@ def _positive(value: str) -> int:
     return number
 
 
+# Whole-number options and their checks, applied in postOptions so an error names the option.
+NUMBER_OPTIONS = {
+    "min-port": _port, "max-port": _port, "max-allocate-lifetime": _positive,
+    "stale-nonce": _positive, "user-quota": _positive, "source-quota": _positive,
+    "total-quota": _positive, "max-permissions": _positive, "max-channels": _positive,
+}
+
 LIST_OPTIONS = {
     "listening-ip": "Address to listen on; repeat for several [default: 0.0.0.0 and ::]",
     "listening-port": "UDP and TCP port; repeat for several [default: 3478]",
@@ -71,15 +78,15 @@ class Options(usage.Options):
         ["realm", "r", None, "Realm of the long-term credentials [default: host name]"],
         ["users-file", None, None, "TOML file of users: [users.NAME] password=... or key=..., "
                                    "optional account=..."],
-        ["min-port", None, 49152, "Lowest relay port", _port],
-        ["max-port", None, 65535, "Highest relay port", _port],
-        ["max-allocate-lifetime", None, 3600, "Longest allocation lifetime in seconds", _positive],
-        ["stale-nonce", None, 600, "Seconds a nonce stays valid", _positive],
-        ["user-quota", None, 0, "Concurrent allocations per user (0: no limit)", _positive],
-        ["source-quota", None, 0, "Concurrent allocations per client IP (0: no limit)", _positive],
-        ["total-quota", None, 0, "Concurrent allocations in all (0: no limit)", _positive],
-        ["max-permissions", None, 64, "Permissions per allocation", _positive],
-        ["max-channels", None, 64, "Channels per allocation", _positive],
+        ["min-port", None, 49152, "Lowest relay port"],
+        ["max-port", None, 65535, "Highest relay port"],
+        ["max-allocate-lifetime", None, 3600, "Longest allocation lifetime in seconds"],
+        ["stale-nonce", None, 600, "Seconds a nonce stays valid"],
+        ["user-quota", None, 0, "Concurrent allocations per user (0: no limit)"],
+        ["source-quota", None, 0, "Concurrent allocations per client IP (0: no limit)"],
+        ["total-quota", None, 0, "Concurrent allocations in all (0: no limit)"],
+        ["max-permissions", None, 64, "Permissions per allocation"],
+        ["max-channels", None, 64, "Channels per allocation"],
         ["cert", None, None, "TLS certificate chain, PEM [default: a self-signed one made on "
                              "first run in --state-dir]"],
         ["pkey", None, None, "TLS private key, PEM"],
@@ -105,11 +112,19 @@ class Options(usage.Options):
         self[name].append(value)
 
     def parseOptions(self, options: List[str] = None) -> None:
+        """Parse, and on a bad value exit with one line naming the option.
+
+        twistd answers a UsageError by printing its whole help text above the error; an
+        operator whose config has one typo should see the one line that matters.
+        """
         argv = sys.argv[1:] if options is None else options
-        path = _config_path(argv)
-        if path is not None:
-            self._load_config(path)
-        super().parseOptions(argv)
+        try:
+            path = _config_path(argv)
+            if path is not None:
+                self._load_config(path)
+            super().parseOptions(argv)
+        except usage.UsageError as err:
+            raise SystemExit(f"turnrelay: {err}") from None
 
     def _load_config(self, path: str) -> None:
         try:
@@ -128,11 +143,7 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{name}: expected true or false in {path}")
                 self[name] = int(value)
             elif name in known and name != "config":
-                coerce = known[name][4] if len(known[name]) > 4 else str
-                try:
-                    self[name] = coerce(str(value))
-                except ValueError as err:
-                    raise usage.UsageError(f"--{name}: {value!r} in {path}: {err}") from None
+                self[name] = str(value)
             else:
                 raise usage.UsageError(f"{path}: unknown option {name!r}")
 
@@ -140,6 +151,12 @@ class Options(usage.Options):
         def fail(option: str, problem: str) -> None:
             raise usage.UsageError(f"--{option}: {problem}")
 
+        for name, check in NUMBER_OPTIONS.items():
+            try:
+                self[name] = check(str(self[name]))
+            except ValueError as err:
+                problem = "not a whole number" if "invalid literal" in str(err) else err
+                fail(name, f"{self[name]!r}: {problem}")
         for name in ("listening-port", "tls-listening-port"):
             try:
                 self[name] = [_port(p) for p in self[name]] or ([3478] if name == "listening-port" else [5349])

@@ -1,0 +1,83 @@
+"""Options: coturn's names, a TOML file with the same names, one clear line per bad value."""
+import subprocess
+
+import pytest
+
+from conftest import TWISTD
+from relay.config import Options
+
+
+def parse(*argv):
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults():
+    options = parse()
+    assert options["listening-port"] == [3478] and options["tls-listening-port"] == [5349]
+    assert (options["min-port"], options["max-port"]) == (49152, 65535)
+    assert options["tls-min-version"] == options["tls-max-version"] == "1.2"
+    assert options["users"] == {}
+
+
+def test_toml_file_takes_the_same_names_and_the_command_line_wins(tmp_path):
+    config = tmp_path / "turnrelay.toml"
+    config.write_text('realm = "example.org"\nmin-port = 50000\nmax-port = 50100\n'
+                      'listening-port = [3478, 443]\nuser = ["a:1", "b:2"]\n'
+                      'allow-loopback-peers = true\n')
+    options = parse("--config", str(config), "--max-port", "50200", "--user", "c:3")
+    assert options["realm"] == "example.org"
+    assert (options["min-port"], options["max-port"]) == (50000, 50200)
+    assert options["listening-port"] == [3478, 443]
+    assert set(options["users"]) == {"c"}  # a list on the command line replaces the file's
+    assert options["allow-loopback-peers"]
+
+
+def test_users_file_maps_users_to_accounts(tmp_path):
+    users = tmp_path / "users.toml"
+    users.write_text('[users.alice]\npassword = "pw"\naccount = "acme"\n'
+                     '[users.bob]\nkey = "0123456789abcdef0123456789abcdef"\n')
+    options = parse("--users-file", str(users))
+    assert options["users"]["alice"].account_id == "acme"
+    assert options["users"]["alice"].password == "pw"
+    assert options["users"]["bob"].md5_key == bytes.fromhex("0123456789abcdef0123456789abcdef")
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--min-port", "70000"], "--min-port"),
+    (["--max-channels", "many"], "--max-channels"),
+    (["--min-port", "5000", "--max-port", "4000"], "--min-port"),
+    (["--relay-ip", "not-an-ip"], "--relay-ip"),
+    (["--relay-ip", "192.0.2.1", "--relay-ip", "192.0.2.2"], "--relay-ip"),
+    (["--external-ip", "1.2.3.4/nope"], "--external-ip"),
+    (["--denied-peer-ip", "10.0.0.9-10.0.0.1"], "--denied-peer-ip"),
+    (["--tls-min-version", "1.0"], "--tls-min-version"),
+    (["--tls-min-version", "1.3", "--tls-max-version", "1.2"], "--tls-min-version"),
+    (["--cert", "only-a-cert.pem"], "--pkey"),
+    (["--user", "nopassword"], "--user"),
+    (["--max-allocate-lifetime", "60"], "--max-allocate-lifetime"),
+    (["--listening-port", "99999"], "--listening-port"),
+])
+def test_bad_values_name_the_option(argv, option):
+    with pytest.raises(SystemExit) as exit_:
+        parse(*argv)
+    message = str(exit_.value.code)
+    assert message.startswith(f"turnrelay: {option}:"), message
+    assert "\n" not in message
+
+
+def test_unknown_key_in_config_file_is_named(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text('min_port = 50000\n')
+    with pytest.raises(SystemExit) as exit_:
+        parse("--config", str(config))
+    assert "'min_port'" in str(exit_.value.code)
+
+
+def test_twistd_prints_one_line_for_a_bad_value():
+    result = subprocess.run([TWISTD, "-n", "turnrelay", "--min-port", "70000"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["turnrelay: --min-port: '70000': not a port number"]
