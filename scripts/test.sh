@@ -8,6 +8,7 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 packages=()
 command -v turnutils_uclient >/dev/null || packages+=(coturn)   # turnutils_* client tools
+command -v openssl >/dev/null || packages+=(openssl)           # test certificates
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 if [ "${#packages[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq

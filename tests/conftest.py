@@ -5,6 +5,7 @@ listener it was asked for; the echo peer is ready when it has echoed a probe.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -86,13 +87,13 @@ class Server:
 
 def start_server(*extra: str, host: str = "127.0.0.1", users=((USER, PASSWORD),),
                  udp: bool = True, tcp: bool = True, tls: bool = True,
-                 state_dir: str = None) -> Server:
+                 state_dir: str = None, loopback_peers: bool = True) -> Server:
     port, tls_port = free_port(host), free_port(host)
     args = [TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay",
             "--listening-ip", host, "--listening-port", str(port),
             "--tls-listening-port", str(tls_port), "--relay-ip", host,
             "--min-port", RELAY_PORTS[0], "--max-port", RELAY_PORTS[1],
-            "--realm", REALM, "--allow-loopback-peers"]
+            "--realm", REALM] + (["--allow-loopback-peers"] if loopback_peers else [])
     for name, password in users:
         args += ["--user", f"{name}:{password}"]
     for enabled, flag in ((udp, "--no-udp"), (tcp, "--no-tcp"), (tls, "--no-tls")):
@@ -147,10 +148,10 @@ def wait_for_udp_echo(host: str, port: int, timeout: float = 10.0) -> None:
     raise AssertionError(f"echo peer on {host}:{port} never answered")
 
 
-@pytest.fixture
-def echo_peer() -> Iterator[tuple]:
+@contextlib.contextmanager
+def running_echo_peer(host: str = "127.0.0.1") -> Iterator[tuple]:
     """coturn's turnutils_peer: a UDP echo server on loopback."""
-    host, port = "127.0.0.1", free_port()
+    port = free_port(host)
     process = subprocess.Popen([tool("turnutils_peer"), "-L", host, "-p", str(port)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -159,3 +160,9 @@ def echo_peer() -> Iterator[tuple]:
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture
+def echo_peer() -> Iterator[tuple]:
+    with running_echo_peer() as peer:
+        yield peer

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from conftest import PASSWORD, USER, tool
+from conftest import PASSWORD, USER, running_echo_peer, tool
 
 MESSAGES, CLIENTS = 20, 2
 
@@ -34,6 +34,18 @@ def test_uclient_relays_every_message(turnrelay, echo_peer, flags):
     assert totals and totals[-1] == (str(expected), str(expected)), output
     assert "Total lost packets 0 (" in output, output
     assert not re.search(r"error [45]\d\d", output), output  # no STUN error response
+
+
+def test_uclient_ipv6_relay_and_dont_fragment(server_factory):
+    """-x asks for an IPv6 relay (REQUESTED-ADDRESS-FAMILY), -g adds DONT-FRAGMENT."""
+    server = server_factory("--relay-ip", "::1", tls=False)
+    with running_echo_peer("::1") as peer:
+        result = uclient(server, peer, "-x", "-g")
+    output = result.stdout + result.stderr
+    expected = MESSAGES * CLIENTS
+    assert f"tot_send_msgs={expected}, tot_recv_msgs={expected}" in output, output
+    assert "Total lost packets 0 (" in output, output
+    assert "relay=::1:" in server.stop()
 
 
 def test_uclient_with_wrong_password_gets_no_allocation(turnrelay, echo_peer):
