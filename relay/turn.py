@@ -281,6 +281,10 @@ class TurnServer:
         if token is not None:
             reservation = self.reservations.pop(token, None)
             if reservation is None or reservation.expires <= now:
+                if reservation is not None:
+                    # Expired but not yet swept by `tick`: popped here, so release the port
+                    # here, or nothing ever would.
+                    reservation.endpoint.close()
                 raise stun.StunError(508, "Insufficient Capacity")
             primary = stun.address_family(reservation.endpoint.address[0])
             relays[primary] = reservation.endpoint
