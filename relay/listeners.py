@@ -16,6 +16,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.interfaces import IReactorFDSet, IReactorSocket, IReactorTime, IReadDescriptor
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -104,8 +105,14 @@ class ClientDatagramProtocol(DatagramProtocol):
         self.dispatch(Client("udp", self.listener, addr, _udp_sender(sock, addr)), data)
 
 
-class ClientStreamProtocol(Protocol):
-    """A TCP or TLS client: the only work beyond the core is framing the byte stream."""
+class ClientStreamProtocol(Protocol, TimeoutMixin):
+    """A TCP or TLS client: the only work beyond the core is framing the byte stream.
+
+    A connection that has no allocation after `IDLE_TIMEOUT` seconds (a stalled TLS
+    handshake, a port scanner, a client that gave up) is closed: each one holds a descriptor.
+    """
+
+    IDLE_TIMEOUT = 60
 
     def __init__(self, server: TurnServer, dispatch: LoginDispatcher, transport_name: str,
                  listener: Address):
@@ -120,6 +127,13 @@ class ClientStreamProtocol(Protocol):
         peer = self.transport.getPeer()
         self.client = Client(self.transport_name, self.listener, (peer.host, peer.port),
                              self.transport.write)
+        self.setTimeout(self.IDLE_TIMEOUT)
+
+    def timeoutConnection(self) -> None:
+        if self.client.key in self.server.allocations:
+            self.resetTimeout()
+        else:
+            self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         buffer = self.buffer + data if self.buffer else data
@@ -140,6 +154,7 @@ class ClientStreamProtocol(Protocol):
         self.buffer = buffer[offset:]
 
     def connectionLost(self, reason: Failure = None) -> None:
+        self.setTimeout(None)
         self.server.connection_lost(self.client)
 
 
