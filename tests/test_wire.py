@@ -152,3 +152,27 @@ def test_sighup_swaps_the_certificate_without_a_restart(server_factory, tmp_path
     after = tls_connect(server)[2]
     assert before != after
     assert ssl.DER_cert_to_PEM_cert(after).strip() == second_cert.read_text().strip()
+
+
+def stream_binding(sock):
+    request = stun.Message(stun.BINDING, stun.REQUEST)
+    sock.sendall(request.encode(fingerprint=True))
+    data = b""
+    while len(data) < 20 or len(data) < 20 + int.from_bytes(data[2:4], "big"):
+        data += sock.recv(4096)
+    reply = stun.parse(data)
+    assert reply.transaction_id == request.transaction_id and reply.cls == stun.SUCCESS
+    assert not reply.has(stun.SOFTWARE)  # unauthenticated answers stay minimal
+    return reply.get(stun.XOR_MAPPED_ADDRESS)
+
+
+def test_binding_on_every_listener(turnrelay, client_for):
+    reply = client_for(turnrelay).request(stun.BINDING)
+    assert reply.get(stun.XOR_MAPPED_ADDRESS)[0] == "127.0.0.1"
+    with socket.create_connection((turnrelay.host, turnrelay.port), timeout=5) as tcp:
+        assert stream_binding(tcp) == tcp.getsockname()[:2]
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection((turnrelay.host, turnrelay.tls_port), timeout=5) as raw:
+        with context.wrap_socket(raw) as tls:
+            assert stream_binding(tls) == tls.getsockname()[:2]
