@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 COOKIE = "obMatJos2"
 FEATURE_PASSWORD_ALGORITHMS = 0x800000
 FEATURE_USERNAME_ANONYMITY = 0x400000
+CLOCK_SKEW = 30  # seconds a nonce may come from the future: clocks of a fleet differ a little
 
 
 class NonceStatus(enum.Enum):
@@ -69,5 +70,7 @@ class NonceIssuer:
         if not any(hmac.compare_digest(mac, self._mac(s, self.prefix, stamp, client_ip))
                    for s in self.secrets):
             return NonceStatus.INVALID
-        age = (int(now) - struct.unpack("!I", stamp)[0]) & 0xFFFFFFFF
-        return NonceStatus.VALID if age <= self.lifetime else NonceStatus.STALE
+        # Signed 32-bit age: a nonce from a fleet member whose clock runs a little ahead is
+        # young, not 136 years old.
+        age = ((int(now) - struct.unpack("!I", stamp)[0] + 2**31) & 0xFFFFFFFF) - 2**31
+        return NonceStatus.VALID if -CLOCK_SKEW <= age <= self.lifetime else NonceStatus.STALE

@@ -26,6 +26,7 @@ log = logging.getLogger("turnrelay")
 UDP_PROTOCOL = 17
 RESERVATION_LIFETIME = 30
 RESPONSE_CACHE_LIFETIME = 40  # RFC 8489 section 6.3.1: 40 s covers a UDP client's retransmits
+RESPONSE_CACHE_SIZE = 100_000  # a flood of requests must not grow it without bound
 _BIND_ATTEMPTS = 40
 
 # bind(host, port, dont_fragment) -> a bound RelayEndpoint, or None when the port is taken.
@@ -40,6 +41,9 @@ class Client:
     listener: Hashable       # identifies the server side of the 5-tuple
     address: Address
     send: Callable[[bytes], None]
+    # False once a stream connection is gone: a login that completes later (a database
+    # checker) must not create an allocation nobody can reach.
+    connected: bool = True
 
     @property
     def key(self) -> Tuple[Hashable, Address]:
@@ -126,6 +130,8 @@ class TurnServer:
     def authenticated(self, client: Client, credentials: StunCredentials, account: object,
                       now: float) -> None:
         """The login for `credentials` succeeded: run the request and answer it, signed."""
+        if not client.connected:
+            return
         msg = credentials.message
         try:
             unknown = msg.unknown_required()
@@ -157,6 +163,7 @@ class TurnServer:
 
     def connection_lost(self, client: Client) -> None:
         """A TCP/TLS client went away: its allocation goes with it (RFC 8656 section 3.1)."""
+        client.connected = False
         allocation = self.allocations.get(client.key)
         if allocation is not None:
             self._close(allocation, "disconnected")
@@ -189,6 +196,8 @@ class TurnServer:
         cache_key = (client.listener, client.address, request.transaction_id)
         self._responses[cache_key] = wire
         self._response_expiry.append((now + RESPONSE_CACHE_LIFETIME, cache_key))
+        if len(self._responses) > RESPONSE_CACHE_SIZE:
+            self._responses.popitem(last=False)
         client.send(wire)
 
     def _challenge(self, client: Client, msg: stun.Message, code: int, reason: str,
@@ -267,9 +276,12 @@ class TurnServer:
         additional = msg.get(stun.ADDITIONAL_ADDRESS_FAMILY)
         token = msg.get(stun.RESERVATION_TOKEN)
         even_port = msg.get(stun.EVEN_PORT)
+        # Combinations RFC 8656 section 7.2 rejects: a token already fixes the family and
+        # port, and a reserved next port can only belong to one family.
         if (family is not None and additional is not None) \
                 or (token is not None and (even_port is not None or family is not None
                                            or additional is not None)) \
+                or (even_port and additional is not None) \
                 or (additional is not None and additional != stun.FAMILY_IPV6):
             raise stun.StunError(400, "Bad Request")
         if family is not None and family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6):

@@ -162,6 +162,14 @@ def test_nonce_goes_stale_after_its_lifetime():
     assert issuer.check(nonce, CLIENT, NOW + 601) is NonceStatus.STALE
 
 
+def test_nonce_from_a_fleet_member_slightly_ahead_is_valid():
+    issuer = NonceIssuer([SECRET], 600, FEATURES)
+    nonce = issuer.issue(CLIENT, NOW + 30)
+    assert issuer.check(nonce, CLIENT, NOW) is NonceStatus.VALID
+    far_future = issuer.issue(CLIENT, NOW + 31)
+    assert issuer.check(far_future, CLIENT, NOW) is NonceStatus.STALE
+
+
 def test_stripping_the_feature_set_invalidates_the_nonce():
     issuer = NonceIssuer([SECRET], 600, FEATURES)
     nonce = issuer.issue(CLIENT, NOW)

@@ -356,6 +356,14 @@ def test_requested_and_additional_family_together_is_400(alice):
     assert error_code(response) == 400
 
 
+def test_even_port_reservation_with_a_dual_allocation_is_400():
+    client = Harness(relay_ips=DUAL).client()
+    response = client.allocate((stun.EVEN_PORT, True), (stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6))
+    assert error_code(response) == 400
+    response = client.allocate((stun.EVEN_PORT, False), (stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6))
+    assert response.cls == stun.SUCCESS
+
+
 def test_additional_family_ipv4_is_400():
     client = Harness(relay_ips=DUAL).client()
     assert error_code(client.allocate((stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV4))) == 400
@@ -585,6 +593,17 @@ def test_connection_lost_closes_the_stream_allocation(harness):
     assert harness.closed == [(allocation, "disconnected")]
     harness.server.connection_lost(client.client)  # twice is harmless
     assert len(harness.closed) == 1
+
+
+def test_login_completing_after_the_connection_closed_allocates_nothing(harness):
+    client = harness.client(transport="tcp")
+    client.challenge()
+    credentials = harness.server.receive(client.client, client.signed_wire(stun.ALLOCATE, [
+        (stun.REQUESTED_TRANSPORT, 17)]), harness.now)
+    assert credentials is not None
+    harness.server.connection_lost(client.client)  # gone while the checker was busy
+    harness.server.authenticated(client.client, credentials, object(), harness.now)
+    assert not harness.server.allocations and not harness.binder.endpoints
 
 
 def test_shutdown_closes_allocations_and_reservations(harness, alice):
