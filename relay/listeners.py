@@ -113,19 +113,14 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
     """
 
     IDLE_TIMEOUT = 60
-
-    def __init__(self, server: TurnServer, dispatch: LoginDispatcher, transport_name: str,
-                 listener: Address):
-        self.server = server
-        self.dispatch = dispatch
-        self.transport_name = transport_name
-        self.listener = listener
-        self.buffer = b""
-        self.client: Optional[Client] = None
+    factory: "ClientStreamFactory"
+    buffer = b""
 
     def connectionMade(self) -> None:
+        factory = self.factory
+        self.server, self.dispatch = factory.server, factory.dispatch
         peer = self.transport.getPeer()
-        self.client = Client(self.transport_name, self.listener, (peer.host, peer.port),
+        self.client = Client(factory.transport_name, factory.listener, (peer.host, peer.port),
                              self.transport.write)
         self.setTimeout(self.IDLE_TIMEOUT)
 
@@ -159,6 +154,7 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
 
 
 class ClientStreamFactory(Factory):
+    protocol = ClientStreamProtocol
     noisy = False
 
     def __init__(self, server: TurnServer, dispatch: LoginDispatcher, transport_name: str,
@@ -167,9 +163,6 @@ class ClientStreamFactory(Factory):
         self.dispatch = dispatch
         self.transport_name = transport_name
         self.listener = listener
-
-    def buildProtocol(self, addr: object) -> ClientStreamProtocol:
-        return ClientStreamProtocol(self.server, self.dispatch, self.transport_name, self.listener)
 
 
 @implementer(IReadDescriptor)
