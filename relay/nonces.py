@@ -15,6 +15,8 @@ import os
 import struct
 from typing import Optional, Sequence
 
+from relay.secretfile import read_secrets
+
 COOKIE = "obMatJos2"
 FEATURE_PASSWORD_ALGORITHMS = 0x800000
 FEATURE_USERNAME_ANONYMITY = 0x400000
@@ -32,10 +34,7 @@ def load_secrets(path: Optional[str]) -> list:
     fresh random key: fine for one process, but a fleet must share the file."""
     if path is None:
         return [os.urandom(32)]
-    with open(path, "rb") as f:
-        keys = [line.strip() for line in f.read().splitlines() if line.strip()]
-    if not keys:
-        raise ValueError(f"{path} holds no secret")
+    keys = read_secrets(path)
     if len(keys) > 2:
         raise ValueError(f"{path} holds {len(keys)} secrets: one, or two while rotating")
     return keys
