@@ -10,6 +10,7 @@ import struct
 from typing import Callable, Dict, Hashable, Optional, Protocol, Tuple
 
 from relay import stun
+from relay.credentials import Account
 
 Address = Tuple[str, int]
 PERMISSION_LIFETIME = 300
@@ -37,7 +38,7 @@ class RelayEndpoint(Protocol):
 
 class Allocation:
     def __init__(self, key: Hashable, client: Address, transport: str, username: str,
-                 account: object, relays: Dict[int, RelayEndpoint], send_to_client: Callable[[bytes], None],
+                 account: Account, relays: Dict[int, RelayEndpoint], send_to_client: Callable[[bytes], None],
                  started: float, expires: float):
         self.key = key
         self.client = client
@@ -53,6 +54,9 @@ class Allocation:
         self.channels: Dict[int, Tuple[Address, Callable[[bytes, Address], None], float]] = {}
         self.channel_of_peer: Dict[Address, int] = {}
         self.cooldown: Dict[int, Tuple[Address, float]] = {}  # expired channel -> (peer, until)
+        # The account's bandwidth cap, both directions together: a byte budget refilled by
+        # `sweep` once a second, so the hot path needs no clock.  0 = unlimited.
+        self.bandwidth = self.budget = account.bandwidth_bps
         self.bytes_from_client = self.packets_from_client = 0
         self.bytes_to_client = self.packets_to_client = 0
         for relay in relays.values():
@@ -63,6 +67,8 @@ class Allocation:
         if peer[0] not in self.permissions:
             return
         size = len(data)
+        if self.bandwidth and not self._spend(size):
+            return
         number = self.channel_of_peer.get(peer)
         if number is not None:
             frame = _CHANNEL.pack(number, size) + data
@@ -83,6 +89,8 @@ class Allocation:
         peer, send, _ = channel
         if peer[0] not in self.permissions:
             return
+        if self.bandwidth and not self._spend(size):
+            return
         self.bytes_from_client += size
         self.packets_from_client += 1
         send(data[4:4 + size], peer)
@@ -91,9 +99,19 @@ class Allocation:
         relay = self.relays.get(stun.address_family(peer[0]))
         if relay is None or peer[0] not in self.permissions:
             return
-        self.bytes_from_client += len(data)
+        size = len(data)
+        if self.bandwidth and not self._spend(size):
+            return
+        self.bytes_from_client += size
         self.packets_from_client += 1
         relay.send(data, peer)
+
+    def _spend(self, size: int) -> bool:
+        """Take `size` bytes from this second's budget; False (drop) when it would overdraw."""
+        if size > self.budget:
+            return False
+        self.budget -= size
+        return True
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
         relay = self.relays[stun.address_family(peer[0])]
@@ -114,7 +132,8 @@ class Allocation:
         return any(p == peer and until > now and n != number for n, (p, until) in self.cooldown.items())
 
     def sweep(self, now: float) -> None:
-        """Drop expired permissions and channels; expired channels go into cooldown."""
+        """Drop expired permissions and channels (into cooldown); refill the byte budget."""
+        self.budget = self.bandwidth
         for ip in [ip for ip, expiry in self.permissions.items() if expiry <= now]:
             del self.permissions[ip]
         for number in [n for n, (_, _, expiry) in self.channels.items() if expiry <= now]:

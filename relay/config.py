@@ -6,15 +6,17 @@ the effective value in one place.  Every check in `postOptions` names the option
 """
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any, List
 
 from twisted.python import usage
 
-from relay.credentials import StaticUser, parse_user
+from twisted.cred import strcred
+
+from relay.checkers import RestSecretChecker, StaticUsersChecker, parse_user
+from relay.credentials import IStunCredentials
 from relay.peers import parse_rule
 from relay.tls import TLS_VERSIONS
 
@@ -58,11 +60,16 @@ LIST_OPTIONS = {
     "allowed-peer-ip": "Peer address, CIDR or FIRST-LAST range to allow even if denied or "
                        "private; repeat for several",
     "denied-peer-ip": "Peer address, CIDR or FIRST-LAST range to refuse; repeat for several",
+    "auth": "Auth backend TYPE:ARGS, e.g. static:file=users.toml, rest-secret:secret-file=PATH, "
+            "db:dsn=...,secret-file=PATH; repeat to combine (see --help-auth)",
+    "static-auth-secret": "Secret for TURN REST credentials (coturn's option); repeat to "
+                          "accept several during rotation. Prefer --auth rest-secret:secret-file=",
 }
 
 
-class Options(usage.Options):
+class Options(strcred.AuthOptionMixin, usage.Options):
     synopsis = "[options]"
+    supportedInterfaces = (IStunCredentials,)
     longdesc = ("Serve STUN (RFC 8489) and TURN (RFC 8656) over UDP, TCP and TLS. Flag names "
                 "follow coturn's; --config reads the same names from a TOML file.")
 
@@ -72,6 +79,10 @@ class Options(usage.Options):
         ["no-tls", None, "Do not listen on TLS"],
         ["allow-loopback-peers", None, "Allow relaying to 127.0.0.0/8 and ::1 (testing only)"],
         ["no-software-attribute", None, "Do not send the SOFTWARE attribute"],
+        ["use-auth-secret", None, "Accept TURN REST credentials made with --static-auth-secret "
+                                  "(coturn's switch; the same as --auth rest-secret)"],
+        ["strict-expiry", None, "Also close allocations whose time-limited credential has "
+                                "expired (by default they live on until they end)"],
     ]
     optParameters = [
         ["config", "c", None, "TOML file with these options (command line wins)"],
@@ -193,33 +204,44 @@ class Options(usage.Options):
                     parse_rule(value)
                 except ValueError:
                     fail(name, f"{value!r} is not an address, CIDR network or FIRST-LAST range")
-        self["users"] = self._users(fail)
+        self["checkers"] = self._checkers(fail)
         if self["no-udp"] and self["no-tcp"] and self["no-tls"]:
             fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
 
-    def _users(self, fail: Any) -> Dict[str, StaticUser]:
-        users: Dict[str, StaticUser] = {}
+    def _checkers(self, fail: Any) -> list:
+        """The auth backends, in the order they are tried: static users first."""
+        checkers = []
+        users = {}
         for spec in self["user"]:
             try:
                 name, user = parse_user(spec)
             except ValueError as err:
                 fail("user", str(err))
             users[name] = user
-        path = self["users-file"]
-        if path:
+        if users or self["users-file"]:
             try:
-                with open(path, "rb") as f:
-                    table = tomllib.load(f).get("users", {})
-            except (OSError, tomllib.TOMLDecodeError) as err:
-                fail("users-file", f"cannot read {path}: {err}")
-            for name, entry in table.items():
-                secret = entry.get("password") or ("0x" + entry["key"] if "key" in entry else "")
-                try:
-                    user = parse_user(f"{name}:{secret}")[1]
-                except ValueError as err:
-                    fail("users-file", f"user {name!r}: {err}")
-                users[name] = dataclasses.replace(user, account_id=str(entry.get("account", name)))
-        return users
+                checkers.append(StaticUsersChecker(users, self["users-file"]))
+            except ValueError as err:
+                fail("users-file", str(err))
+        for description in self["auth"]:
+            auth_type = description.split(":", 1)[0]
+            try:
+                checker = strcred.makeChecker(description)
+            except strcred.InvalidAuthType:
+                fail("auth", f"{auth_type!r} is not an installed backend (see --help-auth)")
+            except ValueError as err:
+                fail("auth", f"{auth_type}: {err}")
+            if IStunCredentials not in checker.credentialInterfaces:
+                fail("auth", f"{auth_type}: does not check STUN long-term credentials")
+            checkers.append(checker)
+        if self["use-auth-secret"] or self["static-auth-secret"]:
+            if not self["static-auth-secret"]:
+                fail("use-auth-secret", "needs --static-auth-secret")
+            checkers.append(RestSecretChecker([s.encode() for s in self["static-auth-secret"]]))
+        for checker in checkers:
+            if hasattr(checker, "strict_expiry"):
+                checker.strict_expiry = bool(self["strict-expiry"])
+        return checkers
 
 
 def _list_option(name: str, doc: str) -> Any:

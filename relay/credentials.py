@@ -5,24 +5,25 @@ with it.  So the credentials here carry the message, and a checker, having found
 password or precomputed key, asks the credentials to verify the message with it.  The key that
 verified is kept on the credentials: the response must be signed with the same key.
 
-A checker's avatar id is an account id; `AccountRealm` turns it into the `Account` avatar that
-the allocation carries, so usage is charged to whoever created the allocation.
+A checker's avatar id is an `Account` (or, from a simple third-party checker, a bare account
+id string); `AccountRealm` makes it the avatar that the allocation carries, so usage is charged
+to whoever created the allocation and the account's limits apply to it.
+
+Checkers may declare what they can serve (`supportsSha256`, `supportsUserhash`, both False
+when absent) so the server advertises only what every configured backend handles, and may
+provide `IAllocationPolicy` when their verdict can change after login.
 """
 from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Iterable, Optional
 
-from twisted.cred import error
-from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import ICredentials
 from twisted.cred.portal import IRealm
-from twisted.internet import defer
 from zope.interface import Attribute, Interface, implementer
 
 from relay import stun
-from relay.saslprep import saslprep
 
 
 class IStunCredentials(ICredentials):
@@ -50,6 +51,17 @@ class IAccount(Interface):
 @dataclass(frozen=True)
 class Account:
     account_id: str
+    status: str = "active"
+    max_allocations: int = 0        # concurrent allocations, 0 = unlimited
+    bandwidth_bps: int = 0          # bytes per second per allocation, both ways, 0 = unlimited
+    credential_expires: Optional[float] = None  # unix time a time-limited credential ends
+
+
+class IAllocationPolicy(Interface):
+    """For checkers whose verdict can change after login: expiry, revocation, suspension."""
+
+    def allows(username: str, account: Account, now: float) -> bool:
+        """False when an allocation made with this login must end now."""
 
 
 @implementer(IStunCredentials)
@@ -78,58 +90,10 @@ class StunCredentials:
         return True
 
 
-@dataclass(frozen=True)
-class StaticUser:
-    account_id: str
-    password: Optional[str] = None
-    md5_key: Optional[bytes] = None  # coturn's `turnadmin -k` form: MD5(user:realm:password)
-
-
-def parse_user(spec: str) -> Tuple[str, StaticUser]:
-    """`NAME:PASSWORD`, or coturn's `NAME:0xHEXKEY` for a precomputed MD5 key."""
-    name, sep, secret = spec.partition(":")
-    if not sep or not name or not secret:
-        raise ValueError(f"{spec.split(':')[0]!r}: expected NAME:PASSWORD or NAME:0xKEY")
-    if secret.startswith("0x") and len(secret) == 34:
-        return name, StaticUser(account_id=name, md5_key=bytes.fromhex(secret[2:]))
-    return name, StaticUser(account_id=name, password=saslprep(secret))
-
-
-@implementer(ICredentialsChecker)
-class StaticUsersChecker:
-    """Users from the command line or a users file, each mapped to an account.
-
-    A user given by password serves both password algorithms and USERHASH; a precomputed MD5
-    key serves MD5 only, since SHA-256 would need the password.
-    """
-
-    credentialInterfaces = (IStunCredentials,)
-
-    def __init__(self, users: Dict[str, StaticUser]):
-        self.users = dict(users)
-
-    def _find(self, credentials: IStunCredentials) -> Tuple[Optional[str], Optional[StaticUser]]:
-        if credentials.username is not None:
-            return credentials.username, self.users.get(credentials.username)
-        for name, user in self.users.items():
-            if hmac.compare_digest(stun.userhash(name, credentials.realm), credentials.userhash or b""):
-                return name, user
-        return None, None
-
-    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
-        name, user = self._find(credentials)
-        if name is None or user is None:
-            return defer.fail(error.UnauthorizedLogin())
-        if user.password is not None:
-            ok = credentials.checkPassword(name, user.password)
-        else:
-            ok = credentials.algorithm == stun.ALGORITHM_MD5 and credentials.checkKey(name, user.md5_key)
-        return defer.succeed(user.account_id) if ok else defer.fail(error.UnauthorizedLogin())
-
-
 @implementer(IRealm)
 class AccountRealm:
-    def requestAvatar(self, avatarId: str, mind: object, *interfaces: Iterable) -> tuple:
+    def requestAvatar(self, avatarId: object, mind: object, *interfaces: Iterable) -> tuple:
         if IAccount not in interfaces:
             raise NotImplementedError("turnrelay avatars are accounts")
-        return IAccount, Account(avatarId), lambda: None
+        account = avatarId if isinstance(avatarId, Account) else Account(str(avatarId))
+        return IAccount, account, lambda: None

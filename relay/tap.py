@@ -6,7 +6,7 @@ import logging
 import resource
 import signal
 import socket
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -16,7 +16,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relay import SOFTWARE, stun
 from relay.config import Options
-from relay.credentials import AccountRealm, StaticUsersChecker
+from relay.checkers import ChainedChecker
+from relay.credentials import AccountRealm
 from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher,
                              RelayBinder, adopt_datagram_socket, bound_socket)
 from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
@@ -125,24 +126,32 @@ class ListenersService(Service):
         log.info("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
                  port=listener[1])
 
-    def startService(self) -> None:
-        Service.startService(self)
-        if self.tls is not None:
-            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
-
-    def reload(self) -> None:
-        try:
-            self.tls.reload()
-            log.info("TLS certificate reloaded from {cert}", cert=self.tls.cert)
-        except Exception as err:
-            log.error("TLS reload failed, still serving the old certificate: {err}", err=err)
-
     def stopService(self) -> None:
         Service.stopService(self)
         self.server.shutdown()
         for port in self.ports:
             port.stopListening()
         self.ports = []
+
+
+class SighupService(Service):
+    """SIGHUP re-reads what can change without a restart; a failed reload keeps the old."""
+
+    def __init__(self, reactor, reloads: List[Tuple[str, Callable[[], None]]]):
+        self.reactor = reactor
+        self.reloads = reloads
+
+    def startService(self) -> None:
+        Service.startService(self)
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def reload(self) -> None:
+        for what, reload in self.reloads:
+            try:
+                reload()
+                log.info("{what} reloaded", what=what)
+            except Exception as err:
+                log.error("{what} reload failed, keeping the old: {err}", what=what, err=err)
 
 
 def _relay_ips(options: Options) -> Dict[int, str]:
@@ -169,12 +178,13 @@ def makeService(options: Options, reactor=None) -> MultiService:
         secrets = load_secrets(options["nonce-secret-file"])
     except (OSError, ValueError) as err:
         raise SystemExit(f"turnrelay: --nonce-secret-file: {err}")
-    nonces = NonceIssuer(secrets, options["stale-nonce"],
-                         FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY)
-    users = options["users"]
-    algorithms = (stun.ALGORITHM_MD5,) if any(u.password is None for u in users.values()) \
-        else (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5)
-    portal = Portal(AccountRealm(), [StaticUsersChecker(users)])
+    # Advertise only what every configured backend can serve (RFC 8489 section 9.2).
+    checkers = ChainedChecker(options["checkers"])
+    nonces = NonceIssuer(secrets, options["stale-nonce"], FEATURE_PASSWORD_ALGORITHMS
+                         | (FEATURE_USERNAME_ANONYMITY if checkers.supportsUserhash else 0))
+    algorithms = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5) if checkers.supportsSha256 \
+        else (stun.ALGORITHM_MD5,)
+    portal = Portal(AccountRealm(), [checkers])
     config = TurnConfig(
         realm=realm, relay_ips=relay_ips, external_ips=external_ips,
         min_port=options["min-port"], max_port=options["max-port"],
@@ -187,7 +197,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
                           bool(options["allow-loopback-peers"])),
         password_algorithms=algorithms,
     )
-    server = TurnServer(config, nonces, RelayBinder(reactor))
+    server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows)
     dispatch = LoginDispatcher(server, portal, reactor)
 
     tls = None
@@ -207,11 +217,17 @@ def makeService(options: Options, reactor=None) -> MultiService:
              "leaves room for about {room} allocations", realm=realm,
              relays=", ".join(f"{ip} (seen as {external_ips[ip]})" for ip in relay_ips.values()),
              low=options["min-port"], high=options["max-port"], files=files, room=max(files - 100, 0))
-    if not users:
-        log.warn("no credentials configured (--user, --users-file): STUN Binding works, every "
-                 "TURN request will be refused")
+    if not checkers.checkers:
+        log.warn("no credentials configured (--user, --users-file, --auth): STUN Binding works, "
+                 "every TURN request will be refused")
 
     service = MultiService()
     ListenersService(reactor, server, dispatch, options, tls).setServiceParent(service)
     TimerService(1.0, lambda: server.tick(reactor.seconds())).setServiceParent(service)
+    for checker in checkers.checkers:
+        if getattr(checker, "service", None) is not None:
+            checker.service.setServiceParent(service)
+    reloads = [("TLS certificate", tls.reload)] if tls is not None else []
+    reloads.append(("credentials", checkers.reload))
+    SighupService(reactor, reloads).setServiceParent(service)
     return service

@@ -16,7 +16,7 @@ from typing import Callable, Deque, Dict, Hashable, List, Optional, Tuple
 
 from relay import stun
 from relay.allocation import PERMISSION_LIFETIME, Address, Allocation, RelayEndpoint
-from relay.credentials import StunCredentials
+from relay.credentials import Account, StunCredentials
 from relay.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
 from relay.peers import PeerPolicy
 from relay.ratelimit import RateLimiter
@@ -79,8 +79,12 @@ class Reservation:
 
 class TurnServer:
     def __init__(self, config: TurnConfig, nonces: NonceIssuer, bind: Binder,
-                 auth_limiter: Optional[RateLimiter] = None, rng: Optional[random.Random] = None):
+                 auth_limiter: Optional[RateLimiter] = None, rng: Optional[random.Random] = None,
+                 allocation_policy: Callable[[str, Account, float], bool] = lambda u, a, now: True):
         self.config = config
+        # Asked every tick whether each allocation's login still stands (expiry, revocation,
+        # suspension): the auth backends' verdicts can change after the Allocate.
+        self.allocation_policy = allocation_policy
         self.nonces = nonces
         self.bind = bind
         self.auth_limiter = auth_limiter or RateLimiter(rate=2.0, burst=20)
@@ -127,7 +131,7 @@ class TurnServer:
             self._reply(client, msg, _error(msg, err), now)
             return None
 
-    def authenticated(self, client: Client, credentials: StunCredentials, account: object,
+    def authenticated(self, client: Client, credentials: StunCredentials, account: Account,
                       now: float) -> None:
         """The login for `credentials` succeeded: run the request and answer it, signed."""
         if not client.connected:
@@ -170,9 +174,12 @@ class TurnServer:
 
     def tick(self, now: float) -> None:
         """Expire allocations, permissions, channels, reservations and cached responses."""
+        allows = self.allocation_policy
         for allocation in list(self.allocations.values()):
             if allocation.expires <= now:
                 self._close(allocation, "expired")
+            elif not allows(allocation.username, allocation.account, now):
+                self._close(allocation, "revoked")
             else:
                 allocation.sweep(now)
         for token in [t for t, r in self.reservations.items() if r.expires <= now]:
@@ -264,7 +271,7 @@ class TurnServer:
         return max(self.config.default_lifetime, min(requested, self.config.max_lifetime))
 
     def _allocate(self, client: Client, msg: stun.Message, credentials: StunCredentials,
-                  account: object, now: float) -> stun.Message:
+                  account: Account, now: float) -> stun.Message:
         if client.key in self.allocations:
             raise stun.StunError(437, "Allocation Mismatch")
         transport = msg.get(stun.REQUESTED_TRANSPORT)
@@ -286,7 +293,7 @@ class TurnServer:
             raise stun.StunError(400, "Bad Request")
         if family is not None and family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6):
             raise stun.StunError(440, "Address Family not Supported")
-        self._check_quotas(client, credentials.username)
+        self._check_quotas(client, credentials.username, account)
         dont_fragment = msg.has(stun.DONT_FRAGMENT)
         response = msg.response()
         relays: Dict[int, RelayEndpoint] = {}
@@ -323,15 +330,18 @@ class TurnServer:
         response.add(stun.LIFETIME, lifetime)
         response.add(stun.XOR_MAPPED_ADDRESS, client.address)
         log.info("allocation opened user=%s account=%s client=%s:%d transport=%s relay=%s lifetime=%d",
-                 credentials.username, getattr(account, "account_id", "?"), client.address[0],
+                 credentials.username, account.account_id, client.address[0],
                  client.address[1], client.transport,
                  ",".join(f"{r.address[0]}:{r.address[1]}" for r in relays.values()), lifetime)
         return response
 
-    def _check_quotas(self, client: Client, username: str) -> None:
+    def _check_quotas(self, client: Client, username: str, account: Account) -> None:
         config = self.config
         if config.total_quota and len(self.allocations) >= config.total_quota:
             raise stun.StunError(508, "Insufficient Capacity")
+        if account.max_allocations and sum(a.account.account_id == account.account_id
+                                           for a in self.allocations.values()) >= account.max_allocations:
+            raise stun.StunError(486, "Allocation Quota Reached")
         if config.user_quota and sum(
                 a.username == username for a in self.allocations.values()) >= config.user_quota:
             raise stun.StunError(486, "Allocation Quota Reached")
@@ -370,7 +380,7 @@ class TurnServer:
         raise stun.StunError(508, "Insufficient Capacity")
 
     def _refresh(self, client: Client, msg: stun.Message, credentials: StunCredentials,
-                 account: object, now: float) -> stun.Message:
+                 account: Account, now: float) -> stun.Message:
         allocation = self._owned_allocation(client, credentials)
         family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
         if family is not None and family not in allocation.relays:
@@ -389,7 +399,7 @@ class TurnServer:
             raise stun.StunError(403, "Forbidden")
 
     def _create_permission(self, client: Client, msg: stun.Message, credentials: StunCredentials,
-                           account: object, now: float) -> stun.Message:
+                           account: Account, now: float) -> stun.Message:
         allocation = self._owned_allocation(client, credentials)
         peers = msg.get_all(stun.XOR_PEER_ADDRESS)
         if not peers:
@@ -404,7 +414,7 @@ class TurnServer:
         return msg.response()
 
     def _channel_bind(self, client: Client, msg: stun.Message, credentials: StunCredentials,
-                      account: object, now: float) -> stun.Message:
+                      account: Account, now: float) -> stun.Message:
         allocation = self._owned_allocation(client, credentials)
         number, peer = msg.get(stun.CHANNEL_NUMBER), msg.get(stun.XOR_PEER_ADDRESS)
         if number is None or peer is None or not stun.MIN_CHANNEL <= number <= stun.MAX_CHANNEL:

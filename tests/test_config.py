@@ -18,7 +18,7 @@ def test_defaults():
     assert options["listening-port"] == [3478] and options["tls-listening-port"] == [5349]
     assert (options["min-port"], options["max-port"]) == (49152, 65535)
     assert options["tls-min-version"] == options["tls-max-version"] == "1.2"
-    assert options["users"] == {}
+    assert options["checkers"] == []
 
 
 def test_toml_file_takes_the_same_names_and_the_command_line_wins(tmp_path):
@@ -30,7 +30,8 @@ def test_toml_file_takes_the_same_names_and_the_command_line_wins(tmp_path):
     assert options["realm"] == "example.org"
     assert (options["min-port"], options["max-port"]) == (50000, 50200)
     assert options["listening-port"] == [3478, 443]
-    assert set(options["users"]) == {"c"}  # a list on the command line replaces the file's
+    (static,) = options["checkers"]
+    assert set(static.users) == {"c"}  # a list on the command line replaces the file's
     assert options["allow-loopback-peers"]
 
 
@@ -38,10 +39,11 @@ def test_users_file_maps_users_to_accounts(tmp_path):
     users = tmp_path / "users.toml"
     users.write_text('[users.alice]\npassword = "pw"\naccount = "acme"\n'
                      '[users.bob]\nkey = "0123456789abcdef0123456789abcdef"\n')
-    options = parse("--users-file", str(users))
-    assert options["users"]["alice"].account_id == "acme"
-    assert options["users"]["alice"].password == "pw"
-    assert options["users"]["bob"].md5_key == bytes.fromhex("0123456789abcdef0123456789abcdef")
+    (static,) = parse("--users-file", str(users))["checkers"]
+    assert static.users["alice"].account_id == "acme"
+    assert static.users["alice"].password == "pw"
+    assert static.users["bob"].md5_key == bytes.fromhex("0123456789abcdef0123456789abcdef")
+    assert not static.supportsSha256  # an MD5 key cannot serve SHA-256
 
 
 @pytest.mark.parametrize("argv, option", [

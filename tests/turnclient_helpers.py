@@ -16,7 +16,8 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.python.failure import Failure
 
 from relay import stun
-from relay.credentials import AccountRealm, IAccount, StaticUser, StaticUsersChecker
+from relay.checkers import StaticUser, StaticUsersChecker
+from relay.credentials import AccountRealm, IAccount
 from relay.nonces import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer
 from relay.ratelimit import RateLimiter
 from relay.turn import Client, TurnConfig, TurnServer

@@ -1,0 +1,243 @@
+"""The built-in credential checkers: static users, and shared-secret (TURN REST) credentials.
+
+What each can serve: a static user given by password serves SHA-256 and USERHASH; one given
+by a precomputed MD5 key (coturn's `turnadmin -k`) serves neither, since both would need the
+password.  A REST credential's password is derived from its username, so SHA-256 works, but
+USERHASH cannot: the username cannot be recovered from its hash.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+from twisted.cred import error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from zope.interface import implementer
+
+from relay import stun, tokens
+from relay.authplugins import parse_arguments
+from relay.credentials import Account, IAllocationPolicy, IStunCredentials
+from relay.saslprep import saslprep
+from relay.secretfile import read_secrets
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.9/3.10 and PyPy
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class StaticUser:
+    account_id: str
+    password: Optional[str] = None
+    md5_key: Optional[bytes] = None  # coturn's `turnadmin -k` form: MD5(user:realm:password)
+
+
+def parse_user(spec: str) -> Tuple[str, StaticUser]:
+    """`NAME:PASSWORD`, or coturn's `NAME:0xHEXKEY` for a precomputed MD5 key."""
+    name, sep, secret = spec.partition(":")
+    if not sep or not name or not secret:
+        raise ValueError(f"{name!r}: expected NAME:PASSWORD or NAME:0xKEY")
+    if secret.startswith("0x") and len(secret) == 34:
+        return name, StaticUser(account_id=name, md5_key=bytes.fromhex(secret[2:]))
+    return name, StaticUser(account_id=name, password=saslprep(secret))
+
+
+def load_users_file(path: str) -> Dict[str, StaticUser]:
+    """A TOML users file: `[users.NAME]` with `password` or `key`, and optional `account`.
+
+    Raises ValueError naming the file and the user at fault (never the secret).
+    """
+    try:
+        with open(path, "rb") as f:
+            table = tomllib.load(f).get("users", {})
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"cannot read {path}: {err}") from None
+    users = {}
+    for name, entry in table.items():
+        secret = entry.get("password") or ("0x" + entry["key"] if "key" in entry else "")
+        try:
+            user = parse_user(f"{name}:{secret}")[1]
+        except ValueError as err:
+            raise ValueError(f"{path}: user {name!r}: {err}") from None
+        users[name] = dataclasses.replace(user, account_id=str(entry.get("account", name)))
+    return users
+
+
+@implementer(ICredentialsChecker)
+class StaticUsersChecker:
+    """Users from the command line and/or a users file, each mapped to an account.
+
+    `reload` (on SIGHUP) re-reads the file; a broken file keeps the users already loaded.
+    """
+
+    credentialInterfaces = (IStunCredentials,)
+
+    def __init__(self, users: Dict[str, StaticUser], path: Optional[str] = None):
+        self.fixed = dict(users)
+        self.path = path
+        self.users: Dict[str, StaticUser] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        users = dict(self.fixed)
+        if self.path:
+            users.update(load_users_file(self.path))
+        self.users = users
+
+    @property
+    def supportsSha256(self) -> bool:
+        return all(u.password is not None for u in self.users.values())
+
+    supportsUserhash = supportsSha256
+
+    def _find(self, credentials: IStunCredentials) -> Tuple[Optional[str], Optional[StaticUser]]:
+        if credentials.username is not None:
+            return credentials.username, self.users.get(credentials.username)
+        for name, user in self.users.items():
+            if hmac.compare_digest(stun.userhash(name, credentials.realm), credentials.userhash or b""):
+                return name, user
+        return None, None
+
+    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+        name, user = self._find(credentials)
+        if name is None or user is None:
+            return defer.fail(error.UnauthorizedLogin())
+        if user.password is not None:
+            ok = credentials.checkPassword(name, user.password)
+        else:
+            ok = credentials.algorithm == stun.ALGORITHM_MD5 and credentials.checkKey(name, user.md5_key)
+        return defer.succeed(Account(user.account_id)) if ok else defer.fail(error.UnauthorizedLogin())
+
+
+@implementer(ICredentialsChecker, IAllocationPolicy)
+class RestSecretChecker:
+    """TURN REST credentials: `<unix-expiry>:<account-id>[:<label>]`, HMAC-SHA1 password.
+
+    Every secret given verifies (rotation).  An expired credential cannot Allocate; with
+    `strict_expiry` it can do nothing more, and allocations made with it are closed, while by
+    default (as in eturnal) an allocation may outlive the credential that created it.
+    """
+
+    credentialInterfaces = (IStunCredentials,)
+    supportsSha256 = True
+    supportsUserhash = False
+
+    def __init__(self, secrets: Sequence[bytes], skew: float = 30, strict_expiry: bool = False,
+                 clock: Callable[[], float] = time.time):
+        self.secrets = list(secrets)
+        self.skew = skew
+        self.strict_expiry = strict_expiry
+        self.clock = clock
+
+    def account(self, credentials: IStunCredentials) -> Optional[Tuple[tokens.RestUsername, Account]]:
+        """Verify a REST credential: its parsed username and account, or None."""
+        if credentials.username is None:
+            return None
+        try:
+            parsed = tokens.parse_username(credentials.username)
+        except ValueError:
+            return None
+        expired = parsed.expires + self.skew < self.clock()
+        if expired and (self.strict_expiry or credentials.message.method == stun.ALLOCATE):
+            return None
+        for secret in self.secrets:
+            if credentials.checkPassword(credentials.username,
+                                         tokens.password_for(secret, credentials.username)):
+                return parsed, Account(parsed.account_id, credential_expires=parsed.expires)
+        return None
+
+    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+        verified = self.account(credentials)
+        return defer.succeed(verified[1]) if verified else defer.fail(error.UnauthorizedLogin())
+
+    def allows(self, username: str, account: Account, now: float) -> bool:
+        return not (self.strict_expiry and account.credential_expires is not None
+                    and account.credential_expires + self.skew < now)
+
+
+@implementer(ICredentialsChecker, IAllocationPolicy)
+class ChainedChecker:
+    """Several backends at once: the first that accepts a login wins.
+
+    A twisted.cred Portal keeps one checker per credentials interface, so combining
+    `--auth` backends needs this one in front.  A backend that fails with an error rather
+    than a refusal does not stop the others; if none accepts, that error is what the caller
+    sees (a 500 rather than a misleading 401).
+    """
+
+    credentialInterfaces = (IStunCredentials,)
+
+    def __init__(self, checkers: Sequence[ICredentialsChecker]):
+        self.checkers = list(checkers)
+
+    @property
+    def supportsSha256(self) -> bool:
+        return all(getattr(c, "supportsSha256", False) for c in self.checkers)
+
+    @property
+    def supportsUserhash(self) -> bool:
+        return all(getattr(c, "supportsUserhash", False) for c in self.checkers)
+
+    def reload(self) -> None:
+        for checker in self.checkers:
+            if hasattr(checker, "reload"):
+                checker.reload()
+
+    def allows(self, username: str, account: Account, now: float) -> bool:
+        return all(c.allows(username, account, now) for c in self.checkers
+                   if IAllocationPolicy.providedBy(c))
+
+    @defer.inlineCallbacks
+    def requestAvatarId(self, credentials: IStunCredentials):
+        failure = None
+        for checker in self.checkers:
+            try:
+                account = yield checker.requestAvatarId(credentials)
+            except error.UnauthorizedLogin:
+                continue
+            except Exception:
+                failure = failure or defer.Failure()
+                continue
+            return account
+        if failure is not None:
+            failure.raiseException()
+        raise error.UnauthorizedLogin()
+
+
+def static_checker(argstring: str) -> StaticUsersChecker:
+    """`--auth static:file=PATH`."""
+    arguments = parse_arguments(argstring, {"file"})
+    if "file" not in arguments:
+        raise ValueError("file=PATH is required")
+    return StaticUsersChecker({}, arguments["file"])
+
+
+def read_secret_file(arguments: Dict[str, str]) -> list:
+    if "secret-file" not in arguments:
+        raise ValueError("secret-file=PATH is required")
+    try:
+        return read_secrets(arguments["secret-file"])
+    except (OSError, ValueError) as err:
+        raise ValueError(f"secret-file: {getattr(err, 'strerror', None) or err}") from None
+
+
+def parse_skew(arguments: Dict[str, str]) -> float:
+    try:
+        skew = float(arguments.get("skew", 30))
+    except ValueError:
+        raise ValueError("skew: expected a number of seconds") from None
+    if skew < 0:
+        raise ValueError("skew: must not be negative")
+    return skew
+
+
+def rest_secret_checker(argstring: str) -> RestSecretChecker:
+    """`--auth rest-secret:secret-file=PATH[,skew=SECONDS]`."""
+    arguments = parse_arguments(argstring, {"secret-file", "skew"})
+    return RestSecretChecker(read_secret_file(arguments), parse_skew(arguments))
