@@ -98,7 +98,7 @@ class Harness:
                  relay_ips: Optional[Dict[int, str]] = None,
                  auth_limiter: Optional[RateLimiter] = None, seed: int = 7,
                  nonce_features: int = FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY,
-                 **config: Any):
+                 checker: Any = None, allocation_policy: Any = None, **config: Any):
         self.now = START
         self.binder = FakeBinder()
         config.setdefault("software", SOFTWARE)
@@ -108,10 +108,11 @@ class Harness:
                                  relay_ips=dict(relay_ips or {stun.FAMILY_IPV4: RELAY_V4}),
                                  **config)
         self.nonces = NonceIssuer([NONCE_SECRET], NONCE_LIFETIME, nonce_features)
+        policy = {} if allocation_policy is None else {"allocation_policy": allocation_policy}
         self.server = TurnServer(self.config, self.nonces, self.binder, auth_limiter=auth_limiter,
-                                 rng=random.Random(seed))
+                                 rng=random.Random(seed), **policy)
         self.users = dict(USERS if users is None else users)
-        self.checker = StaticUsersChecker({
+        self.checker = checker or StaticUsersChecker({
             name: StaticUser(account_id=f"acct-{name}", password=password)
             for name, password in self.users.items()})
         self.realm = AccountRealm()
