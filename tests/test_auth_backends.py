@@ -20,9 +20,10 @@ def rest_harness(strict=False, skew=0):
     return harness
 
 
-def rest_client(harness, secret=SECRETS[0], ttl=600, account="acme", label="call-42"):
+def rest_client(harness, secret=SECRETS[0], ttl=600, account="acme", label="call-42",
+                address=("198.51.100.30", 40000)):
     username, password = tokens.mint(secret, account, ttl, harness.now, label)
-    return harness.client(username=username, password=password)
+    return harness.client(username=username, password=password, address=address)
 
 
 def test_rest_credential_allocates_for_its_account():
@@ -56,7 +57,7 @@ def test_expired_credential_cannot_allocate_but_may_refresh_by_default():
     harness.advance(120)
     assert client.refresh(600).cls == stun.SUCCESS  # eturnal's default: the allocation lives on
     assert client.allocation is not None
-    late = rest_client(harness, ttl=-1)
+    late = rest_client(harness, ttl=-1, address=("198.51.100.31", 40000))
     assert error_code(late.allocate()) == 401
 
 
@@ -75,7 +76,7 @@ def test_strict_expiry_refuses_requests_and_closes_the_allocation():
 def test_clock_skew_allowance():
     harness = rest_harness(skew=30)
     assert rest_client(harness, ttl=-20).allocate().cls == stun.SUCCESS
-    assert error_code(rest_client(harness, ttl=-40, label="other").allocate()) == 401
+    assert error_code(rest_client(harness, ttl=-40, address=("198.51.100.31", 40000)).allocate()) == 401
 
 
 def test_rest_secret_cannot_serve_userhash():
