@@ -1,0 +1,153 @@
+"""Auth backends chosen on the command line, over real sockets with real clients."""
+import asyncio
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from aioice.turn import create_turn_endpoint
+
+from conftest import TWISTD, running_echo_peer, start_server, tool
+from relay import tokens
+
+SECRET = "s3cr3t-for-rest-credentials"
+
+
+def test_help_auth_lists_the_built_in_backends():
+    result = subprocess.run([TWISTD, "-n", "turnrelay", "--help-auth"], capture_output=True,
+                            text=True, timeout=60)
+    for backend in ("static", "rest-secret", "db"):
+        assert f"\n  {backend}" in result.stdout, result.stdout
+
+
+async def relay_once(server, username, password):
+    """Allocate with aioice, send one datagram to an echo peer and return what came back."""
+    loop = asyncio.get_running_loop()
+
+    class Echo(asyncio.DatagramProtocol):
+        def connection_made(self, transport):
+            self.transport = transport
+
+        def datagram_received(self, data, addr):
+            self.transport.sendto(data, addr)
+
+    received = asyncio.Queue()
+
+    class Collector(asyncio.DatagramProtocol):
+        def datagram_received(self, data, addr):
+            received.put_nowait(data)
+
+    echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    try:
+        turn, _ = await create_turn_endpoint(Collector, (server.host, server.port), username, password)
+        try:
+            turn.sendto(b"hello through the relay", echo.get_extra_info("sockname"))
+            return await asyncio.wait_for(received.get(), timeout=5)
+        finally:
+            turn.close()
+    finally:
+        echo.close()
+
+
+def allocation_refused(server, username, password):
+    with pytest.raises(Exception) as refused:
+        asyncio.run(relay_once(server, username, password))
+    return "401" in str(refused.value) or "Unauthorized" in str(refused.value)
+
+
+def test_rest_secret_tokens_with_aioice(server_factory, tmp_path):
+    secret_file = tmp_path / "rest.secret"
+    secret_file.write_text("new-secret\n" + SECRET + "\n")
+    server = server_factory("--auth", f"rest-secret:secret-file={secret_file}", users=())
+    username, password = tokens.mint(SECRET.encode(), "acme", 3600, time.time(), "call-1")
+    assert asyncio.run(relay_once(server, username, password)) == b"hello through the relay"
+    expired = tokens.mint(b"new-secret", "acme", -120, time.time())
+    assert allocation_refused(server, *expired)
+    log = server.stop()
+    assert "account=acme" in log
+    for secret in ("new-secret", SECRET, password, expired[1]):
+        assert secret not in log
+
+
+def test_coturn_uclient_with_a_rest_secret(server_factory):
+    server = server_factory("--use-auth-secret", "--static-auth-secret", SECRET, users=(), tls=False)
+    with running_echo_peer() as peer:
+        result = subprocess.run(
+            [tool("turnutils_uclient"), "-W", SECRET, "-u", "acme", "-p", str(server.port),
+             "-e", peer[0], "-r", str(peer[1]), "-n", "10", "-m", "1", "-z", "5", server.host],
+            capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert "tot_send_msgs=20, tot_recv_msgs=20" in output, output  # an RTP/RTCP pair
+    log = server.stop()
+    assert "account=acme" in log and SECRET not in log
+
+
+PLUGIN = '''
+from twisted.cred import error
+from twisted.cred.strcred import ICheckerFactory
+from twisted.internet import defer
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from relay.credentials import Account, IStunCredentials
+
+
+class GuestChecker:
+    credentialInterfaces = (IStunCredentials,)
+
+    def __init__(self, password):
+        self.password = password
+
+    def requestAvatarId(self, credentials):
+        if credentials.username == "guest" and credentials.checkPassword("guest", self.password):
+            return defer.succeed(Account("third-party-guest"))
+        return defer.fail(error.UnauthorizedLogin())
+
+
+@implementer(ICheckerFactory, IPlugin)
+class GuestFactory:
+    authType = "guest"
+    authHelp = "One guest user; a third party's plugin."
+    argStringFormat = "PASSWORD"
+    credentialInterfaces = (IStunCredentials,)
+
+    def generateChecker(self, argstring):
+        return GuestChecker(argstring)
+
+
+guest = GuestFactory()
+'''
+
+
+def test_third_party_backend_from_its_own_directory(tmp_path, monkeypatch):
+    plugins = tmp_path / "thirdparty" / "twisted" / "plugins"
+    plugins.mkdir(parents=True)
+    (plugins / "guest_auth.py").write_text(textwrap.dedent(PLUGIN))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "thirdparty"))
+    server = start_server("--auth", "guest:let-me-in", users=(), state_dir=str(tmp_path / "state"))
+    try:
+        assert asyncio.run(relay_once(server, "guest", "let-me-in")) == b"hello through the relay"
+        assert allocation_refused(server, "guest", "wrong")
+    finally:
+        log = server.stop()
+    assert "account=third-party-guest" in log
+    assert "let-me-in" not in log
+
+
+def test_unknown_backend_is_one_clear_line():
+    result = subprocess.run([TWISTD, "-n", "turnrelay", "--auth", "nosuch:x=1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip() == ("turnrelay: --auth: 'nosuch' is not an installed backend "
+                                     "(see --help-auth)")
+
+
+def test_backend_argument_errors_do_not_echo_values(tmp_path):
+    result = subprocess.run([TWISTD, "-n", "turnrelay", "--auth",
+                             "rest-secret:secret-file=/no/such/secret-path"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("turnrelay: --auth: rest-secret: secret-file:")
+    assert "secret-path" not in result.stderr
