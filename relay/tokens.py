@@ -20,6 +20,13 @@ class RestUsername:
     label: Optional[str] = None
 
 
+def check_account_id(account_id: str) -> str:
+    """`account_id` itself, or ValueError: it sits between ':'s in every username minted for it."""
+    if ":" in account_id or not account_id:
+        raise ValueError("an account id must be non-empty and hold no ':'")
+    return account_id
+
+
 def parse_username(username: str) -> RestUsername:
     """Split a REST username; ValueError when it is not one."""
     parts = username.split(":", 2)
@@ -35,7 +42,5 @@ def password_for(secret: bytes, username: str) -> str:
 def mint(secret: bytes, account_id: str, ttl: int, now: float,
          label: Optional[str] = None) -> Tuple[str, str]:
     """A (username, password) pair for `account_id`, valid `ttl` seconds from `now`."""
-    if ":" in account_id or not account_id:
-        raise ValueError("an account id must be non-empty and hold no ':'")
-    username = f"{int(now) + ttl}:{account_id}" + (f":{label}" if label else "")
+    username = f"{int(now) + ttl}:{check_account_id(account_id)}" + (f":{label}" if label else "")
     return username, password_for(secret, username)

@@ -9,6 +9,7 @@ SUDO=""
 packages=()
 command -v turnutils_uclient >/dev/null || packages+=(coturn)   # turnutils_* client tools
 command -v openssl >/dev/null || packages+=(openssl)           # test certificates
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)  # throwaway servers
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 if [ "${#packages[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq

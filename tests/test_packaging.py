@@ -43,3 +43,7 @@ def test_fresh_venv_install_lists_and_documents_the_plugin(wheel, tmp_path):
                    "--max-allocate-lifetime", "--user-quota", "--total-quota", "--config",
                    "--nonce-secret-file", "--tls-min-version", "--tls-max-version"):
         assert option in usage, option
+    # The console script works from the wheel alone: no PostgreSQL driver needed for --help.
+    tool = subprocess.run([str(venv / "bin" / "turnrelay"), "--help"], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120, check=True).stdout
+    assert "account" in tool and "token" in tool and "revoke" in tool

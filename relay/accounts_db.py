@@ -1,0 +1,291 @@
+"""The account database behind the `db` auth backend: accounts, their quotas, revoked usernames.
+
+One store over SQLite (the embedded default: one file, no server) or PostgreSQL (a fleet of
+relays sharing one database), chosen by DSN.  Every call runs its SQL in adbapi's thread pool
+and returns a Deferred, so the reactor never waits on the database.  A relay only polls
+`snapshot()` and decides in memory; the `turnrelay` tool and the tokens API do the writes, and
+every relay polling the same database sees them within one poll interval.
+
+An API key is 256 random bits shown once, when made; the database keeps only a salted PBKDF2
+hash of it, so a leaked database gives no key.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, FrozenSet, List, Optional
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+
+from relay.tokens import check_account_id
+
+ACTIVE, SUSPENDED = "active", "suspended"
+# The keys are random, not passwords a person chose: there is no dictionary to try, so stretching
+# is defence in depth only, and 100k rounds (about 40 ms) keep each tokens API check cheap.
+PBKDF2_ITERATIONS = 100_000
+HASH_SCHEME = "pbkdf2_sha256"
+
+# Unix seconds and bytes per second are BIGINT: PostgreSQL's INTEGER ends in 2038 and at 2 GB/s.
+SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS accounts (
+        account_id TEXT PRIMARY KEY,
+        status TEXT NOT NULL CHECK (status IN ('active', 'suspended')),
+        api_key_hash TEXT NOT NULL,
+        max_allocations INTEGER NOT NULL CHECK (max_allocations >= 0),
+        bandwidth_bps BIGINT NOT NULL CHECK (bandwidth_bps >= 0),
+        created_at BIGINT NOT NULL,
+        updated_at BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS revocations (
+        username TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        revoked_at BIGINT NOT NULL)""",
+)
+RECORD_COLUMNS = "account_id, status, max_allocations, bandwidth_bps"
+
+
+class AccountExists(Exception):
+    """add_account was given an id that is already taken."""
+
+
+class UnknownAccount(Exception):
+    """The account named does not exist."""
+
+
+@dataclass(frozen=True)
+class AccountRecord:
+    """What a relay needs to know of an account; the key hash never leaves the database."""
+    account_id: str
+    status: str  # ACTIVE or SUSPENDED
+    max_allocations: int  # concurrent allocations, 0 = unlimited
+    bandwidth_bps: int  # bytes per second per allocation, 0 = unlimited
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a relay polls: every account, and the usernames revoked and not yet expired."""
+    accounts: Dict[str, AccountRecord]
+    revoked: FrozenSet[str]
+
+
+def _derive(api_key: str, salt: bytes, iterations: int) -> bytes:
+    return hashlib.pbkdf2_hmac("sha256", api_key.encode("utf-8"), salt, iterations)
+
+
+def _encode(salt: bytes, digest: bytes) -> str:
+    """`pbkdf2_sha256$<iterations>$<salt>$<hash>` (base64): the form names its own cost, so
+    PBKDF2_ITERATIONS can grow without invalidating stored keys."""
+    return "$".join((HASH_SCHEME, str(PBKDF2_ITERATIONS), base64.b64encode(salt).decode(),
+                     base64.b64encode(digest).decode()))
+
+
+# Checked against a key for an account that does not exist, so that answer costs the same time.
+NO_ACCOUNT_HASH = _encode(bytes(16), bytes(32))
+
+
+def hash_api_key(api_key: str) -> str:
+    salt = secrets.token_bytes(16)
+    return _encode(salt, _derive(api_key, salt, PBKDF2_ITERATIONS))
+
+
+def api_key_matches(encoded: str, api_key: str) -> bool:
+    """Whether `api_key` hashes to `encoded`, compared in constant time."""
+    scheme, iterations, salt, digest = encoded.split("$")
+    if scheme != HASH_SCHEME:
+        raise ValueError(f"unknown API key hash scheme {scheme!r}")
+    derived = _derive(api_key, base64.b64decode(salt), int(iterations))
+    return hmac.compare_digest(derived, base64.b64decode(digest))
+
+
+def _check_limit(name: str, value: int) -> int:
+    if value < 0:
+        raise ValueError(f"{name} must be 0 (unlimited) or more, not {value}")
+    return value
+
+
+def _use_wal(connection: Any) -> None:
+    # Closed at once: on PyPy an open cursor keeps its statement active until garbage
+    # collection, and SQLite then refuses every commit on the connection.
+    connection.execute("PRAGMA journal_mode=WAL").close()
+
+
+def _sqlite_pool(dsn: str) -> adbapi.ConnectionPool:
+    path = dsn[len("sqlite://"):]
+    if not path.startswith("/") or path == "/":
+        raise ValueError("a SQLite DSN names an absolute file path: sqlite:///path/to/accounts.db")
+    # adbapi keeps a connection per pool thread but closes them all from the reactor thread,
+    # which sqlite3 refuses unless check_same_thread is off.  WAL lets the relays read while
+    # the tool writes.
+    return adbapi.ConnectionPool("sqlite3", path, check_same_thread=False, cp_openfun=_use_wal)
+
+
+def _without_password(text: str) -> str:
+    """`text` with any DSN password in it masked: libpq quotes a DSN it cannot parse, and error
+    messages end up in logs."""
+    text = re.sub(r"(://[^/@\s]*?:)[^/@\s]*@", r"\1***@", text)
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", text)
+
+
+def _postgresql_pool(dsn: str) -> adbapi.ConnectionPool:
+    try:
+        import psycopg
+    except ImportError:
+        raise ValueError("a PostgreSQL DSN needs psycopg: pip install 'turnrelay[postgresql]'") \
+            from None
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.Error as e:
+        raise ValueError(f"bad PostgreSQL DSN: {_without_password(str(e))}") from None
+    # cp_reconnect: a relay outlives a database restart; the next call opens a fresh connection.
+    return adbapi.ConnectionPool("psycopg", dsn, cp_reconnect=True)
+
+
+class AccountStore:
+    """Accounts and revocations in one database; every method returns a Deferred.
+
+    The SQL is written with `?` placeholders; `_execute` is the one place that turns them into
+    the `%s` psycopg wants.
+    """
+
+    def __init__(self, pool: adbapi.ConnectionPool):
+        self._pool = pool
+        self._pyformat = pool.dbapi.paramstyle != "qmark"
+
+    @classmethod
+    def from_dsn(cls, dsn: str) -> AccountStore:
+        """A store on `sqlite:///absolute/path.db` or `postgresql://user@host:port/dbname`;
+        ValueError naming the problem otherwise.  Nothing connects until the first call."""
+        scheme, colon, _ = dsn.partition(":")
+        if scheme == "sqlite":
+            return cls(_sqlite_pool(dsn))
+        if scheme in ("postgresql", "postgres"):
+            return cls(_postgresql_pool(dsn))
+        # Name only the scheme, when there is one: the rest of a DSN may hold a password.
+        named = colon and re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme)
+        problem = f"unsupported database {scheme!r}" if named else "not a database URL"
+        raise ValueError(f"{problem}: use sqlite:///path or postgresql://user@host:port/dbname")
+
+    def close(self) -> defer.Deferred[None]:
+        """Stop the pool's threads, once the calls already running have finished."""
+        self._pool.close()
+        return defer.succeed(None)
+
+    def _run(self, interaction: Callable[[adbapi.Transaction], Any]) -> defer.Deferred[Any]:
+        return self._pool.runInteraction(interaction)
+
+    def _execute(self, txn: adbapi.Transaction, sql: str, params: tuple = ()) -> None:
+        txn.execute(sql.replace("?", "%s") if self._pyformat else sql, params)
+
+    def _update(self, txn: adbapi.Transaction, account_id: str, **columns: Any) -> None:
+        """Set `columns` (our own names, never input) and updated_at; UnknownAccount if none."""
+        assignments = "".join(f", {name} = ?" for name in columns)
+        self._execute(txn, f"UPDATE accounts SET updated_at = ?{assignments} WHERE account_id = ?",
+                      (int(time.time()), *columns.values(), account_id))
+        if txn.rowcount == 0:
+            raise UnknownAccount(account_id)
+
+    def create_schema(self) -> defer.Deferred[None]:
+        """Create the tables unless they exist: safe on every start."""
+        def create(txn: adbapi.Transaction) -> None:
+            for statement in SCHEMA:
+                self._execute(txn, statement)
+        return self._run(create)
+
+    def add_account(self, account_id: str, max_allocations: int = 0,
+                    bandwidth_bps: int = 0) -> defer.Deferred[str]:
+        """Create an active account; fires with its API key, which nothing can show again."""
+        def add(txn: adbapi.Transaction) -> str:
+            check_account_id(account_id)
+            api_key = secrets.token_urlsafe(32)
+            now = int(time.time())
+            self._execute(
+                txn, "INSERT INTO accounts (account_id, status, api_key_hash, max_allocations,"
+                " bandwidth_bps, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (account_id) DO NOTHING",
+                (account_id, ACTIVE, hash_api_key(api_key),
+                 _check_limit("max_allocations", max_allocations),
+                 _check_limit("bandwidth_bps", bandwidth_bps), now, now))
+            if txn.rowcount == 0:
+                raise AccountExists(account_id)
+            return api_key
+        return self._run(add)
+
+    def rotate_api_key(self, account_id: str) -> defer.Deferred[str]:
+        """Replace the account's API key; fires with the new one, and the old one stops working."""
+        def rotate(txn: adbapi.Transaction) -> str:
+            api_key = secrets.token_urlsafe(32)
+            self._update(txn, account_id, api_key_hash=hash_api_key(api_key))
+            return api_key
+        return self._run(rotate)
+
+    def set_status(self, account_id: str, status: str) -> defer.Deferred[None]:
+        """ACTIVE or SUSPENDED: relays refuse a suspended account's credentials."""
+        def set_status(txn: adbapi.Transaction) -> None:
+            if status not in (ACTIVE, SUSPENDED):
+                raise ValueError(f"status must be {ACTIVE!r} or {SUSPENDED!r}, not {status!r}")
+            self._update(txn, account_id, status=status)
+        return self._run(set_status)
+
+    def set_limits(self, account_id: str, max_allocations: Optional[int] = None,
+                   bandwidth_bps: Optional[int] = None) -> defer.Deferred[None]:
+        """Change the limits given (None keeps one as it is); 0 means unlimited."""
+        def set_limits(txn: adbapi.Transaction) -> None:
+            limits = {name: _check_limit(name, value) for name, value in
+                      (("max_allocations", max_allocations), ("bandwidth_bps", bandwidth_bps))
+                      if value is not None}
+            self._update(txn, account_id, **limits)
+        return self._run(set_limits)
+
+    def get_account(self, account_id: str) -> defer.Deferred[Optional[AccountRecord]]:
+        def get(txn: adbapi.Transaction) -> Optional[AccountRecord]:
+            self._execute(txn, f"SELECT {RECORD_COLUMNS} FROM accounts WHERE account_id = ?",
+                          (account_id,))
+            row = txn.fetchone()
+            return None if row is None else AccountRecord(*row)
+        return self._run(get)
+
+    def list_accounts(self) -> defer.Deferred[List[AccountRecord]]:
+        def list_all(txn: adbapi.Transaction) -> List[AccountRecord]:
+            self._execute(txn, f"SELECT {RECORD_COLUMNS} FROM accounts ORDER BY account_id")
+            return [AccountRecord(*row) for row in txn.fetchall()]
+        return self._run(list_all)
+
+    def verify_api_key(self, account_id: str, api_key: str) -> defer.Deferred[bool]:
+        """Whether `api_key` is the account's key, whatever its status.  An unknown account
+        costs the same hashing, so the answer's timing does not tell which accounts exist."""
+        def verify(txn: adbapi.Transaction) -> bool:
+            self._execute(txn, "SELECT api_key_hash FROM accounts WHERE account_id = ?",
+                          (account_id,))
+            row = txn.fetchone()
+            matches = api_key_matches(NO_ACCOUNT_HASH if row is None else row[0], api_key)
+            return matches and row is not None
+        return self._run(verify)
+
+    def revoke(self, username: str, account_id: str, expires_at: int) -> defer.Deferred[None]:
+        """Refuse `username` until `expires_at`, its own expiry; revoking twice changes nothing."""
+        def revoke(txn: adbapi.Transaction) -> None:
+            self._execute(txn, "INSERT INTO revocations (username, account_id, expires_at,"
+                          " revoked_at) VALUES (?, ?, ?, ?) ON CONFLICT (username) DO NOTHING",
+                          (username, account_id, int(expires_at), int(time.time())))
+        return self._run(revoke)
+
+    def snapshot(self, now: float) -> defer.Deferred[Snapshot]:
+        """Every account and every username revoked until `now` or later.  Relays poll this every
+        few seconds, so it is two reads of small tables; the expired revocations it reads are
+        deleted, a write only when there is something to delete."""
+        def snapshot(txn: adbapi.Transaction) -> Snapshot:
+            self._execute(txn, f"SELECT {RECORD_COLUMNS} FROM accounts")
+            accounts = {row[0]: AccountRecord(*row) for row in txn.fetchall()}
+            self._execute(txn, "SELECT username, expires_at FROM revocations")
+            rows = txn.fetchall()
+            revoked = frozenset(username for username, expires_at in rows if expires_at >= now)
+            if len(revoked) < len(rows):
+                self._execute(txn, "DELETE FROM revocations WHERE expires_at < ?", (now,))
+            return Snapshot(accounts, revoked)
+        return self._run(snapshot)

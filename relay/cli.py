@@ -1,0 +1,246 @@
+"""`turnrelay`: the operator's tool for the account database and for offline credentials.
+
+It drives the same Deferred-returning AccountStore the relay uses, under `task.react`, so there
+is one implementation of the SQL.  Every failure ends as one line on stderr and a non-zero exit
+status (2 for a bad command line, 1 for a refusal or a database error), never a traceback: the
+tool runs in scripts, whose logs should say what went wrong and nothing else.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence
+
+from twisted.internet import defer, task
+
+from relay.accounts_db import ACTIVE, SUSPENDED, AccountExists, AccountStore, UnknownAccount
+from relay.secretfile import read_secrets
+from relay.tokens import check_account_id, mint, parse_username
+
+PROG = "turnrelay"
+DSN_HELP = ("the account database: sqlite:///absolute/path.db or "
+            "postgresql://user@host:port/dbname (default: $TURNRELAY_DB)")
+
+
+class Refused(Exception):
+    """A command that cannot do what it was asked: its message is the line the operator reads."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, naming the command and the problem (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _argument_type(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type that reports `check`'s own ValueError message, not a generic one."""
+    def convert(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+    return convert
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError("not a whole number") from None
+        if value < minimum:
+            raise ValueError(f"must be {minimum} or more")
+        return value
+    return _argument_type(number)
+
+
+def _rest_username(text: str) -> str:
+    parse_username(text)
+    return text
+
+
+def _rfc3339(unix: int) -> str:
+    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr)
+
+
+async def _account_add(store: AccountStore, args: argparse.Namespace) -> None:
+    api_key = await store.add_account(args.account, args.max_allocations, args.bandwidth)
+    print(api_key, flush=True)
+    _note(f"the API key of {args.account!r} is above; it will not be shown again")
+
+
+async def _account_status(store: AccountStore, args: argparse.Namespace) -> None:
+    await store.set_status(args.account, args.status)
+    print(f"{args.account}: {args.status}")
+
+
+async def _account_set_limits(store: AccountStore, args: argparse.Namespace) -> None:
+    await store.set_limits(args.account, args.max_allocations, args.bandwidth)
+    record = await store.get_account(args.account)
+    print(f"{args.account}: max-allocations {record.max_allocations}, "
+          f"bandwidth {record.bandwidth_bps} B/s (0: unlimited)")
+
+
+async def _account_rotate_key(store: AccountStore, args: argparse.Namespace) -> None:
+    api_key = await store.rotate_api_key(args.account)
+    print(api_key, flush=True)
+    _note(f"the new API key of {args.account!r} is above; it will not be shown again, "
+          "and the old one no longer works")
+
+
+async def _account_list(store: AccountStore, args: argparse.Namespace) -> None:
+    def limit(value: int) -> str:
+        return str(value) if value else "unlimited"
+    rows = [("ACCOUNT", "STATUS", "MAX-ALLOCATIONS", "BANDWIDTH (B/s)")]
+    rows += [(r.account_id, r.status, limit(r.max_allocations), limit(r.bandwidth_bps))
+             for r in await store.list_accounts()]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+
+
+async def _token(store: Optional[AccountStore], args: argparse.Namespace) -> None:
+    secret = read_secrets(args.secret_file)[0]
+    if store is not None:
+        record = await store.get_account(args.account)
+        if record is None:
+            raise Refused(f"no account {args.account!r} in the database")
+        if record.status != ACTIVE:
+            raise Refused(f"account {args.account!r} is {record.status}")
+    username, password = mint(secret, args.account, args.ttl, time.time(), args.label)
+    print(json.dumps({"username": username, "password": password, "ttl": args.ttl,
+                      "date_expires": _rfc3339(parse_username(username).expires)}))
+
+
+async def _revoke(store: AccountStore, args: argparse.Namespace) -> None:
+    parsed = parse_username(args.username)
+    if parsed.expires < time.time():
+        _note(f"{args.username!r} expired at {_rfc3339(parsed.expires)}: nothing to revoke")
+        return
+    await store.revoke(args.username, parsed.account_id, parsed.expires)
+    print(f"revoked {args.username} until {_rfc3339(parsed.expires)}")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=PROG, description="Manage turnrelay's account database and mint "
+                    "TURN credentials.", epilog="--db may also come from the TURNRELAY_DB "
+                    "environment variable.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    database = argparse.ArgumentParser(add_help=False)
+    database.add_argument("--db", metavar="DSN", default=os.environ.get("TURNRELAY_DB"),
+                          help=DSN_HELP)
+    account_id = _argument_type(check_account_id)
+
+    accounts = commands.add_parser("account", help="add, suspend, activate, list accounts",
+                                   description="Manage accounts in the database.")
+    account_commands = accounts.add_subparsers(dest="account_command", required=True,
+                                               metavar="ACTION")
+
+    add = account_commands.add_parser(
+        "add", parents=[database], help="add an account and print its API key once",
+        description="Add an active account; its API key is printed once, on stdout.")
+    add.add_argument("account", metavar="ACCOUNT", type=account_id, help="the account id")
+    add.add_argument("--max-allocations", metavar="N", type=_at_least(0), default=0,
+                     help="concurrent allocations allowed (default 0: unlimited)")
+    add.add_argument("--bandwidth", metavar="BYTES_PER_S", type=_at_least(0), default=0,
+                     help="bytes per second per allocation (default 0: unlimited)")
+    add.set_defaults(run=_account_add, parser=add)
+
+    for action, status, summary in (("suspend", SUSPENDED, "refuse the account's credentials"),
+                                    ("activate", ACTIVE, "accept the account's credentials again")):
+        sub = account_commands.add_parser(action, parents=[database], help=summary,
+                                          description=f"{summary[0].upper()}{summary[1:]}.")
+        sub.add_argument("account", metavar="ACCOUNT", help="the account id")
+        sub.set_defaults(run=_account_status, status=status, parser=sub)
+
+    limits = account_commands.add_parser(
+        "set-limits", parents=[database], help="change an account's quotas",
+        description="Change an account's quotas; a limit not given stays as it is.")
+    limits.add_argument("account", metavar="ACCOUNT", help="the account id")
+    limits.add_argument("--max-allocations", metavar="N", type=_at_least(0),
+                        help="concurrent allocations allowed (0: unlimited)")
+    limits.add_argument("--bandwidth", metavar="BYTES_PER_S", type=_at_least(0),
+                        help="bytes per second per allocation (0: unlimited)")
+    limits.set_defaults(run=_account_set_limits, parser=limits)
+
+    rotate = account_commands.add_parser(
+        "rotate-key", parents=[database], help="replace an account's API key",
+        description="Replace an account's API key and print the new one once; the old one "
+                    "stops working.")
+    rotate.add_argument("account", metavar="ACCOUNT", help="the account id")
+    rotate.set_defaults(run=_account_rotate_key, parser=rotate)
+
+    listing = account_commands.add_parser("list", parents=[database], help="list the accounts",
+                                          description="List every account, its status and quotas.")
+    listing.set_defaults(run=_account_list, parser=listing)
+
+    token = commands.add_parser(
+        "token", parents=[database], help="mint a TURN credential offline",
+        description="Mint a time-limited TURN credential (TURN REST form) with the first secret "
+                    "of the secret file, and print it as JSON.  With --db, refuse an account "
+                    "that is unknown or suspended.")
+    token.add_argument("--account", required=True, type=account_id,
+                       help="the account the credential's usage is charged to")
+    token.add_argument("--ttl", metavar="SECONDS", type=_at_least(1), default=3600,
+                       help="seconds the credential stays valid (default 3600)")
+    token.add_argument("--label", help="free text appended to the username, e.g. a device")
+    token.add_argument("--secret-file", metavar="FILE", required=True,
+                       help="the relay's shared secrets, one a line (the first one signs)")
+    token.set_defaults(run=_token, parser=token, optional_db=True)
+
+    revoke = commands.add_parser(
+        "revoke", parents=[database], help="refuse a credential before it expires",
+        description="Record USERNAME as revoked until its own expiry: every relay sharing the "
+                    "database refuses it within a few seconds.")
+    revoke.add_argument("username", metavar="USERNAME", type=_argument_type(_rest_username),
+                        help="the credential's username, <unix-expiry>:<account-id>[:<label>]")
+    revoke.set_defaults(run=_revoke, parser=revoke)
+    return parser
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, AccountExists):
+        return f"account {error.args[0]!r} already exists"
+    if isinstance(error, UnknownAccount):
+        return f"no account {error.args[0]!r} in the database"
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror}"
+    # Anything else comes from the database driver, whose messages may span several lines.
+    message = " ".join(str(error).split()) or type(error).__name__
+    return message if isinstance(error, (Refused, ValueError)) else f"database: {message}"
+
+
+async def _run(args: argparse.Namespace, store: Optional[AccountStore]) -> None:
+    command: Callable[..., Awaitable[None]] = args.run
+    try:
+        if store is not None:
+            await store.create_schema()
+        await command(store, args)
+    except Exception as e:
+        _note(_one_line(e))
+        raise SystemExit(1)
+    finally:
+        if store is not None:
+            await store.close()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
+    args = build_parser().parse_args(argv)
+    store = None
+    if args.db is not None:
+        try:
+            store = AccountStore.from_dsn(args.db)
+        except ValueError as e:
+            args.parser.error(f"--db: {e}")
+    elif not getattr(args, "optional_db", False):
+        args.parser.error("--db DSN (or TURNRELAY_DB) is required")
+    task.react(lambda reactor: defer.ensureDeferred(_run(args, store)))

@@ -1,0 +1,101 @@
+"""Fixtures for the account database, imported by the test modules that need them:
+
+    from dbfixtures import in_reactor, postgres_dsn, sqlite_dsn, store_dsn  # noqa: F401
+
+(pytest finds fixtures imported into a test module.)  `store_dsn` runs a test once on SQLite
+and once on a real PostgreSQL, started once per session.  Imported into several modules, a
+session fixture is several fixtures to pytest, each run once: `_once_per_run` is what keeps
+the PostgreSQL server and the reactor thread single.
+
+The store returns Deferreds, as it does in the relay.  Rather than a test dependency more
+(pytest-twisted), the reactor runs in a daemon thread for the session and `in_reactor(f, *args)` calls `f` there and waits
+for its Deferred: tests use the store exactly as the relay does, and a blocking test thread
+cannot starve it.
+"""
+from __future__ import annotations
+
+import contextlib
+import queue
+import sqlite3
+import threading
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, TypeVar
+
+import psycopg
+import pytest
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from postgres import fresh_schema, throwaway_postgres
+
+TIMEOUT = 30.0
+T = TypeVar("T")
+RESOURCES = pytest.StashKey[Dict[Callable[[], ContextManager[Any]], Any]]()
+
+
+def _once_per_run(config: pytest.Config, resource: Callable[[], ContextManager[T]]) -> T:
+    """Enter `resource` the first time the run asks for it; leave it when the run ends."""
+    entered = config.stash.setdefault(RESOURCES, {})
+    if resource not in entered:
+        stack = contextlib.ExitStack()
+        entered[resource] = stack.enter_context(resource())
+        config.add_cleanup(stack.close)
+    return entered[resource]
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn(pytestconfig) -> str:
+    return _once_per_run(pytestconfig, throwaway_postgres)
+
+
+@pytest.fixture
+def sqlite_dsn(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'accounts.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_dsn(request) -> str:
+    """A DSN of an empty database, on each backend in turn."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("sqlite_dsn")
+    return fresh_schema(request.getfixturevalue("postgres_dsn"))
+
+
+@contextlib.contextmanager
+def _reactor_thread() -> Iterator[Callable[..., Any]]:
+    from twisted.internet import reactor
+
+    thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
+                              daemon=True)
+    thread.start()
+
+    def call(f: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        results: queue.Queue = queue.Queue()
+        reactor.callFromThread(
+            lambda: defer.maybeDeferred(f, *args, **kwargs).addBoth(results.put))
+        result = results.get(timeout=TIMEOUT)
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+
+    yield call
+    reactor.callFromThread(reactor.stop)
+    thread.join(TIMEOUT)
+
+
+@pytest.fixture(scope="session")
+def in_reactor(pytestconfig) -> Callable[..., Any]:
+    """in_reactor(f, *args, **kwargs): f's result, f running in the reactor's thread and the
+    Deferred it returns waited for here (its failure raised here)."""
+    return _once_per_run(pytestconfig, _reactor_thread)
+
+
+def raw_rows(dsn: str, query: str) -> List[tuple]:
+    """`query`'s rows read with the driver itself, around the store: what is really stored."""
+    if dsn.startswith("sqlite:"):
+        connection = sqlite3.connect(dsn[len("sqlite://"):])
+        try:
+            return connection.execute(query).fetchall()
+        finally:
+            connection.close()
+    with psycopg.connect(dsn) as connection:
+        return connection.execute(query).fetchall()

@@ -1,0 +1,166 @@
+"""The `turnrelay` console script, run as installed, against SQLite and a real PostgreSQL."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import pytest
+
+from conftest import free_port
+from dbfixtures import in_reactor, postgres_dsn, sqlite_dsn, store_dsn  # noqa: F401
+from relay.accounts_db import ACTIVE, SUSPENDED, AccountRecord, AccountStore
+from relay.cli import main
+from relay.tokens import password_for
+
+TURNRELAY = os.path.join(os.path.dirname(sys.executable), "turnrelay")
+SECRETS = b"first-secret\nsecond-secret\n"
+
+
+def turnrelay(*argv: str, status: int = 0, env_db: str = "") -> subprocess.CompletedProcess:
+    """Run the script; check its exit status, and that a failure is one line, no traceback."""
+    env = {name: value for name, value in os.environ.items() if name != "TURNRELAY_DB"}
+    if env_db:
+        env["TURNRELAY_DB"] = env_db
+    done = subprocess.run([TURNRELAY, *argv], capture_output=True, text=True, env=env, timeout=60)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
+    if status:
+        assert len(done.stderr.splitlines()) == 1, done.stderr
+    return done
+
+
+@pytest.fixture
+def store(store_dsn, in_reactor):
+    """The database the script writes to, as the relay would read it."""
+    store = in_reactor(AccountStore.from_dsn, store_dsn)
+    yield store
+    in_reactor(store.close)
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    path = tmp_path / "secrets"
+    path.write_bytes(SECRETS)
+    return str(path)
+
+
+def mint(*argv: str, status: int = 0, env_db: str = "") -> dict:
+    return json.loads(turnrelay("token", *argv, status=status, env_db=env_db).stdout)
+
+
+@pytest.mark.parametrize("command, options", [
+    ([], ["account", "token", "revoke", "TURNRELAY_DB"]),
+    (["account"], ["add", "suspend", "activate", "set-limits", "rotate-key", "list"]),
+    (["account", "add"], ["ACCOUNT", "--max-allocations", "--bandwidth", "--db"]),
+    (["account", "suspend"], ["ACCOUNT", "--db"]),
+    (["account", "activate"], ["ACCOUNT", "--db"]),
+    (["account", "set-limits"], ["ACCOUNT", "--max-allocations", "--bandwidth", "--db"]),
+    (["account", "rotate-key"], ["ACCOUNT", "--db"]),
+    (["account", "list"], ["--db"]),
+    (["token"], ["--account", "--ttl", "--label", "--secret-file", "--db"]),
+    (["revoke"], ["USERNAME", "--db"]),
+])
+def test_help_documents_every_option(command, options, capsys):
+    # In process: the same parser the script runs, without a second's worth of interpreters.
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    usage = capsys.readouterr().out
+    for option in options:
+        assert option in usage, option
+
+
+def test_account_lifecycle(store_dsn, store, in_reactor):
+    added = turnrelay("account", "add", "acme", "--max-allocations", "5", "--bandwidth", "125000",
+                      "--db", store_dsn)
+    key = added.stdout.strip()
+    assert added.stdout == key + "\n" and key not in added.stderr
+    assert "will not be shown again" in added.stderr
+    assert in_reactor(store.verify_api_key, "acme", key) is True
+    assert "already exists" in turnrelay("account", "add", "acme", "--db", store_dsn,
+                                         status=1).stderr
+
+    turnrelay("account", "suspend", "acme", "--db", store_dsn)
+    assert in_reactor(store.get_account, "acme") == AccountRecord("acme", SUSPENDED, 5, 125000)
+    turnrelay("account", "activate", "acme", env_db=store_dsn)
+    turnrelay("account", "set-limits", "acme", "--max-allocations", "0", "--db", store_dsn)
+    assert in_reactor(store.get_account, "acme") == AccountRecord("acme", ACTIVE, 0, 125000)
+    turnrelay("account", "add", "beta", "--db", store_dsn)
+    listing = turnrelay("account", "list", "--db", store_dsn).stdout.splitlines()
+    assert [line.split() for line in listing[1:]] == [["acme", "active", "unlimited", "125000"],
+                                                      ["beta", "active", "unlimited", "unlimited"]]
+
+    new_key = turnrelay("account", "rotate-key", "acme", "--db", store_dsn).stdout.strip()
+    assert in_reactor(store.verify_api_key, "acme", new_key) is True
+    assert in_reactor(store.verify_api_key, "acme", key) is False
+    assert "no account 'nobody'" in turnrelay("account", "suspend", "nobody", "--db", store_dsn,
+                                              status=1).stderr
+
+
+def test_a_token_is_minted_offline_with_the_first_secret(secret_file):
+    before = time.time()
+    token = mint("--account", "acme", "--ttl", "600", "--label", "phone",
+                 "--secret-file", secret_file)
+    after = time.time()
+    assert set(token) == {"username", "password", "ttl", "date_expires"}
+    expiry = int(re.fullmatch(r"(\d+):acme:phone", token["username"]).group(1))
+    assert int(before) + 600 <= expiry <= after + 600 and token["ttl"] == 600
+    assert token["password"] == password_for(b"first-secret", token["username"])
+    expires = datetime.strptime(token["date_expires"], "%Y-%m-%dT%H:%M:%SZ")
+    assert expires.replace(tzinfo=timezone.utc).timestamp() == expiry
+    assert re.fullmatch(r"\d+:acme", mint("--account", "acme", "--secret-file",
+                                          secret_file)["username"])
+
+
+def test_with_a_database_a_token_needs_an_active_account(store_dsn, secret_file):
+    turnrelay("account", "add", "acme", "--db", store_dsn)
+    assert mint("--account", "acme", "--secret-file", secret_file, "--db", store_dsn)["username"]
+    turnrelay("account", "suspend", "acme", "--db", store_dsn)
+    refused = turnrelay("token", "--account", "acme", "--secret-file", secret_file,
+                        "--db", store_dsn, status=1)
+    assert "account 'acme' is suspended" in refused.stderr and not refused.stdout
+    refused = turnrelay("token", "--account", "nobody", "--secret-file", secret_file,
+                        env_db=store_dsn, status=1)
+    assert "no account 'nobody'" in refused.stderr and not refused.stdout
+
+
+def test_a_revoked_username_is_in_the_next_snapshot(store_dsn, store, secret_file, in_reactor):
+    username = mint("--account", "acme", "--secret-file", secret_file)["username"]
+    revoked = turnrelay("revoke", username, "--db", store_dsn)
+    assert revoked.stdout.startswith(f"revoked {username} until ")
+    assert in_reactor(store.snapshot, time.time()).revoked == {username}
+
+
+def test_an_expired_username_needs_no_revocation(store_dsn, store, in_reactor):
+    assert "nothing to revoke" in turnrelay("revoke", "1000:acme", "--db", store_dsn).stderr
+    assert in_reactor(store.snapshot, 0).revoked == frozenset()
+
+
+@pytest.mark.parametrize("argv, status, problem", [
+    (["revoke", "acme", "--db", "{sqlite}"], 2,
+     "'acme': not a <unix-expiry>:<account-id>[:<label>] username"),
+    ([], 2, "required: COMMAND"),
+    (["account", "list"], 2, "--db DSN (or TURNRELAY_DB) is required"),
+    (["account", "list", "--db", "mysql://admin:hunter2@db/x"], 2, "unsupported database 'mysql'"),
+    (["account", "list", "--db", "sqlite:///{tmp}/no/such/dir.db"], 1,
+     "database: unable to open database file"),
+    (["account", "list", "--db", "postgresql://turnrelay@127.0.0.1:{port}/x"], 1,
+     "database: connection failed"),
+    (["account", "add", "a:b", "--db", "{sqlite}"], 2, "an account id must be non-empty"),
+    (["account", "add", "acme", "--max-allocations", "many", "--db", "{sqlite}"], 2,
+     "--max-allocations: 'many': not a whole number"),
+    (["token", "--account", "acme", "--ttl", "0", "--secret-file", "{tmp}/s"], 2,
+     "--ttl: '0': must be 1 or more"),
+    (["token", "--account", "acme", "--secret-file", "{tmp}/missing"], 1,
+     "missing: No such file or directory"),
+    (["token", "--account", "acme", "--secret-file", "{tmp}/empty"], 1, "holds no secret"),
+])
+def test_every_error_is_one_line(argv, status, problem, tmp_path):
+    (tmp_path / "empty").write_text("\n")
+    fill = {"tmp": tmp_path, "sqlite": f"sqlite:///{tmp_path}/accounts.db", "port": free_port()}
+    refused = turnrelay(*(arg.format(**fill) for arg in argv), status=status)
+    assert problem in refused.stderr
+    assert "hunter2" not in refused.stderr
