@@ -76,7 +76,7 @@ def test_coturn_uclient_with_a_rest_secret(server_factory):
     with running_echo_peer() as peer:
         result = subprocess.run(
             [tool("turnutils_uclient"), "-W", SECRET, "-u", "acme", "-p", str(server.port),
-             "-e", peer[0], "-r", str(peer[1]), "-n", "10", "-m", "1", "-z", "5", server.host],
+             "-e", peer[0], "-r", str(peer[1]), "-n", "10", "-m", "1", server.host],
             capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert "tot_send_msgs=20, tot_recv_msgs=20" in output, output  # an RTP/RTCP pair
