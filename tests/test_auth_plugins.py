@@ -1,14 +1,11 @@
 """Auth backends chosen on the command line, over real sockets with real clients."""
-import asyncio
-import os
 import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
-from aioice.turn import create_turn_endpoint
 
+from aioice_helpers import relay_round_trips
 from conftest import TWISTD, running_echo_peer, start_server, tool
 from relay import tokens
 
@@ -22,38 +19,9 @@ def test_help_auth_lists_the_built_in_backends():
         assert f"\n  {backend}" in result.stdout, result.stdout
 
 
-async def relay_once(server, username, password):
-    """Allocate with aioice, send one datagram to an echo peer and return what came back."""
-    loop = asyncio.get_running_loop()
-
-    class Echo(asyncio.DatagramProtocol):
-        def connection_made(self, transport):
-            self.transport = transport
-
-        def datagram_received(self, data, addr):
-            self.transport.sendto(data, addr)
-
-    received = asyncio.Queue()
-
-    class Collector(asyncio.DatagramProtocol):
-        def datagram_received(self, data, addr):
-            received.put_nowait(data)
-
-    echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
-    try:
-        turn, _ = await create_turn_endpoint(Collector, (server.host, server.port), username, password)
-        try:
-            turn.sendto(b"hello through the relay", echo.get_extra_info("sockname"))
-            return await asyncio.wait_for(received.get(), timeout=5)
-        finally:
-            turn.close()
-    finally:
-        echo.close()
-
-
 def allocation_refused(server, username, password):
     with pytest.raises(Exception) as refused:
-        asyncio.run(relay_once(server, username, password))
+        relay_round_trips(server, username, password)
     return "401" in str(refused.value) or "Unauthorized" in str(refused.value)
 
 
@@ -62,7 +30,7 @@ def test_rest_secret_tokens_with_aioice(server_factory, tmp_path):
     secret_file.write_text("new-secret\n" + SECRET + "\n")
     server = server_factory("--auth", f"rest-secret:secret-file={secret_file}", users=())
     username, password = tokens.mint(SECRET.encode(), "acme", 3600, time.time(), "call-1")
-    assert asyncio.run(relay_once(server, username, password)) == b"hello through the relay"
+    relay_round_trips(server, username, password)
     expired = tokens.mint(b"new-secret", "acme", -120, time.time())
     assert allocation_refused(server, *expired)
     log = server.stop()
@@ -128,7 +96,7 @@ def test_third_party_backend_from_its_own_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "thirdparty"))
     server = start_server("--auth", "guest:let-me-in", users=(), state_dir=str(tmp_path / "state"))
     try:
-        assert asyncio.run(relay_once(server, "guest", "let-me-in")) == b"hello through the relay"
+        relay_round_trips(server, "guest", "let-me-in")
         assert allocation_refused(server, "guest", "wrong")
     finally:
         log = server.stop()
