@@ -1,4 +1,6 @@
 """Auth backends chosen on the command line, over real sockets with real clients."""
+import base64
+import signal
 import subprocess
 import textwrap
 import time
@@ -6,7 +8,10 @@ import time
 import pytest
 
 from aioice_helpers import relay_round_trips
-from conftest import TWISTD, running_echo_peer, start_server, tool
+from relay import stun
+from relay.nonces import COOKIE, FEATURE_USERNAME_ANONYMITY
+from wire_client import WireClient
+from conftest import REALM, TWISTD, running_echo_peer, start_server, tool
 from relay import tokens
 
 SECRET = "s3cr3t-for-rest-credentials"
@@ -119,3 +124,43 @@ def test_backend_argument_errors_do_not_echo_values(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().startswith("turnrelay: --auth: rest-secret: secret-file:")
     assert "secret-path" not in result.stderr
+
+
+def challenge(server):
+    """The 401 an unauthenticated Allocate gets: what the server advertises."""
+    client = WireClient((server.host, server.port), "nobody", "nothing", REALM)
+    try:
+        return client.exchange(stun.Message(stun.ALLOCATE, stun.REQUEST).add(stun.REQUESTED_TRANSPORT, 17))
+    finally:
+        client.close()
+
+
+def features(nonce):
+    assert nonce.startswith(COOKIE)
+    return int.from_bytes(base64.b64decode(nonce[len(COOKIE):len(COOKIE) + 4]), "big")
+
+
+@pytest.mark.parametrize("args, users, algorithms, userhash", [
+    ((), (("alice", "wonderland"),), [stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5], True),
+    ((), (("alice", "0x" + "ab" * 16),), [stun.ALGORITHM_MD5], False),  # an MD5 key: no SHA-256
+    (("--use-auth-secret", "--static-auth-secret", SECRET), (("alice", "wonderland"),),
+     [stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5], False),               # REST: no USERHASH
+])
+def test_only_what_every_backend_serves_is_advertised(server_factory, args, users, algorithms,
+                                                      userhash):
+    reply = challenge(server_factory(*args, users=users, tcp=False, tls=False))
+    assert [alg for alg, _ in reply.get(stun.PASSWORD_ALGORITHMS)] == algorithms
+    assert bool(features(reply.get(stun.NONCE)) & FEATURE_USERNAME_ANONYMITY) == userhash
+
+
+def test_sighup_reloads_the_users_file(server_factory, tmp_path):
+    users = tmp_path / "users.toml"
+    users.write_text('[users.alice]\npassword = "wonderland"\n')
+    server = server_factory("--auth", f"static:file={users}", users=(), tcp=False, tls=False)
+    relay_round_trips(server, "alice", "wonderland")
+    users.write_text('[users.bob]\npassword = "builder"\naccount = "construction"\n')
+    server.process.send_signal(signal.SIGHUP)
+    server.read_until("credentials reloaded")
+    relay_round_trips(server, "bob", "builder")
+    assert allocation_refused(server, "alice", "wonderland")
+    assert "account=construction" in server.stop()
