@@ -9,15 +9,19 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from typing import Any, List
+from typing import Any, Dict, List
 
 from twisted.python import usage
 
 from twisted.cred import strcred
 
+from relay.accounts_db import AccountStore
+from relay.authplugins import parse_arguments
 from relay.checkers import RestSecretChecker, StaticUsersChecker, parse_user
 from relay.credentials import IStunCredentials
 from relay.peers import parse_rule
+from relay.regions import check_host, regions_from_table
+from relay.secretfile import read_secrets
 from relay.tls import TLS_VERSIONS
 
 if sys.version_info >= (3, 11):
@@ -45,6 +49,7 @@ NUMBER_OPTIONS = {
     "min-port": _port, "max-port": _port, "max-allocate-lifetime": _positive,
     "stale-nonce": _positive, "user-quota": _positive, "source-quota": _positive,
     "total-quota": _positive, "max-permissions": _positive, "max-channels": _positive,
+    "api-port": _port, "api-max-ttl": _positive,
 }
 
 LIST_OPTIONS = {
@@ -108,6 +113,27 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                           "[default: a random key per process]"],
         ["state-dir", None, os.path.join(os.path.expanduser("~"), ".local", "state", "turnrelay"),
          "Directory for generated state (self-signed certificate)"],
+        ["api-port", None, None, "Serve the tokens API (POST /v1/accounts/ACCOUNT/tokens) on "
+                                 "this TCP port [default: no API]"],
+        ["api-listening-ip", None, "127.0.0.1", "Address the tokens API listens on; any but a "
+                                                "loopback address needs --api-cert"],
+        ["api-cert", None, None, "TLS certificate chain for the tokens API, PEM"],
+        ["api-pkey", None, None, "TLS private key for the tokens API, PEM"],
+        ["api-db", None, None, "Account database of the tokens API, sqlite:///PATH or "
+                               "postgresql://... [default: the dsn of the first --auth db:]"],
+        ["api-secret-file", None, None, "Secret file the tokens API mints with (its first "
+                                        "line) [default: the secret-file of the first "
+                                        "--auth db:]"],
+        ["api-max-ttl", None, 86400, "Longest credential lifetime the tokens API grants, in "
+                                     "seconds; a request without ttl gets 86400 or this, if "
+                                     "lower"],
+        ["region", None, "default", "Name of this relay's region in tokens API answers"],
+        ["public-host", None, None, "Host name or address put in the tokens API's ICE server "
+                                    "URLs [default: the first --external-ip, else the first "
+                                    "--relay-ip, else the detected relay address]"],
+        ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
+                                     "parameter: [regions.NAME] host=..., port=3478, "
+                                     "tls-port=5349"],
     ]
 
     def __init__(self) -> None:
@@ -138,11 +164,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             raise SystemExit(f"turnrelay: {err}") from None
 
     def _load_config(self, path: str) -> None:
-        try:
-            with open(path, "rb") as f:
-                table = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError) as err:
-            raise usage.UsageError(f"--config: cannot read {path}: {err}") from None
+        table = _read_toml("config", path)
         known = {p[0]: p for p in self.optParameters}
         flags = {f[0] for f in self.optFlags}
         for name, value in table.items():
@@ -163,6 +185,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             raise usage.UsageError(f"--{option}: {problem}")
 
         for name, check in NUMBER_OPTIONS.items():
+            if self[name] is None:  # an optional number not given: the feature is off
+                continue
             try:
                 self[name] = check(str(self[name]))
             except ValueError as err:
@@ -196,8 +220,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 fail(name, f"{self[name]!r}: choose one of {', '.join(TLS_VERSIONS)}")
         if float(self["tls-min-version"]) > float(self["tls-max-version"]):
             fail("tls-min-version", "is above --tls-max-version")
-        if bool(self["cert"]) != bool(self["pkey"]):
-            fail("cert" if not self["cert"] else "pkey", "--cert and --pkey go together")
+        for cert, key in (("cert", "pkey"), ("api-cert", "api-pkey")):
+            if bool(self[cert]) != bool(self[key]):
+                fail(cert if not self[cert] else key, f"--{cert} and --{key} go together")
         for name in ("allowed-peer-ip", "denied-peer-ip"):
             for value in self[name]:
                 try:
@@ -207,6 +232,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         self["checkers"] = self._checkers(fail)
         if self["no-udp"] and self["no-tcp"] and self["no-tls"]:
             fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
+        self._tokens_api(fail)
 
     def _checkers(self, fail: Any) -> list:
         """The auth backends, in the order they are tried: static users first."""
@@ -243,6 +269,52 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 checker.strict_expiry = bool(self["strict-expiry"])
         return checkers
 
+    def _tokens_api(self, fail: Any) -> None:
+        """The tokens API's settings: its store, minting secret and regions when --api-port
+        is given.  TLS is required off loopback, since every request carries an API key."""
+        self["regions"] = {}
+        if self["regions-file"]:
+            try:
+                self["regions"] = regions_from_table(_read_toml("regions-file",
+                                                                self["regions-file"]))
+            except ValueError as err:
+                fail("regions-file", str(err))
+        if self["public-host"]:
+            try:
+                check_host(self["public-host"])
+            except ValueError as err:
+                fail("public-host", str(err))
+        if not self["region"]:
+            fail("region", "must not be empty")
+        if self["api-port"] is None:
+            return
+        if self["api-max-ttl"] < 1:
+            fail("api-max-ttl", "must be at least 1")
+        if not _is_ip(self["api-listening-ip"]):
+            fail("api-listening-ip", f"{self['api-listening-ip']!r} is not an IP address")
+        if not self["api-cert"] and not ipaddress.ip_address(self["api-listening-ip"]).is_loopback:
+            fail("api-cert", f"required when --api-listening-ip {self['api-listening-ip']} is "
+                             "not a loopback address: API keys must not cross a network in clear")
+        db = _first_db_auth(self["auth"])
+        dsn = self["api-db"] or db.get("dsn")
+        secret_file = self["api-secret-file"] or db.get("secret-file")
+        if not dsn:
+            fail("api-db", "the tokens API needs the account database: give it or "
+                           "--auth db:dsn=...,secret-file=...")
+        if not secret_file:
+            fail("api-secret-file", "the tokens API needs the secret its credentials are "
+                                    "minted with: give it or --auth db:...,secret-file=...")
+        try:
+            self["api-store"] = AccountStore.from_dsn(dsn)
+        except ValueError as err:
+            fail("api-db", str(err))
+        try:
+            self["api-secret"] = read_secrets(secret_file)[0]
+        except OSError as err:
+            fail("api-secret-file", err.strerror)
+        except ValueError:
+            fail("api-secret-file", "holds no secret")
+
 
 def _list_option(name: str, doc: str) -> Any:
     def opt(self: Options, value: str) -> None:
@@ -253,6 +325,24 @@ def _list_option(name: str, doc: str) -> Any:
 
 for _name, _doc in LIST_OPTIONS.items():
     setattr(Options, "opt_" + _name.replace("-", "_"), _list_option(_name, _doc))
+
+
+def _read_toml(option: str, path: str) -> Dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise usage.UsageError(f"--{option}: cannot read {path}: {err}") from None
+
+
+def _first_db_auth(descriptions: List[str]) -> Dict[str, str]:
+    """The arguments of the first `--auth db:...`, already checked by the db backend; the
+    tokens API defaults to the database and secret file the relay itself checks against."""
+    for description in descriptions:
+        auth_type, _, argstring = description.partition(":")
+        if auth_type == "db":
+            return parse_arguments(argstring, {"dsn", "secret-file", "skew"})
+    return {}
 
 
 def _config_path(argv: List[str]) -> Any:

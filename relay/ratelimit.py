@@ -21,3 +21,12 @@ class RateLimiter:
         if len(self._buckets) > self.max_sources:
             self._buckets.popitem(last=False)  # the least recently seen source
         return allowed
+
+    def refund(self, source: Hashable) -> None:
+        """Give back the token `allow` took, for a caller that must pay before it can know
+        whether the attempt fails (the tokens API hashes an API key only once paid): taking
+        first means concurrent attempts cannot all pass before the first failure counts, and
+        refunding successes means only failures are charged."""
+        if source in self._buckets:
+            tokens, last = self._buckets[source]
+            self._buckets[source] = (min(self.burst, tokens + 1), last)

@@ -11,8 +11,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
 from twisted.logger import LogLevel, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.server import Site
 
 from relay import SOFTWARE, stun
 from relay.config import Options
@@ -23,7 +27,9 @@ from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginD
 from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
                           load_secrets)
 from relay.peers import PeerPolicy
+from relay.regions import Region
 from relay.tls import ServerTLS, self_signed
+from relay.tokens_api import TokensAPI
 from relay.turn import TurnConfig, TurnServer
 
 log = Logger(namespace="turnrelay")
@@ -71,6 +77,15 @@ def raise_file_limit() -> int:
     return soft
 
 
+def adopt_stream_socket(reactor, sock: socket.socket, factory: Factory) -> IListeningPort:
+    """Listen on a bound stream socket through the reactor, which keeps its own copy."""
+    sock.listen(1024)
+    try:
+        return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+    finally:
+        sock.close()
+
+
 class ListenersService(Service):
     """Binds every client listener before the reactor runs (and before privileges drop)."""
 
@@ -115,14 +130,10 @@ class ListenersService(Service):
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
             self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
         else:
-            sock.listen(1024)
             factory = ClientStreamFactory(self.server, self.dispatch, transport, listener)
             if transport == "tls":
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
-            try:
-                self.ports.append(self.reactor.adoptStreamPort(sock.fileno(), sock.family, factory))
-            finally:
-                sock.close()
+            self.ports.append(adopt_stream_socket(self.reactor, sock, factory))
         log.info("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
                  port=listener[1])
 
@@ -132,6 +143,32 @@ class ListenersService(Service):
         for port in self.ports:
             port.stopListening()
         self.ports = []
+
+
+class TokensAPIService(Service):
+    """The tokens API's listener, bound like the client listeners: before privileges drop."""
+
+    def __init__(self, reactor, site: Site, host: str, port: int, tls: Optional[ServerTLS]):
+        self.reactor = reactor
+        self.factory = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+        self.host, self.port, self.scheme = host, port, "http" if tls is None else "https"
+        self.listening: Optional[IListeningPort] = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            sock = bound_socket(self.host, self.port, socket.SOCK_STREAM)
+        except OSError as err:
+            raise SystemExit(f"turnrelay: --api-listening-ip/--api-port: cannot listen on "
+                             f"[{self.host}]:{self.port}: {err.strerror}")
+        port = sock.getsockname()[1]
+        self.listening = adopt_stream_socket(self.reactor, sock, self.factory)
+        log.info("tokens API listening on {scheme} [{host}]:{port}", scheme=self.scheme,
+                 host=self.host, port=port)
+        Service.privilegedStartService(self)
+
+    def stopService(self) -> Optional[Deferred]:
+        Service.stopService(self)
+        return self.listening.stopListening()
 
 
 class SighupService(Service):
@@ -162,6 +199,32 @@ def _relay_ips(options: Options) -> Dict[int, str]:
             if ip is not None:
                 relay_ips[code] = ip
     return relay_ips
+
+
+def _server_tls(options: Options, cert: str, key: str, flags: str) -> ServerTLS:
+    try:
+        return ServerTLS(cert, key, options["tls-min-version"], options["tls-max-version"])
+    except Exception as err:
+        raise SystemExit(f"turnrelay: {flags}: cannot use {cert} and {key}: {err}")
+
+
+def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
+                api_tls: Optional[ServerTLS]) -> TokensAPIService:
+    """The tokens API, whose home region is where this relay's own listeners are reached."""
+    external = options["external-ip"]
+    host = options["public-host"] or (external[0].partition("/")[0] if external
+                                      else next(iter(relay_ips.values())))
+    port = options["listening-port"][0]
+    home = Region(host, None if options["no-udp"] else port, None if options["no-tcp"] else port,
+                  None if options["no-tls"] else options["tls-listening-port"][0])
+    # A regions-file entry named like this region wins: a relay behind a load balancer is
+    # reached on the balancer's ports, not its own.
+    regions = {options["region"]: home, **options["regions"]}
+    api = TokensAPI(options["api-store"], options["api-secret"], regions, options["region"],
+                    options["api-max-ttl"], clock=reactor.seconds)
+    # Idle connections close after a minute: the API has no use for long-held ones.
+    return TokensAPIService(reactor, Site(api, timeout=60), options["api-listening-ip"],
+                            options["api-port"], api_tls)
 
 
 def makeService(options: Options, reactor=None) -> MultiService:
@@ -207,10 +270,11 @@ def makeService(options: Options, reactor=None) -> MultiService:
             cert, key, made = self_signed(options["state-dir"])
             log.warn("no --cert given: TLS uses the self-signed certificate {cert}{made}",
                      cert=cert, made=" (made now)" if made else "")
-        try:
-            tls = ServerTLS(cert, key, options["tls-min-version"], options["tls-max-version"])
-        except Exception as err:
-            raise SystemExit(f"turnrelay: --cert/--pkey: cannot use {cert} and {key}: {err}")
+        tls = _server_tls(options, cert, key, "--cert/--pkey")
+    api_tls = None
+    if options["api-port"] is not None and options["api-cert"]:
+        api_tls = _server_tls(options, options["api-cert"], options["api-pkey"],
+                              "--api-cert/--api-pkey")
 
     files = raise_file_limit()
     log.info("realm {realm}, relay addresses {relays}, ports {low}-{high}; open-file limit {files} "
@@ -223,11 +287,15 @@ def makeService(options: Options, reactor=None) -> MultiService:
 
     service = MultiService()
     ListenersService(reactor, server, dispatch, options, tls).setServiceParent(service)
+    if options["api-port"] is not None:
+        _tokens_api(reactor, options, relay_ips, api_tls).setServiceParent(service)
     TimerService(1.0, lambda: server.tick(reactor.seconds())).setServiceParent(service)
     for checker in checkers.checkers:
         if getattr(checker, "service", None) is not None:
             checker.service.setServiceParent(service)
     reloads = [("TLS certificate", tls.reload)] if tls is not None else []
+    if api_tls is not None:
+        reloads.append(("tokens API TLS certificate", api_tls.reload))
     reloads.append(("credentials", checkers.reload))
     SighupService(reactor, reloads).setServiceParent(service)
     return service
