@@ -28,6 +28,7 @@ from relay.credentials import Account, IAllocationPolicy, IStunCredentials
 
 log = Logger(namespace="turnrelay.accounts")
 POLL_INTERVAL = 2.0
+DB_ARGUMENTS = ("dsn", "secret-file", "skew")
 
 
 class AccountDatabaseNotReady(Exception):
@@ -64,9 +65,16 @@ class AccountsChecker:
             if not self._schema_ready:
                 yield self.store.create_schema()
                 self._schema_ready = True
-            self.snapshot = yield self.store.snapshot(self.clock())
+            # A credential is accepted until its expiry plus the skew allowance, so its
+            # revocation must be held as long.
+            snapshot = yield self.store.snapshot(self.clock() - self.rest.skew)
         except Exception:
             log.failure("account database unreachable; deciding with the last snapshot", Failure())
+            return
+        if self.snapshot is None:
+            log.info("account database loaded: {accounts} accounts, {revoked} revoked credentials",
+                     accounts=len(snapshot.accounts), revoked=len(snapshot.revoked))
+        self.snapshot = snapshot
 
     def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
         snapshot = self.snapshot
@@ -94,7 +102,7 @@ class AccountsChecker:
 
 def db_checker(argstring: str) -> AccountsChecker:
     """`--auth db:dsn=sqlite:///PATH|postgresql://...,secret-file=PATH[,skew=SECONDS]`."""
-    arguments = parse_arguments(argstring, {"dsn", "secret-file", "skew"})
+    arguments = parse_arguments(argstring, DB_ARGUMENTS)
     if "dsn" not in arguments:
         raise ValueError("dsn=... is required")
     try:

@@ -7,7 +7,7 @@ channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Dict, Hashable, Optional, Protocol, Tuple
+from typing import Callable, Dict, Hashable, Protocol, Tuple
 
 from relay import stun
 from relay.credentials import Account

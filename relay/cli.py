@@ -12,14 +12,13 @@ import json
 import os
 import sys
 import time
-from datetime import datetime, timezone
 from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence
 
 from twisted.internet import defer, task
 
 from relay.accounts_db import ACTIVE, SUSPENDED, AccountExists, AccountStore, UnknownAccount
 from relay.secretfile import read_secrets
-from relay.tokens import check_account_id, mint, parse_username
+from relay.tokens import check_account_id, mint, parse_username, rfc3339
 
 PROG = "turnrelay"
 DSN_HELP = ("the account database: sqlite:///absolute/path.db or "
@@ -62,10 +61,6 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 def _rest_username(text: str) -> str:
     parse_username(text)
     return text
-
-
-def _rfc3339(unix: int) -> str:
-    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _note(message: str) -> None:
@@ -118,16 +113,16 @@ async def _token(store: Optional[AccountStore], args: argparse.Namespace) -> Non
             raise Refused(f"account {args.account!r} is {record.status}")
     username, password = mint(secret, args.account, args.ttl, time.time(), args.label)
     print(json.dumps({"username": username, "password": password, "ttl": args.ttl,
-                      "date_expires": _rfc3339(parse_username(username).expires)}))
+                      "date_expires": rfc3339(parse_username(username).expires)}))
 
 
 async def _revoke(store: AccountStore, args: argparse.Namespace) -> None:
     parsed = parse_username(args.username)
     if parsed.expires < time.time():
-        _note(f"{args.username!r} expired at {_rfc3339(parsed.expires)}: nothing to revoke")
+        _note(f"{args.username!r} expired at {rfc3339(parsed.expires)}: nothing to revoke")
         return
     await store.revoke(args.username, parsed.account_id, parsed.expires)
-    print(f"revoked {args.username} until {_rfc3339(parsed.expires)}")
+    print(f"revoked {args.username} until {rfc3339(parsed.expires)}")
 
 
 def build_parser() -> Parser:

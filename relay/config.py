@@ -15,6 +15,7 @@ from twisted.python import usage
 
 from twisted.cred import strcred
 
+from relay.accounts_checker import DB_ARGUMENTS
 from relay.accounts_db import AccountStore
 from relay.authplugins import parse_arguments
 from relay.checkers import RestSecretChecker, StaticUsersChecker, parse_user
@@ -341,7 +342,7 @@ def _first_db_auth(descriptions: List[str]) -> Dict[str, str]:
     for description in descriptions:
         auth_type, _, argstring = description.partition(":")
         if auth_type == "db":
-            return parse_arguments(argstring, {"dsn", "secret-file", "skew"})
+            return parse_arguments(argstring, DB_ARGUMENTS)
     return {}
 
 

@@ -10,6 +10,7 @@ import base64
 import hashlib
 import hmac
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Optional, Tuple
 
 
@@ -44,3 +45,8 @@ def mint(secret: bytes, account_id: str, ttl: int, now: float,
     """A (username, password) pair for `account_id`, valid `ttl` seconds from `now`."""
     username = f"{int(now) + ttl}:{check_account_id(account_id)}" + (f":{label}" if label else "")
     return username, password_for(secret, username)
+
+
+def rfc3339(unix: int) -> str:
+    """`2026-11-23T12:00:00Z`: the UTC timestamp form of Twilio's and most JSON APIs."""
+    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -39,7 +39,6 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qsl, quote
 
@@ -52,7 +51,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from relay.accounts_db import ACTIVE, AccountStore
 from relay.ratelimit import RateLimiter
 from relay.regions import Region
-from relay.tokens import mint, parse_username
+from relay.tokens import mint, parse_username, rfc3339
 
 log = Logger(namespace="turnrelay.api")
 
@@ -87,11 +86,6 @@ def _unauthorized(message: str) -> ApiError:
 def _not_yours(account_id: str) -> ApiError:
     """One answer for an account that is not the caller's and one that does not exist."""
     return ApiError(404, f"no account {account_id!r} for these credentials")
-
-
-def rfc3339(unix: int) -> str:
-    """`2026-11-23T12:00:00Z`: the UTC timestamp form of Twilio's and most JSON APIs."""
-    return datetime.fromtimestamp(unix, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def basic_credentials(header: Optional[bytes]) -> Optional[Tuple[str, str]]:

@@ -12,7 +12,7 @@ import logging
 import random
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Hashable, Optional, Tuple
 
 from relay import stun
 from relay.allocation import PERMISSION_LIFETIME, Address, Allocation, RelayEndpoint

@@ -36,6 +36,8 @@ def fleet(store_dsn, server_factory, tmp_path):
     cli("account", "add", "acme", "--db", store_dsn)
     auth = f"db:dsn={store_dsn},secret-file={secret}"
     relays = [server_factory("--auth", auth, users=(), tls=False) for _ in range(2)]
+    for relay in relays:
+        relay.read_until("account database loaded")
 
     def token(account="acme", ttl=600, label="device-1"):
         return json.loads(cli("token", "--account", account, "--ttl", str(ttl), "--label", label,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.client
-import itertools
 import json
 import re
 import ssl
@@ -28,15 +27,13 @@ from aioice.stun import TransactionFailed
 from aioice.turn import create_turn_endpoint
 
 from aioice_helpers import Collector, Echo
-from conftest import REALM, TWISTD, Server, free_port, start_server
+from conftest import TWISTD, Server, free_port, start_server
 from dbfixtures import in_reactor, postgres_dsn  # noqa: F401
 from postgres import fresh_schema
-from relay import stun
 from relay.accounts_db import SUSPENDED, AccountStore
 from relay.config import Options
 from relay.tls import self_signed
 from relay.tokens_api import FAILED_KEY_BURST
-from wire_client import WireClient, error_code
 
 SECRET = "tokens-api-mint-secret"
 OLD_SECRET = "tokens-api-previous-secret"
@@ -130,26 +127,6 @@ def refusal_code(err: TransactionFailed) -> int:
     return err.response.attributes["ERROR-CODE"][0]
 
 
-def wait_for_accounts(api: Api, deadline: float) -> None:
-    """Until the relay's db backend has first read the database, a login is answered 500;
-    from then on an unknown account's login is a 401.  Each try waits on the relay's answer."""
-    for attempt in itertools.count():
-        client = WireClient((api.server.host, api.server.port),
-                            f"{int(time.time()) + 60}:nobody", "x", REALM)
-        try:
-            code = error_code(client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)))
-        finally:
-            client.close()
-        if code != 500:
-            assert code == 401, code
-            return
-        # The relay logged its failure before answering: reading its log up to a later
-        # request of ours drains it, so a slow first poll cannot fill the log pipe.
-        assert api.request("GET", f"/ready-probe/{attempt}").status == 404
-        api.server.read_until(f'"GET /ready-probe/{attempt} HTTP/1.1" 404')
-        assert time.monotonic() < deadline, "the relay never read the account database"
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api(request, tmp_path_factory, in_reactor) -> Iterator[Api]:  # noqa: F811
     tmp = tmp_path_factory.mktemp(request.param)
@@ -176,7 +153,7 @@ def api(request, tmp_path_factory, in_reactor) -> Iterator[Api]:  # noqa: F811
         server.read_until(f"tokens API listening on {'https' if context else 'http'} "
                           f"[127.0.0.1]:{port}")
         api = Api(server, port, context, keys, [SECRET, OLD_SECRET, *keys.values()])
-        wait_for_accounts(api, time.monotonic() + 10)
+        server.read_until("account database loaded")  # before it, a login is answered 500
         yield api
     finally:
         server.stop()
