@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REALM
 from dbfixtures import postgres_dsn, sqlite_dsn, store_dsn  # noqa: F401
-from relay import stun
+from relay import stun, tokens
 from wire_client import WireClient, error_code
 
 CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
@@ -40,6 +40,9 @@ def fleet(store_dsn, server_factory, tmp_path):
         relay.read_until("account database loaded")
 
     def token(account="acme", ttl=600, label="device-1"):
+        if ttl <= 0:  # the CLI refuses to mint an expired credential; the format allows it
+            username, password = tokens.mint(b"shared-rest-secret-1", account, ttl, time.time(), label)
+            return {"username": username, "password": password}
         return json.loads(cli("token", "--account", account, "--ttl", str(ttl), "--label", label,
                               "--secret-file", str(secret)))
     return store_dsn, relays, token
@@ -90,6 +93,15 @@ def test_a_token_works_on_every_relay_sharing_the_database(fleet):
         assert reply.cls == stun.SUCCESS, reply.get(stun.ERROR_CODE)
         client.close()
     assert error_code(allocate(relays[0], token(account="nobody"))[1]) == 401
+
+
+def test_an_expired_token_is_refused_by_every_relay(fleet):
+    _, relays, token = fleet
+    expired = token(ttl=-60)  # beyond the 30 s skew allowance
+    for relay in relays:
+        client, reply = allocate(relay, expired)
+        client.close()
+        assert error_code(reply) == 401
 
 
 def test_revocation_reaches_every_relay_within_the_bound(fleet):
