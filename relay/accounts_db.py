@@ -14,15 +14,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, FrozenSet, List, Optional
+from typing import Any, Dict, FrozenSet, List, Optional
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 
+from relay.sqldb import SqlStore, pool_from_dsn
 from relay.tokens import check_account_id
 
 ACTIVE, SUSPENDED = "active", "suspended"
@@ -109,78 +109,14 @@ def _check_limit(name: str, value: int) -> int:
     return value
 
 
-def _use_wal(connection: Any) -> None:
-    # Closed at once: on PyPy an open cursor keeps its statement active until garbage
-    # collection, and SQLite then refuses every commit on the connection.
-    connection.execute("PRAGMA journal_mode=WAL").close()
-
-
-def _sqlite_pool(dsn: str) -> adbapi.ConnectionPool:
-    path = dsn[len("sqlite://"):]
-    if not path.startswith("/") or path == "/":
-        raise ValueError("a SQLite DSN names an absolute file path: sqlite:///path/to/accounts.db")
-    # adbapi keeps a connection per pool thread but closes them all from the reactor thread,
-    # which sqlite3 refuses unless check_same_thread is off.  WAL lets the relays read while
-    # the tool writes.
-    return adbapi.ConnectionPool("sqlite3", path, check_same_thread=False, cp_openfun=_use_wal)
-
-
-def _without_password(text: str) -> str:
-    """`text` with any DSN password in it masked: libpq quotes a DSN it cannot parse, and error
-    messages end up in logs."""
-    text = re.sub(r"(://[^/@\s]*?:)[^/@\s]*@", r"\1***@", text)
-    return re.sub(r"(password\s*=\s*)\S+", r"\1***", text)
-
-
-def _postgresql_pool(dsn: str) -> adbapi.ConnectionPool:
-    try:
-        import psycopg
-    except ImportError:
-        raise ValueError("a PostgreSQL DSN needs psycopg: pip install 'turnrelay[postgresql]'") \
-            from None
-    try:
-        psycopg.conninfo.conninfo_to_dict(dsn)
-    except psycopg.Error as e:
-        raise ValueError(f"bad PostgreSQL DSN: {_without_password(str(e))}") from None
-    # cp_reconnect: a relay outlives a database restart; the next call opens a fresh connection.
-    return adbapi.ConnectionPool("psycopg", dsn, cp_reconnect=True)
-
-
-class AccountStore:
-    """Accounts and revocations in one database; every method returns a Deferred.
-
-    The SQL is written with `?` placeholders; `_execute` is the one place that turns them into
-    the `%s` psycopg wants.
-    """
-
-    def __init__(self, pool: adbapi.ConnectionPool):
-        self._pool = pool
-        self._pyformat = pool.dbapi.paramstyle != "qmark"
+class AccountStore(SqlStore):
+    """Accounts and revocations in one database; every method returns a Deferred."""
 
     @classmethod
     def from_dsn(cls, dsn: str) -> AccountStore:
         """A store on `sqlite:///absolute/path.db` or `postgresql://user@host:port/dbname`;
         ValueError naming the problem otherwise.  Nothing connects until the first call."""
-        scheme, colon, _ = dsn.partition(":")
-        if scheme == "sqlite":
-            return cls(_sqlite_pool(dsn))
-        if scheme in ("postgresql", "postgres"):
-            return cls(_postgresql_pool(dsn))
-        # Name only the scheme, when there is one: the rest of a DSN may hold a password.
-        named = colon and re.fullmatch(r"[a-z][a-z0-9+.-]*", scheme)
-        problem = f"unsupported database {scheme!r}" if named else "not a database URL"
-        raise ValueError(f"{problem}: use sqlite:///path or postgresql://user@host:port/dbname")
-
-    def close(self) -> defer.Deferred[None]:
-        """Stop the pool's threads, once the calls already running have finished."""
-        self._pool.close()
-        return defer.succeed(None)
-
-    def _run(self, interaction: Callable[[adbapi.Transaction], Any]) -> defer.Deferred[Any]:
-        return self._pool.runInteraction(interaction)
-
-    def _execute(self, txn: adbapi.Transaction, sql: str, params: tuple = ()) -> None:
-        txn.execute(sql.replace("?", "%s") if self._pyformat else sql, params)
+        return cls(pool_from_dsn(dsn))
 
     def _update(self, txn: adbapi.Transaction, account_id: str, **columns: Any) -> None:
         """Set `columns` (our own names, never input) and updated_at; UnknownAccount if none."""
