@@ -39,8 +39,11 @@ class RelayEndpoint(Protocol):
 class Allocation:
     def __init__(self, key: Hashable, client: Address, transport: str, username: str,
                  account: Account, relays: Dict[int, RelayEndpoint], send_to_client: Callable[[bytes], None],
-                 started: float, expires: float):
+                 started: float, expires: float, session_id: str):
         self.key = key
+        # Names this allocation in the log and in the usage ledger: a 5-tuple is reused, this
+        # is not.
+        self.session_id = session_id
         self.client = client
         self.transport = transport
         self.username = username

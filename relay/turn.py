@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Hashable, Optional, Tuple
@@ -94,6 +95,10 @@ class TurnServer:
         self._responses: "OrderedDict[Tuple[Hashable, Address, bytes], bytes]" = OrderedDict()
         self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
         self.on_allocation_closed: Callable[[Allocation, str], None] = lambda alloc, reason: None
+        # The usage ledger's seams (relay.ledger): told of each new allocation, and asked before
+        # each Allocate whether one more session can be recorded; False answers 508.
+        self.on_allocation_opened: Callable[[Allocation], None] = lambda alloc: None
+        self.may_allocate: Callable[[], bool] = lambda: True
         self._algorithms_attr = [(alg, b"") for alg in config.password_algorithms]
         self._handlers = {
             stun.ALLOCATE: self._allocate,
@@ -321,21 +326,27 @@ class TurnServer:
             except stun.StunError as err:
                 response.add(stun.ADDRESS_ERROR_CODE, (stun.FAMILY_IPV6, err.code, err.reason))
         lifetime = self._lifetime(msg)
+        session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
         allocation = Allocation(client.key, client.address, client.transport, credentials.username,
-                                account, relays, client.send, started=now, expires=now + lifetime)
+                                account, relays, client.send, started=now, expires=now + lifetime,
+                                session_id=session_id)
         self.allocations[client.key] = allocation
         for relay in relays.values():
             host, port = relay.address
             response.add(stun.XOR_RELAYED_ADDRESS, (self.config.external_ips.get(host, host), port))
         response.add(stun.LIFETIME, lifetime)
         response.add(stun.XOR_MAPPED_ADDRESS, client.address)
-        log.info("allocation opened user=%s account=%s client=%s:%d transport=%s relay=%s lifetime=%d",
-                 credentials.username, account.account_id, client.address[0],
-                 client.address[1], client.transport,
-                 ",".join(f"{r.address[0]}:{r.address[1]}" for r in relays.values()), lifetime)
+        log.info("allocation opened user=%s account=%s client=%s:%d transport=%s relay=%s "
+                 "lifetime=%d session=%s", credentials.username, account.account_id,
+                 client.address[0], client.address[1], client.transport,
+                 ",".join(f"{r.address[0]}:{r.address[1]}" for r in relays.values()), lifetime,
+                 session_id)
+        self.on_allocation_opened(allocation)
         return response
 
     def _check_quotas(self, client: Client, username: str, account: Account) -> None:
+        if not self.may_allocate():
+            raise stun.StunError(508, "Insufficient Capacity")
         config = self.config
         if config.total_quota and len(self.allocations) >= config.total_quota:
             raise stun.StunError(508, "Insufficient Capacity")
@@ -445,10 +456,11 @@ class TurnServer:
     def _close(self, allocation: Allocation, reason: str) -> None:
         del self.allocations[allocation.key]
         allocation.close()
-        log.info("allocation closed user=%s client=%s:%d reason=%s from_client=%d/%dB to_client=%d/%dB",
-                 allocation.username, allocation.client[0], allocation.client[1], reason,
-                 allocation.packets_from_client, allocation.bytes_from_client,
-                 allocation.packets_to_client, allocation.bytes_to_client)
+        log.info("allocation closed user=%s client=%s:%d reason=%s from_client=%d/%dB "
+                 "to_client=%d/%dB session=%s", allocation.username, allocation.client[0],
+                 allocation.client[1], reason, allocation.packets_from_client,
+                 allocation.bytes_from_client, allocation.packets_to_client,
+                 allocation.bytes_to_client, allocation.session_id)
         self.on_allocation_closed(allocation, reason)
 
 

@@ -527,6 +527,24 @@ def test_quota_is_released_when_an_allocation_is_deleted():
     harness.client("alice", address=("198.51.100.21", 40000)).allocate_ok()
 
 
+def test_the_ledgers_seams_see_each_session_and_may_refuse_new_ones(harness):
+    opened = []
+    harness.server.on_allocation_opened = opened.append
+    first = harness.client("alice", address=("198.51.100.20", 40000))
+    first.allocate_ok()
+    second = harness.client("bob", address=("198.51.100.21", 40000))
+    second.allocate_ok()
+    assert opened == [first.allocation, second.allocation]
+    ids = [allocation.session_id for allocation in opened]
+    assert len(set(ids)) == 2 and all(len(i) == 32 and int(i, 16) for i in ids)
+    harness.server.may_allocate = lambda: False
+    response = harness.client("alice", address=("198.51.100.22", 40000)).allocate()
+    assert error_code(response) == 508
+    assert len(opened) == 2 and len(harness.server.allocations) == 2
+    first.refresh(0)  # a refused Allocate changes nothing for the sessions already open
+    assert harness.closed == [(opened[0], "deleted")]
+
+
 # -- Refresh (RFC 8656 section 7.3) and expiry -------------------------------------------------
 
 def test_refresh_extends_the_lifetime(harness, alice):
