@@ -1,0 +1,436 @@
+"""Pure builders: a TurnRegion in, the Kubernetes objects that run its relays out.
+
+Nothing here talks to a cluster, so every child can be checked field by field (and against the
+Kubernetes schemas) without one; the kopf handlers in turnregion_operator.py only read, create,
+patch, adopt and write status.  A TurnRegion's spec is read through `with_defaults`, whose
+DEFAULTS are the same values the CRD's OpenAPI schema declares (a test keeps the two equal), so
+an object the API server defaulted and a bare dict in a unit test build the same children.
+
+Children of TurnRegion NAME in its namespace:
+    ConfigMap NAME-config         the relay's TOML config (`twistd turnrelay --config`)
+    Deployment NAME               the relays; a config hash on the pod template rolls them
+    Service NAME-udp, NAME-tcp    one per protocol: Kubernetes 1.20 has no mixed-protocol
+                                  LoadBalancer; NAME-tcp carries TCP and TLS
+    PodDisruptionBudget NAME      policy/v1 or policy/v1beta1, as the server offers
+    NetworkPolicy NAME            when spec.networkPolicy is true
+and, shared by every region of the namespace, ConfigMap turnrelay-regions (the directory).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import ipaddress
+import json
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+GROUP, VERSION, PLURAL, KIND = "turnrelay.io", "v1alpha1", "turnregions", "TurnRegion"
+DIRECTORY_NAME = "turnrelay-regions"
+CONFIG_PATH = "/etc/turnrelay/turnrelay.toml"
+TLS_DIR, AUTH_FILE, DSN_FILE = "/etc/turnrelay/tls", "/etc/turnrelay/auth/secret", "/etc/turnrelay/accounting/dsn"
+STATE_DIR = "/var/lib/turnrelay"
+CONFIG_HASH = "turnrelay.io/config-hash"
+TLS_VERSION = "turnrelay.io/tls-secret-version"
+RELAY_UID = 10001
+
+# The CRD's schema defaults, in one place for code that sees a spec the API server never saw.
+DEFAULTS: Dict[str, Any] = {
+    "replicas": 2,
+    "image": "turnrelay:0.1.0",
+    "listeners": {"transports": ["udp", "tcp", "tls"], "port": 3478, "tlsPort": 5349},
+    "relayPorts": {"min": 49152, "max": 65535},
+    "exposure": {"serviceType": "LoadBalancer", "hostNetwork": False, "externalIPs": []},
+    "quotas": {"user": 0, "source": 0, "total": 0},
+    "drainSeconds": 30,
+    "networkPolicy": False,
+}
+
+
+def with_defaults(spec: Mapping[str, Any]) -> Dict[str, Any]:
+    """`spec` with every absent defaulted field filled in, one level of nesting deep."""
+    full = copy.deepcopy(dict(spec))
+    for key, default in DEFAULTS.items():
+        if isinstance(default, dict):
+            full[key] = {**default, **full.get(key, {})}
+        else:
+            full.setdefault(key, default)
+    return full
+
+
+def spec_problems(spec: Mapping[str, Any]) -> List[str]:
+    """What the CRD schema cannot reject on Kubernetes 1.20 (it has no CEL rules): reported by
+    the operator as a Degraded condition instead of building children from a broken spec."""
+    spec = with_defaults(spec)
+    problems = []
+    low, high = spec["relayPorts"]["min"], spec["relayPorts"]["max"]
+    if low >= high:
+        problems.append(f"relayPorts: min {low} must be below max {high}")
+    listeners = spec["listeners"]
+    transports = set(listeners["transports"])
+    if not transports:
+        problems.append("listeners.transports: name at least one of udp, tcp, tls")
+    if "tls" in transports and ({"udp", "tcp"} & transports) and listeners["port"] == listeners["tlsPort"]:
+        problems.append(f"listeners: port and tlsPort are both {listeners['port']}")
+    for port in {listeners["port"], listeners["tlsPort"]}:
+        if low <= port <= high:
+            problems.append(f"listeners: port {port} lies inside relayPorts {low}-{high}")
+    if spec.get("accounting") and not spec.get("auth"):
+        problems.append("accounting: the account database is checked with the auth secret: set auth too")
+    try:
+        families = [ipaddress.ip_address(ip).version for ip in spec["exposure"]["externalIPs"]]
+    except ValueError as err:
+        problems.append(f"exposure.externalIPs: {err}")
+        families = []
+    if len(families) != len(set(families)):
+        problems.append("exposure.externalIPs: give at most one IPv4 and one IPv6 address "
+                        "(each is the address clients see for the relay's ports)")
+    return problems
+
+
+def labels(body: Mapping[str, Any], component: str = "relay") -> Dict[str, str]:
+    """The standard app.kubernetes.io labels, plus the region for `kubectl get -l`."""
+    return {
+        "app.kubernetes.io/name": "turnrelay",
+        "app.kubernetes.io/instance": body["metadata"]["name"],
+        "app.kubernetes.io/component": component,
+        "app.kubernetes.io/part-of": "turnrelay",
+        "app.kubernetes.io/managed-by": "turnrelay-operator",
+        "turnrelay.io/region": body["spec"]["region"],
+    }
+
+
+def selector(body: Mapping[str, Any]) -> Dict[str, str]:
+    """Pod selector: only labels that never change, since a Deployment's selector is immutable."""
+    return {"app.kubernetes.io/name": "turnrelay",
+            "app.kubernetes.io/instance": body["metadata"]["name"]}
+
+
+def _meta(body: Mapping[str, Any], name: str, component: str = "relay") -> Dict[str, Any]:
+    return {"name": name, "namespace": body["metadata"]["namespace"],
+            "labels": labels(body, component)}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # integers, and strings: a JSON string is a valid TOML basic string
+
+
+def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
+    """The relay's options (the names of `twistd turnrelay --help`) this region runs with."""
+    spec = with_defaults(body["spec"])
+    listeners, transports = spec["listeners"], set(spec["listeners"]["transports"])
+    config: Dict[str, Any] = {
+        "region": spec["region"],
+        "realm": spec.get("realm", spec["region"]),
+        "listening-port": [listeners["port"]],
+        "tls-listening-port": [listeners["tlsPort"]],
+        "min-port": spec["relayPorts"]["min"],
+        "max-port": spec["relayPorts"]["max"],
+        "user-quota": spec["quotas"]["user"],
+        "source-quota": spec["quotas"]["source"],
+        "total-quota": spec["quotas"]["total"],
+        "state-dir": STATE_DIR,
+    }
+    for transport in ("udp", "tcp", "tls"):
+        if transport not in transports:
+            config[f"no-{transport}"] = True
+    if spec["exposure"]["externalIPs"]:
+        config["external-ip"] = list(spec["exposure"]["externalIPs"])
+    if spec.get("tls"):
+        config["cert"], config["pkey"] = f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"
+    if spec.get("auth") and not spec.get("accounting"):
+        # With an accounting DSN the db backend replaces this on the command line (see command()).
+        config["auth"] = [f"rest-secret:secret-file={AUTH_FILE}"]
+    return config
+
+
+def config_toml(body: Mapping[str, Any]) -> str:
+    return "".join(f"{key} = {_toml_value(value)}\n" for key, value in relay_config(body).items())
+
+
+def config_map(body: Mapping[str, Any]) -> Dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(body, f"{body['metadata']['name']}-config"),
+            "data": {"turnrelay.toml": config_toml(body)}}
+
+
+def command(body: Mapping[str, Any]) -> List[str]:
+    """The relay's command line.  A DSN is a secret that must not sit in the ConfigMap, and the
+    TOML file cannot refer to a file for it, so with an accounting DSN a shell reads the mounted
+    Secret into `--auth db:dsn=...` (which replaces the file's `auth` list) and execs twistd."""
+    twistd = ["twistd", "--nodaemon", "--pidfile=", "--logfile=-", "turnrelay", "--config", CONFIG_PATH]
+    if not body["spec"].get("accounting"):
+        return twistd
+    return ["sh", "-c", "exec " + " ".join(twistd)
+            + f' --auth "db:dsn=$(cat {DSN_FILE}),secret-file={AUTH_FILE}"']
+
+
+def _secret_volume(name: str, secret: str, items: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
+    source: Dict[str, Any] = {"secretName": secret, "defaultMode": 0o440}
+    if items:
+        source["items"] = items
+    return {"name": name, "secret": source}
+
+
+def _probe(spec: Mapping[str, Any], period: int) -> Optional[Dict[str, Any]]:
+    """A TCP connect to the first TCP listener: the relay has no health endpoint yet, and a
+    UDP-only region gets no probe at all (a UDP port cannot be probed without STUN)."""
+    listeners = spec["listeners"]
+    transports = listeners["transports"]
+    if "tcp" in transports:
+        port = listeners["port"]
+    elif "tls" in transports:
+        port = listeners["tlsPort"]
+    else:
+        return None
+    return {"tcpSocket": {"port": port}, "periodSeconds": period, "failureThreshold": 3}
+
+
+def deployment(body: Mapping[str, Any], tls_secret_version: str = "") -> Dict[str, Any]:
+    """The relays.  The pod template carries the config's hash (and the TLS Secret's
+    resourceVersion), so a changed config or certificate is a rolling update."""
+    spec = with_defaults(body["spec"])
+    name = body["metadata"]["name"]
+    listeners, transports = spec["listeners"], spec["listeners"]["transports"]
+    host_network = spec["exposure"]["hostNetwork"]
+    ports = []
+    if "udp" in transports:
+        ports.append({"name": "turn-udp", "containerPort": listeners["port"], "protocol": "UDP"})
+    if "tcp" in transports:
+        ports.append({"name": "turn-tcp", "containerPort": listeners["port"], "protocol": "TCP"})
+    if "tls" in transports:
+        ports.append({"name": "turns-tls", "containerPort": listeners["tlsPort"], "protocol": "TCP"})
+    mounts = [{"name": "config", "mountPath": CONFIG_PATH, "subPath": "turnrelay.toml", "readOnly": True},
+              {"name": "state", "mountPath": STATE_DIR}]
+    volumes: List[Dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": f"{name}-config"}},
+        {"name": "state", "emptyDir": {}}]
+    if spec.get("tls"):
+        volumes.append(_secret_volume("tls", spec["tls"]["secretName"]))
+        mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    for volume, ref, path in (("auth", spec.get("auth"), AUTH_FILE),
+                              ("accounting", spec.get("accounting"), DSN_FILE)):
+        if ref:
+            directory, filename = path.rsplit("/", 1)
+            volumes.append(_secret_volume(volume, ref["secretName"],
+                                          [{"key": ref.get("key", filename), "path": filename}]))
+            mounts.append({"name": volume, "mountPath": directory, "readOnly": True})
+    container: Dict[str, Any] = {
+        "name": "turnrelay",
+        "image": spec["image"],
+        "command": command(body),
+        "ports": ports,
+        "volumeMounts": mounts,
+        "resources": spec.get("resources", {}),
+        # Draining: the sleep lets the endpoints controller take the pod out of its Services
+        # before SIGTERM, so new allocations go elsewhere while existing ones keep flowing.
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(spec["drainSeconds"])]}}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+    }
+    readiness, liveness = _probe(spec, 5), _probe(spec, 20)
+    if readiness:
+        container["readinessProbe"], container["livenessProbe"] = readiness, liveness
+    pod_spec: Dict[str, Any] = {
+        "containers": [container],
+        "volumes": volumes,
+        "terminationGracePeriodSeconds": spec["drainSeconds"] + 30,
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RELAY_UID, "runAsGroup": RELAY_UID,
+                            "fsGroup": RELAY_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+    }
+    for key in ("nodeSelector", "tolerations", "affinity"):
+        if spec.get(key):
+            pod_spec[key] = spec[key]
+    if host_network:
+        # Relay ports on the node's own addresses: one relay per node, since they would collide.
+        pod_spec["hostNetwork"], pod_spec["dnsPolicy"] = True, "ClusterFirstWithHostNet"
+        pod_spec.setdefault("affinity", {}).setdefault("podAntiAffinity", {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {"labelSelector": {"matchLabels": selector(body)},
+                 "topologyKey": "kubernetes.io/hostname"}]})
+    annotations = {CONFIG_HASH: hashlib.sha256(config_toml(body).encode()).hexdigest()[:16]}
+    if tls_secret_version:
+        annotations[TLS_VERSION] = tls_secret_version
+    # Without a spare node a hostNetwork relay cannot surge; elsewhere never drop below replicas.
+    surge = {"maxSurge": 0, "maxUnavailable": 1} if host_network else {"maxSurge": 1, "maxUnavailable": 0}
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(body, name),
+        "spec": {
+            "replicas": spec["replicas"],
+            "selector": {"matchLabels": selector(body)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": surge},
+            "template": {"metadata": {"labels": labels(body), "annotations": annotations},
+                         "spec": pod_spec},
+        },
+    }
+
+
+def services(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """One Service per protocol (1.20 has no mixed-protocol LoadBalancer), for the enabled
+    listeners only.  External traffic stays on the node it arrived at so the relay sees the
+    client's own address, which its nonces, quotas and XOR-MAPPED-ADDRESS depend on."""
+    spec = with_defaults(body["spec"])
+    name, listeners = body["metadata"]["name"], spec["listeners"]
+    exposure, transports = spec["exposure"], listeners["transports"]
+    wanted = {
+        "udp": [{"name": "turn-udp", "protocol": "UDP", "port": listeners["port"],
+                 "targetPort": listeners["port"]}] if "udp" in transports else [],
+        "tcp": ([{"name": "turn-tcp", "protocol": "TCP", "port": listeners["port"],
+                  "targetPort": listeners["port"]}] if "tcp" in transports else [])
+               + ([{"name": "turns-tls", "protocol": "TCP", "port": listeners["tlsPort"],
+                    "targetPort": listeners["tlsPort"]}] if "tls" in transports else []),
+    }
+    built = []
+    for protocol, ports in wanted.items():
+        if not ports:
+            continue
+        service_spec: Dict[str, Any] = {"type": exposure["serviceType"], "selector": selector(body),
+                                        "ports": ports}
+        if exposure["serviceType"] != "ClusterIP":
+            service_spec["externalTrafficPolicy"] = "Local"
+        if exposure["externalIPs"]:
+            service_spec["externalIPs"] = list(exposure["externalIPs"])
+        built.append({"apiVersion": "v1", "kind": "Service",
+                      "metadata": _meta(body, f"{name}-{protocol}"), "spec": service_spec})
+    return built
+
+
+def pod_disruption_budget(body: Mapping[str, Any], api_version: str) -> Dict[str, Any]:
+    """At most one relay down at a time for voluntary disruptions (drains, upgrades)."""
+    return {"apiVersion": api_version, "kind": "PodDisruptionBudget",
+            "metadata": _meta(body, body["metadata"]["name"]),
+            "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector(body)}}}
+
+
+def network_policy(body: Mapping[str, Any]) -> Dict[str, Any]:
+    """Ingress to the relays on their TCP listeners and on UDP: UDP without a port admits the
+    whole relay range, which a NetworkPolicy cannot name on 1.20 (no endPort before 1.22)."""
+    listeners = with_defaults(body["spec"])["listeners"]
+    ports = [{"protocol": "UDP"}]
+    transports = listeners["transports"]
+    if "tcp" in transports:
+        ports.append({"protocol": "TCP", "port": listeners["port"]})
+    if "tls" in transports:
+        ports.append({"protocol": "TCP", "port": listeners["tlsPort"]})
+    return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": _meta(body, body["metadata"]["name"]),
+            "spec": {"podSelector": {"matchLabels": selector(body)}, "policyTypes": ["Ingress"],
+                     "ingress": [{"ports": ports}]}}
+
+
+def children(body: Mapping[str, Any], pdb_api_version: str = "policy/v1",
+             tls_secret_version: str = "") -> List[Dict[str, Any]]:
+    """Every object the region should own, in the order they are best created."""
+    built = [config_map(body), *services(body), deployment(body, tls_secret_version),
+             pod_disruption_budget(body, pdb_api_version)]
+    if with_defaults(body["spec"])["networkPolicy"]:
+        built.append(network_policy(body))
+    return built
+
+
+def endpoint_hosts(spec: Mapping[str, Any], service_statuses: Iterable[Mapping[str, Any]]) -> List[str]:
+    """Where clients reach the region: the explicit external IPs, else the load balancers'
+    ingress addresses (IP or host name) in the order the Services report them."""
+    explicit = with_defaults(spec)["exposure"]["externalIPs"]
+    if explicit:
+        return list(explicit)
+    hosts: List[str] = []
+    for status in service_statuses:
+        for ingress in (status or {}).get("loadBalancer", {}).get("ingress", []) or []:
+            host = ingress.get("ip") or ingress.get("hostname")
+            if host and host not in hosts:
+                hosts.append(host)
+    return hosts
+
+
+def endpoint_uris(spec: Mapping[str, Any], hosts: Iterable[str]) -> List[str]:
+    """turn:/turns: URIs (RFC 7065) for each host and enabled transport."""
+    listeners = with_defaults(spec)["listeners"]
+    uris = []
+    for host in hosts:
+        shown = f"[{host}]" if ":" in host else host
+        for transport, scheme, port, query in (("udp", "turn", listeners["port"], "udp"),
+                                               ("tcp", "turn", listeners["port"], "tcp"),
+                                               ("tls", "turns", listeners["tlsPort"], "tcp")):
+            if transport in listeners["transports"]:
+                uris.append(f"{scheme}:{shown}:{port}?transport={query}")
+    return uris
+
+
+def condition(kind: str, status: bool, reason: str, message: str, now: str,
+              previous: Iterable[Mapping[str, Any]] = ()) -> Dict[str, Any]:
+    """A status condition whose lastTransitionTime moves only when its status changes."""
+    value = "True" if status else "False"
+    since = now
+    for old in previous:
+        if old.get("type") == kind and old.get("status") == value:
+            since = old.get("lastTransitionTime", now)
+    return {"type": kind, "status": value, "reason": reason, "message": message,
+            "lastTransitionTime": since}
+
+
+def region_status(body: Mapping[str, Any], deployment_status: Optional[Mapping[str, Any]],
+                  service_statuses: Iterable[Mapping[str, Any]], problems: List[str],
+                  now: str) -> Dict[str, Any]:
+    """The TurnRegion's status from what its children report.  A spec the operator refuses
+    (`problems`) is Degraded and keeps the children of the last good spec running."""
+    spec = with_defaults(body["spec"])
+    previous = (body.get("status") or {}).get("conditions", [])
+    deployed = deployment_status or {}
+    wanted, ready = spec["replicas"], deployed.get("readyReplicas", 0)
+    updated = deployed.get("updatedReplicas", 0)
+    hosts = endpoint_hosts(spec, service_statuses)
+    rolling = deployment_status is None or updated < wanted or deployed.get("replicas", 0) > wanted
+    if problems:
+        degraded = condition("Degraded", True, "InvalidSpec", "; ".join(problems), now, previous)
+    elif wanted and not ready:
+        degraded = condition("Degraded", False, "NoPodReadyYet", "waiting for the first relay", now, previous)
+    else:
+        degraded = condition("Degraded", False, "AsExpected", "", now, previous)
+    conditions = [
+        condition("Ready", bool(wanted) and ready >= wanted and not problems,
+                  "InvalidSpec" if problems else "ScaledToZero" if not wanted
+                  else "ReplicasReady" if ready >= wanted else "ReplicasNotReady",
+                  f"{ready}/{wanted} relays ready", now, previous),
+        condition("Progressing", rolling, "RollingUpdate" if rolling else "Complete",
+                  f"{updated}/{wanted} relays updated", now, previous),
+        degraded,
+    ]
+    status: Dict[str, Any] = {
+        "observedGeneration": body["metadata"].get("generation", 0),
+        "replicas": wanted,
+        "readyReplicas": ready,
+        "endpoint": hosts[0] if hosts else "",
+        "endpoints": endpoint_uris(spec, hosts),
+        "conditions": conditions,
+    }
+    return status
+
+
+def directory(regions: Iterable[Mapping[str, Any]], namespace: str) -> Dict[str, Any]:
+    """ConfigMap turnrelay-regions: every region's endpoints and rate.  `regions.toml` is a
+    ready --regions-file for the tokens API (regions with a public host only); `regions.json`
+    adds the URIs, the rate per MB and readiness for anything else that wants them."""
+    toml, table = [], {}
+    for body in sorted(regions, key=lambda b: b["spec"]["region"]):
+        spec, status = with_defaults(body["spec"]), body.get("status") or {}
+        listeners = spec["listeners"]
+        table[spec["region"]] = {"turnRegion": body["metadata"]["name"],
+                                 "endpoints": status.get("endpoints", []),
+                                 "ratePerMB": spec.get("ratePerMB"),
+                                 "readyReplicas": status.get("readyReplicas", 0)}
+        if status.get("endpoint"):
+            toml.append(f"[regions.{json.dumps(spec['region'])}]\nhost = {json.dumps(status['endpoint'])}\n"
+                        f"port = {listeners['port']}\ntls-port = {listeners['tlsPort']}\n")
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": DIRECTORY_NAME, "namespace": namespace,
+                         "labels": {"app.kubernetes.io/name": "turnrelay",
+                                    "app.kubernetes.io/component": "region-directory",
+                                    "app.kubernetes.io/part-of": "turnrelay",
+                                    "app.kubernetes.io/managed-by": "turnrelay-operator"}},
+            "data": {"regions.toml": "\n".join(toml),
+                     "regions.json": json.dumps(table, indent=2, sort_keys=True) + "\n"}}

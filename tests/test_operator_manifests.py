@@ -1,0 +1,272 @@
+"""The operator's pure builders: each child of a TurnRegion, checked without a cluster.
+
+Built-in kinds are checked against the Kubernetes schemas by kubernetes-validate (strict: an
+unknown field fails); the ConfigMap is proven by running turnrelay locally with it.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import time
+
+import kubernetes_validate
+import pytest
+import yaml
+
+import turnregion_manifests as m
+from aioice_helpers import relay_round_trips
+from conftest import RELAY_PORTS, TWISTD, Server, free_port
+from relay.config import Options
+from relay.tokens import mint
+from test_wire import make_cert
+
+CRD = pathlib.Path(__file__).parent.parent / "helm" / "turnrelay" / "crds" / "turnregions.turnrelay.io.yaml"
+# The oldest schema kubernetes-validate ships; the real 1.20 API server checks the rest.
+SCHEMA_VERSION = "1.25.0"
+
+FULL_SPEC = {
+    "region": "eu-west", "replicas": 3, "image": "registry.example/turnrelay:1.2",
+    "realm": "example.org",
+    "listeners": {"transports": ["udp", "tcp", "tls"], "port": 3478, "tlsPort": 5349},
+    "relayPorts": {"min": 50000, "max": 60000},
+    "exposure": {"serviceType": "NodePort", "hostNetwork": True, "externalIPs": ["203.0.113.7"]},
+    "tls": {"secretName": "relay-cert"},
+    "auth": {"secretName": "rest-secret", "key": "shared"},
+    "accounting": {"secretName": "ledger", "key": "dsn"},
+    "ratePerMB": 0.004, "quotas": {"user": 5, "source": 10, "total": 1000},
+    "drainSeconds": 20, "networkPolicy": True,
+    "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
+    "nodeSelector": {"turnrelay.io/edge": "true"},
+    "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
+}
+
+
+def region(spec, name="eu", namespace="relays", generation=1):
+    return {"apiVersion": "turnrelay.io/v1alpha1", "kind": "TurnRegion",
+            "metadata": {"name": name, "namespace": namespace, "generation": generation,
+                         "uid": "0000-1111"},
+            "spec": spec}
+
+
+def by_kind(children):
+    return {(c["kind"], c["metadata"]["name"]): c for c in children}
+
+
+def crd_spec_schema():
+    crd = yaml.safe_load(CRD.read_text())
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def test_defaults_are_the_crd_schema_defaults():
+    properties = crd_spec_schema()["properties"]
+    for key, default in m.DEFAULTS.items():
+        if isinstance(default, dict):
+            assert properties[key]["default"] == {}, key
+            nested = {k: v["default"] for k, v in properties[key]["properties"].items()}
+            assert nested == default, key
+        else:
+            assert properties[key]["default"] == default, key
+
+
+@pytest.mark.parametrize("spec", [{"region": "us-east"}, FULL_SPEC], ids=["minimal", "full"])
+def test_children_pass_the_kubernetes_schemas(spec):
+    for child in m.children(region(spec), "policy/v1", "12345"):
+        kubernetes_validate.validate(child, SCHEMA_VERSION, strict=True)
+
+
+def test_children_of_a_minimal_region():
+    children = by_kind(m.children(region({"region": "us-east"})))
+    assert sorted(children) == [("ConfigMap", "eu-config"), ("Deployment", "eu"),
+                                ("PodDisruptionBudget", "eu"), ("Service", "eu-tcp"),
+                                ("Service", "eu-udp")]
+    for child in children.values():
+        assert child["metadata"]["namespace"] == "relays"
+        assert child["metadata"]["labels"]["app.kubernetes.io/instance"] == "eu"
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "turnrelay-operator"
+        assert child["metadata"]["labels"]["turnrelay.io/region"] == "us-east"
+    udp, tcp = children[("Service", "eu-udp")]["spec"], children[("Service", "eu-tcp")]["spec"]
+    assert [(p["protocol"], p["port"]) for p in udp["ports"]] == [("UDP", 3478)]
+    assert [(p["protocol"], p["port"]) for p in tcp["ports"]] == [("TCP", 3478), ("TCP", 5349)]
+    assert udp["type"] == "LoadBalancer" and udp["externalTrafficPolicy"] == "Local"
+    deployment = children[("Deployment", "eu")]["spec"]
+    assert deployment["replicas"] == 2
+    pod = deployment["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["twistd", "--nodaemon", "--pidfile=", "--logfile=-",
+                                    "turnrelay", "--config", m.CONFIG_PATH]
+    assert container["readinessProbe"]["tcpSocket"] == {"port": 3478}
+    assert container["livenessProbe"]["tcpSocket"] == {"port": 3478}
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["terminationGracePeriodSeconds"] > int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert "hostNetwork" not in pod
+
+
+def test_secrets_are_mounted_never_inlined():
+    children = m.children(region(FULL_SPEC), "policy/v1beta1", "77")
+    text = yaml.safe_dump_all(children)
+    assert "secretKeyRef" not in text
+    deployment = by_kind(children)[("Deployment", "eu")]
+    pod = deployment["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    assert secrets["tls"]["secretName"] == "relay-cert"
+    assert secrets["auth"]["items"] == [{"key": "shared", "path": "secret"}]
+    assert secrets["accounting"]["items"] == [{"key": "dsn", "path": "dsn"}]
+    command = pod["containers"][0]["command"]
+    assert command[:2] == ["sh", "-c"]
+    assert f'--auth "db:dsn=$(cat {m.DSN_FILE}),secret-file={m.AUTH_FILE}"' in command[2]
+    assert by_kind(children)[("PodDisruptionBudget", "eu")]["apiVersion"] == "policy/v1beta1"
+    assert deployment["spec"]["template"]["metadata"]["annotations"][m.TLS_VERSION] == "77"
+
+
+def test_host_network_exposure_and_scheduling():
+    children = by_kind(m.children(region(FULL_SPEC)))
+    pod = children[("Deployment", "eu")]["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True and pod["dnsPolicy"] == "ClusterFirstWithHostNet"
+    anti = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert anti[0]["topologyKey"] == "kubernetes.io/hostname"
+    assert children[("Deployment", "eu")]["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    assert pod["nodeSelector"] == FULL_SPEC["nodeSelector"]
+    assert pod["tolerations"] == FULL_SPEC["tolerations"]
+    service = children[("Service", "eu-udp")]["spec"]
+    assert service["externalIPs"] == ["203.0.113.7"] and service["type"] == "NodePort"
+    policy = children[("NetworkPolicy", "eu")]["spec"]
+    assert policy["ingress"][0]["ports"] == [{"protocol": "UDP"}, {"protocol": "TCP", "port": 3478},
+                                             {"protocol": "TCP", "port": 5349}]
+
+
+def test_udp_only_region_has_one_service_and_no_probe():
+    spec = {"region": "ap", "listeners": {"transports": ["udp"]}, "exposure": {"serviceType": "ClusterIP"}}
+    children = by_kind(m.children(region(spec)))
+    assert ("Service", "eu-tcp") not in children
+    assert "externalTrafficPolicy" not in children[("Service", "eu-udp")]["spec"]
+    container = children[("Deployment", "eu")]["spec"]["template"]["spec"]["containers"][0]
+    assert "readinessProbe" not in container
+    assert "no-tcp = true" in m.config_toml(region(spec))
+
+
+def test_config_change_changes_the_rollout_hash_and_scaling_does_not():
+    def config_hash(spec):
+        return m.deployment(region(spec))["spec"]["template"]["metadata"]["annotations"][m.CONFIG_HASH]
+    base = {"region": "us-east"}
+    assert config_hash(base) == config_hash({**base, "replicas": 7})
+    assert config_hash(base) != config_hash({**base, "quotas": {"user": 3}})
+
+
+@pytest.mark.parametrize("change, problem", [
+    ({"relayPorts": {"min": 60000, "max": 50000}}, "relayPorts: min 60000 must be below max 50000"),
+    ({"relayPorts": {"min": 50000, "max": 50000}}, "must be below max"),
+    ({"listeners": {"port": 50001}, "relayPorts": {"min": 50000, "max": 60000}}, "lies inside relayPorts"),
+    ({"listeners": {"port": 5000, "tlsPort": 5000}}, "port and tlsPort are both 5000"),
+    ({"exposure": {"externalIPs": ["203.0.113.1", "203.0.113.2"]}}, "at most one IPv4"),
+    ({"exposure": {"externalIPs": ["1.2.3"]}}, "does not appear to be an IPv4 or IPv6 address"),
+    ({"accounting": {"secretName": "x"}}, "set auth too"),
+])
+def test_problems_the_schema_cannot_express(change, problem):
+    problems = m.spec_problems({"region": "r", **change})
+    assert any(problem in p for p in problems), problems
+
+
+def test_full_spec_has_no_problems():
+    assert m.spec_problems(FULL_SPEC) == []
+
+
+def test_status_from_children():
+    body = region({"region": "us-east", "replicas": 2}, generation=4)
+    lb = [{"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}},
+          {"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}, {"hostname": "turn.example.org"}]}}]
+    status = m.region_status(body, {"replicas": 2, "readyReplicas": 1, "updatedReplicas": 2}, lb, [], "T1")
+    assert status["observedGeneration"] == 4 and status["readyReplicas"] == 1
+    assert status["endpoint"] == "198.51.100.9"
+    assert status["endpoints"][:3] == ["turn:198.51.100.9:3478?transport=udp",
+                                       "turn:198.51.100.9:3478?transport=tcp",
+                                       "turns:198.51.100.9:5349?transport=tcp"]
+    assert "turns:turn.example.org:5349?transport=tcp" in status["endpoints"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "ReplicasNotReady")
+    assert conditions["Progressing"]["status"] == "False"
+    assert conditions["Degraded"]["status"] == "False"
+    # lastTransitionTime moves only with the status.
+    body["status"] = status
+    later = m.region_status(body, {"replicas": 2, "readyReplicas": 1, "updatedReplicas": 2}, lb, [], "T2")
+    assert {c["lastTransitionTime"] for c in later["conditions"]} == {"T1"}
+    broken = m.region_status(body, None, [], ["relayPorts: min 2 must be below max 1"], "T3")
+    conditions = {c["type"]: c for c in broken["conditions"]}
+    assert conditions["Degraded"]["status"] == "True" and conditions["Degraded"]["reason"] == "InvalidSpec"
+    assert conditions["Degraded"]["message"] == "relayPorts: min 2 must be below max 1"
+    assert conditions["Degraded"]["lastTransitionTime"] == "T3"
+
+
+def test_external_ips_are_the_endpoints():
+    spec = {"region": "r", "exposure": {"externalIPs": ["2001:db8::7"]}, "listeners": {"transports": ["tls"]}}
+    status = m.region_status(region(spec), None, [], [], "T")
+    assert status["endpoints"] == ["turns:[2001:db8::7]:5349?transport=tcp"]
+
+
+def test_directory_lists_every_region_with_rate_and_a_regions_file():
+    east = region({"region": "us-east", "ratePerMB": 0.002}, name="east")
+    east["status"] = {"endpoint": "198.51.100.1", "endpoints": ["turn:198.51.100.1:3478?transport=udp"]}
+    west = region({"region": "us-west", "ratePerMB": 0.003}, name="west")
+    directory = m.directory([west, east], "relays")
+    kubernetes_validate.validate(directory, SCHEMA_VERSION, strict=True)
+    table = yaml.safe_load(directory["data"]["regions.json"])
+    assert table["us-east"]["ratePerMB"] == 0.002 and table["us-west"]["endpoints"] == []
+    from relay.regions import regions_from_table
+    import tomllib
+    regions = regions_from_table(tomllib.loads(directory["data"]["regions.toml"]))
+    assert list(regions) == ["us-east"] and regions["us-east"].host == "198.51.100.1"
+
+
+def test_config_map_is_a_valid_relay_config(tmp_path):
+    """Every key the builder writes is an option the relay accepts (paths mounted in tmp)."""
+    cert, key = make_cert(tmp_path, "relay")
+    (tmp_path / "auth").mkdir()
+    (tmp_path / "auth" / "secret").write_text("s3cret\n")
+    text = m.config_toml(region(FULL_SPEC))
+    text = text.replace(f"{m.TLS_DIR}/tls.crt", str(cert)).replace(f"{m.TLS_DIR}/tls.key", str(key))
+    text = text.replace(m.AUTH_FILE, str(tmp_path / "auth" / "secret"))
+    config = tmp_path / "turnrelay.toml"
+    config.write_text(text)
+    options = Options()
+    options.parseOptions(["--config", str(config)])
+    assert (options["min-port"], options["max-port"], options["user-quota"]) == (50000, 60000, 5)
+    assert options["external-map"] == {None: "203.0.113.7"} and options["region"] == "eu-west"
+
+
+def test_generated_config_map_starts_a_working_relay(tmp_path):
+    """The ConfigMap as the pod sees it: Secrets mounted as files, then a real allocation."""
+    port, tls_port = free_port(), free_port()
+    spec = {"region": "test-local", "realm": "turnrelay.test",
+            "listeners": {"port": port, "tlsPort": tls_port},
+            "relayPorts": {"min": int(RELAY_PORTS[0]), "max": int(RELAY_PORTS[1])},
+            "tls": {"secretName": "cert"}, "auth": {"secretName": "rest"}, "quotas": {"user": 2}}
+    cm = m.config_map(region(spec))
+    mounts = tmp_path / "etc"
+    (mounts / "tls").mkdir(parents=True)
+    (mounts / "auth").mkdir()
+    make_cert(tmp_path, "relay")
+    os.rename(tmp_path / "relay.pem", mounts / "tls" / "tls.crt")
+    os.rename(tmp_path / "relay.key", mounts / "tls" / "tls.key")
+    (mounts / "auth" / "secret").write_text("region-secret\n")
+    text = cm["data"]["turnrelay.toml"].replace("/etc/turnrelay", str(mounts))
+    text = text.replace(m.STATE_DIR, str(tmp_path / "state"))
+    config = mounts / "turnrelay.toml"
+    config.write_text(text)
+    # Only what a test machine needs on top: loopback addresses (pods bind every address).
+    process = subprocess.Popen(
+        [TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay", "--config", str(config),
+         "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--allow-loopback-peers"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    server = Server(process, "127.0.0.1", port, tls_port)
+    try:
+        for transport, number in (("udp", port), ("tcp", port), ("tls", tls_port)):
+            server.read_until(f"listening on {transport} [127.0.0.1]:{number}")
+        username, password = mint(b"region-secret", "acme", 600, time.time())
+        relayed = relay_round_trips(server, username, password)
+        assert relayed[0] == "127.0.0.1" and int(RELAY_PORTS[0]) <= relayed[1] <= int(RELAY_PORTS[1])
+        relay_round_trips(server, username, password, transport="tcp")
+    finally:
+        log = server.stop()
+    assert "self-signed" not in log
