@@ -39,6 +39,10 @@ def without_password(text: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", text)
 
 
+class BadDsn(ValueError):
+    """psycopg could not parse a PostgreSQL DSN (its password masked in the message)."""
+
+
 def postgresql_pool(dsn: str, **pool_options: Any) -> adbapi.ConnectionPool:
     try:
         import psycopg
@@ -48,7 +52,7 @@ def postgresql_pool(dsn: str, **pool_options: Any) -> adbapi.ConnectionPool:
     try:
         psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.Error as e:
-        raise ValueError(f"bad PostgreSQL DSN: {without_password(str(e))}") from None
+        raise BadDsn(f"bad PostgreSQL DSN: {without_password(str(e))}") from None
     # cp_reconnect: a relay outlives a database restart; the next call opens a fresh connection.
     return adbapi.ConnectionPool("psycopg", dsn, cp_reconnect=True, **pool_options)
 

@@ -1,0 +1,133 @@
+"""The `sqlite` and `postgresql` usage backends: one ledger schema, the same SQL on both.
+
+`sessions` holds one row per session, ended_at and end_reason filled when it ends; `usage_deltas`
+one row per delta, keyed by (session_id, seq), so a batch written twice stores each delta once
+(INSERT ... ON CONFLICT DO NOTHING, on SQLite 3.24+ and PostgreSQL 9.5+).  Totals, per account,
+region, day or month, are sums over usage_deltas joined to sessions; every time is RFC 3339 UTC
+text (see `relay.usage`).  There is no foreign key from deltas to sessions: a ledger must
+never refuse usage, even of a session whose start it lost.
+
+The schema is versioned: `schema_version` lists the migrations applied, and the first write of
+each process applies those missing, inside its transaction (all or nothing on PostgreSQL;
+re-runnable on SQLite, whose DDL does not wait for the commit).  Migrations only add, so a relay
+of an older version keeps writing to a newer schema during a rolling upgrade.  Two relays
+migrating at once may fail one write; the ledger retries it and finds the work done.
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Dict, List, Sequence
+
+from twisted.enterprise import adbapi
+from twisted.internet import defer
+from zope.interface import implementer
+
+from relay.sqldb import BadDsn, SqlStore, postgresql_pool, sqlite_pool
+from relay.tokens import rfc3339
+from relay.usage import IUsageBackend, Record, SessionEnded, SessionStarted, UsageDelta
+from relay.usageplugins import single_argument
+
+# Migration N is MIGRATIONS[N - 1].  Byte and packet counts are BIGINT: INTEGER ends at 2 GB on
+# PostgreSQL.  client_address may be cleared by a retention job (personal data) while the usage
+# stays: it is the one nullable column of a started session.
+MIGRATIONS = (
+    (
+        """CREATE TABLE IF NOT EXISTS sessions (
+            session_id TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            username TEXT NOT NULL,
+            region TEXT NOT NULL,
+            transport TEXT NOT NULL,
+            client_address TEXT,
+            relay_addresses TEXT NOT NULL,
+            started_at TEXT NOT NULL,
+            ended_at TEXT,
+            end_reason TEXT)""",
+        "CREATE INDEX IF NOT EXISTS sessions_by_account ON sessions (account_id, started_at)",
+        """CREATE TABLE IF NOT EXISTS usage_deltas (
+            session_id TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            bytes_from_client BIGINT NOT NULL,
+            packets_from_client BIGINT NOT NULL,
+            bytes_to_client BIGINT NOT NULL,
+            packets_to_client BIGINT NOT NULL,
+            at TEXT NOT NULL,
+            PRIMARY KEY (session_id, seq))""",
+        "CREATE INDEX IF NOT EXISTS usage_deltas_by_time ON usage_deltas (at)",
+    ),
+)
+
+_START = ("INSERT INTO sessions (session_id, account_id, username, region, transport,"
+          " client_address, relay_addresses, started_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+          " ON CONFLICT (session_id) DO NOTHING")
+_DELTA = ("INSERT INTO usage_deltas (session_id, seq, bytes_from_client, packets_from_client,"
+          " bytes_to_client, packets_to_client, at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+          " ON CONFLICT (session_id, seq) DO NOTHING")
+_END = "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE session_id = ?"
+
+
+@implementer(IUsageBackend)
+class SqlUsageBackend(SqlStore):
+    """IUsageBackend on one pool of a single connection: the ledger writes one batch at a time,
+    and one connection is one thing to find broken and reopen after a database restart."""
+
+    def __init__(self, pool: adbapi.ConnectionPool):
+        super().__init__(pool)
+        self._migrated = False
+
+    def write(self, records: Sequence[Record]) -> defer.Deferred[None]:
+        d = self._run(self._write, list(records))
+        d.addCallback(self._schema_ready)
+        return d
+
+    def _schema_ready(self, _: None) -> None:
+        self._migrated = True
+
+    def _write(self, txn: adbapi.Transaction, records: List[Record]) -> None:
+        if not self._migrated:
+            self._migrate(txn)
+        rows: Dict[type, list] = {SessionStarted: [], UsageDelta: [], SessionEnded: []}
+        for r in records:
+            rows[type(r)].append(r)
+        # One transaction: starts before ends, whatever the order within the batch.
+        for sql, values in (
+                (_START, [(r.session_id, r.account_id, r.username, r.region, r.transport,
+                           r.client_address, ",".join(r.relay_addresses), r.started_at)
+                          for r in rows[SessionStarted]]),
+                (_DELTA, [(r.session_id, r.seq, r.bytes_from_client, r.packets_from_client,
+                           r.bytes_to_client, r.packets_to_client, r.at)
+                          for r in rows[UsageDelta]]),
+                (_END, [(r.ended_at, r.end_reason, r.session_id) for r in rows[SessionEnded]])):
+            if values:
+                self._execute_many(txn, sql, values)
+
+    def _migrate(self, txn: adbapi.Transaction) -> None:
+        self._execute(txn, "CREATE TABLE IF NOT EXISTS schema_version ("
+                           "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        self._execute(txn, "SELECT MAX(version) FROM schema_version")
+        current = txn.fetchone()[0] or 0
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            for statement in MIGRATIONS[version - 1]:
+                self._execute(txn, statement)
+            self._execute(txn, "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
+                          (version, rfc3339(int(time.time()))))
+
+
+def sqlite_backend(argstring: str) -> SqlUsageBackend:
+    """`--accounting sqlite:path=PATH`: a relative PATH is taken from the working directory."""
+    path = os.path.abspath(single_argument(argstring, "path"))
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ValueError("path: its directory does not exist")
+    return SqlUsageBackend(sqlite_pool(path, cp_min=1, cp_max=1))
+
+
+def postgresql_backend(argstring: str) -> SqlUsageBackend:
+    """`--accounting postgresql:dsn=postgresql://...`; errors never quote the DSN."""
+    dsn = single_argument(argstring, "dsn")
+    if dsn.partition(":")[0] not in ("postgresql", "postgres"):
+        raise ValueError("dsn: expected postgresql://USER@HOST:PORT/DBNAME")
+    try:
+        return SqlUsageBackend(postgresql_pool(dsn, cp_min=1, cp_max=1))
+    except BadDsn:
+        raise ValueError("dsn: not a valid PostgreSQL DSN") from None
