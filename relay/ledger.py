@@ -57,6 +57,12 @@ def _endpoint(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _first_line(text: str) -> str:
+    """A driver's message is often a paragraph; the log line takes its first line."""
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
 class _Reading:
     """What the ledger last took from one allocation's counters."""
 
@@ -77,6 +83,7 @@ class BackendQueue:
         self.clock = clock
         self.pending: Deque[Record] = deque()  # the batch being written stays here until stored
         self.writing = False
+        self.ready = False  # a first write, if only of nothing, has succeeded
         self.failures = 0
         self._retry: Optional[IDelayedCall] = None
         self._written = written
@@ -90,8 +97,10 @@ class BackendQueue:
         self.kick()
 
     def kick(self) -> None:
-        """Write the next batch, unless one is in flight or waiting for its retry."""
-        if self.writing or self._retry is not None or not self.pending:
+        """Write the next batch, unless one is in flight or waiting for its retry.  Until the
+        backend is ready, that may be an empty batch: at start-up, a SQL backend migrates its
+        schema and the log says at once whether the ledger can write."""
+        if self.writing or self._retry is not None or (self.ready and not self.pending):
             return
         batch = list(islice(self.pending, BATCH))
         self.writing = True
@@ -107,6 +116,9 @@ class BackendQueue:
         self.writing = False
         for _ in batch:
             self.pending.popleft()
+        if not self.ready:
+            self.ready = True
+            log.info("usage backend {backend} ready", backend=self.name)
         if self.failures:
             log.info("usage backend {backend} writes again after {failures} failed attempts",
                      backend=self.name, failures=self.failures)
@@ -124,7 +136,7 @@ class BackendQueue:
         delay = min(RETRY_CAP, RETRY_FIRST * 2 ** min(self.failures - 1, 16))
         log.error("usage backend {backend} failed ({error}: {message}); {pending} records kept, "
                   "retrying in {delay:.1f} s", backend=self.name, error=failure.type.__name__,
-                  message=without_password(failure.getErrorMessage()),
+                  message=without_password(_first_line(failure.getErrorMessage())),
                   pending=len(self.pending), delay=delay)
         self._retry = self.clock.callLater(delay, self._retry_now)
 
@@ -263,6 +275,8 @@ class Ledger(Service):
 
     def startService(self) -> None:
         Service.startService(self)
+        for queue in self.queues:
+            queue.kick()
         self._timer.start(self.interval, now=False)
 
     def stopService(self) -> defer.Deferred[None]:
