@@ -24,6 +24,8 @@ from relay.peers import parse_rule
 from relay.regions import check_host, regions_from_table
 from relay.secretfile import read_secrets
 from relay.tls import TLS_VERSIONS
+from relay.ledger import WHEN_FULL
+from relay.usageplugins import installed, make_backend
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -51,6 +53,7 @@ NUMBER_OPTIONS = {
     "stale-nonce": _positive, "user-quota": _positive, "source-quota": _positive,
     "total-quota": _positive, "max-permissions": _positive, "max-channels": _positive,
     "api-port": _port, "api-max-ttl": _positive,
+    "accounting-interval": _positive, "accounting-queue": _positive,
 }
 
 LIST_OPTIONS = {
@@ -70,6 +73,9 @@ LIST_OPTIONS = {
             "db:dsn=...,secret-file=PATH; repeat to combine (see --help-auth)",
     "static-auth-secret": "Secret for TURN REST credentials (coturn's option); repeat to "
                           "accept several during rotation. Prefer --auth rest-secret:secret-file=",
+    "accounting": "Usage ledger backend NAME:ARGS, e.g. sqlite:path=PATH, postgresql:dsn=..., "
+                  "jsonl:path=PATH; repeat to write to several [default: sqlite, usage.db in "
+                  "--state-dir] (see --help-accounting)",
 }
 
 
@@ -128,7 +134,13 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["api-max-ttl", None, 86400, "Longest credential lifetime the tokens API grants, in "
                                      "seconds; a request without ttl gets 86400 or this, if "
                                      "lower"],
-        ["region", None, "default", "Name of this relay's region in tokens API answers"],
+        ["region", None, "default", "Name of this relay's region in tokens API answers and in "
+                                    "the usage ledger"],
+        ["accounting-interval", None, 10, "Seconds between two usage records of a session"],
+        ["accounting-queue", None, 100000, "Usage records held for a backend that cannot keep "
+                                           "up, at most"],
+        ["accounting-full", None, "refuse", "When that queue is full: refuse (new allocations "
+                                            "get 508) or drop (new sessions go unrecorded)"],
         ["public-host", None, None, "Host name or address put in the tokens API's ICE server "
                                     "URLs [default: the first --external-ip, else the first "
                                     "--relay-ip, else the detected relay address]"],
@@ -234,6 +246,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if self["no-udp"] and self["no-tcp"] and self["no-tls"]:
             fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
         self._tokens_api(fail)
+        self._accounting(fail)
 
     def _checkers(self, fail: Any) -> list:
         """The auth backends, in the order they are tried: static users first."""
@@ -269,6 +282,34 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             if hasattr(checker, "strict_expiry"):
                 checker.strict_expiry = bool(self["strict-expiry"])
         return checkers
+
+    def opt_help_accounting(self) -> None:
+        """List the installed usage ledger backends (--accounting) and exit"""
+        print("Usage ledger backends (--accounting NAME:ARGS):")
+        for name, factory in sorted(installed().items()):
+            print(f"  {name}:{factory.argStringFormat}\n      {factory.help}")
+        raise SystemExit(0)
+
+    def _accounting(self, fail: Any) -> None:
+        """The usage ledger's backends, each named for the log by its NAME (NAME-2 for a second
+        of the same kind); with none given, tap.py makes the embedded default."""
+        for name in ("accounting-interval", "accounting-queue"):
+            if self[name] < 1:
+                fail(name, "must be at least 1")
+        if self["accounting-full"] not in WHEN_FULL:
+            fail("accounting-full", f"{self['accounting-full']!r}: choose one of "
+                                    f"{', '.join(WHEN_FULL)}")
+        self["usage-backends"] = {}
+        for description in self["accounting"]:
+            try:
+                name, backend = make_backend(description)
+            except ValueError as err:
+                fail("accounting", str(err))
+            label, n = name, 1
+            while label in self["usage-backends"]:
+                n += 1
+                label = f"{name}-{n}"
+            self["usage-backends"][label] = backend
 
     def _tokens_api(self, fail: Any) -> None:
         """The tokens API's settings: its store, minting secret and regions when --api-port

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import resource
 import signal
 import socket
@@ -22,6 +23,7 @@ from relay import SOFTWARE, stun
 from relay.config import Options
 from relay.checkers import ChainedChecker
 from relay.credentials import AccountRealm
+from relay.ledger import Ledger
 from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher,
                              RelayBinder, adopt_datagram_socket, bound_socket)
 from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
@@ -31,6 +33,8 @@ from relay.regions import Region
 from relay.tls import ServerTLS, self_signed
 from relay.tokens_api import TokensAPI
 from relay.turn import TurnConfig, TurnServer
+from relay.usage import IUsageBackend
+from relay.usage_sql import sqlite_backend
 
 log = Logger(namespace="turnrelay")
 _LEVELS = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info,
@@ -227,6 +231,17 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
                             options["api-port"], api_tls)
 
 
+def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
+    """The --accounting backends, or the embedded default: usage.db in --state-dir."""
+    if options["usage-backends"]:
+        return options["usage-backends"]
+    try:
+        os.makedirs(options["state-dir"], mode=0o700, exist_ok=True)
+        return {"sqlite": sqlite_backend("path=" + os.path.join(options["state-dir"], "usage.db"))}
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"turnrelay: --state-dir: cannot keep the usage ledger there: {err}")
+
+
 def makeService(options: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -285,7 +300,16 @@ def makeService(options: Options, reactor=None) -> MultiService:
         log.warn("no credentials configured (--user, --users-file, --auth): STUN Binding works, "
                  "every TURN request will be refused")
 
+    backends = _usage_backends(options)
+    log.info("usage ledger: region {region}, every {interval} s, to {backends}",
+             region=options["region"], interval=options["accounting-interval"],
+             backends=", ".join(backends))
+
     service = MultiService()
+    # Started first and so stopped last: the listeners' shutdown ends every allocation, and
+    # the ledger then writes their last usage before the process exits.
+    Ledger(server, backends, options["region"], reactor, options["accounting-interval"],
+           options["accounting-queue"], options["accounting-full"]).setServiceParent(service)
     ListenersService(reactor, server, dispatch, options, tls).setServiceParent(service)
     if options["api-port"] is not None:
         _tokens_api(reactor, options, relay_ips, api_tls).setServiceParent(service)

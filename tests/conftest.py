@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,18 +61,24 @@ class Server:
     log: List[str] = field(default_factory=list)
 
     def read_until(self, needle: str, timeout: float = 20.0) -> str:
+        return self.search(re.escape(needle), timeout).string
+
+    def search(self, pattern: str, timeout: float = 20.0) -> re.Match:
+        """The first log line matching `pattern`, waiting for it if need be."""
         deadline = time.monotonic() + timeout
         for line in self.log:
-            if needle in line:
-                return line
+            match = re.search(pattern, line)
+            if match:
+                return match
         while time.monotonic() < deadline:
             line = self.process.stdout.readline()
             if not line:
                 break
             self.log.append(line)
-            if needle in line:
-                return line
-        raise AssertionError(f"server never logged {needle!r}; log:\n" + "".join(self.log))
+            match = re.search(pattern, line)
+            if match:
+                return match
+        raise AssertionError(f"server never logged {pattern!r}; log:\n" + "".join(self.log))
 
     def stop(self) -> str:
         if self.process.poll() is None:

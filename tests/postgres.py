@@ -45,41 +45,64 @@ def _run(argv: List[str], what: str) -> None:
         pytest.fail(f"{what} failed ({done.returncode}):\n{done.stdout}{done.stderr}")
 
 
-@contextlib.contextmanager
-def throwaway_postgres() -> Iterator[str]:
-    """Start a server and yield `postgresql://turnrelay@127.0.0.1:PORT/turnrelay`; `turnrelay`
-    is its superuser, trusted without a password (only this machine can reach it)."""
-    bindir = _bindir()
-    as_postgres = _as_postgres()
-    root = tempfile.mkdtemp(prefix="turnrelay-pg-")
-    data, log = os.path.join(root, "data"), os.path.join(root, "server.log")
-    port = free_port()
-    try:
-        if as_postgres:
-            shutil.chown(root, "postgres", "postgres")
-        _run(as_postgres + [f"{bindir}/initdb", "--no-sync", "-A", "trust", "-U", USER,
-                            "-E", "UTF8", "--no-locale", "-D", data], "initdb")
+class Cluster:
+    """A PostgreSQL server in a directory of its own, which a test may stop and start again."""
+
+    def __init__(self, root: str, port: int):
+        self.bindir = _bindir()
+        self.as_postgres = _as_postgres()
+        self.root, self.port = root, port
+        self.data, self.log = os.path.join(root, "data"), os.path.join(root, "server.log")
+        self.dsn = f"postgresql://{USER}@127.0.0.1:{port}/{DATABASE}"
+
+    def start(self) -> None:
         # -w waits for the server's own "ready" mark in postmaster.pid: readiness as an event.
         start = subprocess.run(
-            as_postgres + [f"{bindir}/pg_ctl", "start", "-w", "-t", "30", "-D", data, "-l", log,
-                           "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 "
-                                 + SERVER_OPTIONS],
+            self.as_postgres + [f"{self.bindir}/pg_ctl", "start", "-w", "-t", "30", "-D",
+                                self.data, "-l", self.log,
+                                "-o", f"-p {self.port} -k {self.root} "
+                                      "-c listen_addresses=127.0.0.1 " + SERVER_OPTIONS],
             capture_output=True, text=True, timeout=60)
         if start.returncode != 0:
-            server_log = open(log).read() if os.path.exists(log) else ""
+            server_log = open(self.log).read() if os.path.exists(self.log) else ""
             pytest.fail(f"pg_ctl start failed:\n{start.stdout}{start.stderr}{server_log}")
+        # The address the tests use answers, not only the socket pg_ctl watched.
+        _run([f"{self.bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-U", USER,
+              "-t", "10"], "pg_isready")
+
+    def stop(self) -> None:
+        subprocess.run(self.as_postgres + [f"{self.bindir}/pg_ctl", "stop", "-m", "fast", "-w",
+                                           "-D", self.data], capture_output=True, timeout=60)
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[Cluster]:
+    """A started server with the database `turnrelay`, whose superuser `turnrelay` is trusted
+    without a password (only this machine can reach it); stopped and deleted afterwards."""
+    root = tempfile.mkdtemp(prefix="turnrelay-pg-")
+    try:
+        cluster = Cluster(root, free_port())
+        if cluster.as_postgres:
+            shutil.chown(root, "postgres", "postgres")
+        _run(cluster.as_postgres + [f"{cluster.bindir}/initdb", "--no-sync", "-A", "trust",
+                                    "-U", USER, "-E", "UTF8", "--no-locale", "-D", cluster.data],
+             "initdb")
+        cluster.start()
         try:
-            # The address the tests use answers, not only the socket pg_ctl watched.
-            _run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port), "-U", USER,
-                  "-t", "10"], "pg_isready")
-            _run([f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", USER,
-                  DATABASE], "createdb")
-            yield f"postgresql://{USER}@127.0.0.1:{port}/{DATABASE}"
+            _run([f"{cluster.bindir}/createdb", "-h", "127.0.0.1", "-p", str(cluster.port),
+                  "-U", USER, DATABASE], "createdb")
+            yield cluster
         finally:
-            subprocess.run(as_postgres + [f"{bindir}/pg_ctl", "stop", "-m", "fast", "-w",
-                                          "-D", data], capture_output=True, timeout=60)
+            cluster.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def throwaway_postgres() -> Iterator[str]:
+    """Start a server and yield `postgresql://turnrelay@127.0.0.1:PORT/turnrelay`."""
+    with throwaway_cluster() as cluster:
+        yield cluster.dsn
 
 
 def fresh_schema(dsn: str) -> str:
