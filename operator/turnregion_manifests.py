@@ -29,7 +29,7 @@ CONFIG_PATH = "/etc/turnrelay/turnrelay.toml"
 TLS_DIR, AUTH_FILE, DSN_FILE = "/etc/turnrelay/tls", "/etc/turnrelay/auth/secret", "/etc/turnrelay/accounting/dsn"
 STATE_DIR = "/var/lib/turnrelay"
 CONFIG_HASH = "turnrelay.io/config-hash"
-TLS_VERSION = "turnrelay.io/tls-secret-version"
+SECRET_VERSIONS = "turnrelay.io/secret-versions"
 RELAY_UID = 10001
 
 # The CRD's schema defaults, in one place for code that sees a spec the API server never saw.
@@ -188,9 +188,9 @@ def _probe(spec: Mapping[str, Any], period: int) -> Optional[Dict[str, Any]]:
     return {"tcpSocket": {"port": port}, "periodSeconds": period, "failureThreshold": 3}
 
 
-def deployment(body: Mapping[str, Any], tls_secret_version: str = "") -> Dict[str, Any]:
-    """The relays.  The pod template carries the config's hash (and the TLS Secret's
-    resourceVersion), so a changed config or certificate is a rolling update."""
+def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, Any]:
+    """The relays.  The pod template carries the config's hash and the mounted Secrets'
+    resourceVersions, so a changed config, certificate or secret is a rolling update."""
     spec = with_defaults(body["spec"])
     name = body["metadata"]["name"]
     listeners, transports = spec["listeners"], spec["listeners"]["transports"]
@@ -252,8 +252,8 @@ def deployment(body: Mapping[str, Any], tls_secret_version: str = "") -> Dict[st
                 {"labelSelector": {"matchLabels": selector(body)},
                  "topologyKey": "kubernetes.io/hostname"}]})
     annotations = {CONFIG_HASH: hashlib.sha256(config_toml(body).encode()).hexdigest()[:16]}
-    if tls_secret_version:
-        annotations[TLS_VERSION] = tls_secret_version
+    if secret_versions:
+        annotations[SECRET_VERSIONS] = secret_versions
     # Without a spare node a hostNetwork relay cannot surge; elsewhere never drop below replicas.
     surge = {"maxSurge": 0, "maxUnavailable": 1} if host_network else {"maxSurge": 1, "maxUnavailable": 0}
     return {
@@ -323,9 +323,9 @@ def network_policy(body: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 def children(body: Mapping[str, Any], pdb_api_version: str = "policy/v1",
-             tls_secret_version: str = "") -> List[Dict[str, Any]]:
+             secret_versions: str = "") -> List[Dict[str, Any]]:
     """Every object the region should own, in the order they are best created."""
-    built = [config_map(body), *services(body), deployment(body, tls_secret_version),
+    built = [config_map(body), *services(body), deployment(body, secret_versions),
              pod_disruption_budget(body, pdb_api_version)]
     if with_defaults(body["spec"])["networkPolicy"]:
         built.append(network_policy(body))
@@ -390,7 +390,7 @@ def region_status(body: Mapping[str, Any], deployment_status: Optional[Mapping[s
     elif wanted and not ready:
         degraded = condition("Degraded", False, "NoPodReadyYet", "waiting for the first relay", now, previous)
     else:
-        degraded = condition("Degraded", False, "AsExpected", "", now, previous)
+        degraded = condition("Degraded", False, "AsExpected", "children match the spec", now, previous)
     conditions = [
         condition("Ready", bool(wanted) and ready >= wanted and not problems,
                   "InvalidSpec" if problems else "ScaledToZero" if not wanted
@@ -404,7 +404,8 @@ def region_status(body: Mapping[str, Any], deployment_status: Optional[Mapping[s
         "observedGeneration": body["metadata"].get("generation", 0),
         "replicas": wanted,
         "readyReplicas": ready,
-        "endpoint": hosts[0] if hosts else "",
+        # None, not "": a merge patch then removes a stale host (and 1.20 stores "" as null).
+        "endpoint": hosts[0] if hosts else None,
         "endpoints": endpoint_uris(spec, hosts),
         "conditions": conditions,
     }

@@ -16,6 +16,9 @@ if [ "${#packages[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
 fi
 
+# The operator tests' Kubernetes control plane and Helm: built once, then cached outside the checkout.
+bash scripts/k8s-tools.sh >/dev/null
+
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # editable_mode=compat: a plain editable install hides twisted/plugins from twistd.

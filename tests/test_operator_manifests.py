@@ -71,7 +71,7 @@ def test_defaults_are_the_crd_schema_defaults():
 
 @pytest.mark.parametrize("spec", [{"region": "us-east"}, FULL_SPEC], ids=["minimal", "full"])
 def test_children_pass_the_kubernetes_schemas(spec):
-    for child in m.children(region(spec), "policy/v1", "12345"):
+    for child in m.children(region(spec), "policy/v1", "tls=12345"):
         kubernetes_validate.validate(child, SCHEMA_VERSION, strict=True)
 
 
@@ -105,7 +105,7 @@ def test_children_of_a_minimal_region():
 
 
 def test_secrets_are_mounted_never_inlined():
-    children = m.children(region(FULL_SPEC), "policy/v1beta1", "77")
+    children = m.children(region(FULL_SPEC), "policy/v1beta1", "tls=77")
     text = yaml.safe_dump_all(children)
     assert "secretKeyRef" not in text
     deployment = by_kind(children)[("Deployment", "eu")]
@@ -118,7 +118,7 @@ def test_secrets_are_mounted_never_inlined():
     assert command[:2] == ["sh", "-c"]
     assert f'--auth "db:dsn=$(cat {m.DSN_FILE}),secret-file={m.AUTH_FILE}"' in command[2]
     assert by_kind(children)[("PodDisruptionBudget", "eu")]["apiVersion"] == "policy/v1beta1"
-    assert deployment["spec"]["template"]["metadata"]["annotations"][m.TLS_VERSION] == "77"
+    assert deployment["spec"]["template"]["metadata"]["annotations"][m.SECRET_VERSIONS] == "tls=77"
 
 
 def test_host_network_exposure_and_scheduling():

@@ -1,0 +1,239 @@
+"""kopf handlers that keep each TurnRegion's relays matching its spec.
+
+Run with `kopf run operator/turnregion_operator.py --namespace NS` (or `--all-namespaces`).
+The handlers hold no logic of their own about what a relay looks like: turnregion_manifests.py
+builds every child; here they are only read, created when missing, patched when they differ,
+adopted through owner references (so deleting a TurnRegion lets the garbage collector take
+its children), and summed up in the TurnRegion's status.
+
+One `reconcile` serves creation, every spec change, operator start-up (`resume`: children are
+found by their fixed names, so a restart creates no duplicates) and a timer that repairs drift
+every TURNRELAY_DRIFT_SECONDS (default 30): a deleted or edited child comes back, a changed
+Secret rolls the relays, and readiness and load-balancer addresses reach the status.  No
+handler needs a finalizer, so a TurnRegion is deleted at once even with no operator running.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime
+import functools
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Optional
+
+import kopf
+import kubernetes
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import ConflictError, NotFoundError, ResourceNotFoundError
+
+import turnregion_manifests as m
+
+DRIFT_SECONDS = float(os.environ.get("TURNRELAY_DRIFT_SECONDS", "30"))
+MANAGED_BY = "app.kubernetes.io/managed-by=turnrelay-operator"
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Progress in annotations only: the CRD's structural schema would prune kopf's status keys.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage()
+    # One operator replica (the chart's Deployment uses Recreate): no peering objects needed.
+    settings.peering.standalone = True
+    settings.posting.level = logging.WARNING
+
+
+@functools.lru_cache(maxsize=None)
+def client() -> DynamicClient:
+    """One discovery-backed client: it serves every kind by apiVersion and kind, and tells
+    which PodDisruptionBudget version this server has."""
+    kubernetes.config.load_config()
+    return DynamicClient(kubernetes.client.ApiClient())
+
+
+@functools.lru_cache(maxsize=None)
+def pdb_api_version() -> str:
+    """policy/v1 where served (1.21+), else policy/v1beta1 (1.20, the test server)."""
+    for version in ("policy/v1", "policy/v1beta1"):
+        try:
+            client().resources.get(api_version=version, kind="PodDisruptionBudget")
+            return version
+        except ResourceNotFoundError:
+            continue
+    raise kopf.PermanentError("the server offers no PodDisruptionBudget API")
+
+
+def managed_kinds() -> List[tuple]:
+    return [("v1", "ConfigMap"), ("v1", "Service"), ("apps/v1", "Deployment"),
+            (pdb_api_version(), "PodDisruptionBudget"), ("networking.k8s.io/v1", "NetworkPolicy")]
+
+
+def _contains(current: Any, desired: Any) -> bool:
+    """Whether `current` already has every field `desired` sets (server defaults aside)."""
+    if isinstance(desired, dict):
+        return isinstance(current, dict) and all(_contains(current.get(k), v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (isinstance(current, list) and len(current) == len(desired)
+                and all(_contains(c, d) for c, d in zip(current, desired)))
+    return current == desired
+
+
+def ensure(child: Dict[str, Any]) -> Dict[str, Any]:
+    """Create `child` if it is missing, patch it if it differs; the object as stored."""
+    resource = client().resources.get(api_version=child["apiVersion"], kind=child["kind"])
+    name, namespace = child["metadata"]["name"], child["metadata"]["namespace"]
+    try:
+        current = resource.get(name=name, namespace=namespace).to_dict()
+    except NotFoundError:
+        try:
+            return resource.create(body=child, namespace=namespace).to_dict()
+        except ConflictError:  # created meanwhile by a concurrent handler: patch it instead
+            current = resource.get(name=name, namespace=namespace).to_dict()
+    if _contains(current, child):
+        return current
+    if child["kind"] == "Service":
+        # A merge patch replaces the ports list: keep the node ports the server allocated.
+        allocated = {p["name"]: p.get("nodePort") for p in current["spec"].get("ports", [])}
+        for port in child["spec"]["ports"]:
+            if allocated.get(port["name"]):
+                port["nodePort"] = allocated[port["name"]]
+    return resource.patch(body=child, name=name, namespace=namespace,
+                          content_type="application/merge-patch+json").to_dict()
+
+
+def prune(body: Mapping[str, Any], keep: List[Dict[str, Any]], logger: logging.Logger) -> None:
+    """Delete children this region no longer wants (a transport turned off, the NetworkPolicy
+    disabled): only objects it owns, found by the labels every child carries."""
+    wanted = {(c["kind"], c["metadata"]["name"]) for c in keep}
+    selector = f"{MANAGED_BY},app.kubernetes.io/instance={body['metadata']['name']}"
+    namespace, uid = body["metadata"]["namespace"], body["metadata"]["uid"]
+    for api_version, kind in managed_kinds():
+        resource = client().resources.get(api_version=api_version, kind=kind)
+        for item in resource.get(namespace=namespace, label_selector=selector).to_dict()["items"]:
+            owners = {ref["uid"] for ref in item["metadata"].get("ownerReferences") or []}
+            if uid in owners and (kind, item["metadata"]["name"]) not in wanted:
+                logger.info(f"deleting {kind} {item['metadata']['name']}: no longer in the spec")
+                resource.delete(name=item["metadata"]["name"], namespace=namespace)
+
+
+def secret_versions(spec: Mapping[str, Any], namespace: str) -> tuple:
+    """The referenced Secrets' resourceVersions ("tls=12,auth=34"): in the pod template they
+    make a rotated certificate or secret a rolling update.  Also the missing ones' names."""
+    secrets = client().resources.get(api_version="v1", kind="Secret")
+    versions, missing = [], []
+    for field in ("tls", "auth", "accounting"):
+        if spec.get(field):
+            name = spec[field]["secretName"]
+            try:
+                versions.append(f"{field}={secrets.get(name=name, namespace=namespace).metadata.resourceVersion}")
+            except NotFoundError:
+                missing.append(f"{field}.secretName: Secret {name!r} not found in namespace {namespace}")
+    return ",".join(versions), missing
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@kopf.on.resume(m.GROUP, m.VERSION, m.PLURAL)
+@kopf.on.create(m.GROUP, m.VERSION, m.PLURAL)
+@kopf.on.update(m.GROUP, m.VERSION, m.PLURAL)
+def region_changed(body: kopf.Body, logger: logging.Logger, **_: Any) -> None:
+    reconcile(dict(body), logger)
+
+
+@kopf.index(m.GROUP, m.VERSION, m.PLURAL)
+def region_names(namespace: str, name: str, **_: Any) -> Dict[tuple, bool]:
+    """Every TurnRegion the operator watches, for the drift timer."""
+    return {(namespace, name): True}
+
+
+@kopf.on.startup()
+async def start_drift_timer(region_names: kopf.Index, memo: kopf.Memo, logger: logging.Logger,
+                            **_: Any) -> None:
+    """The drift timer.  Not a @kopf.timer: kopf puts a finalizer on every object with a timer,
+    so a TurnRegion could not be deleted while the operator is down, nor at all once
+    `helm uninstall` has removed the operator with its regions."""
+    memo.drift_timer = asyncio.create_task(repair_drift(region_names, logger))
+
+
+@kopf.on.cleanup()
+async def stop_drift_timer(memo: kopf.Memo, **_: Any) -> None:
+    memo.drift_timer.cancel()
+
+
+async def repair_drift(region_names: kopf.Index, logger: logging.Logger) -> None:
+    regions = client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND)
+    while True:
+        await asyncio.sleep(DRIFT_SECONDS)
+        for namespace, name in list(region_names):
+            try:
+                body = (await asyncio.to_thread(regions.get, name=name, namespace=namespace)).to_dict()
+                if not body["metadata"].get("deletionTimestamp"):
+                    await asyncio.to_thread(reconcile, body, logger)
+            except NotFoundError:
+                continue  # deleted since the index saw it
+            except Exception:  # noqa: BLE001 - one broken region must not stop the others' repair
+                logger.exception(f"repairing {namespace}/{name} failed; retrying in {DRIFT_SECONDS} s")
+
+
+def reconcile(region: Dict[str, Any], logger: logging.Logger) -> None:
+    """Bring the children in line with the spec and write the status.  A spec the operator
+    refuses, or one naming a missing Secret, leaves the children as they were (the relays of
+    the last good spec keep serving) and says why in the Degraded condition."""
+    namespace, name = region["metadata"]["namespace"], region["metadata"]["name"]
+    versions, problems = secret_versions(region["spec"], namespace)
+    problems = m.spec_problems(region["spec"]) + problems
+    deployment: Optional[Dict[str, Any]] = None
+    services: List[Dict[str, Any]] = []
+    if problems:
+        logger.warning("not reconciling: " + "; ".join(problems))
+        try:
+            deployment = client().resources.get(api_version="apps/v1", kind="Deployment").get(
+                name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            pass
+    else:
+        wanted = m.children(region, pdb_api_version(), versions)
+        for child in wanted:
+            kopf.append_owner_reference(child, owner=region)
+            stored = ensure(child)
+            if child["kind"] == "Deployment":
+                deployment = stored
+            elif child["kind"] == "Service":
+                services.append(stored)
+        prune(region, wanted, logger)
+    status = m.region_status(region, (deployment or {}).get("status"),
+                             [s.get("status") for s in services], problems, now())
+    # Written here rather than through kopf's patch: the drift timer runs outside any handler.
+    client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND).status.patch(
+        body={"status": status}, name=name, namespace=namespace,
+        content_type="application/merge-patch+json")
+    update_directory(namespace, {**region, "status": status})
+
+
+@kopf.on.delete(m.GROUP, m.VERSION, m.PLURAL, optional=True)
+def region_deleted(body: kopf.Body, **_: Any) -> None:
+    """Children go with their owner through the garbage collector; only the directory, which
+    every region shares, needs this region taken out.  Optional: no finalizer, so a region is
+    never stuck when the operator is down (the next reconcile rewrites the directory)."""
+    update_directory(body["metadata"]["namespace"], None, gone=body["metadata"]["uid"])
+
+
+def update_directory(namespace: str, fresh: Optional[Mapping[str, Any]], gone: str = "") -> None:
+    """Rewrite ConfigMap turnrelay-regions from every live region of the namespace, `fresh`
+    standing in for its stored self.  Each region is an owner, so the garbage collector
+    deletes the directory with the last of them."""
+    listed = client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND)
+    regions = {}
+    for item in listed.get(namespace=namespace).to_dict()["items"]:
+        uid = item["metadata"]["uid"]
+        if uid != gone and not item["metadata"].get("deletionTimestamp"):
+            regions[uid] = item
+    if fresh is not None:
+        regions[fresh["metadata"]["uid"]] = fresh
+    if not regions:
+        return
+    directory = m.directory(regions.values(), namespace)
+    directory["metadata"]["ownerReferences"] = [
+        {"apiVersion": f"{m.GROUP}/{m.VERSION}", "kind": m.KIND, "name": r["metadata"]["name"],
+         "uid": uid} for uid, r in sorted(regions.items())]
+    ensure(directory)
