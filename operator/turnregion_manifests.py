@@ -73,8 +73,6 @@ def spec_problems(spec: Mapping[str, Any]) -> List[str]:
     for port in {listeners["port"], listeners["tlsPort"]}:
         if low <= port <= high:
             problems.append(f"listeners: port {port} lies inside relayPorts {low}-{high}")
-    if spec.get("accounting") and not spec.get("auth"):
-        problems.append("accounting: the account database is checked with the auth secret: set auth too")
     try:
         families = [ipaddress.ip_address(ip).version for ip in spec["exposure"]["externalIPs"]]
     except ValueError as err:
@@ -140,8 +138,7 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         config["external-ip"] = list(spec["exposure"]["externalIPs"])
     if spec.get("tls"):
         config["cert"], config["pkey"] = f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"
-    if spec.get("auth") and not spec.get("accounting"):
-        # With an accounting DSN the db backend replaces this on the command line (see command()).
+    if spec.get("auth"):
         config["auth"] = [f"rest-secret:secret-file={AUTH_FILE}"]
     return config
 
@@ -159,12 +156,12 @@ def config_map(body: Mapping[str, Any]) -> Dict[str, Any]:
 def command(body: Mapping[str, Any]) -> List[str]:
     """The relay's command line.  A DSN is a secret that must not sit in the ConfigMap, and the
     TOML file cannot refer to a file for it, so with an accounting DSN a shell reads the mounted
-    Secret into `--auth db:dsn=...` (which replaces the file's `auth` list) and execs twistd."""
+    Secret into `--accounting postgresql:dsn=...` (the region's relays share one usage ledger;
+    without it each relay keeps its own SQLite ledger in its state directory) and execs twistd."""
     twistd = ["twistd", "--nodaemon", "--pidfile=", "--logfile=-", "turnrelay", "--config", CONFIG_PATH]
     if not body["spec"].get("accounting"):
         return twistd
-    return ["sh", "-c", "exec " + " ".join(twistd)
-            + f' --auth "db:dsn=$(cat {DSN_FILE}),secret-file={AUTH_FILE}"']
+    return ["sh", "-c", "exec " + " ".join(twistd) + f' --accounting "postgresql:dsn=$(cat {DSN_FILE})"']
 
 
 def _secret_volume(name: str, secret: str, items: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:

@@ -116,7 +116,8 @@ def test_secrets_are_mounted_never_inlined():
     assert secrets["accounting"]["items"] == [{"key": "dsn", "path": "dsn"}]
     command = pod["containers"][0]["command"]
     assert command[:2] == ["sh", "-c"]
-    assert f'--auth "db:dsn=$(cat {m.DSN_FILE}),secret-file={m.AUTH_FILE}"' in command[2]
+    assert command[2].endswith(f'--accounting "postgresql:dsn=$(cat {m.DSN_FILE})"')
+    assert "postgresql://" not in text
     assert by_kind(children)[("PodDisruptionBudget", "eu")]["apiVersion"] == "policy/v1beta1"
     assert deployment["spec"]["template"]["metadata"]["annotations"][m.SECRET_VERSIONS] == "tls=77"
 
@@ -162,7 +163,6 @@ def test_config_change_changes_the_rollout_hash_and_scaling_does_not():
     ({"listeners": {"port": 5000, "tlsPort": 5000}}, "port and tlsPort are both 5000"),
     ({"exposure": {"externalIPs": ["203.0.113.1", "203.0.113.2"]}}, "at most one IPv4"),
     ({"exposure": {"externalIPs": ["1.2.3"]}}, "does not appear to be an IPv4 or IPv6 address"),
-    ({"accounting": {"secretName": "x"}}, "set auth too"),
 ])
 def test_problems_the_schema_cannot_express(change, problem):
     problems = m.spec_problems({"region": "r", **change})
