@@ -21,6 +21,7 @@ from relay.authplugins import parse_arguments
 from relay.checkers import RestSecretChecker, StaticUsersChecker, parse_user
 from relay.credentials import IStunCredentials
 from relay.peers import parse_rule
+from relay.rates import RateError, rates_from_options
 from relay.regions import check_host, regions_from_table
 from relay.secretfile import read_secrets
 from relay.tls import TLS_VERSIONS
@@ -141,6 +142,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                            "up, at most"],
         ["accounting-full", None, "refuse", "When that queue is full: refuse (new allocations "
                                             "get 508) or drop (new sessions go unrecorded)"],
+        ["rate-per-mb", None, None, "Charge per MB (10^6 bytes) of --region's usage, a decimal "
+                                    "such as 0.0004, in effect since always [default: none]"],
+        ["rate-table", None, None, "TOML file of rates per region with the time each takes "
+                                   "effect: [[rates.REGION]] rate_per_mb=..., effective=..."],
         ["public-host", None, None, "Host name or address put in the tokens API's ICE server "
                                     "URLs [default: the first --external-ip, else the first "
                                     "--relay-ip, else the detected relay address]"],
@@ -299,6 +304,11 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if self["accounting-full"] not in WHEN_FULL:
             fail("accounting-full", f"{self['accounting-full']!r}: choose one of "
                                     f"{', '.join(WHEN_FULL)}")
+        try:
+            self["rates"] = rates_from_options(self["region"], self["rate-per-mb"],
+                                               self["rate-table"])
+        except RateError as err:
+            fail(err.option, err.problem)
         self["usage-backends"] = {}
         for description in self["accounting"]:
             try:
