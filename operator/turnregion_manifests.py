@@ -140,6 +140,10 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         config["cert"], config["pkey"] = f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"
     if spec.get("auth"):
         config["auth"] = [f"rest-secret:secret-file={AUTH_FILE}"]
+    if spec.get("ratePerMB") is not None:
+        # A TOML string, as the relay wants money: the shortest text of the JSON number the
+        # API server stored is the decimal the user wrote (up to 15 significant digits).
+        config["rate-per-mb"] = repr(spec["ratePerMB"])
     return config
 
 

@@ -233,6 +233,7 @@ def test_config_map_is_a_valid_relay_config(tmp_path):
     options.parseOptions(["--config", str(config)])
     assert (options["min-port"], options["max-port"], options["user-quota"]) == (50000, 60000, 5)
     assert options["external-map"] == {None: "203.0.113.7"} and options["region"] == "eu-west"
+    assert str(options["rates"].rate_at("eu-west", "2026-11-23T00:00:00Z")) == "0.004"
 
 
 def test_generated_config_map_starts_a_working_relay(tmp_path):
