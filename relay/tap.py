@@ -270,6 +270,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
         user_quota=options["user-quota"], source_quota=options["source-quota"],
         total_quota=options["total-quota"], max_permissions=options["max-permissions"],
         max_channels=options["max-channels"],
+        max_channel=stun.RFC5766_MAX_CHANNEL if options["rfc5766-channels"] else stun.MAX_CHANNEL,
         software=None if options["no-software-attribute"] else SOFTWARE,
         policy=PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
                           bool(options["allow-loopback-peers"])),

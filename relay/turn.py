@@ -65,6 +65,8 @@ class TurnConfig:
     total_quota: int = 0      # concurrent allocations in this process, 0 = unlimited
     max_permissions: int = 64
     max_channels: int = 64
+    # Highest channel number ChannelBind accepts: RFC 8656's, or RFC 5766's for old clients.
+    max_channel: int = stun.MAX_CHANNEL
     software: Optional[str] = None
     policy: PeerPolicy = field(default_factory=PeerPolicy)
     password_algorithms: Tuple[int, ...] = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5)
@@ -428,7 +430,7 @@ class TurnServer:
                       account: Account, now: float) -> stun.Message:
         allocation = self._owned_allocation(client, credentials)
         number, peer = msg.get(stun.CHANNEL_NUMBER), msg.get(stun.XOR_PEER_ADDRESS)
-        if number is None or peer is None or not stun.MIN_CHANNEL <= number <= stun.MAX_CHANNEL:
+        if number is None or peer is None or not stun.MIN_CHANNEL <= number <= self.config.max_channel:
             raise stun.StunError(400, "Bad Request")
         self._checked_peer(allocation, peer)
         if allocation.channel_conflict(number, peer, now):

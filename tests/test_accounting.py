@@ -94,7 +94,8 @@ def test_the_ledger_has_exactly_what_was_relayed(kind, server_factory, tmp_path,
                       "--accounting", f"jsonl:path={lines}"]
     backends = kind.split("+")
     users = ["aioice-udp", "aioice-tcp", "uclient-udp", "uclient-tcp", "uclient-tls"]
-    server = server_factory(*accounting, *INTERVAL, "--region", REGION,
+    # --rfc5766-channels: uclient picks channel numbers in RFC 5766's range.
+    server = server_factory(*accounting, *INTERVAL, "--region", REGION, "--rfc5766-channels",
                             users=[(user, PASSWORD) for user in users])
     expected: Dict[str, Usage] = {}
 

@@ -45,7 +45,9 @@ def test_rest_secret_tokens_with_aioice(server_factory, tmp_path):
 
 
 def test_coturn_uclient_with_a_rest_secret(server_factory):
-    server = server_factory("--use-auth-secret", "--static-auth-secret", SECRET, users=(), tls=False)
+    # uclient picks channel numbers in RFC 5766's range.
+    server = server_factory("--use-auth-secret", "--static-auth-secret", SECRET, "--rfc5766-channels",
+                            users=(), tls=False)
     with running_echo_peer() as peer:
         result = subprocess.run(
             [tool("turnutils_uclient"), "-W", SECRET, "-u", "acme", "-p", str(server.port),

@@ -7,6 +7,13 @@ import pytest
 from conftest import PASSWORD, USER, running_echo_peer, tool
 
 MESSAGES, CLIENTS = 20, 2
+# uclient picks channel numbers in RFC 5766's range, beyond RFC 8656's 0x4FFF.
+RFC5766 = "--rfc5766-channels"
+
+
+@pytest.fixture
+def turnrelay(server_factory):
+    return server_factory(RFC5766)
 
 
 def uclient(server, peer, *flags, port=None, user=USER, password=PASSWORD):
@@ -38,7 +45,7 @@ def test_uclient_relays_every_message(turnrelay, echo_peer, flags):
 
 def test_uclient_ipv6_relay_and_dont_fragment(server_factory):
     """-x asks for an IPv6 relay (REQUESTED-ADDRESS-FAMILY), -g adds DONT-FRAGMENT."""
-    server = server_factory("--relay-ip", "::1", tls=False)
+    server = server_factory(RFC5766, "--relay-ip", "::1", tls=False)
     with running_echo_peer("::1") as peer:
         result = uclient(server, peer, "-x", "-g")
     output = result.stdout + result.stderr

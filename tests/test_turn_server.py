@@ -720,19 +720,27 @@ def test_create_permission_refreshes_the_permission(harness, alice):
 
 # -- ChannelBind and ChannelData (RFC 8656 section 11) -----------------------------------------
 
-@pytest.mark.parametrize("number", [0x0000, 0x3FFF, 0x7FFF, 0x8000, 0xFFFF])
+@pytest.mark.parametrize("number", [0x0000, 0x3FFF, 0x5000, 0x7FFE, 0x7FFF, 0x8000, 0xFFFF])
 def test_channel_number_out_of_range_is_400(alice, number):
     alice.allocate_ok()
     assert error_code(alice.channel_bind(number, PEER)) == 400
     assert alice.allocation.channels == {} and alice.allocation.permissions == {}
 
 
-@pytest.mark.parametrize("number", [0x4000, 0x4FFF, 0x7FFE])
+@pytest.mark.parametrize("number", [0x4000, 0x4FFF])
 def test_channel_number_in_range_is_bound(alice, number):
     alice.allocate_ok()
     response = alice.channel_bind(number, PEER)
     assert response.cls == stun.SUCCESS and response.check_integrity(alice.key())
     assert alice.allocation.channel_of_peer == {PEER: number}
+
+
+@pytest.mark.parametrize("number, code", [(0x5000, None), (0x7FFE, None), (0x7FFF, 400),
+                                          (0x3FFF, 400)])
+def test_rfc5766_channel_range_when_configured(number, code):
+    client = Harness(max_channel=stun.RFC5766_MAX_CHANNEL).client()
+    client.allocate_ok()
+    assert error_code(client.channel_bind(number, PEER)) == code
 
 
 def test_channel_bind_without_number_or_peer_is_400(alice):
