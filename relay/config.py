@@ -55,6 +55,7 @@ NUMBER_OPTIONS = {
     "total-quota": _positive, "max-permissions": _positive, "max-channels": _positive,
     "api-port": _port, "api-max-ttl": _positive,
     "accounting-interval": _positive, "accounting-queue": _positive,
+    "prometheus-port": _port,
 }
 
 LIST_OPTIONS = {
@@ -99,6 +100,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                    "allows only 0x4000-0x4FFF"],
         ["strict-expiry", None, "Also close allocations whose time-limited credential has "
                                 "expired (by default they live on until they end)"],
+        ["prometheus", None, "Serve /metrics (Prometheus), /healthz and /readyz on "
+                             "--prometheus-address and --prometheus-port"],
     ]
     optParameters = [
         ["config", "c", None, "TOML file with these options (command line wins)"],
@@ -152,6 +155,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["public-host", None, None, "Host name or address put in the tokens API's ICE server "
                                     "URLs [default: the first --external-ip, else the first "
                                     "--relay-ip, else the detected relay address]"],
+        ["prometheus-port", None, 9641, "TCP port of --prometheus"],
+        ["prometheus-address", None, "127.0.0.1", "Address --prometheus listens on"],
         ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
                                      "parameter: [regions.NAME] host=..., port=3478, "
                                      "tls-port=5349"],
@@ -255,6 +260,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
         self._tokens_api(fail)
         self._accounting(fail)
+        if not _is_ip(self["prometheus-address"]):
+            fail("prometheus-address", f"{self['prometheus-address']!r} is not an IP address")
 
     def _checkers(self, fail: Any) -> list:
         """The auth backends, in the order they are tried: static users first."""

@@ -84,7 +84,8 @@ class BackendQueue:
         self.pending: Deque[Record] = deque()  # the batch being written stays here until stored
         self.writing = False
         self.ready = False  # a first write, if only of nothing, has succeeded
-        self.failures = 0
+        self.failures = 0     # consecutive failed writes, for the backoff
+        self.write_errors = 0  # every failed write since start, for the metrics
         self._retry: Optional[IDelayedCall] = None
         self._written = written
 
@@ -133,6 +134,7 @@ class BackendQueue:
     def _failed(self, failure: Failure) -> None:
         self.writing = False
         self.failures += 1
+        self.write_errors += 1
         delay = min(RETRY_CAP, RETRY_FIRST * 2 ** min(self.failures - 1, 16))
         log.error("usage backend {backend} failed ({error}: {message}); {pending} records kept, "
                   "retrying in {delay:.1f} s", backend=self.name, error=failure.type.__name__,

@@ -23,11 +23,13 @@ from relay import SOFTWARE, stun
 from relay.config import Options
 from relay.checkers import ChainedChecker
 from relay.credentials import AccountRealm
+from relay.health import QuietSite, Routes
 from relay.ledger import Ledger
 from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher,
                              RelayBinder, adopt_datagram_socket, bound_socket)
 from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
                           load_secrets)
+from relay.metrics import RelayCollector, registry as metrics_registry
 from relay.peers import PeerPolicy
 from relay.regions import Region
 from relay.tls import ServerTLS, self_signed
@@ -149,25 +151,28 @@ class ListenersService(Service):
         self.ports = []
 
 
-class TokensAPIService(Service):
-    """The tokens API's listener, bound like the client listeners: before privileges drop."""
+class HTTPService(Service):
+    """An HTTP listener (tokens API, metrics), bound like the client listeners: before
+    privileges drop."""
 
-    def __init__(self, reactor, site: Site, host: str, port: int, tls: Optional[ServerTLS]):
+    def __init__(self, reactor, site: Site, host: str, port: int, tls: Optional[ServerTLS],
+                 what: str, flags: str):
         self.reactor = reactor
         self.factory = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
         self.host, self.port, self.scheme = host, port, "http" if tls is None else "https"
+        self.what, self.flags = what, flags
         self.listening: Optional[IListeningPort] = None
 
     def privilegedStartService(self) -> None:
         try:
             sock = bound_socket(self.host, self.port, socket.SOCK_STREAM)
         except OSError as err:
-            raise SystemExit(f"turnrelay: --api-listening-ip/--api-port: cannot listen on "
+            raise SystemExit(f"turnrelay: {self.flags}: cannot listen on "
                              f"[{self.host}]:{self.port}: {err.strerror}")
         port = sock.getsockname()[1]
         self.listening = adopt_stream_socket(self.reactor, sock, self.factory)
-        log.info("tokens API listening on {scheme} [{host}]:{port}", scheme=self.scheme,
-                 host=self.host, port=port)
+        log.info("{what} listening on {scheme} [{host}]:{port}", what=self.what,
+                 scheme=self.scheme, host=self.host, port=port)
         Service.privilegedStartService(self)
 
     def stopService(self) -> Optional[Deferred]:
@@ -212,8 +217,7 @@ def _server_tls(options: Options, cert: str, key: str, flags: str) -> ServerTLS:
         raise SystemExit(f"turnrelay: {flags}: cannot use {cert} and {key}: {err}")
 
 
-def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
-                api_tls: Optional[ServerTLS]) -> TokensAPIService:
+def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str]) -> TokensAPI:
     """The tokens API, whose home region is where this relay's own listeners are reached."""
     external = options["external-ip"]
     host = options["public-host"] or (external[0].partition("/")[0] if external
@@ -224,11 +228,8 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
     # A regions-file entry named like this region wins: a relay behind a load balancer is
     # reached on the balancer's ports, not its own.
     regions = {options["region"]: home, **options["regions"]}
-    api = TokensAPI(options["api-store"], options["api-secret"], regions, options["region"],
-                    options["api-max-ttl"], clock=reactor.seconds)
-    # Idle connections close after a minute: the API has no use for long-held ones.
-    return TokensAPIService(reactor, Site(api, timeout=60), options["api-listening-ip"],
-                            options["api-port"], api_tls)
+    return TokensAPI(options["api-store"], options["api-secret"], regions, options["region"],
+                     options["api-max-ttl"], clock=reactor.seconds)
 
 
 def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
@@ -309,11 +310,29 @@ def makeService(options: Options, reactor=None) -> MultiService:
     service = MultiService()
     # Started first and so stopped last: the listeners' shutdown ends every allocation, and
     # the ledger then writes their last usage before the process exits.
-    Ledger(server, backends, options["region"], reactor, options["accounting-interval"],
-           options["accounting-queue"], options["accounting-full"]).setServiceParent(service)
-    ListenersService(reactor, server, dispatch, options, tls).setServiceParent(service)
+    ledger = Ledger(server, backends, options["region"], reactor, options["accounting-interval"],
+                    options["accounting-queue"], options["accounting-full"])
+    ledger.setServiceParent(service)
+    listeners = ListenersService(reactor, server, dispatch, options, tls)
+    listeners.setServiceParent(service)
+
+    def not_ready() -> Optional[str]:
+        if server.draining:
+            return "draining"
+        return None if listeners.running else "not listening yet"
+
+    collector = RelayCollector(server, ledger, options["region"])
+    metrics = metrics_registry(collector)
+    if options["prometheus"]:
+        HTTPService(reactor, QuietSite(Routes(metrics, not_ready), timeout=60),
+                    options["prometheus-address"], options["prometheus-port"], None,
+                    "metrics", "--prometheus-address/--prometheus-port").setServiceParent(service)
     if options["api-port"] is not None:
-        _tokens_api(reactor, options, relay_ips, api_tls).setServiceParent(service)
+        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips))
+        # Idle connections close after a minute: the API has no use for long-held ones.
+        HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
+                    options["api-port"], api_tls, "tokens API",
+                    "--api-listening-ip/--api-port").setServiceParent(service)
     TimerService(1.0, lambda: server.tick(reactor.seconds())).setServiceParent(service)
     for checker in checkers.checkers:
         if getattr(checker, "service", None) is not None:

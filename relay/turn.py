@@ -13,7 +13,7 @@ import random
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, Optional, Tuple
+from typing import Callable, Deque, Dict, Hashable, List, Optional, Tuple
 
 from relay import stun
 from relay.allocation import PERMISSION_LIFETIME, Address, Allocation, RelayEndpoint
@@ -70,6 +70,25 @@ class TurnConfig:
     software: Optional[str] = None
     policy: PeerPolicy = field(default_factory=PeerPolicy)
     password_algorithms: Tuple[int, ...] = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5)
+    # Where a draining server sends new Allocates (300, RFC 8489 section 10): UDP/TCP clients
+    # to `alternate_servers`, TLS clients to `tls_alternate_servers` with `alternate_domain`
+    # (the name their certificate check needs), each to one of the client's address family.
+    alternate_servers: Tuple[Address, ...] = ()
+    tls_alternate_servers: Tuple[Address, ...] = ()
+    alternate_domain: Optional[str] = None
+
+
+@dataclass
+class ServerStats:
+    """Running totals for the metrics, read when scraped: each a plain integer addition, made
+    once per allocation or request, never per relayed packet.  `closed_usage` keeps what ended
+    allocations relayed, so the relayed totals never go down when one closes."""
+
+    created: Dict[str, int] = field(default_factory=dict)         # transport -> allocations
+    allocate_errors: Dict[int, int] = field(default_factory=dict)  # error code -> Allocates
+    auth_failures: int = 0
+    # transport -> [bytes, packets from the client, bytes, packets to the client]
+    closed_usage: Dict[str, List[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -101,6 +120,10 @@ class TurnServer:
         # each Allocate whether one more session can be recorded; False answers 508.
         self.on_allocation_opened: Callable[[Allocation], None] = lambda alloc: None
         self.may_allocate: Callable[[], bool] = lambda: True
+        self.stats = ServerStats()
+        # Set by `drain` (SIGTERM): new Allocates are redirected or refused, the rest goes on.
+        self.draining = False
+        self._next_alternate = 0
         self._algorithms_attr = [(alg, b"") for alg in config.password_algorithms]
         self._handlers = {
             stun.ALLOCATE: self._allocate,
@@ -135,7 +158,7 @@ class TurnServer:
                 raise stun.StunError(400, "Bad Request")
             return self._credentials(client, msg, now)
         except stun.StunError as err:
-            self._reply(client, msg, _error(msg, err), now)
+            self._reply(client, msg, self._failure(msg, err), now)
             return None
 
     def authenticated(self, client: Client, credentials: StunCredentials, account: Account,
@@ -150,13 +173,14 @@ class TurnServer:
                 raise stun.StunError(420, "Unknown Attribute", [(stun.UNKNOWN_ATTRIBUTES, unknown)])
             response = self._handlers[msg.method](client, msg, credentials, account, now)
         except stun.StunError as err:
-            response = _error(msg, err)
+            response = self._failure(msg, err)
         if self.config.software:
             response.add(stun.SOFTWARE, self.config.software)
         self._reply(client, msg, response, now, credentials.key)
 
     def login_failed(self, client: Client, credentials: StunCredentials, now: float) -> None:
         """Wrong user or password: a fresh challenge, unless this source has failed too often."""
+        self.stats.auth_failures += 1
         if not self.auth_limiter.allow(client.address[0], now):
             return
         self._reply(client, credentials.message, self._challenge(client, credentials.message, 401,
@@ -164,7 +188,7 @@ class TurnServer:
 
     def server_error(self, client: Client, msg: stun.Message, now: float) -> None:
         """The auth backend failed: say so rather than blame the client's password."""
-        self._reply(client, msg, msg.error(500, "Server Error"), now)
+        self._reply(client, msg, self._failure(msg, stun.StunError(500, "Server Error")), now)
 
     def channel_data(self, client: Client, data: bytes) -> None:
         """ChannelData on a stream connection, whose client is known without a lookup."""
@@ -194,6 +218,10 @@ class TurnServer:
         while self._response_expiry and self._response_expiry[0][0] <= now:
             self._responses.pop(self._response_expiry.popleft()[1], None)
 
+    def drain(self) -> None:
+        """Stop taking allocations (see `_check_quotas`); the existing ones carry on."""
+        self.draining = True
+
     def shutdown(self) -> None:
         for allocation in list(self.allocations.values()):
             self._close(allocation, "shutdown")
@@ -202,6 +230,13 @@ class TurnServer:
         self.reservations.clear()
 
     # -- replies ------------------------------------------------------------------------------
+
+    def _failure(self, msg: stun.Message, err: stun.StunError) -> stun.Message:
+        """The error response for `err`, counted per code when it refuses an Allocate."""
+        if msg.method == stun.ALLOCATE:
+            errors = self.stats.allocate_errors
+            errors[err.code] = errors.get(err.code, 0) + 1
+        return _error(msg, err)
 
     def _reply(self, client: Client, request: stun.Message, response: stun.Message, now: float,
                key: Optional[bytes] = None) -> None:
@@ -333,6 +368,8 @@ class TurnServer:
                                 account, relays, client.send, started=now, expires=now + lifetime,
                                 session_id=session_id)
         self.allocations[client.key] = allocation
+        created = self.stats.created
+        created[client.transport] = created.get(client.transport, 0) + 1
         for relay in relays.values():
             host, port = relay.address
             response.add(stun.XOR_RELAYED_ADDRESS, (self.config.external_ips.get(host, host), port))
@@ -347,6 +384,8 @@ class TurnServer:
         return response
 
     def _check_quotas(self, client: Client, username: str, account: Account) -> None:
+        if self.draining:
+            raise self._redirect(client)
         if not self.may_allocate():
             raise stun.StunError(508, "Insufficient Capacity")
         config = self.config
@@ -361,6 +400,23 @@ class TurnServer:
         if config.source_quota and sum(
                 a.client[0] == client.address[0] for a in self.allocations.values()) >= config.source_quota:
             raise stun.StunError(486, "Allocation Quota Reached")
+
+    def _redirect(self, client: Client) -> stun.StunError:
+        """A draining server's answer to an Allocate: 300 to an alternate server of the
+        client's address family (round robin) when one is configured, else 508 Insufficient
+        Capacity, on which RFC 8656 has a client wait and retry or try another server."""
+        config = self.config
+        family = stun.address_family(client.address[0])
+        tls = client.transport == "tls"
+        candidates = [a for a in (config.tls_alternate_servers if tls else config.alternate_servers)
+                      if stun.address_family(a[0]) == family]
+        if not candidates:
+            return stun.StunError(508, "Insufficient Capacity")
+        self._next_alternate += 1
+        attributes = [(stun.ALTERNATE_SERVER, candidates[self._next_alternate % len(candidates)])]
+        if tls and config.alternate_domain:
+            attributes.append((stun.ALTERNATE_DOMAIN, config.alternate_domain))
+        return stun.StunError(300, "Try Alternate", attributes)
 
     def _bind_relay(self, family: int, dont_fragment: bool, even_port: Optional[bool],
                     response: stun.Message, now: float) -> RelayEndpoint:
@@ -458,6 +514,11 @@ class TurnServer:
     def _close(self, allocation: Allocation, reason: str) -> None:
         del self.allocations[allocation.key]
         allocation.close()
+        usage = self.stats.closed_usage.setdefault(allocation.transport, [0, 0, 0, 0])
+        usage[0] += allocation.bytes_from_client
+        usage[1] += allocation.packets_from_client
+        usage[2] += allocation.bytes_to_client
+        usage[3] += allocation.packets_to_client
         log.info("allocation closed user=%s client=%s:%d reason=%s from_client=%d/%dB "
                  "to_client=%d/%dB session=%s", allocation.username, allocation.client[0],
                  allocation.client[1], reason, allocation.packets_from_client,

@@ -1,0 +1,113 @@
+"""Prometheus metrics, read from the relay's own counters when scraped.
+
+The hot path counts with plain integer additions on each allocation (`relay.allocation`); the
+core keeps running totals per allocation and request and adds an allocation's counters to them
+when it closes (`relay.turn.ServerStats`).  This collector sums those at scrape time, so
+relaying a packet never touches a prometheus object, and a closed allocation's bytes stay in
+the totals.  Labels are bounded sets (transport, direction, error code, region, ledger backend):
+never a username or an account, whose number has no bound.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from relay.ledger import Ledger
+from relay.turn import TurnServer
+
+TRANSPORTS = ("udp", "tcp", "tls")
+# Prometheus's classic text format, which `generate_latest` writes; every Prometheus reads it.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Metrics that other parts of the relay add (rate limits, quotas...): each a function giving
+# metric families, registered with `RelayCollector.extra`.
+MetricSource = Callable[[], Iterable[Metric]]
+
+
+class RelayCollector:
+    """A prometheus_client custom collector over a `TurnServer` and its `Ledger`."""
+
+    def __init__(self, server: TurnServer, ledger: Optional[Ledger], region: str):
+        self.server = server
+        self.ledger = ledger
+        self.region = region
+        self.extra: List[MetricSource] = []
+
+    def collect(self) -> Iterator[Metric]:
+        region = self.region
+        server, stats = self.server, self.server.stats
+        active = dict.fromkeys(TRANSPORTS, 0)
+        # transport -> bytes, packets from the client, bytes, packets to the client
+        usage: Dict[str, List[int]] = {t: list(stats.closed_usage.get(t, (0, 0, 0, 0)))
+                                       for t in TRANSPORTS}
+        for allocation in list(server.allocations.values()):
+            transport = allocation.transport
+            active[transport] = active.get(transport, 0) + 1
+            counts = usage.setdefault(transport, [0, 0, 0, 0])
+            counts[0] += allocation.bytes_from_client
+            counts[1] += allocation.packets_from_client
+            counts[2] += allocation.bytes_to_client
+            counts[3] += allocation.packets_to_client
+
+        gauge = GaugeMetricFamily("turnrelay_allocations", "TURN allocations open now",
+                                  labels=["transport", "region"])
+        for transport, count in active.items():
+            gauge.add_metric([transport, region], count)
+        yield gauge
+        for unit, first in (("bytes", 0), ("packets", 1)):
+            relayed = CounterMetricFamily(
+                f"turnrelay_relayed_{unit}", f"Payload {unit} relayed (ChannelData or DATA "
+                "contents, as the usage ledger counts them); from_client: client to peers, "
+                "to_client: peers to client", labels=["direction", "transport", "region"])
+            for transport, counts in usage.items():
+                relayed.add_metric(["from_client", transport, region], counts[first])
+                relayed.add_metric(["to_client", transport, region], counts[first + 2])
+            yield relayed
+        created = CounterMetricFamily("turnrelay_allocations_created", "Allocations made",
+                                      labels=["transport", "region"])
+        for transport in usage:
+            created.add_metric([transport, region], stats.created.get(transport, 0))
+        yield created
+        failed = CounterMetricFamily("turnrelay_allocations_failed", "Allocate requests "
+                                     "refused after the login challenge, by STUN error code",
+                                     labels=["code", "region"])
+        for code, count in sorted(stats.allocate_errors.items()):
+            failed.add_metric([str(code), region], count)
+        yield failed
+        yield CounterMetricFamily("turnrelay_auth_failures", "Requests with a wrong user, "
+                                  "password or realm", stats.auth_failures)
+        yield GaugeMetricFamily("turnrelay_draining", "1 while draining for a shutdown: new "
+                                "allocations are redirected or refused", int(server.draining))
+        if self.ledger is not None:
+            yield from self._ledger_metrics(self.ledger)
+        for source in self.extra:
+            yield from source()
+
+    @staticmethod
+    def _ledger_metrics(ledger: Ledger) -> Iterator[Metric]:
+        depth = GaugeMetricFamily("turnrelay_ledger_queue_depth", "Usage records waiting to "
+                                  "be written, per backend", labels=["backend"])
+        errors = CounterMetricFamily("turnrelay_ledger_write_errors", "Failed usage writes "
+                                     "(each retried), per backend", labels=["backend"])
+        failing = GaugeMetricFamily("turnrelay_ledger_backend_failing", "1 while a backend's "
+                                    "last write failed", labels=["backend"])
+        for queue in ledger.queues:
+            depth.add_metric([queue.name], len(queue.pending))
+            errors.add_metric([queue.name], queue.write_errors)
+            failing.add_metric([queue.name], int(queue.failures > 0))
+        yield depth
+        yield errors
+        yield failing
+        yield CounterMetricFamily("turnrelay_ledger_unrecorded_sessions", "Sessions relayed "
+                                  "without usage records while the queue was full "
+                                  "(--accounting-full drop)", ledger.unrecorded)
+
+
+def registry(collector: RelayCollector) -> CollectorRegistry:
+    """The relay's own registry: its collector and the process's (memory, descriptors, CPU)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(registry=registry)
+    return registry

@@ -1,0 +1,130 @@
+"""/metrics, /healthz and /readyz of a real turnrelay, scraped over real HTTP after real clients
+(aioice over UDP and TCP, the wire client) relayed a known number of bytes.
+
+Every wait is on a log line or an HTTP answer.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+from typing import Dict, Tuple
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from aioice_helpers import relay_round_trips
+from conftest import PASSWORD, REALM, free_port
+from relay import stun
+from test_accounting import HeldSession
+from wire_client import WireClient, error_code
+
+Labels = Tuple[Tuple[str, str], ...]
+
+
+def get(port: int, path: str) -> Tuple[int, str, str]:
+    """(status, content type, body) of a GET on loopback."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.getheader("content-type"), response.read().decode()
+    finally:
+        connection.close()
+
+
+def scrape(port: int) -> Dict[str, Dict[Labels, float]]:
+    """Every turnrelay sample of /metrics: name -> sorted labels -> value."""
+    status, content_type, text = get(port, "/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4"), content_type
+    samples: Dict[str, Dict[Labels, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("turnrelay_"):
+                samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = \
+                    sample.value
+    return samples
+
+
+def relayed(samples, unit: str, direction: str, transport: str) -> float:
+    return samples[f"turnrelay_relayed_{unit}_total"][
+        (("direction", direction), ("region", "default"), ("transport", transport))]
+
+
+def by_transport(samples, name: str, transport: str) -> float:
+    return samples[name][(("region", "default"), ("transport", transport))]
+
+
+def test_metrics_count_what_was_relayed_and_keep_closed_allocations(server_factory):
+    port = free_port()
+    users = ["udp-user", "tcp-user", "held-user"]
+    server = server_factory("--prometheus", "--prometheus-port", str(port), tls=False,
+                            users=[(user, PASSWORD) for user in users])
+    server.read_until(f"metrics listening on http [127.0.0.1]:{port}")  # the secure default
+
+    udp_payloads = [b"u" * (10 * i + 1) for i in range(12)]
+    relay_round_trips(server, "udp-user", PASSWORD, udp_payloads, "udp")
+    tcp_payloads = [b"t" * (7 * i + 3) for i in range(5)]
+    relay_round_trips(server, "tcp-user", PASSWORD, tcp_payloads, "tcp")
+    for user in ("udp-user", "tcp-user"):
+        server.read_until(f"allocation closed user={user} ")
+    held = HeldSession(server, "held-user", PASSWORD)
+    held.relay(3, 100)
+
+    wrong = WireClient((server.host, server.port), "held-user", "not the password", REALM)
+    assert error_code(wrong.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))) == 401
+    wrong.close()
+    tcp_relay = WireClient((server.host, server.port), "udp-user", PASSWORD, REALM)
+    assert error_code(tcp_relay.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 6))) == 442
+    tcp_relay.close()
+
+    samples = scrape(port)
+    udp_bytes = sum(map(len, udp_payloads)) + 300
+    for direction in ("from_client", "to_client"):
+        assert relayed(samples, "bytes", direction, "udp") == udp_bytes
+        assert relayed(samples, "packets", direction, "udp") == len(udp_payloads) + 3
+        assert relayed(samples, "bytes", direction, "tcp") == sum(map(len, tcp_payloads))
+        assert relayed(samples, "packets", direction, "tcp") == len(tcp_payloads)
+        assert relayed(samples, "bytes", direction, "tls") == 0
+    assert by_transport(samples, "turnrelay_allocations", "udp") == 1
+    assert by_transport(samples, "turnrelay_allocations", "tcp") == 0
+    assert by_transport(samples, "turnrelay_allocations_created_total", "udp") == 2
+    assert by_transport(samples, "turnrelay_allocations_created_total", "tcp") == 1
+    assert samples["turnrelay_allocations_failed_total"] == {
+        (("code", "442"), ("region", "default")): 1}
+    assert samples["turnrelay_auth_failures_total"] == {(): 1}
+    assert samples["turnrelay_draining"] == {(): 0}
+    assert samples["turnrelay_ledger_queue_depth"] == {(("backend", "sqlite"),): 0}
+    assert samples["turnrelay_ledger_write_errors_total"] == {(("backend", "sqlite"),): 0}
+
+    held.delete()  # closed: its bytes stay in the totals
+    held.close()
+    after = scrape(port)
+    assert by_transport(after, "turnrelay_allocations", "udp") == 0
+    assert relayed(after, "bytes", "to_client", "udp") == udp_bytes
+    assert relayed(after, "packets", "from_client", "udp") == len(udp_payloads) + 3
+    text = get(port, "/metrics")[2]
+    assert not any(user in text for user in users), "no username is ever a label"
+    assert "process_resident_memory_bytes" in text
+
+
+def test_health_and_readiness_on_the_metrics_port_and_the_api_port(server_factory, tmp_path):
+    port, api_port = free_port(), free_port()
+    secret = tmp_path / "mint.secret"
+    secret.write_text("a minting secret\n")
+    server = server_factory("--prometheus", "--prometheus-port", str(port),
+                            "--api-port", str(api_port), "--api-db",
+                            f"sqlite:///{tmp_path / 'accounts.db'}", "--api-secret-file",
+                            str(secret))
+    server.read_until(f"tokens API listening on http [127.0.0.1]:{api_port}")
+    for where in (port, api_port):
+        assert get(where, "/healthz")[::2] == (200, "ok\n")
+        assert get(where, "/readyz")[::2] == (200, "ok\n")
+        assert "turnrelay_allocations{" in get(where, "/metrics")[2]
+    # Every other path of the API port is still the tokens API's, with its JSON answers.
+    status, content_type, body = get(api_port, "/v1/accounts/nobody")
+    assert (status, content_type) == (404, "application/json")
+    assert json.loads(body)["code"] == 404
+    status, _, body = get(port, "/v1/accounts/nobody")
+    assert status == 404
+    # Probes and scrapes stay out of the access log; other requests are logged.
+    log = server.read_until('"GET /v1/accounts/nobody HTTP/1.1" 404')
+    assert "/readyz" not in "".join(server.log) + log
