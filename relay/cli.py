@@ -1,4 +1,4 @@
-"""`turnrelay`: the operator's tool for the account database and for offline credentials.
+"""`turnrelay`: the operator's tool for the account database, offline credentials and usage.
 
 It drives the same Deferred-returning AccountStore the relay uses, under `task.react`, so there
 is one implementation of the SQL.  Every failure ends as one line on stderr and a non-zero exit
@@ -17,12 +17,18 @@ from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence
 from twisted.internet import defer, task
 
 from relay.accounts_db import ACTIVE, SUSPENDED, AccountExists, AccountStore, UnknownAccount
+from relay.rates import RateError, parse_utc, rates_from_options
 from relay.secretfile import read_secrets
 from relay.tokens import check_account_id, mint, parse_username, rfc3339
+from relay.usage_report import GROUPS, NoLedger, UsageReader
 
 PROG = "turnrelay"
 DSN_HELP = ("the account database: sqlite:///absolute/path.db or "
             "postgresql://user@host:port/dbname (default: $TURNRELAY_DB)")
+LEDGER_HELP = ("the usage ledger relays write with --accounting sqlite:path=... or "
+               "postgresql:dsn=...: sqlite:///absolute/path/usage.db or "
+               "postgresql://user@host:port/dbname (default: $TURNRELAY_LEDGER)")
+USAGE_COLUMNS = ("SESSIONS", "BYTES SENT", "BYTES RECEIVED", "TOTAL BYTES", "MB", "CHARGE")
 
 
 class Refused(Exception):
@@ -44,6 +50,13 @@ def _argument_type(check: Callable[[str], Any]) -> Callable[[str], Any]:
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
     return convert
+
+
+def _utc_time(text: str) -> str:
+    try:
+        return parse_utc(text)
+    except ValueError as e:  # its message quotes the text already
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _at_least(minimum: int) -> Callable[[str], int]:
@@ -125,6 +138,33 @@ async def _revoke(store: AccountStore, args: argparse.Namespace) -> None:
     print(f"revoked {args.username} until {rfc3339(parsed.expires)}")
 
 
+async def _usage(_: None, args: argparse.Namespace) -> None:
+    """Print a usage report: a table (its last row the total) or, with --json, one object."""
+    reader = args.reader
+    try:
+        report = await reader.report(args.since, args.until, args.by, args.rates, args.account)
+    finally:
+        await reader.close()
+    for region in report.unrated:
+        _note(f"no rate for some of region {region!r}'s usage (--rate-per-mb, --rate-table): "
+              "its charge is left blank")
+    if args.json:
+        print(json.dumps({"since": args.since, "until": args.until, "by": args.by,
+                          "account": args.account,
+                          "rows": [row.as_json(args.by) for row in report.rows],
+                          "total": report.total.as_json(args.by)}, indent=2))
+        return
+    table = [(args.by.upper(), *USAGE_COLUMNS)]
+    for row in [*report.rows, report.total]:
+        table.append(("TOTAL" if row is report.total else row.group, str(row.sessions),
+                      str(row.bytes_sent), str(row.bytes_received), str(row.total_bytes),
+                      str(row.mb), "-" if row.charge is None else str(row.charge)))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    for line in table:
+        print("  ".join([line[0].ljust(widths[0])] + [cell.rjust(width) for cell, width
+                                                       in zip(line[1:], widths[1:])]))
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Manage turnrelay's account database and mint "
                     "TURN credentials.", epilog="--db may also come from the TURNRELAY_DB "
@@ -199,6 +239,34 @@ def build_parser() -> Parser:
     revoke.add_argument("username", metavar="USERNAME", type=_argument_type(_rest_username),
                         help="the credential's username, <unix-expiry>:<account-id>[:<label>]")
     revoke.set_defaults(run=_revoke, parser=revoke)
+
+    usage = commands.add_parser(
+        "usage", help="report usage and charges from the usage ledger",
+        description="Report the usage in [--since, --until) from the usage ledger: sessions, "
+                    "bytes the clients sent and received, MB (10^6 bytes) and the charge at each "
+                    "region's rate in effect when the usage happened (Decimal, rounded half up "
+                    "to 6 places per row). Times are UTC.",
+        epilog="--ledger may also come from the TURNRELAY_LEDGER environment variable.")
+    usage.add_argument("--ledger", metavar="DSN", default=os.environ.get("TURNRELAY_LEDGER"),
+                       help=LEDGER_HELP)
+    usage.add_argument("--since", metavar="TIME", required=True, type=_utc_time,
+                       help="first instant counted: 2026-11-01T00:00:00Z, or a date (its "
+                            "midnight UTC)")
+    usage.add_argument("--until", metavar="TIME", type=_utc_time,
+                       help="first instant no longer counted (default: now)")
+    usage.add_argument("--account", type=account_id, help="only this account's usage")
+    usage.add_argument("--by", choices=[g for g in GROUPS if g != "all"], default="account",
+                       help="one row per session, account, region, day or month "
+                            "(default: account)")
+    usage.add_argument("--json", action="store_true", help="print JSON (MB and charges as "
+                                                           "decimal strings) instead of a table")
+    usage.add_argument("--region", default="default",
+                       help="the region --rate-per-mb prices (default: default)")
+    usage.add_argument("--rate-per-mb", metavar="DECIMAL",
+                       help="the charge per MB of --region's usage, as the relay's flag")
+    usage.add_argument("--rate-table", metavar="FILE",
+                       help="rates per region with effective times, as the relay's flag")
+    usage.set_defaults(run=_usage, parser=usage, optional_db=True, usage=True)
     return parser
 
 
@@ -211,7 +279,8 @@ def _one_line(error: Exception) -> str:
         return f"{error.filename}: {error.strerror}"
     # Anything else comes from the database driver, whose messages may span several lines.
     message = " ".join(str(error).split()) or type(error).__name__
-    return message if isinstance(error, (Refused, ValueError)) else f"database: {message}"
+    return message if isinstance(error, (Refused, ValueError, NoLedger)) \
+        else f"database: {message}"
 
 
 async def _run(args: argparse.Namespace, store: Optional[AccountStore]) -> None:
@@ -228,10 +297,33 @@ async def _run(args: argparse.Namespace, store: Optional[AccountStore]) -> None:
             await store.close()
 
 
+def _usage_options(args: argparse.Namespace) -> None:
+    """The usage command's ledger, rates and window, or one line naming the flag at fault."""
+    if args.ledger is None:
+        args.parser.error("--ledger DSN (or TURNRELAY_LEDGER) is required")
+    try:
+        args.rates = rates_from_options(args.region, args.rate_per_mb, args.rate_table)
+    except RateError as e:
+        args.parser.error(str(e))
+    if args.until is None:  # the ledger's whole seconds: up to now is before the next one
+        args.until = rfc3339(int(time.time()) + 1)
+    if args.until <= args.since:
+        args.parser.error(f"--until {args.until} is not after --since {args.since}")
+    try:
+        args.reader = UsageReader.from_dsn(args.ledger)
+    except NoLedger as e:
+        _note(str(e))
+        raise SystemExit(1)
+    except ValueError as e:
+        args.parser.error(f"--ledger: {e}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     args = build_parser().parse_args(argv)
     store = None
-    if args.db is not None:
+    if getattr(args, "usage", False):
+        _usage_options(args)
+    elif args.db is not None:
         try:
             store = AccountStore.from_dsn(args.db)
         except ValueError as e:

@@ -62,6 +62,8 @@ def mint(*argv: str, status: int = 0, env_db: str = "") -> dict:
     (["account", "list"], ["--db"]),
     (["token"], ["--account", "--ttl", "--label", "--secret-file", "--db"]),
     (["revoke"], ["USERNAME", "--db"]),
+    (["usage"], ["--ledger", "--since", "--until", "--account", "--by", "--json", "--region",
+                 "--rate-per-mb", "--rate-table", "TURNRELAY_LEDGER"]),
 ])
 def test_help_documents_every_option(command, options, capsys):
     # In process: the same parser the script runs, without a second's worth of interpreters.

@@ -1,0 +1,256 @@
+"""Reading usage: `turnrelay usage` and the usage API over a ledger that real relays wrote.
+
+A module fixture builds one ledger per database (SQLite, PostgreSQL): a relay in region us-east
+relays sessions for two accounts, a rate change takes effect between its first session and the
+next ones, then a relay in region eu-west (which keeps running, serving the API) relays one
+more.  Every expectation is computed here from the session records themselves, read with the
+database driver: what a report says must equal those sums, exactly.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import pytest
+
+from aioice_helpers import relay_round_trips
+from conftest import PASSWORD, Server, start_server
+from dbfixtures import in_reactor, postgres_dsn, raw_rows  # noqa: F401
+from postgres import fresh_schema
+from test_cli import turnrelay
+
+US_RATE_BEFORE, US_RATE_AFTER, EU_RATE = Decimal("0.1234567"), Decimal("0.98765"), Decimal("2.5")
+USERS = {"alice": "acme", "bob": "acme", "carol": "globex"}
+USERS_FILE = "".join(f'[users.{user}]\npassword = "{PASSWORD}"\naccount = "{account}"\n\n'
+                     for user, account in USERS.items())
+DELTAS = ("SELECT s.session_id, s.account_id, s.region, d.at, d.bytes_from_client,"
+          " d.bytes_to_client FROM sessions s JOIN usage_deltas d ON d.session_id = s.session_id")
+
+
+@dataclass
+class Ledger:
+    dsn: str
+    rate_flags: List[str]
+    effective: str                 # when us-east's second rate takes effect
+    api: Server                    # the eu-west relay, still running, serving the API
+    api_port: int
+    keys: Dict[str, str]
+
+    def deltas(self) -> List[Tuple[str, str, str, str, int, int]]:
+        """Every delta with its session's account and region: the session records."""
+        return [(sid, account, region, at, int(sent), int(received))
+                for sid, account, region, at, sent, received in raw_rows(self.dsn, DELTAS)]
+
+    def rate(self, region: str, at: str) -> Decimal:
+        if region == "eu-west":
+            return EU_RATE
+        return US_RATE_AFTER if at >= self.effective else US_RATE_BEFORE
+
+    def expected(self, key, account: Optional[str] = None) -> Dict[str, dict]:
+        """Rows keyed by `key(delta)`, summed here from the records, charged per the README's
+        rule: each delta at its region's rate at its time, exact, rounded half up once."""
+        rows: Dict[str, dict] = defaultdict(lambda: {"sessions": set(), "sent": 0,
+                                                     "received": 0, "exact": Decimal(0)})
+        for delta in self.deltas():
+            sid, owner, region, at, sent, received = delta
+            if account is not None and owner != account:
+                continue
+            row = rows[key(delta)]
+            row["sessions"].add(sid)
+            row["sent"] += sent
+            row["received"] += received
+            row["exact"] += (sent + received) * self.rate(region, at)
+        return {group: {"sessions": len(row["sessions"]), "bytes_sent": row["sent"],
+                        "bytes_received": row["received"],
+                        "total_bytes": row["sent"] + row["received"],
+                        "mb": _mb(row["sent"] + row["received"]),
+                        "charge": str((row["exact"] / 10 ** 6).quantize(
+                            Decimal("0.000001"), rounding=ROUND_HALF_UP))}
+                for group, row in rows.items()}
+
+
+def _mb(total: int) -> str:
+    return f"{total // 10 ** 6}.{total % 10 ** 6:06d}"
+
+
+def _relay(server: Server, user: str, payloads: List[bytes]) -> str:
+    """One more session of `user` relaying `payloads` to an echo peer and back, stored: its
+    id."""
+    relay_round_trips(server, user, PASSWORD, payloads)
+    earlier = "".join(f"(?!{sid})" for sid in _SESSIONS)
+    session = server.search(rf"allocation closed user={user} .*from_client=[1-9].* "
+                            rf"session={earlier}(\w+)").group(1)
+    server.read_until(f"session {session} usage recorded in ")
+    _SESSIONS.append(session)
+    return session
+
+
+_SESSIONS: List[str] = []
+
+
+def _next_second() -> None:
+    """Wait for the clock's next second, so that usage after it has a later time in the
+    ledger (whole seconds) than usage before it."""
+    target = int(time.time()) + 1
+    while time.time() < target:
+        time.sleep(0.02)
+
+
+async def _create_accounts(dsn: str) -> Dict[str, str]:
+    from relay.accounts_db import AccountStore
+    store = AccountStore.from_dsn(dsn)
+    try:
+        await store.create_schema()
+        return {name: await store.add_account(name) for name in ("acme", "globex")}
+    finally:
+        await store.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def ledger(request, tmp_path_factory, in_reactor) -> Iterator[Ledger]:  # noqa: F811
+    from conftest import free_port
+    tmp = tmp_path_factory.mktemp(f"ledger-{request.param}")
+    if request.param == "sqlite":
+        dsn = f"sqlite:///{tmp / 'usage.db'}"
+        accounting = f"sqlite:path={tmp / 'usage.db'}"
+    else:
+        dsn = fresh_schema(request.getfixturevalue("postgres_dsn"))
+        accounting = f"postgresql:dsn={dsn}"
+    (tmp / "users.toml").write_text(USERS_FILE)
+    common = ["--users-file", str(tmp / "users.toml"), "--accounting", accounting,
+              "--accounting-interval", "1"]
+    us_east = start_server(*common, "--region", "us-east", users=(), tcp=False, tls=False,
+                           state_dir=str(tmp / "us-east"))
+    try:
+        first = _relay(us_east, "alice", [b"a" * 1000] * 7)
+        _next_second()
+        second = _relay(us_east, "alice", [b"b" * 1499] * 5)
+        _relay(us_east, "carol", [b"c" * 333] * 3)
+    finally:
+        us_east.stop()
+    # The rate changes between alice's two sessions: at the first delta of her second.
+    times = [(sid, at) for sid, at in raw_rows(dsn, "SELECT session_id, at FROM usage_deltas")]
+    effective = min(at for sid, at in times if sid == second)
+    assert max(at for sid, at in times if sid == first) < effective
+    (tmp / "rates.toml").write_text(
+        f'[[rates.us-east]]\nrate_per_mb = "{US_RATE_BEFORE}"\neffective = 2026-01-01\n\n'
+        f'[[rates.us-east]]\nrate_per_mb = {US_RATE_AFTER}\neffective = {effective}\n')
+    rate_flags = ["--rate-table", str(tmp / "rates.toml"), "--region", "eu-west",
+                  "--rate-per-mb", str(EU_RATE)]
+
+    accounts = f"sqlite:///{tmp / 'accounts.db'}"
+    keys = in_reactor(_create_accounts, accounts)
+    (tmp / "mint.secret").write_text("usage-report-secret\n")
+    api_port = free_port()
+    eu_west = start_server(*common, *rate_flags, "--api-port", str(api_port), "--api-db",
+                           accounts, "--api-secret-file", str(tmp / "mint.secret"),
+                           users=(), tcp=False, tls=False, state_dir=str(tmp / "eu-west"))
+    try:
+        _relay(eu_west, "bob", [b"d" * 777] * 4)
+        yield Ledger(dsn, rate_flags, effective, eu_west, api_port, keys)
+    finally:
+        eu_west.stop()
+
+
+def report(ledger: Ledger, *flags: str) -> dict:
+    """`turnrelay usage --json` of the whole test's usage, as parsed JSON."""
+    done = turnrelay("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--json",
+                     *ledger.rate_flags, *flags)
+    return json.loads(done.stdout)
+
+
+def as_rows(answer: dict, by: str) -> Dict[str, dict]:
+    return {row.pop(by): row for row in answer["rows"]}
+
+
+@pytest.mark.parametrize("by, key", [
+    ("account", lambda d: d[1]), ("region", lambda d: d[2]), ("session", lambda d: d[0]),
+    ("day", lambda d: d[3][:10]), ("month", lambda d: d[3][:7]),
+])
+def test_report_rows_are_the_sums_of_the_session_records(ledger, by, key):
+    answer = report(ledger, "--by", by)
+    expected = ledger.expected(key)
+    assert as_rows(answer, by) == expected
+    total = answer["total"]
+    assert total.pop(by) == "all"
+    assert total == ledger.expected(lambda d: "all")["all"]
+    assert total["bytes_sent"] == sum(d[4] for d in ledger.deltas())
+
+
+def test_charges_use_each_region_rate_in_effect_at_the_time(ledger):
+    by_session = as_rows(report(ledger, "--by", "session"), "session")
+    deltas = ledger.deltas()
+    for sid, row in by_session.items():
+        region = {d[0]: d[2] for d in deltas}[sid]
+        at = min(d[3] for d in deltas if d[0] == sid)
+        rate = EU_RATE if region == "eu-west" else (
+            US_RATE_AFTER if at >= ledger.effective else US_RATE_BEFORE)
+        exact = Decimal(row["total_bytes"]) * rate / 10 ** 6
+        assert Decimal(row["charge"]) == exact.quantize(Decimal("0.000001"), ROUND_HALF_UP)
+    # Without the table, us-east's usage has no rate: its charge is blank, never zero.
+    done = turnrelay("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--by", "region",
+                     "--json", "--region", "eu-west", "--rate-per-mb", str(EU_RATE))
+    regions = as_rows(json.loads(done.stdout), "region")
+    assert regions["us-east"]["charge"] is None and regions["eu-west"]["charge"] is not None
+    assert done.stderr.strip() == ("turnrelay: no rate for some of region 'us-east''s usage "
+                                   "(--rate-per-mb, --rate-table): its charge is left blank")
+
+
+def test_one_account_and_a_window(ledger):
+    acme = report(ledger, "--account", "acme", "--by", "session")
+    expected = ledger.expected(lambda d: d[0], account="acme")
+    assert {sid: row["total_bytes"] for sid, row in as_rows(acme, "session").items()} == {
+        sid: row["total_bytes"] for sid, row in expected.items()}
+    assert acme["total"]["sessions"] == 3
+    # The window is half-open: usage at `until` is not in it, usage at `since` is.
+    first = min(d[3] for d in ledger.deltas())
+    before = turnrelay("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--until",
+                       first, "--json")
+    assert json.loads(before.stdout)["rows"] == []
+    assert json.loads(before.stdout)["total"]["total_bytes"] == 0
+
+
+def test_the_table_has_a_row_per_group_and_the_total(ledger):
+    table = turnrelay("usage", "--ledger", ledger.dsn, "--since", "2026-01-01",
+                      *ledger.rate_flags).stdout.splitlines()
+    assert table[0].split() == ["ACCOUNT", "SESSIONS", "BYTES", "SENT", "BYTES", "RECEIVED",
+                                "TOTAL", "BYTES", "MB", "CHARGE"]
+    expected = ledger.expected(lambda d: d[1])
+    everything = ledger.expected(lambda d: "TOTAL")["TOTAL"]
+    assert [line.split() for line in table[1:]] == [
+        [group, str(row["sessions"]), str(row["bytes_sent"]), str(row["bytes_received"]),
+         str(row["total_bytes"]), _mb(row["total_bytes"]), row["charge"]]
+        for group, row in [*sorted(expected.items()), ("TOTAL", everything)]]
+
+
+@pytest.mark.parametrize("argv, status, error", [
+    (["--since", "2026-11-23T12:00:00"], 2, "turnrelay usage: argument --since: "
+     "'2026-11-23T12:00:00' has no UTC offset: end it with Z"),
+    (["--since", "2026-11-23", "--until", "2026-11-22"], 2,
+     "turnrelay usage: --until 2026-11-22T00:00:00Z is not after --since 2026-11-23T00:00:00Z"),
+    (["--since", "2026-11-23", "--by", "week"], 2, None),
+    (["--since", "2026-11-23", "--rate-per-mb", "1,5"], 2,
+     "turnrelay usage: --rate-per-mb: '1,5' is not a decimal number such as 0.0004"),
+])
+def test_bad_arguments_are_one_line(argv, status, error, tmp_path):
+    done = turnrelay("usage", "--ledger", f"sqlite://{tmp_path}/none.db", *argv, status=status)
+    if error is not None:
+        assert done.stderr.strip() == error
+
+
+def test_a_missing_ledger_is_one_line(tmp_path, postgres_dsn):  # noqa: F811
+    missing = turnrelay("usage", "--ledger", f"sqlite://{tmp_path}/none.db", "--since",
+                        "2026-11-01", status=1)
+    assert missing.stderr.strip() == f"turnrelay: no ledger at {tmp_path}/none.db: no such file"
+    assert not (tmp_path / "none.db").exists()
+    empty = turnrelay("usage", "--ledger", fresh_schema(postgres_dsn), "--since", "2026-11-01",
+                      status=1)
+    assert empty.stderr.strip() == ("turnrelay: no usage ledger in this database yet: no relay "
+                                    "has written to it (its schema_version table is missing)")
+    no_ledger = turnrelay("usage", "--since", "2026-11-01", status=2)
+    assert no_ledger.stderr.strip() == ("turnrelay usage: --ledger DSN (or TURNRELAY_LEDGER) is "
+                                        "required")
