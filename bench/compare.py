@@ -1,0 +1,601 @@
+"""turnrelay beside coturn on this machine: the same client, the same load, one after the other.
+
+    .venv/bin/python bench/compare.py --rounds 3
+
+Each round starts each server in turn (coturn's `turnserver` with one relay thread, turnrelay
+on CPython, turnrelay on PyPy when `--pypy` names one) on loopback, pinned to one core, and
+drives it from the other core: `bench/loadgen.c` (built here with gcc) moves the packets,
+coturn's `turnutils_peer` echoes them, and this script makes the allocations with relay.stun.
+The table gives the median over the rounds and each turnrelay/coturn ratio:
+
+- CPU us per relayed packet at a fixed offered load: the server's CPU time (every thread and
+  child, from /proc schedstat) over the packets relayed in both directions.  Noise-proof on a
+  busy machine, unlike the figures below, which are wall-clock.
+- the highest offered load (round trips a second) with < 0.1% lost, found by doubling then
+  bisecting; ">=" when the load generator, not the server, ran out.
+- round-trip p50/p99 at half that load.
+- Allocate + Refresh(0) cycles a second, and the server's CPU per cycle (UDP).
+- resident memory per idle allocation, over 10,000 UDP allocations.
+
+Everything binds 127.0.0.1 and every run is bounded in packets and seconds.  Run it on demand;
+it is not part of the test suite.  PyPy: see README.md, "Performance".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from relay import stun  # noqa: E402
+
+USER, PASSWORD, REALM = "bench", "bench-password", "bench.turnrelay"
+HOST = "127.0.0.1"
+RELAY_PORTS = (10000, 30000)  # below the kernel's ephemeral ports, which the clients use
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "turnrelay-bench")
+MODES = ("udp-channel", "udp-send", "tcp-channel", "tls-channel")
+LOSS_LIMIT = 0.001
+MAX_RATE = 400_000
+
+
+def cpu_ns(pid: int) -> int:
+    """CPU time of `pid`, its threads and its child processes so far, in nanoseconds."""
+    total = 0
+    for proc in [pid] + children(pid):
+        try:
+            for task in os.listdir(f"/proc/{proc}/task"):
+                with open(f"/proc/{proc}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def children(pid: int) -> List[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            if ppid == pid:
+                found.append(int(entry))
+                found.extend(children(int(entry)))
+    return found
+
+
+def rss_kib(pid: int) -> int:
+    total = 0
+    for proc in [pid] + children(pid):
+        with open(f"/proc/{proc}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return total
+
+
+def wait_readable(socks, timeout: float) -> List[socket.socket]:
+    """The sockets with a datagram waiting (poll: thousands of descriptors, unlike select)."""
+    poller = select.poll()
+    by_fd = {s.fileno(): s for s in socks}
+    for fd in by_fd:
+        poller.register(fd, select.POLLIN)
+    return [by_fd[fd] for fd, _ in poller.poll(timeout * 1000)]
+
+
+def free_port() -> int:
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((HOST, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((HOST, port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+class Server:
+    """One server process under test, pinned to `core`."""
+
+    def __init__(self, name: str, argv: List[str], workdir: str, env: Optional[dict] = None):
+        self.name = name
+        self.port, self.tls_port = free_port(), free_port()
+        self.log_path = os.path.join(workdir, name.replace(" ", "_") + ".log")
+        self.argv = [a.format(port=self.port, tls_port=self.tls_port, log=self.log_path)
+                     for a in argv]
+        self.env = env
+        self.process: Optional[subprocess.Popen] = None
+
+    def start(self, core: int) -> None:
+        self.process = subprocess.Popen(["taskset", "-c", str(core)] + self.argv, cwd=ROOT,
+                                        env=self.env, stdout=subprocess.DEVNULL,
+                                        stderr=open(self.log_path + ".err", "w"))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name} exited; see {self.log_path}(.err)")
+            if self._answers():
+                return
+            time.sleep(0.2)  # polling a process we do not control for readiness
+        raise SystemExit(f"{self.name} never answered on {HOST}:{self.port}")
+
+    def _answers(self) -> bool:
+        """Ready when a Binding request is answered over UDP and the TLS port accepts."""
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            try:
+                s.sendto(stun.Message(stun.BINDING, stun.REQUEST).encode(), (HOST, self.port))
+                s.recv(2048)
+                socket.create_connection((HOST, self.tls_port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid  # taskset execs the server, so this is the server's pid
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def coturn(workdir: str, cert: str, key: str) -> Server:
+    return Server("coturn", [
+        shutil.which("turnserver"), "-n", "--listening-ip", HOST, "--listening-port", "{port}",
+        "--tls-listening-port", "{tls_port}", "--relay-ip", HOST,
+        "--min-port", str(RELAY_PORTS[0]), "--max-port", str(RELAY_PORTS[1]),
+        "--lt-cred-mech", "--user", f"{USER}:{PASSWORD}", "--realm", REALM,
+        "--relay-threads=1", "--allow-loopback-peers", "--no-dtls", "--no-cli",
+        "--cert", cert, "--pkey", key, "--log-file", "{log}", "--simple-log",
+        "--no-stdout-log", "--pidfile", os.path.join(workdir, "coturn.pid")], workdir)
+
+
+def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str) -> Server:
+    state = os.path.join(workdir, name.replace(" ", "_") + "-state")
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return Server(name, [
+        twistd, "-n", "--pidfile=", "-l", "{log}", "turnrelay", "--listening-ip", HOST,
+        "--listening-port", "{port}", "--tls-listening-port", "{tls_port}", "--relay-ip", HOST,
+        "--min-port", str(RELAY_PORTS[0]), "--max-port", str(RELAY_PORTS[1]),
+        "--user", f"{USER}:{PASSWORD}", "--realm", REALM, "--allow-loopback-peers",
+        "--cert", cert, "--pkey", key, "--state-dir", state], workdir, env)
+
+
+class LoadGen:
+    """bench/loadgen.c: `nconn` connections to the server, driven over a pipe."""
+
+    def __init__(self, binary: str, transport: str, port: int, nconn: int, core: int):
+        self.process = subprocess.Popen(["taskset", "-c", str(core), binary, transport, HOST,
+                                         str(port), str(nconn)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        if self.process.stdout.readline() != b"ready\n":
+            raise SystemExit("loadgen could not connect")
+
+    def exchange(self, idx: int, msg: stun.Message, key: Optional[bytes] = None) -> stun.Message:
+        data = msg.encode(key=key)
+        self.process.stdin.write(b"X %d %d\n" % (idx, len(data)) + data)
+        self.process.stdin.flush()
+        size = int(self.process.stdout.readline())
+        if not size:
+            raise SystemExit(f"no answer to {msg.method:#x} on connection {idx}")
+        return stun.parse(self.process.stdout.read(size))
+
+    def template(self, idx: int, data: bytes) -> None:
+        self.process.stdin.write(b"T %d %d\n" % (idx, len(data)) + data)
+        self.process.stdin.flush()
+
+    def run(self, rate: float, seconds: float, size: int) -> Tuple[int, int, int, int]:
+        self.process.stdin.write(b"R %f %f %d\n" % (rate, seconds, size))
+        self.process.stdin.flush()
+        sent, received, p50, p99, _ = map(int, self.process.stdout.readline().split())
+        return sent, received, p50, p99
+
+    def close(self) -> None:
+        self.process.stdin.write(b"Q\n")
+        self.process.stdin.close()
+        self.process.wait(timeout=10)
+
+
+def authenticated(send: Callable[[stun.Message, Optional[bytes]], stun.Message], method: int,
+                  attrs: List[Tuple[int, object]], nonce: List[str]) -> stun.Message:
+    """A request with long-term credentials, answering a 401/438 challenge first."""
+    key = stun.long_term_key(USER, REALM, PASSWORD)
+    for _ in range(3):
+        msg = stun.Message(method, stun.REQUEST)
+        for attr_type, value in attrs:
+            msg.add(attr_type, value)
+        if nonce:
+            msg.add(stun.USERNAME, USER).add(stun.REALM, REALM).add(stun.NONCE, nonce[0])
+        reply = send(msg, key if nonce else None)
+        if reply.cls == stun.ERROR and reply.get(stun.ERROR_CODE)[0] in (401, 438):
+            nonce[:] = [reply.get(stun.NONCE)]
+            continue
+        if reply.cls != stun.SUCCESS:
+            raise SystemExit(f"request {method:#x} failed: {reply.get(stun.ERROR_CODE)}")
+        return reply
+    raise SystemExit("credentials refused")
+
+
+def set_up(gen: LoadGen, nconn: int, peer: Tuple[str, int], channel: bool, size: int) -> None:
+    for idx in range(nconn):
+        nonce: List[str] = []
+
+        def send(msg, key, idx=idx):
+            return gen.exchange(idx, msg, key)
+        authenticated(send, stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)], nonce)
+        authenticated(send, stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, peer)], nonce)
+        if channel:
+            number = 0x4000 + idx
+            authenticated(send, stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, number),
+                                                    (stun.XOR_PEER_ADDRESS, peer)], nonce)
+            gen.template(idx, stun.CHANNEL_HEADER.pack(number, size))
+        else:
+            msg = stun.Message(stun.SEND, stun.INDICATION)
+            msg.add(stun.XOR_PEER_ADDRESS, peer).add(stun.DATA, bytes(size))
+            gen.template(idx, msg.encode()[:-size])
+
+
+def relay_figures(server: Server, gen: LoadGen, args) -> Dict[str, float]:
+    """CPU per packet at the fixed load, the highest loss-free load, RTT at half of it."""
+    out: Dict[str, float] = {}
+    gen.run(args.rate, 1.0, args.size)  # warm-up: caches, PyPy's JIT
+    before = cpu_ns(server.pid)
+    sent, received, _, _ = gen.run(args.rate, args.seconds, args.size)
+    used = cpu_ns(server.pid) - before
+    out["cpu_us"] = used / 1000 / (sent + received)
+    out["fixed_loss"] = 1 - received / sent
+
+    def clean(rate: float) -> Tuple[bool, bool]:
+        sent, received, _, _ = gen.run(rate, args.probe_seconds, args.size)
+        saturated = sent < 0.97 * rate * args.probe_seconds
+        return received >= (1 - LOSS_LIMIT) * sent, saturated
+    good, bad, limited = 0.0, 0.0, False
+    rate = args.rate
+    while rate <= MAX_RATE:
+        ok, saturated = clean(rate)
+        if saturated:
+            limited = ok
+            if ok:
+                good = rate
+            else:
+                bad = rate
+            break
+        if not ok:
+            bad = rate
+            break
+        good, rate = rate, rate * 2
+    if bad:
+        for _ in range(args.bisect):
+            mid = (good + bad) / 2 if good else bad / 2
+            ok, _ = clean(mid)
+            good, bad = (mid, bad) if ok else (good, mid)
+    out["max_rate"] = good
+    out["max_rate_limited"] = float(limited)
+    if good:
+        _, received, p50, p99 = gen.run(good / 2, args.probe_seconds, args.size)
+        if received:
+            out["rtt_p50"], out["rtt_p99"] = p50, p99
+    return out
+
+
+class UdpClients:
+    """Many UDP clients of one server, each with one request in flight and its own nonce.
+
+    coturn ties a nonce to the client's 5-tuple and turnrelay's does not, so each client
+    learns its own from its first 401 (or a later 438) and the request is sent again: a
+    challenge is not an error.
+    """
+
+    def __init__(self, port: int, count: int):
+        self.key = stun.long_term_key(USER, REALM, PASSWORD)
+        self.port = port
+        self.socks = [self.new_socket() for _ in range(count)]
+        self.nonces: Dict[socket.socket, str] = {}
+        self.in_flight: Dict[socket.socket, Tuple[int, bytes, bytes, float]] = {}
+        self.errors = 0
+        self.error_codes: Dict[Tuple[int, int], int] = {}
+
+    def new_socket(self) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.connect((HOST, self.port))
+        s.setblocking(False)
+        return s
+
+    def replace(self, s: socket.socket) -> socket.socket:
+        """A new client in place of `s`, which is closed."""
+        self.socks.remove(s)
+        self.nonces.pop(s, None)
+        s.close()
+        s = self.new_socket()
+        self.socks.append(s)
+        return s
+
+    def send(self, s: socket.socket, method: int) -> None:
+        msg = stun.Message(method, stun.REQUEST)
+        if method == stun.ALLOCATE:
+            msg.add(stun.REQUESTED_TRANSPORT, 17)
+        else:
+            msg.add(stun.LIFETIME, 0)
+        nonce = self.nonces.get(s)
+        if nonce is not None:
+            msg.add(stun.USERNAME, USER).add(stun.REALM, REALM).add(stun.NONCE, nonce)
+        data = msg.encode(key=self.key if nonce is not None else None)
+        self.in_flight[s] = (method, msg.transaction_id, data, time.monotonic())
+        s.send(data)
+
+    def answers(self, timeout: float):
+        """(socket, method) for each success that arrives within `timeout`."""
+        now = time.monotonic()
+        for s, (method, tid, data, at) in list(self.in_flight.items()):
+            if now - at > 1.0:  # UDP: retransmit
+                s.send(data)
+                self.in_flight[s] = (method, tid, data, now)
+        for s in wait_readable(list(self.in_flight), timeout):
+            try:
+                reply = stun.parse(s.recv(2048))
+            except (OSError, stun.StunDecodeError):
+                continue
+            method, tid = self.in_flight[s][:2]
+            if reply.transaction_id != tid:
+                continue
+            del self.in_flight[s]
+            if reply.cls == stun.SUCCESS:
+                yield s, method
+                continue
+            code = reply.get(stun.ERROR_CODE)[0]
+            self.error_codes[method, code] = self.error_codes.get((method, code), 0) + 1
+            if code in (401, 438) and reply.has(stun.NONCE):
+                self.nonces[s] = reply.get(stun.NONCE)
+                self.send(s, method)
+            elif code == 437 and method == stun.ALLOCATE:
+                # The kernel gave this new client the port of one whose allocation the server
+                # has not freed yet: take another.
+                self.send(self.replace(s), stun.ALLOCATE)
+            else:
+                self.errors += 1
+                self.send(s, method)
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
+def allocation_figures(server: Server, args) -> Dict[str, float]:
+    """Allocate + Refresh(0) cycles over UDP, `args.alloc_clients` in flight at once.
+
+    Each cycle is a new client, as in real use: an Allocate challenged with 401, the Allocate
+    again with credentials, then Refresh(0).  (Reusing the 5-tuple at once is not comparable:
+    coturn answers 437 until its timer has freed the old allocation.)
+    """
+    clients = UdpClients(server.port, args.alloc_clients)
+    for s in clients.socks:
+        clients.send(s, stun.ALLOCATE)
+
+    def cycles_for(seconds: float) -> int:
+        cycles = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            for s, method in clients.answers(0.5):
+                if method == stun.ALLOCATE:
+                    clients.send(s, stun.REFRESH)
+                else:
+                    cycles += 1
+                    clients.send(clients.replace(s), stun.ALLOCATE)
+        return cycles
+    cycles_for(1.0)  # warm-up: every client has its nonce
+    clients.errors = 0
+    before = cpu_ns(server.pid)
+    start = time.monotonic()
+    cycles = cycles_for(args.seconds)
+    elapsed = time.monotonic() - start
+    used = cpu_ns(server.pid) - before
+    clients.close()
+    return {"allocs_per_s": cycles / elapsed, "alloc_cpu_us": used / 1000 / max(cycles, 1),
+            "alloc_errors": clients.errors}
+
+
+def memory_figure(server: Server, args) -> Dict[str, float]:
+    """Resident memory per idle UDP allocation: the growth over `args.idle` allocations."""
+    batches: List[UdpClients] = []
+
+    def allocate(count: int) -> int:
+        clients = UdpClients(server.port, count)
+        batches.append(clients)
+        for s in clients.socks:
+            clients.send(s, stun.ALLOCATE)
+        made = 0
+        deadline = time.monotonic() + 60
+        while clients.in_flight and time.monotonic() < deadline:
+            made += sum(1 for _ in clients.answers(1.0))
+        return made
+
+    allocate(200)  # warm: the first allocations grow pools and caches
+    base = rss_kib(server.pid)
+    made = sum(allocate(200) for _ in range(args.idle // 200))
+    grown = rss_kib(server.pid) - base
+    for clients in batches:
+        clients.close()
+    return {"rss_per_alloc_b": grown * 1024 / max(made, 1), "idle_made": made}
+
+
+def measure(server: Server, loadgen: str, peer: Tuple[str, int], args) -> Dict[str, float]:
+    figures: Dict[str, float] = {}
+    server.start(args.server_core)
+    try:
+        for mode in args.modes:
+            transport, kind = mode.split("-")
+            port = server.tls_port if transport == "tls" else server.port
+            gen = LoadGen(loadgen, transport, port, args.allocations, args.load_core)
+            try:
+                set_up(gen, args.allocations, peer, kind == "channel", args.size)
+                for name, value in relay_figures(server, gen, args).items():
+                    figures[f"{mode} {name}"] = value
+            finally:
+                gen.close()
+        if not args.no_alloc:
+            figures.update(allocation_figures(server, args))
+    finally:
+        server.stop()
+    if not args.no_alloc and args.idle:
+        server.start(args.server_core)
+        try:
+            figures.update(memory_figure(server, args))
+        finally:
+            server.stop()
+    return figures
+
+
+def build_loadgen() -> str:
+    os.makedirs(CACHE, exist_ok=True)
+    source = os.path.join(ROOT, "bench", "loadgen.c")
+    binary = os.path.join(CACHE, "loadgen")
+    if not os.path.exists(binary) or os.path.getmtime(binary) < os.path.getmtime(source):
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", binary, source, "-lssl", "-lcrypto"],
+                       check=True)
+    return binary
+
+
+def self_signed_cert(workdir: str) -> Tuple[str, str]:
+    cert, key = os.path.join(workdir, "cert.pem"), os.path.join(workdir, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    "/CN=localhost", "-keyout", key, "-out", cert], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cert, key
+
+
+def echo_peer(core: int) -> Tuple[subprocess.Popen, Tuple[str, int]]:
+    port = free_port()
+    process = subprocess.Popen(["taskset", "-c", str(core), shutil.which("turnutils_peer"),
+                                "-L", HOST, "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(0.2)
+        for _ in range(50):
+            probe.sendto(b"probe", (HOST, port))
+            try:
+                if probe.recv(100) == b"probe":
+                    return process, (HOST, port)
+            except OSError:
+                continue
+    raise SystemExit("turnutils_peer never echoed")
+
+
+ROWS = [
+    ("cpu_us", "CPU us/relayed packet @ {rate} rt/s", "{:.2f}"),
+    ("max_rate", "max round trips/s, <0.1% loss", "{:.0f}"),
+    ("rtt_p50", "RTT p50 us @ half max", "{:.0f}"),
+    ("rtt_p99", "RTT p99 us @ half max", "{:.0f}"),
+]
+
+
+def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
+    names = list(results)
+    lines = [f"{'':44}" + "".join(f"{n:>16}" for n in names)
+             + "".join(f"{n.split()[-1] + '/coturn':>16}" for n in names[1:])]
+
+    def median(name: str, key: str) -> Optional[float]:
+        values = [r[key] for r in results[name] if key in r]
+        return statistics.median(values) if values else None
+
+    def row(label: str, key: str, fmt: str) -> None:
+        values = [median(n, key) for n in names]
+        cells = []
+        for n, v in zip(names, values):
+            text = "-" if v is None else fmt.format(v)
+            if key.endswith("max_rate") and median(n, key + "_limited"):
+                text = ">=" + text
+            cells.append(f"{text:>16}")
+        ratios = [f"{(v / values[0]) if v is not None and values[0] else float('nan'):>16.2f}"
+                  for v in values[1:]]
+        lines.append(f"{label:44}" + "".join(cells) + "".join(ratios))
+
+    for mode in args.modes:
+        for key, label, fmt in ROWS:
+            row(f"{mode}: {label.format(rate=args.rate)}", f"{mode} {key}", fmt)
+    if not args.no_alloc:
+        row("Allocate+Refresh(0) cycles/s (UDP)", "allocs_per_s", "{:.0f}")
+        row("CPU us per Allocate+Refresh(0) cycle", "alloc_cpu_us", "{:.0f}")
+        if args.idle:
+            row(f"RSS bytes per idle allocation ({args.idle})", "rss_per_alloc_b", "{:.0f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=10000,
+                        help="the fixed offered load, round trips a second (default 10000)")
+    parser.add_argument("--seconds", type=float, default=5.0, help="fixed-load run length")
+    parser.add_argument("--probe-seconds", type=float, default=2.0)
+    parser.add_argument("--bisect", type=int, default=2, help="bisection steps for the max load")
+    parser.add_argument("--size", type=int, default=100, help="payload bytes (default 100)")
+    parser.add_argument("--allocations", type=int, default=8, help="allocations carrying the load")
+    parser.add_argument("--alloc-clients", type=int, default=16)
+    parser.add_argument("--idle", type=int, default=10000, help="idle allocations for RSS; 0: skip")
+    parser.add_argument("--no-alloc", action="store_true", help="skip the allocation figures")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--pypy", default=os.path.join(CACHE, "pypy-venv", "bin", "twistd"),
+                        help="twistd of a PyPy environment with turnrelay's dependencies")
+    parser.add_argument("--no-coturn", action="store_true")
+    parser.add_argument("--server-core", type=int, default=1)
+    parser.add_argument("--load-core", type=int, default=0)
+    args = parser.parse_args()
+    if args.seconds > 60 or args.probe_seconds > 60 or args.rounds > 20 or args.idle > 15000:
+        parser.error("runs are bounded: --seconds/--probe-seconds <= 60, --rounds <= 20, "
+                     "--idle <= 15000")
+    os.sched_setaffinity(0, {args.load_core})
+    loadgen = build_loadgen()
+    workdir = tempfile.mkdtemp(prefix="turnrelay-bench-")
+    cert, key = self_signed_cert(workdir)
+    servers = [] if args.no_coturn else [coturn(workdir, cert, key)]
+    servers.append(turnrelay("turnrelay CPython", os.path.join(os.path.dirname(sys.executable),
+                                                               "twistd"), workdir, cert, key))
+    if args.pypy and os.path.exists(args.pypy):
+        servers.append(turnrelay("turnrelay PyPy", args.pypy, workdir, cert, key))
+    else:
+        print(f"no PyPy twistd at {args.pypy}: PyPy skipped", file=sys.stderr)
+    peer_process, peer = echo_peer(args.load_core)
+    results: Dict[str, List[Dict[str, float]]] = {s.name: [] for s in servers}
+    try:
+        for round_no in range(args.rounds):
+            for server in servers:
+                figures = measure(server, loadgen, peer, args)
+                results[server.name].append(figures)
+                print(f"round {round_no + 1} {server.name}: "
+                      + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), file=sys.stderr)
+    finally:
+        peer_process.terminate()
+        peer_process.wait(timeout=10)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(f"{args.rounds} rounds, {args.size}-byte payloads, {args.allocations} allocations, "
+          f"server on core {args.server_core}, load on core {args.load_core}; "
+          f"loadavg {' '.join(load)}")
+    print(table(results, args))
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
