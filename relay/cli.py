@@ -16,6 +16,7 @@ from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence
 
 from twisted.internet import defer, task
 
+from relay import probe
 from relay.accounts_db import ACTIVE, SUSPENDED, AccountExists, AccountStore, UnknownAccount
 from relay.rates import RateError, parse_utc, rates_from_options
 from relay.secretfile import read_secrets
@@ -267,6 +268,7 @@ def build_parser() -> Parser:
     usage.add_argument("--rate-table", metavar="FILE",
                        help="rates per region with effective times, as the relay's flag")
     usage.set_defaults(run=_usage, parser=usage, optional_db=True, usage=True)
+    probe.add_command(commands)
     return parser
 
 
@@ -320,6 +322,8 @@ def _usage_options(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> NoReturn:
     args = build_parser().parse_args(argv)
+    if "main" in args:  # a command of its own, needing neither the database nor a reactor
+        raise SystemExit(args.main(args))
     store = None
     if getattr(args, "usage", False):
         _usage_options(args)

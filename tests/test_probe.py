@@ -1,0 +1,146 @@
+"""`turnrelay probe` against a real turnrelay (and coturn's turnserver): a working server passes
+on UDP, TCP and TLS with the bytes it relayed in the server's own counters; each kind of failure
+is one line naming the transport, the step and the likely cause, with a non-zero exit."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PASSWORD, USER, free_port, tool
+from test_wire import make_cert
+
+CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
+COUNT, SIZE = 10, 100
+SECRET = "probe-shared-secret"
+
+
+def probe(*args, timeout=60):
+    return subprocess.run([CLI, "probe", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def trusted_server(server_factory, tmp_path):
+    """A relay whose TLS certificate is valid for 127.0.0.1 to a client trusting `cert`."""
+    cert, key = make_cert(tmp_path, "relay", san="IP:127.0.0.1")
+    server = server_factory("--cert", str(cert), "--pkey", str(key))
+    return server, cert
+
+
+def rows(output):
+    """The table's rows by transport, each a list of its cells."""
+    return {line.split()[0]: line.split() for line in output.splitlines()[1:]
+            if line.split() and line.split()[0] in ("UDP", "TCP", "TLS")}
+
+
+def test_probe_relays_over_udp_tcp_and_tls(trusted_server):
+    server, cert = trusted_server
+    result = probe(f"turn:127.0.0.1:{server.port}", "--tls-port", str(server.tls_port),
+                   "--user", USER, "--password", PASSWORD, "--ca", str(cert),
+                   "--count", str(COUNT), "--size", str(SIZE))
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = rows(result.stdout)
+    assert sorted(table) == ["TCP", "TLS", "UDP"], result.stdout
+    for transport, port in (("UDP", server.port), ("TCP", server.port), ("TLS", server.tls_port)):
+        _, address, status, reflexive, relayed, binding, rtt, loss = table[transport]
+        assert (address, status, loss) == (f"127.0.0.1:{port}", "ok", f"0/{COUNT}")
+        assert reflexive.startswith("127.0.0.1:") and float(binding) > 0
+        assert re.fullmatch(r"127\.0\.0\.1:6[1-5]\d{3}", relayed), relayed
+        p50, p99 = map(float, rtt.split("/"))
+        assert 0 < p50 <= p99
+    log = server.stop()
+    # Two allocations per transport, each sent COUNT packets and was sent COUNT back.
+    counted = f"from_client={COUNT}/{COUNT * SIZE}B to_client={COUNT}/{COUNT * SIZE}B"
+    for transport in ("udp", "tcp", "tls"):
+        assert log.count(f"transport={transport} relay=127.0.0.1:") == 2, log
+    closed = [line for line in log.splitlines() if "allocation closed" in line]
+    assert len(closed) == 6 and all(counted in line for line in closed), log
+
+
+def test_json_and_rest_credentials(server_factory):
+    server = server_factory("--use-auth-secret", "--static-auth-secret", SECRET, users=(),
+                            tls=False)
+    result = probe(f"turn:127.0.0.1:{server.port}?transport=tcp", "--account", "acme",
+                   "--secret", SECRET, "--count", "3", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    [report] = json.loads(result.stdout)
+    assert (report["transport"], report["ok"], report["sent"], report["lost"]) == ("tcp", True, 3, 0)
+    assert report["rtt_p50_ms"] > 0 and len(report["relayed"]) == 2
+    assert len(re.findall(r"allocation opened user=\d+:acme:probe account=acme ", server.stop())) == 2
+
+
+def test_a_wrong_password_is_refused_on_every_transport(server_factory):
+    server = server_factory()
+    result = probe(f"turn:127.0.0.1:{server.port}", "--tls-port", str(server.tls_port),
+                   "--insecure", "--user", USER, "--password", "not-the-password")
+    assert result.returncode == 1, result.stdout
+    for transport in ("UDP", "TCP", "TLS"):
+        assert rows(result.stdout)[transport][2:4] == ["FAILED", "at"]
+        assert (f"{transport}: credentials refused (401): wrong user or password, or an "
+                "expired credential") in result.stdout.splitlines(), result.stdout
+
+
+def test_a_closed_udp_port_fails_fast_with_a_reason():
+    port = free_port()
+    result = probe(f"turn:127.0.0.1:{port}?transport=udp", "--user", USER, "--password",
+                   PASSWORD, "--timeout", "0.5", timeout=20)
+    assert result.returncode == 1
+    assert rows(result.stdout)["UDP"][2:5] == ["FAILED", "at", "binding"]
+    assert f"UDP: no response to Binding within 0.5 s: UDP {port} blocked?" in result.stdout
+
+
+def test_an_untrusted_certificate_fails_unless_insecure(server_factory):
+    server = server_factory()  # its self-signed certificate from --state-dir
+    args = (f"turns:127.0.0.1:{server.tls_port}", "--user", USER, "--password", PASSWORD,
+            "--count", "2")
+    refused = probe(*args)
+    assert refused.returncode == 1
+    assert rows(refused.stdout)["TLS"][2:5] == ["FAILED", "at", "connect"]
+    assert re.search(r"^TLS: certificate verify failed: self.signed certificate \(--ca FILE",
+                     refused.stdout, re.M), refused.stdout
+    accepted = probe(*args, "--insecure")
+    assert accepted.returncode == 0, accepted.stdout
+    assert rows(accepted.stdout)["TLS"][2] == "ok"
+
+
+def test_a_forbidden_peer_is_named(server_factory):
+    server = server_factory(loopback_peers=False)
+    result = probe(f"turn:127.0.0.1:{server.port}?transport=udp", "--user", USER,
+                   "--password", PASSWORD)
+    assert result.returncode == 1
+    assert rows(result.stdout)["UDP"][2:5] == ["FAILED", "at", "permission"]
+    assert "UDP: peer address forbidden (403): the server will not relay to its own relayed " \
+           "address 127.0.0.1:" in result.stdout
+
+
+def test_bad_arguments_are_one_line(tmp_path):
+    result = probe("turn:127.0.0.1:3478", "--user", USER)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        "give --user and --password, or --account and --secret (or --secret-file)")
+    result = probe("http://example.org", "--user", USER, "--password", PASSWORD)
+    assert result.returncode == 2 and "expected turn:HOST" in result.stderr
+
+
+def test_probe_against_coturn(tmp_path):
+    """The probe is a client of TURN, not of turnrelay: coturn's server passes too."""
+    port = free_port()
+    process = subprocess.Popen(
+        [tool("turnserver"), "-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1",
+         "--listening-port", str(port), "--no-tls", "--no-dtls", "--lt-cred-mech",
+         "--user", f"{USER}:{PASSWORD}", "--realm", "coturn.test", "--allow-loopback-peers",
+         "--no-cli", "--min-port", "61000", "--max-port", "65000", "--log-file", "stdout",
+         "--pidfile", str(tmp_path / "turnserver.pid"), "--userdb", str(tmp_path / "turndb")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # coturn says so once its relay threads, which own the listeners, are up.
+        assert any("Total General servers" in line for line in process.stdout)
+        result = probe(f"turn:127.0.0.1:{port}", "--transport", "udp,tcp", "--user", USER,
+                       "--password", PASSWORD, "--count", "5")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert [rows(result.stdout)[t][2] for t in ("UDP", "TCP")] == ["ok", "ok"]
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
