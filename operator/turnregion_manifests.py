@@ -36,7 +36,8 @@ RELAY_UID = 10001
 DEFAULTS: Dict[str, Any] = {
     "replicas": 2,
     "image": "turnrelay:0.1.0",
-    "listeners": {"transports": ["udp", "tcp", "tls"], "port": 3478, "tlsPort": 5349},
+    "listeners": {"transports": ["udp", "tcp", "tls"], "port": 3478, "tlsPort": 5349,
+                  "metricsPort": 9641},
     "relayPorts": {"min": 49152, "max": 65535},
     "exposure": {"serviceType": "LoadBalancer", "hostNetwork": False, "externalIPs": []},
     "quotas": {"user": 0, "source": 0, "total": 0},
@@ -70,9 +71,11 @@ def spec_problems(spec: Mapping[str, Any]) -> List[str]:
         problems.append("listeners.transports: name at least one of udp, tcp, tls")
     if "tls" in transports and ({"udp", "tcp"} & transports) and listeners["port"] == listeners["tlsPort"]:
         problems.append(f"listeners: port and tlsPort are both {listeners['port']}")
-    for port in {listeners["port"], listeners["tlsPort"]}:
+    for port in {listeners["port"], listeners["tlsPort"], listeners["metricsPort"]}:
         if low <= port <= high:
             problems.append(f"listeners: port {port} lies inside relayPorts {low}-{high}")
+    if listeners["metricsPort"] in {listeners["port"], listeners["tlsPort"]}:
+        problems.append(f"listeners: metricsPort {listeners['metricsPort']} is also a TURN port")
     try:
         families = [ipaddress.ip_address(ip).version for ip in spec["exposure"]["externalIPs"]]
     except ValueError as err:
@@ -130,6 +133,10 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         "source-quota": spec["quotas"]["source"],
         "total-quota": spec["quotas"]["total"],
         "state-dir": STATE_DIR,
+        # /metrics, /healthz and /readyz for Prometheus and the kubelet's probes, on the pod IP.
+        "prometheus": True,
+        "prometheus-address": "0.0.0.0",
+        "prometheus-port": listeners["metricsPort"],
     }
     for transport in ("udp", "tcp", "tls"):
         if transport not in transports:
@@ -175,18 +182,11 @@ def _secret_volume(name: str, secret: str, items: Optional[List[Dict[str, str]]]
     return {"name": name, "secret": source}
 
 
-def _probe(spec: Mapping[str, Any], period: int) -> Optional[Dict[str, Any]]:
-    """A TCP connect to the first TCP listener: the relay has no health endpoint yet, and a
-    UDP-only region gets no probe at all (a UDP port cannot be probed without STUN)."""
-    listeners = spec["listeners"]
-    transports = listeners["transports"]
-    if "tcp" in transports:
-        port = listeners["port"]
-    elif "tls" in transports:
-        port = listeners["tlsPort"]
-    else:
-        return None
-    return {"tcpSocket": {"port": port}, "periodSeconds": period, "failureThreshold": 3}
+def _probe(path: str, period: int) -> Dict[str, Any]:
+    """An HTTP probe of the relay's health endpoints: /readyz answers 503 from the moment a
+    draining relay stops taking allocations, /healthz only says the process is alive."""
+    return {"httpGet": {"path": path, "port": "metrics"}, "periodSeconds": period,
+            "failureThreshold": 3}
 
 
 def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, Any]:
@@ -203,6 +203,7 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
         ports.append({"name": "turn-tcp", "containerPort": listeners["port"], "protocol": "TCP"})
     if "tls" in transports:
         ports.append({"name": "turns-tls", "containerPort": listeners["tlsPort"], "protocol": "TCP"})
+    ports.append({"name": "metrics", "containerPort": listeners["metricsPort"], "protocol": "TCP"})
     mounts = [{"name": "config", "mountPath": CONFIG_PATH, "subPath": "turnrelay.toml", "readOnly": True},
               {"name": "state", "mountPath": STATE_DIR}]
     volumes: List[Dict[str, Any]] = [
@@ -231,9 +232,7 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
-    readiness, liveness = _probe(spec, 5), _probe(spec, 20)
-    if readiness:
-        container["readinessProbe"], container["livenessProbe"] = readiness, liveness
+    container["readinessProbe"], container["livenessProbe"] = _probe("/readyz", 5), _probe("/healthz", 20)
     pod_spec: Dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
@@ -309,7 +308,8 @@ def pod_disruption_budget(body: Mapping[str, Any], api_version: str) -> Dict[str
 
 def network_policy(body: Mapping[str, Any]) -> Dict[str, Any]:
     """Ingress to the relays on their TCP listeners and on UDP: UDP without a port admits the
-    whole relay range, which a NetworkPolicy cannot name on 1.20 (no endPort before 1.22)."""
+    whole relay range, which a NetworkPolicy cannot name on 1.20 (no endPort before 1.22).
+    The metrics port admits pods of any namespace (Prometheus), nothing from outside."""
     listeners = with_defaults(body["spec"])["listeners"]
     ports = [{"protocol": "UDP"}]
     transports = listeners["transports"]
@@ -320,7 +320,9 @@ def network_policy(body: Mapping[str, Any]) -> Dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _meta(body, body["metadata"]["name"]),
             "spec": {"podSelector": {"matchLabels": selector(body)}, "policyTypes": ["Ingress"],
-                     "ingress": [{"ports": ports}]}}
+                     "ingress": [{"ports": ports},
+                                 {"ports": [{"protocol": "TCP", "port": listeners["metricsPort"]}],
+                                  "from": [{"namespaceSelector": {}}]}]}}
 
 
 def children(body: Mapping[str, Any], pdb_api_version: str = "policy/v1",

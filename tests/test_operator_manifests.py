@@ -9,6 +9,7 @@ import os
 import pathlib
 import subprocess
 import time
+import urllib.request
 
 import kubernetes_validate
 import pytest
@@ -95,8 +96,9 @@ def test_children_of_a_minimal_region():
     container = pod["containers"][0]
     assert container["command"] == ["twistd", "--nodaemon", "--pidfile=", "--logfile=-",
                                     "turnrelay", "--config", m.CONFIG_PATH]
-    assert container["readinessProbe"]["tcpSocket"] == {"port": 3478}
-    assert container["livenessProbe"]["tcpSocket"] == {"port": 3478}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert {"name": "metrics", "containerPort": 9641, "protocol": "TCP"} in container["ports"]
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -136,15 +138,17 @@ def test_host_network_exposure_and_scheduling():
     policy = children[("NetworkPolicy", "eu")]["spec"]
     assert policy["ingress"][0]["ports"] == [{"protocol": "UDP"}, {"protocol": "TCP", "port": 3478},
                                              {"protocol": "TCP", "port": 5349}]
+    assert policy["ingress"][1] == {"ports": [{"protocol": "TCP", "port": 9641}],
+                                    "from": [{"namespaceSelector": {}}]}
 
 
-def test_udp_only_region_has_one_service_and_no_probe():
+def test_udp_only_region_has_one_service_and_is_probed_over_http():
     spec = {"region": "ap", "listeners": {"transports": ["udp"]}, "exposure": {"serviceType": "ClusterIP"}}
     children = by_kind(m.children(region(spec)))
     assert ("Service", "eu-tcp") not in children
     assert "externalTrafficPolicy" not in children[("Service", "eu-udp")]["spec"]
     container = children[("Deployment", "eu")]["spec"]["template"]["spec"]["containers"][0]
-    assert "readinessProbe" not in container
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert "no-tcp = true" in m.config_toml(region(spec))
 
 
@@ -161,6 +165,7 @@ def test_config_change_changes_the_rollout_hash_and_scaling_does_not():
     ({"relayPorts": {"min": 50000, "max": 50000}}, "must be below max"),
     ({"listeners": {"port": 50001}, "relayPorts": {"min": 50000, "max": 60000}}, "lies inside relayPorts"),
     ({"listeners": {"port": 5000, "tlsPort": 5000}}, "port and tlsPort are both 5000"),
+    ({"listeners": {"metricsPort": 5349}}, "metricsPort 5349 is also a TURN port"),
     ({"exposure": {"externalIPs": ["203.0.113.1", "203.0.113.2"]}}, "at most one IPv4"),
     ({"exposure": {"externalIPs": ["1.2.3"]}}, "does not appear to be an IPv4 or IPv6 address"),
 ])
@@ -238,9 +243,9 @@ def test_config_map_is_a_valid_relay_config(tmp_path):
 
 def test_generated_config_map_starts_a_working_relay(tmp_path):
     """The ConfigMap as the pod sees it: Secrets mounted as files, then a real allocation."""
-    port, tls_port = free_port(), free_port()
+    port, tls_port, metrics_port = free_port(), free_port(), free_port()
     spec = {"region": "test-local", "realm": "turnrelay.test",
-            "listeners": {"port": port, "tlsPort": tls_port},
+            "listeners": {"port": port, "tlsPort": tls_port, "metricsPort": metrics_port},
             "relayPorts": {"min": int(RELAY_PORTS[0]), "max": int(RELAY_PORTS[1])},
             "tls": {"secretName": "cert"}, "auth": {"secretName": "rest"}, "quotas": {"user": 2}}
     cm = m.config_map(region(spec))
@@ -258,7 +263,8 @@ def test_generated_config_map_starts_a_working_relay(tmp_path):
     # Only what a test machine needs on top: loopback addresses (pods bind every address).
     process = subprocess.Popen(
         [TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay", "--config", str(config),
-         "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--allow-loopback-peers"],
+         "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--allow-loopback-peers",
+         "--prometheus-address", "127.0.0.1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     server = Server(process, "127.0.0.1", port, tls_port)
     try:
@@ -268,6 +274,10 @@ def test_generated_config_map_starts_a_working_relay(tmp_path):
         relayed = relay_round_trips(server, username, password)
         assert relayed[0] == "127.0.0.1" and int(RELAY_PORTS[0]) <= relayed[1] <= int(RELAY_PORTS[1])
         relay_round_trips(server, username, password, transport="tcp")
+        # What the pod's probes ask.
+        for path in ("/readyz", "/healthz"):
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=5) as answer:
+                assert answer.status == 200, path
     finally:
         log = server.stop()
     assert "self-signed" not in log
