@@ -71,6 +71,9 @@ LIST_OPTIONS = {
     "allowed-peer-ip": "Peer address, CIDR or FIRST-LAST range to allow even if denied or "
                        "private; repeat for several",
     "denied-peer-ip": "Peer address, CIDR or FIRST-LAST range to refuse; repeat for several",
+    "cluster-cidr": "Kubernetes pod or service network (CIDR or FIRST-LAST range) to refuse as "
+                    "a peer even where --allowed-peer-ip or --allow-loopback-peers would allow "
+                    "it; repeat for several",
     "auth": "Auth backend TYPE:ARGS, e.g. static:file=users.toml, rest-secret:secret-file=PATH, "
             "db:dsn=...,secret-file=PATH; repeat to combine (see --help-auth)",
     "static-auth-secret": "Secret for TURN REST credentials (coturn's option); repeat to "
@@ -249,7 +252,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         for cert, key in (("cert", "pkey"), ("api-cert", "api-pkey")):
             if bool(self[cert]) != bool(self[key]):
                 fail(cert if not self[cert] else key, f"--{cert} and --{key} go together")
-        for name in ("allowed-peer-ip", "denied-peer-ip"):
+        for name in ("allowed-peer-ip", "denied-peer-ip", "cluster-cidr"):
             for value in self[name]:
                 try:
                     parse_rule(value)

@@ -1,12 +1,14 @@
 """Which peer addresses a client may relay to: no open relay into the operator's network.
 
-The check runs when a permission or channel is installed, never per packet: relaying needs a
-permission, so a peer that never passed this check is never reached.
+The address check runs when a permission or channel is installed, never per packet: relaying
+needs a permission, so a peer that never passed this check is never reached.  The relay's own
+listening endpoints are refused by address and port, so Send indications (whose permission is
+for an IP address, any port) check them too, with one set lookup on the port first.
 """
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, List, Optional, Set, Tuple, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -61,28 +63,83 @@ def parse_rule(text: str) -> Tuple[IPAddress, IPAddress]:
     return network[0], network[-1]
 
 
+def _candidates(host: str) -> List[IPAddress]:
+    """The address `host` names and the IPv4 address hidden in it, if any; [] for garbage."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return []
+    if address.version == 6:
+        inner = embedded_ipv4(address)
+        if inner is not None:
+            return [address, inner]
+    return [address]
+
+
+class OwnEndpoints:
+    """The relay's own listening endpoints: client listeners, tokens API, metrics.
+
+    Never a peer, whatever the rules allow (even loopback in a test setup, or an operator's
+    allow rule): a client must not make the relay talk to itself (request loops, or the API
+    reached from the relay's own trusted address).  Each service adds the endpoints it binds;
+    a listener on a wildcard address answers on every address of this host, which here means
+    loopback and `local` (the relay and external addresses).
+    """
+
+    def __init__(self, local: Iterable[str] = ()):
+        self.ports: Set[int] = set()
+        self.local: Set[IPAddress] = {ipaddress.ip_address(a) for a in local}
+        self._exact: Set[Tuple[IPAddress, int]] = set()
+        self._wildcard_ports: Set[int] = set()
+
+    def add(self, host: str, port: int) -> None:
+        address = ipaddress.ip_address(host)
+        self.ports.add(port)
+        if address.is_unspecified:
+            self._wildcard_ports.add(port)
+        else:
+            self._exact.add((address, port))
+
+    def __contains__(self, peer: Tuple[str, int]) -> bool:
+        port = peer[1]
+        if port not in self.ports:
+            return False
+        for address in _candidates(peer[0]):
+            # A datagram to 0.0.0.0 or :: is delivered to this host, on whichever address.
+            if address.is_unspecified or (address, port) in self._exact:
+                return True
+            if port in self._wildcard_ports and (address.is_loopback or address in self.local):
+                return True
+        return False
+
+
 class PeerPolicy:
-    """Operator allow rules win over deny rules, which win over the built-in defaults."""
+    """Cluster networks and the relay's own endpoints are never peers; then operator allow
+    rules win over deny rules, which win over the built-in defaults."""
 
     def __init__(self, allowed: Iterable[str] = (), denied: Iterable[str] = (),
-                 allow_loopback: bool = False):
+                 allow_loopback: bool = False, cluster: Iterable[str] = (),
+                 own: Optional[OwnEndpoints] = None):
         self.allowed: List[Tuple[IPAddress, IPAddress]] = [parse_rule(r) for r in allowed]
         self.denied: List[Tuple[IPAddress, IPAddress]] = [parse_rule(r) for r in denied]
+        # Kubernetes pod and service networks (--cluster-cidr): above every allow rule, so an
+        # operator allowing a private range for a media server cannot open the cluster too.
+        self.cluster: List[Tuple[IPAddress, IPAddress]] = [parse_rule(r) for r in cluster]
         self.allow_loopback = allow_loopback
+        # Shared, not copied: a policy rebuilt on reload keeps the listeners bound at start.
+        self.own = own if own is not None else OwnEndpoints()
 
     def permits(self, host: str) -> bool:
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        candidates = [address]
-        if address.version == 6:
-            inner = embedded_ipv4(address)
-            if inner is not None:
-                candidates.append(inner)
-        return all(self._permits_one(a) for a in candidates)
+        candidates = _candidates(host)
+        return bool(candidates) and all(self._permits_one(a) for a in candidates)
+
+    def permits_peer(self, peer: Tuple[str, int]) -> bool:
+        """A permission's or channel's peer: its address, and not one of our own endpoints."""
+        return self.permits(peer[0]) and peer not in self.own
 
     def _permits_one(self, address: IPAddress) -> bool:
+        if _in_ranges(address, self.cluster):
+            return False
         if _in_ranges(address, self.allowed):
             return True
         if _in_ranges(address, self.denied):

@@ -30,7 +30,7 @@ from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginD
 from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
                           load_secrets)
 from relay.metrics import RelayCollector, registry as metrics_registry
-from relay.peers import PeerPolicy
+from relay.peers import OwnEndpoints, PeerPolicy
 from relay.regions import Region
 from relay.tls import ServerTLS, self_signed
 from relay.tokens_api import TokensAPI
@@ -132,6 +132,7 @@ class ListenersService(Service):
             raise SystemExit(f"turnrelay: --listening-ip/--listening-port: cannot listen on "
                              f"{transport} [{host}]:{port}: {err.strerror}")
         listener = sock.getsockname()[:2]
+        self.server.config.policy.own.add(*listener)
         if transport == "udp":
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
             self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
@@ -156,8 +157,9 @@ class HTTPService(Service):
     privileges drop."""
 
     def __init__(self, reactor, site: Site, host: str, port: int, tls: Optional[ServerTLS],
-                 what: str, flags: str):
+                 what: str, flags: str, own: OwnEndpoints):
         self.reactor = reactor
+        self.own = own
         self.factory = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
         self.host, self.port, self.scheme = host, port, "http" if tls is None else "https"
         self.what, self.flags = what, flags
@@ -170,6 +172,7 @@ class HTTPService(Service):
             raise SystemExit(f"turnrelay: {self.flags}: cannot listen on "
                              f"[{self.host}]:{self.port}: {err.strerror}")
         port = sock.getsockname()[1]
+        self.own.add(self.host, port)
         self.listening = adopt_stream_socket(self.reactor, sock, self.factory)
         log.info("{what} listening on {scheme} [{host}]:{port}", what=self.what,
                  scheme=self.scheme, host=self.host, port=port)
@@ -264,6 +267,8 @@ def makeService(options: Options, reactor=None) -> MultiService:
     algorithms = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5) if checkers.supportsSha256 \
         else (stun.ALGORITHM_MD5,)
     portal = Portal(AccountRealm(), [checkers])
+    # Every listener this process opens adds itself: the relay never relays to its own ports.
+    own = OwnEndpoints(list(relay_ips.values()) + list(external_ips.values()))
     config = TurnConfig(
         realm=realm, relay_ips=relay_ips, external_ips=external_ips,
         min_port=options["min-port"], max_port=options["max-port"],
@@ -274,7 +279,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
         max_channel=stun.RFC5766_MAX_CHANNEL if options["rfc5766-channels"] else stun.MAX_CHANNEL,
         software=None if options["no-software-attribute"] else SOFTWARE,
         policy=PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
-                          bool(options["allow-loopback-peers"])),
+                          bool(options["allow-loopback-peers"]), options["cluster-cidr"], own),
         password_algorithms=algorithms,
     )
     server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows)
@@ -326,13 +331,13 @@ def makeService(options: Options, reactor=None) -> MultiService:
     if options["prometheus"]:
         HTTPService(reactor, QuietSite(Routes(metrics, not_ready), timeout=60),
                     options["prometheus-address"], options["prometheus-port"], None,
-                    "metrics", "--prometheus-address/--prometheus-port").setServiceParent(service)
+                    "metrics", "--prometheus-address/--prometheus-port", own).setServiceParent(service)
     if options["api-port"] is not None:
         api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips))
         # Idle connections close after a minute: the API has no use for long-held ones.
         HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
                     options["api-port"], api_tls, "tokens API",
-                    "--api-listening-ip/--api-port").setServiceParent(service)
+                    "--api-listening-ip/--api-port", own).setServiceParent(service)
     TimerService(1.0, lambda: server.tick(reactor.seconds())).setServiceParent(service)
     for checker in checkers.checkers:
         if getattr(checker, "service", None) is not None:

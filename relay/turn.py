@@ -464,7 +464,7 @@ class TurnServer:
     def _checked_peer(self, allocation: Allocation, peer: Address) -> None:
         if stun.address_family(peer[0]) not in allocation.relays:
             raise stun.StunError(443, "Peer Address Family Mismatch")
-        if not self.config.policy.permits(peer[0]):
+        if not self.config.policy.permits_peer(peer):
             raise stun.StunError(403, "Forbidden")
 
     def _create_permission(self, client: Client, msg: stun.Message, credentials: StunCredentials,
@@ -508,7 +508,8 @@ class TurnServer:
             peer, data = msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)
         except stun.StunError:
             return
-        if peer is not None and data is not None:
+        # The permission is for the peer's IP address, any port: not for our own listeners.
+        if peer is not None and data is not None and peer not in self.config.policy.own:
             allocation.send_indication(data, peer)
 
     def _close(self, allocation: Allocation, reason: str) -> None:

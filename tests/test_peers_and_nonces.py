@@ -7,7 +7,7 @@ import pytest
 
 from relay.nonces import (COOKIE, FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY,
                           NonceIssuer, NonceStatus)
-from relay.peers import PeerPolicy, embedded_ipv4, parse_rule
+from relay.peers import OwnEndpoints, PeerPolicy, embedded_ipv4, parse_rule
 
 FEATURES = FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY
 SECRET, OLD_SECRET = b"k" * 32, b"o" * 32
@@ -95,6 +95,34 @@ def test_rules_of_the_other_family_do_not_match():
     policy = PeerPolicy(allowed=["::/0"])
     assert not policy.permits("10.0.0.1")
     assert PeerPolicy(denied=["0.0.0.0/0"]).permits("2606:4700::1111")
+
+
+def test_cluster_networks_beat_allow_rules_and_allow_loopback():
+    policy = PeerPolicy(allowed=["10.0.0.0/8"], cluster=["10.96.0.0/12", "fd00:10:96::/108",
+                                                         "127.0.0.64/26"], allow_loopback=True)
+    assert policy.permits("10.1.2.3") and policy.permits("127.0.0.1")
+    for host in ("10.96.0.1", "10.111.255.254", "::ffff:10.96.0.10", "fd00:10:96::1",
+                 "127.0.0.65"):
+        assert not policy.permits(host), host
+
+
+def test_own_endpoints_are_never_peers():
+    own = OwnEndpoints(local=["203.0.113.7", "192.0.2.10"])
+    own.add("127.0.0.1", 3478)
+    own.add("::", 5349)          # a wildcard listener: every address of this host
+    own.add("0.0.0.0", 9100)
+    policy = PeerPolicy(allowed=["0.0.0.0/0", "::/0"], allow_loopback=True, own=own)
+    for peer in [("127.0.0.1", 3478), ("::ffff:127.0.0.1", 3478), ("::127.0.0.1", 3478),
+                 ("64:ff9b::7f00:1", 3478), ("2002:7f00:1::", 3478),
+                 ("127.0.0.1", 5349), ("127.0.0.2", 5349), ("::1", 5349), ("::", 5349),
+                 ("203.0.113.7", 5349), ("192.0.2.10", 9100), ("0.0.0.0", 9100),
+                 ("0.0.0.0", 3478), ("::", 3478)]:
+        assert peer in own and not policy.permits_peer(peer), peer
+    # The same addresses on other ports, and other hosts on those ports, are peers like any.
+    for peer in [("127.0.0.1", 3479), ("127.0.0.2", 3478), ("8.8.8.8", 5349),
+                 ("203.0.113.7", 3478), ("garbage", 3478)]:
+        assert peer not in own, peer
+    assert policy.permits_peer(("127.0.0.1", 3479)) and policy.permits_peer(("8.8.8.8", 5349))
 
 
 @pytest.mark.parametrize("rule", ["10.0.0.9-10.0.0.5", "10.0.0.1-::1", "bogus", "10.0.0.0/33"])

@@ -1,0 +1,207 @@
+"""The abuse suite: a real relay, over UDP, TCP and TLS, refuses to be a door into the operator's
+network, into itself or into another user's allocation, and survives malformed input.
+
+Every forbidden peer must get 403 for CreatePermission and ChannelBind, and whatever the client
+sends toward it (Send indications, ChannelData on the refused channel) must reach nobody:
+where the address is bindable on this host (loopback, and what the kernel routes to loopback:
+0.0.0.0, ::, IPv4 loopback inside IPv6) a real socket listens there, and the relay's own
+per-allocation counter, logged when the allocation closes, must count only the control
+message sent to an allowed peer.  The control message also orders the checks: it is sent last
+on the same 5-tuple, so once it has arrived every earlier one has been handled.
+"""
+from __future__ import annotations
+
+import copy
+import signal
+import socket
+import ssl
+from typing import Dict, List, Tuple
+
+import pytest
+
+from conftest import PASSWORD, REALM, USER, free_port
+from relay import stun
+from relay.turnclient import TurnClient, error_code
+
+UDP = (stun.REQUESTED_TRANSPORT, 17)
+DUAL = (stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6)
+TRANSPORTS = ("udp", "tcp", "tls")
+CONTROL = "127.0.0.2"   # the one peer the operator allows: --allowed-peer-ip
+BOB, BOB_PASSWORD = "bob", "builder"
+
+# The issue's list: (peer address, the loopback address a datagram to it would land on, if any).
+FORBIDDEN: List[Tuple[str, str]] = [
+    ("127.0.0.1", "127.0.0.1"), ("127.1.2.3", "127.1.2.3"), ("::1", "::1"),
+    ("0.0.0.0", "127.0.0.1"), ("0.1.2.3", ""), ("::", "::1"),
+    ("::ffff:127.0.0.1", "127.0.0.1"), ("::ffff:10.0.0.1", ""),
+    ("::ffff:169.254.169.254", ""), ("::127.0.0.1", "127.0.0.1"),
+    ("64:ff9b::7f00:1", "127.0.0.1"), ("2002:7f00:1::", "127.0.0.1"),
+    ("169.254.169.254", ""), ("169.254.0.1", ""), ("fe80::1", ""), ("fc00::1", ""),
+    ("fd12:3456::1", ""),
+    ("10.0.0.1", ""), ("172.16.0.1", ""), ("172.31.255.254", ""), ("192.168.1.1", ""),
+    ("100.64.0.1", ""), ("192.0.0.8", ""), ("192.0.2.1", ""), ("198.51.100.1", ""),
+    ("203.0.113.1", ""), ("198.18.0.1", ""), ("2001:db8::1", ""), ("100::1", ""),
+    ("224.0.0.1", ""), ("239.255.255.250", ""), ("ff02::1", ""), ("ff0e::1", ""),
+    ("240.0.0.1", ""), ("255.255.255.255", ""),
+]
+
+
+def udp_socket(host: str, port: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((host, port))
+    sock.settimeout(5)
+    return sock
+
+
+def listener_address(server, transport: str) -> Tuple[str, int]:
+    return server.host, server.tls_port if transport == "tls" else server.port
+
+
+def connect(server, transport: str, user: str = USER, password: str = PASSWORD) -> TurnClient:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    return TurnClient.connect(transport, listener_address(server, transport), user, password,
+                              REALM, context=context, bind_host=server.host)
+
+
+def as_user(client: TurnClient, user: str, password: str) -> TurnClient:
+    """Another user's credentials on `client`'s 5-tuple (same socket, same nonce)."""
+    other = copy.copy(client)
+    other.username, other.password = user, password
+    return other
+
+
+def closed_counters(server, client: TurnClient) -> str:
+    """Delete the allocation; its log line's from_client=PACKETS/BYTES counts what was relayed."""
+    assert client.request(stun.REFRESH, (stun.LIFETIME, 0)).cls == stun.SUCCESS
+    host, port = client.sock.getsockname()[:2]
+    return server.search(rf"allocation closed user=\w+ client={host}:{port} reason=deleted "
+                         rf"from_client=(\d+/\d+B)").group(1)
+
+
+def nothing_received(sinks: Dict[str, socket.socket]) -> List[str]:
+    """What reached the listening sinks; each is read without waiting, after the control."""
+    leaks = []
+    for host, sink in sinks.items():
+        sink.setblocking(False)
+        try:
+            data, source = sink.recvfrom(65536)
+            leaks.append(f"{host} got {data!r} from {source}")
+        except BlockingIOError:
+            pass
+        sink.settimeout(5)
+    return leaks
+
+
+@pytest.fixture
+def sinks():
+    """A listening UDP socket on every loopback address a forbidden peer could land on."""
+    opened = {host: udp_socket(host) for host in {landing for _, landing in FORBIDDEN if landing}}
+    yield opened
+    for sock in opened.values():
+        sock.close()
+
+
+def assert_no_way_through(server, transport: str, sinks: Dict[str, socket.socket]) -> None:
+    client = connect(server, transport)
+    try:
+        reply = client.request(stun.ALLOCATE, UDP, DUAL)
+        assert reply.cls == stun.SUCCESS and len(reply.get_all(stun.XOR_RELAYED_ADDRESS)) == 2
+        with udp_socket(CONTROL) as control:
+            control_peer = control.getsockname()[:2]
+            assert client.request(stun.CREATE_PERMISSION,
+                                  (stun.XOR_PEER_ADDRESS, control_peer)).cls == stun.SUCCESS
+            wrong = []
+            for i, (host, landing) in enumerate(FORBIDDEN):
+                peer = (host, sinks[landing].getsockname()[1] if landing else 9)
+                number = 0x4000 + i
+                codes = (error_code(client.request(stun.CREATE_PERMISSION,
+                                                   (stun.XOR_PEER_ADDRESS, peer))),
+                         error_code(client.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, number),
+                                                   (stun.XOR_PEER_ADDRESS, peer))))
+                if codes != (403, 403):
+                    wrong.append(f"{peer}: CreatePermission, ChannelBind answered {codes}")
+                client.send_indication(peer, b"leak %d" % i)
+                client.send_channel(number, b"leak %d" % i)
+            client.send_indication(control_peer, b"done")
+            data, source = control.recvfrom(100)
+            assert data == b"done", data
+        assert wrong == [], f"over {transport}:\n" + "\n".join(wrong)
+        assert nothing_received(sinks) == [], transport
+        assert closed_counters(server, client) == "1/4B", f"over {transport} more was relayed"
+    finally:
+        client.close()
+
+
+def test_forbidden_peers_get_403_and_nothing_reaches_them(server_factory, sinks):
+    server = server_factory("--relay-ip", "::1", "--allowed-peer-ip", CONTROL,
+                            loopback_peers=False)
+    for transport in TRANSPORTS:
+        assert_no_way_through(server, transport, sinks)
+    # A reload (users, certificates and, as they become reloadable, peer rules) opens nothing.
+    server.process.send_signal(signal.SIGHUP)
+    server.read_until("credentials reloaded")
+    for transport in TRANSPORTS:
+        assert_no_way_through(server, transport, sinks)
+
+
+def test_operator_rules_open_what_they_name_and_only_that(server_factory):
+    server = server_factory("--allowed-peer-ip", "10.0.0.0/8", "--allowed-peer-ip", "127.0.0.3",
+                            "--denied-peer-ip", "10.9.0.0/16", "--cluster-cidr", "10.96.0.0/12",
+                            loopback_peers=False)
+    with udp_socket("127.0.0.3") as allowed, udp_socket("127.0.0.4") as other:
+        client = connect(server, "udp")
+        try:
+            assert client.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
+            for host, code in (("10.1.2.3", None), ("10.9.0.1", None), ("10.96.0.1", 403),
+                               ("10.111.1.1", 403), ("172.16.0.1", 403), ("127.0.0.4", 403)):
+                reply = client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, (host, 9)))
+                assert error_code(reply) == code, host
+            peer = allowed.getsockname()[:2]
+            assert client.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, 0x4000),
+                                  (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
+            client.send_channel(0x4000, b"allowed")
+            assert allowed.recvfrom(100)[0] == b"allowed"
+            assert nothing_received({"127.0.0.4": other}) == []
+        finally:
+            client.close()
+
+
+def test_the_relays_own_endpoints_are_never_peers(server_factory, tmp_path):
+    """Even with loopback allowed, and an allow rule naming them: listeners and the API."""
+    api_port = free_port()
+    secret = tmp_path / "mint.secret"
+    secret.write_text("a-secret-to-mint-with\n")
+    server = server_factory("--allowed-peer-ip", "127.0.0.0/8", "--relay-ip", "::1",
+                            "--auth", f"db:dsn=sqlite:///{tmp_path / 'accounts.db'},"
+                                      f"secret-file={secret}", "--api-port", str(api_port))
+    server.read_until(f"tokens API listening on http [127.0.0.1]:{api_port}")
+    own_ports = (server.port, server.tls_port, api_port)
+    for transport in TRANSPORTS:
+        with udp_socket("127.0.0.1") as sink:
+            client = connect(server, transport)
+            try:
+                assert client.request(stun.ALLOCATE, UDP, DUAL).cls == stun.SUCCESS
+                sink_peer = sink.getsockname()[:2]
+                # A permission for 127.0.0.1 covers every port: sink and listeners alike.
+                assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, sink_peer),
+                                      (stun.XOR_PEER_ADDRESS, ("::1", 9))).cls == stun.SUCCESS
+                for i, port in enumerate(own_ports):
+                    for host in ("127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1", "::"):
+                        peer = (host, port)
+                        assert error_code(client.request(
+                            stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, 0x4000 + i),
+                            (stun.XOR_PEER_ADDRESS, peer))) == 403, (peer, transport)
+                        if host == "127.0.0.1":
+                            assert error_code(client.request(
+                                stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer))) == 403
+                        # A Binding request to our own listener would be answered to the relay
+                        # port and come back as a Data indication: it must not leave at all.
+                        probe = stun.Message(stun.BINDING, stun.REQUEST).encode()
+                        client.send_indication(peer, probe)
+                client.send_indication(sink_peer, b"done")
+                assert sink.recvfrom(100)[0] == b"done"
+                assert closed_counters(server, client) == "1/4B", transport
+            finally:
+                client.close()
+    assert "Traceback" not in server.stop()
