@@ -168,15 +168,17 @@ def test_operator_rules_open_what_they_name_and_only_that(server_factory):
 
 
 def test_the_relays_own_endpoints_are_never_peers(server_factory, tmp_path):
-    """Even with loopback allowed, and an allow rule naming them: listeners and the API."""
-    api_port = free_port()
+    """Even with loopback allowed, and an allow rule naming them: listeners, API, metrics."""
+    api_port, metrics_port = free_port(), free_port()
     secret = tmp_path / "mint.secret"
     secret.write_text("a-secret-to-mint-with\n")
     server = server_factory("--allowed-peer-ip", "127.0.0.0/8", "--relay-ip", "::1",
                             "--auth", f"db:dsn=sqlite:///{tmp_path / 'accounts.db'},"
-                                      f"secret-file={secret}", "--api-port", str(api_port))
+                                      f"secret-file={secret}", "--api-port", str(api_port),
+                            "--prometheus", "--prometheus-port", str(metrics_port))
     server.read_until(f"tokens API listening on http [127.0.0.1]:{api_port}")
-    own_ports = (server.port, server.tls_port, api_port)
+    server.read_until(f"metrics listening on http [127.0.0.1]:{metrics_port}")
+    own_ports = (server.port, server.tls_port, api_port, metrics_port)
     for transport in TRANSPORTS:
         with udp_socket("127.0.0.1") as sink:
             client = connect(server, transport)
