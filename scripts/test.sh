@@ -11,6 +11,7 @@ command -v turnutils_uclient >/dev/null || packages+=(coturn)   # turnutils_* cl
 command -v openssl >/dev/null || packages+=(openssl)           # test certificates
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)  # throwaway servers
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
+[ -x /usr/lib/chromium/chromium ] || packages+=(chromium)     # the browser WebRTC tests
 if [ "${#packages[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
@@ -19,6 +20,8 @@ fi
 # The operator tests' Kubernetes control plane and Helm: built once, then cached outside the checkout.
 bash scripts/k8s-tools.sh >/dev/null
 
+# Playwright drives Debian's Chromium: never let it download a browser of its own.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # editable_mode=compat: a plain editable install hides twisted/plugins from twistd.

@@ -22,6 +22,7 @@ def test_wheel_carries_the_plugin_and_nothing_else_under_twisted(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("twisted/")] == ["twisted/plugins/turnrelay.py"]
     assert "relay/tap.py" in names and "relay/stun.py" in names
+    assert "relay/selftest.html" in names  # package data: the API port's /test page
     assert not any(n.endswith("__init__.py") and n.startswith("twisted") for n in names)
 
 
