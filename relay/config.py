@@ -53,7 +53,8 @@ NUMBER_OPTIONS = {
     "min-port": _port, "max-port": _port, "max-allocate-lifetime": _positive,
     "stale-nonce": _positive, "user-quota": _positive, "source-quota": _positive,
     "total-quota": _positive, "max-permissions": _positive, "max-channels": _positive,
-    "api-port": _port, "api-max-ttl": _positive,
+    "api-port": _port, "api-max-ttl": _positive, "source-connection-quota": _positive,
+    "tls-handshake-timeout": _positive, "connection-idle-timeout": _positive,
     "accounting-interval": _positive, "accounting-queue": _positive,
     "prometheus-port": _port,
 }
@@ -119,6 +120,12 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["source-quota", None, 0, "Concurrent allocations per client IP (0: no limit)"],
         ["total-quota", None, 0, "Concurrent allocations in all (0: no limit)"],
         ["max-permissions", None, 64, "Permissions per allocation"],
+        ["source-connection-quota", None, 64, "Open TCP/TLS connections per client IP; more "
+                                              "are reset at once (0: no limit)"],
+        ["tls-handshake-timeout", None, 10, "Seconds a TLS client has to finish its handshake "
+                                            "(0: no limit)"],
+        ["connection-idle-timeout", None, 60, "Seconds a TCP/TLS connection may stay open "
+                                              "without an allocation (0: no limit)"],
         ["max-channels", None, 64, "Channels per allocation"],
         ["cert", None, None, "TLS certificate chain, PEM [default: a self-signed one made on "
                              "first run in --state-dir]"],

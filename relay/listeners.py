@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import errno
 import socket
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Set, Tuple
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
-from twisted.internet.interfaces import IReactorFDSet, IReactorSocket, IReactorTime, IReadDescriptor
+from twisted.internet.interfaces import (IAddress, IHandshakeListener, IReactorFDSet, IReactorSocket,
+                                         IReactorTime, IReadDescriptor)
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -105,14 +107,56 @@ class ClientDatagramProtocol(DatagramProtocol):
         self.dispatch(Client("udp", self.listener, addr, _udp_sender(sock, addr)), data)
 
 
+@dataclass
+class StreamLimits:
+    """Bounds on TCP/TLS client connections, shared by every stream listener of a process.
+
+    Each connection holds a descriptor and a buffer before it has authenticated anything, so
+    a flood from one address, or handshakes left hanging, must not use them all up: at most
+    `per_source` connections per client IP (0: no limit), a TLS handshake finished within
+    `handshake_timeout` seconds, and an allocation made within `idle_timeout` seconds
+    (0: no timeout).  An established session is not touched by any of them.
+    """
+
+    per_source: int = 64
+    handshake_timeout: float = 10
+    idle_timeout: float = 60
+    open: Dict[str, int] = field(default_factory=dict)   # client IP -> open connections
+    refusing: Set[str] = field(default_factory=set)      # client IPs at the limit, logged once
+
+    def admit(self, host: str) -> bool:
+        count = self.open.get(host, 0)
+        if self.per_source and count >= self.per_source:
+            if host not in self.refusing:
+                self.refusing.add(host)
+                log.warn("{host} has {count} TCP/TLS connections open, the most "
+                         "--source-connection-quota allows: refusing more", host=host, count=count)
+            return False
+        self.open[host] = count + 1
+        return True
+
+    def release(self, host: str) -> None:
+        count = self.open.pop(host) - 1
+        if count:
+            self.open[host] = count
+        self.refusing.discard(host)
+
+
+class _Refused(Protocol):
+    """A connection over the per-source limit: reset at once, before any byte is read."""
+
+    def connectionMade(self) -> None:
+        self.transport.abortConnection()
+
+
+@implementer(IHandshakeListener)
 class ClientStreamProtocol(Protocol, TimeoutMixin):
     """A TCP or TLS client: the only work beyond the core is framing the byte stream.
 
-    A connection that has no allocation after `IDLE_TIMEOUT` seconds (a stalled TLS
-    handshake, a port scanner, a client that gave up) is closed: each one holds a descriptor.
+    Until its TLS handshake completes a connection has `handshake_timeout` seconds; then, as
+    long as it has no allocation, `idle_timeout` (a port scanner, a client that gave up).
     """
 
-    IDLE_TIMEOUT = 60
     factory: "ClientStreamFactory"
     buffer = b""
 
@@ -122,10 +166,15 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
         peer = self.transport.getPeer()
         self.client = Client(factory.transport_name, factory.listener, (peer.host, peer.port),
                              self.transport.write)
-        self.setTimeout(self.IDLE_TIMEOUT)
+        limits = factory.limits
+        self.setTimeout((limits.handshake_timeout if factory.transport_name == "tls"
+                         else limits.idle_timeout) or None)
         # Media in small frames: Nagle would hold a frame back for the client's delayed ACK
         # (measured with `turnrelay probe` on loopback: TCP p99 RTT 45 ms with it, below 2 without).
         self.transport.setTcpNoDelay(True)
+
+    def handshakeCompleted(self) -> None:
+        self.setTimeout(self.factory.limits.idle_timeout or None)
 
     def timeoutConnection(self) -> None:
         if self.client.key in self.server.allocations:
@@ -153,6 +202,7 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.setTimeout(None)
+        self.factory.limits.release(self.client.address[0])
         self.server.connection_lost(self.client)
 
 
@@ -161,11 +211,18 @@ class ClientStreamFactory(Factory):
     noisy = False
 
     def __init__(self, server: TurnServer, dispatch: LoginDispatcher, transport_name: str,
-                 listener: Address):
+                 listener: Address, limits: StreamLimits):
         self.server = server
         self.dispatch = dispatch
         self.transport_name = transport_name
         self.listener = listener
+        self.limits = limits
+
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        # Refused by a protocol rather than None: a TLS wrapper cannot wrap None.
+        if not self.limits.admit(addr.host):
+            return _Refused()
+        return Factory.buildProtocol(self, addr)
 
 
 @implementer(IReadDescriptor)

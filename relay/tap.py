@@ -26,7 +26,7 @@ from relay.credentials import AccountRealm
 from relay.health import QuietSite, Routes
 from relay.ledger import Ledger
 from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher,
-                             RelayBinder, adopt_datagram_socket, bound_socket)
+                             RelayBinder, StreamLimits, adopt_datagram_socket, bound_socket)
 from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
                           load_secrets)
 from relay.metrics import RelayCollector, registry as metrics_registry
@@ -102,6 +102,9 @@ class ListenersService(Service):
         self.dispatch = dispatch
         self.options = options
         self.tls = tls
+        self.stream_limits = StreamLimits(options["source-connection-quota"],
+                                          options["tls-handshake-timeout"],
+                                          options["connection-idle-timeout"])
         self.ports: List[object] = []
 
     def privilegedStartService(self) -> None:
@@ -137,7 +140,8 @@ class ListenersService(Service):
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
             self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
         else:
-            factory = ClientStreamFactory(self.server, self.dispatch, transport, listener)
+            factory = ClientStreamFactory(self.server, self.dispatch, transport, listener,
+                                          self.stream_limits)
             if transport == "tls":
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
             self.ports.append(adopt_stream_socket(self.reactor, sock, factory))

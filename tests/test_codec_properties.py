@@ -21,7 +21,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from relay import stun
-from relay.listeners import ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher
+from relay.listeners import ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher, StreamLimits
 from stun_strategies import SIGNATURES, messages, mutated, signing, wire_messages
 from turnclient_helpers import PEER, Harness, channel_data
 
@@ -153,8 +153,8 @@ def test_udp_channel_data_reaches_the_peer_only_when_well_formed(frames):
 # -- the stream framer -------------------------------------------------------------------------
 
 def stream_protocol(harness: Harness, dispatch: LoginDispatcher):
-    factory = ClientStreamFactory(harness.server, dispatch, "tcp", LISTENER)
-    protocol = factory.buildProtocol(None)
+    factory = ClientStreamFactory(harness.server, dispatch, "tcp", LISTENER, StreamLimits())
+    protocol = factory.buildProtocol(IPv4Address("TCP", *CLIENT))
     protocol.callLater = Clock().callLater     # the idle timer, on a clock of its own
     transport = StringTransport(peerAddress=IPv4Address("TCP", *CLIENT))
     protocol.makeConnection(transport)
