@@ -152,11 +152,20 @@ def test_udp_channel_data_reaches_the_peer_only_when_well_formed(frames):
 
 # -- the stream framer -------------------------------------------------------------------------
 
+class TCPStringTransport(StringTransport):
+    """Twisted's in-memory transport with the one TCP option the stream protocol sets."""
+
+    no_delay = False
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay = enabled
+
+
 def stream_protocol(harness: Harness, dispatch: LoginDispatcher):
     factory = ClientStreamFactory(harness.server, dispatch, "tcp", LISTENER, StreamLimits())
     protocol = factory.buildProtocol(IPv4Address("TCP", *CLIENT))
     protocol.callLater = Clock().callLater     # the idle timer, on a clock of its own
-    transport = StringTransport(peerAddress=IPv4Address("TCP", *CLIENT))
+    transport = TCPStringTransport(peerAddress=IPv4Address("TCP", *CLIENT))
     protocol.makeConnection(transport)
     return protocol, transport
 
