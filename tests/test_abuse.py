@@ -15,6 +15,7 @@ import copy
 import signal
 import socket
 import ssl
+import time
 from typing import Dict, List, Tuple
 
 import pytest
@@ -207,3 +208,190 @@ def test_the_relays_own_endpoints_are_never_peers(server_factory, tmp_path):
             finally:
                 client.close()
     assert "Traceback" not in server.stop()
+
+
+# -- malformed input ----------------------------------------------------------------------------
+
+MARKER = b"\xdeMARKER-never-echoed\xad"
+# What an answer to a malformed message may carry: an error and a challenge, nothing of ours.
+ANSWER_ATTRIBUTES = {stun.ERROR_CODE, stun.REALM, stun.NONCE, stun.PASSWORD_ALGORITHMS,
+                     stun.SOFTWARE, stun.FINGERPRINT, stun.MESSAGE_INTEGRITY,
+                     stun.MESSAGE_INTEGRITY_SHA256, stun.UNKNOWN_ATTRIBUTES,
+                     stun.XOR_MAPPED_ADDRESS}
+
+
+def binding(*attributes: Tuple[int, bytes]) -> stun.Message:
+    msg = stun.Message(stun.BINDING, stun.REQUEST)
+    msg.attributes.extend(attributes)
+    return msg
+
+
+def with_length(wire: bytes, length: int) -> bytes:
+    return wire[:2] + length.to_bytes(2, "big") + wire[4:]
+
+
+def signed(client: TurnClient, method: int, *attributes: Tuple[int, bytes],
+           password: str = PASSWORD) -> bytes:
+    msg = stun.Message(method, stun.REQUEST)
+    msg.attributes.extend(attributes)
+    msg.add(stun.USERNAME, USER).add(stun.REALM, REALM).add(stun.NONCE, client.nonce)
+    return msg.encode(key=stun.long_term_key(USER, REALM, password), fingerprint=True)
+
+
+def malformed_cases(client: TurnClient) -> List[Tuple[str, bytes, object]]:
+    """(what, bytes, expected): None for dropped, else the acceptable answers' codes, with
+    0 for a success.  Each message is complete as its own header frames it, so a stream stays
+    in step; `client` holds an allocation and a nonce."""
+    good = binding((stun.SOFTWARE, MARKER)).encode(fingerprint=True)
+    overrun = binding().encode()
+    overrun = with_length(overrun, 8) + (0x8022).to_bytes(2, "big") + (200).to_bytes(2, "big") \
+        + MARKER[:4]
+    fingerprint = bytearray(good)
+    fingerprint[-1] ^= 0x01
+    late = binding((stun.SOFTWARE, MARKER)).encode(fingerprint=True)
+    late = with_length(late, len(late) - 20 + 8) + (0x8022).to_bytes(2, "big") \
+        + (4).to_bytes(2, "big") + MARKER[:4]
+    response = stun.Message(stun.BINDING, stun.SUCCESS).add(stun.SOFTWARE, "x").encode()
+    short_mi = stun.Message(stun.ALLOCATE, stun.REQUEST).add(stun.REQUESTED_TRANSPORT, 17)
+    short_mi.add(stun.USERNAME, USER).add(stun.REALM, REALM).add(stun.NONCE, client.nonce)
+    short_mi.attributes.append((stun.MESSAGE_INTEGRITY, MARKER[:10]))
+    bad_peer = (stun.XOR_PEER_ADDRESS, b"\x00\x07\x12\x34" + MARKER[:4])
+    odd_peer = (stun.XOR_PEER_ADDRESS, MARKER[:5])
+    many = binding(*[(0xC000 + i, MARKER[:4]) for i in range(500)])
+    return [
+        ("attribute longer than the message", overrun, None),
+        ("length not a multiple of 4", with_length(good, len(good) - 22)[:-2], None),
+        ("bad FINGERPRINT", bytes(fingerprint), None),
+        ("FINGERPRINT not last", late, None),
+        ("a response, not a request", response, None),
+        ("unknown method", stun.Message(0x0FF, stun.REQUEST).add(stun.SOFTWARE, "x").encode(),
+         {400}),
+        ("unknown comprehension-required attribute", binding((0x0031, MARKER)).encode(), {420}),
+        ("500 unknown optional attributes", many.encode(), {0}),
+        ("MESSAGE-INTEGRITY of 10 bytes", short_mi.encode(), {400, 401}),
+        ("bad MESSAGE-INTEGRITY", signed(client, stun.ALLOCATE, (stun.REQUESTED_TRANSPORT,
+                                                                 b"\x11\x00\x00\x00"),
+                                         password="guess"), {401}),
+        ("XOR-PEER-ADDRESS of family 7", signed(client, stun.CREATE_PERMISSION, bad_peer), {400}),
+        ("XOR-PEER-ADDRESS of 5 bytes", signed(client, stun.CHANNEL_BIND, odd_peer,
+                                               (stun.CHANNEL_NUMBER, b"\x40\x00\x00\x00")),
+         {400}),
+        ("CHANNEL-NUMBER of 2 bytes", signed(client, stun.CHANNEL_BIND,
+                                             (stun.CHANNEL_NUMBER, b"\x40\x00")), {400}),
+        ("LIFETIME of 3 bytes", signed(client, stun.REFRESH, (stun.LIFETIME, b"\x00\x00\x01")),
+         {400}),
+    ]
+
+
+def answers_until_binding(client: TurnClient) -> List[bytes]:
+    """Everything the server sends before it answers a fresh Binding: its answers to what
+    came before, since it handles one client's messages in order."""
+    probe = stun.Message(stun.BINDING, stun.REQUEST)
+    client.sock.sendall(probe.encode()) if client.transport != "udp" else \
+        client.sock.sendto(probe.encode(), client.server)
+    answers = []
+    while True:
+        data = client._receive(time.monotonic() + 5)  # the client's own framing
+        if stun.is_stun(data) and stun.parse(data).transaction_id == probe.transaction_id:
+            return answers
+        answers.append(data)
+
+
+def judge(what: str, wire: bytes, expected, answers: List[bytes]) -> List[str]:
+    tid = wire[8:20]
+    problems = []
+    for data in answers:
+        if MARKER[:4] in data or len(data) > 200:
+            problems.append(f"{what}: echoed or oversized answer {data!r}")
+            continue
+        reply = stun.parse(data)
+        code = error_code(reply) or 0
+        if reply.transaction_id != tid or expected is None or code not in expected:
+            problems.append(f"{what}: answered {code} with transaction {reply.transaction_id!r}")
+        extra = {t for t, _ in reply.attributes} - ANSWER_ATTRIBUTES
+        if extra:
+            problems.append(f"{what}: answer carries attributes {sorted(extra)}")
+    if expected is not None and len(answers) != 1:
+        problems.append(f"{what}: {len(answers)} answers, expected one of {expected}")
+    return problems
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_malformed_messages_are_dropped_or_answered_400_never_echoed(server_factory, transport):
+    server = server_factory()
+    client = connect(server, transport)
+    try:
+        assert client.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
+        problems = []
+        for what, wire, expected in malformed_cases(client):
+            client._send(wire)
+            problems += judge(what, wire, expected, answers_until_binding(client))
+        if transport == "udp":
+            # Datagrams shorter than their header says, or not STUN nor ChannelData at all.
+            for what, wire in (("truncated header", MARKER[:12]),
+                               ("header longer than the datagram",
+                                with_length(binding().encode(), 100) + MARKER),
+                               ("ChannelData longer than the datagram",
+                                b"\x40\x00\x03\xe8" + MARKER),
+                               ("first byte 0xFF", b"\xff" + MARKER * 2)):
+                client._send(wire)
+                problems += judge(what, wire, None, answers_until_binding(client))
+        assert problems == [], "\n".join(problems)
+        # The allocation is untouched and still relays.
+        assert client.request(stun.REFRESH).cls == stun.SUCCESS
+    finally:
+        client.close()
+    if transport != "udp":
+        # Streams: a frame cut short by the client closing, and bytes that frame nothing
+        # (the server closes those connections), then a fresh connection is served.
+        for cut in (MARKER[:3], with_length(binding().encode(), 100) + MARKER, b"\xff" + MARKER):
+            broken = connect(server, transport)
+            broken._send(cut)
+            broken.close()
+        fresh = connect(server, transport)
+        assert fresh.exchange(stun.Message(stun.BINDING, stun.REQUEST)).cls == stun.SUCCESS
+        fresh.close()
+    log = server.stop()
+    assert "Traceback" not in log and "Unhandled" not in log, log
+
+
+# -- another user's allocation --------------------------------------------------------------------
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_another_users_allocation_cannot_be_touched(server_factory, transport):
+    server = server_factory(users=((USER, PASSWORD), (BOB, BOB_PASSWORD)))
+    alice = connect(server, transport)
+    bob = connect(server, transport, BOB, BOB_PASSWORD)
+    with udp_socket("127.0.0.1") as peer, udp_socket("127.0.0.5") as bobs_peer:
+        target, bobs_target = peer.getsockname()[:2], bobs_peer.getsockname()[:2]
+        try:
+            assert alice.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
+            assert alice.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, 0x4000),
+                                 (stun.XOR_PEER_ADDRESS, target)).cls == stun.SUCCESS
+            # From another 5-tuple, with valid credentials: there is no allocation to touch.
+            for method, attributes in (
+                    (stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, bobs_target)]),
+                    (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4001),
+                                         (stun.XOR_PEER_ADDRESS, bobs_target)]),
+                    (stun.REFRESH, [(stun.LIFETIME, 0)])):
+                assert error_code(bob.request(method, *attributes)) == 437, method
+            bob.send_indication(target, b"from bob's 5-tuple")
+            bob.send_channel(0x4000, b"from bob's 5-tuple")
+            # On alice's 5-tuple with bob's credentials: 441, and nothing changes.
+            intruder = as_user(alice, BOB, BOB_PASSWORD)
+            for method, attributes in (
+                    (stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, bobs_target)]),
+                    (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4001),
+                                         (stun.XOR_PEER_ADDRESS, bobs_target)]),
+                    (stun.REFRESH, [(stun.LIFETIME, 0)])):
+                assert error_code(intruder.request(method, *attributes)) == 441, method
+            # Neither bob's permission nor his channel exists; alice's channel still works.
+            alice.send_indication(bobs_target, b"no permission")
+            alice.send_channel(0x4001, b"no channel")
+            alice.send_channel(0x4000, b"alice's")
+            assert peer.recvfrom(100)[0] == b"alice's"
+            assert nothing_received({"peer": peer, "bob's peer": bobs_peer}) == []
+            assert closed_counters(server, alice) == "1/7B"
+        finally:
+            alice.close()
+            bob.close()
