@@ -32,11 +32,14 @@ from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMIT
 from relay.metrics import RelayCollector, registry as metrics_registry
 from relay.peers import OwnEndpoints, PeerPolicy
 from relay.regions import Region
+from relay.sqldb import pool_from_dsn
 from relay.tls import ServerTLS, self_signed
 from relay.tokens_api import TokensAPI
 from relay.turn import TurnConfig, TurnServer
 from relay.usage import IUsageBackend
-from relay.usage_sql import sqlite_backend
+from relay.usage_api import UsageAnswers
+from relay.usage_report import UsageReader
+from relay.usage_sql import SqlUsageBackend, sqlite_backend
 
 log = Logger(namespace="turnrelay")
 _LEVELS = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info,
@@ -224,8 +227,10 @@ def _server_tls(options: Options, cert: str, key: str, flags: str) -> ServerTLS:
         raise SystemExit(f"turnrelay: {flags}: cannot use {cert} and {key}: {err}")
 
 
-def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str]) -> TokensAPI:
-    """The tokens API, whose home region is where this relay's own listeners are reached."""
+def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
+                backends: Dict[str, IUsageBackend]) -> TokensAPI:
+    """The tokens API, whose home region is where this relay's own listeners are reached, and
+    which reads usage from the ledger the relay writes."""
     external = options["external-ip"]
     host = options["public-host"] or (external[0].partition("/")[0] if external
                                       else next(iter(relay_ips.values())))
@@ -236,7 +241,17 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str]) -> TokensA
     # reached on the balancer's ports, not its own.
     regions = {options["region"]: home, **options["regions"]}
     return TokensAPI(options["api-store"], options["api-secret"], regions, options["region"],
-                     options["api-max-ttl"], clock=reactor.seconds)
+                     options["api-max-ttl"], clock=reactor.seconds,
+                     usage=UsageAnswers(_usage_reader(backends),
+                                        options["rates"], reactor.seconds))
+
+
+def _usage_reader(backends: Dict[str, IUsageBackend]) -> Optional[UsageReader]:
+    """A reader of the ledger this relay writes, for the usage API: a PostgreSQL one first,
+    since it holds the whole fleet's usage, else a SQLite one; None with neither."""
+    ledgers = sorted((not backend.dsn.startswith("postgres"), backend.dsn)
+                     for backend in backends.values() if isinstance(backend, SqlUsageBackend))
+    return UsageReader(pool_from_dsn(ledgers[0][1], cp_min=1, cp_max=2)) if ledgers else None
 
 
 def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
@@ -337,7 +352,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
                     options["prometheus-address"], options["prometheus-port"], None,
                     "metrics", "--prometheus-address/--prometheus-port", own).setServiceParent(service)
     if options["api-port"] is not None:
-        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips))
+        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, backends))
         # Idle connections close after a minute: the API has no use for long-held ones.
         HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
                     options["api-port"], api_tls, "tokens API",

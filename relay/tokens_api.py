@@ -2,6 +2,8 @@
 
     POST   /v1/accounts/{account}/tokens             201: a credential and its ICE servers
     DELETE /v1/accounts/{account}/tokens/{username}  204: that credential revoked
+    GET    /v1/accounts/{account}/usage              200: usage and charges (`relay.usage_api`)
+    GET    /v1/accounts/{account}/sessions           200: sessions, a page at a time
 
 A caller authenticates with HTTP Basic, the account id and the account's API key, as with
 Twilio's Account SID and auth token.  Credentials are TURN REST credentials minted with the
@@ -39,7 +41,7 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import parse_qsl, quote
 
 from twisted.internet import defer
@@ -52,6 +54,9 @@ from relay.accounts_db import ACTIVE, AccountStore
 from relay.ratelimit import RateLimiter
 from relay.regions import Region
 from relay.tokens import mint, parse_username, rfc3339
+
+if TYPE_CHECKING:
+    from relay.usage_api import UsageAnswers
 
 log = Logger(namespace="turnrelay.api")
 
@@ -104,19 +109,26 @@ def basic_credentials(header: Optional[bytes]) -> Optional[Tuple[str, str]]:
     return (user, password) if sep and user and password else None
 
 
-def route(postpath: List[bytes]) -> Optional[Tuple[str, Optional[str]]]:
-    """(account, username or None) for a path of the API, None for any other path."""
+# The method each kind of path serves: (resource, whether an item of it is named).
+METHODS = {("tokens", False): b"POST", ("tokens", True): b"DELETE",
+           ("usage", False): b"GET", ("sessions", False): b"GET"}
+
+
+def route(postpath: List[bytes]) -> Optional[Tuple[str, str, Optional[str]]]:
+    """(account, resource, item or None) for a path of the API, None for any other path."""
     try:
         segments = [segment.decode("utf-8") for segment in postpath]
     except UnicodeDecodeError:
         return None
-    if (len(segments) not in (4, 5) or segments[:2] != ["v1", "accounts"]
-            or segments[3] != "tokens" or not all(segments)):
+    if len(segments) not in (4, 5) or segments[:2] != ["v1", "accounts"] or not all(segments):
         return None
-    return segments[2], segments[4] if len(segments) == 5 else None
+    item = segments[4] if len(segments) == 5 else None
+    if (segments[3], item is not None) not in METHODS:
+        return None
+    return segments[2], segments[3], item
 
 
-def _url_encoded(encoded: bytes, where: str) -> List[Tuple[str, Any]]:
+def url_encoded(encoded: bytes, where: str) -> List[Tuple[str, Any]]:
     """The name-value pairs of a query string or form body; 400 naming `where` unless they
     are URL-encoded UTF-8."""
     try:
@@ -134,10 +146,10 @@ def request_fields(request: Request) -> Dict[str, Any]:
     body = request.content.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
         raise ApiError(413, f"body: larger than {MAX_BODY // 1024} KiB")
-    given = _url_encoded(request.uri.partition(b"?")[2], "query")
+    given = url_encoded(request.uri.partition(b"?")[2], "query")
     content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
     if content_type == b"application/x-www-form-urlencoded":
-        given += _url_encoded(body, "body")
+        given += url_encoded(body, "body")
     elif content_type == b"application/json":
         try:
             document = json.loads(body) if body.strip() else {}
@@ -184,8 +196,10 @@ class TokensAPI(Resource):
     isLeaf = True
 
     def __init__(self, store: AccountStore, secret: bytes, regions: Mapping[str, Region],
-                 home_region: str, max_ttl: int, clock: Callable[[], float] = time.time):
+                 home_region: str, max_ttl: int, clock: Callable[[], float] = time.time,
+                 usage: Optional["UsageAnswers"] = None):
         super().__init__()
+        self.usage = usage
         self.store = store
         self.secret = secret
         self.regions = dict(regions)
@@ -232,16 +246,22 @@ class TokensAPI(Resource):
         path = route(request.postpath)
         if path is None:
             raise ApiError(404, "no such resource")
-        account_id, username = path
-        method = b"POST" if username is None else b"DELETE"
+        account_id, resource, username = path
+        method = METHODS[resource, username is not None]
         if request.method != method:
             raise ApiError(405, f"method not allowed; this path serves {method.decode()}",
                            {b"allow": method})
         if await self._authenticate(request) != account_id:
             raise _not_yours(account_id)
-        if username is None:
-            return await self._mint(request, account_id)
-        return await self._revoke(account_id, username)
+        if resource == "tokens":
+            if username is None:
+                return await self._mint(request, account_id)
+            return await self._revoke(account_id, username)
+        if self.usage is None:
+            raise ApiError(501, "this relay serves no usage")
+        if resource == "usage":
+            return await self.usage.usage(request, account_id)
+        return await self.usage.sessions(request, account_id)
 
     async def _authenticate(self, request: Request) -> str:
         """The account whose API key the request carries; 401 or 429 otherwise."""

@@ -72,8 +72,9 @@ class SqlUsageBackend(SqlStore):
     """IUsageBackend on one pool of a single connection: the ledger writes one batch at a time,
     and one connection is one thing to find broken and reopen after a database restart."""
 
-    def __init__(self, pool: adbapi.ConnectionPool):
+    def __init__(self, pool: adbapi.ConnectionPool, dsn: str):
         super().__init__(pool)
+        self.dsn = dsn  # for readers of the same ledger (the usage API); may hold a password
         self._migrated = False
 
     def write(self, records: Sequence[Record]) -> defer.Deferred[None]:
@@ -119,7 +120,7 @@ def sqlite_backend(argstring: str) -> SqlUsageBackend:
     path = os.path.abspath(single_argument(argstring, "path"))
     if not os.path.isdir(os.path.dirname(path)):
         raise ValueError("path: its directory does not exist")
-    return SqlUsageBackend(sqlite_pool(path, cp_min=1, cp_max=1))
+    return SqlUsageBackend(sqlite_pool(path, cp_min=1, cp_max=1), "sqlite://" + path)
 
 
 def postgresql_backend(argstring: str) -> SqlUsageBackend:
@@ -128,6 +129,6 @@ def postgresql_backend(argstring: str) -> SqlUsageBackend:
     if dsn.partition(":")[0] not in ("postgresql", "postgres"):
         raise ValueError("dsn: expected postgresql://USER@HOST:PORT/DBNAME")
     try:
-        return SqlUsageBackend(postgresql_pool(dsn, cp_min=1, cp_max=1))
+        return SqlUsageBackend(postgresql_pool(dsn, cp_min=1, cp_max=1), dsn)
     except BadDsn:
         raise ValueError("dsn: not a valid PostgreSQL DSN") from None

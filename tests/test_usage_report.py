@@ -22,6 +22,7 @@ from conftest import PASSWORD, Server, start_server
 from dbfixtures import in_reactor, postgres_dsn, raw_rows  # noqa: F401
 from postgres import fresh_schema
 from test_cli import turnrelay
+from test_tokens_api import Api
 
 US_RATE_BEFORE, US_RATE_AFTER, EU_RATE = Decimal("0.1234567"), Decimal("0.98765"), Decimal("2.5")
 USERS = {"alice": "acme", "bob": "acme", "carol": "globex"}
@@ -254,3 +255,92 @@ def test_a_missing_ledger_is_one_line(tmp_path, postgres_dsn):  # noqa: F811
     no_ledger = turnrelay("usage", "--since", "2026-11-01", status=2)
     assert no_ledger.stderr.strip() == ("turnrelay usage: --ledger DSN (or TURNRELAY_LEDGER) is "
                                         "required")
+
+
+# -- the usage API, on the eu-west relay's --api-port ----------------------------------------
+
+def api_get(ledger: Ledger, path: str, account: Optional[str] = "acme",
+            key_of: Optional[str] = None):
+    """GET `path` with `account`'s id and the API key of `key_of` (default: its own)."""
+    api = Api(ledger.api, ledger.api_port, None, ledger.keys)
+    auth = None if account is None else (account, ledger.keys[key_of or account])
+    return api.request("GET", path, auth)
+
+
+@pytest.mark.parametrize("granularity, key", [
+    ("day", lambda d: d[3][:10]), ("month", lambda d: d[3][:7]), ("all", lambda d: "all"),
+])
+def test_the_usage_api_gives_the_sums_of_the_account_s_records(ledger, granularity, key):
+    for account in ("acme", "globex"):
+        answer = api_get(ledger, f"/v1/accounts/{account}/usage?start=2026-01-01"
+                                 f"&granularity={granularity}", account)
+        assert answer.status == 200, answer.body
+        assert answer.headers["Cache-Control"] == "no-store"
+        body = answer.body
+        assert (body["account"], body["start"], body["granularity"]) == (
+            account, "2026-01-01T00:00:00Z", granularity)
+        assert {row.pop("period"): row for row in body["usage"]} == ledger.expected(
+            key, account=account)
+        assert body["total"].pop("period") == "all"
+        assert body["total"] == ledger.expected(lambda d: "all", account=account)["all"]
+
+
+def test_sessions_come_in_pages_and_sum_to_the_usage(ledger):
+    path = "/v1/accounts/acme/sessions?start=2026-01-01&limit=2"
+    sessions = []
+    while path is not None:
+        answer = api_get(ledger, path)
+        assert answer.status == 200, answer.body
+        assert len(answer.body["sessions"]) <= 2
+        sessions += answer.body["sessions"]
+        path = answer.body["next_page_uri"]
+    expected = ledger.expected(lambda d: d[0], account="acme")
+    assert len(sessions) == len(expected) == 3
+    assert [s["started_at"] for s in sessions] == sorted(s["started_at"] for s in sessions)
+    for session in sessions:
+        row = expected[session["session_id"]]
+        assert {k: session[k] for k in ("bytes_sent", "bytes_received", "total_bytes", "mb",
+                                        "charge")} == {k: row[k] for k in (
+                                            "bytes_sent", "bytes_received", "total_bytes", "mb",
+                                            "charge")}
+        assert session["transport"] == "udp" and session["end_reason"] == "deleted"
+        assert session["client_address"].startswith("127.0.0.1:")
+        assert session["started_at"] <= session["ended_at"]
+    assert {s["region"] for s in sessions} == {"us-east", "eu-west"}
+    usage = api_get(ledger, "/v1/accounts/acme/usage?start=2026-01-01&granularity=all").body
+    assert sum(s["total_bytes"] for s in sessions) == usage["total"]["total_bytes"]
+
+
+@pytest.mark.parametrize("path, account, key_of, status, message", [
+    ("/v1/accounts/globex/usage?start=2026-01-01", "acme", None, 404,
+     "no account 'globex' for these credentials"),
+    ("/v1/accounts/acme/sessions?start=2026-01-01", "globex", None, 404,
+     "no account 'acme' for these credentials"),
+    ("/v1/accounts/acme/usage?start=2026-01-01", "acme", "globex", 401,
+     "wrong account id or API key"),
+    ("/v1/accounts/acme/usage?start=2026-01-01", None, None, 401,
+     "HTTP Basic credentials required: the account id and its API key"),
+    ("/v1/accounts/acme/usage", "acme", None, 400,
+     "start: required, e.g. 2026-11-01T00:00:00Z or 2026-11-01"),
+    ("/v1/accounts/acme/usage?start=2026-11-01T00:00:00", "acme", None, 400,
+     "start: '2026-11-01T00:00:00' has no UTC offset: end it with Z"),
+    ("/v1/accounts/acme/usage?start=2026-11-02&end=2026-11-01", "acme", None, 400,
+     "end: 2026-11-01T00:00:00Z is not after start 2026-11-02T00:00:00Z"),
+    ("/v1/accounts/acme/usage?start=2026-11-01&granularity=week", "acme", None, 400,
+     "granularity: expected one of day, month, all"),
+    ("/v1/accounts/acme/usage?start=2026-11-01&account=globex", "acme", None, 400,
+     "account: unknown parameter; expected start, end, granularity"),
+    ("/v1/accounts/acme/sessions?start=2026-11-01&limit=0", "acme", None, 400,
+     "limit: expected a whole number from 1 to 1000"),
+    ("/v1/accounts/acme/sessions?start=2026-11-01&after=bm90IGEgY3Vyc29y", "acme", None, 400,
+     "after: not a cursor from a next_page_uri"),
+])
+def test_the_usage_api_refuses_clearly(ledger, path, account, key_of, status, message):
+    answer = api_get(ledger, path, account, key_of)
+    assert (answer.status, answer.body) == (status, {"code": status, "message": message})
+
+
+def test_the_usage_paths_serve_get_only(ledger):
+    api = Api(ledger.api, ledger.api_port, None, ledger.keys)
+    answer = api.request("POST", "/v1/accounts/acme/usage", api.auth("acme"))
+    assert answer.status == 405 and answer.headers["Allow"] == "GET"
