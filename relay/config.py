@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 from twisted.python import usage
 
@@ -56,7 +56,7 @@ NUMBER_OPTIONS = {
     "api-port": _port, "api-max-ttl": _positive, "source-connection-quota": _positive,
     "tls-handshake-timeout": _positive, "connection-idle-timeout": _positive,
     "accounting-interval": _positive, "accounting-queue": _positive,
-    "prometheus-port": _port,
+    "prometheus-port": _port, "drain-grace": _positive,
 }
 
 LIST_OPTIONS = {
@@ -79,6 +79,10 @@ LIST_OPTIONS = {
             "db:dsn=...,secret-file=PATH; repeat to combine (see --help-auth)",
     "static-auth-secret": "Secret for TURN REST credentials (coturn's option); repeat to "
                           "accept several during rotation. Prefer --auth rest-secret:secret-file=",
+    "alternate-server": "IP:PORT ([IPv6]:PORT) a draining relay redirects new UDP and TCP "
+                        "allocations to (300 Try Alternate); repeat for several, one per "
+                        "family at least [default: refuse them with 508]",
+    "tls-alternate-server": "IP:PORT the same for TLS clients",
     "accounting": "Usage ledger backend NAME:ARGS, e.g. sqlite:path=PATH, postgresql:dsn=..., "
                   "jsonl:path=PATH; repeat to write to several [default: sqlite, usage.db in "
                   "--state-dir] (see --help-accounting)",
@@ -166,6 +170,11 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                     "URLs [default: the first --external-ip, else the first "
                                     "--relay-ip, else the detected relay address]"],
         ["prometheus-port", None, 9641, "TCP port of --prometheus"],
+        ["drain-grace", None, 20, "On SIGTERM, seconds live allocations may run on while new "
+                                  "ones are refused (0: end them at once)"],
+        ["alternate-domain", None, None, "Domain name in ALTERNATE-DOMAIN of redirections to "
+                                         "--tls-alternate-server: what the TLS client checks "
+                                         "the alternate's certificate against"],
         ["prometheus-address", None, "127.0.0.1", "Address --prometheus listens on"],
         ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
                                      "parameter: [regions.NAME] host=..., port=3478, "
@@ -270,6 +279,16 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
         self._tokens_api(fail)
         self._accounting(fail)
+        for name in ("alternate-server", "tls-alternate-server"):
+            try:
+                self[name] = [_ip_port(value) for value in self[name]]
+            except ValueError as err:
+                fail(name, str(err))
+        if self["alternate-domain"] is not None:
+            try:
+                check_host(self["alternate-domain"])
+            except ValueError as err:
+                fail("alternate-domain", str(err))
         if not _is_ip(self["prometheus-address"]):
             fail("prometheus-address", f"{self['prometheus-address']!r} is not an IP address")
 
@@ -424,6 +443,19 @@ def _config_path(argv: List[str]) -> Any:
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _ip_port(value: str) -> Tuple[str, int]:
+    """An `IP:PORT` or `[IPv6]:PORT` address."""
+    host, sep, port = value.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        if not sep or not _is_ip(host):
+            raise ValueError
+        return host, _port(port)
+    except ValueError:
+        raise ValueError(f"{value!r} is not IP:PORT or [IPv6]:PORT") from None
 
 
 def _is_ip(value: str) -> bool:

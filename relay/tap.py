@@ -190,6 +190,67 @@ class HTTPService(Service):
         return self.listening.stopListening()
 
 
+class RelayService(MultiService):
+    """The whole relay; stopping it (SIGTERM, SIGINT) drains first.
+
+    twistd stops the root service on shutdown and waits for the Deferred this returns.  The
+    core starts draining at once (/readyz answers 503, new Allocates get 300 or 508), while the
+    listeners, the timers and the ledger run on: live allocations keep relaying until they end
+    or `grace` seconds pass.  Then the children stop as before: the listeners end what is left
+    (reason "shutdown") and the ledger writes it all.
+
+    SIGTERM (and SIGINT) is the orderly stop, so it exits 0, where twistd's own handlers would
+    have the process end by the signal; a second one cuts the grace short.
+    """
+
+    POLL = 0.25  # seconds between two looks at whether the last allocation has ended
+
+    def __init__(self, server: TurnServer, reactor, grace: float):
+        super().__init__()
+        self.server = server
+        self.reactor = reactor
+        self.grace = grace
+        self.deadline = 0.0
+
+    def startService(self) -> None:
+        super().startService()
+        # Replacing the reactor's own handlers, installed as it starts.
+        for number in (signal.SIGTERM, signal.SIGINT):
+            self.reactor.callWhenRunning(signal.signal, number, self._signalled)
+
+    def _signalled(self, number: int, frame: object) -> None:
+        self.reactor.callFromThread(self._stop, signal.Signals(number).name)
+
+    def _stop(self, name: str) -> None:
+        if self.server.draining:
+            log.info("{signal} again: ending the drain now", signal=name)
+            self.deadline = 0.0
+        else:
+            log.info("{signal}: shutting down", signal=name)
+            self.reactor.stop()
+
+    def stopService(self) -> Deferred:
+        server, clock = self.server, self.reactor
+        server.drain()
+        log.info("draining: new allocations refused, {open} open ones may run {grace} s more",
+                 open=len(server.allocations), grace=self.grace)
+        self.deadline = clock.seconds() + self.grace
+        drained: Deferred = Deferred()
+
+        def look() -> None:
+            if not server.allocations:
+                log.info("drained: no allocation left")
+            elif clock.seconds() >= self.deadline:
+                log.info("drain grace over: ending {open} allocations", open=len(server.allocations))
+            else:
+                clock.callLater(self.POLL, look)
+                return
+            drained.callback(None)
+        look()
+        drained.addCallback(lambda _: MultiService.stopService(self))
+        return drained
+
+
 class SighupService(Service):
     """SIGHUP re-reads what can change without a restart; a failed reload keeps the old."""
 
@@ -300,6 +361,9 @@ def makeService(options: Options, reactor=None) -> MultiService:
         policy=PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
                           bool(options["allow-loopback-peers"]), options["cluster-cidr"], own),
         password_algorithms=algorithms,
+        alternate_servers=tuple(options["alternate-server"]),
+        tls_alternate_servers=tuple(options["tls-alternate-server"]),
+        alternate_domain=options["alternate-domain"],
     )
     server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows)
     dispatch = LoginDispatcher(server, portal, reactor)
@@ -331,7 +395,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
              region=options["region"], interval=options["accounting-interval"],
              backends=", ".join(backends))
 
-    service = MultiService()
+    service = RelayService(server, reactor, options["drain-grace"])
     # Started first and so stopped last: the listeners' shutdown ends every allocation, and
     # the ledger then writes their last usage before the process exits.
     ledger = Ledger(server, backends, options["region"], reactor, options["accounting-interval"],

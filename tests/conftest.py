@@ -100,7 +100,9 @@ def start_server(*extra: str, host: str = "127.0.0.1", users=((USER, PASSWORD),)
             "--listening-ip", host, "--listening-port", str(port),
             "--tls-listening-port", str(tls_port), "--relay-ip", host,
             "--min-port", RELAY_PORTS[0], "--max-port", RELAY_PORTS[1],
-            "--realm", REALM] + (["--allow-loopback-peers"] if loopback_peers else [])
+            "--realm", REALM,
+            # Stopped at once, live allocations or not; a drain test gives its own grace.
+            "--drain-grace", "0"] + (["--allow-loopback-peers"] if loopback_peers else [])
     for name, password in users:
         args += ["--user", f"{name}:{password}"]
     for enabled, flag in ((udp, "--no-udp"), (tcp, "--no-tcp"), (tls, "--no-tls")):

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 from typing import Dict, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from aioice_helpers import relay_round_trips
-from conftest import PASSWORD, REALM, free_port
+from conftest import PASSWORD, REALM, USER, free_port
+from dbfixtures import raw_rows
 from relay import stun
-from test_accounting import HeldSession
+from test_accounting import HeldSession, sql_usage
 from wire_client import WireClient, error_code
 
 Labels = Tuple[Tuple[str, str], ...]
@@ -128,3 +130,58 @@ def test_health_and_readiness_on_the_metrics_port_and_the_api_port(server_factor
     # Probes and scrapes stay out of the access log; other requests are logged.
     log = server.read_until('"GET /v1/accounts/nobody HTTP/1.1" 404')
     assert "/readyz" not in "".join(server.log) + log
+
+
+def drain_started(server) -> None:
+    server.process.send_signal(signal.SIGTERM)
+    server.read_until("draining: new allocations refused")
+
+
+def test_sigterm_drains_redirects_new_allocations_and_records_the_shutdown(server_factory,
+                                                                            tmp_path):
+    port = free_port()
+    server = server_factory("--prometheus", "--prometheus-port", str(port), "--drain-grace", "6",
+                            "--alternate-server", "192.0.2.7:3478",
+                            "--alternate-server", "[2001:db8::7]:3478",
+                            "--tls-alternate-server", "192.0.2.7:5349",
+                            "--alternate-domain", "turn-b.example.org", tcp=False, tls=False)
+    assert get(port, "/readyz")[::2] == (200, "ok\n")
+    held = HeldSession(server)
+    held.relay(2, 100)
+
+    drain_started(server)
+    assert get(port, "/readyz")[::2] == (503, "not ready: draining\n")
+    assert get(port, "/healthz")[0] == 200
+    assert scrape(port)["turnrelay_draining"] == {(): 1}
+    newcomer = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+    reply = newcomer.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))
+    newcomer.close()
+    assert error_code(reply) == 300
+    assert reply.get(stun.ALTERNATE_SERVER) == ("192.0.2.7", 3478)  # the client's family
+    assert not reply.has(stun.ALTERNATE_DOMAIN)  # only for TLS
+    assert reply.check_integrity(stun.long_term_key(USER, REALM, PASSWORD))  # RFC 8489 10
+    usage = held.relay(3, 50)  # the live allocation keeps relaying through the grace
+
+    server.read_until("drain grace over: ending 1 allocations", timeout=30)
+    assert server.process.wait(timeout=30) == 0
+    held.close()
+    dsn = f"sqlite:///{tmp_path / 'state' / 'usage.db'}"
+    assert raw_rows(dsn, "SELECT end_reason FROM sessions") == [("shutdown",)]
+    assert sql_usage(dsn)[USER][1:] == usage[1:]
+
+
+def test_a_drain_ends_as_soon_as_the_last_allocation_does(server_factory):
+    port = free_port()
+    server = server_factory("--prometheus", "--prometheus-port", str(port),
+                            "--drain-grace", "600", tcp=False, tls=False)
+    held = HeldSession(server)
+    drain_started(server)
+    newcomer = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+    # No alternate configured: 508, on which a client tries another server.
+    assert error_code(newcomer.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))) == 508
+    newcomer.close()
+    assert get(port, "/readyz")[0] == 503
+    held.delete()
+    held.close()
+    server.read_until("drained: no allocation left")
+    assert server.process.wait(timeout=30) == 0
