@@ -45,6 +45,7 @@ log = Logger(namespace="turnrelay")
 _LEVELS = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info,
            logging.WARNING: LogLevel.warn, logging.ERROR: LogLevel.error}
 _DEFAULT_LISTENING_IPS = ["0.0.0.0", "::"]
+CERTIFICATE_LOOK = 5.0  # seconds between two looks at the certificate files
 
 
 class _TwistedLogHandler(logging.Handler):
@@ -271,6 +272,19 @@ class SighupService(Service):
                 log.error("{what} reload failed, keeping the old: {err}", what=what, err=err)
 
 
+def _certificate_watch(certificates: List[Tuple[str, ServerTLS]]) -> Callable[[], None]:
+    """A look at the certificate files, reloading those that changed (as SIGHUP would)."""
+    def look() -> None:
+        for what, tls in certificates:
+            try:
+                if tls.reload_if_changed():
+                    log.info("{what} files changed: reloaded", what=what)
+            except Exception as err:
+                log.error("{what} files changed but do not load, keeping the old: {err}",
+                          what=what, err=err)
+    return look
+
+
 def _relay_ips(options: Options) -> Dict[int, str]:
     relay_ips = {stun.address_family(ip): ip for ip in options["relay-ip"]}
     if not relay_ips:
@@ -425,9 +439,11 @@ def makeService(options: Options, reactor=None) -> MultiService:
     for checker in checkers.checkers:
         if getattr(checker, "service", None) is not None:
             checker.service.setServiceParent(service)
-    reloads = [("TLS certificate", tls.reload)] if tls is not None else []
-    if api_tls is not None:
-        reloads.append(("tokens API TLS certificate", api_tls.reload))
+    certificates = [(what, context) for what, context in (
+        ("TLS certificate", tls), ("tokens API TLS certificate", api_tls)) if context is not None]
+    if certificates:
+        TimerService(CERTIFICATE_LOOK, _certificate_watch(certificates)).setServiceParent(service)
+    reloads = [(what, context.reload) for what, context in certificates]
     reloads.append(("credentials", checkers.reload))
     SighupService(reactor, reloads).setServiceParent(service)
     return service

@@ -2,14 +2,17 @@
 
 An `ssl:` endpoint string can set neither protocol versions nor ciphers and cannot swap a
 certificate, so the context is built here.  `reload` swaps in a new certificate: connections
-made after it use the new one, established sessions keep theirs.
+made after it use the new one, established sessions keep theirs.  `reload_if_changed` does it
+when the files' contents changed, for certificates replaced without a signal (Kubernetes
+updates a mounted Secret in place, by swapping a symlink).
 """
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 import socket
-from typing import Tuple
+from typing import Optional, Tuple
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -28,9 +31,25 @@ class ServerTLS:
     def __init__(self, cert: str, key: str, min_version: str = "1.2", max_version: str = "1.2"):
         self.cert, self.key = cert, key
         self.min_version, self.max_version = TLS_VERSIONS[min_version], TLS_VERSIONS[max_version]
+        self.loaded: Optional[bytes] = None  # digest of the files as last loaded (or tried)
         self.context = self._context()
 
+    def _digest(self) -> Optional[bytes]:
+        """SHA-256 of certificate and key as they are now; None while one cannot be read.
+        Contents, not mtime or inode: a symlink swap, a copy over, a same-second rewrite all
+        show, and two small files a few seconds apart cost nothing."""
+        digest = hashlib.sha256()
+        try:
+            for path in (self.cert, self.key):
+                with open(path, "rb") as f:
+                    digest.update(f.read())
+        except OSError:
+            return None
+        return digest.digest()
+
     def _context(self) -> SSL.Context:
+        # Read before loading: a change racing the load is then seen again at the next look.
+        self.loaded = self._digest()
         ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
         ctx.set_min_proto_version(self.min_version)
         ctx.set_max_proto_version(self.max_version)
@@ -45,6 +64,15 @@ class ServerTLS:
     def reload(self) -> None:
         """Re-read certificate and key; on error keep serving the old ones (and raise)."""
         self.context = self._context()
+
+    def reload_if_changed(self) -> bool:
+        """`reload` if the files changed since the last load; whether they had.  A pair that
+        fails to load is not tried again until it changes once more."""
+        digest = self._digest()
+        if digest is None or digest == self.loaded:
+            return False
+        self.reload()
+        return True
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self.context, None)

@@ -1,0 +1,77 @@
+"""Certificates replaced on disk without a signal, as Kubernetes updates a mounted Secret: the
+relay notices and reloads, while a TLS allocation made before relays on throughout.
+
+Every wait is on a log line or a reply.
+"""
+from __future__ import annotations
+
+import os
+import ssl
+
+from conftest import PASSWORD, REALM, USER
+from relay import stun
+from relay.turnclient import TLS, TurnClient
+from test_abuse import udp_socket
+from test_wire import make_cert, tls_connect
+
+
+def mount(directory, version: str, cert, key) -> None:
+    """What the kubelet does with a Secret volume: the files live in a timestamped directory,
+    `..data` points at it, and the names users see point through `..data`; an update writes a
+    new directory and swaps `..data` with one rename."""
+    target = directory / version
+    target.mkdir()
+    (target / "tls.crt").write_bytes(cert.read_bytes())
+    (target / "tls.key").write_bytes(key.read_bytes())
+    (directory / "..data_tmp").symlink_to(version)
+    os.replace(directory / "..data_tmp", directory / "..data")
+    for name in ("tls.crt", "tls.key"):
+        if not (directory / name).is_symlink():
+            (directory / name).symlink_to(f"..data/{name}")
+
+
+def test_a_certificate_swapped_on_disk_is_reloaded_while_a_tls_allocation_relays(
+        server_factory, tmp_path):
+    first = make_cert(tmp_path, "first")
+    second = make_cert(tmp_path, "second")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    mount(secret, "..2026_11_23_01", *first)
+    server = server_factory("--cert", str(secret / "tls.crt"), "--pkey", str(secret / "tls.key"),
+                            udp=False, tcp=False)
+    assert ssl.DER_cert_to_PEM_cert(tls_connect(server)[2]).strip() == first[0].read_text().strip()
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    client = TurnClient.connect(TLS, (server.host, server.tls_port), USER, PASSWORD, REALM,
+                                context=context)
+    peer = udp_socket(server.host)
+    try:
+        reply = client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))
+        relayed = reply.get(stun.XOR_RELAYED_ADDRESS)
+        assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS,
+                                                       peer.getsockname())).cls == stun.SUCCESS
+
+        def round_trip(data: bytes) -> None:
+            client.send_indication(peer.getsockname(), data)
+            assert peer.recvfrom(2048)[0] == data
+            peer.sendto(data[::-1], relayed)
+            assert client.receive_data() == (peer.getsockname(), data[::-1])
+
+        round_trip(b"before the swap")
+        mount(secret, "..2026_11_23_02", *second)
+        server.read_until("TLS certificate files changed: reloaded")
+        round_trip(b"after the swap, same connection")
+        after = tls_connect(server)[2]
+        assert ssl.DER_cert_to_PEM_cert(after).strip() == second[0].read_text().strip()
+
+        # A broken update is refused, the good certificate keeps serving, the session too.
+        broken = tmp_path / "broken.pem"
+        broken.write_text("not a certificate\n")
+        mount(secret, "..2026_11_23_03", broken, second[1])
+        server.read_until("TLS certificate files changed but do not load, keeping the old")
+        assert tls_connect(server)[2] == after
+        round_trip(b"after a broken update")
+    finally:
+        client.close()
+        peer.close()
