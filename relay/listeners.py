@@ -123,6 +123,8 @@ class StreamLimits:
     idle_timeout: float = 60
     open: Dict[str, int] = field(default_factory=dict)   # client IP -> open connections
     refusing: Set[str] = field(default_factory=set)      # client IPs at the limit, logged once
+    refused: int = 0    # connections reset for the per-source limit, for the metrics
+    timed_out: int = 0  # connections closed by either timeout
 
     def admit(self, host: str) -> bool:
         count = self.open.get(host, 0)
@@ -131,6 +133,7 @@ class StreamLimits:
                 self.refusing.add(host)
                 log.warn("{host} has {count} TCP/TLS connections open, the most "
                          "--source-connection-quota allows: refusing more", host=host, count=count)
+            self.refused += 1
             return False
         self.open[host] = count + 1
         return True
@@ -180,6 +183,7 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
         if self.client.key in self.server.allocations:
             self.resetTimeout()
         else:
+            self.factory.limits.timed_out += 1
             self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:

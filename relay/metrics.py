@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from relay.ledger import Ledger
+from relay.listeners import StreamLimits
 from relay.turn import TurnServer
 
 TRANSPORTS = ("udp", "tcp", "tls")
@@ -103,6 +104,18 @@ class RelayCollector:
         yield CounterMetricFamily("turnrelay_ledger_unrecorded_sessions", "Sessions relayed "
                                   "without usage records while the queue was full "
                                   "(--accounting-full drop)", ledger.unrecorded)
+
+
+def stream_metrics(limits: StreamLimits) -> Iterator[Metric]:
+    """The TCP/TLS connection limits (`relay.listeners.StreamLimits`)."""
+    yield GaugeMetricFamily("turnrelay_stream_connections", "TCP and TLS client connections "
+                            "open now", sum(limits.open.values()))
+    yield CounterMetricFamily("turnrelay_stream_connections_refused", "Connections reset "
+                              "at once: their address had --source-connection-quota open",
+                              limits.refused)
+    yield CounterMetricFamily("turnrelay_stream_connections_timed_out", "Connections closed "
+                              "without an allocation by --tls-handshake-timeout or "
+                              "--connection-idle-timeout", limits.timed_out)
 
 
 def registry(collector: RelayCollector) -> CollectorRegistry:

@@ -29,7 +29,7 @@ from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginD
                              RelayBinder, StreamLimits, adopt_datagram_socket, bound_socket)
 from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
                           load_secrets)
-from relay.metrics import RelayCollector, registry as metrics_registry
+from relay.metrics import RelayCollector, registry as metrics_registry, stream_metrics
 from relay.peers import OwnEndpoints, PeerPolicy
 from relay.regions import Region
 from relay.sqldb import pool_from_dsn
@@ -424,6 +424,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
         return None if listeners.running else "not listening yet"
 
     collector = RelayCollector(server, ledger, options["region"])
+    collector.extra.append(lambda: stream_metrics(listeners.stream_limits))
     metrics = metrics_registry(collector)
     if options["prometheus"]:
         HTTPService(reactor, QuietSite(Routes(metrics, not_ready), timeout=60),

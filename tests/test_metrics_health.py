@@ -8,6 +8,8 @@ from __future__ import annotations
 import http.client
 import json
 import signal
+import socket
+import ssl
 from typing import Dict, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -16,6 +18,7 @@ from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, REALM, USER, free_port
 from dbfixtures import raw_rows
 from relay import stun
+from relay.turnclient import TCP, TLS, TurnClient
 from test_accounting import HeldSession, sql_usage
 from wire_client import WireClient, error_code
 
@@ -144,7 +147,7 @@ def test_sigterm_drains_redirects_new_allocations_and_records_the_shutdown(serve
                             "--alternate-server", "192.0.2.7:3478",
                             "--alternate-server", "[2001:db8::7]:3478",
                             "--tls-alternate-server", "192.0.2.7:5349",
-                            "--alternate-domain", "turn-b.example.org", tcp=False, tls=False)
+                            "--alternate-domain", "turn-b.example.org")
     assert get(port, "/readyz")[::2] == (200, "ok\n")
     held = HeldSession(server)
     held.relay(2, 100)
@@ -160,6 +163,18 @@ def test_sigterm_drains_redirects_new_allocations_and_records_the_shutdown(serve
     assert reply.get(stun.ALTERNATE_SERVER) == ("192.0.2.7", 3478)  # the client's family
     assert not reply.has(stun.ALTERNATE_DOMAIN)  # only for TLS
     assert reply.check_integrity(stun.long_term_key(USER, REALM, PASSWORD))  # RFC 8489 10
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    for transport, port, alternate in ((TCP, server.port, ("192.0.2.7", 3478)),
+                                       (TLS, server.tls_port, ("192.0.2.7", 5349))):
+        stream = TurnClient.connect(transport, (server.host, port), USER, PASSWORD, REALM,
+                                    context=context)
+        reply = stream.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))
+        stream.close()
+        assert (error_code(reply), reply.get(stun.ALTERNATE_SERVER)) == (300, alternate)
+        # The name a TLS client checks the alternate's certificate against.
+        assert reply.get(stun.ALTERNATE_DOMAIN) == ("turn-b.example.org" if transport == TLS
+                                                    else None)
     usage = held.relay(3, 50)  # the live allocation keeps relaying through the grace
 
     server.read_until("drain grace over: ending 1 allocations", timeout=30)
@@ -185,3 +200,21 @@ def test_a_drain_ends_as_soon_as_the_last_allocation_does(server_factory):
     held.close()
     server.read_until("drained: no allocation left")
     assert server.process.wait(timeout=30) == 0
+
+
+def test_connection_limits_show_in_the_metrics(server_factory):
+    port = free_port()
+    server = server_factory("--prometheus", "--prometheus-port", str(port),
+                            "--source-connection-quota", "2", udp=False, tls=False)
+    held = [socket.create_connection((server.host, server.port), timeout=5) for _ in range(2)]
+    with socket.create_connection((server.host, server.port), timeout=5) as third:
+        try:
+            assert third.recv(1) == b""  # reset (or closed) before a byte: over the quota
+        except ConnectionResetError:
+            pass
+    samples = scrape(port)
+    assert samples["turnrelay_stream_connections"] == {(): 2}
+    assert samples["turnrelay_stream_connections_refused_total"] == {(): 1}
+    assert samples["turnrelay_stream_connections_timed_out_total"] == {(): 0}
+    for connection in held:
+        connection.close()
