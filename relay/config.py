@@ -56,6 +56,7 @@ NUMBER_OPTIONS = {
     "api-port": _port, "api-max-ttl": _positive, "source-connection-quota": _positive,
     "tls-handshake-timeout": _positive, "connection-idle-timeout": _positive,
     "accounting-interval": _positive, "accounting-queue": _positive,
+    "client-address-retention": _positive,
     "prometheus-port": _port, "drain-grace": _positive,
 }
 
@@ -164,6 +165,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                             "get 508) or drop (new sessions go unrecorded)"],
         ["rate-per-mb", None, None, "Charge per MB (10^6 bytes) of --region's usage, a decimal "
                                     "such as 0.0004, in effect since always [default: none]"],
+        ["client-address-retention", None, None, "Days after a session's end its client "
+                                                  "address is blanked in the SQL ledgers (0: "
+                                                  "at once), its usage kept [default: kept]"],
         ["rate-table", None, None, "TOML file of rates per region with the time each takes "
                                    "effect: [[rates.REGION]] rate_per_mb=..., effective=..."],
         ["public-host", None, None, "Host name or address put in the tokens API's ICE server "

@@ -32,6 +32,7 @@ from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMIT
 from relay.metrics import RelayCollector, registry as metrics_registry, stream_metrics
 from relay.peers import OwnEndpoints, PeerPolicy
 from relay.regions import Region
+from relay.retention import ClientAddressRetention
 from relay.sqldb import pool_from_dsn
 from relay.tls import ServerTLS, self_signed
 from relay.tokens_api import TokensAPI
@@ -415,6 +416,9 @@ def makeService(options: Options, reactor=None) -> MultiService:
     ledger = Ledger(server, backends, options["region"], reactor, options["accounting-interval"],
                     options["accounting-queue"], options["accounting-full"])
     ledger.setServiceParent(service)
+    if options["client-address-retention"] is not None:
+        ClientAddressRetention(backends, options["client-address-retention"],
+                               reactor).setServiceParent(service)
     listeners = ListenersService(reactor, server, dispatch, options, tls)
     listeners.setServiceParent(service)
 

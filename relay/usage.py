@@ -92,3 +92,12 @@ class IUsageBackendFactory(Interface):
     def make(argstring: str) -> IUsageBackend:
         """A backend configured by `argstring`.  ValueError names a wrong argument and never
         echoes its value: a DSN may hold a password."""
+
+
+class IClientAddressRetention(Interface):
+    """A backend that can blank the client addresses it keeps (personal data) while keeping
+    the usage: `--client-address-retention DAYS` calls it periodically."""
+
+    def forget_client_addresses(ended_before: str) -> Deferred:
+        """Blank the client address of every session that ended before `ended_before`
+        (RFC 3339 UTC); fire with how many were blanked.  Live sessions keep theirs."""

@@ -7,8 +7,11 @@ region, day or month, are sums over usage_deltas joined to sessions; every time 
 text (see `relay.usage`).  There is no foreign key from deltas to sessions: a ledger must
 never refuse usage, even of a session whose start it lost.
 
-The schema is versioned: `schema_version` lists the migrations applied, and the first write of
-each process applies those missing, inside its transaction (all or nothing on PostgreSQL;
+A retention pass (`relay.retention`) blanks the client address of sessions ended long enough
+ago and leaves every other column, and every delta, as it is.
+
+The schema is versioned: `schema_version` lists the migrations applied, and the first write
+or retention pass of each process applies those missing, inside its transaction (all or nothing on PostgreSQL;
 re-runnable on SQLite, whose DDL does not wait for the commit).  Migrations only add, so a relay
 of an older version keeps writing to a newer schema during a rolling upgrade.  Two relays
 migrating at once may fail one write; the ledger retries it and finds the work done.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, TypeVar
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
@@ -25,8 +28,10 @@ from zope.interface import implementer
 
 from relay.sqldb import BadDsn, SqlStore, postgresql_pool, sqlite_pool
 from relay.tokens import rfc3339
-from relay.usage import IUsageBackend, Record, SessionEnded, SessionStarted, UsageDelta
+from relay.usage import IClientAddressRetention, IUsageBackend, Record, SessionEnded, SessionStarted, UsageDelta
 from relay.usageplugins import single_argument
+
+T = TypeVar("T")
 
 # Migration N is MIGRATIONS[N - 1].  Byte and packet counts are BIGINT: INTEGER ends at 2 GB on
 # PostgreSQL.  client_address may be cleared by a retention job (personal data) while the usage
@@ -56,6 +61,12 @@ MIGRATIONS = (
             PRIMARY KEY (session_id, seq))""",
         "CREATE INDEX IF NOT EXISTS usage_deltas_by_time ON usage_deltas (at)",
     ),
+    # 2: the sessions whose client address a retention pass may still have to blank, by end:
+    # a pass reads only those, however many sessions the ledger has kept since.
+    (
+        "CREATE INDEX IF NOT EXISTS sessions_with_client_address ON sessions (ended_at)"
+        " WHERE client_address IS NOT NULL",
+    ),
 )
 
 _START = ("INSERT INTO sessions (session_id, account_id, username, region, transport,"
@@ -65,9 +76,11 @@ _DELTA = ("INSERT INTO usage_deltas (session_id, seq, bytes_from_client, packets
           " bytes_to_client, packets_to_client, at) VALUES (?, ?, ?, ?, ?, ?, ?)"
           " ON CONFLICT (session_id, seq) DO NOTHING")
 _END = "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE session_id = ?"
+_FORGET = ("UPDATE sessions SET client_address = NULL WHERE client_address IS NOT NULL"
+           " AND ended_at IS NOT NULL AND ended_at < ?")
 
 
-@implementer(IUsageBackend)
+@implementer(IUsageBackend, IClientAddressRetention)
 class SqlUsageBackend(SqlStore):
     """IUsageBackend on one pool of a single connection: the ledger writes one batch at a time,
     and one connection is one thing to find broken and reopen after a database restart."""
@@ -82,8 +95,20 @@ class SqlUsageBackend(SqlStore):
         d.addCallback(self._schema_ready)
         return d
 
-    def _schema_ready(self, _: None) -> None:
+    def _schema_ready(self, result: T) -> T:
         self._migrated = True
+        return result
+
+    def forget_client_addresses(self, ended_before: str) -> defer.Deferred[int]:
+        d = self._run(self._forget, ended_before)
+        d.addCallback(self._schema_ready)
+        return d
+
+    def _forget(self, txn: adbapi.Transaction, ended_before: str) -> int:
+        if not self._migrated:
+            self._migrate(txn)
+        self._execute(txn, _FORGET, (ended_before,))
+        return max(txn.rowcount, 0)
 
     def _write(self, txn: adbapi.Transaction, records: List[Record]) -> None:
         if not self._migrated:

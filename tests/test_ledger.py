@@ -184,7 +184,7 @@ def test_deltas_in_sqlite_and_json_lines_sum_to_the_counters(tmp_path, in_reacto
     assert rows[0][7] == "1970-01-12T13:46:40Z" and rows[0][8] == "1970-01-01T00:00:30Z"
     assert raw_rows(f"sqlite:///{db}", "PRAGMA journal_mode") == [("wal",)]
     assert [version for version, _ in raw_rows(f"sqlite:///{db}",
-                                               "SELECT * FROM schema_version")] == [1]
+                                               "SELECT * FROM schema_version")] == [1, 2]
 
     records = [json.loads(line) for line in lines.read_text().splitlines()]
     for allocation in sessions.values():

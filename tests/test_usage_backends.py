@@ -45,7 +45,7 @@ def test_the_schema_is_migrated_once(store_dsn, in_reactor):
     second = backend_for(store_dsn)  # the next start of the relay, or another relay
     in_reactor(second.write, [END])
     in_reactor(second.close)
-    assert [version for version, _ in raw_rows(store_dsn, "SELECT * FROM schema_version")] == [1]
+    assert [version for version, _ in raw_rows(store_dsn, "SELECT * FROM schema_version")] == [1, 2]
     assert raw_rows(store_dsn, "SELECT end_reason FROM sessions") == [("expired",)]
 
 
