@@ -7,7 +7,7 @@ channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Dict, Hashable, Protocol, Tuple
+from typing import Callable, Dict, Hashable, Optional, Protocol, Tuple
 
 from relay import stun
 from relay.credentials import Account
@@ -22,6 +22,38 @@ CHANNEL_COOLDOWN = 300
 _DATA_INDICATION_TYPE = stun.message_type(stun.DATA_METHOD, stun.INDICATION)
 _ATTR = struct.Struct("!HH")
 _CHANNEL = stun.CHANNEL_HEADER
+
+
+# A budget without a limit: never reached in a second, so the hot path needs no "0 means
+# unlimited" test.
+UNLIMITED = 1 << 62
+
+
+class Budget:
+    """Bytes and packets that may still be relayed this second, both directions together.
+
+    Refilled once a second by the core's tick (`refill`), so the hot path spends with integer
+    compares and subtractions and never reads a clock.  One belongs to each allocation with a
+    limit; one per account is shared by all of that account's allocations on this relay.
+    """
+
+    __slots__ = ("bandwidth", "packet_rate", "bytes", "packets", "users")
+
+    def __init__(self, bandwidth: int = 0, packet_rate: int = 0):
+        self.bandwidth = bandwidth      # bytes per second, 0 = unlimited
+        self.packet_rate = packet_rate  # packets per second, 0 = unlimited
+        self.users = 0                  # allocations sharing it (the core's bookkeeping)
+        self.bytes = self.packets = 0
+        self.refill()
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.bandwidth or self.packet_rate)
+
+    def refill(self) -> None:
+        self.bytes = self.bandwidth or UNLIMITED
+        self.packets = self.packet_rate or UNLIMITED
+
 
 
 class RelayEndpoint(Protocol):
@@ -39,7 +71,8 @@ class RelayEndpoint(Protocol):
 class Allocation:
     def __init__(self, key: Hashable, client: Address, transport: str, username: str,
                  account: Account, relays: Dict[int, RelayEndpoint], send_to_client: Callable[[bytes], None],
-                 started: float, expires: float, session_id: str):
+                 started: float, expires: float, session_id: str,
+                 budget: Optional[Budget] = None, account_budget: Optional[Budget] = None):
         self.key = key
         # Names this allocation in the log and in the usage ledger: a 5-tuple is reused, this
         # is not.
@@ -57,11 +90,14 @@ class Allocation:
         self.channels: Dict[int, Tuple[Address, Callable[[bytes, Address], None], float]] = {}
         self.channel_of_peer: Dict[Address, int] = {}
         self.cooldown: Dict[int, Tuple[Address, float]] = {}  # expired channel -> (peer, until)
-        # The account's bandwidth cap, both directions together: a byte budget refilled by
-        # `sweep` once a second, so the hot path needs no clock.  0 = unlimited.
-        self.bandwidth = self.budget = account.bandwidth_bps
+        # Rate limits (this allocation's, its account's): checked only when there are any.  An
+        # unlimited budget is never refilled: 2**62 bytes outlast any allocation.
+        self.budget, self.account_budget = budget or Budget(), account_budget or Budget()
+        self.limited = self.budget.limited or self.account_budget.limited
         self.bytes_from_client = self.packets_from_client = 0
         self.bytes_to_client = self.packets_to_client = 0
+        # What the limits dropped, both directions: the relay's abuse counters.
+        self.limited_packets = self.limited_bytes = 0
         for relay in relays.values():
             relay.attach(self.from_peer)
 
@@ -70,7 +106,7 @@ class Allocation:
         if peer[0] not in self.permissions:
             return
         size = len(data)
-        if self.bandwidth and not self._spend(size):
+        if self.limited and not self._spend(size):
             return
         number = self.channel_of_peer.get(peer)
         if number is not None:
@@ -92,7 +128,7 @@ class Allocation:
         peer, send, _ = channel
         if peer[0] not in self.permissions:
             return
-        if self.bandwidth and not self._spend(size):
+        if self.limited and not self._spend(size):
             return
         self.bytes_from_client += size
         self.packets_from_client += 1
@@ -103,17 +139,24 @@ class Allocation:
         if relay is None or peer[0] not in self.permissions:
             return
         size = len(data)
-        if self.bandwidth and not self._spend(size):
+        if self.limited and not self._spend(size):
             return
         self.bytes_from_client += size
         self.packets_from_client += 1
         relay.send(data, peer)
 
     def _spend(self, size: int) -> bool:
-        """Take `size` bytes from this second's budget; False (drop) when it would overdraw."""
-        if size > self.budget:
+        """Take one packet of `size` bytes from this second's budgets, the allocation's and its
+        account's; False (drop, and count it) when either would overdraw."""
+        own, shared = self.budget, self.account_budget
+        if size > own.bytes or size > shared.bytes or own.packets < 1 or shared.packets < 1:
+            self.limited_packets += 1
+            self.limited_bytes += size
             return False
-        self.budget -= size
+        own.bytes -= size
+        own.packets -= 1
+        shared.bytes -= size
+        shared.packets -= 1
         return True
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
@@ -135,8 +178,9 @@ class Allocation:
         return any(p == peer and until > now and n != number for n, (p, until) in self.cooldown.items())
 
     def sweep(self, now: float) -> None:
-        """Drop expired permissions and channels (into cooldown); refill the byte budget."""
-        self.budget = self.bandwidth
+        """Drop expired permissions and channels (into cooldown); refill this allocation's
+        budget (the core refills the accounts')."""
+        self.budget.refill()
         for ip in [ip for ip, expiry in self.permissions.items() if expiry <= now]:
             del self.permissions[ip]
         for number in [n for n, (_, _, expiry) in self.channels.items() if expiry <= now]:

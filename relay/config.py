@@ -52,7 +52,8 @@ def _positive(value: str) -> int:
 NUMBER_OPTIONS = {
     "min-port": _port, "max-port": _port, "max-allocate-lifetime": _positive,
     "stale-nonce": _positive, "user-quota": _positive, "source-quota": _positive,
-    "total-quota": _positive, "max-permissions": _positive, "max-channels": _positive,
+    "total-quota": _positive, "max-bps": _positive, "max-pps": _positive,
+    "account-max-bps": _positive, "account-max-pps": _positive, "max-permissions": _positive, "max-channels": _positive,
     "api-port": _port, "api-max-ttl": _positive, "source-connection-quota": _positive,
     "tls-handshake-timeout": _positive, "connection-idle-timeout": _positive,
     "accounting-interval": _positive, "accounting-queue": _positive,
@@ -124,6 +125,14 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["user-quota", None, 0, "Concurrent allocations per user (0: no limit)"],
         ["source-quota", None, 0, "Concurrent allocations per client IP (0: no limit)"],
         ["total-quota", None, 0, "Concurrent allocations in all (0: no limit)"],
+        ["max-bps", None, 0, "Bytes per second one allocation may relay, both directions "
+                             "together; excess is dropped (0: no limit)"],
+        ["max-pps", None, 0, "Packets per second one allocation may relay, both directions "
+                             "together (0: no limit)"],
+        ["account-max-bps", None, 0, "Bytes per second all of one account's allocations on "
+                                     "this relay may relay together (0: no limit)"],
+        ["account-max-pps", None, 0, "Packets per second all of one account's allocations "
+                                     "on this relay may relay together (0: no limit)"],
         ["max-permissions", None, 64, "Permissions per allocation"],
         ["source-connection-quota", None, 64, "Open TCP/TLS connections per client IP; more "
                                               "are reset at once (0: no limit)"],

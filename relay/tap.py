@@ -372,6 +372,8 @@ def makeService(options: Options, reactor=None) -> MultiService:
         total_quota=options["total-quota"], max_permissions=options["max-permissions"],
         max_channels=options["max-channels"],
         max_channel=stun.RFC5766_MAX_CHANNEL if options["rfc5766-channels"] else stun.MAX_CHANNEL,
+        max_bps=options["max-bps"], max_pps=options["max-pps"],
+        account_max_bps=options["account-max-bps"], account_max_pps=options["account-max-pps"],
         software=None if options["no-software-attribute"] else SOFTWARE,
         policy=PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
                           bool(options["allow-loopback-peers"]), options["cluster-cidr"], own),

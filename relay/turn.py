@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Hashable, List, Optional, Tuple
 
 from relay import stun
-from relay.allocation import PERMISSION_LIFETIME, Address, Allocation, RelayEndpoint
+from relay.allocation import PERMISSION_LIFETIME, Address, Allocation, Budget, RelayEndpoint
 from relay.credentials import Account, StunCredentials
 from relay.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
 from relay.peers import PeerPolicy
@@ -67,6 +67,13 @@ class TurnConfig:
     max_channels: int = 64
     # Highest channel number ChannelBind accepts: RFC 8656's, or RFC 5766's for old clients.
     max_channel: int = stun.MAX_CHANNEL
+    # What one valid login may relay, both directions together, 0 = unlimited: per allocation
+    # (the account database's bandwidth_bps too, whichever is lower) and per account (all its
+    # allocations in this process).  Excess is dropped and counted.
+    max_bps: int = 0
+    max_pps: int = 0
+    account_max_bps: int = 0
+    account_max_pps: int = 0
     software: Optional[str] = None
     policy: PeerPolicy = field(default_factory=PeerPolicy)
     password_algorithms: Tuple[int, ...] = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5)
@@ -89,6 +96,8 @@ class ServerStats:
     auth_failures: int = 0
     # transport -> [bytes, packets from the client, bytes, packets to the client]
     closed_usage: Dict[str, List[int]] = field(default_factory=dict)
+    # [packets, bytes] the rate limits dropped in ended allocations (live ones hold their own).
+    closed_limited: List[int] = field(default_factory=lambda: [0, 0])
 
 
 @dataclass
@@ -113,6 +122,7 @@ class TurnServer:
         self.rng = rng or random.SystemRandom()
         self.allocations: Dict[Tuple[Hashable, Address], Allocation] = {}
         self.reservations: Dict[bytes, Reservation] = {}
+        self._account_budgets: Dict[str, Budget] = {}  # account id -> its shared budget
         self._responses: "OrderedDict[Tuple[Hashable, Address, bytes], bytes]" = OrderedDict()
         self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
         self.on_allocation_closed: Callable[[Allocation, str], None] = lambda alloc, reason: None
@@ -213,6 +223,8 @@ class TurnServer:
                 self._close(allocation, "revoked")
             else:
                 allocation.sweep(now)
+        for budget in self._account_budgets.values():
+            budget.refill()
         for token in [t for t, r in self.reservations.items() if r.expires <= now]:
             self.reservations.pop(token).endpoint.close()
         while self._response_expiry and self._response_expiry[0][0] <= now:
@@ -364,9 +376,12 @@ class TurnServer:
                 response.add(stun.ADDRESS_ERROR_CODE, (stun.FAMILY_IPV6, err.code, err.reason))
         lifetime = self._lifetime(msg)
         session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
+        config = self.config
+        budget = Budget(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
         allocation = Allocation(client.key, client.address, client.transport, credentials.username,
                                 account, relays, client.send, started=now, expires=now + lifetime,
-                                session_id=session_id)
+                                session_id=session_id, budget=budget,
+                                account_budget=self._account_budget(account.account_id))
         self.allocations[client.key] = allocation
         created = self.stats.created
         created[client.transport] = created.get(client.transport, 0) + 1
@@ -382,6 +397,25 @@ class TurnServer:
                  session_id)
         self.on_allocation_opened(allocation)
         return response
+
+    def _account_budget(self, account_id: str) -> Optional[Budget]:
+        """The budget all of an account's allocations share, when accounts are limited."""
+        if not (self.config.account_max_bps or self.config.account_max_pps):
+            return None
+        budget = self._account_budgets.get(account_id)
+        if budget is None:
+            budget = self._account_budgets[account_id] = Budget(self.config.account_max_bps,
+                                                                self.config.account_max_pps)
+        budget.users += 1
+        return budget
+
+    def limited_totals(self) -> Tuple[int, int]:
+        """Packets and bytes the rate limits have dropped, ended and live allocations alike."""
+        packets, size = self.stats.closed_limited
+        for allocation in list(self.allocations.values()):
+            packets += allocation.limited_packets
+            size += allocation.limited_bytes
+        return packets, size
 
     def _check_quotas(self, client: Client, username: str, account: Account) -> None:
         if self.draining:
@@ -520,12 +554,26 @@ class TurnServer:
         usage[1] += allocation.packets_from_client
         usage[2] += allocation.bytes_to_client
         usage[3] += allocation.packets_to_client
+        limited = self.stats.closed_limited
+        limited[0] += allocation.limited_packets
+        limited[1] += allocation.limited_bytes
+        shared = allocation.account_budget
+        if shared.users:
+            shared.users -= 1
+            if not shared.users:
+                del self._account_budgets[allocation.account.account_id]
         log.info("allocation closed user=%s client=%s:%d reason=%s from_client=%d/%dB "
-                 "to_client=%d/%dB session=%s", allocation.username, allocation.client[0],
-                 allocation.client[1], reason, allocation.packets_from_client,
-                 allocation.bytes_from_client, allocation.packets_to_client,
-                 allocation.bytes_to_client, allocation.session_id)
+                 "to_client=%d/%dB limited=%d/%dB session=%s", allocation.username,
+                 allocation.client[0], allocation.client[1], reason,
+                 allocation.packets_from_client, allocation.bytes_from_client,
+                 allocation.packets_to_client, allocation.bytes_to_client,
+                 allocation.limited_packets, allocation.limited_bytes, allocation.session_id)
         self.on_allocation_closed(allocation, reason)
+
+
+def _lowest(*limits: int) -> int:
+    """The strictest of several limits where 0 means none."""
+    return min((limit for limit in limits if limit), default=0)
 
 
 def _error(msg: stun.Message, err: stun.StunError) -> stun.Message:

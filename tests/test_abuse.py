@@ -368,22 +368,18 @@ def test_another_users_allocation_cannot_be_touched(server_factory, transport):
             assert alice.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
             assert alice.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, 0x4000),
                                  (stun.XOR_PEER_ADDRESS, target)).cls == stun.SUCCESS
+            touches = ((stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, bobs_target)]),
+                       (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4001),
+                                            (stun.XOR_PEER_ADDRESS, bobs_target)]),
+                       (stun.REFRESH, [(stun.LIFETIME, 0)]))
             # From another 5-tuple, with valid credentials: there is no allocation to touch.
-            for method, attributes in (
-                    (stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, bobs_target)]),
-                    (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4001),
-                                         (stun.XOR_PEER_ADDRESS, bobs_target)]),
-                    (stun.REFRESH, [(stun.LIFETIME, 0)])):
+            for method, attributes in touches:
                 assert error_code(bob.request(method, *attributes)) == 437, method
             bob.send_indication(target, b"from bob's 5-tuple")
             bob.send_channel(0x4000, b"from bob's 5-tuple")
             # On alice's 5-tuple with bob's credentials: 441, and nothing changes.
             intruder = as_user(alice, BOB, BOB_PASSWORD)
-            for method, attributes in (
-                    (stun.CREATE_PERMISSION, [(stun.XOR_PEER_ADDRESS, bobs_target)]),
-                    (stun.CHANNEL_BIND, [(stun.CHANNEL_NUMBER, 0x4001),
-                                         (stun.XOR_PEER_ADDRESS, bobs_target)]),
-                    (stun.REFRESH, [(stun.LIFETIME, 0)])):
+            for method, attributes in touches:
                 assert error_code(intruder.request(method, *attributes)) == 441, method
             # Neither bob's permission nor his channel exists; alice's channel still works.
             alice.send_indication(bobs_target, b"no permission")
