@@ -1,0 +1,72 @@
+"""Faults: the account database going down and coming back while a relay serves.
+
+(The usage ledger's own outage is tests/test_accounting.py's PostgreSQL outage test; an
+exhausted port range is tests/test_limits.py's.)  The relay decides logins from its last
+snapshot of the account database, so an outage must cost nothing: sessions relay on, valid
+credentials still log in, usage is recorded, and once the database is back a revocation made
+there reaches the relay within the usual bound.
+"""
+from __future__ import annotations
+
+import json
+
+from conftest import REALM
+from postgres import throwaway_cluster
+from relay import stun
+from relay.turnclient import UDP, TurnClient
+from test_abuse import udp_socket
+from test_revocation import BOUND, cli
+
+ALLOCATE_UDP = (stun.REQUESTED_TRANSPORT, 17)
+
+
+def logged_in(server, credential) -> TurnClient:
+    client = TurnClient.connect(UDP, (server.host, server.port), credential["username"],
+                                credential["password"], REALM, bind_host=server.host)
+    reply = client.request(stun.ALLOCATE, ALLOCATE_UDP)
+    assert reply.cls == stun.SUCCESS, reply.get(stun.ERROR_CODE)
+    return client
+
+
+def relays(client: TurnClient, sink, payload: bytes) -> None:
+    client.send_indication(sink.getsockname()[:2], payload)
+    assert sink.recvfrom(100)[0] == payload
+
+
+def test_an_account_database_outage_costs_nothing_and_the_relay_catches_up(server_factory,
+                                                                            tmp_path):
+    secret = tmp_path / "rest.secret"
+    secret.write_text("shared-rest-secret-1\n")
+
+    def token(label):
+        return json.loads(cli("token", "--account", "acme", "--ttl", "600", "--label", label,
+                              "--secret-file", str(secret)))
+
+    with throwaway_cluster() as cluster, udp_socket("127.0.0.1") as sink:
+        cli("account", "add", "acme", "--db", cluster.dsn)
+        server = server_factory("--auth", f"db:dsn={cluster.dsn},secret-file={secret}",
+                                users=(), tls=False)
+        server.read_until("account database loaded")
+        first = logged_in(server, token("first"))
+        peer = (stun.XOR_PEER_ADDRESS, sink.getsockname()[:2])
+        assert first.request(stun.CREATE_PERMISSION, peer).cls == stun.SUCCESS
+        relays(first, sink, b"before")
+
+        cluster.stop()
+        server.read_until("account database unreachable")
+        relays(first, sink, b"during")
+        during = token("during")
+        second = logged_in(server, during)      # decided from the last snapshot
+        assert second.request(stun.CREATE_PERMISSION, peer).cls == stun.SUCCESS
+        relays(second, sink, b"new session")
+        assert first.request(stun.REFRESH, (stun.LIFETIME, 0)).cls == stun.SUCCESS
+        session = server.search(r"allocation closed user=\S+:acme:first .*reason=deleted "
+                                r"from_client=2/12B .*session=(\w+)").group(1)
+        server.read_until(f"session {session} usage recorded in sqlite")
+
+        cluster.start()
+        # Back: a revocation made in the database now ends the session it names.
+        cli("revoke", during["username"], "--db", cluster.dsn)
+        server.read_until("reason=revoked", timeout=BOUND + 5)
+        for client in (first, second):
+            client.close()
