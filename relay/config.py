@@ -61,6 +61,9 @@ NUMBER_OPTIONS = {
     "prometheus-port": _port, "drain-grace": _positive,
 }
 
+# Peer address rules: list options that a SIGHUP re-reads from the --config file.
+PEER_RULES = ("allowed-peer-ip", "denied-peer-ip", "cluster-cidr")
+
 LIST_OPTIONS = {
     "listening-ip": "Address to listen on; repeat for several [default: 0.0.0.0 and ::]",
     "listening-port": "UDP and TCP port; repeat for several [default: 3478]",
@@ -281,12 +284,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         for cert, key in (("cert", "pkey"), ("api-cert", "api-pkey")):
             if bool(self[cert]) != bool(self[key]):
                 fail(cert if not self[cert] else key, f"--{cert} and --{key} go together")
-        for name in ("allowed-peer-ip", "denied-peer-ip", "cluster-cidr"):
-            for value in self[name]:
-                try:
-                    parse_rule(value)
-                except ValueError:
-                    fail(name, f"{value!r} is not an address, CIDR network or FIRST-LAST range")
+        _check_peer_rules({name: self[name] for name in PEER_RULES}, fail)
         self["checkers"] = self._checkers(fail)
         if self["no-udp"] and self["no-tcp"] and self["no-tls"]:
             fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
@@ -339,6 +337,22 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             if hasattr(checker, "strict_expiry"):
                 checker.strict_expiry = bool(self["strict-expiry"])
         return checkers
+
+    def peer_rules_now(self) -> Dict[str, List[str]]:
+        """The peer rules (`PEER_RULES`) as the --config file has them now, for a SIGHUP; those
+        given on the command line stay.  UsageError naming the option for a bad one."""
+        rules = {name: list(self[name]) for name in PEER_RULES}
+        if self["config"]:
+            table = _read_toml("config", self["config"])
+            for name in PEER_RULES:
+                if name not in self._from_command_line:
+                    value = table.get(name, [])
+                    rules[name] = [str(v) for v in (value if isinstance(value, list) else [value])]
+
+        def fail(option: str, problem: str) -> None:
+            raise usage.UsageError(f"--{option}: {problem}")
+        _check_peer_rules(rules, fail)
+        return rules
 
     def opt_help_accounting(self) -> None:
         """List the installed usage ledger backends (--accounting) and exit"""
@@ -429,6 +443,15 @@ def _list_option(name: str, doc: str) -> Any:
 
 for _name, _doc in LIST_OPTIONS.items():
     setattr(Options, "opt_" + _name.replace("-", "_"), _list_option(_name, _doc))
+
+
+def _check_peer_rules(rules: Dict[str, List[str]], fail: Any) -> None:
+    for name, values in rules.items():
+        for value in values:
+            try:
+                parse_rule(value)
+            except ValueError:
+                fail(name, f"{value!r} is not an address, CIDR network or FIRST-LAST range")
 
 
 def _read_toml(option: str, path: str) -> Dict[str, Any]:

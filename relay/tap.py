@@ -7,7 +7,7 @@ import os
 import resource
 import signal
 import socket
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -364,6 +364,11 @@ def makeService(options: Options, reactor=None) -> MultiService:
     portal = Portal(AccountRealm(), [checkers])
     # Every listener this process opens adds itself: the relay never relays to its own ports.
     own = OwnEndpoints(list(relay_ips.values()) + list(external_ips.values()))
+
+    def peer_policy(rules: Mapping[str, Any]) -> PeerPolicy:
+        return PeerPolicy(rules["allowed-peer-ip"], rules["denied-peer-ip"],
+                          bool(options["allow-loopback-peers"]), rules["cluster-cidr"], own)
+
     config = TurnConfig(
         realm=realm, relay_ips=relay_ips, external_ips=external_ips,
         min_port=options["min-port"], max_port=options["max-port"],
@@ -375,8 +380,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
         max_bps=options["max-bps"], max_pps=options["max-pps"],
         account_max_bps=options["account-max-bps"], account_max_pps=options["account-max-pps"],
         software=None if options["no-software-attribute"] else SOFTWARE,
-        policy=PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
-                          bool(options["allow-loopback-peers"]), options["cluster-cidr"], own),
+        policy=peer_policy(options),
         password_algorithms=algorithms,
         alternate_servers=tuple(options["alternate-server"]),
         tls_alternate_servers=tuple(options["tls-alternate-server"]),
@@ -452,5 +456,6 @@ def makeService(options: Options, reactor=None) -> MultiService:
         TimerService(CERTIFICATE_LOOK, _certificate_watch(certificates)).setServiceParent(service)
     reloads = [(what, context.reload) for what, context in certificates]
     reloads.append(("credentials", checkers.reload))
+    reloads.append(("peer rules", lambda: server.set_policy(peer_policy(options.peer_rules_now()))))
     SighupService(reactor, reloads).setServiceParent(service)
     return service

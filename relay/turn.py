@@ -230,6 +230,14 @@ class TurnServer:
         while self._response_expiry and self._response_expiry[0][0] <= now:
             self._responses.pop(self._response_expiry.popleft()[1], None)
 
+    def set_policy(self, policy: PeerPolicy) -> None:
+        """New peer rules (SIGHUP).  Permissions they forbid end at once, which stops relaying
+        to those peers both ways, channels and Send included; the allocations stay."""
+        self.config.policy = policy
+        for allocation in self.allocations.values():
+            for ip in [ip for ip in allocation.permissions if not policy.permits(ip)]:
+                del allocation.permissions[ip]
+
     def drain(self) -> None:
         """Stop taking allocations (see `_check_quotas`); the existing ones carry on."""
         self.draining = True

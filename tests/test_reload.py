@@ -1,18 +1,23 @@
-"""Certificates replaced on disk without a signal, as Kubernetes updates a mounted Secret: the
-relay notices and reloads, while a TLS allocation made before relays on throughout.
+"""Reloads without a restart: certificates replaced on disk without a signal, as Kubernetes
+updates a mounted Secret (the relay notices, while a TLS allocation made before relays on
+throughout), and peer rules re-read from the config file on SIGHUP.
 
 Every wait is on a log line or a reply.
 """
 from __future__ import annotations
 
 import os
+import signal
 import ssl
+
+import pytest
 
 from conftest import PASSWORD, REALM, USER
 from relay import stun
 from relay.turnclient import TLS, TurnClient
 from test_abuse import udp_socket
 from test_wire import make_cert, tls_connect
+from wire_client import WireClient, error_code
 
 
 def mount(directory, version: str, cert, key) -> None:
@@ -75,3 +80,47 @@ def test_a_certificate_swapped_on_disk_is_reloaded_while_a_tls_allocation_relays
     finally:
         client.close()
         peer.close()
+
+
+def test_sighup_rereads_peer_rules_from_the_config_file(server_factory, tmp_path):
+    config = tmp_path / "turnrelay.toml"
+    config.write_text('denied-peer-ip = []\n')
+    server = server_factory("--config", str(config), tcp=False, tls=False)
+    client = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+    soon_denied, still_allowed = udp_socket("127.0.0.1"), udp_socket("127.0.0.2")
+    try:
+        relayed = client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).get(
+            stun.XOR_RELAYED_ADDRESS)
+        for peer in (soon_denied, still_allowed):
+            assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS,
+                                                           peer.getsockname())).cls == stun.SUCCESS
+        client.send_indication(soon_denied.getsockname(), b"allowed for now")
+        assert soon_denied.recvfrom(100)[0] == b"allowed for now"
+
+        config.write_text('denied-peer-ip = ["127.0.0.1"]\n')
+        server.process.send_signal(signal.SIGHUP)
+        server.read_until("peer rules reloaded")
+        assert error_code(client.request(stun.CREATE_PERMISSION, (
+            stun.XOR_PEER_ADDRESS, soon_denied.getsockname()))) == 403
+        # Its permission is gone, both ways: what comes after a dropped datagram shows it
+        # was dropped, and the allocation relays on to the peer still allowed.
+        client.send_indication(soon_denied.getsockname(), b"dropped")
+        client.send_indication(still_allowed.getsockname(), b"relayed")
+        assert still_allowed.recvfrom(100)[0] == b"relayed"
+        soon_denied.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            soon_denied.recvfrom(100)
+        soon_denied.sendto(b"dropped", relayed)
+        still_allowed.sendto(b"relayed back", relayed)
+        assert client.receive_data() == (still_allowed.getsockname(), b"relayed back")
+
+        config.write_text('denied-peer-ip = ["not an address"]\n')
+        server.process.send_signal(signal.SIGHUP)
+        server.read_until("peer rules reload failed, keeping the old: --denied-peer-ip: "
+                          "'not an address'")
+        assert error_code(client.request(stun.CREATE_PERMISSION, (
+            stun.XOR_PEER_ADDRESS, soon_denied.getsockname()))) == 403
+    finally:
+        client.close()
+        soon_denied.close()
+        still_allowed.close()
