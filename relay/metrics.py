@@ -79,6 +79,11 @@ class RelayCollector:
         yield failed
         yield CounterMetricFamily("turnrelay_auth_failures", "Requests with a wrong user, "
                                   "password or realm", stats.auth_failures)
+        limited_packets, limited_bytes = server.limited_totals()
+        yield CounterMetricFamily("turnrelay_rate_limited_packets", "Packets dropped by "
+                                  "--max-bps/--max-pps and the account limits", limited_packets)
+        yield CounterMetricFamily("turnrelay_rate_limited_bytes", "Payload bytes dropped by "
+                                  "--max-bps/--max-pps and the account limits", limited_bytes)
         yield GaugeMetricFamily("turnrelay_draining", "1 while draining for a shutdown: new "
                                 "allocations are redirected or refused", int(server.draining))
         if self.ledger is not None:

@@ -19,7 +19,9 @@ from conftest import PASSWORD, REALM, USER, free_port
 from dbfixtures import raw_rows
 from relay import stun
 from relay.turnclient import TCP, TLS, TurnClient
+from test_abuse import udp_socket
 from test_accounting import HeldSession, sql_usage
+from test_limits import burst, counters
 from wire_client import WireClient, error_code
 
 Labels = Tuple[Tuple[str, str], ...]
@@ -218,3 +220,21 @@ def test_connection_limits_show_in_the_metrics(server_factory):
     assert samples["turnrelay_stream_connections_timed_out_total"] == {(): 0}
     for connection in held:
         connection.close()
+
+
+def test_rate_limit_drops_show_in_the_metrics(server_factory):
+    port = free_port()
+    server = server_factory("--prometheus", "--prometheus-port", str(port), "--max-pps", "5",
+                            tcp=False, tls=False)
+    client = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+    with udp_socket("127.0.0.1") as sink:
+        assert client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).cls == stun.SUCCESS
+        assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS,
+                                                       sink.getsockname())).cls == stun.SUCCESS
+        burst(client, sink.getsockname(), 20, 10)
+        relayed, limited = counters(server, client)  # deletes it: its drops stay counted
+    client.close()
+    assert limited >= 10, (relayed, limited)
+    samples = scrape(port)
+    assert samples["turnrelay_rate_limited_packets_total"] == {(): limited}
+    assert samples["turnrelay_rate_limited_bytes_total"] == {(): 10 * limited}
