@@ -27,6 +27,14 @@ from wire_client import WireClient, error_code
 Labels = Tuple[Tuple[str, str], ...]
 
 
+def with_metrics(server_factory, *extra: str, **kwargs) -> Tuple[object, int]:
+    """A relay with --prometheus on a free port, once that port listens too; and the port."""
+    port = free_port()
+    server = server_factory("--prometheus", "--prometheus-port", str(port), *extra, **kwargs)
+    server.read_until(f"metrics listening on http [127.0.0.1]:{port}")  # the secure default
+    return server, port
+
+
 def get(port: int, path: str) -> Tuple[int, str, str]:
     """(status, content type, body) of a GET on loopback."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -61,11 +69,9 @@ def by_transport(samples, name: str, transport: str) -> float:
 
 
 def test_metrics_count_what_was_relayed_and_keep_closed_allocations(server_factory):
-    port = free_port()
     users = ["udp-user", "tcp-user", "held-user"]
-    server = server_factory("--prometheus", "--prometheus-port", str(port), tls=False,
-                            users=[(user, PASSWORD) for user in users])
-    server.read_until(f"metrics listening on http [127.0.0.1]:{port}")  # the secure default
+    server, port = with_metrics(server_factory, tls=False,
+                                users=[(user, PASSWORD) for user in users])
 
     udp_payloads = [b"u" * (10 * i + 1) for i in range(12)]
     relay_round_trips(server, "udp-user", PASSWORD, udp_payloads, "udp")
@@ -114,13 +120,12 @@ def test_metrics_count_what_was_relayed_and_keep_closed_allocations(server_facto
 
 
 def test_health_and_readiness_on_the_metrics_port_and_the_api_port(server_factory, tmp_path):
-    port, api_port = free_port(), free_port()
+    api_port = free_port()
     secret = tmp_path / "mint.secret"
     secret.write_text("a minting secret\n")
-    server = server_factory("--prometheus", "--prometheus-port", str(port),
-                            "--api-port", str(api_port), "--api-db",
-                            f"sqlite:///{tmp_path / 'accounts.db'}", "--api-secret-file",
-                            str(secret))
+    server, port = with_metrics(server_factory, "--api-port", str(api_port), "--api-db",
+                                f"sqlite:///{tmp_path / 'accounts.db'}", "--api-secret-file",
+                                str(secret))
     server.read_until(f"tokens API listening on http [127.0.0.1]:{api_port}")
     for where in (port, api_port):
         assert get(where, "/healthz")[::2] == (200, "ok\n")
@@ -144,12 +149,11 @@ def drain_started(server) -> None:
 
 def test_sigterm_drains_redirects_new_allocations_and_records_the_shutdown(server_factory,
                                                                             tmp_path):
-    port = free_port()
-    server = server_factory("--prometheus", "--prometheus-port", str(port), "--drain-grace", "6",
-                            "--alternate-server", "192.0.2.7:3478",
-                            "--alternate-server", "[2001:db8::7]:3478",
-                            "--tls-alternate-server", "192.0.2.7:5349",
-                            "--alternate-domain", "turn-b.example.org")
+    server, port = with_metrics(server_factory, "--drain-grace", "6",
+                                "--alternate-server", "192.0.2.7:3478",
+                                "--alternate-server", "[2001:db8::7]:3478",
+                                "--tls-alternate-server", "192.0.2.7:5349",
+                                "--alternate-domain", "turn-b.example.org")
     assert get(port, "/readyz")[::2] == (200, "ok\n")
     held = HeldSession(server)
     held.relay(2, 100)
@@ -167,9 +171,9 @@ def test_sigterm_drains_redirects_new_allocations_and_records_the_shutdown(serve
     assert reply.check_integrity(stun.long_term_key(USER, REALM, PASSWORD))  # RFC 8489 10
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    for transport, port, alternate in ((TCP, server.port, ("192.0.2.7", 3478)),
-                                       (TLS, server.tls_port, ("192.0.2.7", 5349))):
-        stream = TurnClient.connect(transport, (server.host, port), USER, PASSWORD, REALM,
+    for transport, listener, alternate in ((TCP, server.port, ("192.0.2.7", 3478)),
+                                           (TLS, server.tls_port, ("192.0.2.7", 5349))):
+        stream = TurnClient.connect(transport, (server.host, listener), USER, PASSWORD, REALM,
                                     context=context)
         reply = stream.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))
         stream.close()
@@ -188,9 +192,7 @@ def test_sigterm_drains_redirects_new_allocations_and_records_the_shutdown(serve
 
 
 def test_a_drain_ends_as_soon_as_the_last_allocation_does(server_factory):
-    port = free_port()
-    server = server_factory("--prometheus", "--prometheus-port", str(port),
-                            "--drain-grace", "600", tcp=False, tls=False)
+    server, port = with_metrics(server_factory, "--drain-grace", "600", tcp=False, tls=False)
     held = HeldSession(server)
     drain_started(server)
     newcomer = WireClient((server.host, server.port), USER, PASSWORD, REALM)
@@ -205,9 +207,8 @@ def test_a_drain_ends_as_soon_as_the_last_allocation_does(server_factory):
 
 
 def test_connection_limits_show_in_the_metrics(server_factory):
-    port = free_port()
-    server = server_factory("--prometheus", "--prometheus-port", str(port),
-                            "--source-connection-quota", "2", udp=False, tls=False)
+    server, port = with_metrics(server_factory, "--source-connection-quota", "2", udp=False,
+                                tls=False)
     held = [socket.create_connection((server.host, server.port), timeout=5) for _ in range(2)]
     with socket.create_connection((server.host, server.port), timeout=5) as third:
         try:
@@ -223,9 +224,7 @@ def test_connection_limits_show_in_the_metrics(server_factory):
 
 
 def test_rate_limit_drops_show_in_the_metrics(server_factory):
-    port = free_port()
-    server = server_factory("--prometheus", "--prometheus-port", str(port), "--max-pps", "5",
-                            tcp=False, tls=False)
+    server, port = with_metrics(server_factory, "--max-pps", "5", tcp=False, tls=False)
     client = WireClient((server.host, server.port), USER, PASSWORD, REALM)
     with udp_socket("127.0.0.1") as sink:
         assert client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).cls == stun.SUCCESS
