@@ -31,6 +31,10 @@ STATE_DIR = "/var/lib/turnrelay"
 CONFIG_HASH = "turnrelay.io/config-hash"
 SECRET_VERSIONS = "turnrelay.io/secret-versions"
 RELAY_UID = 10001
+# Draining a relay: the preStop pause lets the endpoints controller take the terminating pod out
+# of its Services before SIGTERM; then the relay refuses new allocations, lets live ones run on
+# for drainSeconds (its --drain-grace) and writes their usage, within the ledger's 10 s.
+PRESTOP_SECONDS, LEDGER_FLUSH_SECONDS = 5, 10
 
 # The CRD's schema defaults, in one place for code that sees a spec the API server never saw.
 DEFAULTS: Dict[str, Any] = {
@@ -133,6 +137,7 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         "source-quota": spec["quotas"]["source"],
         "total-quota": spec["quotas"]["total"],
         "state-dir": STATE_DIR,
+        "drain-grace": spec["drainSeconds"],
         # /metrics, /healthz and /readyz for Prometheus and the kubelet's probes, on the pod IP.
         "prometheus": True,
         "prometheus-address": "0.0.0.0",
@@ -226,9 +231,7 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
         "ports": ports,
         "volumeMounts": mounts,
         "resources": spec.get("resources", {}),
-        # Draining: the sleep lets the endpoints controller take the pod out of its Services
-        # before SIGTERM, so new allocations go elsewhere while existing ones keep flowing.
-        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(spec["drainSeconds"])]}}},
+        "lifecycle": {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_SECONDS)]}}},
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
     }
@@ -236,7 +239,7 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
     pod_spec: Dict[str, Any] = {
         "containers": [container],
         "volumes": volumes,
-        "terminationGracePeriodSeconds": spec["drainSeconds"] + 30,
+        "terminationGracePeriodSeconds": PRESTOP_SECONDS + spec["drainSeconds"] + LEDGER_FLUSH_SECONDS + 5,
         "automountServiceAccountToken": False,
         "securityContext": {"runAsNonRoot": True, "runAsUser": RELAY_UID, "runAsGroup": RELAY_UID,
                             "fsGroup": RELAY_UID, "seccompProfile": {"type": "RuntimeDefault"}},

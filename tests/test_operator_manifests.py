@@ -102,7 +102,10 @@ def test_children_of_a_minimal_region():
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["terminationGracePeriodSeconds"] > int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    # The kubelet waits for the preStop pause, the relay's drain and its last ledger writes.
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
+    assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 10 + 5  # drainSeconds defaults to 30
+    assert "drain-grace = 20\n" in m.config_toml(region(FULL_SPEC))
     assert "hostNetwork" not in pod
 
 
