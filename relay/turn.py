@@ -8,12 +8,13 @@ caller passes the outcome to `authenticated` or `login_failed`.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Hashable, Iterator, List, Optional, Tuple
 
 from relay import stun
 from relay.allocation import PERMISSION_LIFETIME, Address, Allocation, Budget, RelayEndpoint
@@ -465,8 +466,7 @@ class TurnServer:
         """Bind a relay port; with EVEN-PORT an even one, and with its R bit the next one too."""
         host = self.config.relay_ips[family]
         low, high = self.config.min_port, self.config.max_port
-        for _ in range(_BIND_ATTEMPTS):
-            port = self.rng.randint(low, high - 1 if even_port else high)
+        for port in self._ports(host, low, high - 1 if even_port else high, even_port is not None):
             if even_port is None:
                 endpoint = self.bind(host, port, dont_fragment)
                 if endpoint is not None:
@@ -489,6 +489,21 @@ class TurnServer:
             response.add(stun.RESERVATION_TOKEN, token)
             return endpoint
         raise stun.StunError(508, "Insufficient Capacity")
+
+    def _ports(self, host: str, low: int, high: int, even: bool) -> Iterator[int]:
+        """Relay ports to try: random ones first (a relay port should be hard to guess), then,
+        when a crowded range made those fail, every port from a random start that this server
+        does not hold already, so 508 means the range is really full."""
+        for _ in range(_BIND_ATTEMPTS):
+            yield self.rng.randint(low, high)
+        held = {endpoint.address[1] for allocation in self.allocations.values()
+                for endpoint in allocation.relays.values() if endpoint.address[0] == host}
+        held.update(r.endpoint.address[1] for r in self.reservations.values()
+                    if r.endpoint.address[0] == host)
+        start = self.rng.randint(low, high)
+        for port in itertools.chain(range(start, high + 1), range(low, start)):
+            if port not in held and not (even and port % 2):
+                yield port
 
     def _refresh(self, client: Client, msg: stun.Message, credentials: StunCredentials,
                  account: Account, now: float) -> stun.Message:

@@ -97,6 +97,28 @@ def test_exhausted_port_range_is_508_until_an_allocation_ends():
     clients[3].allocate_ok()
 
 
+def test_every_port_of_the_range_is_used_before_508():
+    """Random picks alone would miss the last free ports of a crowded range; 508 must mean
+    full, and finding out must not try to bind the ports this server holds."""
+    harness = Harness(min_port=50000, max_port=50099)
+    clients = [harness.client(address=("198.51.100.20", 40000 + i)) for i in range(101)]
+    for client in clients[:100]:
+        client.allocate_ok()
+    assert {a.relays[stun.FAMILY_IPV4].address[1] for a in harness.server.allocations.values()} \
+        == set(range(50000, 50100))
+    calls = len(harness.binder.calls)
+    assert error_code(clients[100].allocate()) == 508
+    assert len(harness.binder.calls) - calls == 40   # the random tries, then nothing to bind
+
+
+def test_a_port_held_by_another_process_is_skipped():
+    harness = Harness(min_port=50000, max_port=50999)
+    harness.binder.busy = set(range(50000, 51000)) - {50777}
+    assert harness.client().allocate_ok().get(stun.XOR_RELAYED_ADDRESS)[1] == 50777
+    even = harness.client(address=("198.51.100.21", 40000))
+    assert error_code(even.allocate((stun.EVEN_PORT, False))) == 508   # 50776 is taken
+
+
 # -- a real relay ------------------------------------------------------------------------------
 
 def burst(client: TurnClient, peer: Tuple[str, int], count: int, size: int) -> None:
