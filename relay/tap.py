@@ -33,6 +33,7 @@ from relay.metrics import RelayCollector, registry as metrics_registry, stream_m
 from relay.peers import OwnEndpoints, PeerPolicy
 from relay.regions import Region
 from relay.retention import ClientAddressRetention
+from relay.selftest import SelfTestPage
 from relay.sqldb import pool_from_dsn
 from relay.tls import ServerTLS, self_signed
 from relay.tokens_api import TokensAPI
@@ -442,6 +443,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
                     "metrics", "--prometheus-address/--prometheus-port", own).setServiceParent(service)
     if options["api-port"] is not None:
         api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, backends))
+        api.putChild(b"test", SelfTestPage())
         # Idle connections close after a minute: the API has no use for long-held ones.
         HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
                     options["api-port"], api_tls, "tokens API",

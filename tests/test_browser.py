@@ -10,8 +10,11 @@ relay's own log, that turnrelay relayed at least those bytes each way.  One brow
 import base64
 import hashlib
 import http.server
+import json
 import os
 import re
+import subprocess
+import sys
 import threading
 from importlib import resources
 
@@ -28,6 +31,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync"]
 MESSAGES, SIZE = 20, 1000
+CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
 
 
 def chromium() -> str:
@@ -136,3 +140,79 @@ def test_an_unreachable_server_is_the_browsers_701(page):
     result = call(page, f"turn:127.0.0.1:{free_port()}?transport=tcp")
     assert not result["connected"]
     assert 701 in [error["errorCode"] for error in result["errors"]], result
+
+
+# The self-test page at /test on the API port: the visitor's view, through the form.
+
+@pytest.fixture
+def api_relay(server_factory, tmp_path, certificate):
+    """start(**kwargs) -> (relay with --api-port and account `acme`, API port, acme's key)."""
+    def start(**kwargs):
+        dsn = f"sqlite:///{tmp_path / 'accounts.db'}"
+        added = subprocess.run([CLI, "account", "add", "acme", "--db", dsn], capture_output=True,
+                               text=True, timeout=60, check=True)
+        secret = tmp_path / "rest.secret"
+        secret.write_text("self-test-secret\n")
+        cert, key = certificate
+        port = free_port()
+        server = server_factory("--auth", f"db:dsn={dsn},secret-file={secret}", "--api-port",
+                                str(port), "--cert", str(cert), "--pkey", str(key), **kwargs)
+        server.read_until(f"tokens API listening on http [127.0.0.1]:{port}")
+        server.read_until("account database loaded")
+        return server, port, added.stdout.strip()
+    return start
+
+
+def run_form(page, port, **fields):
+    """Open /test, fill in `fields` (element id -> text), run, and wait for the outcome."""
+    response = page.goto(f"http://127.0.0.1:{port}/test")
+    assert response.status == 200
+    for element, text in fields.items():
+        page.fill(f"#{element}", text)
+    page.click("#run")
+    page.wait_for_selector("body[data-done]", timeout=60_000)
+    return response
+
+
+def table_rows(page):
+    return page.eval_on_selector_all("#results tbody tr", """rows => rows.map(row => ({
+        transport: row.dataset.transport, ok: row.dataset.ok === "true",
+        cells: [...row.cells].map(cell => cell.textContent)}))""")
+
+
+def test_the_self_test_page_mints_and_connects_over_every_transport(page, api_relay, tmp_path):
+    server, port, key = api_relay()
+    response = run_form(page, port, account="acme", apikey=key)
+    # The page ran under its own policy: nothing but its inline code and this origin.
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy
+    page.screenshot(path=str(tmp_path / "self-test.png"), full_page=True)
+    rows = table_rows(page)
+    assert [row["transport"] for row in rows] == ["udp", "tcp", "tls"], rows
+    for row in rows:
+        transport, result, connect, rtt, relayed, cause = row["cells"]
+        assert transport.startswith(row["transport"].upper() + "turn"), row  # then its URL
+        assert row["ok"] and result == "connected" and cause == "", row
+        assert re.fullmatch(r"[\d.]+ ms", connect) and re.fullmatch(r"[\d.]+ ms", rtt), row
+        assert int(relayed.replace(",", "").removesuffix(" B")) > 20 * 1000, row
+    assert page.text_content("#status") == "Done."
+    assert len(re.findall(r"allocation opened user=\d+:acme:self-test ", server.stop())) == 6
+
+
+def test_the_self_test_page_names_the_likely_causes(page, api_relay, tmp_path):
+    server, port, key = api_relay(loopback_peers=False)
+    run_form(page, port, account="acme", apikey="not-the-key")
+    assert page.text_content("#status") == "The tokens API refused: wrong account id or API key"
+    closed = free_port()
+    urls = "\n".join([f"turn:127.0.0.1:{server.port}?transport=udp",
+                      f"turn:127.0.0.1:{closed}?transport=tcp"])
+    run_form(page, port, account="", apikey="", urls=urls,
+             credential=json.dumps({"username": USER, "password": PASSWORD}))
+    causes = [(row["transport"], row["ok"], row["cells"][5]) for row in table_rows(page)]
+    assert causes[0][:2] == ("udp", False) and causes[0][2].startswith("Peer address forbidden")
+    assert causes[1] == ("tcp", False, "TCP blocked: cannot reach the relay's TCP port.")
+    page.screenshot(path=str(tmp_path / "self-test-failures.png"), full_page=True)
+    run_form(page, port, urls=urls.splitlines()[0],
+             credential=json.dumps({"username": USER, "password": "wrong"}))
+    assert [row["cells"][5] for row in table_rows(page)] == [
+        "Credentials refused: wrong or expired username and password."]
