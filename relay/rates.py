@@ -144,6 +144,10 @@ class RateTable:
             except ValueError as err:
                 raise ValueError(f"region {region!r}: {err}") from None
             self._rates[region] = ordered
+        self._times = {region: [effective for effective, _ in entries]
+                       for region, entries in self._rates.items()}
+        self._boundaries = sorted({effective for times in self._times.values()
+                                   for effective in times})
 
     @property
     def regions(self) -> List[str]:
@@ -151,21 +155,19 @@ class RateTable:
 
     def rate_at(self, region: str, at: str) -> Optional[Decimal]:
         """The rate of `region` in effect at `at` (RFC 3339 UTC text); None if none was."""
-        entries = self._rates.get(region, [])
-        i = bisect.bisect_right([effective for effective, _ in entries], at)
-        return entries[i - 1][1] if i else None
+        i = bisect.bisect_right(self._times.get(region, []), at)
+        return self._rates[region][i - 1][1] if i else None
 
     def boundaries(self) -> List[str]:
         """Every instant at which some region's rate changes, in order: between two of them
         every region has one rate, so usage summed per such period is charged exactly."""
-        return sorted({effective for entries in self._rates.values()
-                       for effective, _ in entries})
+        return list(self._boundaries)
 
     def period_start(self, period: int) -> str:
         """The first instant of period `period`: 0 is before the first boundary, i after the
         i-th (numbered as `boundaries()`), the periods SQL sums usage by.  Period 0 starts
         before any time, so no rate is in effect in it."""
-        return self.boundaries()[period - 1] if period else ""
+        return self._boundaries[period - 1] if period else ""
 
 
 def _table_rates(table: Mapping[str, Any]) -> Dict[str, List[Tuple[str, Decimal]]]:

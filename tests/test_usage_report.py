@@ -344,3 +344,62 @@ def test_the_usage_paths_serve_get_only(ledger):
     api = Api(ledger.api, ledger.api_port, None, ledger.keys)
     answer = api.request("POST", "/v1/accounts/acme/usage", api.auth("acme"))
     assert answer.status == 405 and answer.headers["Allow"] == "GET"
+
+
+def test_without_a_sql_ledger_the_usage_api_says_so(tmp_path, in_reactor):  # noqa: F811
+    from conftest import free_port
+    accounts = f"sqlite://{tmp_path / 'accounts.db'}"
+    keys = in_reactor(_create_accounts, accounts)
+    (tmp_path / "mint.secret").write_text("usage-report-secret\n")
+    port = free_port()
+    server = start_server("--accounting", f"jsonl:path={tmp_path / 'usage.jsonl'}",
+                          "--api-port", str(port), "--api-db", accounts, "--api-secret-file",
+                          str(tmp_path / "mint.secret"), users=(), tcp=False, tls=False,
+                          state_dir=str(tmp_path / "state"))
+    try:
+        server.read_until(f"tokens API listening on http [127.0.0.1]:{port}")
+        api = Api(server, port, None, keys)
+        answer = api.request("GET", "/v1/accounts/acme/usage?start=2026-11-01", api.auth("acme"))
+        assert (answer.status, answer.body["message"]) == (
+            501, "this relay keeps no SQL usage ledger to read usage from (--accounting "
+                 "sqlite:... or postgresql:...)")
+        # Credentials are checked first, as on every path: an anonymous caller only sees 401.
+        assert api.request("GET", "/v1/accounts/acme/usage?start=2026-11-01").status == 401
+    finally:
+        server.stop()
+
+
+def test_a_session_across_a_rate_change_pays_each_rate_for_its_part(server_factory, tmp_path):
+    from test_accounting import REGION, HeldSession, eventually, sql_usage
+    from conftest import USER
+    dsn = f"sqlite://{tmp_path / 'usage.db'}"
+    server = server_factory("--accounting", f"sqlite:path={tmp_path / 'usage.db'}",
+                            "--accounting-interval", "1", "--region", REGION, tcp=False,
+                            tls=False)
+    server.read_until("usage backend sqlite ready")
+    session = HeldSession(server)
+    before = session.relay(4, 500)
+    eventually(lambda: sql_usage(dsn).get(USER), before)  # the old rate's part, recorded
+    _next_second()
+    session.relay(3, 900)
+    session.delete()
+    session.close()
+    server.read_until("usage recorded in sqlite")
+    server.stop()
+    deltas = raw_rows(dsn, "SELECT at, bytes_from_client + bytes_to_client FROM usage_deltas"
+                           " ORDER BY seq")
+    # The deltas in order: a first few carry the 4000 bytes relayed before the second changed,
+    # the rest the 5400 after it, and the rate changes at the first of those.
+    sums = [sum(n for _, n in deltas[:i]) for i in range(len(deltas) + 1)]
+    split = sums.index(2 * 4 * 500)
+    effective = deltas[split][0]
+    assert deltas[split - 1][0] < effective and sums[-1] - sums[split] == 2 * 3 * 900
+    (tmp_path / "rates.toml").write_text(
+        f'[[rates.{REGION}]]\nrate_per_mb = "0.3"\neffective = 2026-01-01\n\n'
+        f'[[rates.{REGION}]]\nrate_per_mb = "0.7"\neffective = {effective}\n')
+    answer = json.loads(turnrelay("usage", "--ledger", dsn, "--since", "2026-01-01", "--by",
+                                  "session", "--json", "--rate-table",
+                                  str(tmp_path / "rates.toml")).stdout)
+    [row] = answer["rows"]
+    # 4000 bytes at 0.3 per MB and 5400 at 0.7: (1200 + 3780) / 10^6.
+    assert (row["total_bytes"], row["charge"]) == (9400, "0.004980")
