@@ -134,14 +134,22 @@ def assert_no_way_through(server, transport: str, sinks: Dict[str, socket.socket
         client.close()
 
 
-def test_forbidden_peers_get_403_and_nothing_reaches_them(server_factory, sinks):
-    server = server_factory("--relay-ip", "::1", "--allowed-peer-ip", CONTROL,
-                            loopback_peers=False)
+def reload_peer_rules(server, config, rules: str) -> None:
+    """Rewrite the --config file's peer rules and SIGHUP: a fresh policy replaces the old."""
+    config.write_text(rules)
+    server.process.send_signal(signal.SIGHUP)
+    server.read_until("peer rules reloaded")
+
+
+def test_forbidden_peers_get_403_and_nothing_reaches_them(server_factory, sinks, tmp_path):
+    config = tmp_path / "turnrelay.toml"
+    config.write_text(f'allowed-peer-ip = ["{CONTROL}"]\n')
+    server = server_factory("--config", str(config), "--relay-ip", "::1", loopback_peers=False)
     for transport in TRANSPORTS:
         assert_no_way_through(server, transport, sinks)
-    # A reload (users, certificates and, as they become reloadable, peer rules) opens nothing.
-    server.process.send_signal(signal.SIGHUP)
-    server.read_until("credentials reloaded")
+    # Reloaded rules that name other networks leave the defaults as they were.
+    reload_peer_rules(server, config, f'allowed-peer-ip = ["{CONTROL}", "198.51.100.7"]\n'
+                                      'denied-peer-ip = ["8.8.8.0/24"]\n')
     for transport in TRANSPORTS:
         assert_no_way_through(server, transport, sinks)
 
@@ -169,18 +177,24 @@ def test_operator_rules_open_what_they_name_and_only_that(server_factory):
 
 
 def test_the_relays_own_endpoints_are_never_peers(server_factory, tmp_path):
-    """Even with loopback allowed, and an allow rule naming them: listeners, API, metrics."""
+    """Even with loopback allowed, and an allow rule naming them: listeners, API, metrics;
+    before and after the peer rules are reloaded."""
     api_port, metrics_port = free_port(), free_port()
     secret = tmp_path / "mint.secret"
     secret.write_text("a-secret-to-mint-with\n")
-    server = server_factory("--allowed-peer-ip", "127.0.0.0/8", "--relay-ip", "::1",
+    config = tmp_path / "turnrelay.toml"
+    config.write_text('allowed-peer-ip = ["127.0.0.0/8"]\n')
+    server = server_factory("--config", str(config), "--relay-ip", "::1",
                             "--auth", f"db:dsn=sqlite:///{tmp_path / 'accounts.db'},"
                                       f"secret-file={secret}", "--api-port", str(api_port),
                             "--prometheus", "--prometheus-port", str(metrics_port))
     server.read_until(f"tokens API listening on http [127.0.0.1]:{api_port}")
     server.read_until(f"metrics listening on http [127.0.0.1]:{metrics_port}")
     own_ports = (server.port, server.tls_port, api_port, metrics_port)
-    for transport in TRANSPORTS:
+    for transport in TRANSPORTS + ("reload",) + TRANSPORTS:
+        if transport == "reload":
+            reload_peer_rules(server, config, 'allowed-peer-ip = ["127.0.0.0/8", "::1"]\n')
+            continue
         with udp_socket("127.0.0.1") as sink:
             client = connect(server, transport)
             try:
