@@ -121,10 +121,11 @@ def act(harness: Harness, clients: List[TurnClient], pool: List[Address], op: tu
         client._learn(stun.parse(reply))
 
 
-@settings(max_examples=80, deadline=2000, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(st.sampled_from(FORBIDDEN_HOSTS), st.lists(operations, min_size=8, max_size=30))
-def test_random_request_sequences_never_raise_nor_reach_a_forbidden_peer(forbidden, ops):
+# One forbidden peer and the operations; bench/fuzz_turn.py feeds the same to libFuzzer.
+SEQUENCES = (st.sampled_from(FORBIDDEN_HOSTS), st.lists(operations, min_size=8, max_size=30))
+
+
+def run_sequence(forbidden: str, ops: List[tuple]) -> None:
     pool = [(forbidden, 5000), PEER, PEER_V6]
     harness = Harness(relay_ips={stun.FAMILY_IPV4: RELAY_V4, stun.FAMILY_IPV6: RELAY_V6})
     clients = [harness.client("alice"),
@@ -144,3 +145,10 @@ def test_random_request_sequences_never_raise_nor_reach_a_forbidden_peer(forbidd
     assert not harness.server.allocations and not harness.server.reservations
     assert all(endpoint.closed for endpoint in harness.binder.endpoints)
     assert not harness.binder.bound
+
+
+@settings(max_examples=80, deadline=2000, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(*SEQUENCES)
+def test_random_request_sequences_never_raise_nor_reach_a_forbidden_peer(forbidden, ops):
+    run_sequence(forbidden, ops)

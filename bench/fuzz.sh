@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing with atheris (libFuzzer for Python), bounded in time:
+#     bash bench/fuzz.sh SECONDS [TARGET...]      # TARGET: stun, turn [default: both]
+# Each target runs SECONDS seconds on one core; its corpus is kept in ~/.cache/turnrelay-fuzz
+# (so a later run starts where this one stopped) and a crashing input is written to
+# bench/crash-TARGET-* and makes the script exit non-zero.  Not part of the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds="${1:?usage: bench/fuzz.sh SECONDS [stun|turn]...}"
+shift
+targets=("$@")
+[ "${#targets[@]}" -gt 0 ] || targets=(stun turn)
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -c "import atheris, hypothesis" 2>/dev/null \
+    || .venv/bin/python -m pip install -q atheris 'hypothesis>=6.80' -e '.[test]' \
+        --config-settings editable_mode=compat
+
+cache="${TURNRELAY_FUZZ_CACHE:-$HOME/.cache/turnrelay-fuzz}"
+status=0
+for target in "${targets[@]}"; do
+    corpus="$cache/$target"
+    mkdir -p "$corpus"
+    [ "$target" != stun ] || .venv/bin/python bench/fuzz_stun.py --write-seeds "$corpus" 2>/dev/null
+    log="$cache/$target.log"
+    # Hypothesis needs a few KB of choices for a sequence of requests: long inputs from the start.
+    extra=()
+    [ "$target" != turn ] || extra=(-max_len=8192 -len_control=0)
+    echo "fuzzing $target for $seconds s (corpus $corpus, log $log)"
+    if .venv/bin/python "bench/fuzz_$target.py" "$corpus" -max_total_time="$seconds" \
+            -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 \
+            -artifact_prefix="bench/crash-$target-" "${extra[@]}" >"$log" 2>&1; then
+        result="no crash"
+    else
+        result="CRASH (see $log and bench/crash-$target-*)"
+        status=1
+    fi
+    # libFuzzer's last status line ("#N DONE cov: C ft: F corp: ...") and its final stats.
+    grep -E "^#[0-9]+\s+(DONE|pulse|NEW|REDUCE)" "$log" | tail -1 || true
+    grep -E "^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)" "$log" || true
+    echo "$target: $result"
+done
+exit "$status"
