@@ -22,7 +22,7 @@ import pytest
 
 from conftest import PASSWORD, REALM, USER, free_port
 from relay import stun
-from relay.turnclient import TurnClient, error_code
+from relay.turnclient import NoResponse, TurnClient, error_code
 
 UDP = (stun.REQUESTED_TRANSPORT, 17)
 DUAL = (stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6)
@@ -222,6 +222,40 @@ def test_the_relays_own_endpoints_are_never_peers(server_factory, tmp_path):
             finally:
                 client.close()
     assert "Traceback" not in server.stop()
+
+
+# -- password guessing ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_password_guessing_gets_401_then_slows_to_a_crawl(server_factory, transport):
+    """A relay per transport: the 401 limiter counts per source address (burst 20, 2/s)."""
+    server = server_factory()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    # A short timeout: an unanswered guess is the limiter at work (0.3 s: no UDP retransmit).
+    guesser = TurnClient.connect(transport, listener_address(server, transport), USER, "guess",
+                                 REALM, timeout=0.3, context=context, bind_host=server.host)
+    challenge = guesser.exchange(stun.Message(stun.ALLOCATE, stun.REQUEST).add(*UDP))
+    assert error_code(challenge) == 401 and challenge.get(stun.REALM) == REALM
+    wrong = stun.long_term_key(USER, REALM, "guess")
+    answered, start = 0, time.monotonic()
+    for _ in range(30):
+        guess = stun.Message(stun.ALLOCATE, stun.REQUEST).add(*UDP).add(stun.USERNAME, USER)
+        guess.add(stun.REALM, REALM).add(stun.NONCE, challenge.get(stun.NONCE))
+        try:
+            reply = guesser.exchange(guess, wrong)
+        except NoResponse:
+            continue
+        assert error_code(reply) == 401 and not reply.has(stun.SOFTWARE)
+        answered += 1
+    elapsed = time.monotonic() - start
+    # The burst, then two a second: guessing crawls (without the limiter all 30 would be).
+    assert 20 <= answered <= 21 + 2 * elapsed, (answered, elapsed)
+    guesser.close()
+    # The right password from the same address still logs in.
+    honest = connect(server, transport)
+    assert honest.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
+    honest.close()
 
 
 # -- malformed input ----------------------------------------------------------------------------
