@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, REALM, USER, free_port
 from dbfixtures import raw_rows
+from postgres import throwaway_cluster
 from relay import stun
 from relay.turnclient import TCP, TLS, TurnClient
 from test_abuse import udp_socket
@@ -237,3 +238,26 @@ def test_rate_limit_drops_show_in_the_metrics(server_factory):
     samples = scrape(port)
     assert samples["turnrelay_rate_limited_packets_total"] == {(): limited}
     assert samples["turnrelay_rate_limited_bytes_total"] == {(): 10 * limited}
+
+
+def test_a_ledger_outage_shows_in_the_metrics_and_leaves_the_relay_ready(server_factory):
+    with throwaway_cluster() as cluster:  # its own PostgreSQL server, to stop
+        server, port = with_metrics(server_factory, "--accounting",
+                                    f"postgresql:dsn={cluster.dsn}", "--accounting-interval", "1",
+                                    tcp=False, tls=False)
+        server.read_until("usage backend postgresql ready")
+        cluster.stop()
+        session = HeldSession(server)  # its start record cannot be written
+        session.relay(2, 100)
+        server.read_until("usage backend postgresql failed")
+        backend = (("backend", "postgresql"),)
+        samples = scrape(port)
+        assert samples["turnrelay_ledger_backend_failing"] == {backend: 1}
+        assert samples["turnrelay_ledger_write_errors_total"][backend] >= 1
+        assert samples["turnrelay_ledger_queue_depth"][backend] >= 1
+        assert get(port, "/readyz")[::2] == (200, "ok\n")
+        newcomer = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+        # Still taking allocations while the ledger is down (its queue has room).
+        assert newcomer.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).cls == stun.SUCCESS
+        newcomer.close()
+        session.close()
