@@ -83,3 +83,35 @@ def test_twistd_prints_one_line_for_a_bad_value():
     assert result.returncode != 0
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == ["turnrelay: --min-port: '70000': not a port number"]
+
+
+def test_metrics_and_drain_options_from_the_toml_file(tmp_path):
+    options = parse()
+    assert (options["prometheus"], options["prometheus-address"], options["prometheus-port"],
+            options["drain-grace"]) == (0, "127.0.0.1", 9641, 20)
+    assert options["alternate-server"] == options["tls-alternate-server"] == []
+    config = tmp_path / "turnrelay.toml"
+    config.write_text('prometheus = true\nprometheus-address = "0.0.0.0"\n'
+                      'prometheus-port = 9100\ndrain-grace = 0\n'
+                      'alternate-server = ["192.0.2.7:3478", "[2001:db8::7]:3478"]\n'
+                      'tls-alternate-server = "192.0.2.7:443"\n'
+                      'alternate-domain = "turn-b.example.org"\n')
+    options = parse("--config", str(config))
+    assert (options["prometheus"], options["prometheus-address"], options["prometheus-port"],
+            options["drain-grace"]) == (1, "0.0.0.0", 9100, 0)
+    assert options["alternate-server"] == [("192.0.2.7", 3478), ("2001:db8::7", 3478)]
+    assert options["tls-alternate-server"] == [("192.0.2.7", 443)]
+    assert options["alternate-domain"] == "turn-b.example.org"
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--prometheus-address", "localhost"], "--prometheus-address"),
+    (["--prometheus-port", "70000"], "--prometheus-port"),
+    (["--drain-grace", "-1"], "--drain-grace"),
+    (["--alternate-server", "192.0.2.7"], "--alternate-server"),
+    (["--alternate-server", "turn-b.example.org:3478"], "--alternate-server"),
+    (["--tls-alternate-server", "192.0.2.7:99999"], "--tls-alternate-server"),
+    (["--alternate-domain", "not a name"], "--alternate-domain"),
+])
+def test_bad_metrics_and_drain_values_name_the_option(argv, option):
+    test_bad_values_name_the_option(argv, option)
