@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from conftest import PASSWORD, USER, free_port
+from dbfixtures import raw_rows
 from test_wire import make_cert
 
 CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")
@@ -31,6 +32,7 @@ CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first
                   "--disable-background-networking", "--disable-component-update",
                   "--disable-sync"]
 MESSAGES, SIZE = 20, 1000
+LEDGER_TOTALS = "SELECT SUM(bytes_from_client), SUM(bytes_to_client) FROM usage_deltas"
 CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
 
 
@@ -106,8 +108,8 @@ def relayed_bytes(log: str):
 
 
 @pytest.mark.parametrize("scheme, transport", [("turn", "udp"), ("turn", "tcp"), ("turns", "tls")])
-def test_a_relay_only_call_over_each_transport(page, server_factory, certificate, scheme,
-                                                transport):
+def test_a_relay_only_call_over_each_transport(page, server_factory, certificate, tmp_path,
+                                                scheme, transport):
     cert, key = certificate
     server = server_factory("--cert", str(cert), "--pkey", str(key))
     port = server.tls_port if scheme == "turns" else server.port
@@ -127,6 +129,9 @@ def test_a_relay_only_call_over_each_transport(page, server_factory, certificate
     from_clients, to_clients = relayed_bytes(log)
     assert from_clients >= sum(pair["bytesSent"] for pair in result["pairs"]) > MESSAGES * SIZE
     assert to_clients >= sum(pair["bytesReceived"] for pair in result["pairs"]) > MESSAGES * SIZE
+    # The usage ledger (the default one, SQLite in --state-dir) has the same counts.
+    ledger = raw_rows(f"sqlite:///{tmp_path / 'state' / 'usage.db'}", LEDGER_TOTALS)
+    assert ledger == [(from_clients, to_clients)], log
 
 
 def test_a_wrong_password_is_the_browsers_401(page, server_factory):
@@ -199,20 +204,27 @@ def test_the_self_test_page_mints_and_connects_over_every_transport(page, api_re
     assert len(re.findall(r"allocation opened user=\d+:acme:self-test ", server.stop())) == 6
 
 
-def test_the_self_test_page_names_the_likely_causes(page, api_relay, tmp_path):
-    server, port, key = api_relay(loopback_peers=False)
+def test_the_self_test_page_names_the_likely_causes(page, api_relay, server_factory, tmp_path):
+    relay, port, key = api_relay(loopback_peers=False)
     run_form(page, port, account="acme", apikey="not-the-key")
     assert page.text_content("#status") == "The tokens API refused: wrong account id or API key"
-    closed = free_port()
-    urls = "\n".join([f"turn:127.0.0.1:{server.port}?transport=udp",
-                      f"turn:127.0.0.1:{closed}?transport=tcp"])
-    run_form(page, port, account="", apikey="", urls=urls,
+    untrusted = server_factory(udp=False, tcp=False)  # a self-signed certificate of its own
+    urls = [f"turn:127.0.0.1:{relay.port}?transport=udp",
+            f"turn:127.0.0.1:{free_port()}?transport=tcp",
+            f"turn:127.0.0.1:{free_port()}?transport=udp",
+            f"turns:127.0.0.1:{untrusted.tls_port}?transport=tcp"]
+    run_form(page, port, account="", apikey="", urls="\n".join(urls),
              credential=json.dumps({"username": USER, "password": PASSWORD}))
-    causes = [(row["transport"], row["ok"], row["cells"][5]) for row in table_rows(page)]
-    assert causes[0][:2] == ("udp", False) and causes[0][2].startswith("Peer address forbidden")
-    assert causes[1] == ("tcp", False, "TCP blocked: cannot reach the relay's TCP port.")
     page.screenshot(path=str(tmp_path / "self-test-failures.png"), full_page=True)
-    run_form(page, port, urls=urls.splitlines()[0],
-             credential=json.dumps({"username": USER, "password": "wrong"}))
+    rows = table_rows(page)
+    assert [(row["transport"], row["ok"]) for row in rows] == [
+        ("udp", False), ("tcp", False), ("udp", False), ("tls", False)], rows
+    causes = [row["cells"][5] for row in rows]
+    assert causes[0].startswith("Peer address forbidden: the relay got both candidates")
+    assert causes[1:] == [
+        "TCP blocked: cannot reach the relay's TCP port.",
+        "UDP blocked: no answer from the relay over UDP (a firewall drops it?).",
+        "TLS certificate rejected, or the TLS port is blocked: no relay candidate over TLS."]
+    run_form(page, port, urls=urls[0], credential=json.dumps({"username": USER, "password": "no"}))
     assert [row["cells"][5] for row in table_rows(page)] == [
         "Credentials refused: wrong or expired username and password."]

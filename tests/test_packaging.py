@@ -47,4 +47,4 @@ def test_fresh_venv_install_lists_and_documents_the_plugin(wheel, tmp_path):
     # The console script works from the wheel alone: no PostgreSQL driver needed for --help.
     tool = subprocess.run([str(venv / "bin" / "turnrelay"), "--help"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120, check=True).stdout
-    assert "account" in tool and "token" in tool and "revoke" in tool
+    assert "account" in tool and "token" in tool and "revoke" in tool and "probe" in tool
