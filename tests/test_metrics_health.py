@@ -261,3 +261,17 @@ def test_a_ledger_outage_shows_in_the_metrics_and_leaves_the_relay_ready(server_
         assert newcomer.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).cls == stun.SUCCESS
         newcomer.close()
         session.close()
+
+
+def test_a_second_sigterm_cuts_the_grace_short(server_factory, tmp_path):
+    server = server_factory("--drain-grace", "600", tcp=False, tls=False)
+    held = HeldSession(server)
+    usage = held.relay(2, 80)
+    drain_started(server)
+    server.process.send_signal(signal.SIGTERM)
+    server.read_until("SIGTERM again: ending the drain now")
+    assert server.process.wait(timeout=30) == 0
+    held.close()
+    dsn = f"sqlite:///{tmp_path / 'state' / 'usage.db'}"
+    assert raw_rows(dsn, "SELECT end_reason FROM sessions") == [("shutdown",)]
+    assert sql_usage(dsn)[USER][1:] == usage[1:]
