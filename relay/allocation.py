@@ -7,10 +7,11 @@ channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
 from __future__ import annotations
 
 import struct
-from typing import Callable, Dict, Hashable, Optional, Protocol, Tuple
+from typing import Callable, Dict, Hashable, Optional, Protocol, Tuple, Union
 
 from relay import stun
 from relay.credentials import Account
+from relay.tcp_connections import PENDING, StreamRelayEndpoint, TcpConnection
 
 Address = Tuple[str, int]
 PERMISSION_LIFETIME = 300
@@ -70,9 +71,10 @@ class RelayEndpoint(Protocol):
 
 class Allocation:
     def __init__(self, key: Hashable, client: Address, transport: str, username: str,
-                 account: Account, relays: Dict[int, RelayEndpoint], send_to_client: Callable[[bytes], None],
-                 started: float, expires: float, session_id: str,
-                 budget: Optional[Budget] = None, account_budget: Optional[Budget] = None):
+                 account: Account, relays: Dict[int, Union[RelayEndpoint, StreamRelayEndpoint]],
+                 send_to_client: Callable[[bytes], None], started: float, expires: float,
+                 session_id: str, budget: Optional[Budget] = None,
+                 account_budget: Optional[Budget] = None, tcp: bool = False):
         self.key = key
         # Names this allocation in the log and in the usage ledger: a 5-tuple is reused, this
         # is not.
@@ -98,8 +100,12 @@ class Allocation:
         self.bytes_to_client = self.packets_to_client = 0
         # What the limits dropped, both directions: the relay's abuse counters.
         self.limited_packets = self.limited_bytes = 0
-        for relay in relays.values():
-            relay.attach(self.from_peer)
+        # RFC 6062: a TCP allocation relays over its peer data connections, by CONNECTION-ID.
+        self.tcp = tcp
+        self.connections: Dict[int, TcpConnection] = {}
+        if not tcp:
+            for relay in relays.values():
+                relay.attach(self.from_peer)
 
     def from_peer(self, data: bytes, peer: Address) -> None:
         """A datagram arrived on a relay socket: pass it to the client if a permission allows."""
@@ -189,8 +195,13 @@ class Allocation:
             self.cooldown[number] = (peer, now + CHANNEL_COOLDOWN)
         for number in [n for n, (_, until) in self.cooldown.items() if until <= now]:
             del self.cooldown[number]
+        for connection in [c for c in self.connections.values()
+                           if c.state == PENDING and c.deadline <= now]:
+            connection.close()  # RFC 6062 section 5.3: no ConnectionBind within the deadline
 
     def close(self) -> None:
+        for connection in list(self.connections.values()):
+            connection.close()
         for relay in self.relays.values():
             relay.close()
         self.relays = {}

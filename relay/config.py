@@ -59,6 +59,7 @@ NUMBER_OPTIONS = {
     "accounting-interval": _positive, "accounting-queue": _positive,
     "client-address-retention": _positive,
     "prometheus-port": _port, "drain-grace": _positive,
+    "tcp-bind-timeout": _positive, "tcp-idle-timeout": _positive,
 }
 
 # Peer address rules: list options that a SIGHUP re-reads from the --config file.
@@ -106,6 +107,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["no-tls", None, "Do not listen on TLS"],
         ["allow-loopback-peers", None, "Allow relaying to 127.0.0.0/8 and ::1 (testing only)"],
         ["no-software-attribute", None, "Do not send the SOFTWARE attribute"],
+        ["no-tcp-relay", None, "Refuse TCP allocations (RFC 6062) with 442"],
         ["use-auth-secret", None, "Accept TURN REST credentials made with --static-auth-secret "
                                   "(coturn's switch; the same as --auth rest-secret)"],
         ["rfc5766-channels", None, "Also accept channel numbers 0x5000-0x7FFE (RFC 5766's "
@@ -144,6 +146,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["connection-idle-timeout", None, 60, "Seconds a TCP/TLS connection may stay open "
                                               "without an allocation (0: no limit)"],
         ["max-channels", None, 64, "Channels per allocation"],
+        ["tcp-bind-timeout", None, 30, "Seconds a TCP allocation's peer connection waits for "
+                                       "the client's ConnectionBind before it is closed"],
+        ["tcp-idle-timeout", None, 600, "Seconds a bound TCP data connection may carry nothing "
+                                        "either way before it is closed"],
         ["cert", None, None, "TLS certificate chain, PEM [default: a self-signed one made on "
                              "first run in --state-dir]"],
         ["pkey", None, None, "TLS private key, PEM"],

@@ -24,6 +24,7 @@ from zope.interface import implementer
 
 from relay import stun
 from relay.credentials import IAccount, StunCredentials
+from relay.tcp_connections import TcpConnection
 from relay.turn import Client, TurnServer
 
 Address = Tuple[str, int]
@@ -158,17 +159,22 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
 
     Until its TLS handshake completes a connection has `handshake_timeout` seconds; then, as
     long as it has no allocation, `idle_timeout` (a port scanner, a client that gave up).
+
+    After a successful RFC 6062 ConnectionBind the connection is a client data connection:
+    no more framing, its bytes go to the peer as they are, and it closes when nothing has
+    moved either way for the configured idle time.
     """
 
     factory: "ClientStreamFactory"
     buffer = b""
+    connection: Optional[TcpConnection] = None
 
     def connectionMade(self) -> None:
         factory = self.factory
         self.server, self.dispatch = factory.server, factory.dispatch
         peer = self.transport.getPeer()
         self.client = Client(factory.transport_name, factory.listener, (peer.host, peer.port),
-                             self.transport.write)
+                             self.transport.write, become_data=self.become_data)
         limits = factory.limits
         self.setTimeout((limits.handshake_timeout if factory.transport_name == "tls"
                          else limits.idle_timeout) or None)
@@ -179,14 +185,31 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
     def handshakeCompleted(self) -> None:
         self.setTimeout(self.factory.limits.idle_timeout or None)
 
+    def become_data(self, connection: TcpConnection) -> "ClientStreamProtocol":
+        self.connection = connection
+        self.setTimeout(self.server.config.tcp_idle_timeout or None)
+        return self
+
+    def write(self, data: bytes) -> None:
+        """Bytes from the peer (data connections only)."""
+        self.resetTimeout()
+        self.transport.write(data)
+
+    def close(self) -> None:
+        self.transport.loseConnection()
+
     def timeoutConnection(self) -> None:
-        if self.client.key in self.server.allocations:
+        if self.connection is None and self.client.key in self.server.allocations:
             self.resetTimeout()
         else:
             self.factory.limits.timed_out += 1
             self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
+        if self.connection is not None:
+            self.resetTimeout()
+            self.connection.from_client(data)
+            return
         buffer = self.buffer + data if self.buffer else data
         offset = 0
         while True:
@@ -202,11 +225,18 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
                 self.server.channel_data(self.client, frame)
             else:
                 self.dispatch(self.client, frame)
+                if self.connection is not None:  # that was a ConnectionBind: raw bytes follow
+                    self.buffer = b""
+                    if offset < len(buffer):
+                        self.dataReceived(buffer[offset:])
+                    return
         self.buffer = buffer[offset:]
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.setTimeout(None)
         self.factory.limits.release(self.client.address[0])
+        if self.connection is not None:
+            self.connection.close()
         self.server.connection_lost(self.client)
 
 
@@ -229,8 +259,28 @@ class ClientStreamFactory(Factory):
         return Factory.buildProtocol(self, addr)
 
 
+class ReadSocket:
+    """A relay socket the reactor reads directly, without a Twisted port object around it."""
+
+    def __init__(self, reactor: IReactorFDSet, sock: socket.socket):
+        self.reactor = reactor
+        self.socket = sock
+        self.address: Address = sock.getsockname()[:2]
+
+    def fileno(self) -> int:
+        return self.socket.fileno()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.socket.fileno() != -1:
+            self.reactor.removeReader(self)
+            self.socket.close()
+
+
 @implementer(IReadDescriptor)
-class RelayPort:
+class RelayPort(ReadSocket):
     """One relay socket of an allocation, read by the reactor directly.
 
     Twisted's udp.Port would log every open and close (thousands a minute on a busy relay)
@@ -241,9 +291,7 @@ class RelayPort:
     BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the others
 
     def __init__(self, reactor: IReactorFDSet, sock: socket.socket):
-        self.reactor = reactor
-        self.socket = sock
-        self.address: Address = sock.getsockname()[:2]
+        super().__init__(reactor, sock)
         self._recvfrom = sock.recvfrom
         self._sendto = sock.sendto
         self._receive: Callable[[bytes, Address], None] = lambda data, peer: None
@@ -251,9 +299,6 @@ class RelayPort:
 
     def attach(self, receiver: Callable[[bytes, Address], None]) -> None:
         self._receive = receiver
-
-    def fileno(self) -> int:
-        return self.socket.fileno()
 
     def logPrefix(self) -> str:
         return "RelayPort"
@@ -276,14 +321,6 @@ class RelayPort:
             self._sendto(data, peer)
         except OSError:
             pass
-
-    def connectionLost(self, reason: Failure) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self.socket.fileno() != -1:
-            self.reactor.removeReader(self)
-            self.socket.close()
 
 
 def adopt_datagram_socket(reactor: IReactorSocket, sock: socket.socket,

@@ -39,6 +39,9 @@ SEND = 0x006
 DATA_METHOD = 0x007
 CREATE_PERMISSION = 0x008
 CHANNEL_BIND = 0x009
+CONNECT = 0x00A
+CONNECTION_BIND = 0x00B
+CONNECTION_ATTEMPT = 0x00C
 
 # Address families as carried in address attributes and REQUESTED-ADDRESS-FAMILY.
 FAMILY_IPV4 = 0x01
@@ -251,6 +254,7 @@ XOR_MAPPED_ADDRESS = 0x0020
 RESERVATION_TOKEN = 0x0022
 PRIORITY = 0x0024
 USE_CANDIDATE = 0x0025
+CONNECTION_ID = 0x002A
 ADDITIONAL_ADDRESS_FAMILY = 0x8000
 ADDRESS_ERROR_CODE = 0x8001
 PASSWORD_ALGORITHMS = 0x8002
@@ -285,6 +289,7 @@ ATTRIBUTES: Dict[int, Attribute] = {
     RESERVATION_TOKEN: Attribute("RESERVATION-TOKEN", _decode_raw, _encode_raw),
     PRIORITY: Attribute("PRIORITY", _decode_u32, _encode_u32),
     USE_CANDIDATE: Attribute("USE-CANDIDATE", _decode_flag, _encode_flag),
+    CONNECTION_ID: Attribute("CONNECTION-ID", _decode_u32, _encode_u32),
     ADDITIONAL_ADDRESS_FAMILY: Attribute("ADDITIONAL-ADDRESS-FAMILY", _decode_first_byte, _encode_first_byte),
     ADDRESS_ERROR_CODE: Attribute("ADDRESS-ERROR-CODE", _decode_address_error_code, _encode_address_error_code),
     PASSWORD_ALGORITHMS: Attribute("PASSWORD-ALGORITHMS", _decode_algorithms, _encode_algorithms),

@@ -35,6 +35,7 @@ from relay.regions import Region
 from relay.retention import ClientAddressRetention
 from relay.selftest import SelfTestPage
 from relay.sqldb import pool_from_dsn
+from relay.stream_relay import StreamRelayBinder
 from relay.tls import ServerTLS, self_signed
 from relay.tokens_api import TokensAPI
 from relay.turn import TurnConfig, TurnServer
@@ -386,8 +387,10 @@ def makeService(options: Options, reactor=None) -> MultiService:
         alternate_servers=tuple(options["alternate-server"]),
         tls_alternate_servers=tuple(options["tls-alternate-server"]),
         alternate_domain=options["alternate-domain"],
+        tcp_bind_timeout=options["tcp-bind-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
     )
-    server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows)
+    server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows,
+                        bind_stream=None if options["no-tcp-relay"] else StreamRelayBinder(reactor))
     dispatch = LoginDispatcher(server, portal, reactor)
 
     tls = None

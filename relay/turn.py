@@ -4,7 +4,9 @@ Sockets are not opened here: relay ports come from an injected `bind` function, 
 through the `send` callable of the `Client` they answer, and time arrives as an argument.
 Authentication is the one step that may wait (a database checker), so a request that needs it
 is handled in two halves: `receive` returns the `StunCredentials` to log in with, and the
-caller passes the outcome to `authenticated` or `login_failed`.
+caller passes the outcome to `authenticated` or `login_failed`.  A TCP allocation's Connect
+(RFC 6062) waits too: the I/O layer connects to the peer and reports back, and the answer goes
+out then.
 """
 from __future__ import annotations
 
@@ -22,10 +24,13 @@ from relay.credentials import Account, StunCredentials
 from relay.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
 from relay.peers import PeerPolicy
 from relay.ratelimit import RateLimiter
+from relay.tcp_connections import (CLOSED, CONNECTING, PENDING, PeerEnd, StreamEnd,
+                                   StreamRelayEndpoint, TcpConnection)
 
 log = logging.getLogger("turnrelay")
 
 UDP_PROTOCOL = 17
+TCP_PROTOCOL = 6
 RESERVATION_LIFETIME = 30
 RESPONSE_CACHE_LIFETIME = 40  # RFC 8489 section 6.3.1: 40 s covers a UDP client's retransmits
 RESPONSE_CACHE_SIZE = 100_000  # a flood of requests must not grow it without bound
@@ -33,6 +38,8 @@ _BIND_ATTEMPTS = 40
 
 # bind(host, port, dont_fragment) -> a bound RelayEndpoint, or None when the port is taken.
 Binder = Callable[[str, int, bool], Optional[RelayEndpoint]]
+# bind_stream(host, port) -> a listening TCP relay endpoint, or None when the port is taken.
+StreamBinder = Callable[[str, int], Optional[StreamRelayEndpoint]]
 
 
 @dataclass(eq=False)
@@ -46,6 +53,9 @@ class Client:
     # False once a stream connection is gone: a login that completes later (a database
     # checker) must not create an allocation nobody can reach.
     connected: bool = True
+    # Stream clients only: turns this connection into the client data connection of an RFC
+    # 6062 ConnectionBind, after which it carries raw bytes; returns its writing end.
+    become_data: Optional[Callable[[TcpConnection], StreamEnd]] = None
 
     @property
     def key(self) -> Tuple[Hashable, Address]:
@@ -84,6 +94,13 @@ class TurnConfig:
     alternate_servers: Tuple[Address, ...] = ()
     tls_alternate_servers: Tuple[Address, ...] = ()
     alternate_domain: Optional[str] = None
+    # RFC 6062 TCP allocations: seconds a peer data connection waits for its ConnectionBind,
+    # and at most this many peer data connections per allocation (508/refused beyond).
+    tcp_bind_timeout: float = 30.0
+    max_tcp_connections: int = 64
+    # Read by the stream adapter: a client data connection idle this long (no byte either
+    # way) is closed.
+    tcp_idle_timeout: float = 600.0
 
 
 @dataclass
@@ -112,8 +129,10 @@ class Reservation:
 class TurnServer:
     def __init__(self, config: TurnConfig, nonces: NonceIssuer, bind: Binder,
                  auth_limiter: Optional[RateLimiter] = None, rng: Optional[random.Random] = None,
-                 allocation_policy: Callable[[str, Account, float], bool] = lambda u, a, now: True):
+                 allocation_policy: Callable[[str, Account, float], bool] = lambda u, a, now: True,
+                 bind_stream: Optional[StreamBinder] = None):
         self.config = config
+        self.bind_stream = bind_stream
         # Asked every tick whether each allocation's login still stands (expiry, revocation,
         # suspension): the auth backends' verdicts can change after the Allocate.
         self.allocation_policy = allocation_policy
@@ -124,6 +143,7 @@ class TurnServer:
         self.allocations: Dict[Tuple[Hashable, Address], Allocation] = {}
         self.reservations: Dict[bytes, Reservation] = {}
         self._account_budgets: Dict[str, Budget] = {}  # account id -> its shared budget
+        self.connections: Dict[int, TcpConnection] = {}   # CONNECTION-ID -> connection
         self._responses: "OrderedDict[Tuple[Hashable, Address, bytes], bytes]" = OrderedDict()
         self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
         self.on_allocation_closed: Callable[[Allocation, str], None] = lambda alloc, reason: None
@@ -141,6 +161,8 @@ class TurnServer:
             stun.REFRESH: self._refresh,
             stun.CREATE_PERMISSION: self._create_permission,
             stun.CHANNEL_BIND: self._channel_bind,
+            stun.CONNECT: self._connect,
+            stun.CONNECTION_BIND: self._connection_bind,
         }
 
     # -- entry points -------------------------------------------------------------------------
@@ -185,9 +207,8 @@ class TurnServer:
             response = self._handlers[msg.method](client, msg, credentials, account, now)
         except stun.StunError as err:
             response = self._failure(msg, err)
-        if self.config.software:
-            response.add(stun.SOFTWARE, self.config.software)
-        self._reply(client, msg, response, now, credentials.key)
+        if response is not None:  # None: the handler answers itself (Connect, ConnectionBind)
+            self._answer(client, credentials, response, now)
 
     def login_failed(self, client: Client, credentials: StunCredentials, now: float) -> None:
         """Wrong user or password: a fresh challenge, unless this source has failed too often."""
@@ -258,6 +279,13 @@ class TurnServer:
             errors = self.stats.allocate_errors
             errors[err.code] = errors.get(err.code, 0) + 1
         return _error(msg, err)
+
+    def _answer(self, client: Client, credentials: StunCredentials, response: stun.Message,
+                now: float) -> None:
+        """The signed answer to an authenticated request."""
+        if self.config.software:
+            response.add(stun.SOFTWARE, self.config.software)
+        self._reply(client, credentials.message, response, now, credentials.key)
 
     def _reply(self, client: Client, request: stun.Message, response: stun.Message, now: float,
                key: Optional[bytes] = None) -> None:
@@ -340,12 +368,18 @@ class TurnServer:
         transport = msg.get(stun.REQUESTED_TRANSPORT)
         if transport is None:
             raise stun.StunError(400, "Bad Request")
-        if transport != UDP_PROTOCOL:
+        tcp = transport == TCP_PROTOCOL and self.bind_stream is not None
+        if transport != UDP_PROTOCOL and not tcp:
             raise stun.StunError(442, "Unsupported Transport Protocol")
         family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
         additional = msg.get(stun.ADDITIONAL_ADDRESS_FAMILY)
         token = msg.get(stun.RESERVATION_TOKEN)
         even_port = msg.get(stun.EVEN_PORT)
+        # RFC 6062 section 5.1: a TCP allocation needs a TCP or TLS control connection, and
+        # has no use for the UDP-only attributes.
+        if tcp and (client.transport == "udp" or token is not None or even_port is not None
+                    or msg.has(stun.DONT_FRAGMENT)):
+            raise stun.StunError(400, "Bad Request")
         # Combinations RFC 8656 section 7.2 rejects: a token already fixes the family and
         # port, and a reserved next port can only belong to one family.
         if (family is not None and additional is not None) \
@@ -374,13 +408,13 @@ class TurnServer:
             primary = family or stun.FAMILY_IPV4
             if primary not in self.config.relay_ips:
                 raise stun.StunError(440, "Address Family not Supported")
-            relays[primary] = self._bind_relay(primary, dont_fragment, even_port, response, now)
+            relays[primary] = self._bind_relay(primary, dont_fragment, even_port, response, now, tcp)
         if additional is not None:
             try:
                 if stun.FAMILY_IPV6 not in self.config.relay_ips:
                     raise stun.StunError(440, "Address Family not Supported")
                 relays[stun.FAMILY_IPV6] = self._bind_relay(stun.FAMILY_IPV6, dont_fragment, None,
-                                                            response, now)
+                                                            response, now, tcp)
             except stun.StunError as err:
                 response.add(stun.ADDRESS_ERROR_CODE, (stun.FAMILY_IPV6, err.code, err.reason))
         lifetime = self._lifetime(msg)
@@ -390,18 +424,21 @@ class TurnServer:
         allocation = Allocation(client.key, client.address, client.transport, credentials.username,
                                 account, relays, client.send, started=now, expires=now + lifetime,
                                 session_id=session_id, budget=budget,
-                                account_budget=self._account_budget(account.account_id))
+                                account_budget=self._account_budget(account.account_id), tcp=tcp)
         self.allocations[client.key] = allocation
         created = self.stats.created
         created[client.transport] = created.get(client.transport, 0) + 1
+        if tcp:
+            for relay in relays.values():
+                relay.listen(lambda peer, end, when: self._incoming(allocation, peer, end, when))
         for relay in relays.values():
             host, port = relay.address
             response.add(stun.XOR_RELAYED_ADDRESS, (self.config.external_ips.get(host, host), port))
         response.add(stun.LIFETIME, lifetime)
         response.add(stun.XOR_MAPPED_ADDRESS, client.address)
-        log.info("allocation opened user=%s account=%s client=%s:%d transport=%s relay=%s "
+        log.info("allocation opened user=%s account=%s client=%s:%d transport=%s relay=%s%s "
                  "lifetime=%d session=%s", credentials.username, account.account_id,
-                 client.address[0], client.address[1], client.transport,
+                 client.address[0], client.address[1], client.transport, "tcp:" if tcp else "",
                  ",".join(f"{r.address[0]}:{r.address[1]}" for r in relays.values()), lifetime,
                  session_id)
         self.on_allocation_opened(allocation)
@@ -462,13 +499,13 @@ class TurnServer:
         return stun.StunError(300, "Try Alternate", attributes)
 
     def _bind_relay(self, family: int, dont_fragment: bool, even_port: Optional[bool],
-                    response: stun.Message, now: float) -> RelayEndpoint:
+                    response: stun.Message, now: float, tcp: bool = False) -> RelayEndpoint:
         """Bind a relay port; with EVEN-PORT an even one, and with its R bit the next one too."""
         host = self.config.relay_ips[family]
         low, high = self.config.min_port, self.config.max_port
         for port in self._ports(host, low, high - 1 if even_port else high, even_port is not None):
             if even_port is None:
-                endpoint = self.bind(host, port, dont_fragment)
+                endpoint = self.bind_stream(host, port) if tcp else self.bind(host, port, dont_fragment)
                 if endpoint is not None:
                     return endpoint
                 continue
@@ -556,6 +593,78 @@ class TurnServer:
         allocation.bind_channel(number, peer, now)
         allocation.permissions[peer[0]] = now + PERMISSION_LIFETIME
         return msg.response()
+
+    # -- TCP allocations (RFC 6062) ------------------------------------------------------------
+
+    def _connect(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                 account: Account, now: float) -> None:
+        """Connect (section 5.2): check the peer, then have the I/O layer connect to it."""
+        allocation = self._owned_allocation(client, credentials)
+        peer = msg.get(stun.XOR_PEER_ADDRESS)
+        if not allocation.tcp or peer is None:
+            raise stun.StunError(400, "Bad Request")
+        self._checked_peer(allocation, peer)  # 403 for forbidden peers and our own endpoints
+        if any(c.peer == peer for c in allocation.connections.values()):
+            raise stun.StunError(446, "Connection Already Exists")
+        if len(allocation.connections) >= self.config.max_tcp_connections:
+            raise stun.StunError(508, "Insufficient Capacity")
+        connection = TcpConnection(self._new_connection_id(), allocation, peer, self.connections,
+                                   CONNECTING)
+        log.info("tcp connect user=%s session=%s peer=%s:%d", allocation.username,
+                 allocation.session_id, peer[0], peer[1])
+        allocation.relays[stun.address_family(peer[0])].connect(
+            peer, lambda end, when: self._connected(client, credentials, connection, end, when))
+
+    def _connected(self, client: Client, credentials: StunCredentials, connection: TcpConnection,
+                   end: Optional[PeerEnd], now: float) -> None:
+        """The I/O layer's answer to a Connect: a peer data connection, or None (447)."""
+        if connection.state == CLOSED:  # the allocation ended while connecting
+            if end is not None:
+                end.close()
+            return
+        msg = credentials.message
+        if end is None:
+            connection.close()
+            self._answer(client, credentials, msg.error(447, "Connection Timeout or Failure"), now)
+            return
+        connection.peer_end = end
+        connection.state = PENDING
+        connection.deadline = now + self.config.tcp_bind_timeout
+        self._answer(client, credentials,
+                     msg.response().add(stun.CONNECTION_ID, connection.connection_id), now)
+
+    def _connection_bind(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                         account: Account, now: float) -> None:
+        """ConnectionBind (section 5.4): this new connection becomes a client data connection."""
+        if client.become_data is None or client.key in self.allocations:
+            raise stun.StunError(400, "Bad Request")
+        connection = self.connections.get(msg.get(stun.CONNECTION_ID))
+        if connection is None or connection.state != PENDING:
+            raise stun.StunError(400, "Bad Request")
+        if connection.allocation.username != credentials.username:
+            raise stun.StunError(441, "Wrong Credentials")
+        self._answer(client, credentials, msg.response(), now)
+        connection.bind(client.become_data(connection))
+
+    def _incoming(self, allocation: Allocation, peer: Address, end: PeerEnd, now: float) -> None:
+        """A peer connected to a TCP relayed address (section 5.3): announce it, or refuse it."""
+        if allocation.key not in self.allocations or peer[0] not in allocation.permissions \
+                or any(c.peer == peer for c in allocation.connections.values()) \
+                or len(allocation.connections) >= self.config.max_tcp_connections:
+            end.close()
+            return
+        connection = TcpConnection(self._new_connection_id(), allocation, peer, self.connections,
+                                   PENDING, now + self.config.tcp_bind_timeout)
+        connection.peer_end = end
+        attempt = stun.Message(stun.CONNECTION_ATTEMPT, stun.INDICATION)
+        attempt.add(stun.XOR_PEER_ADDRESS, peer).add(stun.CONNECTION_ID, connection.connection_id)
+        allocation.send_to_client(attempt.encode())
+
+    def _new_connection_id(self) -> int:
+        while True:
+            connection_id = self.rng.getrandbits(32)
+            if connection_id not in self.connections:
+                return connection_id
 
     def _send_indication(self, client: Client, msg: stun.Message) -> None:
         allocation = self.allocations.get(client.key)

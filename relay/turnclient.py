@@ -157,15 +157,26 @@ class TurnClient:
         msg.add(stun.XOR_PEER_ADDRESS, peer).add(stun.DATA, data)
         self._send(msg.encode())
 
-    def receive_data(self) -> Tuple[stun.Address, bytes]:
-        """The next Data indication: (peer, payload)."""
+    def indication(self, method: int) -> stun.Message:
+        """The next indication of `method`: Data, or RFC 6062's ConnectionAttempt."""
         deadline = time.monotonic() + self.timeout
         while True:
             data = self._receive(deadline)
             if stun.is_stun(data):
                 msg = stun.parse(data)
-                if msg.method == stun.DATA_METHOD and msg.cls == stun.INDICATION:
-                    return msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)
+                if msg.method == method and msg.cls == stun.INDICATION:
+                    return msg
+
+    def receive_data(self) -> Tuple[stun.Address, bytes]:
+        """The next Data indication: (peer, payload)."""
+        msg = self.indication(stun.DATA_METHOD)
+        return msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)
+
+    def take_buffered(self) -> bytes:
+        """Bytes read past the last frame.  On an RFC 6062 data connection the relayed stream
+        starts right after the ConnectionBind response, perhaps in the same segment."""
+        data, self._buffer = self._buffer, b""
+        return data
 
     def send_channel(self, channel: int, data: bytes) -> None:
         """ChannelData, padded to 4 bytes on a stream (RFC 8656 section 12.5)."""

@@ -67,3 +67,19 @@ def test_stunclient_binding_over_udp(turnrelay):
                             capture_output=True, text=True, timeout=30)
     assert re.search(r"UDP reflexive addr: 127\.0\.0\.1:\d+", result.stdout + result.stderr), \
         result.stdout + result.stderr
+
+
+def test_uclient_client_to_client_over_tcp_relays(turnrelay):
+    """-T -y: pairs of clients with TCP allocations (RFC 6062), one Connects to the other's
+    relayed address, which sees a ConnectionAttempt; both ConnectionBind and echo each other."""
+    args = [tool("turnutils_uclient"), "-T", "-y", "-p", str(turnrelay.port), "-u", USER,
+            "-w", PASSWORD, "-n", str(MESSAGES), "-m", str(CLIENTS), turnrelay.host]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    expected = MESSAGES * CLIENTS
+    assert f"tot_send_msgs={expected}, tot_recv_msgs={expected}" in output, output
+    assert "Total lost packets 0 (" in output, output
+    assert not re.search(r"error [45]\d\d", output), output
+    log = turnrelay.stop()
+    assert re.search(r"transport=tcp relay=tcp:127\.0\.0\.1:\d+", log), log
+    assert "tcp connect user=alice" in log, log

@@ -996,4 +996,4 @@ def test_failed_login_limit_refills_with_time():
 
 def test_method_without_a_handler_is_400(alice):
     alice.challenge()
-    assert error_code(alice.unsigned(0x00B)) == 400
+    assert error_code(alice.unsigned(0x0FF)) == 400

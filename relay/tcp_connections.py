@@ -1,0 +1,101 @@
+"""The TCP side of a TCP allocation (RFC 6062): its peer data connections, no I/O.
+
+A TCP allocation listens on its relayed transport address and connects out from it; each
+connection to a peer gets a CONNECTION-ID and waits, unread (the kernel's receive window
+holds the peer back), until the client binds a data connection to it with ConnectionBind.
+From then on bytes pass as they are, counted in the allocation's counters like relayed
+datagrams.  The sockets behind the `StreamEnd`s belong to the I/O layer
+(`relay.stream_relay`), which also does the flow control between the two ends.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Protocol, Tuple
+
+if TYPE_CHECKING:
+    from relay.allocation import Allocation
+
+Address = Tuple[str, int]
+
+CONNECTING, PENDING, BOUND, CLOSED = "connecting", "pending", "bound", "closed"
+
+
+class StreamEnd(Protocol):
+    """One socket of a relayed TCP connection: the peer's, or the client's data connection."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class PeerEnd(StreamEnd, Protocol):
+    """The peer's socket, which reads nothing until `start` hands it its connection."""
+
+    def start(self, connection: "TcpConnection") -> None: ...
+
+
+# connected(peer end or None on failure or timeout, now)
+ConnectResult = Callable[[Optional[PeerEnd], float], None]
+# incoming(peer address, peer end, now)
+IncomingConnection = Callable[[Address, PeerEnd, float], None]
+
+
+class StreamRelayEndpoint(Protocol):
+    """A TCP relayed transport address: a listening socket that can also connect out."""
+
+    address: Address
+
+    def listen(self, incoming: IncomingConnection) -> None: ...
+
+    def connect(self, peer: Address, result: ConnectResult) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class TcpConnection:
+    """One peer data connection and, once bound, its client data connection."""
+
+    def __init__(self, connection_id: int, allocation: "Allocation", peer: Address,
+                 index: Dict[int, "TcpConnection"], state: str, deadline: float = 0.0):
+        self.connection_id = connection_id
+        self.allocation = allocation
+        self.peer = peer
+        self.state = state
+        self.deadline = deadline     # a pending connection is closed if still unbound by then
+        self.peer_end: Optional[PeerEnd] = None
+        self.client_end: Optional[StreamEnd] = None
+        # The server-wide CONNECTION-ID index that ConnectionBind looks connections up in.
+        self._index = index
+        index[connection_id] = self
+        allocation.connections[connection_id] = self
+
+    def from_peer(self, data: bytes) -> None:
+        """Bytes from the peer: to the client data connection, counted as relayed payload."""
+        allocation = self.allocation
+        allocation.bytes_to_client += len(data)
+        allocation.packets_to_client += 1
+        self.client_end.write(data)
+
+    def from_client(self, data: bytes) -> None:
+        """Bytes from the client data connection: to the peer, counted as relayed payload."""
+        allocation = self.allocation
+        allocation.bytes_from_client += len(data)
+        allocation.packets_from_client += 1
+        self.peer_end.write(data)
+
+    def bind(self, client_end: StreamEnd) -> None:
+        """ConnectionBind succeeded: splice the client's data connection to the peer's."""
+        self.state = BOUND
+        self.client_end = client_end
+        self.peer_end.start(self)
+
+    def close(self) -> None:
+        """Either side ended, the bind deadline passed, or the allocation went: close both."""
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        self._index.pop(self.connection_id, None)
+        self.allocation.connections.pop(self.connection_id, None)
+        for end in (self.peer_end, self.client_end):
+            if end is not None:
+                end.close()
+        self.peer_end = self.client_end = None
