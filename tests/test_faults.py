@@ -1,20 +1,23 @@
-"""Faults: the account database going down and coming back while a relay serves.
+"""Faults: the account database or the usage ledger's database going down and coming back
+while a relay serves.
 
-(The usage ledger's own outage is tests/test_accounting.py's PostgreSQL outage test; an
-exhausted port range is tests/test_limits.py's.)  The relay decides logins from its last
-snapshot of the account database, so an outage must cost nothing: sessions relay on, valid
-credentials still log in, usage is recorded, and once the database is back a revocation made
-there reaches the relay within the usual bound.
+The relay decides logins from its last snapshot of the account database, so an outage must
+cost nothing: sessions relay on, valid credentials still log in, usage is recorded, and once
+the database is back a revocation made there reaches the relay within the usual bound.  A
+ledger outage must lose nothing either, sessions that begin and end inside it included
+(tests/test_accounting.py has one session held across an outage; an exhausted port range is
+tests/test_limits.py's).
 """
 from __future__ import annotations
 
 import json
 
-from conftest import REALM
+from conftest import PASSWORD, REALM, USER
 from postgres import throwaway_cluster
 from relay import stun
 from relay.turnclient import UDP, TurnClient
 from test_abuse import udp_socket
+from test_accounting import INTERVAL, REGION, HeldSession, echoed, session_closed, sql_usage
 from test_revocation import BOUND, cli
 
 ALLOCATE_UDP = (stun.REQUESTED_TRANSPORT, 17)
@@ -70,3 +73,29 @@ def test_an_account_database_outage_costs_nothing_and_the_relay_catches_up(serve
         server.read_until("reason=revoked", timeout=BOUND + 5)
         for client in (first, second):
             client.close()
+
+
+def test_a_ledger_outage_loses_no_session_even_one_begun_and_ended_inside_it(server_factory):
+    with throwaway_cluster() as cluster:
+        server = server_factory("--accounting", f"postgresql:dsn={cluster.dsn}", *INTERVAL,
+                                "--region", REGION, users=((USER, PASSWORD), ("bob", "builder")),
+                                tcp=False, tls=False)
+        server.read_until("usage backend postgresql ready")
+        across = HeldSession(server)
+        across.relay(3, 100)
+        cluster.stop()
+        across.relay(3, 100)
+        server.read_until("usage backend postgresql failed")
+        inside = HeldSession(server, "bob", "builder")   # new allocations go on meanwhile
+        inside.relay(5, 70)
+        inside.delete()
+        cluster.start()
+        across.delete()
+        for session in (across, inside):
+            session.close()
+        for user in (USER, "bob"):
+            server.read_until(f"session {session_closed(server, user)} usage recorded in "
+                              "postgresql", timeout=30)
+        server.stop()
+        assert sql_usage(cluster.dsn) == {USER: echoed(across.payloads),
+                                          "bob": echoed(inside.payloads)}
