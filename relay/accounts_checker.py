@@ -88,7 +88,8 @@ class AccountsChecker:
         if record is None or record.status != ACTIVE or credentials.username in snapshot.revoked:
             return defer.fail(error.UnauthorizedLogin())
         return defer.succeed(Account(record.account_id, record.status, record.max_allocations,
-                                     record.bandwidth_bps, credential_expires=parsed.expires))
+                                     record.bandwidth_bps, credential_expires=parsed.expires,
+                                     monthly_quota_bytes=record.monthly_quota_bytes))
 
     def allows(self, username: str, account: Account, now: float) -> bool:
         if not self.rest.allows(username, account, now):

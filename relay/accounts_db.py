@@ -31,23 +31,31 @@ ACTIVE, SUSPENDED = "active", "suspended"
 PBKDF2_ITERATIONS = 100_000
 HASH_SCHEME = "pbkdf2_sha256"
 
+# Migration N is MIGRATIONS[N - 1], applied in order by `create_schema` and listed in
+# accounts_schema_version (not schema_version: the usage ledger may share the database).
+# Migration 1 is the schema of before versioning, re-runnable on a database that has it.
 # Unix seconds and bytes per second are BIGINT: PostgreSQL's INTEGER ends in 2038 and at 2 GB/s.
-SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS accounts (
-        account_id TEXT PRIMARY KEY,
-        status TEXT NOT NULL CHECK (status IN ('active', 'suspended')),
-        api_key_hash TEXT NOT NULL,
-        max_allocations INTEGER NOT NULL CHECK (max_allocations >= 0),
-        bandwidth_bps BIGINT NOT NULL CHECK (bandwidth_bps >= 0),
-        created_at BIGINT NOT NULL,
-        updated_at BIGINT NOT NULL)""",
-    """CREATE TABLE IF NOT EXISTS revocations (
-        username TEXT PRIMARY KEY,
-        account_id TEXT NOT NULL,
-        expires_at BIGINT NOT NULL,
-        revoked_at BIGINT NOT NULL)""",
+MIGRATIONS = (
+    (
+        """CREATE TABLE IF NOT EXISTS accounts (
+            account_id TEXT PRIMARY KEY,
+            status TEXT NOT NULL CHECK (status IN ('active', 'suspended')),
+            api_key_hash TEXT NOT NULL,
+            max_allocations INTEGER NOT NULL CHECK (max_allocations >= 0),
+            bandwidth_bps BIGINT NOT NULL CHECK (bandwidth_bps >= 0),
+            created_at BIGINT NOT NULL,
+            updated_at BIGINT NOT NULL)""",
+        """CREATE TABLE IF NOT EXISTS revocations (
+            username TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            expires_at BIGINT NOT NULL,
+            revoked_at BIGINT NOT NULL)""",
+    ),
+    # Billable bytes per calendar month (UTC); NULL: the relay's --monthly-quota-mb.
+    ("ALTER TABLE accounts ADD COLUMN monthly_quota_bytes BIGINT"
+     " CHECK (monthly_quota_bytes >= 0)",),
 )
-RECORD_COLUMNS = "account_id, status, max_allocations, bandwidth_bps"
+RECORD_COLUMNS = "account_id, status, max_allocations, bandwidth_bps, monthly_quota_bytes"
 
 
 class AccountExists(Exception):
@@ -65,6 +73,7 @@ class AccountRecord:
     status: str  # ACTIVE or SUSPENDED
     max_allocations: int  # concurrent allocations, 0 = unlimited
     bandwidth_bps: int  # bytes per second per allocation, 0 = unlimited
+    monthly_quota_bytes: Optional[int] = None  # 0 = unlimited, None = the relay's default
 
 
 @dataclass(frozen=True)
@@ -127,14 +136,11 @@ class AccountStore(SqlStore):
             raise UnknownAccount(account_id)
 
     def create_schema(self) -> defer.Deferred[None]:
-        """Create the tables unless they exist: safe on every start."""
-        def create(txn: adbapi.Transaction) -> None:
-            for statement in SCHEMA:
-                self._execute(txn, statement)
-        return self._run(create)
+        """Apply the migrations the database lacks: safe on every start."""
+        return self._run(self._migrate, "accounts_schema_version", MIGRATIONS)
 
-    def add_account(self, account_id: str, max_allocations: int = 0,
-                    bandwidth_bps: int = 0) -> defer.Deferred[str]:
+    def add_account(self, account_id: str, max_allocations: int = 0, bandwidth_bps: int = 0,
+                    monthly_quota_bytes: Optional[int] = None) -> defer.Deferred[str]:
         """Create an active account; fires with its API key, which nothing can show again."""
         def add(txn: adbapi.Transaction) -> str:
             check_account_id(account_id)
@@ -142,11 +148,13 @@ class AccountStore(SqlStore):
             now = int(time.time())
             self._execute(
                 txn, "INSERT INTO accounts (account_id, status, api_key_hash, max_allocations,"
-                " bandwidth_bps, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (account_id) DO NOTHING",
+                " bandwidth_bps, monthly_quota_bytes, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id) DO NOTHING",
                 (account_id, ACTIVE, hash_api_key(api_key),
                  _check_limit("max_allocations", max_allocations),
-                 _check_limit("bandwidth_bps", bandwidth_bps), now, now))
+                 _check_limit("bandwidth_bps", bandwidth_bps),
+                 None if monthly_quota_bytes is None
+                 else _check_limit("monthly_quota_bytes", monthly_quota_bytes), now, now))
             if txn.rowcount == 0:
                 raise AccountExists(account_id)
             return api_key
@@ -169,12 +177,17 @@ class AccountStore(SqlStore):
         return self._run(set_status)
 
     def set_limits(self, account_id: str, max_allocations: Optional[int] = None,
-                   bandwidth_bps: Optional[int] = None) -> defer.Deferred[None]:
-        """Change the limits given (None keeps one as it is); 0 means unlimited."""
+                   bandwidth_bps: Optional[int] = None, monthly_quota_bytes: Optional[int] = None,
+                   default_quota: bool = False) -> defer.Deferred[None]:
+        """Change the limits given (None keeps one as it is); 0 means unlimited.
+        `default_quota` puts the account back on the relay's --monthly-quota-mb."""
         def set_limits(txn: adbapi.Transaction) -> None:
-            limits = {name: _check_limit(name, value) for name, value in
-                      (("max_allocations", max_allocations), ("bandwidth_bps", bandwidth_bps))
-                      if value is not None}
+            limits: Dict[str, Optional[int]] = {
+                name: _check_limit(name, value) for name, value in
+                (("max_allocations", max_allocations), ("bandwidth_bps", bandwidth_bps),
+                 ("monthly_quota_bytes", monthly_quota_bytes)) if value is not None}
+            if default_quota:
+                limits["monthly_quota_bytes"] = None
             self._update(txn, account_id, **limits)
         return self._run(set_limits)
 

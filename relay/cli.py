@@ -12,12 +12,14 @@ import json
 import os
 import sys
 import time
+from decimal import Decimal
 from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence
 
 from twisted.internet import defer, task
 
 from relay import probe
 from relay.accounts_db import ACTIVE, SUSPENDED, AccountExists, AccountStore, UnknownAccount
+from relay.quota import MB, parse_megabytes
 from relay.rates import RateError, parse_utc, rates_from_options
 from relay.secretfile import read_secrets
 from relay.tokens import check_account_id, mint, parse_username, rfc3339
@@ -30,6 +32,9 @@ LEDGER_HELP = ("the usage ledger relays write with --accounting sqlite:path=... 
                "postgresql:dsn=...: sqlite:///absolute/path/usage.db or "
                "postgresql://user@host:port/dbname (default: $TURNRELAY_LEDGER)")
 USAGE_COLUMNS = ("SESSIONS", "BYTES SENT", "BYTES RECEIVED", "TOTAL BYTES", "MB", "CHARGE")
+
+
+_NOT_GIVEN = object()  # set-limits' --monthly-quota-mb absent, as opposed to `default`
 
 
 class Refused(Exception):
@@ -81,8 +86,20 @@ def _note(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr)
 
 
+def _quota(text: str) -> Optional[int]:
+    """--monthly-quota-mb: megabytes, or `default` for the relay's --monthly-quota-mb."""
+    return None if text == "default" else parse_megabytes(text)
+
+
+def _quota_text(value: Optional[int]) -> str:
+    if value is None:
+        return "default"
+    return str(Decimal(value) / MB) if value else "unlimited"
+
+
 async def _account_add(store: AccountStore, args: argparse.Namespace) -> None:
-    api_key = await store.add_account(args.account, args.max_allocations, args.bandwidth)
+    api_key = await store.add_account(args.account, args.max_allocations, args.bandwidth,
+                                      args.monthly_quota)
     print(api_key, flush=True)
     _note(f"the API key of {args.account!r} is above; it will not be shown again")
 
@@ -93,10 +110,14 @@ async def _account_status(store: AccountStore, args: argparse.Namespace) -> None
 
 
 async def _account_set_limits(store: AccountStore, args: argparse.Namespace) -> None:
-    await store.set_limits(args.account, args.max_allocations, args.bandwidth)
+    quota_given = args.monthly_quota is not _NOT_GIVEN
+    await store.set_limits(args.account, args.max_allocations, args.bandwidth,
+                           args.monthly_quota if quota_given else None,
+                           default_quota=quota_given and args.monthly_quota is None)
     record = await store.get_account(args.account)
     print(f"{args.account}: max-allocations {record.max_allocations}, "
-          f"bandwidth {record.bandwidth_bps} B/s (0: unlimited)")
+          f"bandwidth {record.bandwidth_bps} B/s (0: unlimited), "
+          f"monthly quota (MB) {_quota_text(record.monthly_quota_bytes)}")
 
 
 async def _account_rotate_key(store: AccountStore, args: argparse.Namespace) -> None:
@@ -109,12 +130,12 @@ async def _account_rotate_key(store: AccountStore, args: argparse.Namespace) -> 
 async def _account_list(store: AccountStore, args: argparse.Namespace) -> None:
     def limit(value: int) -> str:
         return str(value) if value else "unlimited"
-    rows = [("ACCOUNT", "STATUS", "MAX-ALLOCATIONS", "BANDWIDTH (B/s)")]
-    rows += [(r.account_id, r.status, limit(r.max_allocations), limit(r.bandwidth_bps))
-             for r in await store.list_accounts()]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    rows = [("ACCOUNT", "STATUS", "MAX-ALLOCATIONS", "BANDWIDTH (B/s)", "MONTHLY QUOTA (MB)")]
+    rows += [(r.account_id, r.status, limit(r.max_allocations), limit(r.bandwidth_bps),
+              _quota_text(r.monthly_quota_bytes)) for r in await store.list_accounts()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3])
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
 
 
 async def _token(store: Optional[AccountStore], args: argparse.Namespace) -> None:
@@ -189,6 +210,10 @@ def build_parser() -> Parser:
                      help="concurrent allocations allowed (default 0: unlimited)")
     add.add_argument("--bandwidth", metavar="BYTES_PER_S", type=_at_least(0), default=0,
                      help="bytes per second per allocation (default 0: unlimited)")
+    add.add_argument("--monthly-quota-mb", dest="monthly_quota", metavar="MB",
+                     type=_argument_type(_quota), default=None,
+                     help="billable megabytes per calendar month, UTC (0: unlimited; default: "
+                          "the relay's --monthly-quota-mb)")
     add.set_defaults(run=_account_add, parser=add)
 
     for action, status, summary in (("suspend", SUSPENDED, "refuse the account's credentials"),
@@ -206,6 +231,10 @@ def build_parser() -> Parser:
                         help="concurrent allocations allowed (0: unlimited)")
     limits.add_argument("--bandwidth", metavar="BYTES_PER_S", type=_at_least(0),
                         help="bytes per second per allocation (0: unlimited)")
+    limits.add_argument("--monthly-quota-mb", dest="monthly_quota", metavar="MB|default",
+                        type=_argument_type(_quota), default=_NOT_GIVEN,
+                        help="billable megabytes per calendar month, UTC (0: unlimited; "
+                             "default: the relay's --monthly-quota-mb)")
     limits.set_defaults(run=_account_set_limits, parser=limits)
 
     rotate = account_commands.add_parser(

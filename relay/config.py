@@ -21,6 +21,7 @@ from relay.authplugins import parse_arguments
 from relay.checkers import RestSecretChecker, StaticUsersChecker, parse_user
 from relay.credentials import IStunCredentials
 from relay.peers import parse_rule
+from relay.quota import parse_megabytes
 from relay.rates import RateError, rates_from_options
 from relay.regions import check_host, regions_from_table
 from relay.secretfile import read_secrets
@@ -179,6 +180,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["accounting-interval", None, 10, "Seconds between two usage records of a session"],
         ["accounting-queue", None, 100000, "Usage records held for a backend that cannot keep "
                                            "up, at most"],
+        ["monthly-quota-mb", None, "0", "Billable megabytes (10^6 bytes, sent plus received) "
+                                        "an account may relay per calendar month, UTC, unless "
+                                        "its account database entry sets its own (0: no "
+                                        "limit); needs a sqlite or postgresql --accounting"],
         ["accounting-full", None, "refuse", "When that queue is full: refuse (new allocations "
                                             "get 508) or drop (new sessions go unrecorded)"],
         ["rate-per-mb", None, None, "Charge per MB (10^6 bytes) of --region's usage, a decimal "
@@ -381,6 +386,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                                self["rate-table"])
         except RateError as err:
             fail(err.option, err.problem)
+        try:
+            self["monthly-quota-bytes"] = parse_megabytes(str(self["monthly-quota-mb"]))
+        except ValueError as err:
+            fail("monthly-quota-mb", f"{self['monthly-quota-mb']!r}: {err}")
         self["usage-backends"] = {}
         for description in self["accounting"]:
             try:

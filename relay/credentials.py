@@ -55,6 +55,9 @@ class Account:
     max_allocations: int = 0        # concurrent allocations, 0 = unlimited
     bandwidth_bps: int = 0          # bytes per second per allocation, both ways, 0 = unlimited
     credential_expires: Optional[float] = None  # unix time a time-limited credential ends
+    # Billable bytes per calendar month (UTC), 0 = unlimited, None = the relay's
+    # --monthly-quota-mb (relay.quota)
+    monthly_quota_bytes: Optional[int] = None
 
 
 class IAllocationPolicy(Interface):

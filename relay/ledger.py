@@ -166,6 +166,9 @@ class Ledger(Service):
                        for name, backend in backends.items()]
         self.unrecorded = 0  # sessions relayed without a record (when_full "drop")
         self._readings: Dict[Allocation, _Reading] = {}
+        # The accounts of ended sessions whose records may still be queued, for `unstored`;
+        # forgotten whenever every queue is empty.
+        self._ended: Dict[str, str] = {}
         self._full = False
         self._alarmed_at = 0.0
         self._drain_waiters: List[defer.Deferred[None]] = []
@@ -197,6 +200,7 @@ class Ledger(Service):
         reading = self._readings.pop(allocation, None)
         if reading is None:
             return
+        self._ended[allocation.session_id] = allocation.account.account_id
         now = rfc3339(int(self.clock.seconds()))
         delta = self._delta(allocation, reading, now)
         end = SessionEnded(allocation.session_id, now, reason)
@@ -224,6 +228,26 @@ class Ledger(Service):
                            *(new - old for new, old in zip(counts, reading.counts)), at=at)
         reading.counts = counts
         return delta
+
+    def unstored(self, backend: str, since: str) -> Dict[str, int]:
+        """Billable bytes (sent plus received) per account that `backend` has not stored yet,
+        of usage at `since` (RFC 3339) or later: its queued deltas and what the live sessions'
+        counters hold beyond their last reading.  With what the backend has stored, that is
+        every byte relayed, to this instant."""
+        queue = next(queue for queue in self.queues if queue.name == backend)
+        accounts = dict(self._ended)
+        totals: Dict[str, int] = {}
+        for allocation, reading in self._readings.items():
+            account = accounts[allocation.session_id] = allocation.account.account_id
+            totals[account] = (totals.get(account, 0) + allocation.bytes_from_client
+                               + allocation.bytes_to_client - reading.counts[0] - reading.counts[2])
+        for record in queue.pending:
+            if isinstance(record, UsageDelta) and record.at >= since:
+                account = accounts.get(record.session_id)
+                if account is not None:
+                    totals[account] = (totals.get(account, 0) + record.bytes_from_client
+                                       + record.bytes_to_client)
+        return totals
 
     # -- queues -------------------------------------------------------------------------------
 
@@ -260,6 +284,8 @@ class Ledger(Service):
     def _written(self) -> None:
         if self._full:
             self.full()
+        if all(queue.idle for queue in self.queues):
+            self._ended.clear()
         if self._drain_waiters and all(queue.idle for queue in self.queues):
             waiters, self._drain_waiters = self._drain_waiters, []
             for waiter in waiters:

@@ -9,10 +9,13 @@ wants.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable
+import time
+from typing import Any, Callable, Iterable, Sequence
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
+
+from relay.tokens import rfc3339
 
 
 def _use_wal(connection: Any) -> None:
@@ -94,3 +97,23 @@ class SqlStore:
 
     def _execute_many(self, txn: adbapi.Transaction, sql: str, rows: Iterable[tuple]) -> None:
         txn.executemany(self._sql(sql), rows)
+
+    def _migrate(self, txn: adbapi.Transaction, version_table: str,
+                 migrations: Sequence[Sequence[str]]) -> None:
+        """Apply the migrations (migration N is migrations[N - 1]) that `version_table` does
+        not list, inside `txn`.
+
+        Each migration's version row is inserted before its statements: on SQLite that first
+        write opens the transaction (Python's sqlite3 opens none for DDL alone), so a
+        migration that is not re-runnable, such as ALTER TABLE ... ADD COLUMN, commits with
+        its version or not at all, as on PostgreSQL.  Two processes migrating at once fail
+        one transaction on the version's key; its caller retries and finds the work done."""
+        self._execute(txn, f"CREATE TABLE IF NOT EXISTS {version_table} ("
+                           "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        self._execute(txn, f"SELECT MAX(version) FROM {version_table}")
+        current = txn.fetchone()[0] or 0
+        for version in range(current + 1, len(migrations) + 1):
+            self._execute(txn, f"INSERT INTO {version_table} (version, applied_at) VALUES (?, ?)",
+                          (version, rfc3339(int(time.time()))))
+            for statement in migrations[version - 1]:
+                self._execute(txn, statement)

@@ -31,6 +31,7 @@ from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMIT
                           load_secrets)
 from relay.metrics import RelayCollector, registry as metrics_registry, stream_metrics
 from relay.peers import OwnEndpoints, PeerPolicy
+from relay.quota import QuotaTracker, sql_backend
 from relay.regions import Region
 from relay.retention import ClientAddressRetention
 from relay.selftest import SelfTestPage
@@ -343,6 +344,21 @@ def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
         raise SystemExit(f"turnrelay: --state-dir: cannot keep the usage ledger there: {err}")
 
 
+def _quotas(ledger: Ledger, server: TurnServer, options: Options, reactor) -> Service:
+    """Monthly quotas, read from the ledger's first SQL backend (relay.quota)."""
+    found = sql_backend(ledger)
+    if found is None:
+        if options["monthly-quota-bytes"]:
+            raise SystemExit("turnrelay: --monthly-quota-mb: needs a sqlite or postgresql "
+                             "--accounting backend to read usage from")
+        log.warn("monthly quotas are not enforced: no sqlite or postgresql --accounting backend")
+        return Service()
+    name, backend = found
+    tracker = QuotaTracker(server, ledger, name, backend, options["monthly-quota-bytes"],
+                           clock=reactor.seconds)
+    return tracker.service
+
+
 def makeService(options: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -429,6 +445,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
     if options["client-address-retention"] is not None:
         ClientAddressRetention(backends, options["client-address-retention"],
                                reactor).setServiceParent(service)
+    _quotas(ledger, server, options, reactor).setServiceParent(service)
     listeners = ListenersService(reactor, server, dispatch, options, tls)
     listeners.setServiceParent(service)
 

@@ -155,6 +155,9 @@ class TurnServer:
         # Set by `drain` (SIGTERM): new Allocates are redirected or refused, the rest goes on.
         self.draining = False
         self._next_alternate = 0
+        # The monthly byte quota's seam (relay.quota): asked before each Allocate (True answers
+        # 486) and, every tick, for each allocation (True closes it, reason "quota").
+        self.over_quota: Callable[[Account], bool] = lambda account: False
         self._algorithms_attr = [(alg, b"") for alg in config.password_algorithms]
         self._handlers = {
             stun.ALLOCATE: self._allocate,
@@ -243,6 +246,8 @@ class TurnServer:
                 self._close(allocation, "expired")
             elif not allows(allocation.username, allocation.account, now):
                 self._close(allocation, "revoked")
+            elif self.over_quota(allocation.account):
+                self._close(allocation, "quota")
             else:
                 allocation.sweep(now)
         for budget in self._account_budgets.values():
@@ -471,6 +476,8 @@ class TurnServer:
         config = self.config
         if config.total_quota and len(self.allocations) >= config.total_quota:
             raise stun.StunError(508, "Insufficient Capacity")
+        if self.over_quota(account):
+            raise stun.StunError(486, "Allocation Quota Reached")
         if account.max_allocations and sum(a.account.account_id == account.account_id
                                            for a in self.allocations.values()) >= account.max_allocations:
             raise stun.StunError(486, "Allocation Quota Reached")

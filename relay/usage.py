@@ -21,7 +21,7 @@ from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
 
 # Why sessions end: the reasons `relay.turn.TurnServer` closes allocations with.
-END_REASONS = ("expired", "deleted", "revoked", "disconnected", "shutdown")
+END_REASONS = ("expired", "deleted", "revoked", "quota", "disconnected", "shutdown")
 
 
 @dataclass(frozen=True)

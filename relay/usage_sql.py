@@ -19,7 +19,6 @@ migrating at once may fail one write; the ledger retries it and finds the work d
 from __future__ import annotations
 
 import os
-import time
 from typing import Dict, List, Sequence, TypeVar
 
 from twisted.enterprise import adbapi
@@ -27,7 +26,6 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from relay.sqldb import BadDsn, SqlStore, postgresql_pool, sqlite_pool
-from relay.tokens import rfc3339
 from relay.usage import IClientAddressRetention, IUsageBackend, Record, SessionEnded, SessionStarted, UsageDelta
 from relay.usageplugins import single_argument
 
@@ -78,6 +76,13 @@ _DELTA = ("INSERT INTO usage_deltas (session_id, seq, bytes_from_client, packets
 _END = "UPDATE sessions SET ended_at = ?, end_reason = ? WHERE session_id = ?"
 _FORGET = ("UPDATE sessions SET client_address = NULL WHERE client_address IS NOT NULL"
            " AND ended_at IS NOT NULL AND ended_at < ?")
+# Billable bytes since a time, for some accounts: the sessions_by_account index finds their
+# sessions, the usage_deltas key their deltas; a session that ended before `since` is skipped
+# whole.  The cost grows with those accounts' sessions of the month, not with the ledger.
+_BILLABLE_SINCE = ("SELECT s.account_id, SUM(d.bytes_from_client + d.bytes_to_client)"
+                   " FROM sessions s JOIN usage_deltas d ON d.session_id = s.session_id"
+                   " WHERE s.account_id IN ({accounts}) AND (s.ended_at IS NULL OR s.ended_at >= ?)"
+                   " AND d.at >= ? GROUP BY s.account_id")
 
 
 @implementer(IUsageBackend, IClientAddressRetention)
@@ -106,13 +111,13 @@ class SqlUsageBackend(SqlStore):
 
     def _forget(self, txn: adbapi.Transaction, ended_before: str) -> int:
         if not self._migrated:
-            self._migrate(txn)
+            self._migrate(txn, "schema_version", MIGRATIONS)
         self._execute(txn, _FORGET, (ended_before,))
         return max(txn.rowcount, 0)
 
     def _write(self, txn: adbapi.Transaction, records: List[Record]) -> None:
         if not self._migrated:
-            self._migrate(txn)
+            self._migrate(txn, "schema_version", MIGRATIONS)
         rows: Dict[type, list] = {SessionStarted: [], UsageDelta: [], SessionEnded: []}
         for r in records:
             rows[type(r)].append(r)
@@ -128,16 +133,20 @@ class SqlUsageBackend(SqlStore):
             if values:
                 self._execute_many(txn, sql, values)
 
-    def _migrate(self, txn: adbapi.Transaction) -> None:
-        self._execute(txn, "CREATE TABLE IF NOT EXISTS schema_version ("
-                           "version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
-        self._execute(txn, "SELECT MAX(version) FROM schema_version")
-        current = txn.fetchone()[0] or 0
-        for version in range(current + 1, len(MIGRATIONS) + 1):
-            for statement in MIGRATIONS[version - 1]:
-                self._execute(txn, statement)
-            self._execute(txn, "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                          (version, rfc3339(int(time.time()))))
+    def billable_since(self, since: str, accounts: Sequence[str]) -> defer.Deferred[Dict[str, int]]:
+        """Bytes sent plus received per account in deltas recorded at `since` (RFC 3339) or
+        later, for `accounts` only (absent: none).  It runs on the writes' one connection,
+        after the writes queued before it: what it returns and what the ledger still holds
+        then (`Ledger.unstored`) neither overlap nor leave a gap."""
+        def read(txn: adbapi.Transaction) -> Dict[str, int]:
+            totals: Dict[str, int] = {}
+            for start in range(0, len(accounts), 500):  # bounded statement size
+                chunk = list(accounts[start:start + 500])
+                sql = _BILLABLE_SINCE.format(accounts=", ".join("?" * len(chunk)))
+                self._execute(txn, sql, (*chunk, since, since))
+                totals.update((account, int(total)) for account, total in txn.fetchall())
+            return totals
+        return self._run(read)
 
 
 def sqlite_backend(argstring: str) -> SqlUsageBackend:

@@ -1,6 +1,8 @@
 """The account store, through its Deferreds, on SQLite and on a real PostgreSQL."""
+import sqlite3
 import time
 
+import psycopg
 import pytest
 
 from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn, store_dsn  # noqa: F401
@@ -167,3 +169,27 @@ def test_a_bad_dsn_is_refused_naming_the_problem(dsn, problem):
     with pytest.raises(ValueError, match=problem) as refused:
         AccountStore.from_dsn(dsn)
     assert "hunter2" not in str(refused.value)
+
+
+def test_a_database_of_before_versioning_is_migrated_in_place(store_dsn, in_reactor):
+    """An account database made before migrations keeps its accounts and gains the quota
+    column; migrating again changes nothing."""
+    statements = [statement for statement in accounts_db.MIGRATIONS[0]] + [
+        "INSERT INTO accounts VALUES ('old', 'active', 'x', 3, 0, 1, 1)"]
+    if store_dsn.startswith("sqlite:"):
+        with sqlite3.connect(store_dsn[len("sqlite://"):]) as connection:
+            for statement in statements:
+                connection.execute(statement)
+    else:
+        with psycopg.connect(store_dsn) as connection:
+            for statement in statements:
+                connection.execute(statement)
+    store = in_reactor(AccountStore.from_dsn, store_dsn)
+    for _ in range(2):
+        in_reactor(store.create_schema)
+    assert in_reactor(store.get_account, "old") == AccountRecord("old", ACTIVE, 3, 0, None)
+    in_reactor(store.set_limits, "old", monthly_quota_bytes=1_000_000)
+    assert in_reactor(store.get_account, "old").monthly_quota_bytes == 1_000_000
+    in_reactor(store.close)
+    assert raw_rows(store_dsn, "SELECT version FROM accounts_schema_version ORDER BY version") \
+        == [(n,) for n in range(1, len(accounts_db.MIGRATIONS) + 1)]

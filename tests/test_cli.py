@@ -57,7 +57,8 @@ def mint(*argv: str, status: int = 0, env_db: str = "") -> dict:
     (["account", "add"], ["ACCOUNT", "--max-allocations", "--bandwidth", "--db"]),
     (["account", "suspend"], ["ACCOUNT", "--db"]),
     (["account", "activate"], ["ACCOUNT", "--db"]),
-    (["account", "set-limits"], ["ACCOUNT", "--max-allocations", "--bandwidth", "--db"]),
+    (["account", "set-limits"], ["ACCOUNT", "--max-allocations", "--bandwidth",
+                                 "--monthly-quota-mb", "--db"]),
     (["account", "rotate-key"], ["ACCOUNT", "--db"]),
     (["account", "list"], ["--db"]),
     (["token"], ["--account", "--ttl", "--label", "--secret-file", "--db"]),
@@ -90,10 +91,20 @@ def test_account_lifecycle(store_dsn, store, in_reactor):
     turnrelay("account", "activate", "acme", env_db=store_dsn)
     turnrelay("account", "set-limits", "acme", "--max-allocations", "0", "--db", store_dsn)
     assert in_reactor(store.get_account, "acme") == AccountRecord("acme", ACTIVE, 0, 125000)
-    turnrelay("account", "add", "beta", "--db", store_dsn)
+    turnrelay("account", "add", "beta", "--monthly-quota-mb", "0.05", "--db", store_dsn)
+    assert in_reactor(store.get_account, "beta").monthly_quota_bytes == 50_000
+    turnrelay("account", "add", "gamma", "--db", store_dsn)
+    turnrelay("account", "set-limits", "gamma", "--monthly-quota-mb", "0", "--db", store_dsn)
     listing = turnrelay("account", "list", "--db", store_dsn).stdout.splitlines()
-    assert [line.split() for line in listing[1:]] == [["acme", "active", "unlimited", "125000"],
-                                                      ["beta", "active", "unlimited", "unlimited"]]
+    assert [line.split() for line in listing[1:]] == [
+        ["acme", "active", "unlimited", "125000", "default"],
+        ["beta", "active", "unlimited", "unlimited", "0.05"],
+        ["gamma", "active", "unlimited", "unlimited", "unlimited"]]
+    turnrelay("account", "set-limits", "gamma", "--monthly-quota-mb", "default", "--db", store_dsn)
+    assert in_reactor(store.get_account, "gamma").monthly_quota_bytes is None
+    assert "at most 6 decimals" in turnrelay("account", "set-limits", "gamma",
+                                             "--monthly-quota-mb", "0.0000001", "--db", store_dsn,
+                                             status=2).stderr
 
     new_key = turnrelay("account", "rotate-key", "acme", "--db", store_dsn).stdout.strip()
     assert in_reactor(store.verify_api_key, "acme", new_key) is True

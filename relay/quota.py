@@ -1,0 +1,144 @@
+"""Monthly byte quotas: an account that has relayed its quota this calendar month (UTC) gets
+486 at Allocate, and its allocations are closed (reason "quota"), on every relay sharing the
+usage ledger.
+
+Usage is what the ledger records, billable bytes sent plus received.  Every `interval`
+seconds a relay reads this month's totals of the accounts it watches from its SQL ledger
+backend and adds what its own ledger has not stored there yet (`Ledger.unstored`: queued
+deltas and live counters since their last reading).  The read runs on the ledger backend's
+one connection, after the writes queued before it, so the two parts neither overlap nor leave
+a gap.  With a PostgreSQL ledger shared by a fleet, a relay thus sees every relay's stored
+usage plus its own live usage: the quota is exceeded by at most what the other relays relayed
+since their last flush (`--accounting-interval`).  With a SQLite ledger per relay, a quota
+is per relay.
+
+A relay watches the accounts that have a quota and that allocated on it in the last
+`WATCH_FOR` seconds, and only those are read.  An account's first Allocate on a relay is
+let through, and closed within one interval if it was already over.  The quota an
+allocation is held to is its login's (`Account.monthly_quota_bytes`, else
+`--monthly-quota-mb`); a changed quota applies from the account's next Allocate.  Months
+roll over at 00:00 UTC on the 1st: totals then start again from zero.
+"""
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from decimal import Decimal, InvalidOperation
+from typing import Callable, Dict, Optional, Set, Tuple
+
+from twisted.application.internet import TimerService
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from relay.credentials import Account
+from relay.ledger import Ledger
+from relay.sqldb import without_password
+from relay.turn import TurnServer
+from relay.usage_sql import SqlUsageBackend
+
+log = Logger(namespace="turnrelay.quota")
+
+INTERVAL = 2.0
+WATCH_FOR = 3600.0  # seconds an account stays watched after its last allocation here
+MB = 10 ** 6
+
+
+def parse_megabytes(text: str) -> int:
+    """Bytes in `text` megabytes (10^6 bytes; decimals allowed down to one byte)."""
+    try:
+        value = Decimal(text.strip()) * MB
+    except InvalidOperation:
+        raise ValueError("not a number of megabytes") from None
+    if not value.is_finite() or value < 0:
+        raise ValueError("must be 0 (unlimited) or more megabytes")
+    if value != value.to_integral_value():
+        raise ValueError("must be whole bytes: at most 6 decimals")
+    return int(value)
+
+
+def month_start(now: float) -> str:
+    """The first second of `now`'s calendar month, UTC, as the ledger writes times."""
+    moment = datetime.fromtimestamp(now, timezone.utc)
+    return moment.strftime("%Y-%m-01T00:00:00Z")
+
+
+class QuotaTracker:
+    """Watches the accounts with a quota that allocate here, and answers the core's
+    `over_quota` seam from its last reading."""
+
+    def __init__(self, server: TurnServer, ledger: Ledger, backend_name: str,
+                 backend: SqlUsageBackend, default_quota: int,
+                 clock: Callable[[], float] = time.time, interval: float = INTERVAL):
+        self.ledger = ledger
+        self.backend_name = backend_name
+        self.backend = backend
+        self.default_quota = default_quota
+        self.clock = clock
+        # account id -> (its quota in bytes, when it was last seen here)
+        self.watched: Dict[str, Tuple[int, float]] = {}
+        self.reached: Set[str] = set()
+        self._failing = False
+        self.service = TimerService(interval, self.poll)
+        server.over_quota = self.over_quota
+
+    def quota_of(self, account: Account) -> int:
+        quota = account.monthly_quota_bytes
+        return self.default_quota if quota is None else quota
+
+    def over_quota(self, account: Account) -> bool:
+        quota = self.quota_of(account)
+        if not quota:
+            return False
+        self.watched[account.account_id] = (quota, self.clock())
+        return account.account_id in self.reached
+
+    def poll(self) -> defer.Deferred[None]:
+        """Read this month's usage of the watched accounts; keep the last verdict on failure.
+        Never fails: a failed call would stop the timer."""
+        d = self._poll()
+        d.addErrback(lambda failure: log.failure("monthly quotas: reading failed", failure))
+        return d
+
+    @defer.inlineCallbacks
+    def _poll(self):
+        now = self.clock()
+        for account in [a for a, (_, seen) in self.watched.items() if now - seen > WATCH_FOR]:
+            del self.watched[account]
+        since = month_start(now)
+        if not self.watched:
+            self.reached = set()
+            return
+        accounts = sorted(self.watched)
+        try:
+            stored = yield self.backend.billable_since(since, accounts)
+        except Exception:
+            if not self._failing:
+                self._failing = True
+                failure = Failure()
+                log.error("monthly quotas: cannot read usage from {backend} ({error}); keeping "
+                          "the last verdict", backend=self.backend_name,
+                          error=without_password(failure.getErrorMessage().strip()))
+            return
+        if self._failing:
+            self._failing = False
+            log.info("monthly quotas: usage readable again from {backend}",
+                     backend=self.backend_name)
+        unrecorded = self.ledger.unstored(self.backend_name, since)
+        usage = {account: stored.get(account, 0) + unrecorded.get(account, 0)
+                 for account in accounts}
+        reached = {account for account in accounts if usage[account] >= self.watched[account][0]}
+        for account in sorted(reached - self.reached):
+            log.warn("account {account} reached its monthly quota: {used} of {quota} bytes "
+                     "since {since}; new allocations get 486 and live ones are closed",
+                     account=account, used=usage[account], quota=self.watched[account][0],
+                     since=since)
+        self.reached = reached
+
+
+def sql_backend(ledger: Ledger) -> Optional[Tuple[str, SqlUsageBackend]]:
+    """The first SQL backend of the ledger (sqlite or postgresql), where quotas are read."""
+    for queue in ledger.queues:
+        if isinstance(queue.backend, SqlUsageBackend):
+            return queue.name, queue.backend
+    return None

@@ -1,0 +1,144 @@
+"""Monthly byte quotas on real relays with the `db` auth backend and a SQL usage ledger: an
+account that relays past its quota loses its live allocations and gets 486, on SQLite (one
+relay, its own ledger) and on a PostgreSQL ledger shared by two relays (on both).
+
+Each wait is for a log line or a reply, bounded by a deadline; BOUND is the design's one
+flush (--accounting-interval 1), one quota reading (2 s) and one tick (1 s), plus slack.
+"""
+import json
+import subprocess
+import time
+
+import pytest
+
+from conftest import REALM, TWISTD, running_echo_peer
+from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn  # noqa: F401
+from postgres import fresh_schema
+from relay import stun
+from relay.quota import month_start, parse_megabytes
+from relay.usage import SessionStarted, UsageDelta
+from relay.usage_sql import sqlite_backend
+from test_revocation import UDP, cli
+from wire_client import WireClient, error_code
+
+BOUND = 6.0
+QUOTA = 20_000  # bytes: --monthly-quota-mb 0.02
+PAYLOAD = b"q" * 1000
+
+
+def allocate(relay, credential):
+    client = WireClient((relay.host, relay.port), credential["username"],
+                        credential["password"], REALM)
+    return client, client.request(stun.ALLOCATE, UDP)
+
+
+def relay_through(client, peer, count):
+    """`count` payloads to the echo peer and back: 2000 billable bytes each."""
+    assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
+    for _ in range(count):
+        client.send_indication(peer, PAYLOAD)
+        assert client.receive_data() == (peer, PAYLOAD)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def quota_fleet(request, server_factory, tmp_path):
+    """Account `acme` with a 20 kB quota and `other` without, and the relays: one with its own
+    SQLite ledger, or two sharing a PostgreSQL account database and ledger."""
+    secret = tmp_path / "rest.secret"
+    secret.write_text("shared-rest-secret-1\n")
+    if request.param == "sqlite":
+        dsn = request.getfixturevalue("sqlite_dsn")
+        ledgers = [["--accounting", f"sqlite:path={tmp_path / 'usage.db'}"]]
+    else:
+        dsn = fresh_schema(request.getfixturevalue("postgres_dsn"))
+        ledgers = [["--accounting", f"postgresql:dsn={dsn}"]] * 2
+    cli("account", "add", "acme", "--monthly-quota-mb", "0.02", "--db", dsn)
+    cli("account", "add", "other", "--db", dsn)
+    relays = [server_factory("--auth", f"db:dsn={dsn},secret-file={secret}", *ledger,
+                             "--accounting-interval", "1", users=(), tls=False)
+              for ledger in ledgers]
+    for relay in relays:
+        relay.read_until("account database loaded")
+
+    def token(account):
+        return json.loads(cli("token", "--account", account, "--secret-file", str(secret)))
+    return relays, token
+
+
+def test_an_account_past_its_quota_is_closed_and_refused_on_every_relay(quota_fleet):
+    relays, token = quota_fleet
+    acme, other = token("acme"), token("other")
+    held = [allocate(relay, acme) for relay in relays]
+    assert all(reply.cls == stun.SUCCESS for _, reply in held)
+    bystander, reply = allocate(relays[0], other)
+    assert reply.cls == stun.SUCCESS
+    with running_echo_peer() as peer:
+        # Under the quota: 9 round trips are 18 000 bytes, and the allocations live on.
+        relay_through(held[0][0], peer, 9)
+        relay_through(bystander, peer, 15)  # another account's usage counts for it alone
+        assert held[-1][0].request(stun.REFRESH).cls == stun.SUCCESS
+        relay_through(held[0][0], peer, 2)  # 22 000 bytes: past the quota
+        crossed = time.monotonic()
+        for relay in relays:
+            relay.search(r"account acme reached its monthly quota: 2\d{4} of 20000 bytes",
+                         timeout=BOUND)
+            relay.read_until("reason=quota", timeout=BOUND)
+            assert time.monotonic() - crossed <= BOUND
+        for relay in relays:
+            client, reply = allocate(relay, acme)
+            client.close()
+            assert error_code(reply) == 486
+        # Its allocations are gone; the other account's lives on.
+        assert error_code(held[0][0].request(stun.REFRESH)) == 437
+        assert bystander.request(stun.REFRESH).cls == stun.SUCCESS
+    for client in [bystander] + [client for client, _ in held]:
+        client.close()
+
+
+def test_the_ledger_sums_this_months_billable_bytes_only(tmp_path, in_reactor):
+    """Month rollover: deltas of the previous month do not count, whatever their session."""
+    backend = sqlite_backend(f"path={tmp_path / 'usage.db'}")
+    start = SessionStarted("s1", "acme", "u", "r", "udp", "192.0.2.1:1", ("192.0.2.2:2",),
+                           "2026-10-31T23:59:00Z")
+    in_reactor(backend.write, [
+        start, SessionStarted("s2", "beta", "u", "r", "udp", "192.0.2.1:1", (), start.started_at),
+        UsageDelta("s1", 1, 100, 1, 200, 1, "2026-10-31T23:59:59Z"),
+        UsageDelta("s1", 2, 10, 1, 20, 1, "2026-11-01T00:00:00Z"),
+        UsageDelta("s2", 1, 5, 1, 5, 1, "2026-11-02T00:00:00Z")])
+    since = month_start(1_795_000_000)  # 2026-11-18
+    assert since == "2026-11-01T00:00:00Z"
+    assert in_reactor(backend.billable_since, since, ["acme"]) == {"acme": 30}
+    assert in_reactor(backend.billable_since, since, ["acme", "beta", "nobody"]) == {
+        "acme": 30, "beta": 10}
+    assert in_reactor(backend.billable_since, "2026-10-01T00:00:00Z", ["acme"]) == {"acme": 330}
+    in_reactor(backend.close)
+    assert raw_rows(f"sqlite:///{tmp_path / 'usage.db'}",
+                    "SELECT MAX(version) FROM schema_version") == [(1,)]
+
+
+@pytest.mark.parametrize("text, expected", [("0", 0), ("5", 5_000_000), ("0.02", 20_000),
+                                            ("1.000001", 1_000_001)])
+def test_megabytes_are_decimal(text, expected):
+    assert parse_megabytes(text) == expected
+
+
+@pytest.mark.parametrize("text, problem", [("-1", "0 \\(unlimited\\) or more"),
+                                           ("0.0000001", "at most 6 decimals"),
+                                           ("lots", "not a number"), ("inf", "0 \\(unlimited\\)")])
+def test_bad_megabytes_are_refused(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        parse_megabytes(text)
+
+
+def test_a_quota_flag_without_a_sql_ledger_is_a_one_line_error(tmp_path):
+    result = subprocess.run([TWISTD, "-n", "turnrelay", "--monthly-quota-mb", "5",
+                             "--accounting", f"jsonl:path={tmp_path / 'u.jsonl'}",
+                             "--state-dir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--monthly-quota-mb: needs a sqlite or postgresql --accounting backend" in (
+        result.stdout + result.stderr)
+    bad = subprocess.run([TWISTD, "-n", "turnrelay", "--monthly-quota-mb", "-3"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.stderr.strip().splitlines()[-1] == (
+        "turnrelay: --monthly-quota-mb: '-3': must be 0 (unlimited) or more megabytes")
