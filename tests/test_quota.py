@@ -17,7 +17,7 @@ from postgres import fresh_schema
 from relay import stun
 from relay.quota import month_start, parse_megabytes
 from relay.usage import SessionStarted, UsageDelta
-from relay.usage_sql import sqlite_backend
+from relay.usage_sql import MIGRATIONS, sqlite_backend
 from test_revocation import UDP, cli
 from wire_client import WireClient, error_code
 
@@ -113,7 +113,7 @@ def test_the_ledger_sums_this_months_billable_bytes_only(tmp_path, in_reactor):
     assert in_reactor(backend.billable_since, "2026-10-01T00:00:00Z", ["acme"]) == {"acme": 330}
     in_reactor(backend.close)
     assert raw_rows(f"sqlite:///{tmp_path / 'usage.db'}",
-                    "SELECT MAX(version) FROM schema_version") == [(1,)]
+                    "SELECT MAX(version) FROM schema_version") == [(len(MIGRATIONS),)]
 
 
 @pytest.mark.parametrize("text, expected", [("0", 0), ("5", 5_000_000), ("0.02", 20_000),
