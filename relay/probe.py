@@ -105,6 +105,7 @@ class Probe:
     size: int = 100
     timeout: float = 3.0
     context: Optional[ssl.SSLContext] = None
+    peer: Optional[stun.Address] = None  # an echo server to relay to, instead of ourselves
 
     def run(self, transport: str, port: int) -> Result:
         server = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
@@ -155,10 +156,12 @@ class Probe:
         if reply.cls != stun.SUCCESS:
             raise StepFailed("binding", f"Binding refused: {_error(reply)}")
         result.reflexive = _format(reply.get(stun.XOR_MAPPED_ADDRESS))
-        clients.append(self._connect(transport, server))
+        if self.peer is None:
+            clients.append(self._connect(transport, server))
         relayed = [self._allocate(client) for client in clients]
         result.relayed = [_format(address) for address in relayed]
-        for client, peer, channel in zip(clients, reversed(relayed), CHANNELS):
+        peers = list(reversed(relayed)) if self.peer is None else [self.peer]
+        for client, peer, channel in zip(clients, peers, CHANNELS):
             self._authorise(client, "permission", stun.CREATE_PERMISSION, peer,
                             (stun.XOR_PEER_ADDRESS, peer))
             self._authorise(client, "channel", stun.CHANNEL_BIND, peer,
@@ -206,16 +209,17 @@ class Probe:
         name = "CreatePermission" if method == stun.CREATE_PERMISSION else "ChannelBind"
         reply = self._request(client, step, name, method, *attributes)
         if error_code(reply) == 403:
+            what = "its own relayed address" if self.peer is None else "the peer"
             raise StepFailed(step, f"peer address forbidden (403): the server will not relay "
-                             f"to its own relayed address {_format(peer)} (on turnrelay: "
-                             "--allowed-peer-ip, or --allow-loopback-peers on a test box)")
+                             f"to {what} {_format(peer)} (on turnrelay: --allowed-peer-ip, or "
+                             "--allow-loopback-peers on a test box)")
         if reply.cls != stun.SUCCESS:
             raise StepFailed(step, f"{name} refused: {_error(reply)}")
 
     def _round_trips(self, result: Result, clients: List[TurnClient]) -> None:
-        """Numbered packets from the first allocation to the second and back; a packet that
-        misses PACKET_WAIT on either leg is lost, a late one is skipped when it arrives."""
-        first, second = clients
+        """Numbered packets from the first allocation to the second (or the echo peer) and
+        back; a packet that misses PACKET_WAIT on either leg is lost, a late one is skipped."""
+        first, second = clients[0], clients[-1]
         wait = min(self.timeout, PACKET_WAIT)
         padding = b"\x00" * max(0, self.size - 4)
         for number in range(self.count):
@@ -224,8 +228,9 @@ class Probe:
             first.send_channel(CHANNELS[0], payload)
             result.sent += 1
             try:
-                _expect(second, number, started + wait)
-                second.send_channel(CHANNELS[1], payload)
+                if second is not first:
+                    _expect(second, number, started + wait)
+                    second.send_channel(CHANNELS[1], payload)
                 _expect(first, number, started + 2 * wait)
             except NoResponse:
                 continue
@@ -324,7 +329,8 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"turnrelay probe: {e}", file=sys.stderr)
         return 2
-    probe = Probe(host, username, password, args.count, args.size, args.timeout, context)
+    probe = Probe(host, username, password, args.count, args.size, args.timeout, context,
+                  args.peer)
     results = [probe.run(transport, port) for transport, port in ports.items()]
     if args.json:
         print(json.dumps([r.summary() for r in results], indent=2))
@@ -339,6 +345,18 @@ def _transports(text: str) -> List[str]:
     if unknown or not chosen:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a list of udp, tcp, tls")
     return chosen
+
+
+def _peer(text: str) -> stun.Address:
+    """HOST:PORT or [IPv6]:PORT, resolved to the address XOR-PEER-ADDRESS carries."""
+    match = re.fullmatch(r"(?:\[([^\]]+)\]|([^:\[\]]+)):([0-9]{1,5})", text)
+    if match is None or not 0 < int(match[3]) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT or [IPv6]:PORT")
+    try:
+        found = socket.getaddrinfo(match[1] or match[2], int(match[3]), type=socket.SOCK_DGRAM)
+    except socket.gaierror as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e.strerror}") from None
+    return found[0][4][0], int(match[3])
 
 
 def _positive(kind: type) -> Any:
@@ -381,6 +399,9 @@ def add_command(commands: Any) -> None:
                         help="packets relayed there and back (default 20)")
     parser.add_argument("--size", type=_positive(int), default=100,
                         help="bytes per packet (default 100)")
+    parser.add_argument("--peer", type=_peer, metavar="HOST:PORT",
+                        help="relay to this UDP echo server (e.g. coturn's turnutils_peer) "
+                             "rather than between two allocations of the probe's own")
     parser.add_argument("--timeout", type=_positive(float), default=3.0,
                         help="seconds to wait for an answer (default 3)")
     parser.add_argument("--ca", metavar="FILE", help="trust this CA (or self-signed) "

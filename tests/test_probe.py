@@ -126,10 +126,12 @@ def test_bad_arguments_are_one_line(tmp_path):
 
 def test_probe_against_coturn(tmp_path):
     """The probe is a client of TURN, not of turnrelay: coturn's server passes too."""
-    port = free_port()
+    port, tls_port = free_port(), free_port()
+    cert, key = make_cert(tmp_path, "coturn", san="IP:127.0.0.1")
     process = subprocess.Popen(
         [tool("turnserver"), "-n", "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1",
-         "--listening-port", str(port), "--no-tls", "--no-dtls", "--lt-cred-mech",
+         "--listening-port", str(port), "--tls-listening-port", str(tls_port), "--cert",
+         str(cert), "--pkey", str(key), "--no-dtls", "--lt-cred-mech",
          "--user", f"{USER}:{PASSWORD}", "--realm", "coturn.test", "--allow-loopback-peers",
          "--no-cli", "--min-port", "61000", "--max-port", "65000", "--log-file", "stdout",
          "--pidfile", str(tmp_path / "turnserver.pid"), "--userdb", str(tmp_path / "turndb")],
@@ -137,10 +139,24 @@ def test_probe_against_coturn(tmp_path):
     try:
         # coturn says so once its relay threads, which own the listeners, are up.
         assert any("Total General servers" in line for line in process.stdout)
-        result = probe(f"turn:127.0.0.1:{port}", "--transport", "udp,tcp", "--user", USER,
-                       "--password", PASSWORD, "--count", "5")
+        result = probe(f"turn:127.0.0.1:{port}", "--tls-port", str(tls_port), "--ca", str(cert),
+                       "--user", USER, "--password", PASSWORD, "--count", "5")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert [rows(result.stdout)[t][2] for t in ("UDP", "TCP")] == ["ok", "ok"]
+        assert [rows(result.stdout)[t][2] for t in ("UDP", "TCP", "TLS")] == ["ok"] * 3
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+def test_probe_through_a_given_echo_peer(server_factory, echo_peer):
+    server = server_factory(tls=False)
+    host, port = echo_peer
+    result = probe(f"turn:127.0.0.1:{server.port}", "--transport", "udp,tcp", "--peer",
+                   f"{host}:{port}", "--user", USER, "--password", PASSWORD, "--count", "5",
+                   "--size", "50", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = json.loads(result.stdout)
+    assert [(r["transport"], r["ok"], len(r["relayed"]), r["lost"]) for r in reports] == [
+        ("udp", True, 1, 0), ("tcp", True, 1, 0)]
+    # One allocation per transport, each relaying 5 packets of 50 bytes there and back.
+    assert server.stop().count("from_client=5/250B to_client=5/250B") == 2
