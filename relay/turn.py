@@ -510,7 +510,8 @@ class TurnServer:
         """Bind a relay port; with EVEN-PORT an even one, and with its R bit the next one too."""
         host = self.config.relay_ips[family]
         low, high = self.config.min_port, self.config.max_port
-        for port in self._ports(host, low, high - 1 if even_port else high, even_port is not None):
+        for port in self._ports(host, low, high - 1 if even_port else high, even_port is not None,
+                                tcp):
             if even_port is None:
                 endpoint = self.bind_stream(host, port) if tcp else self.bind(host, port, dont_fragment)
                 if endpoint is not None:
@@ -534,16 +535,18 @@ class TurnServer:
             return endpoint
         raise stun.StunError(508, "Insufficient Capacity")
 
-    def _ports(self, host: str, low: int, high: int, even: bool) -> Iterator[int]:
+    def _ports(self, host: str, low: int, high: int, even: bool, tcp: bool) -> Iterator[int]:
         """Relay ports to try: random ones first (a relay port should be hard to guess), then,
         when a crowded range made those fail, every port from a random start that this server
-        does not hold already, so 508 means the range is really full."""
+        does not hold already (for the same protocol), so 508 means the range is really full."""
         for _ in range(_BIND_ATTEMPTS):
             yield self.rng.randint(low, high)
         held = {endpoint.address[1] for allocation in self.allocations.values()
+                if allocation.tcp == tcp
                 for endpoint in allocation.relays.values() if endpoint.address[0] == host}
-        held.update(r.endpoint.address[1] for r in self.reservations.values()
-                    if r.endpoint.address[0] == host)
+        if not tcp:
+            held.update(r.endpoint.address[1] for r in self.reservations.values()
+                        if r.endpoint.address[0] == host)
         start = self.rng.randint(low, high)
         for port in itertools.chain(range(start, high + 1), range(low, start)):
             if port not in held and not (even and port % 2):

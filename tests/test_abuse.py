@@ -103,6 +103,55 @@ def sinks():
         sock.close()
 
 
+@pytest.fixture
+def tcp_sinks():
+    """A listening TCP socket on every loopback address a forbidden Connect could land on."""
+    opened = {host: socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host
+                                         else socket.AF_INET)
+              for host in {landing for _, landing in FORBIDDEN if landing}}
+    yield opened
+    for sock in opened.values():
+        sock.close()
+
+
+def nothing_connected(listeners: Dict[str, socket.socket]) -> List[str]:
+    """Which listeners got a connection; each is asked without waiting, after the control."""
+    reached = []
+    for host, listener in listeners.items():
+        listener.setblocking(False)
+        try:
+            connection, source = listener.accept()
+            connection.close()
+            reached.append(f"{host} accepted a connection from {source}")
+        except BlockingIOError:
+            pass
+    return reached
+
+
+def assert_no_connect_through(server, transport: str, listeners: Dict[str, socket.socket]) -> None:
+    """RFC 6062: Connect from a TCP allocation to each forbidden peer is 403, no attempt made;
+    a Connect to the allowed control peer, made last, orders the check."""
+    client = connect(server, transport)
+    try:
+        reply = client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 6), DUAL)
+        assert reply.cls == stun.SUCCESS and len(reply.get_all(stun.XOR_RELAYED_ADDRESS)) == 2
+        wrong = []
+        for host, landing in FORBIDDEN:
+            peer = (host, listeners[landing].getsockname()[1] if landing else 9)
+            code = error_code(client.request(stun.CONNECT, (stun.XOR_PEER_ADDRESS, peer)))
+            if code != 403:
+                wrong.append(f"{peer}: Connect answered {code}")
+        with socket.create_server((CONTROL, 0)) as control:
+            reply = client.request(stun.CONNECT, (stun.XOR_PEER_ADDRESS, control.getsockname()[:2]))
+            assert reply.cls == stun.SUCCESS, reply.get(stun.ERROR_CODE)
+            control.settimeout(5)
+            control.accept()[0].close()
+        assert wrong == [], f"over {transport}:\n" + "\n".join(wrong)
+        assert nothing_connected(listeners) == [], transport
+    finally:
+        client.close()
+
+
 def assert_no_way_through(server, transport: str, sinks: Dict[str, socket.socket]) -> None:
     client = connect(server, transport)
     try:
@@ -141,17 +190,20 @@ def reload_peer_rules(server, config, rules: str) -> None:
     server.read_until("peer rules reloaded")
 
 
-def test_forbidden_peers_get_403_and_nothing_reaches_them(server_factory, sinks, tmp_path):
+def test_forbidden_peers_get_403_and_nothing_reaches_them(server_factory, sinks, tcp_sinks,
+                                                           tmp_path):
     config = tmp_path / "turnrelay.toml"
     config.write_text(f'allowed-peer-ip = ["{CONTROL}"]\n')
     server = server_factory("--config", str(config), "--relay-ip", "::1", loopback_peers=False)
-    for transport in TRANSPORTS:
-        assert_no_way_through(server, transport, sinks)
-    # Reloaded rules that name other networks leave the defaults as they were.
-    reload_peer_rules(server, config, f'allowed-peer-ip = ["{CONTROL}", "198.51.100.7"]\n'
-                                      'denied-peer-ip = ["8.8.8.0/24"]\n')
-    for transport in TRANSPORTS:
-        assert_no_way_through(server, transport, sinks)
+    for reload in (False, True):
+        if reload:
+            # Reloaded rules that name other networks leave the defaults as they were.
+            reload_peer_rules(server, config, f'allowed-peer-ip = ["{CONTROL}", "198.51.100.7"]\n'
+                                              'denied-peer-ip = ["8.8.8.0/24"]\n')
+        for transport in TRANSPORTS:
+            assert_no_way_through(server, transport, sinks)
+        for transport in ("tcp", "tls"):
+            assert_no_connect_through(server, transport, tcp_sinks)
 
 
 def test_operator_rules_open_what_they_name_and_only_that(server_factory):
@@ -221,6 +273,15 @@ def test_the_relays_own_endpoints_are_never_peers(server_factory, tmp_path):
                 assert closed_counters(server, client) == "1/4B", transport
             finally:
                 client.close()
+        if transport != "udp":
+            tcp = connect(server, transport)
+            assert tcp.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 6), DUAL).cls \
+                == stun.SUCCESS
+            for port in own_ports:
+                for host in ("127.0.0.1", "0.0.0.0", "::ffff:127.0.0.1", "::"):
+                    assert error_code(tcp.request(stun.CONNECT, (stun.XOR_PEER_ADDRESS,
+                                                                 (host, port)))) == 403
+            tcp.close()
     assert "Traceback" not in server.stop()
 
 
