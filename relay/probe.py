@@ -198,8 +198,13 @@ class Probe:
         return reply
 
     def _allocate(self, client: TurnClient) -> stun.Address:
-        reply = self._request(client, "allocate", "Allocate", stun.ALLOCATE,
-                              (stun.REQUESTED_TRANSPORT, 17))
+        """An IPv4 relayed address (RFC 8656's default), or an IPv6 one from a relay that
+        has none (440)."""
+        udp = (stun.REQUESTED_TRANSPORT, 17)
+        reply = self._request(client, "allocate", "Allocate", stun.ALLOCATE, udp)
+        if error_code(reply) == 440:
+            reply = self._request(client, "allocate", "Allocate", stun.ALLOCATE, udp,
+                                  (stun.REQUESTED_ADDRESS_FAMILY, stun.FAMILY_IPV6))
         if reply.cls != stun.SUCCESS:
             raise StepFailed("allocate", f"Allocate refused: {_error(reply)}")
         return reply.get(stun.XOR_RELAYED_ADDRESS)

@@ -160,3 +160,14 @@ def test_probe_through_a_given_echo_peer(server_factory, echo_peer):
         ("udp", True, 1, 0), ("tcp", True, 1, 0)]
     # One allocation per transport, each relaying 5 packets of 50 bytes there and back.
     assert server.stop().count("from_client=5/250B to_client=5/250B") == 2
+
+
+def test_probe_over_ipv6_gets_ipv6_relayed_addresses(server_factory):
+    """An IPv6-only relay answers the default (IPv4) Allocate with 440: the probe asks again."""
+    server = server_factory(host="::1")
+    result = probe(f"turn:[::1]:{server.port}", "--tls-port", str(server.tls_port), "--insecure",
+                   "--user", USER, "--password", PASSWORD, "--count", "3")
+    assert result.returncode == 0, result.stdout
+    for transport in ("UDP", "TCP", "TLS"):
+        _, address, status, reflexive, relayed, *_ = rows(result.stdout)[transport]
+        assert status == "ok" and reflexive.startswith("[::1]:") and relayed.startswith("[::1]:")
