@@ -43,9 +43,11 @@ class RelayCollector:
         # transport -> bytes, packets from the client, bytes, packets to the client
         usage: Dict[str, List[int]] = {t: list(stats.closed_usage.get(t, (0, 0, 0, 0)))
                                        for t in TRANSPORTS}
+        peer_connections = 0
         for allocation in list(server.allocations.values()):
             transport = allocation.transport
             active[transport] = active.get(transport, 0) + 1
+            peer_connections += len(allocation.connections)
             counts = usage.setdefault(transport, [0, 0, 0, 0])
             counts[0] += allocation.bytes_from_client
             counts[1] += allocation.packets_from_client
@@ -57,6 +59,8 @@ class RelayCollector:
         for transport, count in active.items():
             gauge.add_metric([transport, region], count)
         yield gauge
+        yield GaugeMetricFamily("turnrelay_tcp_peer_connections", "Peer connections of TCP "
+                                "allocations (RFC 6062) open now", peer_connections)
         for unit, first in (("bytes", 0), ("packets", 1)):
             relayed = CounterMetricFamily(
                 f"turnrelay_relayed_{unit}", f"Payload {unit} relayed (ChannelData or DATA "
@@ -72,7 +76,8 @@ class RelayCollector:
             created.add_metric([transport, region], stats.created.get(transport, 0))
         yield created
         failed = CounterMetricFamily("turnrelay_allocations_failed", "Allocate requests "
-                                     "refused after the login challenge, by STUN error code",
+                                     "answered with an error (the login challenge aside), by "
+                                     "STUN error code",
                                      labels=["code", "region"])
         for code, count in sorted(stats.allocate_errors.items()):
             failed.add_metric([str(code), region], count)

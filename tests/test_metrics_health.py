@@ -23,6 +23,7 @@ from relay.turnclient import TCP, TLS, TurnClient
 from test_abuse import udp_socket
 from test_accounting import HeldSession, sql_usage
 from test_limits import burst, counters
+from test_tcp_relay import bind_data, recv_exactly, tcp_allocation, tcp_echo_peer  # noqa: F401
 from wire_client import WireClient, error_code
 
 Labels = Tuple[Tuple[str, str], ...]
@@ -276,3 +277,24 @@ def test_a_second_sigterm_cuts_the_grace_short(server_factory, tmp_path):
     dsn = f"sqlite:///{tmp_path / 'state' / 'usage.db'}"
     assert raw_rows(dsn, "SELECT end_reason FROM sessions") == [("shutdown",)]
     assert sql_usage(dsn)[USER][1:] == usage[1:]
+
+
+def test_tcp_relay_connections_show_in_the_metrics(server_factory, tcp_echo_peer):  # noqa: F811
+    server, port = with_metrics(server_factory, udp=False, tls=False)
+    client, _ = tcp_allocation(server)
+    reply = client.request(stun.CONNECT, (stun.XOR_PEER_ADDRESS, tcp_echo_peer))
+    data = bind_data(server, client, reply.get(stun.CONNECTION_ID))
+    payload = bytes(range(256)) * 40
+    data.sock.sendall(payload)
+    assert recv_exactly(data, len(payload)) == payload
+    samples = scrape(port)
+    assert samples["turnrelay_tcp_peer_connections"] == {(): 1}
+    assert by_transport(samples, "turnrelay_allocations", "tcp") == 1
+    for direction in ("from_client", "to_client"):
+        assert relayed(samples, "bytes", direction, "tcp") == len(payload)
+    client.close()
+    data.close()
+    server.read_until("allocation closed")
+    samples = scrape(port)
+    assert samples["turnrelay_tcp_peer_connections"] == {(): 0}
+    assert relayed(samples, "bytes", "to_client", "tcp") == len(payload)
