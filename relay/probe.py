@@ -151,7 +151,7 @@ class Probe:
         first = self._connect(transport, server)
         clients.append(first)
         started = time.monotonic()
-        reply = self._transact(first, "binding", stun.Message(stun.BINDING, stun.REQUEST))
+        reply = self._binding(first)
         result.binding_rtt_ms = (time.monotonic() - started) * 1000
         if reply.cls != stun.SUCCESS:
             raise StepFailed("binding", f"Binding refused: {_error(reply)}")
@@ -168,13 +168,14 @@ class Probe:
                             (stun.CHANNEL_NUMBER, channel), (stun.XOR_PEER_ADDRESS, peer))
         self._round_trips(result, clients)
 
-    def _transact(self, client: TurnClient, step: str, msg: stun.Message) -> stun.Message:
+    def _binding(self, client: TurnClient) -> stun.Message:
+        """A Binding without credentials: does anything answer STUN on this port at all?"""
         try:
-            return client.exchange(msg)
+            return client.exchange(stun.Message(stun.BINDING, stun.REQUEST))
         except NoResponse:
-            raise StepFailed(step, self._silence("Binding", client)) from None
+            raise StepFailed("binding", self._silence("Binding", client)) from None
         except (ConnectionError, stun.StunDecodeError) as e:
-            raise StepFailed(step, str(e)) from None
+            raise StepFailed("binding", str(e)) from None
 
     def _silence(self, request: str, client: TurnClient) -> str:
         where = f"{client.transport.upper()} {client.server[1]}"
