@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing with atheris (libFuzzer for Python), bounded in time:
-#     bash bench/fuzz.sh SECONDS [TARGET...]      # TARGET: stun, turn [default: both]
+#     bash bench/fuzz.sh SECONDS [TARGET...]   # TARGET: stun, turn, turn-sequences [default: all]
 # Each target runs SECONDS seconds on one core; its corpus is kept in ~/.cache/turnrelay-fuzz
 # (so a later run starts where this one stopped) and a crashing input is written to
 # bench/crash-TARGET-* and makes the script exit non-zero.  Not part of the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-seconds="${1:?usage: bench/fuzz.sh SECONDS [stun|turn]...}"
+seconds="${1:?usage: bench/fuzz.sh SECONDS [stun|turn|turn-sequences]...}"
 shift
 targets=("$@")
-[ "${#targets[@]}" -gt 0 ] || targets=(stun turn)
+[ "${#targets[@]}" -gt 0 ] || targets=(stun turn turn-sequences)
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -c "import atheris, hypothesis" 2>/dev/null \
@@ -21,13 +21,17 @@ status=0
 for target in "${targets[@]}"; do
     corpus="$cache/$target"
     mkdir -p "$corpus"
-    [ "$target" != stun ] || .venv/bin/python bench/fuzz_stun.py --write-seeds "$corpus" 2>/dev/null
+    [ "$target" = turn-sequences ] || .venv/bin/python bench/fuzz_stun.py --write-seeds "$corpus" 2>/dev/null
     log="$cache/$target.log"
     # Hypothesis needs a few KB of choices for a sequence of requests: long inputs from the start.
-    extra=()
-    [ "$target" != turn ] || extra=(-max_len=8192 -len_control=0)
+    case "$target" in
+        stun) script=bench/fuzz_stun.py; extra=() ;;
+        turn) script=bench/fuzz_turn.py; extra=() ;;
+        turn-sequences) script=bench/fuzz_turn.py; extra=(--sequences -max_len=8192 -len_control=0) ;;
+        *) echo "unknown target $target" >&2; exit 2 ;;
+    esac
     echo "fuzzing $target for $seconds s (corpus $corpus, log $log)"
-    if .venv/bin/python "bench/fuzz_$target.py" "$corpus" -max_total_time="$seconds" \
+    if .venv/bin/python "$script" "$corpus" -max_total_time="$seconds" \
             -timeout=30 -rss_limit_mb=2048 -print_final_stats=1 \
             -artifact_prefix="bench/crash-$target-" "${extra[@]}" >"$log" 2>&1; then
         result="no crash"

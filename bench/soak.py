@@ -11,8 +11,8 @@ every `--refresh-interval` seconds (and re-binding its channel before it expires
 stops refreshing and waits for the server to expire every allocation on its own.
 
 Measured on the server process (/proc): resident memory and open descriptors at start, once
-every allocation is made, at the end of warm-up (the first refresh cycle) and every 30 s;
-the report gives RSS per allocation, the RSS drift after warm-up (flat means within
+every allocation is made, at the end of warm-up and every 30 s.  Warm-up ends with the first
+channel rebind (240 s), when every periodic job has run once.  The report gives RSS per allocation, the RSS drift after warm-up (flat means within
 --max-drift), descriptors back to the start count after expiry, and "allocation closed
 ... reason=expired" for every allocation in the server's log.  Exit status 1 on any failure.
 Bounded: every phase has a deadline; the server is stopped by PID at the end.
@@ -116,6 +116,26 @@ class Load:
         self.answers: Dict[bytes, Optional[stun.Message]] = {}
         self.sent = self.echoed = self.retransmits = 0
         self.errors: Dict[int, int] = {}
+        self.rate = 0.0            # payloads a second, once `start_trickle` is called
+        self.payload = b""
+        self._due = 0.0
+        self._last = 0.0
+
+    def start_trickle(self, rate: float, payload: bytes) -> None:
+        self.rate, self.payload, self._last = rate, payload, time.monotonic()
+
+    def trickle(self) -> None:
+        """Send the payloads due by now, round robin over the allocations, evenly paced.
+
+        Called from every loop, requests included, so refreshes never pause the data; a
+        late call does not make up for lost time with a burst (at most 50 ms worth).
+        """
+        now = time.monotonic()
+        self._due = min(self._due + (now - self._last) * self.rate, max(self.rate * 0.05, 1))
+        self._last = now
+        while self._due >= 1:
+            self.send_data(self.sent % len(self.socks), self.payload)
+            self._due -= 1
 
     def _socket(self, index: int) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -168,7 +188,8 @@ class Load:
                 wire = msg.encode(key=None if self.nonce is None else self.key)
                 self.pending[msg.transaction_id] = [index, wire, time.monotonic(), 1]
                 self._send(index, wire)
-            self.poll(0.05)
+            self.poll(0.01)
+            self.trickle()
             now = time.monotonic()
             for tid, entry in list(self.pending.items()):
                 if now - entry[2] > timeout:
@@ -188,12 +209,12 @@ class Load:
             pass   # a full buffer: the retransmission covers it
 
     def send_data(self, index: int, payload: bytes) -> None:
+        self.sent += 1
         try:
             self.socks[index].sendto(stun.CHANNEL_HEADER.pack(CHANNEL, len(payload)) + payload,
                                      self.server)
-            self.sent += 1
         except BlockingIOError:
-            pass
+            pass   # counted as sent, so as lost
 
     def poll(self, timeout: float) -> None:
         for key, _ in self.selector.select(timeout):
@@ -235,6 +256,9 @@ def main() -> int:
     if soft < args.allocations + 100:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     failures: List[str] = []
+    # Stopped early (even from a background job, where SIGINT is ignored): stop the server too.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(1))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     with tempfile.TemporaryDirectory(prefix="turnrelay-soak-") as workdir:
         server = Server(workdir, args.server_arg)
@@ -260,7 +284,7 @@ def main() -> int:
             if made != args.allocations or bound != args.allocations:
                 failures.append(f"only {made} allocations and {bound} channels made")
 
-            payload = b"x" * args.payload
+            load.start_trickle(args.allocations / args.data_interval, b"x" * args.payload)
             relay_start = time.monotonic()
             end = relay_start + args.minutes * 60
             next_refresh = relay_start + args.refresh_interval
@@ -269,31 +293,25 @@ def main() -> int:
             warm: Optional[int] = None
             warm_at = 0.0
             samples: List[Tuple[float, int, int]] = []
-            cursor = 0.0
-            last = relay_start
             while time.monotonic() < end:
                 now = time.monotonic()
-                # The trickle: each allocation once per data interval, spread evenly.
-                cursor += (now - last) * args.allocations / args.data_interval
-                last = now
-                while cursor >= 1:
-                    load.send_data(int(load.sent % args.allocations), payload)
-                    cursor -= 1
-                load.poll(0.02)
+                load.trickle()
+                load.poll(0.01)
                 if now >= next_refresh:
                     refreshed = load.requests([(i, stun.REFRESH, []) for i in range(args.allocations)])
                     ok = sum(r is not None and r.cls == stun.SUCCESS for r in refreshed)
                     if ok != args.allocations:
                         failures.append(f"refresh at {now - relay_start:.0f} s: only {ok} answered 200")
                     next_refresh = now + args.refresh_interval
-                    if warm is None:
-                        warm, warm_at = server_stats(pid)[0], now - relay_start
-                        print(f"warm-up done at {now - relay_start:.0f} s: RSS {warm} KiB")
                 if now >= next_rebind:
                     rebound = sum(r is not None and r.cls == stun.SUCCESS for r in load.requests(bind))
                     if rebound != args.allocations:
                         failures.append(f"channel rebind: only {rebound} answered 200")
                     next_rebind = now + CHANNEL_REBIND
+                    if warm is None:
+                        # Warm: every periodic job (refresh, rebind) has run once.
+                        warm, warm_at = server_stats(pid)[0], now - relay_start
+                        print(f"warm-up done at {now - relay_start:.0f} s: RSS {warm} KiB")
                 if now >= next_sample:
                     rss, fds = server_stats(pid)
                     samples.append((now - relay_start, rss, fds))
@@ -301,6 +319,7 @@ def main() -> int:
                           f"{load.sent} sent, {load.echoed} echoed")
                     next_sample = now + 30
             # Let the last echoes arrive before counting them.
+            load.rate = 0
             settle = time.monotonic() + 5
             while time.monotonic() < settle and load.echoed < load.sent:
                 load.poll(0.1)
@@ -322,7 +341,7 @@ def main() -> int:
                 if max(fds_seen) > alloc_fds:
                     failures.append(f"descriptors grew while relaying: {sorted(fds_seen)}")
             else:
-                failures.append("no sample after warm-up: run longer than --refresh-interval")
+                failures.append(f"no sample after warm-up: run longer than {CHANNEL_REBIND} s")
 
             # Expiry: no more refreshes; the server closes everything on its own (or, for a
             # short trial run, on a Refresh with LIFETIME 0).
