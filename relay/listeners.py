@@ -123,7 +123,7 @@ class StreamLimits:
     handshake_timeout: float = 10
     idle_timeout: float = 60
     open: Dict[str, int] = field(default_factory=dict)   # client IP -> open connections
-    refusing: Set[str] = field(default_factory=set)      # client IPs at the limit, logged once
+    refusing: Set[str] = field(default_factory=set)      # client IPs refused, logged once
     refused: int = 0    # connections reset for the per-source limit, for the metrics
     timed_out: int = 0  # connections closed by either timeout
 
@@ -143,7 +143,10 @@ class StreamLimits:
         count = self.open.pop(host) - 1
         if count:
             self.open[host] = count
-        self.refusing.discard(host)
+        else:
+            # Logged again only once the address has left: a flood that keeps reconnecting
+            # at the limit must not write a line per connection.
+            self.refusing.discard(host)
 
 
 class _Refused(Protocol):

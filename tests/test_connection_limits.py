@@ -13,10 +13,12 @@ import ssl
 from typing import Optional, Tuple
 
 from aioice.turn import create_turn_endpoint
+from twisted.logger import globalLogPublisher
 
 from aioice_helpers import Collector, Echo
 from conftest import PASSWORD, USER
 from relay import stun
+from relay.listeners import StreamLimits
 
 QUOTA, HANDSHAKE, IDLE = 4, 1, 8
 FLOOD = 12
@@ -126,3 +128,27 @@ def test_floods_and_stalled_handshakes_are_bounded_while_a_session_relays(server
     log = server.stop()
     assert "Traceback" not in log
     assert "allocation closed" in log, log
+
+
+def test_the_limit_counts_per_address_and_logs_once_per_flood():
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        limits = StreamLimits(per_source=2)
+        assert limits.admit("192.0.2.1") and limits.admit("192.0.2.1")
+        assert limits.admit("2001:db8::1")
+        # A flood that reconnects at the limit: refused each time, logged once.
+        for _ in range(3):
+            assert not limits.admit("192.0.2.1")
+            limits.release("192.0.2.1")
+            assert limits.admit("192.0.2.1")
+        assert limits.refused == 3 and limits.open == {"192.0.2.1": 2, "2001:db8::1": 1}
+        # Once the address has no connection left, a new flood is logged again.
+        limits.release("192.0.2.1")
+        limits.release("192.0.2.1")
+        assert limits.admit("192.0.2.1") and limits.admit("192.0.2.1")
+        assert not limits.admit("192.0.2.1")
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    refusals = [e for e in events if "refusing more" in e.get("log_format", "")]
+    assert [e["host"] for e in refusals] == ["192.0.2.1", "192.0.2.1"]
