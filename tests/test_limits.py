@@ -9,12 +9,13 @@ bounds below allow for one refill, never for two.
 from __future__ import annotations
 
 import socket
+import time
 from typing import List, Tuple
 
 import pytest
 
 from conftest import PASSWORD, REALM, USER
-from relay import stun
+from relay import stun, tokens
 from relay.turnclient import UDP, TurnClient, error_code
 from test_auth_backends import FixedAccount
 from test_abuse import TRANSPORTS, closed_counters, connect, udp_socket
@@ -225,6 +226,16 @@ def test_per_source_and_per_allocation_caps_on_a_real_relay(server_factory):
         client.close()
 
 
+def test_user_and_total_quotas_on_a_real_relay(server_factory):
+    users = ((USER, PASSWORD), ("bob", "builder"), ("carol", "carol-pw"))
+    server = server_factory("--user-quota", "1", "--total-quota", "2", users=users)
+    clients = [connect(server, "udp", *users[i]) for i in (0, 0, 1, 2)]
+    assert [error_code(c.request(stun.ALLOCATE, ALLOCATE_UDP)) for c in clients] \
+        == [None, 486, None, 508]
+    for client in clients:
+        client.close()
+
+
 def free_port_pair() -> int:
     """Two consecutive relay ports free on loopback, in the suite's relay range."""
     for low in range(64000, 64990, 2):
@@ -259,4 +270,28 @@ def test_exhausted_port_range_is_508_and_recovers_on_a_real_relay(server_factory
     server.search(r"allocation closed user=alice .* reason=disconnected")
     assert udp.request(stun.ALLOCATE, ALLOCATE_UDP).cls == stun.SUCCESS
     for client in (udp, third):
+        client.close()
+
+
+def test_a_full_range_recovers_when_a_credential_expiry_ends_an_allocation(server_factory,
+                                                                           tmp_path):
+    """Lifetimes are 10 minutes at least; an expiring REST credential with --strict-expiry
+    ends an allocation within seconds, through the same tick that expires allocations."""
+    low = free_port_pair()
+    secret = tmp_path / "rest.secret"
+    secret.write_text("rest-secret\n")
+    server = server_factory("--auth", f"rest-secret:secret-file={secret},skew=0",
+                            "--strict-expiry", "--min-port", str(low), "--max-port", str(low),
+                            users=(), tcp=False, tls=False)
+    clients = []
+    for ttl, label in ((3, "short"), (600, "long")):
+        username, password = tokens.mint(b"rest-secret", "acme", ttl, time.time(), label)
+        clients.append(TurnClient.connect(UDP, (server.host, server.port), username, password,
+                                          REALM, bind_host=server.host))
+    short, long = clients
+    assert short.request(stun.ALLOCATE, ALLOCATE_UDP).cls == stun.SUCCESS
+    assert error_code(long.request(stun.ALLOCATE, ALLOCATE_UDP)) == 508
+    server.search(r"allocation closed user=\d+:acme:short .*reason=revoked", timeout=15)
+    assert long.request(stun.ALLOCATE, ALLOCATE_UDP).cls == stun.SUCCESS
+    for client in clients:
         client.close()
