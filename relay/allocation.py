@@ -52,8 +52,10 @@ class Budget:
         return bool(self.bandwidth or self.packet_rate)
 
     def refill(self) -> None:
-        self.bytes = self.bandwidth or UNLIMITED
-        self.packets = self.packet_rate or UNLIMITED
+        # A TCP relay cannot drop what it has read, so it may overdraw (tcp_connections): the
+        # debt is paid from the next second's budget.  Datagrams never overdraw.
+        self.bytes = min(self.bytes, 0) + (self.bandwidth or UNLIMITED)
+        self.packets = min(self.packets, 0) + (self.packet_rate or UNLIMITED)
 
 
 
@@ -198,6 +200,16 @@ class Allocation:
         for connection in [c for c in self.connections.values()
                            if c.state == PENDING and c.deadline <= now]:
             connection.close()  # RFC 6062 section 5.3: no ConnectionBind within the deadline
+
+    def resume_throttled(self) -> None:
+        """After the budgets' refill: TCP connections paused by the rate limits read again."""
+        if self.within_budget():
+            for connection in self.connections.values():
+                connection.unthrottle()
+
+    def within_budget(self) -> bool:
+        own, shared = self.budget, self.account_budget
+        return own.bytes > 0 and own.packets > 0 and shared.bytes > 0 and shared.packets > 0
 
     def close(self) -> None:
         for connection in list(self.connections.values()):

@@ -14,8 +14,9 @@ from typing import Callable, Dict, Optional, Set, Tuple
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
-from twisted.internet.interfaces import (IAddress, IHandshakeListener, IReactorFDSet, IReactorSocket,
-                                         IReactorTime, IReadDescriptor)
+from twisted.internet.interfaces import (IAddress, IHandshakeListener, IPushProducer,
+                                         IReactorFDSet, IReactorSocket, IReactorTime,
+                                         IReadDescriptor)
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
@@ -48,6 +49,11 @@ def bound_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> s
         sock.close()
         raise
     return sock
+
+
+def producer_of(transport) -> IPushProducer:
+    """What to pause to stop reading `transport`: a TLS transport is paused below its TLS layer."""
+    return transport if IPushProducer.providedBy(transport) else transport.transport
 
 
 def _udp_sender(sock: socket.socket, address: Address) -> Callable[[bytes], None]:
@@ -200,6 +206,12 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
 
     def close(self) -> None:
         self.transport.loseConnection()
+
+    def pause(self) -> None:
+        producer_of(self.transport).pauseProducing()
+
+    def resume(self) -> None:
+        producer_of(self.transport).resumeProducing()
 
     def timeoutConnection(self) -> None:
         if self.connection is None and self.client.key in self.server.allocations:

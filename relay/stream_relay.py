@@ -17,22 +17,17 @@ import errno
 import socket
 from typing import Callable, Optional
 
-from twisted.internet.interfaces import IPushProducer, IReactorFDSet, IReadDescriptor, IWriteDescriptor
+from twisted.internet.interfaces import IReactorFDSet, IReadDescriptor, IWriteDescriptor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from relay.listeners import ReadSocket, bound_socket
+from relay.listeners import ReadSocket, bound_socket, producer_of
 from relay.tcp_connections import Address, ConnectResult, IncomingConnection, TcpConnection
 
 log = Logger(namespace="turnrelay")
 CONNECT_TIMEOUT = 30.0  # RFC 6062 section 5.2: "The timeout value MUST be at least 30 seconds"
-
-
-def producer_of(transport) -> IPushProducer:
-    """What to pause to stop reading `transport`: a TLS transport is paused below its TLS layer."""
-    return transport if IPushProducer.providedBy(transport) else transport.transport
 
 
 def splice(a, b) -> None:
@@ -64,6 +59,12 @@ class PeerProtocol(Protocol):
 
     def close(self) -> None:
         self.transport.loseConnection()
+
+    def pause(self) -> None:
+        self.transport.pauseProducing()
+
+    def resume(self) -> None:
+        self.transport.resumeProducing()
 
     def connectionLost(self, reason: Failure = None) -> None:
         if self.connection is not None:

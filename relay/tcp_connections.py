@@ -6,6 +6,10 @@ holds the peer back), until the client binds a data connection to it with Connec
 From then on bytes pass as they are, counted in the allocation's counters like relayed
 datagrams.  The sockets behind the `StreamEnd`s belong to the I/O layer
 (`relay.stream_relay`), which also does the flow control between the two ends.
+
+Rate limits (--max-bps and the rest) cannot drop bytes here as they drop datagrams: bytes
+read are relayed and charged, possibly overdrawing the second's budget, and the connection
+stops reading both ends until the core's tick has refilled the budget past the debt.
 """
 from __future__ import annotations
 
@@ -25,6 +29,10 @@ class StreamEnd(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def close(self) -> None: ...
+
+    def pause(self) -> None: ...     # stop reading (the rate limits)
+
+    def resume(self) -> None: ...
 
 
 class PeerEnd(StreamEnd, Protocol):
@@ -63,6 +71,7 @@ class TcpConnection:
         self.deadline = deadline     # a pending connection is closed if still unbound by then
         self.peer_end: Optional[PeerEnd] = None
         self.client_end: Optional[StreamEnd] = None
+        self.throttled = False
         # The server-wide CONNECTION-ID index that ConnectionBind looks connections up in.
         self._index = index
         index[connection_id] = self
@@ -74,6 +83,8 @@ class TcpConnection:
         allocation.bytes_to_client += len(data)
         allocation.packets_to_client += 1
         self.client_end.write(data)
+        if allocation.limited:
+            self._charge(len(data))
 
     def from_client(self, data: bytes) -> None:
         """Bytes from the client data connection: to the peer, counted as relayed payload."""
@@ -81,6 +92,24 @@ class TcpConnection:
         allocation.bytes_from_client += len(data)
         allocation.packets_from_client += 1
         self.peer_end.write(data)
+        if allocation.limited:
+            self._charge(len(data))
+
+    def _charge(self, size: int) -> None:
+        allocation = self.allocation
+        for budget in (allocation.budget, allocation.account_budget):
+            budget.bytes -= size
+            budget.packets -= 1
+        if not self.throttled and not allocation.within_budget():
+            self.throttled = True
+            self.peer_end.pause()
+            self.client_end.pause()
+
+    def unthrottle(self) -> None:
+        if self.throttled and self.state == BOUND:
+            self.throttled = False
+            self.peer_end.resume()
+            self.client_end.resume()
 
     def bind(self, client_end: StreamEnd) -> None:
         """ConnectionBind succeeded: splice the client's data connection to the peer's."""

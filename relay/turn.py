@@ -252,6 +252,9 @@ class TurnServer:
                 allocation.sweep(now)
         for budget in self._account_budgets.values():
             budget.refill()
+        for allocation in self.allocations.values():
+            if allocation.limited and allocation.connections:
+                allocation.resume_throttled()
         for token in [t for t, r in self.reservations.items() if r.expires <= now]:
             self.reservations.pop(token).endpoint.close()
         while self._response_expiry and self._response_expiry[0][0] <= now:

@@ -46,6 +46,14 @@ def bind_data(server, client: TurnClient, connection_id: int) -> TurnClient:
     return data
 
 
+def active_open(server, peer: Address) -> Tuple[TurnClient, TurnClient]:
+    """A TCP allocation connected to `peer`: its control and its bound data connection."""
+    client, _ = tcp_allocation(server)
+    reply = client.request(stun.CONNECT, (stun.XOR_PEER_ADDRESS, peer))
+    assert reply.cls == stun.SUCCESS, reply
+    return client, bind_data(server, client, reply.get(stun.CONNECTION_ID))
+
+
 def recv_exactly(end, size: int) -> bytes:
     """`size` bytes from a peer socket, or from a data connection (which may already hold
     some: the peer's bytes can arrive in the same segment as the ConnectionBind response)."""
@@ -143,10 +151,7 @@ def test_no_tcp_relay_refuses_tcp_allocations_with_442(server_factory):
 # -- active open (section 5.2) -----------------------------------------------------------------
 
 def test_active_open_relays_both_ways_and_counts_the_payload(server, tcp_echo_peer):
-    client, _ = tcp_allocation(server)
-    reply = client.request(stun.CONNECT, (stun.XOR_PEER_ADDRESS, tcp_echo_peer))
-    assert reply.cls == stun.SUCCESS, reply
-    data = bind_data(server, client, reply.get(stun.CONNECTION_ID))
+    client, data = active_open(server, tcp_echo_peer)
     payload = bytes(range(256)) * 400  # 100 KiB, several segments
     data.sock.sendall(payload)
     assert recv_exactly(data, len(payload)) == payload
@@ -324,5 +329,42 @@ def test_a_slow_reader_pauses_the_fast_peer(server):
     assert len(recv_exactly(data, sent)) == sent
     for c in (peer, listener):
         c.close()
+    for c in (data, client):
+        c.close()
+
+
+def test_rate_limits_hold_a_tcp_relay_to_its_budget(server_factory, tcp_echo_peer):
+    """--max-bps cannot drop TCP bytes: the relay stops reading until the budget refills."""
+    server = server_factory("--max-bps", "100000", tls=False)
+    client, data = active_open(server, tcp_echo_peer)
+    payload = b"r" * 150_000  # relayed twice (to the echo peer and back): 300 kB at 100 kB/s
+    started = time.monotonic()
+    data.sock.sendall(payload)
+    data.sock.settimeout(20)
+    assert recv_exactly(data, len(payload)) == payload
+    elapsed = time.monotonic() - started
+    # Unlimited this takes milliseconds; at 100 kB/s, with one second's debt carried over, at
+    # least about two seconds.
+    assert elapsed >= 1.5, elapsed
+    for c in (data, client):
+        c.close()
+
+
+def test_an_idle_data_connection_is_closed(server_factory, tcp_echo_peer):
+    server = server_factory("--tcp-idle-timeout", "1", tls=False)
+    client, data = active_open(server, tcp_echo_peer)
+    data.sock.sendall(b"still here")
+    assert recv_exactly(data, 10) == b"still here"
+    assert_closed(data.sock)
+    # The control connection and its allocation stay.
+    assert client.request(stun.REFRESH).cls == stun.SUCCESS
+    for c in (data, client):
+        c.close()
+
+
+def test_deleting_the_allocation_closes_its_data_connections(server, tcp_echo_peer):
+    client, data = active_open(server, tcp_echo_peer)
+    assert client.request(stun.REFRESH, (stun.LIFETIME, 0)).cls == stun.SUCCESS
+    assert_closed(data.sock)
     for c in (data, client):
         c.close()
