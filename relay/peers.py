@@ -82,8 +82,8 @@ class OwnEndpoints:
     Never a peer, whatever the rules allow (even loopback in a test setup, or an operator's
     allow rule): a client must not make the relay talk to itself (request loops, or the API
     reached from the relay's own trusted address).  Each service adds the endpoints it binds;
-    a listener on a wildcard address answers on every address of this host, which here means
-    loopback and `local` (the relay and external addresses).
+    a listener on a wildcard address answers on every address of this host: loopback and
+    `local` (the relay and external addresses, and the interfaces' addresses tap.py finds).
     """
 
     def __init__(self, local: Iterable[str] = ()):

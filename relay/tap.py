@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import resource
@@ -77,6 +78,31 @@ def outbound_ip(family: int) -> Optional[str]:
             return s.getsockname()[0]
     except OSError:
         return None
+
+
+def local_addresses(fib_trie: str = "/proc/net/fib_trie",
+                    if_inet6: str = "/proc/net/if_inet6") -> List[str]:
+    """Every address of this host's interfaces (Linux's /proc; elsewhere none): a wildcard
+    listener answers on each, so none of them with a listener's port may be a peer."""
+    found: List[str] = []
+    try:
+        with open(fib_trie) as f:
+            last = None
+            for line in f:
+                if "|--" in line:
+                    last = line.split("|--")[1].strip()
+                elif line.strip() == "/32 host LOCAL" and last and last not in found:
+                    found.append(last)
+    except OSError:
+        pass
+    try:
+        with open(if_inet6) as f:
+            for line in f:
+                digits = line.split()[0]
+                found.append(str(ipaddress.IPv6Address(int(digits, 16))))
+    except (OSError, ValueError, IndexError):
+        pass
+    return found
 
 
 def raise_file_limit() -> int:
@@ -381,7 +407,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
         else (stun.ALGORITHM_MD5,)
     portal = Portal(AccountRealm(), [checkers])
     # Every listener this process opens adds itself: the relay never relays to its own ports.
-    own = OwnEndpoints(list(relay_ips.values()) + list(external_ips.values()))
+    own = OwnEndpoints(list(relay_ips.values()) + list(external_ips.values()) + local_addresses())
 
     def peer_policy(rules: Mapping[str, Any]) -> PeerPolicy:
         return PeerPolicy(rules["allowed-peer-ip"], rules["denied-peer-ip"],

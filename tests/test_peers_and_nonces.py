@@ -125,6 +125,38 @@ def test_own_endpoints_are_never_peers():
     assert policy.permits_peer(("127.0.0.1", 3479)) and policy.permits_peer(("8.8.8.8", 5349))
 
 
+FIB_TRIE = """Local:
+  +-- 0.0.0.0/0 3 0 5
+     +-- 127.0.0.0/8 2 0 2
+           |-- 127.0.0.0
+              /8 host LOCAL
+           |-- 127.0.0.1
+              /32 host LOCAL
+     +-- 192.0.2.0/24 2 0 2
+           |-- 192.0.2.2
+              /32 host LOCAL
+        |-- 192.0.2.255
+           /32 link BROADCAST
+"""
+IF_INET6 = """fe8000000000000000fc00fffe000001 04 40 20 80     eth0
+20010db8000000000000000000000007 04 40 00 82     eth0
+"""
+
+
+def test_a_wildcard_listener_covers_every_interface_address(tmp_path):
+    from relay.tap import local_addresses
+    (tmp_path / "fib_trie").write_text(FIB_TRIE)
+    (tmp_path / "if_inet6").write_text(IF_INET6)
+    found = local_addresses(str(tmp_path / "fib_trie"), str(tmp_path / "if_inet6"))
+    assert found == ["127.0.0.1", "192.0.2.2", "fe80::fc:ff:fe00:1", "2001:db8::7"]
+    assert local_addresses(str(tmp_path / "none"), str(tmp_path / "none")) == []
+    own = OwnEndpoints(found)
+    own.add("0.0.0.0", 3478)
+    own.add("::", 3478)
+    assert ("192.0.2.2", 3478) in own and ("2001:db8::7", 3478) in own
+    assert ("192.0.2.255", 3478) not in own and ("192.0.2.2", 3479) not in own
+
+
 @pytest.mark.parametrize("rule", ["10.0.0.9-10.0.0.5", "10.0.0.1-::1", "bogus", "10.0.0.0/33"])
 def test_bad_rules_raise(rule):
     with pytest.raises(ValueError):
