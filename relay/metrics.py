@@ -75,6 +75,12 @@ class RelayCollector:
         for transport in usage:
             created.add_metric([transport, region], stats.created.get(transport, 0))
         yield created
+        closed = CounterMetricFamily("turnrelay_allocations_closed", "Allocations ended, by "
+                                     "reason (expired, deleted, disconnected, revoked, quota, "
+                                     "shutdown)", labels=["reason", "region"])
+        for reason, count in sorted(stats.closed.items()):
+            closed.add_metric([reason, region], count)
+        yield closed
         failed = CounterMetricFamily("turnrelay_allocations_failed", "Allocate requests "
                                      "answered with an error (the login challenge aside), by "
                                      "STUN error code",

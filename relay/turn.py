@@ -114,6 +114,7 @@ class ServerStats:
     auth_failures: int = 0
     # transport -> [bytes, packets from the client, bytes, packets to the client]
     closed_usage: Dict[str, List[int]] = field(default_factory=dict)
+    closed: Dict[str, int] = field(default_factory=dict)  # end reason -> allocations
     # [packets, bytes] the rate limits dropped in ended allocations (live ones hold their own).
     closed_limited: List[int] = field(default_factory=lambda: [0, 0])
 
@@ -699,6 +700,7 @@ class TurnServer:
         usage[1] += allocation.packets_from_client
         usage[2] += allocation.bytes_to_client
         usage[3] += allocation.packets_to_client
+        self.stats.closed[reason] = self.stats.closed.get(reason, 0) + 1
         limited = self.stats.closed_limited
         limited[0] += allocation.limited_packets
         limited[1] += allocation.limited_bytes

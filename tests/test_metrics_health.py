@@ -114,6 +114,11 @@ def test_metrics_count_what_was_relayed_and_keep_closed_allocations(server_facto
     held.delete()  # closed: its bytes stay in the totals
     held.close()
     after = scrape(port)
+    closed = {labels[0][1]: count
+              for labels, count in after["turnrelay_allocations_closed_total"].items()}
+    # aioice deletes its allocations (over TCP it may hang up first), the held one is deleted.
+    assert sum(closed.values()) == 3 and closed["deleted"] >= 2, closed
+    assert set(closed) <= {"deleted", "disconnected"}, closed
     assert by_transport(after, "turnrelay_allocations", "udp") == 0
     assert relayed(after, "bytes", "to_client", "udp") == udp_bytes
     assert relayed(after, "packets", "from_client", "udp") == len(udp_payloads) + 3

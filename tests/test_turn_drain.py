@@ -61,3 +61,4 @@ def test_an_allocation_made_before_the_drain_goes_on_and_its_totals_stay():
     assert harness.server.stats.created == {"udp": 1}
     assert alice.refresh(0).cls == stun.SUCCESS
     assert harness.server.stats.closed_usage == {"udp": [100, 1, 0, 0]}
+    assert harness.server.stats.closed == {"deleted": 1}
