@@ -320,8 +320,8 @@ def test_another_user_on_the_allocation_5_tuple_is_441(harness, alice):
     assert alice.allocation is not None and not alice.allocation.permissions
 
 
-def test_tcp_relaying_is_442(alice):
-    assert error_code(alice.allocate(transport=6)) == 442
+def test_a_transport_other_than_udp_and_tcp_is_442(alice):
+    assert error_code(alice.allocate(transport=132)) == 442  # SCTP
     assert not alice.harness.binder.endpoints
 
 

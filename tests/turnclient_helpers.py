@@ -91,6 +91,63 @@ class FakeBinder:
         raise KeyError(address)
 
 
+class FakeStreamEnd:
+    """One socket of a relayed TCP connection: records writes, pauses and its close."""
+
+    def __init__(self) -> None:
+        self.written: List[bytes] = []
+        self.paused = self.closed = False
+        self.connection: Any = None
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write on a closed connection"
+        self.written.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def start(self, connection: Any) -> None:
+        self.connection = connection
+
+
+class FakeStreamEndpoint:
+    """A TCP relayed address: `incoming` plays a peer connecting, `connects` holds the Connect
+    attempts for the test to complete with a FakeStreamEnd or fail with None."""
+
+    def __init__(self, host: str, port: int):
+        self.address: Address = (host, port)
+        self.closed = False
+        self.incoming: Optional[Callable[[Address, FakeStreamEnd, float], None]] = None
+        self.connects: List[Tuple[Address, Callable[[Optional[FakeStreamEnd], float], None]]] = []
+
+    def listen(self, incoming: Callable[[Address, FakeStreamEnd, float], None]) -> None:
+        self.incoming = incoming
+
+    def connect(self, peer: Address, result: Callable[[Optional[FakeStreamEnd], float], None]) -> None:
+        self.connects.append((peer, result))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeStreamBinder:
+    """`bind_stream(host, port)`: a FakeStreamEndpoint per call."""
+
+    def __init__(self) -> None:
+        self.endpoints: List[FakeStreamEndpoint] = []
+
+    def __call__(self, host: str, port: int) -> FakeStreamEndpoint:
+        endpoint = FakeStreamEndpoint(host, port)
+        self.endpoints.append(endpoint)
+        return endpoint
+
+
 class Harness:
     """One TurnServer with injected clock, binder, users and rate limiter."""
 
@@ -101,6 +158,7 @@ class Harness:
                  checker: Any = None, allocation_policy: Any = None, **config: Any):
         self.now = START
         self.binder = FakeBinder()
+        self.stream_binder = FakeStreamBinder()
         config.setdefault("software", SOFTWARE)
         config.setdefault("min_port", 50000)
         config.setdefault("max_port", 50199)
@@ -110,7 +168,7 @@ class Harness:
         self.nonces = NonceIssuer([NONCE_SECRET], NONCE_LIFETIME, nonce_features)
         policy = {} if allocation_policy is None else {"allocation_policy": allocation_policy}
         self.server = TurnServer(self.config, self.nonces, self.binder, auth_limiter=auth_limiter,
-                                 rng=random.Random(seed), **policy)
+                                 rng=random.Random(seed), bind_stream=self.stream_binder, **policy)
         self.users = dict(USERS if users is None else users)
         self.checker = checker or StaticUsersChecker({
             name: StaticUser(account_id=f"acct-{name}", password=password)
