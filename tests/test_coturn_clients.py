@@ -69,11 +69,14 @@ def test_stunclient_binding_over_udp(turnrelay):
         result.stdout + result.stderr
 
 
-def test_uclient_client_to_client_over_tcp_relays(turnrelay):
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_uclient_client_to_client_over_tcp_relays(turnrelay, tls):
     """-T -y: pairs of clients with TCP allocations (RFC 6062), one Connects to the other's
-    relayed address, which sees a ConnectionAttempt; both ConnectionBind and echo each other."""
-    args = [tool("turnutils_uclient"), "-T", "-y", "-p", str(turnrelay.port), "-u", USER,
-            "-w", PASSWORD, "-n", str(MESSAGES), "-m", str(CLIENTS), turnrelay.host]
+    relayed address, which sees a ConnectionAttempt; both ConnectionBind and echo each other.
+    With -S the control and data connections are TLS."""
+    port = turnrelay.tls_port if tls else turnrelay.port
+    args = [tool("turnutils_uclient"), "-T", "-y", *(["-S"] if tls else []), "-p", str(port),
+            "-u", USER, "-w", PASSWORD, "-n", str(MESSAGES), "-m", str(CLIENTS), turnrelay.host]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     expected = MESSAGES * CLIENTS
@@ -81,5 +84,5 @@ def test_uclient_client_to_client_over_tcp_relays(turnrelay):
     assert "Total lost packets 0 (" in output, output
     assert not re.search(r"error [45]\d\d", output), output
     log = turnrelay.stop()
-    assert re.search(r"transport=tcp relay=tcp:127\.0\.0\.1:\d+", log), log
+    assert re.search(rf"transport={'tls' if tls else 'tcp'} relay=tcp:127\.0\.0\.1:\d+", log), log
     assert "tcp connect user=alice" in log, log

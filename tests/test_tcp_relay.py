@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import select
 import socket
+import ssl
 import threading
 import time
 from typing import Iterator, Tuple
@@ -13,26 +14,31 @@ import pytest
 
 from conftest import PASSWORD, REALM, USER, free_port
 from relay import stun
-from relay.turnclient import TCP as STREAM, TurnClient
+from relay.turnclient import TCP as STREAM, TLS, TurnClient
 from wire_client import WireClient, error_code
 
 TCP, UDP = 6, 17
 Address = Tuple[str, int]
 
 
-def control(server, user: str = USER, password: str = PASSWORD) -> TurnClient:
-    return TurnClient.connect(STREAM, (server.host, server.port), user, password, REALM)
+def control(server, user: str = USER, password: str = PASSWORD, tls: bool = False) -> TurnClient:
+    if not tls:
+        return TurnClient.connect(STREAM, (server.host, server.port), user, password, REALM)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # self-signed
+    return TurnClient.connect(TLS, (server.host, server.tls_port), user, password, REALM,
+                              context=context)
 
 
 def data_connection(server, client: TurnClient) -> TurnClient:
-    """A second connection to the server, with the control connection's nonce."""
-    data = control(server)
+    """A second connection to the server, over the same transport, with the same nonce."""
+    data = control(server, tls=client.transport == TLS)
     data.nonce = client.nonce
     return data
 
 
-def tcp_allocation(server) -> Tuple[TurnClient, Address]:
-    client = control(server)
+def tcp_allocation(server, tls: bool = False) -> Tuple[TurnClient, Address]:
+    client = control(server, tls=tls)
     reply = client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, TCP))
     assert reply.cls == stun.SUCCESS, reply
     return client, reply.get(stun.XOR_RELAYED_ADDRESS)
@@ -297,11 +303,14 @@ def rss_kib(pid: int) -> int:
         return int(re.search(r"VmRSS:\s+(\d+) kB", status.read()).group(1))
 
 
-def test_a_slow_reader_pauses_the_fast_peer(server):
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
+def test_a_slow_reader_pauses_the_fast_peer(server_factory, tls):
     """The peer writes as fast as it can, the client reads nothing: the server stops reading the
-    peer (its writes stall) instead of buffering everything, and its memory stays flat."""
+    peer (its writes stall) instead of buffering everything, and its memory stays flat.  Over
+    TLS the data connection's TLS layer is paused through the TCP transport beneath it."""
+    server = server_factory(tls=tls)
     listener = socket.create_server(("127.0.0.1", 0))
-    client, _ = tcp_allocation(server)
+    client, _ = tcp_allocation(server, tls)
     reply = client.request(stun.CONNECT, (stun.XOR_PEER_ADDRESS, listener.getsockname()[:2]))
     peer, _ = listener.accept()
     data = bind_data(server, client, reply.get(stun.CONNECTION_ID))
