@@ -6,8 +6,7 @@ channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
 """
 from __future__ import annotations
 
-import struct
-from typing import Callable, Dict, Hashable, Optional, Protocol, Tuple, Union
+from typing import Callable, Container, Dict, Hashable, Optional, Protocol, Tuple, Union
 
 from relay import stun
 from relay.credentials import Account
@@ -20,9 +19,8 @@ CHANNEL_LIFETIME = 600
 # for this long (RFC 8656 section 12).
 CHANNEL_COOLDOWN = 300
 
-_DATA_INDICATION_TYPE = stun.message_type(stun.DATA_METHOD, stun.INDICATION)
-_ATTR = struct.Struct("!HH")
 _CHANNEL = stun.CHANNEL_HEADER
+_transaction_id = stun.TransactionIds()
 
 
 # A budget without a limit: never reached in a second, so the hot path needs no "0 means
@@ -76,7 +74,8 @@ class Allocation:
                  account: Account, relays: Dict[int, Union[RelayEndpoint, StreamRelayEndpoint]],
                  send_to_client: Callable[[bytes], None], started: float, expires: float,
                  session_id: str, budget: Optional[Budget] = None,
-                 account_budget: Optional[Budget] = None, tcp: bool = False):
+                 account_budget: Optional[Budget] = None, tcp: bool = False,
+                 own: Container[Address] = frozenset()):
         self.key = key
         # Names this allocation in the log and in the usage ledger: a 5-tuple is reused, this
         # is not.
@@ -87,6 +86,9 @@ class Allocation:
         self.account = account
         self.relays = relays
         self.send_to_client = send_to_client
+        # The relay's own endpoints: a permission is for a peer's IP address, any port, and
+        # must not let a Send indication reach one of our listeners.
+        self.own = own
         self.stream = transport != "udp"
         self.started = started
         self.expires = expires
@@ -122,7 +124,7 @@ class Allocation:
             if self.stream and size & 3:
                 frame += b"\x00" * (4 - (size & 3))
         else:
-            frame = _data_indication(data, peer)
+            frame = stun.data_indication(data, peer, _transaction_id())
         self.bytes_to_client += size
         self.packets_to_client += 1
         self.send_to_client(frame)
@@ -142,9 +144,15 @@ class Allocation:
         self.packets_from_client += 1
         send(data[4:4 + size], peer)
 
+    def from_client_send(self, data: bytes) -> None:
+        """A Send indication from the client: relay its DATA to its XOR-PEER-ADDRESS."""
+        parsed = stun.parse_send_indication(data)
+        if parsed is not None:
+            self.send_indication(parsed[1], parsed[0])
+
     def send_indication(self, data: bytes, peer: Address) -> None:
         relay = self.relays.get(stun.address_family(peer[0]))
-        if relay is None or peer[0] not in self.permissions:
+        if relay is None or peer[0] not in self.permissions or peer in self.own:
             return
         size = len(data)
         if self.limited and not self._spend(size):
@@ -218,16 +226,3 @@ class Allocation:
             relay.close()
         self.relays = {}
 
-
-def _data_indication(data: bytes, peer: Address) -> bytes:
-    """A Data indication (RFC 8656 section 11.4), built by hand: this runs once per packet."""
-    tid = stun.new_transaction_id()
-    peer_attr = stun.ATTRIBUTES[stun.XOR_PEER_ADDRESS].encode(peer, tid)
-    size = len(data)
-    pad = -size % 4
-    body_len = 4 + len(peer_attr) + 4 + size + pad
-    return b"".join((
-        stun.HEADER.pack(_DATA_INDICATION_TYPE, body_len, stun.MAGIC_COOKIE, tid),
-        _ATTR.pack(stun.XOR_PEER_ADDRESS, len(peer_attr)), peer_attr,
-        _ATTR.pack(stun.DATA, size), data, b"\x00" * pad,
-    ))

@@ -30,6 +30,7 @@ from relay.turn import Client, TurnServer
 
 Address = Tuple[str, int]
 MAX_DATAGRAM = 65536
+_SEND_INDICATION = stun.SEND_INDICATION  # its first byte is 0
 log = Logger(namespace="turnrelay")
 
 
@@ -105,11 +106,19 @@ class ClientDatagramProtocol(DatagramProtocol):
         self.listener = listener
 
     def datagramReceived(self, data: bytes, addr: Address) -> None:
-        if data and 0x40 <= data[0] < 0x80:
-            allocation = self.allocations.get((self.listener, addr))
-            if allocation is not None and len(data) >= 4:
-                allocation.from_client_channel(data)
-            return
+        # ChannelData and Send indications, the relayed packets, skip the core's parser.
+        if len(data) >= 4:
+            first = data[0]
+            if 0x40 <= first < 0x80:
+                allocation = self.allocations.get((self.listener, addr))
+                if allocation is not None:
+                    allocation.from_client_channel(data)
+                return
+            if first == 0 and data[1] == _SEND_INDICATION:
+                allocation = self.allocations.get((self.listener, addr))
+                if allocation is not None:
+                    allocation.from_client_send(data)
+                return
         sock = self.transport.socket
         self.dispatch(Client("udp", self.listener, addr, _udp_sender(sock, addr)), data)
 
@@ -238,6 +247,8 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
             offset += size
             if frame[0] >= 0x40:
                 self.server.channel_data(self.client, frame)
+            elif frame[1] == _SEND_INDICATION and frame[0] == 0:
+                self.server.send_indication(self.client, frame)
             else:
                 self.dispatch(self.client, frame)
                 if self.connection is not None:  # that was a ConnectionBind: raw bytes follow

@@ -25,6 +25,10 @@ _COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 _FINGERPRINT_XOR = 0x5354554E
 HEADER = struct.Struct("!HHI12s")
 _ATTR_HEADER = struct.Struct("!HH")
+_U32 = struct.Struct("!I")
+_XOR_V4 = struct.Struct("!2sHI")  # an IPv4 XOR-*-ADDRESS value: prefix, port, address
+_IPV4_PREFIX = b"\x00\x01"
+_PORT_MASK = MAGIC_COOKIE >> 16
 
 Address = Tuple[str, int]
 
@@ -159,11 +163,16 @@ def _encode_address(value: Address, tid: bytes) -> bytes:
 
 
 def _xor(data: bytes, tid: bytes) -> bytes:
-    mask = _COOKIE_BYTES + tid
-    return bytes(a ^ b for a, b in zip(data, mask))
+    """XOR with the magic cookie and transaction id, as whole integers (no per-byte loop)."""
+    size = len(data)
+    mask = int.from_bytes((_COOKIE_BYTES + tid)[:size], "big")
+    return (int.from_bytes(data, "big") ^ mask).to_bytes(size, "big")
 
 
 def _decode_xor_address(value: bytes, tid: bytes) -> Address:
+    if len(value) == 8 and value[:2] == _IPV4_PREFIX:  # the common case, in one unpack
+        _, port, address = _XOR_V4.unpack(value)
+        return socket.inet_ntop(socket.AF_INET, _U32.pack(address ^ MAGIC_COOKIE)), port ^ _PORT_MASK
     if len(value) < 4:
         raise StunError(400, "Bad Request")
     return _decode_address(value[:2] + _xor(value[2:4], tid) + _xor(value[4:], tid), tid)
@@ -455,6 +464,93 @@ def parse(data: bytes) -> Message:
     if offset != end:
         raise StunDecodeError("attribute padding overruns the message")
     return msg
+
+
+# Send and Data indications carry the relayed packets that have no channel: they get a
+# parser and a builder of their own that make no `Message` (RFC 8656 sections 11.4, 11.6).
+SEND_INDICATION = message_type(SEND, INDICATION)
+DATA_INDICATION = message_type(DATA_METHOD, INDICATION)
+_DATA_INDICATION_V4 = struct.Struct("!HHI12sHHBBHIHH")  # header, XOR-PEER-ADDRESS, DATA header
+_PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")  # by length % 4
+
+
+def parse_send_indication(data: bytes) -> Optional[Tuple[Address, bytes]]:
+    """The (peer, payload) of a Send indication, or None for anything `parse` would refuse
+    or that lacks XOR-PEER-ADDRESS or DATA.  Same checks and same first-value-wins rule as
+    `parse`, without building a `Message`: this runs once per packet sent by indication."""
+    end = len(data)
+    if end < HEADER.size or data[0] != 0 or data[1] != SEND_INDICATION \
+            or data[4:8] != _COOKIE_BYTES or ((data[2] << 8) | data[3]) != end - HEADER.size \
+            or end % 4:
+        return None
+    peer = payload = None
+    protected = False  # after MESSAGE-INTEGRITY(-SHA256), `parse` keeps only FINGERPRINT
+    offset = HEADER.size
+    while offset < end:
+        if offset + 4 > end:
+            return None
+        attr_type, attr_len = _ATTR_HEADER.unpack_from(data, offset)
+        value_end = offset + 4 + attr_len
+        if value_end > end:
+            return None
+        if attr_type == FINGERPRINT:
+            if value_end + (-attr_len % 4) != end or attr_len != 4 or _U32.unpack_from(data, offset + 4)[0] \
+                    != (binascii.crc32(data[:offset]) ^ _FINGERPRINT_XOR) & 0xFFFFFFFF:
+                return None
+        elif protected:
+            pass
+        elif attr_type == XOR_PEER_ADDRESS:
+            if peer is None:
+                peer = data[offset + 4:value_end]
+        elif attr_type == DATA:
+            if payload is None:
+                payload = data[offset + 4:value_end]
+        elif attr_type in (MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256):
+            protected = True
+        offset = value_end + (-attr_len % 4)
+    if offset != end or peer is None or payload is None:
+        return None
+    try:
+        return _decode_xor_address(peer, data[8:20]), payload
+    except StunError:
+        return None
+
+
+def data_indication(payload: bytes, peer: Address, tid: bytes) -> bytes:
+    """A Data indication carrying `payload` from `peer`: one pack for an IPv4 peer."""
+    size = len(payload)
+    pad = -size % 4
+    host, port = peer
+    if ":" in host:
+        value = _encode_xor_address(peer, tid)
+        return b"".join((
+            HEADER.pack(DATA_INDICATION, 8 + len(value) + size + pad, MAGIC_COOKIE, tid),
+            _ATTR_HEADER.pack(XOR_PEER_ADDRESS, len(value)), value,
+            _ATTR_HEADER.pack(DATA, size), payload, _PADDING[size & 3]))
+    address = _U32.unpack(socket.inet_pton(socket.AF_INET, host))[0] ^ MAGIC_COOKIE
+    head = _DATA_INDICATION_V4.pack(DATA_INDICATION, 16 + size + pad, MAGIC_COOKIE, tid,
+                                    XOR_PEER_ADDRESS, 8, 0, FAMILY_IPV4, port ^ _PORT_MASK,
+                                    address, DATA, size)
+    return head + payload + _PADDING[size & 3] if pad else head + payload
+
+
+class TransactionIds:
+    """Cryptographically random transaction ids, drawn 4,096 at a time: one getrandom call
+    where `new_transaction_id` makes one per id, which a Data indication per packet cannot
+    afford.  A process draws its own: make one after forking, never before."""
+
+    BATCH = 4096
+
+    def __init__(self) -> None:
+        self._pool = b""
+        self._offset = 0
+
+    def __call__(self) -> bytes:
+        offset = self._offset
+        if offset >= len(self._pool):
+            self._pool, offset = os.urandom(12 * self.BATCH), 0
+        self._offset = offset + 12
+        return self._pool[offset:offset + 12]
 
 
 def long_term_key(username: str, realm: str, password: str, algorithm: int = ALGORITHM_MD5) -> bytes:

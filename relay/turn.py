@@ -57,9 +57,9 @@ class Client:
     # 6062 ConnectionBind, after which it carries raw bytes; returns its writing end.
     become_data: Optional[Callable[[TcpConnection], StreamEnd]] = None
 
-    @property
-    def key(self) -> Tuple[Hashable, Address]:
-        return self.listener, self.address
+    def __post_init__(self) -> None:
+        # The allocations' key, made once: a stream's every ChannelData frame looks it up.
+        self.key: Tuple[Hashable, Address] = (self.listener, self.address)
 
 
 @dataclass
@@ -179,7 +179,7 @@ class TurnServer:
             return None
         if msg.cls == stun.INDICATION:
             if msg.method == stun.SEND:
-                self._send_indication(client, msg)
+                self.send_indication(client, data)
             return None
         if msg.cls != stun.REQUEST:
             return None
@@ -231,6 +231,13 @@ class TurnServer:
         allocation = self.allocations.get(client.key)
         if allocation is not None:
             allocation.from_client_channel(data)
+
+    def send_indication(self, client: Client, data: bytes) -> None:
+        """A Send indication, relayed without building a `Message`: the listeners call this
+        directly, as they do `channel_data`, once they have seen its type."""
+        allocation = self.allocations.get(client.key)
+        if allocation is not None:
+            allocation.from_client_send(data)
 
     def connection_lost(self, client: Client) -> None:
         """A TCP/TLS client went away: its allocation goes with it (RFC 8656 section 3.1)."""
@@ -433,7 +440,8 @@ class TurnServer:
         allocation = Allocation(client.key, client.address, client.transport, credentials.username,
                                 account, relays, client.send, started=now, expires=now + lifetime,
                                 session_id=session_id, budget=budget,
-                                account_budget=self._account_budget(account.account_id), tcp=tcp)
+                                account_budget=self._account_budget(account.account_id), tcp=tcp,
+                                own=config.policy.own)
         self.allocations[client.key] = allocation
         created = self.stats.created
         created[client.transport] = created.get(client.transport, 0) + 1
@@ -679,18 +687,6 @@ class TurnServer:
             connection_id = self.rng.getrandbits(32)
             if connection_id not in self.connections:
                 return connection_id
-
-    def _send_indication(self, client: Client, msg: stun.Message) -> None:
-        allocation = self.allocations.get(client.key)
-        if allocation is None:
-            return
-        try:
-            peer, data = msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)
-        except stun.StunError:
-            return
-        # The permission is for the peer's IP address, any port: not for our own listeners.
-        if peer is not None and data is not None and peer not in self.config.policy.own:
-            allocation.send_indication(data, peer)
 
     def _close(self, allocation: Allocation, reason: str) -> None:
         del self.allocations[allocation.key]

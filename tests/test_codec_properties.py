@@ -22,7 +22,8 @@ from twisted.internet.testing import StringTransport
 
 from relay import stun
 from relay.listeners import ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher, StreamLimits
-from stun_strategies import SIGNATURES, messages, mutated, signing, wire_messages
+from stun_strategies import (SIGNATURES, addresses, known_attributes, messages, mutated,
+                             short_bytes, signing, wire_messages)
 from turnclient_helpers import PEER, Harness, channel_data
 
 SETTINGS = settings(max_examples=40, deadline=1000, derandomize=True, database=None,
@@ -107,6 +108,45 @@ def test_a_flipped_bit_under_fingerprint_or_integrity_is_caught(wire, bit):
     except stun.StunDecodeError:
         return
     raise AssertionError("a damaged FINGERPRINT parsed")
+
+
+@st.composite
+def send_indications(draw) -> bytes:
+    """A Send indication, perhaps without its peer or data, among other attributes, signed
+    or not: the relay's own parser for these must agree with `parse` on every one."""
+    msg = stun.Message(stun.SEND, stun.INDICATION, draw(st.binary(min_size=12, max_size=12)))
+    items = draw(st.lists(st.one_of(addresses.map(lambda a: (stun.XOR_PEER_ADDRESS, a)),
+                                    short_bytes.map(lambda d: (stun.DATA, d)), known_attributes),
+                          max_size=5))
+    for attr_type, value in items:
+        msg.add(attr_type, value)
+    return msg.encode(**draw(signing))
+
+
+def parsed_by_message(data: bytes):
+    """What the full parser makes of a Send indication: (peer, payload) or None."""
+    try:
+        msg = stun.parse(data)
+        if (msg.method, msg.cls) != (stun.SEND, stun.INDICATION):
+            return None
+        peer, payload = msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)
+    except (stun.StunDecodeError, stun.StunError):
+        return None
+    return None if peer is None or payload is None else (peer, payload)
+
+
+@SETTINGS
+@given(st.one_of(send_indications(), mutated(send_indications())))
+def test_the_send_indication_fast_path_agrees_with_parse(data):
+    assert stun.parse_send_indication(data) == parsed_by_message(data)
+
+
+@SETTINGS
+@given(addresses, st.binary(max_size=70), st.binary(min_size=12, max_size=12))
+def test_a_data_indication_parses_back(peer, payload, tid):
+    msg = stun.parse(stun.data_indication(payload, peer, tid))
+    assert (msg.method, msg.cls, msg.transaction_id) == (stun.DATA_METHOD, stun.INDICATION, tid)
+    assert (msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)) == (peer, payload)
 
 
 @CHEAP
