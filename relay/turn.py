@@ -273,6 +273,7 @@ class TurnServer:
         to those peers both ways, channels and Send included; the allocations stay."""
         self.config.policy = policy
         for allocation in self.allocations.values():
+            allocation.own = policy.own
             for ip in [ip for ip in allocation.permissions if not policy.permits(ip)]:
                 del allocation.permissions[ip]
 
