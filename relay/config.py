@@ -55,7 +55,7 @@ NUMBER_OPTIONS = {
     "stale-nonce": _positive, "user-quota": _positive, "source-quota": _positive,
     "total-quota": _positive, "max-bps": _positive, "max-pps": _positive,
     "account-max-bps": _positive, "account-max-pps": _positive, "max-permissions": _positive, "max-channels": _positive,
-    "api-port": _port, "api-max-ttl": _positive, "source-connection-quota": _positive,
+    "api-port": _port, "api-max-ttl": _positive, "api-key-failures-per-minute": _positive, "source-connection-quota": _positive,
     "tls-handshake-timeout": _positive, "connection-idle-timeout": _positive,
     "accounting-interval": _positive, "accounting-queue": _positive,
     "client-address-retention": _positive,
@@ -175,6 +175,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["api-max-ttl", None, 86400, "Longest credential lifetime the tokens API grants, in "
                                      "seconds; a request without ttl gets 86400 or this, if "
                                      "lower"],
+        ["api-key-failures-per-minute", None, 60, "Failed API key checks an address may make "
+                                                  "per minute after a burst of 10 (429 beyond)"],
         ["region", None, "default", "Name of this relay's region in tokens API answers and in "
                                     "the usage ledger"],
         ["accounting-interval", None, 10, "Seconds between two usage records of a session"],
@@ -421,6 +423,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             fail("region", "must not be empty")
         if self["api-port"] is None:
             return
+        if self["api-key-failures-per-minute"] < 1:
+            fail("api-key-failures-per-minute", "must be at least 1")
         if self["api-max-ttl"] < 1:
             fail("api-max-ttl", "must be at least 1")
         if not _is_ip(self["api-listening-ip"]):

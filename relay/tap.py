@@ -348,7 +348,8 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
     return TokensAPI(options["api-store"], options["api-secret"], regions, options["region"],
                      options["api-max-ttl"], clock=reactor.seconds,
                      usage=UsageAnswers(_usage_reader(backends),
-                                        options["rates"], reactor.seconds))
+                                        options["rates"], reactor.seconds),
+                     key_failures_per_minute=options["api-key-failures-per-minute"])
 
 
 def _usage_reader(backends: Dict[str, IUsageBackend]) -> Optional[UsageReader]:

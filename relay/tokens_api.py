@@ -14,7 +14,8 @@ Answers, in the order they are decided; every error is JSON `{"code": N, "messag
 
 - 404 for a path outside the API; 405 (with Allow) for a method the path does not serve.
 - 401 (with WWW-Authenticate) for missing or wrong credentials.  A key check takes a token
-  from the source address's bucket (burst 10, one a second) before the key is hashed, and
+  from the source address's bucket (burst 10, refilled --api-key-failures-per-minute, 60)
+  before the key is hashed, and
   gives it back when the key was right: only failures are charged, a busy legitimate caller
   is never throttled, and concurrent guesses cannot all pass before the first failure counts.
   An empty bucket is 429 with Retry-After, answered without any PBKDF2 work.  The source is
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
 log = Logger(namespace="turnrelay.api")
 
 DEFAULT_TTL = 86400
-FAILED_KEY_BURST, FAILED_KEY_RATE = 10, 1.0
+FAILED_KEY_BURST = 10
 MAX_BODY = 64 * 1024
 FIELDS = ("ttl", "label", "region")
 # A label ends up in the username, hence in STUN messages, logs and the DELETE URL.
@@ -197,7 +198,7 @@ class TokensAPI(Resource):
 
     def __init__(self, store: AccountStore, secret: bytes, regions: Mapping[str, Region],
                  home_region: str, max_ttl: int, clock: Callable[[], float] = time.time,
-                 usage: Optional["UsageAnswers"] = None):
+                 usage: Optional["UsageAnswers"] = None, key_failures_per_minute: int = 60):
         super().__init__()
         self.usage = usage
         self.store = store
@@ -206,7 +207,8 @@ class TokensAPI(Resource):
         self.home_region = home_region
         self.max_ttl = max_ttl
         self.clock = clock
-        self.failed_keys = RateLimiter(FAILED_KEY_RATE, FAILED_KEY_BURST)
+        self.failed_keys = RateLimiter(key_failures_per_minute / 60, FAILED_KEY_BURST)
+        self.retry_after = b"%d" % math.ceil(60 / key_failures_per_minute)
 
     def render(self, request: Request) -> Any:
         finished = request.notifyFinish()
@@ -272,7 +274,7 @@ class TokensAPI(Resource):
         source = request.getClientAddress().host
         if not self.failed_keys.allow(source, self.clock()):
             raise ApiError(429, "too many failed API key checks from this address; retry later",
-                           {b"retry-after": b"%d" % math.ceil(1 / FAILED_KEY_RATE)})
+                           {b"retry-after": self.retry_after})
         if not await self.store.verify_api_key(account_id, api_key):
             log.info("tokens API: wrong account id or API key from {source}", source=source)
             raise _unauthorized("wrong account id or API key")
