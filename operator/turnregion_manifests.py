@@ -44,7 +44,7 @@ DEFAULTS: Dict[str, Any] = {
                   "metricsPort": 9641},
     "relayPorts": {"min": 49152, "max": 65535},
     "exposure": {"serviceType": "LoadBalancer", "hostNetwork": False, "externalIPs": []},
-    "quotas": {"user": 0, "source": 0, "total": 0},
+    "quotas": {"user": 0, "source": 0, "total": 0, "monthlyMB": 0},
     "drainSeconds": 30,
     "networkPolicy": False,
 }
@@ -152,6 +152,8 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         config["cert"], config["pkey"] = f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"
     if spec.get("auth"):
         config["auth"] = [f"rest-secret:secret-file={AUTH_FILE}"]
+    if spec["quotas"]["monthlyMB"]:
+        config["monthly-quota-mb"] = str(spec["quotas"]["monthlyMB"])
     if spec.get("ratePerMB") is not None:
         # A TOML string, as the relay wants money: the shortest text of the JSON number the
         # API server stored is the decimal the user wrote (up to 15 significant digits).

@@ -35,7 +35,7 @@ FULL_SPEC = {
     "tls": {"secretName": "relay-cert"},
     "auth": {"secretName": "rest-secret", "key": "shared"},
     "accounting": {"secretName": "ledger", "key": "dsn"},
-    "ratePerMB": 0.004, "quotas": {"user": 5, "source": 10, "total": 1000},
+    "ratePerMB": 0.004, "quotas": {"user": 5, "source": 10, "total": 1000, "monthlyMB": 50000},
     "drainSeconds": 20, "networkPolicy": True,
     "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
     "nodeSelector": {"turnrelay.io/edge": "true"},
@@ -242,6 +242,7 @@ def test_config_map_is_a_valid_relay_config(tmp_path):
     assert (options["min-port"], options["max-port"], options["user-quota"]) == (50000, 60000, 5)
     assert options["external-map"] == {None: "203.0.113.7"} and options["region"] == "eu-west"
     assert str(options["rates"].rate_at("eu-west", "2026-11-23T00:00:00Z")) == "0.004"
+    assert options["monthly-quota-bytes"] == 50000 * 10**6
 
 
 def test_generated_config_map_starts_a_working_relay(tmp_path):
