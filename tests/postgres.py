@@ -8,15 +8,15 @@ import contextlib
 import glob
 import itertools
 import os
+import random
 import shutil
+import socket
 import subprocess
 import tempfile
 from typing import Iterator, List
 
 import psycopg
 import pytest
-
-from conftest import free_port
 
 USER = DATABASE = "turnrelay"
 # Durability is pointless for a server deleted after the run, and fsync is most of its cost.
@@ -37,6 +37,22 @@ def _bindir() -> str:
 def _as_postgres() -> List[str]:
     """The prefix that runs a command as the `postgres` user when we are root."""
     return ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+
+
+def _restartable_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999): a server stopped and started
+    again by a test must find its port still free, and any socket bound to port 0 meanwhile
+    (a client's, another test's relay) may take an ephemeral one."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(20000, 32767)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def _run(argv: List[str], what: str) -> None:
@@ -81,7 +97,7 @@ def throwaway_cluster() -> Iterator[Cluster]:
     without a password (only this machine can reach it); stopped and deleted afterwards."""
     root = tempfile.mkdtemp(prefix="turnrelay-pg-")
     try:
-        cluster = Cluster(root, free_port())
+        cluster = Cluster(root, _restartable_port())
         if cluster.as_postgres:
             shutil.chown(root, "postgres", "postgres")
         _run(cluster.as_postgres + [f"{cluster.bindir}/initdb", "--no-sync", "-A", "trust",
