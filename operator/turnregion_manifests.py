@@ -47,6 +47,7 @@ DEFAULTS: Dict[str, Any] = {
     "quotas": {"user": 0, "source": 0, "total": 0, "monthlyMB": 0},
     "drainSeconds": 30,
     "networkPolicy": False,
+    "clusterCIDRs": [],
 }
 
 
@@ -80,6 +81,11 @@ def spec_problems(spec: Mapping[str, Any]) -> List[str]:
             problems.append(f"listeners: port {port} lies inside relayPorts {low}-{high}")
     if listeners["metricsPort"] in {listeners["port"], listeners["tlsPort"]}:
         problems.append(f"listeners: metricsPort {listeners['metricsPort']} is also a TURN port")
+    for cidr in spec["clusterCIDRs"]:
+        try:
+            ipaddress.ip_network(cidr)
+        except ValueError as err:
+            problems.append(f"clusterCIDRs: {err}")
     try:
         families = [ipaddress.ip_address(ip).version for ip in spec["exposure"]["externalIPs"]]
     except ValueError as err:
@@ -152,6 +158,8 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         config["cert"], config["pkey"] = f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"
     if spec.get("auth"):
         config["auth"] = [f"rest-secret:secret-file={AUTH_FILE}"]
+    if spec["clusterCIDRs"]:
+        config["cluster-cidr"] = list(spec["clusterCIDRs"])
     if spec["quotas"]["monthlyMB"]:
         config["monthly-quota-mb"] = str(spec["quotas"]["monthlyMB"])
     if spec.get("ratePerMB") is not None:

@@ -36,7 +36,7 @@ FULL_SPEC = {
     "auth": {"secretName": "rest-secret", "key": "shared"},
     "accounting": {"secretName": "ledger", "key": "dsn"},
     "ratePerMB": 0.004, "quotas": {"user": 5, "source": 10, "total": 1000, "monthlyMB": 50000},
-    "drainSeconds": 20, "networkPolicy": True,
+    "drainSeconds": 20, "networkPolicy": True, "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"],
     "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
     "nodeSelector": {"turnrelay.io/edge": "true"},
     "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
@@ -169,6 +169,7 @@ def test_config_change_changes_the_rollout_hash_and_scaling_does_not():
     ({"listeners": {"port": 50001}, "relayPorts": {"min": 50000, "max": 60000}}, "lies inside relayPorts"),
     ({"listeners": {"port": 5000, "tlsPort": 5000}}, "port and tlsPort are both 5000"),
     ({"listeners": {"metricsPort": 5349}}, "metricsPort 5349 is also a TURN port"),
+    ({"clusterCIDRs": ["10.0.0.1/8"]}, "clusterCIDRs: 10.0.0.1/8 has host bits set"),
     ({"exposure": {"externalIPs": ["203.0.113.1", "203.0.113.2"]}}, "at most one IPv4"),
     ({"exposure": {"externalIPs": ["1.2.3"]}}, "does not appear to be an IPv4 or IPv6 address"),
 ])
@@ -243,6 +244,7 @@ def test_config_map_is_a_valid_relay_config(tmp_path):
     assert options["external-map"] == {None: "203.0.113.7"} and options["region"] == "eu-west"
     assert str(options["rates"].rate_at("eu-west", "2026-11-23T00:00:00Z")) == "0.004"
     assert options["monthly-quota-bytes"] == 50000 * 10**6
+    assert options["cluster-cidr"] == ["10.244.0.0/16", "10.96.0.0/12"]
 
 
 def test_generated_config_map_starts_a_working_relay(tmp_path):
