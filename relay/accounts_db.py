@@ -54,8 +54,46 @@ MIGRATIONS = (
     # Billable bytes per calendar month (UTC); NULL: the relay's --monthly-quota-mb.
     ("ALTER TABLE accounts ADD COLUMN monthly_quota_bytes BIGINT"
      " CHECK (monthly_quota_bytes >= 0)",),
+    # Usage triggers (relay.triggers), and one row per trigger and month it fired: that row's
+    # key is what makes a notice go out once however many relays see the crossing.
+    (
+        """CREATE TABLE IF NOT EXISTS usage_triggers (
+            trigger_id TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            threshold_bytes BIGINT NOT NULL CHECK (threshold_bytes > 0),
+            callback_url TEXT NOT NULL,
+            friendly_name TEXT,
+            created_at BIGINT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS usage_triggers_by_account ON usage_triggers (account_id)",
+        """CREATE TABLE IF NOT EXISTS trigger_firings (
+            trigger_id TEXT NOT NULL,
+            period TEXT NOT NULL,
+            usage_bytes BIGINT NOT NULL,
+            fired_at BIGINT NOT NULL,
+            delivered_at BIGINT,
+            PRIMARY KEY (trigger_id, period))""",
+    ),
 )
+TRIGGER_COLUMNS = "trigger_id, account_id, threshold_bytes, callback_url, friendly_name, created_at"
+MAX_TRIGGERS = 20  # per account
 RECORD_COLUMNS = "account_id, status, max_allocations, bandwidth_bps, monthly_quota_bytes"
+
+
+@dataclass(frozen=True)
+class UsageTrigger:
+    """A callback due once per calendar month (UTC), when the account's billable bytes reach
+    the threshold."""
+    trigger_id: str  # "UT" and 32 hex digits, as Twilio names its usage triggers
+    account_id: str
+    threshold_bytes: int
+    callback_url: str
+    friendly_name: Optional[str]
+    created_at: int
+    fired_at: Optional[int] = None  # in the period asked about, if it fired then
+
+
+class TooManyTriggers(Exception):
+    """The account already has MAX_TRIGGERS triggers."""
 
 
 class AccountExists(Exception):
@@ -238,3 +276,74 @@ class AccountStore(SqlStore):
                 self._execute(txn, "DELETE FROM revocations WHERE expires_at < ?", (now,))
             return Snapshot(accounts, revoked)
         return self._run(snapshot)
+
+    # -- usage triggers -------------------------------------------------------------------------
+
+    def add_trigger(self, account_id: str, threshold_bytes: int, callback_url: str,
+                    friendly_name: Optional[str] = None) -> defer.Deferred[UsageTrigger]:
+        """Register a trigger; the caller has checked the URL (relay.callbacks)."""
+        def add(txn: adbapi.Transaction) -> UsageTrigger:
+            if threshold_bytes <= 0:
+                raise ValueError("threshold_bytes must be more than 0")
+            self._execute(txn, "SELECT COUNT(*) FROM usage_triggers WHERE account_id = ?",
+                          (account_id,))
+            if txn.fetchone()[0] >= MAX_TRIGGERS:
+                raise TooManyTriggers(account_id)
+            trigger = UsageTrigger("UT" + secrets.token_hex(16), account_id, threshold_bytes,
+                                   callback_url, friendly_name, int(time.time()))
+            self._execute(txn, f"INSERT INTO usage_triggers ({TRIGGER_COLUMNS})"
+                               " VALUES (?, ?, ?, ?, ?, ?)",
+                          (trigger.trigger_id, account_id, threshold_bytes, callback_url,
+                           friendly_name, trigger.created_at))
+            return trigger
+        return self._run(add)
+
+    def triggers(self, period: str, account_id: Optional[str] = None,
+                 due: bool = False) -> defer.Deferred[List[UsageTrigger]]:
+        """The account's triggers (every account's without one), with when each fired in
+        `period` ("2026-11"); with `due`, only those that have not fired in it."""
+        def read(txn: adbapi.Transaction) -> List[UsageTrigger]:
+            columns = ", ".join(f"t.{name.strip()}" for name in TRIGGER_COLUMNS.split(","))
+            sql = (f"SELECT {columns}, f.fired_at FROM usage_triggers t LEFT JOIN"
+                   " trigger_firings f ON f.trigger_id = t.trigger_id AND f.period = ?")
+            conditions, params = [], [period]
+            if account_id is not None:
+                conditions.append("t.account_id = ?")
+                params.append(account_id)
+            if due:
+                conditions.append("f.trigger_id IS NULL")
+            if conditions:
+                sql += " WHERE " + " AND ".join(conditions)
+            self._execute(txn, sql + " ORDER BY t.created_at, t.trigger_id", tuple(params))
+            return [UsageTrigger(*row) for row in txn.fetchall()]
+        return self._run(read)
+
+    def delete_trigger(self, account_id: str, trigger_id: str) -> defer.Deferred[bool]:
+        """Remove one of the account's triggers; False if it has no such trigger."""
+        def delete(txn: adbapi.Transaction) -> bool:
+            self._execute(txn, "DELETE FROM usage_triggers WHERE trigger_id = ? AND account_id = ?",
+                          (trigger_id, account_id))
+            deleted = txn.rowcount > 0
+            if deleted:
+                self._execute(txn, "DELETE FROM trigger_firings WHERE trigger_id = ?",
+                              (trigger_id,))
+            return deleted
+        return self._run(delete)
+
+    def claim_firing(self, trigger_id: str, period: str, usage_bytes: int) -> defer.Deferred[bool]:
+        """Whether this caller is the one to notify: the first to insert the (trigger, period)
+        row, whichever relay it runs on."""
+        def claim(txn: adbapi.Transaction) -> bool:
+            self._execute(txn, "INSERT INTO trigger_firings (trigger_id, period, usage_bytes,"
+                               " fired_at) VALUES (?, ?, ?, ?)"
+                               " ON CONFLICT (trigger_id, period) DO NOTHING",
+                          (trigger_id, period, usage_bytes, int(time.time())))
+            return txn.rowcount == 1
+        return self._run(claim)
+
+    def firing_delivered(self, trigger_id: str, period: str) -> defer.Deferred[None]:
+        def delivered(txn: adbapi.Transaction) -> None:
+            self._execute(txn, "UPDATE trigger_firings SET delivered_at = ?"
+                               " WHERE trigger_id = ? AND period = ?",
+                          (int(time.time()), trigger_id, period))
+        return self._run(delivered)

@@ -20,7 +20,7 @@ from relay.accounts_db import AccountStore
 from relay.authplugins import parse_arguments
 from relay.checkers import RestSecretChecker, StaticUsersChecker, parse_user
 from relay.credentials import IStunCredentials
-from relay.peers import parse_rule
+from relay.peers import is_ip, parse_rule
 from relay.quota import parse_megabytes
 from relay.rates import RateError, rates_from_options
 from relay.regions import check_host, regions_from_table
@@ -273,7 +273,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 fail(name, f"{self[name]} is not a list of port numbers")
         for name in ("listening-ip", "relay-ip"):
             for value in self[name]:
-                if not _is_ip(value):
+                if not is_ip(value):
                     fail(name, f"{value!r} is not an IP address")
         families = [":" in ip for ip in self["relay-ip"]]
         if len(families) != len(set(families)):
@@ -281,7 +281,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         self["external-map"] = {}
         for value in self["external-ip"]:
             public, _, private = value.partition("/")
-            if not _is_ip(public) or (private and not _is_ip(private)):
+            if not is_ip(public) or (private and not is_ip(private)):
                 fail("external-ip", f"{value!r} is not PUBLIC or PUBLIC/RELAY-IP")
             self["external-map"][private or None] = public
         if self["min-port"] > self["max-port"] or self["min-port"] < 1024:
@@ -313,7 +313,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 check_host(self["alternate-domain"])
             except ValueError as err:
                 fail("alternate-domain", str(err))
-        if not _is_ip(self["prometheus-address"]):
+        if not is_ip(self["prometheus-address"]):
             fail("prometheus-address", f"{self['prometheus-address']!r} is not an IP address")
 
     def _checkers(self, fail: Any) -> list:
@@ -427,7 +427,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             fail("api-key-failures-per-minute", "must be at least 1")
         if self["api-max-ttl"] < 1:
             fail("api-max-ttl", "must be at least 1")
-        if not _is_ip(self["api-listening-ip"]):
+        if not is_ip(self["api-listening-ip"]):
             fail("api-listening-ip", f"{self['api-listening-ip']!r} is not an IP address")
         if not self["api-cert"] and not ipaddress.ip_address(self["api-listening-ip"]).is_loopback:
             fail("api-cert", f"required when --api-listening-ip {self['api-listening-ip']} is "
@@ -506,16 +506,9 @@ def _ip_port(value: str) -> Tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
-        if not sep or not _is_ip(host):
+        if not sep or not is_ip(host):
             raise ValueError
         return host, _port(port)
     except ValueError:
         raise ValueError(f"{value!r} is not IP:PORT or [IPv6]:PORT") from None
 
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True

@@ -52,6 +52,15 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> Optional[ipaddress.IPv4Addr
     return None
 
 
+def is_ip(value: str) -> bool:
+    """Whether `value` is an IPv4 or IPv6 address (not a host name, not a network)."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_rule(text: str) -> Tuple[IPAddress, IPAddress]:
     """An operator rule: one address, a CIDR network, or a coturn-style range `first-last`."""
     if "-" in text:

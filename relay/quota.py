@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.internet import defer
@@ -67,12 +67,9 @@ class QuotaTracker:
     """Watches the accounts with a quota that allocate here, and answers the core's
     `over_quota` seam from its last reading."""
 
-    def __init__(self, server: TurnServer, ledger: Ledger, backend_name: str,
-                 backend: SqlUsageBackend, default_quota: int,
+    def __init__(self, server: TurnServer, usage: MonthlyUsage, default_quota: int,
                  clock: Callable[[], float] = time.time, interval: float = INTERVAL):
-        self.ledger = ledger
-        self.backend_name = backend_name
-        self.backend = backend
+        self.usage = usage
         self.default_quota = default_quota
         self.clock = clock
         # account id -> (its quota in bytes, when it was last seen here)
@@ -111,22 +108,19 @@ class QuotaTracker:
             return
         accounts = sorted(self.watched)
         try:
-            stored = yield self.backend.billable_since(since, accounts)
+            usage = yield self.usage.read(since, accounts)
         except Exception:
             if not self._failing:
                 self._failing = True
                 failure = Failure()
                 log.error("monthly quotas: cannot read usage from {backend} ({error}); keeping "
-                          "the last verdict", backend=self.backend_name,
+                          "the last verdict", backend=self.usage.backend_name,
                           error=without_password(failure.getErrorMessage().strip()))
             return
         if self._failing:
             self._failing = False
             log.info("monthly quotas: usage readable again from {backend}",
-                     backend=self.backend_name)
-        unrecorded = self.ledger.unstored(self.backend_name, since)
-        usage = {account: stored.get(account, 0) + unrecorded.get(account, 0)
-                 for account in accounts}
+                     backend=self.usage.backend_name)
         reached = {account for account in accounts if usage[account] >= self.watched[account][0]}
         for account in sorted(reached - self.reached):
             log.warn("account {account} reached its monthly quota: {used} of {quota} bytes "
@@ -137,8 +131,24 @@ class QuotaTracker:
 
 
 def sql_backend(ledger: Ledger) -> Optional[Tuple[str, SqlUsageBackend]]:
-    """The first SQL backend of the ledger (sqlite or postgresql), where quotas are read."""
-    for queue in ledger.queues:
-        if isinstance(queue.backend, SqlUsageBackend):
-            return queue.name, queue.backend
-    return None
+    """The ledger's SQL backend usage is read from: a PostgreSQL one first, since it holds
+    the whole fleet's usage, else a SQLite one; None with neither."""
+    found = [(not queue.backend.dsn.startswith("postgres"), index, queue.name, queue.backend)
+             for index, queue in enumerate(ledger.queues)
+             if isinstance(queue.backend, SqlUsageBackend)]
+    return min(found)[2:] if found else None
+
+
+class MonthlyUsage:
+    """Billable bytes of some accounts since a month's start: what the SQL backend has stored
+    plus what this relay's ledger has not stored there yet."""
+
+    def __init__(self, ledger: Ledger, backend_name: str, backend: SqlUsageBackend):
+        self.ledger, self.backend_name, self.backend = ledger, backend_name, backend
+
+    @defer.inlineCallbacks
+    def read(self, since: str, accounts: Sequence[str]):
+        stored = yield self.backend.billable_since(since, accounts)
+        unstored = self.ledger.unstored(self.backend_name, since)
+        return {account: stored.get(account, 0) + unstored.get(account, 0)
+                for account in accounts}

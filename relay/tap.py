@@ -22,6 +22,7 @@ from twisted.web.server import Site
 
 from relay import SOFTWARE, stun
 from relay.config import Options
+from relay.accounts_checker import AccountsChecker
 from relay.checkers import ChainedChecker
 from relay.credentials import AccountRealm
 from relay.health import QuietSite, Routes
@@ -32,7 +33,7 @@ from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMIT
                           load_secrets)
 from relay.metrics import RelayCollector, registry as metrics_registry, stream_metrics
 from relay.peers import OwnEndpoints, PeerPolicy
-from relay.quota import QuotaTracker, sql_backend
+from relay.quota import MonthlyUsage, QuotaTracker, sql_backend
 from relay.regions import Region
 from relay.retention import ClientAddressRetention
 from relay.selftest import SelfTestPage
@@ -40,6 +41,8 @@ from relay.sqldb import pool_from_dsn
 from relay.stream_relay import StreamRelayBinder
 from relay.tls import ServerTLS, self_signed
 from relay.tokens_api import TokensAPI
+from relay.triggers import UsageTriggers
+from relay.triggers_api import TriggerAnswers
 from relay.turn import TurnConfig, TurnServer
 from relay.usage import IUsageBackend
 from relay.usage_api import UsageAnswers
@@ -333,7 +336,7 @@ def _server_tls(options: Options, cert: str, key: str, flags: str) -> ServerTLS:
 
 
 def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
-                backends: Dict[str, IUsageBackend]) -> TokensAPI:
+                backends: Dict[str, IUsageBackend], policy: PeerPolicy) -> TokensAPI:
     """The tokens API, whose home region is where this relay's own listeners are reached, and
     which reads usage from the ledger the relay writes."""
     external = options["external-ip"]
@@ -349,7 +352,8 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
                      options["api-max-ttl"], clock=reactor.seconds,
                      usage=UsageAnswers(_usage_reader(backends),
                                         options["rates"], reactor.seconds),
-                     key_failures_per_minute=options["api-key-failures-per-minute"])
+                     key_failures_per_minute=options["api-key-failures-per-minute"],
+                     triggers=TriggerAnswers(options["api-store"], policy, reactor.seconds))
 
 
 def _usage_reader(backends: Dict[str, IUsageBackend]) -> Optional[UsageReader]:
@@ -371,19 +375,28 @@ def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
         raise SystemExit(f"turnrelay: --state-dir: cannot keep the usage ledger there: {err}")
 
 
-def _quotas(ledger: Ledger, server: TurnServer, options: Options, reactor) -> Service:
-    """Monthly quotas, read from the ledger's first SQL backend (relay.quota)."""
+def _usage_watch(ledger: Ledger, server: TurnServer, checkers: ChainedChecker,
+                 options: Options, reactor) -> List[Service]:
+    """Monthly quotas (relay.quota) and usage triggers (relay.triggers), read from the
+    ledger's SQL backend; triggers also need the account database."""
     found = sql_backend(ledger)
     if found is None:
         if options["monthly-quota-bytes"]:
             raise SystemExit("turnrelay: --monthly-quota-mb: needs a sqlite or postgresql "
                              "--accounting backend to read usage from")
-        log.warn("monthly quotas are not enforced: no sqlite or postgresql --accounting backend")
-        return Service()
-    name, backend = found
-    tracker = QuotaTracker(server, ledger, name, backend, options["monthly-quota-bytes"],
-                           clock=reactor.seconds)
-    return tracker.service
+        log.warn("monthly quotas and usage triggers are off: no sqlite or postgresql "
+                 "--accounting backend")
+        return []
+    usage = MonthlyUsage(ledger, *found)
+    services = [QuotaTracker(server, usage, options["monthly-quota-bytes"],
+                             clock=reactor.seconds).service]
+    stores = [checker.store for checker in checkers.checkers
+              if isinstance(checker, AccountsChecker)]
+    if options["api-port"] is not None:
+        stores.append(options["api-store"])
+    if stores:
+        services.append(UsageTriggers(stores[0], usage, server.config.policy, reactor).service)
+    return services
 
 
 def makeService(options: Options, reactor=None) -> MultiService:
@@ -472,7 +485,8 @@ def makeService(options: Options, reactor=None) -> MultiService:
     if options["client-address-retention"] is not None:
         ClientAddressRetention(backends, options["client-address-retention"],
                                reactor).setServiceParent(service)
-    _quotas(ledger, server, options, reactor).setServiceParent(service)
+    for watch in _usage_watch(ledger, server, checkers, options, reactor):
+        watch.setServiceParent(service)
     listeners = ListenersService(reactor, server, dispatch, options, tls)
     listeners.setServiceParent(service)
 
@@ -489,7 +503,8 @@ def makeService(options: Options, reactor=None) -> MultiService:
                     options["prometheus-address"], options["prometheus-port"], None,
                     "metrics", "--prometheus-address/--prometheus-port", own).setServiceParent(service)
     if options["api-port"] is not None:
-        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, backends))
+        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, backends,
+                                                          config.policy))
         api.putChild(b"test", SelfTestPage())
         # Idle connections close after a minute: the API has no use for long-held ones.
         HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],

@@ -4,6 +4,8 @@
     DELETE /v1/accounts/{account}/tokens/{username}  204: that credential revoked
     GET    /v1/accounts/{account}/usage              200: usage and charges (`relay.usage_api`)
     GET    /v1/accounts/{account}/sessions           200: sessions, a page at a time
+    POST, GET /v1/accounts/{account}/triggers        usage triggers (`relay.triggers_api`)
+    GET, DELETE /v1/accounts/{account}/triggers/{sid}
 
 A caller authenticates with HTTP Basic, the account id and the account's API key, as with
 Twilio's Account SID and auth token.  Credentials are TURN REST credentials minted with the
@@ -57,6 +59,7 @@ from relay.regions import Region
 from relay.tokens import mint, parse_username, rfc3339
 
 if TYPE_CHECKING:
+    from relay.triggers_api import TriggerAnswers
     from relay.usage_api import UsageAnswers
 
 log = Logger(namespace="turnrelay.api")
@@ -110,9 +113,10 @@ def basic_credentials(header: Optional[bytes]) -> Optional[Tuple[str, str]]:
     return (user, password) if sep and user and password else None
 
 
-# The method each kind of path serves: (resource, whether an item of it is named).
-METHODS = {("tokens", False): b"POST", ("tokens", True): b"DELETE",
-           ("usage", False): b"GET", ("sessions", False): b"GET"}
+# The methods each kind of path serves: (resource, whether an item of it is named).
+METHODS = {("tokens", False): (b"POST",), ("tokens", True): (b"DELETE",),
+           ("usage", False): (b"GET",), ("sessions", False): (b"GET",),
+           ("triggers", False): (b"GET", b"POST"), ("triggers", True): (b"GET", b"DELETE")}
 
 
 def route(postpath: List[bytes]) -> Optional[Tuple[str, str, Optional[str]]]:
@@ -138,8 +142,9 @@ def url_encoded(encoded: bytes, where: str) -> List[Tuple[str, Any]]:
         raise ApiError(400, f"{where}: not URL-encoded UTF-8") from None
 
 
-def request_fields(request: Request) -> Dict[str, Any]:
-    """ttl, label and region from the query string and a form or JSON body.
+def request_fields(request: Request, fields: Tuple[str, ...] = FIELDS) -> Dict[str, Any]:
+    """`fields` (a token's ttl, label and region) from the query string and a form or JSON
+    body.
 
     Parsed here rather than read from `request.args`, where a form field silently replaces
     the query's: a field given twice is a 400 naming it, as is a body of another type.
@@ -164,7 +169,7 @@ def request_fields(request: Request) -> Dict[str, Any]:
                             "application/json")
     found: Dict[str, Any] = {}
     for name, value in given:
-        if name in FIELDS:
+        if name in fields:
             if name in found:
                 raise ApiError(400, f"{name}: given more than once")
             found[name] = value
@@ -198,9 +203,11 @@ class TokensAPI(Resource):
 
     def __init__(self, store: AccountStore, secret: bytes, regions: Mapping[str, Region],
                  home_region: str, max_ttl: int, clock: Callable[[], float] = time.time,
-                 usage: Optional["UsageAnswers"] = None, key_failures_per_minute: int = 60):
+                 usage: Optional["UsageAnswers"] = None, key_failures_per_minute: int = 60,
+                 triggers: Optional["TriggerAnswers"] = None):
         super().__init__()
         self.usage = usage
+        self.triggers = triggers
         self.store = store
         self.secret = secret
         self.regions = dict(regions)
@@ -249,16 +256,21 @@ class TokensAPI(Resource):
         if path is None:
             raise ApiError(404, "no such resource")
         account_id, resource, username = path
-        method = METHODS[resource, username is not None]
-        if request.method != method:
-            raise ApiError(405, f"method not allowed; this path serves {method.decode()}",
-                           {b"allow": method})
+        methods = METHODS[resource, username is not None]
+        if request.method not in methods:
+            allowed = b", ".join(methods)
+            raise ApiError(405, f"method not allowed; this path serves {allowed.decode()}",
+                           {b"allow": allowed})
         if await self._authenticate(request) != account_id:
             raise _not_yours(account_id)
         if resource == "tokens":
             if username is None:
                 return await self._mint(request, account_id)
             return await self._revoke(account_id, username)
+        if resource == "triggers":
+            if self.triggers is None:
+                raise ApiError(501, "this relay serves no usage triggers")
+            return await self.triggers.answer(request, account_id, username)
         if self.usage is None:
             raise ApiError(501, "this relay serves no usage")
         if resource == "usage":
