@@ -111,7 +111,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["no-tcp-relay", None, "Refuse TCP allocations (RFC 6062) with 442"],
         ["use-auth-secret", None, "Accept TURN REST credentials made with --static-auth-secret "
                                   "(coturn's switch; the same as --auth rest-secret)"],
-        ["rfc5766-channels", None, "Also accept channel numbers 0x5000-0x7FFE (RFC 5766's "
+        ["rfc5766-channels", None, "Also accept channel numbers 0x5000-0x7FFF (RFC 5766's "
                                    "range, which coturn's turnutils_uclient uses); RFC 8656 "
                                    "allows only 0x4000-0x4FFF"],
         ["strict-expiry", None, "Also close allocations whose time-limited credential has "

@@ -565,12 +565,12 @@ def userhash(username: str, realm: str) -> bytes:
 
 
 # ChannelData (RFC 8656 section 12.4): a 4-byte header.  RFC 8656 narrowed channel numbers
-# to 0x4000-0x4FFF; RFC 5766 allowed up to 0x7FFE, and RFC 5766 clients still pick numbers
+# to 0x4000-0x4FFF; RFC 5766 allowed up to 0x7FFF, and RFC 5766 clients still pick numbers
 # there (coturn's turnutils_uclient does, at random), so the server accepts the old range only
 # when told to (`--rfc5766-channels`).  Framing accepts both: the binding decides.
 CHANNEL_HEADER = struct.Struct("!HH")
 MIN_CHANNEL, MAX_CHANNEL = 0x4000, 0x4FFF
-RFC5766_MAX_CHANNEL = 0x7FFE
+RFC5766_MAX_CHANNEL = 0x7FFF
 
 
 def stream_frame_length(buffer: bytes, offset: int = 0) -> Optional[int]:

@@ -287,12 +287,12 @@ def test_the_relays_own_endpoints_are_never_peers(server_factory, tmp_path):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_channel_numbers_outside_rfc8656s_range_are_400(server_factory, transport):
-    """0x4000-0x4FFF only, unless --rfc5766-channels (old clients) opens 0x5000-0x7FFE."""
+    """0x4000-0x4FFF only, unless --rfc5766-channels (old clients) opens 0x5000-0x7FFF."""
     strict, compat = server_factory(), server_factory("--rfc5766-channels")
-    for server, accepted in ((strict, {0x4000, 0x4FFF}), (compat, {0x4000, 0x4FFF, 0x5000, 0x7FFE})):
+    for server, accepted in ((strict, {0x4000, 0x4FFF}), (compat, {0x4000, 0x4FFF, 0x5000, 0x7FFE, 0x7FFF})):
         client = connect(server, transport)
         assert client.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
-        for i, number in enumerate((0x0000, 0x3FFF, 0x4000, 0x4FFF, 0x5000, 0x7FFE, 0x7FFF, 0xFFFF)):
+        for i, number in enumerate((0x0000, 0x3FFF, 0x4000, 0x4FFF, 0x5000, 0x7FFE, 0x7FFF, 0x8000, 0xFFFF)):
             reply = client.request(stun.CHANNEL_BIND, (stun.CHANNEL_NUMBER, number),
                                    (stun.XOR_PEER_ADDRESS, ("127.0.0.1", 10000 + i)))
             assert error_code(reply) == (None if number in accepted else 400), hex(number)

@@ -735,7 +735,7 @@ def test_channel_number_in_range_is_bound(alice, number):
     assert alice.allocation.channel_of_peer == {PEER: number}
 
 
-@pytest.mark.parametrize("number, code", [(0x5000, None), (0x7FFE, None), (0x7FFF, 400),
+@pytest.mark.parametrize("number, code", [(0x5000, None), (0x7FFF, None), (0x8000, 400),
                                           (0x3FFF, 400)])
 def test_rfc5766_channel_range_when_configured(number, code):
     client = Harness(max_channel=stun.RFC5766_MAX_CHANNEL).client()
