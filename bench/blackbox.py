@@ -21,7 +21,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from aioice_helpers import relay_round_trips  # noqa: E402
-from blackbox_helpers import LogDrain, RealClients, fire_datagrams, malformed_streams  # noqa: E402
+from blackbox_helpers import (LogDrain, RealClients, fire_datagrams, malformed_streams,  # noqa: E402
+                             udp_drops)
 from conftest import PASSWORD, USER, start_server  # noqa: E402
 
 
@@ -30,6 +31,7 @@ def main() -> int:
     parser.add_argument("--datagrams", type=int, default=100_000)
     parser.add_argument("--streams", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rate", type=float, default=3000, help="datagrams a second")
     args = parser.parse_args()
     if not 0 < args.datagrams <= 10_000_000 or not 0 <= args.streams <= 100_000:
         parser.error("--datagrams is 1-10^7 and --streams at most 10^5: this run is bounded")
@@ -41,8 +43,10 @@ def main() -> int:
         clients.start()
         began = time.monotonic()
         try:
-            sent, answers = fire_datagrams((server.host, server.port), args.datagrams, args.seed)
+            sent, answers = fire_datagrams((server.host, server.port), args.datagrams, args.seed,
+                                           args.rate)
             datagram_time = time.monotonic() - began
+            dropped = udp_drops(server.port)
             malformed_streams(server, args.streams, args.seed + 1)
         finally:
             clients.stop()
@@ -53,7 +57,8 @@ def main() -> int:
         log = drain.stop_server() if alive else "".join(server.log)
     tracebacks = log.count("Traceback")
     print(f"{sent} datagrams in {datagram_time:.0f} s ({sent / datagram_time:.0f}/s), "
-          f"{answers} answers, all well-formed; {args.streams} malformed streams; "
+          f"{answers} answers, all well-formed; {dropped} dropped by the kernel (receive "
+          f"buffer full) before the relay read them; {args.streams} malformed streams; "
           f"{elapsed:.0f} s in all")
     print(f"real clients: {clients.rounds} aioice round trips (UDP and TCP, 5 payloads each), "
           f"{len(clients.failures)} failed {clients.failures[:3]}")

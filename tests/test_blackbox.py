@@ -11,7 +11,9 @@ from blackbox_helpers import LogDrain, RealClients, fire_datagrams, malformed_st
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, USER
 
-DATAGRAMS, STREAMS = 5000, 35
+# Paced well below what the relay reads on a busy CI machine: a datagram the kernel drops from
+# a full receive buffer may be a real client's, and UDP data is not retransmitted.
+DATAGRAMS, RATE, STREAMS = 5000, 1500, 35
 
 
 def test_garbage_while_real_clients_relay(server_factory):
@@ -21,7 +23,7 @@ def test_garbage_while_real_clients_relay(server_factory):
     clients = RealClients(server)
     clients.start()
     try:
-        sent, answers = fire_datagrams((server.host, server.port), DATAGRAMS, seed=1)
+        sent, answers = fire_datagrams((server.host, server.port), DATAGRAMS, seed=1, rate=RATE)
         malformed_streams(server, STREAMS, seed=2)
     finally:
         clients.stop()
