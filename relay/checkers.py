@@ -12,7 +12,7 @@ import hmac
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
@@ -22,6 +22,7 @@ from zope.interface import implementer
 from relay import stun, tokens
 from relay.authplugins import parse_arguments
 from relay.credentials import Account, IAllocationPolicy, IStunCredentials
+from relay.quota import parse_megabytes
 from relay.saslprep import saslprep
 from relay.secretfile import read_secrets
 
@@ -36,6 +37,7 @@ class StaticUser:
     account_id: str
     password: Optional[str] = None
     md5_key: Optional[bytes] = None  # coturn's `turnadmin -k` form: MD5(user:realm:password)
+    monthly_quota_bytes: Optional[int] = None  # its account's, from the users file
 
 
 def parse_user(spec: str) -> Tuple[str, StaticUser]:
@@ -48,24 +50,40 @@ def parse_user(spec: str) -> Tuple[str, StaticUser]:
     return name, StaticUser(account_id=name, password=saslprep(secret))
 
 
+def _account_quotas(path: str, accounts: Dict[str, Any]) -> Dict[str, int]:
+    """`[accounts.NAME]` tables' `monthly-quota-mb`, in bytes (relay.quota)."""
+    quotas = {}
+    for name, entry in accounts.items():
+        if "monthly-quota-mb" in entry:
+            try:
+                quotas[name] = parse_megabytes(str(entry["monthly-quota-mb"]))
+            except ValueError as err:
+                raise ValueError(f"{path}: account {name!r}: monthly-quota-mb: {err}") from None
+    return quotas
+
+
 def load_users_file(path: str) -> Dict[str, StaticUser]:
-    """A TOML users file: `[users.NAME]` with `password` or `key`, and optional `account`.
+    """A TOML users file: `[users.NAME]` with `password` or `key`, and optional `account`;
+    `[accounts.NAME]` with an optional `monthly-quota-mb`.
 
     Raises ValueError naming the file and the user at fault (never the secret).
     """
     try:
         with open(path, "rb") as f:
-            table = tomllib.load(f).get("users", {})
+            document = tomllib.load(f)
     except (OSError, tomllib.TOMLDecodeError) as err:
         raise ValueError(f"cannot read {path}: {err}") from None
+    quotas = _account_quotas(path, document.get("accounts", {}))
     users = {}
-    for name, entry in table.items():
+    for name, entry in document.get("users", {}).items():
         secret = entry.get("password") or ("0x" + entry["key"] if "key" in entry else "")
         try:
             user = parse_user(f"{name}:{secret}")[1]
         except ValueError as err:
             raise ValueError(f"{path}: user {name!r}: {err}") from None
-        users[name] = dataclasses.replace(user, account_id=str(entry.get("account", name)))
+        account_id = str(entry.get("account", name))
+        users[name] = dataclasses.replace(user, account_id=account_id,
+                                          monthly_quota_bytes=quotas.get(account_id))
     return users
 
 
@@ -112,7 +130,9 @@ class StaticUsersChecker:
             ok = credentials.checkPassword(name, user.password)
         else:
             ok = credentials.algorithm == stun.ALGORITHM_MD5 and credentials.checkKey(name, user.md5_key)
-        return defer.succeed(Account(user.account_id)) if ok else defer.fail(error.UnauthorizedLogin())
+        if not ok:
+            return defer.fail(error.UnauthorizedLogin())
+        return defer.succeed(Account(user.account_id, monthly_quota_bytes=user.monthly_quota_bytes))
 
 
 @implementer(ICredentialsChecker, IAllocationPolicy)

@@ -95,6 +95,39 @@ def test_an_account_past_its_quota_is_closed_and_refused_on_every_relay(quota_fl
         client.close()
 
 
+def test_static_users_get_their_accounts_quota_or_the_relay_wide_one(server_factory, tmp_path):
+    """A users file's [accounts.NAME] monthly-quota-mb wins over --monthly-quota-mb (0 in the
+    file: unlimited); each relay here keeps its own SQLite ledger (in its --state-dir)."""
+    users = tmp_path / "users.toml"
+    users.write_text('[users.alice]\npassword = "wonderland"\naccount = "acme"\n'
+                     '[users.carol]\npassword = "wonderland"\naccount = "free"\n'
+                     '[accounts.acme]\nmonthly-quota-mb = 0.009\n'
+                     '[accounts.free]\nmonthly-quota-mb = 0\n')
+    flags = ("--monthly-quota-mb", "0.005", "--accounting-interval", "1")
+    by_file = server_factory("--users-file", str(users), *flags, users=(), tls=False,
+                             state_dir=str(tmp_path / "one"))
+    by_flag = server_factory(*flags, users=[("bob", "wonderland")], tls=False,
+                             state_dir=str(tmp_path / "two"))
+    with running_echo_peer() as peer:
+        free, reply = allocate(by_file, {"username": "carol", "password": "wonderland"})
+        assert reply.cls == stun.SUCCESS
+        relay_through(free, peer, 3)  # 6000 bytes: past the flag's 5000, but unlimited
+        for relay, user, trips in ((by_file, "alice", 5), (by_flag, "bob", 3)):
+            client, reply = allocate(relay, {"username": user, "password": "wonderland"})
+            assert reply.cls == stun.SUCCESS
+            relay_through(client, peer, trips - 1)  # under the quota (alice: 8000 of 9000 bytes)
+            relay_through(client, peer, 1)  # at or past it
+            line = relay.read_until(f"allocation closed user={user} ", timeout=BOUND)
+            assert "reason=quota" in line and f"from_client={trips}/" in line, line
+            again, reply = allocate(relay, {"username": user, "password": "wonderland"})
+            assert error_code(reply) == 486
+            for c in (client, again):
+                c.close()
+        # The readings that closed alice's allocation saw carol's usage too.
+        assert free.request(stun.REFRESH).cls == stun.SUCCESS
+        free.close()
+
+
 def test_the_ledger_sums_this_months_billable_bytes_only(tmp_path, in_reactor):
     """Month rollover: deltas of the previous month do not count, whatever their session."""
     backend = sqlite_backend(f"path={tmp_path / 'usage.db'}")
