@@ -9,12 +9,13 @@ import contextlib
 import json
 import queue
 import re
+import ssl
 import threading
 import time
 import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator, List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from conftest import REALM, free_port, running_echo_peer
 from dbfixtures import in_reactor, postgres_dsn, sqlite_dsn  # noqa: F401
@@ -23,13 +24,15 @@ from relay import stun
 from relay.accounts_db import AccountStore
 from test_quota import relay_through
 from test_revocation import UDP, cli
+from test_wire import make_cert
 from wire_client import WireClient
 
 
 @contextlib.contextmanager
-def callback_server(host: str, answers: List[int]) -> Iterator[Tuple[str, queue.Queue]]:
-    """An HTTP server recording each POST (path, JSON body) and answering the next status of
-    `answers` (204 once they run out)."""
+def callback_server(host: str, answers: List[int],
+                    tls: Optional[ssl.SSLContext] = None) -> Iterator[Tuple[str, queue.Queue]]:
+    """An HTTP server (HTTPS with `tls`) recording each POST (path, content type, JSON body)
+    and answering the next status of `answers` (204 once they run out)."""
     received: queue.Queue = queue.Queue()
 
     class Handler(BaseHTTPRequestHandler):
@@ -44,10 +47,12 @@ def callback_server(host: str, answers: List[int]) -> Iterator[Tuple[str, queue.
             pass
 
     server = ThreadingHTTPServer((host, free_port(host)), Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://{host}:{server.server_address[1]}", received
+        yield f"{'https' if tls else 'http'}://{host}:{server.server_address[1]}", received
     finally:
         server.shutdown()
         server.server_close()
@@ -198,4 +203,50 @@ def test_forbidden_callbacks_are_refused_at_registration_and_at_delivery(
                      r"resolves to a forbidden address \((127\.0\.0\.1|::1)\); retrying in 1 s",
                      timeout=15)
         assert received.empty()
+        client.close()
+
+
+def test_https_callbacks_verify_the_certificate_of_the_host_in_the_url(
+        sqlite_dsn, server_factory, tmp_path, monkeypatch):
+    """The connection is pinned to the checked address, yet TLS still verifies the URL's host:
+    a certificate the relay trusts (here through SSL_CERT_FILE) is delivered to, another not."""
+    trusted = make_cert(tmp_path, "hook", san="IP:127.0.0.2")
+    untrusted = make_cert(tmp_path, "other", san="IP:127.0.0.2")
+    monkeypatch.setenv("SSL_CERT_FILE", str(trusted[0]))
+    secret = tmp_path / "rest.secret"
+    secret.write_text("shared-rest-secret-1\n")
+    key = cli("account", "add", "acme", "--db", sqlite_dsn).strip()
+    api = free_port()
+    relay = server_factory("--auth", f"db:dsn={sqlite_dsn},secret-file={secret}",
+                           "--accounting-interval", "1", "--api-port", str(api),
+                           "--allowed-peer-ip", "127.0.0.2", users=(), tls=False,
+                           loopback_peers=False)
+    relay.read_until("account database loaded")
+    contexts = []
+    for cert, private_key in (trusted, untrusted):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, private_key)
+        contexts.append(context)
+    with callback_server("127.0.0.2", [], contexts[0]) as (good, delivered), \
+            callback_server("127.0.0.2", [], contexts[1]) as (bad, refused):
+        sids = []
+        for url in (good + "/hook", bad + "/hook"):
+            status, trigger = api_call(api, "POST", TRIGGERS, key,
+                                       {"callback_url": url, "trigger_value": "0.001"})
+            assert status == 201, trigger
+            sids.append(trigger["sid"])
+        token = credential(secret)
+        client = WireClient((relay.host, relay.port), token["username"], token["password"],
+                            REALM)
+        assert client.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
+        peer = ("127.0.0.2", 9)
+        assert client.request(stun.CREATE_PERMISSION,
+                              (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
+        for _ in range(3):
+            client.send_indication(peer, b"s" * 500)
+        path, _, notice = delivered.get(timeout=15)
+        assert path == "/hook" and notice["trigger_sid"] == sids[0]
+        relay.search(rf"usage trigger {sids[1]} notice not delivered: .*certificate verify "
+                     r"failed.*; retrying in 1 s", timeout=15)
+        assert refused.empty()
         client.close()
