@@ -129,14 +129,23 @@ class PeerPolicy:
     def __init__(self, allowed: Iterable[str] = (), denied: Iterable[str] = (),
                  allow_loopback: bool = False, cluster: Iterable[str] = (),
                  own: Optional[OwnEndpoints] = None):
-        self.allowed: List[Tuple[IPAddress, IPAddress]] = [parse_rule(r) for r in allowed]
-        self.denied: List[Tuple[IPAddress, IPAddress]] = [parse_rule(r) for r in denied]
+        self.allowed: List[Tuple[IPAddress, IPAddress]] = []
+        self.denied: List[Tuple[IPAddress, IPAddress]] = []
         # Kubernetes pod and service networks (--cluster-cidr): above every allow rule, so an
         # operator allowing a private range for a media server cannot open the cluster too.
-        self.cluster: List[Tuple[IPAddress, IPAddress]] = [parse_rule(r) for r in cluster]
+        self.cluster: List[Tuple[IPAddress, IPAddress]] = []
+        self.set_rules(allowed, denied, cluster)
         self.allow_loopback = allow_loopback
         # Shared, not copied: a policy rebuilt on reload keeps the listeners bound at start.
         self.own = own if own is not None else OwnEndpoints()
+
+    def set_rules(self, allowed: Iterable[str], denied: Iterable[str],
+                  cluster: Iterable[str]) -> None:
+        """The operator's rules, replaced in place (SIGHUP) so that every holder of this policy
+        (the core, the callback URL checks) sees the new ones; all or none: a bad rule raises
+        ValueError before any is replaced."""
+        self.allowed, self.denied, self.cluster = (
+            [parse_rule(r) for r in rules] for rules in (allowed, denied, cluster))
 
     def permits(self, host: str) -> bool:
         candidates = _candidates(host)

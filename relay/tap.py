@@ -8,7 +8,7 @@ import os
 import resource
 import signal
 import socket
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -422,11 +422,6 @@ def makeService(options: Options, reactor=None) -> MultiService:
     portal = Portal(AccountRealm(), [checkers])
     # Every listener this process opens adds itself: the relay never relays to its own ports.
     own = OwnEndpoints(list(relay_ips.values()) + list(external_ips.values()) + local_addresses())
-
-    def peer_policy(rules: Mapping[str, Any]) -> PeerPolicy:
-        return PeerPolicy(rules["allowed-peer-ip"], rules["denied-peer-ip"],
-                          bool(options["allow-loopback-peers"]), rules["cluster-cidr"], own)
-
     config = TurnConfig(
         realm=realm, relay_ips=relay_ips, external_ips=external_ips,
         min_port=options["min-port"], max_port=options["max-port"],
@@ -438,7 +433,8 @@ def makeService(options: Options, reactor=None) -> MultiService:
         max_bps=options["max-bps"], max_pps=options["max-pps"],
         account_max_bps=options["account-max-bps"], account_max_pps=options["account-max-pps"],
         software=None if options["no-software-attribute"] else SOFTWARE,
-        policy=peer_policy(options),
+        policy=PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
+                          bool(options["allow-loopback-peers"]), options["cluster-cidr"], own),
         password_algorithms=algorithms,
         alternate_servers=tuple(options["alternate-server"]),
         tls_alternate_servers=tuple(options["tls-alternate-server"]),
@@ -520,6 +516,11 @@ def makeService(options: Options, reactor=None) -> MultiService:
         TimerService(CERTIFICATE_LOOK, _certificate_watch(certificates)).setServiceParent(service)
     reloads = [(what, context.reload) for what, context in certificates]
     reloads.append(("credentials", checkers.reload))
-    reloads.append(("peer rules", lambda: server.set_policy(peer_policy(options.peer_rules_now()))))
+
+    def reload_peer_rules() -> None:
+        rules = options.peer_rules_now()
+        server.set_peer_rules(rules["allowed-peer-ip"], rules["denied-peer-ip"],
+                              rules["cluster-cidr"])
+    reloads.append(("peer rules", reload_peer_rules))
     SighupService(reactor, reloads).setServiceParent(service)
     return service

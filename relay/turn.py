@@ -16,7 +16,7 @@ import random
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, Iterator, List, Optional, Tuple
+from typing import Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple
 
 from relay import stun
 from relay.allocation import PERMISSION_LIFETIME, Address, Allocation, Budget, RelayEndpoint
@@ -268,12 +268,14 @@ class TurnServer:
         while self._response_expiry and self._response_expiry[0][0] <= now:
             self._responses.pop(self._response_expiry.popleft()[1], None)
 
-    def set_policy(self, policy: PeerPolicy) -> None:
-        """New peer rules (SIGHUP).  Permissions they forbid end at once, which stops relaying
-        to those peers both ways, channels and Send included; the allocations stay."""
-        self.config.policy = policy
+    def set_peer_rules(self, allowed: Iterable[str], denied: Iterable[str],
+                       cluster: Iterable[str]) -> None:
+        """New peer rules (SIGHUP), in the policy every part holds.  Permissions they forbid
+        end at once, which stops relaying to those peers both ways, channels and Send
+        included; the allocations stay.  ValueError for a bad rule, the old ones kept."""
+        policy = self.config.policy
+        policy.set_rules(allowed, denied, cluster)
         for allocation in self.allocations.values():
-            allocation.own = policy.own
             for ip in [ip for ip in allocation.permissions if not policy.permits(ip)]:
                 del allocation.permissions[ip]
 

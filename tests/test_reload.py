@@ -17,6 +17,7 @@ from relay import stun
 from relay.turnclient import TLS, TurnClient
 from test_abuse import udp_socket
 from test_wire import make_cert, tls_connect
+from turnclient_helpers import PEER, PEER2, Harness
 from wire_client import WireClient, error_code
 
 
@@ -124,3 +125,17 @@ def test_sighup_rereads_peer_rules_from_the_config_file(server_factory, tmp_path
         client.close()
         soon_denied.close()
         still_allowed.close()
+
+
+def test_new_peer_rules_reach_every_holder_of_the_policy_all_or_none():
+    harness = Harness()
+    held = harness.server.config.policy  # as the usage triggers' callback checks hold it
+    alice = harness.client()
+    alice.allocate_ok()
+    assert alice.create_permission(PEER, PEER2).cls == stun.SUCCESS
+    harness.server.set_peer_rules([], [PEER[0]], [])
+    assert not held.permits(PEER[0]) and held.permits(PEER2[0])
+    assert set(alice.allocation.permissions) == {PEER2[0]}  # the forbidden one ended at once
+    with pytest.raises(ValueError):
+        harness.server.set_peer_rules([PEER[0]], ["not an address"], [])
+    assert not held.permits(PEER[0])  # nothing of the bad set was taken
