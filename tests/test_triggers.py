@@ -143,18 +143,37 @@ def test_a_trigger_fires_once_across_relays_and_a_failed_delivery_is_retried(
         client.close()
 
 
-def test_forbidden_callbacks_are_refused_at_registration_and_at_delivery(
-        sqlite_dsn, server_factory, tmp_path, in_reactor):
+def lone_relay(sqlite_dsn, server_factory, tmp_path):
+    """(relay, API port, acme's API key, secret file): one relay with an SQLite account
+    database, on which loopback is forbidden but for 127.0.0.2, the peer `spend` relays to
+    and an allowed callback host."""
     secret = tmp_path / "rest.secret"
     secret.write_text("shared-rest-secret-1\n")
     key = cli("account", "add", "acme", "--db", sqlite_dsn).strip()
     api = free_port()
-    # Loopback is forbidden but for 127.0.0.2, the relayed peer and an allowed callback host.
     relay = server_factory("--auth", f"db:dsn={sqlite_dsn},secret-file={secret}",
                            "--accounting-interval", "1", "--api-port", str(api),
                            "--allowed-peer-ip", "127.0.0.2", users=(), tls=False,
                            loopback_peers=False)
     relay.read_until("account database loaded")
+    return relay, api, key, secret
+
+
+def spend(relay, secret, size):
+    """An allocation of acme that has sent `size` bytes (in 500-byte datagrams) to 127.0.0.2."""
+    token = credential(secret)
+    client = WireClient((relay.host, relay.port), token["username"], token["password"], REALM)
+    assert client.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
+    peer = ("127.0.0.2", 9)
+    assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
+    for _ in range(size // 500):
+        client.send_indication(peer, b"s" * 500)
+    return client
+
+
+def test_forbidden_callbacks_are_refused_at_registration_and_at_delivery(
+        sqlite_dsn, server_factory, tmp_path, in_reactor):
+    relay, api, key, secret = lone_relay(sqlite_dsn, server_factory, tmp_path)
     with callback_server("127.0.0.1", []) as (base, received):
         port = base.rpartition(":")[2]
         for url, problem in [
@@ -189,15 +208,7 @@ def test_forbidden_callbacks_are_refused_at_registration_and_at_delivery(
         store = in_reactor(AccountStore.from_dsn, sqlite_dsn)
         rebound = in_reactor(store.add_trigger, "acme", 1000, f"http://localhost:{port}/")
         in_reactor(store.close)
-        token = credential(secret)
-        client = WireClient((relay.host, relay.port), token["username"], token["password"],
-                            REALM)
-        assert client.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
-        peer = ("127.0.0.2", 9)
-        assert client.request(stun.CREATE_PERMISSION,
-                              (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
-        for _ in range(3):
-            client.send_indication(peer, b"r" * 500)
+        client = spend(relay, secret, 1500)
         relay.read_until(f"usage trigger {rebound.trigger_id} of account acme fired", timeout=15)
         relay.search(rf"usage trigger {rebound.trigger_id} notice not delivered: localhost "
                      r"resolves to a forbidden address \((127\.0\.0\.1|::1)\); retrying in 1 s",
@@ -213,15 +224,7 @@ def test_https_callbacks_verify_the_certificate_of_the_host_in_the_url(
     trusted = make_cert(tmp_path, "hook", san="IP:127.0.0.2")
     untrusted = make_cert(tmp_path, "other", san="IP:127.0.0.2")
     monkeypatch.setenv("SSL_CERT_FILE", str(trusted[0]))
-    secret = tmp_path / "rest.secret"
-    secret.write_text("shared-rest-secret-1\n")
-    key = cli("account", "add", "acme", "--db", sqlite_dsn).strip()
-    api = free_port()
-    relay = server_factory("--auth", f"db:dsn={sqlite_dsn},secret-file={secret}",
-                           "--accounting-interval", "1", "--api-port", str(api),
-                           "--allowed-peer-ip", "127.0.0.2", users=(), tls=False,
-                           loopback_peers=False)
-    relay.read_until("account database loaded")
+    relay, api, key, secret = lone_relay(sqlite_dsn, server_factory, tmp_path)
     contexts = []
     for cert, private_key in (trusted, untrusted):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -235,15 +238,7 @@ def test_https_callbacks_verify_the_certificate_of_the_host_in_the_url(
                                        {"callback_url": url, "trigger_value": "0.001"})
             assert status == 201, trigger
             sids.append(trigger["sid"])
-        token = credential(secret)
-        client = WireClient((relay.host, relay.port), token["username"], token["password"],
-                            REALM)
-        assert client.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
-        peer = ("127.0.0.2", 9)
-        assert client.request(stun.CREATE_PERMISSION,
-                              (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
-        for _ in range(3):
-            client.send_indication(peer, b"s" * 500)
+        client = spend(relay, secret, 1500)
         path, _, notice = delivered.get(timeout=15)
         assert path == "/hook" and notice["trigger_sid"] == sids[0]
         relay.search(rf"usage trigger {sids[1]} notice not delivered: .*certificate verify "
