@@ -74,6 +74,9 @@ class QuotaTracker:
         self.clock = clock
         # account id -> (its quota in bytes, when it was last seen here)
         self.watched: Dict[str, Tuple[int, float]] = {}
+        # account id -> when it last allocated or held an allocation here, quota or not: the
+        # accounts whose usage triggers this relay checks (relay.triggers)
+        self.active: Dict[str, float] = {}
         self.reached: Set[str] = set()
         self._failing = False
         self.service = TimerService(interval, self.poll)
@@ -84,10 +87,11 @@ class QuotaTracker:
         return self.default_quota if quota is None else quota
 
     def over_quota(self, account: Account) -> bool:
+        now = self.active[account.account_id] = self.clock()
         quota = self.quota_of(account)
         if not quota:
             return False
-        self.watched[account.account_id] = (quota, self.clock())
+        self.watched[account.account_id] = (quota, now)
         return account.account_id in self.reached
 
     def poll(self) -> defer.Deferred[None]:
@@ -102,6 +106,8 @@ class QuotaTracker:
         now = self.clock()
         for account in [a for a, (_, seen) in self.watched.items() if now - seen > WATCH_FOR]:
             del self.watched[account]
+        for account in [a for a, seen in self.active.items() if now - seen > WATCH_FOR]:
+            del self.active[account]
         since = month_start(now)
         if not self.watched:
             self.reached = set()

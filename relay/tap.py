@@ -388,14 +388,15 @@ def _usage_watch(ledger: Ledger, server: TurnServer, checkers: ChainedChecker,
                  "--accounting backend")
         return []
     usage = MonthlyUsage(ledger, *found)
-    services = [QuotaTracker(server, usage, options["monthly-quota-bytes"],
-                             clock=reactor.seconds).service]
+    tracker = QuotaTracker(server, usage, options["monthly-quota-bytes"], clock=reactor.seconds)
+    services = [tracker.service]
     stores = [checker.store for checker in checkers.checkers
               if isinstance(checker, AccountsChecker)]
     if options["api-port"] is not None:
         stores.append(options["api-store"])
     if stores:
-        services.append(UsageTriggers(stores[0], usage, server.config.policy, reactor).service)
+        services.append(UsageTriggers(stores[0], usage, server.config.policy, reactor,
+                                      tracker.active).service)
     return services
 
 

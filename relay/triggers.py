@@ -3,9 +3,10 @@ of the calendar month (UTC) reach a threshold, once per trigger and month.
 
 Triggers live in the account database (`usage_triggers`, registered through the tokens API,
 `relay.triggers_api`).  Every `interval` seconds each relay reads the triggers that have not
-fired this month, the usage of their accounts as quotas read it (`relay.quota.MonthlyUsage`:
-the SQL ledger plus this relay's unstored usage), and for each one reached inserts the
-(trigger, month) row of `trigger_firings`.  That row's key makes the notice go out once: only
+fired this month, keeps those of accounts that allocated on it in the last hour (the relays
+an account relays on are the ones that see its usage grow), reads those accounts' usage as
+quotas do (`relay.quota.MonthlyUsage`: the SQL ledger plus this relay's unstored usage), and
+for each trigger reached inserts the (trigger, month) row of `trigger_firings`.  That row's key makes the notice go out once: only
 the relay whose insert succeeded delivers it, however many relays saw the crossing.  It
 retries a failed delivery (no answer, an answer other than 2xx, a host that now resolves to a
 forbidden address) after 1, 2, 4... seconds, RETRIES times, then gives up and says so; a relay
@@ -18,7 +19,7 @@ trigger due again.  With a SQLite ledger per relay, each relay sees only its own
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, Dict, Optional
+from typing import Any, Container, Dict, Optional
 from urllib.parse import quote
 
 from twisted.application.internet import TimerService
@@ -64,9 +65,10 @@ class UsageTriggers:
     """Fires the triggers whose accounts reached their thresholds this month."""
 
     def __init__(self, store: AccountStore, usage: MonthlyUsage, policy: PeerPolicy, reactor: Any,
-                 interval: float = INTERVAL):
+                 active: Container[str], interval: float = INTERVAL):
         self.store = store
         self.usage = usage
+        self.active = active
         self.policy = policy
         self.reactor = reactor
         self.service = TimerService(interval, self.poll)
@@ -89,7 +91,8 @@ class UsageTriggers:
         now = self.reactor.seconds()
         since = month_start(now)
         period = since[:7]
-        due = yield self.store.triggers(period, due=True)
+        due = [trigger for trigger in (yield self.store.triggers(period, due=True))
+               if trigger.account_id in self.active]
         if due:
             usage = yield self.usage.read(since, sorted({t.account_id for t in due}))
             for trigger in due:
