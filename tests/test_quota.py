@@ -10,15 +10,19 @@ import subprocess
 import time
 
 import pytest
+from twisted.internet.task import Clock
 
 from conftest import REALM, TWISTD, running_echo_peer
 from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn  # noqa: F401
 from postgres import fresh_schema
 from relay import stun
-from relay.quota import month_start, parse_megabytes
+from relay.ledger import Ledger
+from relay.quota import MonthlyUsage, month_start, parse_megabytes
 from relay.usage import SessionStarted, UsageDelta
 from relay.usage_sql import MIGRATIONS, sqlite_backend
+from test_ledger import open_session, traffic
 from test_revocation import UDP, cli
+from turnclient_helpers import Harness
 from wire_client import WireClient, error_code
 
 BOUND = 6.0
@@ -147,6 +151,46 @@ def test_the_ledger_sums_this_months_billable_bytes_only(tmp_path, in_reactor):
     in_reactor(backend.close)
     assert raw_rows(f"sqlite:///{tmp_path / 'usage.db'}",
                     "SELECT MAX(version) FROM schema_version") == [(len(MIGRATIONS),)]
+
+
+def test_stored_plus_unstored_usage_is_every_byte_at_any_moment(tmp_path, in_reactor):
+    """What a quota reading adds up, on the real core and a real SQLite ledger: live
+    counters, queued deltas, a write under way and stored deltas, never a byte twice."""
+    harness, clock = Harness(), Clock()
+    backend = sqlite_backend(f"path={tmp_path / 'usage.db'}")
+    ledger = Ledger(harness.server, {"sqlite": backend}, "r", clock, interval=10)
+    usage = MonthlyUsage(ledger, "sqlite", backend)
+    since = month_start(clock.seconds())  # the fake clock's month: 1970-01
+    accounts = ["acct-alice", "acct-bob", "acct-nobody"]
+    in_reactor(ledger.startService)
+    alice, bob = in_reactor(lambda: (open_session(harness), open_session(harness, "bob", 40001)))
+
+    def read_after(step=lambda: None):
+        """The reading issued right after `step`, in the same turn of the reactor."""
+        def both():
+            step()
+            return usage.read(since, accounts)
+        return in_reactor(both)
+
+    assert read_after() == {"acct-alice": 0, "acct-bob": 0, "acct-nobody": 0}
+    in_reactor(traffic, alice, [b"a" * 100], [b"b" * 30])
+    assert read_after() == {"acct-alice": 130, "acct-bob": 0, "acct-nobody": 0}  # live only
+    # A reading queued, its write issued, then the read: it runs after the write.
+    assert read_after(lambda: clock.advance(10))["acct-alice"] == 130
+    in_reactor(traffic, alice, [b"c" * 7], [])
+    in_reactor(traffic, bob, [b"d" * 64], [b"e" * 3])
+    assert read_after() == {"acct-alice": 137, "acct-bob": 67, "acct-nobody": 0}
+    # Alice's session ends: its last delta queued as the session goes.
+    assert read_after(lambda: alice.refresh(0)) == {"acct-alice": 137, "acct-bob": 67,
+                                                     "acct-nobody": 0}
+    # Bob's periodic delta being written, and his last one queued behind it, unwritten.
+    assert read_after(lambda: (clock.advance(10), traffic(bob, [b"f" * 10], []),
+                               bob.refresh(0))) == {"acct-alice": 137, "acct-bob": 77,
+                                                    "acct-nobody": 0}
+    in_reactor(ledger.drained)
+    assert read_after() == {"acct-alice": 137, "acct-bob": 77, "acct-nobody": 0}
+    assert ledger._ended == {}  # forgotten once every queue is empty
+    in_reactor(ledger.stopService)
 
 
 @pytest.mark.parametrize("text, expected", [("0", 0), ("5", 5_000_000), ("0.02", 20_000),
