@@ -115,3 +115,21 @@ def test_metrics_and_drain_options_from_the_toml_file(tmp_path):
 ])
 def test_bad_metrics_and_drain_values_name_the_option(argv, option):
     test_bad_values_name_the_option(argv, option)
+
+
+def test_monthly_quotas_from_the_toml_file_and_the_users_file(tmp_path):
+    config = tmp_path / "turnrelay.toml"
+    config.write_text("monthly-quota-mb = 0.25\n")
+    assert parse("--config", str(config))["monthly-quota-bytes"] == 250_000
+    assert parse()["monthly-quota-bytes"] == 0
+    users = tmp_path / "users.toml"
+    users.write_text('[users.alice]\npassword = "pw"\naccount = "acme"\n'
+                     '[users.bob]\npassword = "pw"\n[accounts.acme]\nmonthly-quota-mb = 3\n')
+    (static,) = parse("--users-file", str(users))["checkers"]
+    assert static.users["alice"].monthly_quota_bytes == 3_000_000
+    assert static.users["bob"].monthly_quota_bytes is None  # the relay-wide quota
+    users.write_text('[users.alice]\npassword = "pw"\n[accounts.alice]\nmonthly-quota-mb = -1\n')
+    with pytest.raises(SystemExit) as exit_:
+        parse("--users-file", str(users))
+    assert str(exit_.value.code) == (f"turnrelay: --users-file: {users}: account 'alice': "
+                                     "monthly-quota-mb: must be 0 (unlimited) or more megabytes")
