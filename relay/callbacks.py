@@ -29,7 +29,7 @@ from zope.interface import implementer
 from relay import SOFTWARE
 from relay.peers import PeerPolicy, is_ip
 
-TIMEOUT = 10.0  # seconds for a whole delivery: resolution, connection, TLS, answer
+TIMEOUT = 10.0  # seconds for connecting, TLS and the answer (resolving: the system resolver's)
 MAX_URL = 2048
 
 
