@@ -20,6 +20,7 @@ Bounded: every phase has a deadline; the server is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import resource
 import selectors
@@ -69,11 +70,16 @@ class Server:
         self.wait_for(lambda log: f"listening on udp [{HOST}]:{self.port}" in log, 60)
 
     def log(self) -> str:
-        try:
-            with open(self.log_path) as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        """The whole log, rotated parts included: twistd's log file rotates every 1 MB."""
+        parts = sorted(glob.glob(self.log_path + ".*"), key=lambda p: -int(p.rsplit(".", 1)[1]))
+        text = []
+        for path in parts + [self.log_path]:
+            try:
+                with open(path) as f:
+                    text.append(f.read())
+            except FileNotFoundError:
+                pass   # rotated away between the listing and the read
+        return "".join(text)
 
     def wait_for(self, ready: Callable[[str], bool], timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -9,7 +9,6 @@ server gives the garbage must itself be a well-formed message.
 """
 from __future__ import annotations
 
-import asyncio
 import random
 import signal
 import socket
@@ -224,7 +223,7 @@ class RealClients(threading.Thread):
             payloads = [b"real client %d/%d" % (self.rounds, i) for i in range(5)]
             try:
                 relay_round_trips(self.server, USER, PASSWORD, payloads, transport)
-            except (AssertionError, ConnectionError, OSError, asyncio.TimeoutError) as err:
+            except Exception as err:   # whatever aioice raises: recorded, and the loop goes on
                 self.failures.append(f"{transport} round {self.rounds}: {err!r}")
             self.rounds += 1
 
