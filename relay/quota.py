@@ -8,16 +8,17 @@ backend and adds what its own ledger has not stored there yet (`Ledger.unstored`
 deltas and live counters since their last reading).  The read runs on the ledger backend's
 one connection, after the writes queued before it, so the two parts neither overlap nor leave
 a gap.  With a PostgreSQL ledger shared by a fleet, a relay thus sees every relay's stored
-usage plus its own live usage: the quota is exceeded by at most what the other relays relayed
-since their last flush (`--accounting-interval`).  With a SQLite ledger per relay, a quota
-is per relay.
+usage plus its own live usage: the relay that relays the crossing byte acts within one
+reading and one tick, the others one flush (`--accounting-interval`) later; what is relayed
+meanwhile is recorded and billed, past the quota.  With a SQLite ledger per relay, a quota is
+per relay.
 
 A relay watches the accounts that have a quota and that allocated on it in the last
 `WATCH_FOR` seconds, and only those are read.  An account's first Allocate on a relay is
-let through, and closed within one interval if it was already over.  The quota an
-allocation is held to is its login's (`Account.monthly_quota_bytes`, else
-`--monthly-quota-mb`); a changed quota applies from the account's next Allocate.  Months
-roll over at 00:00 UTC on the 1st: totals then start again from zero.
+let through, and closed within one reading if it was already over.  The quota an allocation
+is held to is its login's (`Account.monthly_quota_bytes`, else `--monthly-quota-mb`); a
+changed quota applies one reading after the account's next Allocate.  Months roll over at
+00:00 UTC on the 1st: totals then start again from zero.
 """
 from __future__ import annotations
 
@@ -69,6 +70,7 @@ class QuotaTracker:
 
     def __init__(self, server: TurnServer, usage: MonthlyUsage, default_quota: int,
                  clock: Callable[[], float] = time.time, interval: float = INTERVAL):
+        self.server = server
         self.usage = usage
         self.default_quota = default_quota
         self.clock = clock
@@ -87,12 +89,21 @@ class QuotaTracker:
         return self.default_quota if quota is None else quota
 
     def over_quota(self, account: Account) -> bool:
-        now = self.active[account.account_id] = self.clock()
+        """Asked at each Allocate and, each tick, for each allocation: so it only notes an
+        account not seen yet, and one refused for its quota; `poll` notes the others."""
+        account_id = account.account_id
+        if account_id in self.reached:
+            self._watch(account, self.clock())
+            return True
+        if account_id not in self.active:  # first seen here: an Allocate
+            now = self.active[account_id] = self.clock()
+            self._watch(account, now)
+        return False
+
+    def _watch(self, account: Account, now: float) -> None:
         quota = self.quota_of(account)
-        if not quota:
-            return False
-        self.watched[account.account_id] = (quota, now)
-        return account.account_id in self.reached
+        if quota:
+            self.watched[account.account_id] = (quota, now)
 
     def poll(self) -> defer.Deferred[None]:
         """Read this month's usage of the watched accounts; keep the last verdict on failure.
@@ -104,6 +115,9 @@ class QuotaTracker:
     @defer.inlineCallbacks
     def _poll(self):
         now = self.clock()
+        for allocation in self.server.allocations.values():  # the newest login's quota wins
+            self.active[allocation.account.account_id] = now
+            self._watch(allocation.account, now)
         for account in [a for a, (_, seen) in self.watched.items() if now - seen > WATCH_FOR]:
             del self.watched[account]
         for account in [a for a, seen in self.active.items() if now - seen > WATCH_FOR]:
