@@ -13,6 +13,7 @@ from typing import Iterator, Tuple
 import pytest
 
 from conftest import PASSWORD, REALM, USER, free_port
+from test_accounting import sql_usage
 from relay import stun
 from relay.turnclient import TCP as STREAM, TLS, TurnClient
 from wire_client import WireClient, error_code
@@ -156,7 +157,10 @@ def test_no_tcp_relay_refuses_tcp_allocations_with_442(server_factory):
 
 # -- active open (section 5.2) -----------------------------------------------------------------
 
-def test_active_open_relays_both_ways_and_counts_the_payload(server, tcp_echo_peer):
+def test_active_open_relays_both_ways_and_the_ledger_bills_it(server_factory, tcp_echo_peer,
+                                                              tmp_path):
+    dsn = f"sqlite:///{tmp_path / 'usage.db'}"
+    server = server_factory("--accounting", f"sqlite:path={tmp_path / 'usage.db'}", tls=False)
     client, data = active_open(server, tcp_echo_peer)
     payload = bytes(range(256)) * 400  # 100 KiB, several segments
     data.sock.sendall(payload)
@@ -165,9 +169,11 @@ def test_active_open_relays_both_ways_and_counts_the_payload(server, tcp_echo_pe
     client.close()
     assert_closed(data.sock)
     line = server.search(r"allocation closed .*reason=disconnected from_client=(\d+)/(\d+)B "
-                         r"to_client=(\d+)/(\d+)B")
-    assert int(line.group(2)) == len(payload) and int(line.group(4)) == len(payload)
-    assert int(line.group(1)) >= 1 and int(line.group(3)) >= 1
+                         r"to_client=(\d+)/(\d+)B .*session=(\w+)")
+    packets_from, bytes_from, packets_to, bytes_to = map(int, line.groups()[:4])
+    assert bytes_from == bytes_to == len(payload) and packets_from >= 1 and packets_to >= 1
+    server.read_until(f"session {line.group(5)} usage recorded in sqlite")
+    assert sql_usage(dsn)[USER] == ("default", bytes_from, packets_from, bytes_to, packets_to)
     data.close()
 
 
