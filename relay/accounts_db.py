@@ -299,9 +299,10 @@ class AccountStore(SqlStore):
         return self._run(add)
 
     def triggers(self, period: str, account_id: Optional[str] = None,
-                 due: bool = False) -> defer.Deferred[List[UsageTrigger]]:
+                 due_before: Optional[int] = None) -> defer.Deferred[List[UsageTrigger]]:
         """The account's triggers (every account's without one), with when each fired in
-        `period` ("2026-11"); with `due`, only those that have not fired in it."""
+        `period` ("2026-11"); with `due_before`, only those due: not fired in it, or fired
+        before that unix time and never delivered (`claim_firing`)."""
         def read(txn: adbapi.Transaction) -> List[UsageTrigger]:
             columns = ", ".join(f"t.{name.strip()}" for name in TRIGGER_COLUMNS.split(","))
             sql = (f"SELECT {columns}, f.fired_at FROM usage_triggers t LEFT JOIN"
@@ -310,8 +311,10 @@ class AccountStore(SqlStore):
             if account_id is not None:
                 conditions.append("t.account_id = ?")
                 params.append(account_id)
-            if due:
-                conditions.append("f.trigger_id IS NULL")
+            if due_before is not None:
+                conditions.append("(f.trigger_id IS NULL OR (f.delivered_at IS NULL"
+                                  " AND f.fired_at < ?))")
+                params.append(due_before)
             if conditions:
                 sql += " WHERE " + " AND ".join(conditions)
             self._execute(txn, sql + " ORDER BY t.created_at, t.trigger_id", tuple(params))
@@ -330,14 +333,20 @@ class AccountStore(SqlStore):
             return deleted
         return self._run(delete)
 
-    def claim_firing(self, trigger_id: str, period: str, usage_bytes: int) -> defer.Deferred[bool]:
+    def claim_firing(self, trigger_id: str, period: str, usage_bytes: int,
+                     stale_before: int) -> defer.Deferred[bool]:
         """Whether this caller is the one to notify: the first to insert the (trigger, period)
-        row, whichever relay it runs on."""
+        row, whichever relay it runs on, or the first to take over a row claimed before
+        `stale_before` and never delivered (its relay stopped, or gave up)."""
         def claim(txn: adbapi.Transaction) -> bool:
             self._execute(txn, "INSERT INTO trigger_firings (trigger_id, period, usage_bytes,"
                                " fired_at) VALUES (?, ?, ?, ?)"
-                               " ON CONFLICT (trigger_id, period) DO NOTHING",
-                          (trigger_id, period, usage_bytes, int(time.time())))
+                               " ON CONFLICT (trigger_id, period) DO UPDATE"
+                               " SET usage_bytes = excluded.usage_bytes,"
+                               " fired_at = excluded.fired_at"
+                               " WHERE trigger_firings.delivered_at IS NULL"
+                               " AND trigger_firings.fired_at < ?",
+                          (trigger_id, period, usage_bytes, int(time.time()), stale_before))
             return txn.rowcount == 1
         return self._run(claim)
 

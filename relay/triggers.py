@@ -9,9 +9,11 @@ quotas do (`relay.quota.MonthlyUsage`: the SQL ledger plus this relay's unstored
 for each trigger reached inserts the (trigger, month) row of `trigger_firings`.  That row's key makes the notice go out once: only
 the relay whose insert succeeded delivers it, however many relays saw the crossing.  It
 retries a failed delivery (no answer, an answer other than 2xx, a host that now resolves to a
-forbidden address) after 1, 2, 4... seconds, RETRIES times, then gives up and says so; a relay
-stopped meanwhile does not hand its delivery over.  A notice carries an idempotency token (the
-trigger and the month), for receivers that may see a retry of a notice that did arrive.
+forbidden address) after 1, 2, 4... seconds, RETRIES times, then gives up and says so.  A
+firing not delivered TAKEOVER seconds after its claim (its relay stopped, or gave up) is
+claimed again by the next relay that sees the trigger reached, which starts over: delivery is
+at least once.  A notice carries an idempotency token (the trigger and the month), the same
+on every attempt, for receivers that may see a notice twice.
 
 Triggers recur monthly (Twilio's `recurring=monthly`): a month that starts finds every
 trigger due again.  With a SQLite ledger per relay, each relay sees only its own usage.
@@ -38,6 +40,9 @@ log = Logger(namespace="turnrelay.triggers")
 
 INTERVAL = 2.0
 RETRIES = 8  # after the first attempt: 1 + 2 + ... + 128 s, about four minutes in all
+# A firing claimed this long ago and never delivered is taken over by the next relay that sees
+# its trigger reached: longer than the claimer's retries with their timeouts (about 6 min).
+TAKEOVER = 600
 USAGE_CATEGORY = "relayed-bytes"
 
 
@@ -91,14 +96,15 @@ class UsageTriggers:
         now = self.reactor.seconds()
         since = month_start(now)
         period = since[:7]
-        due = [trigger for trigger in (yield self.store.triggers(period, due=True))
+        stale = int(now) - TAKEOVER
+        due = [trigger for trigger in (yield self.store.triggers(period, due_before=stale))
                if trigger.account_id in self.active]
         if due:
             usage = yield self.usage.read(since, sorted({t.account_id for t in due}))
             for trigger in due:
                 used = usage[trigger.account_id]
                 if used >= trigger.threshold_bytes and (
-                        yield self.store.claim_firing(trigger.trigger_id, period, used)):
+                        yield self.store.claim_firing(trigger.trigger_id, period, used, stale)):
                     log.info("usage trigger {trigger} of account {account} fired: {used} of "
                              "{threshold} bytes in {period}", trigger=trigger.trigger_id,
                              account=trigger.account_id, used=used,

@@ -9,6 +9,7 @@ import contextlib
 import json
 import queue
 import re
+import sqlite3
 import ssl
 import threading
 import time
@@ -245,3 +246,29 @@ def test_https_callbacks_verify_the_certificate_of_the_host_in_the_url(
                      r"failed.*; retrying in 1 s", timeout=15)
         assert refused.empty()
         client.close()
+
+
+def test_a_firing_claimed_long_ago_and_never_delivered_is_taken_over(
+        sqlite_dsn, server_factory, tmp_path, in_reactor):
+    """A relay that claimed a firing and stopped (or gave up) leaves its row undelivered: after
+    10 minutes another relay claims it again and delivers; a recent claim is left alone."""
+    relay, api, key, secret = lone_relay(sqlite_dsn, server_factory, tmp_path)
+    with callback_server("127.0.0.2", []) as (base, received):
+        store = in_reactor(AccountStore.from_dsn, sqlite_dsn)
+        stale = in_reactor(store.add_trigger, "acme", 1000, base + "/stale")
+        recent = in_reactor(store.add_trigger, "acme", 1000, base + "/recent")
+        in_reactor(store.close)
+        period, now = time.strftime("%Y-%m", time.gmtime()), int(time.time())
+        with contextlib.closing(sqlite3.connect(sqlite_dsn[len("sqlite://"):])) as db, db:
+            db.executemany("INSERT INTO trigger_firings (trigger_id, period, usage_bytes,"
+                           " fired_at) VALUES (?, ?, ?, ?)",
+                           [(stale.trigger_id, period, 1000, now - 700),
+                            (recent.trigger_id, period, 1000, now - 60)])
+        client = spend(relay, secret, 1500)
+        path, _, notice = received.get(timeout=15)
+        assert path == "/stale" and notice["trigger_sid"] == stale.trigger_id
+        relay.read_until(f"usage trigger {stale.trigger_id} notice delivered", timeout=10)
+        time.sleep(3)  # one poll more: the recent claim stays its relay's
+        assert received.empty()
+        client.close()
+    assert f"usage trigger {recent.trigger_id}" not in relay.stop()
