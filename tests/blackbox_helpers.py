@@ -10,7 +10,6 @@ server gives the garbage must itself be a well-formed message.
 from __future__ import annotations
 
 import random
-import signal
 import socket
 import ssl
 import threading
@@ -232,20 +231,3 @@ class RealClients(threading.Thread):
         self.join(timeout=60)
 
 
-class LogDrain(threading.Thread):
-    """Reads the server's log pipe while the main thread is busy, so it never fills."""
-
-    def __init__(self, server):
-        super().__init__(daemon=True)
-        self.server = server
-
-    def run(self) -> None:
-        for line in self.server.process.stdout:
-            self.server.log.append(line)
-
-    def stop_server(self) -> str:
-        """SIGTERM, then the whole log once the process has exited and the pipe is read."""
-        self.server.process.send_signal(signal.SIGTERM)
-        self.server.process.wait(timeout=60)
-        self.join(timeout=10)
-        return "".join(self.server.log)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, List
@@ -54,11 +55,29 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class Server:
+    """A running server and its log.  A thread reads the log pipe as it comes, so the pipe
+    never fills while a test is busy elsewhere, and a wait for a line the server never
+    writes ends at its deadline instead of blocking on a silent pipe."""
     process: subprocess.Popen
     host: str
     port: int
     tls_port: int
     log: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._grown = threading.Condition()
+        self._ended = False
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            with self._grown:
+                self.log.append(line)
+                self._grown.notify_all()
+        with self._grown:
+            self._ended = True  # the process has exited: no line will come
+            self._grown.notify_all()
 
     def read_until(self, needle: str, timeout: float = 20.0) -> str:
         return self.search(re.escape(needle), timeout).string
@@ -66,29 +85,31 @@ class Server:
     def search(self, pattern: str, timeout: float = 20.0) -> re.Match:
         """The first log line matching `pattern`, waiting for it if need be."""
         deadline = time.monotonic() + timeout
-        for line in self.log:
-            match = re.search(pattern, line)
-            if match:
-                return match
-        while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                break
-            self.log.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-        raise AssertionError(f"server never logged {pattern!r}; log:\n" + "".join(self.log))
+        seen = 0
+        with self._grown:
+            while True:
+                for line in self.log[seen:]:
+                    match = re.search(pattern, line)
+                    if match:
+                        return match
+                seen = len(self.log)
+                left = deadline - time.monotonic()
+                if self._ended or left <= 0:
+                    break
+                self._grown.wait(left)
+        raise AssertionError(f"server never logged {pattern!r} within {timeout} s; log:\n"
+                             + "".join(self.log))
 
     def stop(self) -> str:
+        """SIGTERM (SIGKILL after 15 s), then the whole log."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                rest, _ = self.process.communicate(timeout=15)
+                self.process.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-                rest, _ = self.process.communicate()
-            self.log.append(rest)
+                self.process.wait()
+        self._reader.join(timeout=10)
         return "".join(self.log)
 
 
