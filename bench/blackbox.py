@@ -62,7 +62,8 @@ def main() -> int:
           f"{elapsed:.0f} s in all")
     print(f"real clients: {clients.rounds} aioice round trips (UDP and TCP, 5 payloads each), "
           f"{len(clients.failures)} failed {clients.failures[:3]}")
-    print(f"relay up throughout: {alive}; tracebacks in its log: {tracebacks}")
+    print(f"relay up throughout: {alive}; tracebacks in its log: {tracebacks}; "
+          f"connection-limit refusals logged: {log.count('refusing more')}")
     ok = alive and not clients.failures and clients.rounds > 0 and not tracebacks
     print("blackbox: " + ("passed" if ok else "FAILED"))
     return 0 if ok else 1
