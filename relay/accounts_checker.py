@@ -18,7 +18,6 @@ from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.accounts_db import ACTIVE, AccountStore, Snapshot
@@ -48,6 +47,7 @@ class AccountsChecker:
         self.clock = clock
         self.snapshot: Optional[Snapshot] = None
         self._schema_ready = False
+        self._unreachable = False  # an outage is logged once, at its start, and at its end
         self.service = TimerService(POLL_INTERVAL, self.poll)
 
     @property
@@ -68,9 +68,16 @@ class AccountsChecker:
             # A credential is accepted until its expiry plus the skew allowance, so its
             # revocation must be held as long.
             snapshot = yield self.store.snapshot(self.clock() - self.rest.skew)
-        except Exception:
-            log.failure("account database unreachable; deciding with the last snapshot", Failure())
+        except Exception as err:
+            if not self._unreachable:
+                self._unreachable = True
+                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                log.error("account database unreachable ({error}); deciding with the last "
+                          "snapshot until it is back", error=first_line)
             return
+        if self._unreachable:
+            self._unreachable = False
+            log.info("account database reachable again")
         if self.snapshot is None:
             log.info("account database loaded: {accounts} accounts, {revoked} revoked credentials",
                      accounts=len(snapshot.accounts), revoked=len(snapshot.revoked))
