@@ -512,7 +512,7 @@ ROWS = [
 
 def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
     names = list(results)
-    lines = [f"{'':44}" + "".join(f"{n:>16}" for n in names)
+    lines = [f"{'':44}" + "".join(f"{n:>19}" for n in names)
              + "".join(f"{n.split()[-1] + '/coturn':>16}" for n in names[1:])]
 
     def median(name: str, key: str) -> Optional[float]:
@@ -526,7 +526,7 @@ def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
             text = "-" if v is None else fmt.format(v)
             if key.endswith("max_rate") and median(n, key + "_limited"):
                 text = ">=" + text
-            cells.append(f"{text:>16}")
+            cells.append(f"{text:>19}")
         ratios = [f"{(v / values[0]) if v is not None and values[0] else float('nan'):>16.2f}"
                   for v in values[1:]]
         lines.append(f"{label:44}" + "".join(cells) + "".join(ratios))
@@ -565,6 +565,8 @@ def main() -> None:
     if args.seconds > 60 or args.probe_seconds > 60 or args.rounds > 20 or args.idle > 15000:
         parser.error("runs are bounded: --seconds/--probe-seconds <= 60, --rounds <= 20, "
                      "--idle <= 15000")
+    with open("/proc/loadavg") as f:
+        load_before = " ".join(f.read().split()[:3])
     os.sched_setaffinity(0, {args.load_core})
     loadgen = build_loadgen()
     workdir = tempfile.mkdtemp(prefix="turnrelay-bench-")
@@ -592,7 +594,7 @@ def main() -> None:
         load = f.read().split()[:3]
     print(f"{args.rounds} rounds, {args.size}-byte payloads, {args.allocations} allocations, "
           f"server on core {args.server_core}, load on core {args.load_core}; "
-          f"loadavg {' '.join(load)}")
+          f"loadavg {load_before} before, {' '.join(load)} after")
     print(table(results, args))
     shutil.rmtree(workdir, ignore_errors=True)
 
