@@ -114,25 +114,27 @@ class Server:
 
     def __init__(self, name: str, argv: List[str], workdir: str, env: Optional[dict] = None):
         self.name = name
-        self.port, self.tls_port = free_port(), free_port()
         self.log_path = os.path.join(workdir, name.replace(" ", "_") + ".log")
-        self.argv = [a.format(port=self.port, tls_port=self.tls_port, log=self.log_path)
-                     for a in argv]
+        self.template = argv
         self.env = env
         self.process: Optional[subprocess.Popen] = None
 
     def start(self, core: int) -> None:
-        self.process = subprocess.Popen(["taskset", "-c", str(core)] + self.argv, cwd=ROOT,
-                                        env=self.env, stdout=subprocess.DEVNULL,
-                                        stderr=open(self.log_path + ".err", "w"))
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"{self.name} exited; see {self.log_path}(.err)")
-            if self._answers():
-                return
-            time.sleep(0.2)  # polling a process we do not control for readiness
-        raise SystemExit(f"{self.name} never answered on {HOST}:{self.port}")
+        """Start on fresh ports (a port free in one round may be a client's in the next)."""
+        for attempt in range(3):
+            self.port, self.tls_port = free_port(), free_port()
+            argv = [a.format(port=self.port, tls_port=self.tls_port, log=self.log_path)
+                    for a in self.template]
+            self.process = subprocess.Popen(["taskset", "-c", str(core)] + argv, cwd=ROOT,
+                                            env=self.env, stdout=subprocess.DEVNULL,
+                                            stderr=open(self.log_path + ".err", "w"))
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and self.process.poll() is None:
+                if self._answers():
+                    return
+                time.sleep(0.2)  # polling a process we do not control for readiness
+            self.stop()
+        raise SystemExit(f"{self.name} did not start; see {self.log_path}(.err)")
 
     def _answers(self) -> bool:
         """Ready when a Binding request is answered over UDP and the TLS port accepts."""
