@@ -112,6 +112,8 @@ def free_port() -> int:
 class Server:
     """One server process under test, pinned to `core`."""
 
+    start_timeout = 60.0
+
     def __init__(self, name: str, argv: List[str], workdir: str, env: Optional[dict] = None):
         self.name = name
         self.log_path = os.path.join(workdir, name.replace(" ", "_") + ".log")
@@ -128,7 +130,7 @@ class Server:
             self.process = subprocess.Popen(["taskset", "-c", str(core)] + argv, cwd=ROOT,
                                             env=self.env, stdout=subprocess.DEVNULL,
                                             stderr=open(self.log_path + ".err", "w"))
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + self.start_timeout
             while time.monotonic() < deadline and self.process.poll() is None:
                 if self._answers():
                     return
