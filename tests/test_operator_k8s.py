@@ -22,8 +22,7 @@ import yaml
 from kubernetes.dynamic.exceptions import NotFoundError, UnprocessibleEntityError
 
 import turnregion_manifests as m
-from k8s_cluster import (CHART, RELEASE, RELEASE_NAMESPACE, Cluster, apply_crd, binary,
-                         control_plane, wait_for, HELM)
+from k8s_cluster import (CHART, RELEASE, RELEASE_NAMESPACE, Cluster, apply_crd, control_plane, wait_for)
 from test_operator_manifests import SCHEMA_VERSION
 
 NAMESPACE = "relays"
