@@ -187,6 +187,23 @@ async def _usage(_: None, args: argparse.Namespace) -> None:
                                                        in zip(line[1:], widths[1:])]))
 
 
+def _limit_arguments(parser: argparse.ArgumentParser, changing: bool) -> None:
+    """The quota options `account add` and `account set-limits` share.  Adding, a limit not
+    given is unlimited and the monthly quota the relay's default; changing, it stays as it is
+    (None, or _NOT_GIVEN for the quota, whose None means `default`)."""
+    unlimited = "0: unlimited" if changing else "default 0: unlimited"
+    parser.add_argument("--max-allocations", metavar="N", type=_at_least(0),
+                        default=None if changing else 0,
+                        help=f"concurrent allocations allowed ({unlimited})")
+    parser.add_argument("--bandwidth", metavar="BYTES_PER_S", type=_at_least(0),
+                        default=None if changing else 0,
+                        help=f"bytes per second per allocation ({unlimited})")
+    parser.add_argument("--monthly-quota-mb", dest="monthly_quota", metavar="MB|default",
+                        type=_argument_type(_quota), default=_NOT_GIVEN if changing else None,
+                        help="billable megabytes per calendar month, UTC (0: unlimited; "
+                             "default: the relay's --monthly-quota-mb)")
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Manage turnrelay's account database and mint "
                     "TURN credentials.", epilog="--db may also come from the TURNRELAY_DB "
@@ -206,14 +223,7 @@ def build_parser() -> Parser:
         "add", parents=[database], help="add an account and print its API key once",
         description="Add an active account; its API key is printed once, on stdout.")
     add.add_argument("account", metavar="ACCOUNT", type=account_id, help="the account id")
-    add.add_argument("--max-allocations", metavar="N", type=_at_least(0), default=0,
-                     help="concurrent allocations allowed (default 0: unlimited)")
-    add.add_argument("--bandwidth", metavar="BYTES_PER_S", type=_at_least(0), default=0,
-                     help="bytes per second per allocation (default 0: unlimited)")
-    add.add_argument("--monthly-quota-mb", dest="monthly_quota", metavar="MB",
-                     type=_argument_type(_quota), default=None,
-                     help="billable megabytes per calendar month, UTC (0: unlimited; default: "
-                          "the relay's --monthly-quota-mb)")
+    _limit_arguments(add, changing=False)
     add.set_defaults(run=_account_add, parser=add)
 
     for action, status, summary in (("suspend", SUSPENDED, "refuse the account's credentials"),
@@ -227,14 +237,7 @@ def build_parser() -> Parser:
         "set-limits", parents=[database], help="change an account's quotas",
         description="Change an account's quotas; a limit not given stays as it is.")
     limits.add_argument("account", metavar="ACCOUNT", help="the account id")
-    limits.add_argument("--max-allocations", metavar="N", type=_at_least(0),
-                        help="concurrent allocations allowed (0: unlimited)")
-    limits.add_argument("--bandwidth", metavar="BYTES_PER_S", type=_at_least(0),
-                        help="bytes per second per allocation (0: unlimited)")
-    limits.add_argument("--monthly-quota-mb", dest="monthly_quota", metavar="MB|default",
-                        type=_argument_type(_quota), default=_NOT_GIVEN,
-                        help="billable megabytes per calendar month, UTC (0: unlimited; "
-                             "default: the relay's --monthly-quota-mb)")
+    _limit_arguments(limits, changing=True)
     limits.set_defaults(run=_account_set_limits, parser=limits)
 
     rotate = account_commands.add_parser(
