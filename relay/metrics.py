@@ -9,7 +9,7 @@ never a username or an account, whose number has no bound.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -22,19 +22,17 @@ TRANSPORTS = ("udp", "tcp", "tls")
 # Prometheus's classic text format, which `generate_latest` writes; every Prometheus reads it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# Metrics that other parts of the relay add (rate limits, quotas...): each a function giving
-# metric families, registered with `RelayCollector.extra`.
-MetricSource = Callable[[], Iterable[Metric]]
-
 
 class RelayCollector:
-    """A prometheus_client custom collector over a `TurnServer` and its `Ledger`."""
+    """A prometheus_client custom collector over a `TurnServer`, its `Ledger` and the stream
+    listeners' `StreamLimits`."""
 
-    def __init__(self, server: TurnServer, ledger: Optional[Ledger], region: str):
+    def __init__(self, server: TurnServer, ledger: Ledger, stream_limits: StreamLimits,
+                 region: str):
         self.server = server
         self.ledger = ledger
+        self.stream_limits = stream_limits
         self.region = region
-        self.extra: List[MetricSource] = []
 
     def collect(self) -> Iterator[Metric]:
         region = self.region
@@ -97,10 +95,8 @@ class RelayCollector:
                                   "--max-bps/--max-pps and the account limits", limited_bytes)
         yield GaugeMetricFamily("turnrelay_draining", "1 while draining for a shutdown: new "
                                 "allocations are redirected or refused", int(server.draining))
-        if self.ledger is not None:
-            yield from self._ledger_metrics(self.ledger)
-        for source in self.extra:
-            yield from source()
+        yield from self._ledger_metrics(self.ledger)
+        yield from self._stream_metrics(self.stream_limits)
 
     @staticmethod
     def _ledger_metrics(ledger: Ledger) -> Iterator[Metric]:
@@ -121,17 +117,17 @@ class RelayCollector:
                                   "without usage records while the queue was full "
                                   "(--accounting-full drop)", ledger.unrecorded)
 
-
-def stream_metrics(limits: StreamLimits) -> Iterator[Metric]:
-    """The TCP/TLS connection limits (`relay.listeners.StreamLimits`)."""
-    yield GaugeMetricFamily("turnrelay_stream_connections", "TCP and TLS client connections "
-                            "open now", sum(limits.open.values()))
-    yield CounterMetricFamily("turnrelay_stream_connections_refused", "Connections reset "
-                              "at once: their address had --source-connection-quota open",
-                              limits.refused)
-    yield CounterMetricFamily("turnrelay_stream_connections_timed_out", "Connections closed "
-                              "without an allocation by --tls-handshake-timeout or "
-                              "--connection-idle-timeout", limits.timed_out)
+    @staticmethod
+    def _stream_metrics(limits: StreamLimits) -> Iterator[Metric]:
+        """The TCP/TLS connection limits (`relay.listeners.StreamLimits`)."""
+        yield GaugeMetricFamily("turnrelay_stream_connections", "TCP and TLS client connections "
+                                "open now", sum(limits.open.values()))
+        yield CounterMetricFamily("turnrelay_stream_connections_refused", "Connections reset "
+                                  "at once: their address had --source-connection-quota open",
+                                  limits.refused)
+        yield CounterMetricFamily("turnrelay_stream_connections_timed_out", "Connections closed "
+                                  "without an allocation by --tls-handshake-timeout or "
+                                  "--connection-idle-timeout", limits.timed_out)
 
 
 def registry(collector: RelayCollector) -> CollectorRegistry:

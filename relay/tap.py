@@ -31,7 +31,7 @@ from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginD
                              RelayBinder, StreamLimits, adopt_datagram_socket, bound_socket)
 from relay.nonces import (FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer,
                           load_secrets)
-from relay.metrics import RelayCollector, registry as metrics_registry, stream_metrics
+from relay.metrics import RelayCollector, registry as metrics_registry
 from relay.peers import OwnEndpoints, PeerPolicy
 from relay.quota import MonthlyUsage, QuotaTracker, sql_backend
 from relay.regions import Region
@@ -492,9 +492,8 @@ def makeService(options: Options, reactor=None) -> MultiService:
             return "draining"
         return None if listeners.running else "not listening yet"
 
-    collector = RelayCollector(server, ledger, options["region"])
-    collector.extra.append(lambda: stream_metrics(listeners.stream_limits))
-    metrics = metrics_registry(collector)
+    metrics = metrics_registry(RelayCollector(server, ledger, listeners.stream_limits,
+                                              options["region"]))
     if options["prometheus"]:
         HTTPService(reactor, QuietSite(Routes(metrics, not_ready), timeout=60),
                     options["prometheus-address"], options["prometheus-port"], None,
