@@ -336,7 +336,8 @@ def _server_tls(options: Options, cert: str, key: str, flags: str) -> ServerTLS:
 
 
 def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
-                backends: Dict[str, IUsageBackend], policy: PeerPolicy) -> TokensAPI:
+                ledger_sql: Optional[Tuple[str, SqlUsageBackend]],
+                policy: PeerPolicy) -> TokensAPI:
     """The tokens API, whose home region is where this relay's own listeners are reached, and
     which reads usage from the ledger the relay writes."""
     external = options["external-ip"]
@@ -350,18 +351,18 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
     regions = {options["region"]: home, **options["regions"]}
     return TokensAPI(options["api-store"], options["api-secret"], regions, options["region"],
                      options["api-max-ttl"], clock=reactor.seconds,
-                     usage=UsageAnswers(_usage_reader(backends),
+                     usage=UsageAnswers(_usage_reader(ledger_sql),
                                         options["rates"], reactor.seconds),
                      key_failures_per_minute=options["api-key-failures-per-minute"],
                      triggers=TriggerAnswers(options["api-store"], policy, reactor.seconds))
 
 
-def _usage_reader(backends: Dict[str, IUsageBackend]) -> Optional[UsageReader]:
-    """A reader of the ledger this relay writes, for the usage API: a PostgreSQL one first,
-    since it holds the whole fleet's usage, else a SQLite one; None with neither."""
-    ledgers = sorted((not backend.dsn.startswith("postgres"), backend.dsn)
-                     for backend in backends.values() if isinstance(backend, SqlUsageBackend))
-    return UsageReader(pool_from_dsn(ledgers[0][1], cp_min=1, cp_max=2)) if ledgers else None
+def _usage_reader(ledger_sql: Optional[Tuple[str, SqlUsageBackend]]) -> Optional[UsageReader]:
+    """A reader, for the usage API, of the SQL backend quotas read too (`sql_backend`), on a
+    pool of its own beside the one the ledger writes through; None without such a backend."""
+    if ledger_sql is None:
+        return None
+    return UsageReader(pool_from_dsn(ledger_sql[1].dsn, cp_min=1, cp_max=2))
 
 
 def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
@@ -375,19 +376,19 @@ def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
         raise SystemExit(f"turnrelay: --state-dir: cannot keep the usage ledger there: {err}")
 
 
-def _usage_watch(ledger: Ledger, server: TurnServer, checkers: ChainedChecker,
-                 options: Options, reactor) -> List[Service]:
+def _usage_watch(ledger: Ledger, ledger_sql: Optional[Tuple[str, SqlUsageBackend]],
+                 server: TurnServer, checkers: ChainedChecker, options: Options,
+                 reactor) -> List[Service]:
     """Monthly quotas (relay.quota) and usage triggers (relay.triggers), read from the
     ledger's SQL backend; triggers also need the account database."""
-    found = sql_backend(ledger)
-    if found is None:
+    if ledger_sql is None:
         if options["monthly-quota-bytes"]:
             raise SystemExit("turnrelay: --monthly-quota-mb: needs a sqlite or postgresql "
                              "--accounting backend to read usage from")
         log.warn("monthly quotas and usage triggers are off: no sqlite or postgresql "
                  "--accounting backend")
         return []
-    usage = MonthlyUsage(ledger, *found)
+    usage = MonthlyUsage(ledger, *ledger_sql)
     tracker = QuotaTracker(server, usage, options["monthly-quota-bytes"], clock=reactor.seconds)
     services = [tracker.service]
     stores = [checker.store for checker in checkers.checkers
@@ -482,7 +483,9 @@ def makeService(options: Options, reactor=None) -> MultiService:
     if options["client-address-retention"] is not None:
         ClientAddressRetention(backends, options["client-address-retention"],
                                reactor).setServiceParent(service)
-    for watch in _usage_watch(ledger, server, checkers, options, reactor):
+    # The one SQL backend usage is read back from: by quotas, triggers and the usage API.
+    ledger_sql = sql_backend(ledger)
+    for watch in _usage_watch(ledger, ledger_sql, server, checkers, options, reactor):
         watch.setServiceParent(service)
     listeners = ListenersService(reactor, server, dispatch, options, tls)
     listeners.setServiceParent(service)
@@ -499,8 +502,8 @@ def makeService(options: Options, reactor=None) -> MultiService:
                     options["prometheus-address"], options["prometheus-port"], None,
                     "metrics", "--prometheus-address/--prometheus-port", own).setServiceParent(service)
     if options["api-port"] is not None:
-        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, backends,
-                                                          config.policy))
+        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, ledger_sql,
+                                                     config.policy))
         api.putChild(b"test", SelfTestPage())
         # Idle connections close after a minute: the API has no use for long-held ones.
         HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
