@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, NoReturn, Tuple
 
 from twisted.python import usage
 
@@ -42,25 +42,34 @@ def _port(value: str) -> int:
     return port
 
 
-def _positive(value: str) -> int:
+def _non_negative(value: str) -> int:
     number = int(value)
     if number < 0:
         raise ValueError("must not be negative")
     return number
 
 
+def _at_least_one(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise ValueError("must be at least 1")
+    return number
+
+
 # Whole-number options and their checks, applied in postOptions so an error names the option.
 NUMBER_OPTIONS = {
-    "min-port": _port, "max-port": _port, "max-allocate-lifetime": _positive,
-    "stale-nonce": _positive, "user-quota": _positive, "source-quota": _positive,
-    "total-quota": _positive, "max-bps": _positive, "max-pps": _positive,
-    "account-max-bps": _positive, "account-max-pps": _positive, "max-permissions": _positive, "max-channels": _positive,
-    "api-port": _port, "api-max-ttl": _positive, "api-key-failures-per-minute": _positive, "source-connection-quota": _positive,
-    "tls-handshake-timeout": _positive, "connection-idle-timeout": _positive,
-    "accounting-interval": _positive, "accounting-queue": _positive,
-    "client-address-retention": _positive,
-    "prometheus-port": _port, "drain-grace": _positive,
-    "tcp-bind-timeout": _positive, "tcp-idle-timeout": _positive,
+    "min-port": _port, "max-port": _port, "max-allocate-lifetime": _non_negative,
+    "stale-nonce": _non_negative, "user-quota": _non_negative, "source-quota": _non_negative,
+    "total-quota": _non_negative, "max-bps": _non_negative, "max-pps": _non_negative,
+    "account-max-bps": _non_negative, "account-max-pps": _non_negative,
+    "max-permissions": _non_negative, "max-channels": _non_negative,
+    "api-port": _port, "api-max-ttl": _at_least_one, "api-key-failures-per-minute": _at_least_one,
+    "source-connection-quota": _non_negative,
+    "tls-handshake-timeout": _non_negative, "connection-idle-timeout": _non_negative,
+    "accounting-interval": _at_least_one, "accounting-queue": _at_least_one,
+    "client-address-retention": _non_negative,
+    "prometheus-port": _port, "drain-grace": _non_negative,
+    "tcp-bind-timeout": _non_negative, "tcp-idle-timeout": _non_negative,
 }
 
 # Peer address rules: list options that a SIGHUP re-reads from the --config file.
@@ -243,8 +252,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         flags = {f[0] for f in self.optFlags}
         for name, value in table.items():
             if name in LIST_OPTIONS:
-                values = value if isinstance(value, list) else [value]
-                self[name] = [str(v) for v in values]
+                self[name] = _list_value(value)
             elif name in flags:
                 if not isinstance(value, bool):
                     raise usage.UsageError(f"--{name}: expected true or false in {path}")
@@ -255,9 +263,6 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 raise usage.UsageError(f"{path}: unknown option {name!r}")
 
     def postOptions(self) -> None:
-        def fail(option: str, problem: str) -> None:
-            raise usage.UsageError(f"--{option}: {problem}")
-
         for name, check in NUMBER_OPTIONS.items():
             if self[name] is None:  # an optional number not given: the feature is off
                 continue
@@ -265,58 +270,58 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 self[name] = check(str(self[name]))
             except ValueError as err:
                 problem = "not a whole number" if "invalid literal" in str(err) else err
-                fail(name, f"{self[name]!r}: {problem}")
+                _fail(name, f"{self[name]!r}: {problem}")
         for name in ("listening-port", "tls-listening-port"):
             try:
                 self[name] = [_port(p) for p in self[name]] or ([3478] if name == "listening-port" else [5349])
             except ValueError:
-                fail(name, f"{self[name]} is not a list of port numbers")
+                _fail(name, f"{self[name]} is not a list of port numbers")
         for name in ("listening-ip", "relay-ip"):
             for value in self[name]:
                 if not is_ip(value):
-                    fail(name, f"{value!r} is not an IP address")
+                    _fail(name, f"{value!r} is not an IP address")
         families = [":" in ip for ip in self["relay-ip"]]
         if len(families) != len(set(families)):
-            fail("relay-ip", "give at most one IPv4 and one IPv6 address")
+            _fail("relay-ip", "give at most one IPv4 and one IPv6 address")
         self["external-map"] = {}
         for value in self["external-ip"]:
             public, _, private = value.partition("/")
             if not is_ip(public) or (private and not is_ip(private)):
-                fail("external-ip", f"{value!r} is not PUBLIC or PUBLIC/RELAY-IP")
+                _fail("external-ip", f"{value!r} is not PUBLIC or PUBLIC/RELAY-IP")
             self["external-map"][private or None] = public
         if self["min-port"] > self["max-port"] or self["min-port"] < 1024:
-            fail("min-port", f"relay ports {self['min-port']}-{self['max-port']} must be an "
-                             "ascending range above 1023")
+            _fail("min-port", f"relay ports {self['min-port']}-{self['max-port']} must be an "
+                              "ascending range above 1023")
         if self["max-allocate-lifetime"] < 600:
-            fail("max-allocate-lifetime", "must be at least the default lifetime, 600")
+            _fail("max-allocate-lifetime", "must be at least the default lifetime, 600")
         for name in ("tls-min-version", "tls-max-version"):
             if self[name] not in TLS_VERSIONS:
-                fail(name, f"{self[name]!r}: choose one of {', '.join(TLS_VERSIONS)}")
+                _fail(name, f"{self[name]!r}: choose one of {', '.join(TLS_VERSIONS)}")
         if float(self["tls-min-version"]) > float(self["tls-max-version"]):
-            fail("tls-min-version", "is above --tls-max-version")
+            _fail("tls-min-version", "is above --tls-max-version")
         for cert, key in (("cert", "pkey"), ("api-cert", "api-pkey")):
             if bool(self[cert]) != bool(self[key]):
-                fail(cert if not self[cert] else key, f"--{cert} and --{key} go together")
-        _check_peer_rules({name: self[name] for name in PEER_RULES}, fail)
-        self["checkers"] = self._checkers(fail)
+                _fail(cert if not self[cert] else key, f"--{cert} and --{key} go together")
+        _check_peer_rules({name: self[name] for name in PEER_RULES})
+        self["checkers"] = self._checkers()
         if self["no-udp"] and self["no-tcp"] and self["no-tls"]:
-            fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
-        self._tokens_api(fail)
-        self._accounting(fail)
+            _fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
+        self._tokens_api()
+        self._accounting()
         for name in ("alternate-server", "tls-alternate-server"):
             try:
                 self[name] = [_ip_port(value) for value in self[name]]
             except ValueError as err:
-                fail(name, str(err))
+                _fail(name, str(err))
         if self["alternate-domain"] is not None:
             try:
                 check_host(self["alternate-domain"])
             except ValueError as err:
-                fail("alternate-domain", str(err))
+                _fail("alternate-domain", str(err))
         if not is_ip(self["prometheus-address"]):
-            fail("prometheus-address", f"{self['prometheus-address']!r} is not an IP address")
+            _fail("prometheus-address", f"{self['prometheus-address']!r} is not an IP address")
 
-    def _checkers(self, fail: Any) -> list:
+    def _checkers(self) -> list:
         """The auth backends, in the order they are tried: static users first."""
         checkers = []
         users = {}
@@ -324,27 +329,27 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             try:
                 name, user = parse_user(spec)
             except ValueError as err:
-                fail("user", str(err))
+                _fail("user", str(err))
             users[name] = user
         if users or self["users-file"]:
             try:
                 checkers.append(StaticUsersChecker(users, self["users-file"]))
             except ValueError as err:
-                fail("users-file", str(err))
+                _fail("users-file", str(err))
         for description in self["auth"]:
             auth_type = description.split(":", 1)[0]
             try:
                 checker = strcred.makeChecker(description)
             except strcred.InvalidAuthType:
-                fail("auth", f"{auth_type!r} is not an installed backend (see --help-auth)")
+                _fail("auth", f"{auth_type!r} is not an installed backend (see --help-auth)")
             except ValueError as err:
-                fail("auth", f"{auth_type}: {err}")
+                _fail("auth", f"{auth_type}: {err}")
             if IStunCredentials not in checker.credentialInterfaces:
-                fail("auth", f"{auth_type}: does not check STUN long-term credentials")
+                _fail("auth", f"{auth_type}: does not check STUN long-term credentials")
             checkers.append(checker)
         if self["use-auth-secret"] or self["static-auth-secret"]:
             if not self["static-auth-secret"]:
-                fail("use-auth-secret", "needs --static-auth-secret")
+                _fail("use-auth-secret", "needs --static-auth-secret")
             checkers.append(RestSecretChecker([s.encode() for s in self["static-auth-secret"]]))
         for checker in checkers:
             if hasattr(checker, "strict_expiry"):
@@ -359,12 +364,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             table = _read_toml("config", self["config"])
             for name in PEER_RULES:
                 if name not in self._from_command_line:
-                    value = table.get(name, [])
-                    rules[name] = [str(v) for v in (value if isinstance(value, list) else [value])]
-
-        def fail(option: str, problem: str) -> None:
-            raise usage.UsageError(f"--{option}: {problem}")
-        _check_peer_rules(rules, fail)
+                    rules[name] = _list_value(table.get(name, []))
+        _check_peer_rules(rules)
         return rules
 
     def opt_help_accounting(self) -> None:
@@ -374,37 +375,34 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             print(f"  {name}:{factory.argStringFormat}\n      {factory.help}")
         raise SystemExit(0)
 
-    def _accounting(self, fail: Any) -> None:
+    def _accounting(self) -> None:
         """The usage ledger's backends, each named for the log by its NAME (NAME-2 for a second
         of the same kind); with none given, tap.py makes the embedded default."""
-        for name in ("accounting-interval", "accounting-queue"):
-            if self[name] < 1:
-                fail(name, "must be at least 1")
         if self["accounting-full"] not in WHEN_FULL:
-            fail("accounting-full", f"{self['accounting-full']!r}: choose one of "
-                                    f"{', '.join(WHEN_FULL)}")
+            _fail("accounting-full", f"{self['accounting-full']!r}: choose one of "
+                                     f"{', '.join(WHEN_FULL)}")
         try:
             self["rates"] = rates_from_options(self["region"], self["rate-per-mb"],
                                                self["rate-table"])
         except RateError as err:
-            fail(err.option, err.problem)
+            _fail(err.option, err.problem)
         try:
             self["monthly-quota-bytes"] = parse_megabytes(str(self["monthly-quota-mb"]))
         except ValueError as err:
-            fail("monthly-quota-mb", f"{self['monthly-quota-mb']!r}: {err}")
+            _fail("monthly-quota-mb", f"{self['monthly-quota-mb']!r}: {err}")
         self["usage-backends"] = {}
         for description in self["accounting"]:
             try:
                 name, backend = make_backend(description)
             except ValueError as err:
-                fail("accounting", str(err))
+                _fail("accounting", str(err))
             label, n = name, 1
             while label in self["usage-backends"]:
                 n += 1
                 label = f"{name}-{n}"
             self["usage-backends"][label] = backend
 
-    def _tokens_api(self, fail: Any) -> None:
+    def _tokens_api(self) -> None:
         """The tokens API's settings: its store, minting secret and regions when --api-port
         is given.  TLS is required off loopback, since every request carries an API key."""
         self["regions"] = {}
@@ -413,44 +411,40 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 self["regions"] = regions_from_table(_read_toml("regions-file",
                                                                 self["regions-file"]))
             except ValueError as err:
-                fail("regions-file", str(err))
+                _fail("regions-file", str(err))
         if self["public-host"]:
             try:
                 check_host(self["public-host"])
             except ValueError as err:
-                fail("public-host", str(err))
+                _fail("public-host", str(err))
         if not self["region"]:
-            fail("region", "must not be empty")
+            _fail("region", "must not be empty")
         if self["api-port"] is None:
             return
-        if self["api-key-failures-per-minute"] < 1:
-            fail("api-key-failures-per-minute", "must be at least 1")
-        if self["api-max-ttl"] < 1:
-            fail("api-max-ttl", "must be at least 1")
         if not is_ip(self["api-listening-ip"]):
-            fail("api-listening-ip", f"{self['api-listening-ip']!r} is not an IP address")
+            _fail("api-listening-ip", f"{self['api-listening-ip']!r} is not an IP address")
         if not self["api-cert"] and not ipaddress.ip_address(self["api-listening-ip"]).is_loopback:
-            fail("api-cert", f"required when --api-listening-ip {self['api-listening-ip']} is "
-                             "not a loopback address: API keys must not cross a network in clear")
+            _fail("api-cert", f"required when --api-listening-ip {self['api-listening-ip']} is "
+                              "not a loopback address: API keys must not cross a network in clear")
         db = _first_db_auth(self["auth"])
         dsn = self["api-db"] or db.get("dsn")
         secret_file = self["api-secret-file"] or db.get("secret-file")
         if not dsn:
-            fail("api-db", "the tokens API needs the account database: give it or "
-                           "--auth db:dsn=...,secret-file=...")
+            _fail("api-db", "the tokens API needs the account database: give it or "
+                            "--auth db:dsn=...,secret-file=...")
         if not secret_file:
-            fail("api-secret-file", "the tokens API needs the secret its credentials are "
-                                    "minted with: give it or --auth db:...,secret-file=...")
+            _fail("api-secret-file", "the tokens API needs the secret its credentials are "
+                                     "minted with: give it or --auth db:...,secret-file=...")
         try:
             self["api-store"] = AccountStore.from_dsn(dsn)
         except ValueError as err:
-            fail("api-db", str(err))
+            _fail("api-db", str(err))
         try:
             self["api-secret"] = read_secrets(secret_file)[0]
         except OSError as err:
-            fail("api-secret-file", err.strerror)
+            _fail("api-secret-file", err.strerror)
         except ValueError:
-            fail("api-secret-file", "holds no secret")
+            _fail("api-secret-file", "holds no secret")
 
 
 def _list_option(name: str, doc: str) -> Any:
@@ -464,13 +458,23 @@ for _name, _doc in LIST_OPTIONS.items():
     setattr(Options, "opt_" + _name.replace("-", "_"), _list_option(_name, _doc))
 
 
-def _check_peer_rules(rules: Dict[str, List[str]], fail: Any) -> None:
+def _fail(option: str, problem: str) -> NoReturn:
+    """Reject the command line (or --config file) naming the option at fault."""
+    raise usage.UsageError(f"--{option}: {problem}")
+
+
+def _list_value(value: Any) -> List[str]:
+    """A list option's value in a TOML file: a list, or one value alone."""
+    return [str(v) for v in (value if isinstance(value, list) else [value])]
+
+
+def _check_peer_rules(rules: Dict[str, List[str]]) -> None:
     for name, values in rules.items():
         for value in values:
             try:
                 parse_rule(value)
             except ValueError:
-                fail(name, f"{value!r} is not an address, CIDR network or FIRST-LAST range")
+                _fail(name, f"{value!r} is not an address, CIDR network or FIRST-LAST range")
 
 
 def _read_toml(option: str, path: str) -> Dict[str, Any]:

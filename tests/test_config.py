@@ -60,6 +60,8 @@ def test_users_file_maps_users_to_accounts(tmp_path):
     (["--user", "nopassword"], "--user"),
     (["--max-allocate-lifetime", "60"], "--max-allocate-lifetime"),
     (["--listening-port", "99999"], "--listening-port"),
+    (["--accounting-queue", "0"], "--accounting-queue"),
+    (["--api-max-ttl", "0"], "--api-max-ttl"),  # checked with or without --api-port
 ])
 def test_bad_values_name_the_option(argv, option):
     with pytest.raises(SystemExit) as exit_:
