@@ -21,6 +21,7 @@ from relay.credentials import AccountRealm, IAccount
 from relay.nonces import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer
 from relay.ratelimit import RateLimiter
 from relay.turn import Client, TurnConfig, TurnServer
+from relay.turnclient import error_code
 
 Address = Tuple[str, int]
 
@@ -188,13 +189,6 @@ class Harness:
         if password is None:
             password = self.users.get(username, "no-such-password")
         return TurnClient(self, username, password, address, transport, listener)
-
-
-def error_code(msg: stun.Message) -> Optional[int]:
-    """The ERROR-CODE number of a response, None for a success."""
-    if msg.cls != stun.ERROR:
-        return None
-    return msg.get(stun.ERROR_CODE)[0]
 
 
 class TurnClient:
