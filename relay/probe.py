@@ -108,8 +108,7 @@ class Probe:
     peer: Optional[stun.Address] = None  # an echo server to relay to, instead of ourselves
 
     def run(self, transport: str, port: int) -> Result:
-        server = f"[{self.host}]:{port}" if ":" in self.host else f"{self.host}:{port}"
-        result = Result(transport, server)
+        result = Result(transport, stun.format_address((self.host, port)))
         clients: List[TurnClient] = []
         try:
             self._steps(result, transport, (self._address(), port), clients)
@@ -155,11 +154,11 @@ class Probe:
         result.binding_rtt_ms = (time.monotonic() - started) * 1000
         if reply.cls != stun.SUCCESS:
             raise StepFailed("binding", f"Binding refused: {_error(reply)}")
-        result.reflexive = _format(reply.get(stun.XOR_MAPPED_ADDRESS))
+        result.reflexive = stun.format_address(reply.get(stun.XOR_MAPPED_ADDRESS))
         if self.peer is None:
             clients.append(self._connect(transport, server))
         relayed = [self._allocate(client) for client in clients]
-        result.relayed = [_format(address) for address in relayed]
+        result.relayed = [stun.format_address(address) for address in relayed]
         peers = list(reversed(relayed)) if self.peer is None else [self.peer]
         for client, peer, channel in zip(clients, peers, CHANNELS):
             self._authorise(client, "permission", stun.CREATE_PERMISSION, peer,
@@ -217,8 +216,8 @@ class Probe:
         if error_code(reply) == 403:
             what = "its own relayed address" if self.peer is None else "the peer"
             raise StepFailed(step, f"peer address forbidden (403): the server will not relay "
-                             f"to {what} {_format(peer)} (on turnrelay: --allowed-peer-ip, or "
-                             "--allow-loopback-peers on a test box)")
+                             f"to {what} {stun.format_address(peer)} (on turnrelay: "
+                             "--allowed-peer-ip, or --allow-loopback-peers on a test box)")
         if reply.cls != stun.SUCCESS:
             raise StepFailed(step, f"{name} refused: {_error(reply)}")
 
@@ -265,11 +264,6 @@ def _expect(client: TurnClient, number: int, deadline: float) -> None:
         _, payload = client.receive_channel(deadline)
         if len(payload) >= 4 and struct.unpack_from("!I", payload)[0] == number:
             return
-
-
-def _format(address: stun.Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _error(reply: stun.Message) -> str:

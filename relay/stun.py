@@ -316,6 +316,13 @@ def address_family(host: str) -> int:
     return FAMILY_IPV6 if ":" in host else FAMILY_IPV4
 
 
+def format_address(address: Address) -> str:
+    """`host:port`, an IPv6 host in brackets (RFC 3986): a transport address as a report or
+    a log line shows it."""
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _padding(length: int) -> bytes:
     return b"\x00" * (-length % 4)
 
