@@ -9,22 +9,21 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, List
+from typing import Iterable, Iterator, List, Tuple
 
 import pytest
 
-BIN = os.path.dirname(sys.executable)
-TWISTD = os.path.join(BIN, "twistd")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 # Relay ports above Linux's ephemeral client ports (32768-60999), so the kernel never hands
 # a relay port to a test client.
-RELAY_PORTS = ("61000", "65000")
+RELAY_PORTS = (61000, 65000)
 USER, PASSWORD = "alice", "wonderland"
 REALM = "turnrelay.test"
 
@@ -100,27 +99,54 @@ class Server:
         raise AssertionError(f"server never logged {pattern!r} within {timeout} s; log:\n"
                              + "".join(self.log))
 
+    def listening(self, *transports: str) -> None:
+        """Wait until the log has announced the listener of each of `transports`."""
+        for transport in transports:
+            number = self.tls_port if transport == "tls" else self.port
+            self.read_until(f"listening on {transport} [{self.host}]:{number}")
+
     def stop(self) -> str:
         """SIGTERM (SIGKILL after 15 s), then the whole log."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self._reader.join(timeout=10)
         return "".join(self.log)
 
 
+def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `timeout`: every process the tests and
+    the bench scripts start ends this way."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def launch(args: List[str], host: str, port: int, tls_port: int,
+           transports: Iterable[str] = ("udp", "tcp", "tls"), cwd: str = ROOT) -> Server:
+    """`twistd turnrelay ARGS`, logging to a pipe; returned once every listener of
+    `transports` is announced, stopped if one never is."""
+    process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+    server = Server(process, host, port, tls_port)
+    try:
+        server.listening(*transports)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
 def start_server(*extra: str, host: str = "127.0.0.1", users=((USER, PASSWORD),),
                  udp: bool = True, tcp: bool = True, tls: bool = True,
-                 state_dir: str = None, loopback_peers: bool = True) -> Server:
+                 state_dir: str = None, loopback_peers: bool = True,
+                 relay_ports: Tuple[int, int] = RELAY_PORTS) -> Server:
     port, tls_port = free_port(host), free_port(host)
-    args = [TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay",
-            "--listening-ip", host, "--listening-port", str(port),
+    args = ["--listening-ip", host, "--listening-port", str(port),
             "--tls-listening-port", str(tls_port), "--relay-ip", host,
-            "--min-port", RELAY_PORTS[0], "--max-port", RELAY_PORTS[1],
+            "--min-port", str(relay_ports[0]), "--max-port", str(relay_ports[1]),
             "--realm", REALM,
             # Stopped at once, live allocations or not; a drain test gives its own grace.
             "--drain-grace", "0"] + (["--allow-loopback-peers"] if loopback_peers else [])
@@ -132,13 +158,8 @@ def start_server(*extra: str, host: str = "127.0.0.1", users=((USER, PASSWORD),)
     if state_dir:
         args += ["--state-dir", state_dir]
     args += list(extra)
-    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               cwd=os.path.dirname(os.path.dirname(__file__)))
-    server = Server(process, host, port, tls_port)
-    for enabled, name, number in ((udp, "udp", port), (tcp, "tcp", port), (tls, "tls", tls_port)):
-        if enabled:
-            server.read_until(f"listening on {name} [{host}]:{number}")
-    return server
+    transports = [name for enabled, name in ((udp, "udp"), (tcp, "tcp"), (tls, "tls")) if enabled]
+    return launch(args, host, port, tls_port, transports)
 
 
 @pytest.fixture
@@ -188,8 +209,7 @@ def running_echo_peer(host: str = "127.0.0.1") -> Iterator[tuple]:
         wait_for_udp_echo(host, port)
         yield host, port
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_process(process)
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterator, List
 import pytest
 import yaml
 
-from conftest import free_port
+from conftest import free_port, stop_process
 
 CACHE = pathlib.Path(os.environ.get("TURNRELAY_K8S_CACHE", "/var/cache/turnrelay-k8s"))
 KUBE = CACHE / "kubernetes-1.20.2-reflect2-1.0.2"
@@ -95,16 +95,6 @@ class Cluster:
 def _start(args: List[str], log: pathlib.Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _alive(process: subprocess.Popen, log: pathlib.Path) -> None:
@@ -178,7 +168,7 @@ def control_plane() -> Iterator[Cluster]:
         yield cluster
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop_process(process)
         shutil.rmtree(work, ignore_errors=True)
 
 

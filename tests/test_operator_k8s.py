@@ -22,6 +22,7 @@ import yaml
 from kubernetes.dynamic.exceptions import NotFoundError, UnprocessibleEntityError
 
 import turnregion_manifests as m
+from conftest import stop_process
 from k8s_cluster import (CHART, RELEASE, RELEASE_NAMESPACE, Cluster, apply_crd, control_plane, wait_for)
 from test_operator_manifests import SCHEMA_VERSION
 
@@ -52,9 +53,8 @@ class Operator:
                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.cluster.workdir)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
+        if self.process:
+            stop_process(self.process, timeout=30)
 
     def check(self) -> None:
         text = self.log.read_text()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
 import time
 import urllib.request
 
@@ -17,7 +16,7 @@ import yaml
 
 import turnregion_manifests as m
 from aioice_helpers import relay_round_trips
-from conftest import RELAY_PORTS, TWISTD, Server, free_port
+from conftest import RELAY_PORTS, free_port, launch
 from relay.config import Options
 from relay.tokens import mint
 from test_wire import make_cert
@@ -252,7 +251,7 @@ def test_generated_config_map_starts_a_working_relay(tmp_path):
     port, tls_port, metrics_port = free_port(), free_port(), free_port()
     spec = {"region": "test-local", "realm": "turnrelay.test",
             "listeners": {"port": port, "tlsPort": tls_port, "metricsPort": metrics_port},
-            "relayPorts": {"min": int(RELAY_PORTS[0]), "max": int(RELAY_PORTS[1])},
+            "relayPorts": {"min": RELAY_PORTS[0], "max": RELAY_PORTS[1]},
             "tls": {"secretName": "cert"}, "auth": {"secretName": "rest"}, "quotas": {"user": 2}}
     cm = m.config_map(region(spec))
     mounts = tmp_path / "etc"
@@ -267,18 +266,14 @@ def test_generated_config_map_starts_a_working_relay(tmp_path):
     config = mounts / "turnrelay.toml"
     config.write_text(text)
     # Only what a test machine needs on top: loopback addresses (pods bind every address).
-    process = subprocess.Popen(
-        [TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay", "--config", str(config),
-         "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1", "--allow-loopback-peers",
-         "--prometheus-address", "127.0.0.1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    server = Server(process, "127.0.0.1", port, tls_port)
+    server = launch(["--config", str(config), "--listening-ip", "127.0.0.1",
+                     "--relay-ip", "127.0.0.1", "--allow-loopback-peers",
+                     "--prometheus-address", "127.0.0.1"], "127.0.0.1", port, tls_port,
+                    cwd=str(tmp_path))
     try:
-        for transport, number in (("udp", port), ("tcp", port), ("tls", tls_port)):
-            server.read_until(f"listening on {transport} [127.0.0.1]:{number}")
         username, password = mint(b"region-secret", "acme", 600, time.time())
         relayed = relay_round_trips(server, username, password)
-        assert relayed[0] == "127.0.0.1" and int(RELAY_PORTS[0]) <= relayed[1] <= int(RELAY_PORTS[1])
+        assert relayed[0] == "127.0.0.1" and RELAY_PORTS[0] <= relayed[1] <= RELAY_PORTS[1]
         relay_round_trips(server, username, password, transport="tcp")
         # What the pod's probes ask.
         for path in ("/readyz", "/healthz"):
