@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/soak.py --allocations 5000 --minutes 10
 
-Starts `twistd turnrelay` on 127.0.0.1 (UDP only, its log in a temporary directory), then
+Starts `twistd turnrelay` on 127.0.0.1 as the tests do (tests/conftest.py, UDP only), then
 from one process and one epoll loop (no aioice: one socket and a few bytes of state per
 allocation): allocates `--allocations` relays, binds a channel on each to an echo peer in this
 process, and for `--minutes` sends each allocation's payload through its channel every
@@ -20,26 +20,25 @@ Bounded: every phase has a deadline; the server is stopped by PID at the end.
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import resource
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
 from collections import deque
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from conftest import PASSWORD, REALM, USER, start_server  # noqa: E402
 from relay import stun  # noqa: E402
 
 HOST = "127.0.0.1"
-USER, PASSWORD, REALM = "soak", "soak-password", "soak.turnrelay"
-RELAY_PORTS = (10000, 30000)   # below the kernel's ephemeral ports, which the clients use
+# Below the kernel's ephemeral ports, which the clients use; room for 15,000 allocations.
+RELAY_PORTS = (10000, 30000)
 CHANNEL = 0x4000
 LIFETIME = 600                 # RFC 8656's default lifetime: the shortest the server grants
 CHANNEL_REBIND = 240           # channels last 600 s, permissions 300 s: rebinding renews both
@@ -53,58 +52,16 @@ def server_stats(pid: int) -> Tuple[int, int]:
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
-class Server:
-    """`twistd turnrelay` on loopback, its log in a file read as it grows."""
-
-    def __init__(self, workdir: str, extra: List[str]):
-        self.port = free_udp_port()
-        self.log_path = os.path.join(workdir, "turnrelay.log")
-        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-        self.process = subprocess.Popen(
-            [twistd, "-n", "--pidfile=", "-l", self.log_path, "turnrelay",
-             "--listening-ip", HOST, "--listening-port", str(self.port), "--relay-ip", HOST,
-             "--no-tcp", "--no-tls", "--min-port", str(RELAY_PORTS[0]),
-             "--max-port", str(RELAY_PORTS[1]), "--realm", REALM, "--user", f"{USER}:{PASSWORD}",
-             "--allow-loopback-peers", "--stale-nonce", "86400", "--state-dir", workdir] + extra,
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.wait_for(lambda log: f"listening on udp [{HOST}]:{self.port}" in log, 60)
-
-    def log(self) -> str:
-        """The whole log, rotated parts included: twistd's log file rotates every 1 MB."""
-        parts = sorted(glob.glob(self.log_path + ".*"), key=lambda p: -int(p.rsplit(".", 1)[1]))
-        text = []
-        for path in parts + [self.log_path]:
-            try:
-                with open(path) as f:
-                    text.append(f.read())
-            except FileNotFoundError:
-                pass   # rotated away between the listing and the read
-        return "".join(text)
-
-    def wait_for(self, ready: Callable[[str], bool], timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"turnrelay exited with {self.process.returncode}:\n{self.log()}")
-            if ready(self.log()):
-                return True
-            time.sleep(0.5)   # polling a log file: there is no event to wait on
-        return False
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+def wait_for_closed(server, reason: str, wanted: int, timeout: float) -> int:
+    """How many allocations the log says were closed with `reason`, once `wanted` were, the
+    server exited, or `timeout` passed.  Counted every second: one event per allocation would
+    rescan a log of tens of thousands of lines each time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        closed = sum(reason in line for line in list(server.log))
+        if closed >= wanted or server.process.poll() is not None or time.monotonic() > deadline:
+            return closed
+        time.sleep(1)
 
 
 class Load:
@@ -267,7 +224,10 @@ def main() -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
     with tempfile.TemporaryDirectory(prefix="turnrelay-soak-") as workdir:
-        server = Server(workdir, args.server_arg)
+        server = start_server("--stale-nonce", "86400", *args.server_arg, tcp=False, tls=False,
+                              state_dir=workdir, relay_ports=RELAY_PORTS)
+        # The start figures once start-up is over: the ledger opens after the listeners.
+        server.search(r"usage backend \S+ ready")
         pid = server.process.pid
         load = Load((HOST, server.port), args.allocations)
         try:
@@ -356,19 +316,21 @@ def main() -> int:
                 load.requests([(i, stun.REFRESH, [(stun.LIFETIME, 0)]) for i in range(args.allocations)])
             else:
                 print(f"waiting for expiry ({LIFETIME} s after the last refresh) ...")
-            expired = server.wait_for(lambda log: log.count(reason) >= made, LIFETIME + 120)
-            closed = server.log().count(reason)
+            closed = wait_for_closed(server, reason, made, LIFETIME + 120)
             end_rss, end_fds = server_stats(pid)
             print(f"after expiry: {closed} allocations closed ({reason}), RSS {end_rss} KiB, "
                   f"{end_fds} fds (at start: {start_rss} KiB, {start_fds} fds)")
-            if not expired:
+            if closed < made:
                 failures.append(f"only {closed} of {made} allocations expired")
             if end_fds > start_fds:
                 failures.append(f"{end_fds - start_fds} descriptors more than at start")
         finally:
             load.close()
-            server.stop()
-        if "Traceback" in server.log():
+            exited = server.process.poll()
+            log = server.stop()
+        if exited is not None:
+            failures.append(f"turnrelay exited with {exited} before the end:\n{log[-3000:]}")
+        if "Traceback" in log:
             failures.append("a traceback in the server's log")
     for failure in failures:
         print("FAIL:", failure)
