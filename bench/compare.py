@@ -26,7 +26,6 @@ import argparse
 import os
 import select
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -36,7 +35,8 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from conftest import free_port, running_echo_peer, stop_process  # noqa: E402
 from relay import stun  # noqa: E402
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench.turnrelay"
@@ -95,20 +95,6 @@ def wait_readable(socks, timeout: float) -> List[socket.socket]:
     return [by_fd[fd] for fd, _ in poller.poll(timeout * 1000)]
 
 
-def free_port() -> int:
-    for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
-            tcp.bind((HOST, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((HOST, port))
-                except OSError:
-                    continue
-                return port
-    raise RuntimeError("no free port")
-
-
 class Server:
     """One server process under test, pinned to `core`."""
 
@@ -155,13 +141,8 @@ class Server:
         return self.process.pid  # taskset execs the server, so this is the server's pid
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process:
+            stop_process(self.process, timeout=30)
 
 
 def coturn(workdir: str, cert: str, key: str) -> Server:
@@ -489,23 +470,6 @@ def self_signed_cert(workdir: str) -> Tuple[str, str]:
     return cert, key
 
 
-def echo_peer(core: int) -> Tuple[subprocess.Popen, Tuple[str, int]]:
-    port = free_port()
-    process = subprocess.Popen(["taskset", "-c", str(core), shutil.which("turnutils_peer"),
-                                "-L", HOST, "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        probe.settimeout(0.2)
-        for _ in range(50):
-            probe.sendto(b"probe", (HOST, port))
-            try:
-                if probe.recv(100) == b"probe":
-                    return process, (HOST, port)
-            except OSError:
-                continue
-    raise SystemExit("turnutils_peer never echoed")
-
-
 ROWS = [
     ("cpu_us", "CPU us/relayed packet @ {rate} rt/s", "{:.2f}"),
     ("max_rate", "max round trips/s, <0.1% loss", "{:.0f}"),
@@ -582,18 +546,15 @@ def main() -> None:
         servers.append(turnrelay("turnrelay PyPy", args.pypy, workdir, cert, key))
     else:
         print(f"no PyPy twistd at {args.pypy}: PyPy skipped", file=sys.stderr)
-    peer_process, peer = echo_peer(args.load_core)
     results: Dict[str, List[Dict[str, float]]] = {s.name: [] for s in servers}
-    try:
+    # The echo peer inherits this process's core, the load core.
+    with running_echo_peer(HOST) as peer:
         for round_no in range(args.rounds):
             for server in servers:
                 figures = measure(server, loadgen, peer, args)
                 results[server.name].append(figures)
                 print(f"round {round_no + 1} {server.name}: "
                       + ", ".join(f"{k}={v:.4g}" for k, v in figures.items()), file=sys.stderr)
-    finally:
-        peer_process.terminate()
-        peer_process.wait(timeout=10)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"{args.rounds} rounds, {args.size}-byte payloads, {args.allocations} allocations, "

@@ -21,6 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
+from conftest import running_echo_peer  # noqa: E402  (compare puts tests/ on the path)
 
 
 def main() -> None:
@@ -42,26 +43,24 @@ def main() -> None:
     server.env["PYTHONPATH"] = args.root
     server.start_timeout = 300.0
     compare.ROOT = args.root  # the server's working directory, which twistd puts on sys.path
-    peer_process, peer = compare.echo_peer(0)
-    try:
-        start = time.monotonic()
-        server.start(1)
-        print(f"server up under callgrind in {time.monotonic() - start:.0f} s", file=sys.stderr)
-        transport, kind = args.mode.split("-")
-        port = server.tls_port if transport == "tls" else server.port
-        gen = compare.LoadGen(compare.build_loadgen(), transport, port, 8, 0)
-        compare.set_up(gen, 8, peer, kind == "channel", 100)
-        gen.run(args.rate, args.packets / args.rate, 100)  # warm-up, not counted
-        subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], check=True,
-                       stdout=subprocess.DEVNULL)
-        sent, received, _, _ = gen.run(args.rate, args.packets / args.rate, 100)
-        subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], check=True,
-                       stdout=subprocess.DEVNULL)
-        gen.close()
-    finally:
-        server.stop()
-        peer_process.terminate()
-        peer_process.wait(timeout=10)
+    with running_echo_peer(compare.HOST) as peer:
+        try:
+            start = time.monotonic()
+            server.start(1)
+            print(f"server up under callgrind in {time.monotonic() - start:.0f} s", file=sys.stderr)
+            transport, kind = args.mode.split("-")
+            port = server.tls_port if transport == "tls" else server.port
+            gen = compare.LoadGen(compare.build_loadgen(), transport, port, 8, 0)
+            compare.set_up(gen, 8, peer, kind == "channel", 100)
+            gen.run(args.rate, args.packets / args.rate, 100)  # warm-up, not counted
+            subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], check=True,
+                           stdout=subprocess.DEVNULL)
+            sent, received, _, _ = gen.run(args.rate, args.packets / args.rate, 100)
+            subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], check=True,
+                           stdout=subprocess.DEVNULL)
+            gen.close()
+        finally:
+            server.stop()
     total = 0
     for path in glob.glob(out + "*"):
         with open(path) as f:
