@@ -51,6 +51,13 @@ DEFAULTS: Dict[str, Any] = {
 }
 
 
+# Each transport's listener, in the order every child lists them: the port's name in the pod
+# and the Services, its protocol, the `listeners` field holding its number, its URI scheme.
+LISTENERS = (("udp", "turn-udp", "UDP", "port", "turn"),
+             ("tcp", "turn-tcp", "TCP", "port", "turn"),
+             ("tls", "turns-tls", "TCP", "tlsPort", "turns"))
+
+
 def with_defaults(spec: Mapping[str, Any]) -> Dict[str, Any]:
     """`spec` with every absent defaulted field filled in, one level of nesting deep."""
     full = copy.deepcopy(dict(spec))
@@ -118,6 +125,13 @@ def selector(body: Mapping[str, Any]) -> Dict[str, str]:
 def _meta(body: Mapping[str, Any], name: str, component: str = "relay") -> Dict[str, Any]:
     return {"name": name, "namespace": body["metadata"]["namespace"],
             "labels": labels(body, component)}
+
+
+def _listener_ports(listeners: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The enabled listeners, as container ports, in LISTENERS order."""
+    return [{"name": name, "containerPort": listeners[field], "protocol": protocol}
+            for transport, name, protocol, field, _ in LISTENERS
+            if transport in listeners["transports"]]
 
 
 def _toml_value(value: Any) -> str:
@@ -209,16 +223,10 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
     resourceVersions, so a changed config, certificate or secret is a rolling update."""
     spec = with_defaults(body["spec"])
     name = body["metadata"]["name"]
-    listeners, transports = spec["listeners"], spec["listeners"]["transports"]
+    listeners = spec["listeners"]
     host_network = spec["exposure"]["hostNetwork"]
-    ports = []
-    if "udp" in transports:
-        ports.append({"name": "turn-udp", "containerPort": listeners["port"], "protocol": "UDP"})
-    if "tcp" in transports:
-        ports.append({"name": "turn-tcp", "containerPort": listeners["port"], "protocol": "TCP"})
-    if "tls" in transports:
-        ports.append({"name": "turns-tls", "containerPort": listeners["tlsPort"], "protocol": "TCP"})
-    ports.append({"name": "metrics", "containerPort": listeners["metricsPort"], "protocol": "TCP"})
+    ports = _listener_ports(listeners) + [
+        {"name": "metrics", "containerPort": listeners["metricsPort"], "protocol": "TCP"}]
     mounts = [{"name": "config", "mountPath": CONFIG_PATH, "subPath": "turnrelay.toml", "readOnly": True},
               {"name": "state", "mountPath": STATE_DIR}]
     volumes: List[Dict[str, Any]] = [
@@ -287,18 +295,12 @@ def services(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
     listeners only.  External traffic stays on the node it arrived at so the relay sees the
     client's own address, which its nonces, quotas and XOR-MAPPED-ADDRESS depend on."""
     spec = with_defaults(body["spec"])
-    name, listeners = body["metadata"]["name"], spec["listeners"]
-    exposure, transports = spec["exposure"], listeners["transports"]
-    wanted = {
-        "udp": [{"name": "turn-udp", "protocol": "UDP", "port": listeners["port"],
-                 "targetPort": listeners["port"]}] if "udp" in transports else [],
-        "tcp": ([{"name": "turn-tcp", "protocol": "TCP", "port": listeners["port"],
-                  "targetPort": listeners["port"]}] if "tcp" in transports else [])
-               + ([{"name": "turns-tls", "protocol": "TCP", "port": listeners["tlsPort"],
-                    "targetPort": listeners["tlsPort"]}] if "tls" in transports else []),
-    }
+    name, exposure = body["metadata"]["name"], spec["exposure"]
+    listening = _listener_ports(spec["listeners"])
     built = []
-    for protocol, ports in wanted.items():
+    for protocol in ("UDP", "TCP"):
+        ports = [{"name": p["name"], "protocol": protocol, "port": p["containerPort"],
+                  "targetPort": p["containerPort"]} for p in listening if p["protocol"] == protocol]
         if not ports:
             continue
         service_spec: Dict[str, Any] = {"type": exposure["serviceType"], "selector": selector(body),
@@ -308,7 +310,7 @@ def services(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
         if exposure["externalIPs"]:
             service_spec["externalIPs"] = list(exposure["externalIPs"])
         built.append({"apiVersion": "v1", "kind": "Service",
-                      "metadata": _meta(body, f"{name}-{protocol}"), "spec": service_spec})
+                      "metadata": _meta(body, f"{name}-{protocol.lower()}"), "spec": service_spec})
     return built
 
 
@@ -324,12 +326,8 @@ def network_policy(body: Mapping[str, Any]) -> Dict[str, Any]:
     whole relay range, which a NetworkPolicy cannot name on 1.20 (no endPort before 1.22).
     The metrics port admits pods of any namespace (Prometheus), nothing from outside."""
     listeners = with_defaults(body["spec"])["listeners"]
-    ports = [{"protocol": "UDP"}]
-    transports = listeners["transports"]
-    if "tcp" in transports:
-        ports.append({"protocol": "TCP", "port": listeners["port"]})
-    if "tls" in transports:
-        ports.append({"protocol": "TCP", "port": listeners["tlsPort"]})
+    ports = [{"protocol": "UDP"}] + [{"protocol": "TCP", "port": p["containerPort"]}
+                                     for p in _listener_ports(listeners) if p["protocol"] == "TCP"]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _meta(body, body["metadata"]["name"]),
             "spec": {"podSelector": {"matchLabels": selector(body)}, "policyTypes": ["Ingress"],
@@ -369,11 +367,9 @@ def endpoint_uris(spec: Mapping[str, Any], hosts: Iterable[str]) -> List[str]:
     uris = []
     for host in hosts:
         shown = f"[{host}]" if ":" in host else host
-        for transport, scheme, port, query in (("udp", "turn", listeners["port"], "udp"),
-                                               ("tcp", "turn", listeners["port"], "tcp"),
-                                               ("tls", "turns", listeners["tlsPort"], "tcp")):
+        for transport, _, protocol, field, scheme in LISTENERS:
             if transport in listeners["transports"]:
-                uris.append(f"{scheme}:{shown}:{port}?transport={query}")
+                uris.append(f"{scheme}:{shown}:{listeners[field]}?transport={protocol.lower()}")
     return uris
 
 
