@@ -99,19 +99,25 @@ def ensure(child: Dict[str, Any]) -> Dict[str, Any]:
                           content_type="application/merge-patch+json").to_dict()
 
 
+def owned(body: Mapping[str, Any], api_version: str, kind: str) -> List[Dict[str, Any]]:
+    """The stored children of `kind` this region owns, found by the labels every child carries."""
+    selector = f"{MANAGED_BY},app.kubernetes.io/instance={body['metadata']['name']}"
+    resource = client().resources.get(api_version=api_version, kind=kind)
+    items = resource.get(namespace=body["metadata"]["namespace"], label_selector=selector).to_dict()["items"]
+    return [item for item in items if body["metadata"]["uid"] in
+            {ref["uid"] for ref in item["metadata"].get("ownerReferences") or []}]
+
+
 def prune(body: Mapping[str, Any], keep: List[Dict[str, Any]], logger: logging.Logger) -> None:
     """Delete children this region no longer wants (a transport turned off, the NetworkPolicy
-    disabled): only objects it owns, found by the labels every child carries."""
+    disabled)."""
     wanted = {(c["kind"], c["metadata"]["name"]) for c in keep}
-    selector = f"{MANAGED_BY},app.kubernetes.io/instance={body['metadata']['name']}"
-    namespace, uid = body["metadata"]["namespace"], body["metadata"]["uid"]
     for api_version, kind in managed_kinds():
-        resource = client().resources.get(api_version=api_version, kind=kind)
-        for item in resource.get(namespace=namespace, label_selector=selector).to_dict()["items"]:
-            owners = {ref["uid"] for ref in item["metadata"].get("ownerReferences") or []}
-            if uid in owners and (kind, item["metadata"]["name"]) not in wanted:
+        for item in owned(body, api_version, kind):
+            if (kind, item["metadata"]["name"]) not in wanted:
                 logger.info(f"deleting {kind} {item['metadata']['name']}: no longer in the spec")
-                resource.delete(name=item["metadata"]["name"], namespace=namespace)
+                client().resources.get(api_version=api_version, kind=kind).delete(
+                    name=item["metadata"]["name"], namespace=body["metadata"]["namespace"])
 
 
 def secret_versions(spec: Mapping[str, Any], namespace: str) -> tuple:
@@ -178,30 +184,23 @@ async def repair_drift(region_names: kopf.Index, logger: logging.Logger) -> None
 def reconcile(region: Dict[str, Any], logger: logging.Logger) -> None:
     """Bring the children in line with the spec and write the status.  A spec the operator
     refuses, or one naming a missing Secret, leaves the children as they were (the relays of
-    the last good spec keep serving) and says why in the Degraded condition."""
+    the last good spec keep serving, so the status and the directory keep their endpoints)
+    and says why in the Degraded condition."""
     namespace, name = region["metadata"]["namespace"], region["metadata"]["name"]
     versions, problems = secret_versions(region["spec"], namespace)
     problems = m.spec_problems(region["spec"]) + problems
-    deployment: Optional[Dict[str, Any]] = None
-    services: List[Dict[str, Any]] = []
     if problems:
         logger.warning("not reconciling: " + "; ".join(problems))
-        try:
-            deployment = client().resources.get(api_version="apps/v1", kind="Deployment").get(
-                name=name, namespace=namespace).to_dict()
-        except NotFoundError:
-            pass
+        deployments, services = owned(region, "apps/v1", "Deployment"), owned(region, "v1", "Service")
     else:
         wanted = m.children(region, pdb_api_version(), versions)
+        stored: Dict[str, List[Dict[str, Any]]] = {}
         for child in wanted:
             kopf.append_owner_reference(child, owner=region)
-            stored = ensure(child)
-            if child["kind"] == "Deployment":
-                deployment = stored
-            elif child["kind"] == "Service":
-                services.append(stored)
+            stored.setdefault(child["kind"], []).append(ensure(child))
         prune(region, wanted, logger)
-    status = m.region_status(region, (deployment or {}).get("status"),
+        deployments, services = stored["Deployment"], stored["Service"]
+    status = m.region_status(region, deployments[0].get("status") if deployments else None,
                              [s.get("status") for s in services], problems, now())
     # Written here rather than through kopf's patch: the drift timer runs outside any handler.
     client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND).status.patch(

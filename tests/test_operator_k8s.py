@@ -258,6 +258,21 @@ def test_deleted_or_edited_children_come_back(cluster, operator):
     operator.check()
 
 
+def test_refused_spec_keeps_the_serving_relays_endpoints(cluster, operator):
+    """The relays of the last good spec keep serving, so their load balancers' address stays
+    in the status and the directory while the spec is Degraded."""
+    regions(cluster).patch(body={"spec": {"relayPorts": {"min": 60000, "max": 50000}}}, name="us-east",
+                           namespace=NAMESPACE, content_type="application/merge-patch+json")
+    status = wait_for(lambda: condition(s := status_of(cluster, "us-east"), "Degraded")["status"] == "True" and s)
+    assert status["endpoint"] == "198.51.100.10"
+    assert "turn:198.51.100.10:3478?transport=udp" in status["endpoints"]
+    assert directory(cluster)["us-east"]["endpoints"] == status["endpoints"]
+    regions(cluster).patch(body={"spec": {"relayPorts": None}}, name="us-east", namespace=NAMESPACE,
+                           content_type="application/merge-patch+json")
+    wait_for(lambda: condition(status_of(cluster, "us-east"), "Degraded")["status"] == "False")
+    operator.check()
+
+
 @pytest.mark.parametrize("spec, message", [
     ({"replicas": 2}, "spec.region: Required value"),
     ({"region": "x", "replicas": 500}, "spec.replicas: Invalid value: 500: spec.replicas in body should be less than or equal to 100"),
