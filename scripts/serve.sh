@@ -3,12 +3,8 @@
 # Extra arguments go to `twistd turnrelay`, e.g. --user alice:secret --realm example.org
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
-if ! python3 -c "import ensurepip" 2>/dev/null; then
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv
-fi
+. scripts/apt.sh
+python3 -c "import ensurepip" 2>/dev/null || apt_install python3-venv
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q .
 exec .venv/bin/twistd -n --pidfile= turnrelay "$@"

@@ -4,18 +4,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SUDO=""
-[ "$(id -u)" = 0 ] || SUDO="sudo"
+. scripts/apt.sh
 packages=()
 command -v turnutils_uclient >/dev/null || packages+=(coturn)   # turnutils_* client tools
 command -v openssl >/dev/null || packages+=(openssl)           # test certificates
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)  # throwaway servers
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 [ -x /usr/lib/chromium/chromium ] || packages+=(chromium)     # the browser WebRTC tests
-if [ "${#packages[@]}" -gt 0 ]; then
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${packages[@]}"
-fi
+apt_install "${packages[@]}"
 
 # The operator tests' Kubernetes control plane and Helm: built once, then cached outside the checkout.
 bash scripts/k8s-tools.sh >/dev/null
