@@ -143,7 +143,9 @@ class TurnServer:
         self.rng = rng or random.SystemRandom()
         self.allocations: Dict[Tuple[Hashable, Address], Allocation] = {}
         self.reservations: Dict[bytes, Reservation] = {}
-        self._account_budgets: Dict[str, Budget] = {}  # account id -> its shared budget
+        # Account id -> the budget its allocations here share; its `users` counts them, so it
+        # goes with the last one, and an Allocate checks max_allocations without a scan.
+        self._account_budgets: Dict[str, Budget] = {}
         self.connections: Dict[int, TcpConnection] = {}   # CONNECTION-ID -> connection
         self._responses: "OrderedDict[Tuple[Hashable, Address, bytes], bytes]" = OrderedDict()
         self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
@@ -464,10 +466,9 @@ class TurnServer:
         self.on_allocation_opened(allocation)
         return response
 
-    def _account_budget(self, account_id: str) -> Optional[Budget]:
-        """The budget all of an account's allocations share, when accounts are limited."""
-        if not (self.config.account_max_bps or self.config.account_max_pps):
-            return None
+    def _account_budget(self, account_id: str) -> Budget:
+        """The budget all of an account's allocations share (unlimited without
+        --account-max-bps/--account-max-pps), counting one more of them."""
         budget = self._account_budgets.get(account_id)
         if budget is None:
             budget = self._account_budgets[account_id] = Budget(self.config.account_max_bps,
@@ -493,8 +494,9 @@ class TurnServer:
             raise stun.StunError(508, "Insufficient Capacity")
         if self.over_quota(account):
             raise stun.StunError(486, "Allocation Quota Reached")
-        if account.max_allocations and sum(a.account.account_id == account.account_id
-                                           for a in self.allocations.values()) >= account.max_allocations:
+        shared = self._account_budgets.get(account.account_id)
+        if account.max_allocations and shared is not None \
+                and shared.users >= account.max_allocations:
             raise stun.StunError(486, "Allocation Quota Reached")
         if config.user_quota and sum(
                 a.username == username for a in self.allocations.values()) >= config.user_quota:
@@ -704,10 +706,9 @@ class TurnServer:
         limited[0] += allocation.limited_packets
         limited[1] += allocation.limited_bytes
         shared = allocation.account_budget
-        if shared.users:
-            shared.users -= 1
-            if not shared.users:
-                del self._account_budgets[allocation.account.account_id]
+        shared.users -= 1
+        if not shared.users:
+            del self._account_budgets[allocation.account.account_id]
         log.info("allocation closed user=%s client=%s:%d reason=%s from_client=%d/%dB "
                  "to_client=%d/%dB limited=%d/%dB session=%s", allocation.username,
                  allocation.client[0], allocation.client[1], reason,
