@@ -251,6 +251,10 @@ class TurnServer:
     def tick(self, now: float) -> None:
         """Expire allocations, permissions, channels, reservations and cached responses."""
         allows = self.allocation_policy
+        # Accounts' budgets first: an allocation's own is refilled by its sweep, and only with
+        # both refilled may its throttled TCP connections read again.
+        for budget in self._account_budgets.values():
+            budget.refill()
         for allocation in list(self.allocations.values()):
             if allocation.expires <= now:
                 self._close(allocation, "expired")
@@ -260,11 +264,8 @@ class TurnServer:
                 self._close(allocation, "quota")
             else:
                 allocation.sweep(now)
-        for budget in self._account_budgets.values():
-            budget.refill()
-        for allocation in self.allocations.values():
-            if allocation.limited and allocation.connections:
-                allocation.resume_throttled()
+                if allocation.limited and allocation.connections:
+                    allocation.resume_throttled()
         for token in [t for t, r in self.reservations.items() if r.expires <= now]:
             self.reservations.pop(token).endpoint.close()
         while self._response_expiry and self._response_expiry[0][0] <= now:

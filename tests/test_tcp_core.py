@@ -190,8 +190,9 @@ def test_connections_per_allocation_are_capped(harness):
     assert error_code(stun.parse(connect(client, PEER2)[0])) == 508
 
 
-def test_rate_limits_pause_both_ends_until_the_refill(harness):
-    harness = Harness(max_bps=1000)
+@pytest.mark.parametrize("limit", ["max_bps", "account_max_bps"])
+def test_rate_limits_pause_both_ends_until_the_refill(limit):
+    harness = Harness(**{limit: 1000})
     client = harness.client("alice", transport="tcp")
     client.allocate_ok(transport=TCP)
     connect(client)
