@@ -275,12 +275,16 @@ class TurnServer:
                        cluster: Iterable[str]) -> None:
         """New peer rules (SIGHUP), in the policy every part holds.  Permissions they forbid
         end at once, which stops relaying to those peers both ways, channels and Send
-        included; the allocations stay.  ValueError for a bad rule, the old ones kept."""
+        included, and so do TCP connections to them (RFC 6062 data relays without looking at
+        permissions); the allocations stay.  ValueError for a bad rule, the old ones kept."""
         policy = self.config.policy
         policy.set_rules(allowed, denied, cluster)
         for allocation in self.allocations.values():
             for ip in [ip for ip in allocation.permissions if not policy.permits(ip)]:
                 del allocation.permissions[ip]
+            for connection in [c for c in allocation.connections.values()
+                               if not policy.permits(c.peer[0])]:
+                connection.close()
 
     def drain(self) -> None:
         """Stop taking allocations (see `_check_quotas`); the existing ones carry on."""

@@ -212,3 +212,24 @@ def test_rate_limits_pause_both_ends_until_the_refill(limit):
     assert not peer_end.paused and not data.end.paused
     connection.close()
     assert connection.state == CLOSED and peer_end.closed and data.end.closed
+
+
+def test_new_peer_rules_end_the_tcp_connections_to_peers_they_forbid(alice):
+    """A bound connection relays bytes without a permission check, so forbidding its peer
+    must close it, as it ends the peer's permission; one being connected ends too."""
+    harness = alice.harness
+    connect(alice)
+    peer_end = FakeStreamEnd()
+    connection_id = complete(alice, peer_end).get(stun.CONNECTION_ID)
+    data = data_client(harness)
+    data.request(stun.CONNECTION_BIND, [(stun.CONNECTION_ID, connection_id)])
+    bound = harness.server.connections[connection_id]
+    connect(alice, PEER2)
+    connecting = next(c for c in alice.allocation.connections.values() if c.peer == PEER2)
+    harness.server.set_peer_rules([], [PEER[0], PEER2[0]], [])
+    assert bound.state == CLOSED and peer_end.closed and data.end.closed
+    assert connecting.state == CLOSED and not alice.allocation.connections
+    late_end = FakeStreamEnd()
+    relayed(alice).connects[-1][1](late_end, harness.now)  # its attempt completes later
+    assert late_end.closed
+    assert alice.allocation is not None  # the allocation stays
