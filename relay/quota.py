@@ -74,11 +74,12 @@ class QuotaTracker:
         self.usage = usage
         self.default_quota = default_quota
         self.clock = clock
-        # account id -> (its quota in bytes, when it was last seen here)
-        self.watched: Dict[str, Tuple[int, float]] = {}
         # account id -> when it last allocated or held an allocation here, quota or not: the
         # accounts whose usage triggers this relay checks (relay.triggers)
         self.active: Dict[str, float] = {}
+        # account id -> the quota in bytes of its newest login seen here, for the active
+        # accounts that have one: the accounts each reading is for
+        self.quotas: Dict[str, int] = {}
         self.reached: Set[str] = set()
         self._failing = False
         self.service = TimerService(interval, self.poll)
@@ -93,17 +94,21 @@ class QuotaTracker:
         account not seen yet, and one refused for its quota; `poll` notes the others."""
         account_id = account.account_id
         if account_id in self.reached:
-            self._watch(account, self.clock())
+            self._see(account, self.clock())
             return True
         if account_id not in self.active:  # first seen here: an Allocate
-            now = self.active[account_id] = self.clock()
-            self._watch(account, now)
+            self._see(account, self.clock())
         return False
 
-    def _watch(self, account: Account, now: float) -> None:
+    def _see(self, account: Account, now: float) -> None:
+        """Note `account` active now, held to this login's quota: none (0) stops the readings
+        of its usage, so the next one no longer finds it over."""
+        self.active[account.account_id] = now
         quota = self.quota_of(account)
         if quota:
-            self.watched[account.account_id] = (quota, now)
+            self.quotas[account.account_id] = quota
+        else:
+            self.quotas.pop(account.account_id, None)
 
     def poll(self) -> defer.Deferred[None]:
         """Read this month's usage of the watched accounts; keep the last verdict on failure.
@@ -116,17 +121,16 @@ class QuotaTracker:
     def _poll(self):
         now = self.clock()
         for allocation in self.server.allocations.values():  # the newest login's quota wins
-            self.active[allocation.account.account_id] = now
-            self._watch(allocation.account, now)
-        for account in [a for a, (_, seen) in self.watched.items() if now - seen > WATCH_FOR]:
-            del self.watched[account]
+            self._see(allocation.account, now)
         for account in [a for a, seen in self.active.items() if now - seen > WATCH_FOR]:
             del self.active[account]
+            self.quotas.pop(account, None)
         since = month_start(now)
-        if not self.watched:
+        quotas = dict(self.quotas)  # this reading's: logins while it runs may change them
+        if not quotas:
             self.reached = set()
             return
-        accounts = sorted(self.watched)
+        accounts = sorted(quotas)
         try:
             usage = yield self.usage.read(since, accounts)
         except Exception:
@@ -141,12 +145,11 @@ class QuotaTracker:
             self._failing = False
             log.info("monthly quotas: usage readable again from {backend}",
                      backend=self.usage.backend_name)
-        reached = {account for account in accounts if usage[account] >= self.watched[account][0]}
+        reached = {account for account in accounts if usage[account] >= quotas[account]}
         for account in sorted(reached - self.reached):
             log.warn("account {account} reached its monthly quota: {used} of {quota} bytes "
                      "since {since}; new allocations get 486 and live ones are closed",
-                     account=account, used=usage[account], quota=self.watched[account][0],
-                     since=since)
+                     account=account, used=usage[account], quota=quotas[account], since=since)
         self.reached = reached
 
 

@@ -17,7 +17,8 @@ from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn  # noqa: F
 from postgres import fresh_schema
 from relay import stun
 from relay.ledger import Ledger
-from relay.quota import MonthlyUsage, month_start, parse_megabytes
+from relay.credentials import Account
+from relay.quota import MonthlyUsage, QuotaTracker, month_start, parse_megabytes
 from relay.usage import SessionStarted, UsageDelta
 from relay.usage_sql import MIGRATIONS, sqlite_backend
 from test_ledger import open_session, traffic
@@ -191,6 +192,31 @@ def test_stored_plus_unstored_usage_is_every_byte_at_any_moment(tmp_path, in_rea
     assert read_after() == {"acct-alice": 137, "acct-bob": 77, "acct-nobody": 0}
     assert ledger._ended == {}  # forgotten once every queue is empty
     in_reactor(ledger.stopService)
+
+
+def test_a_quota_lifted_to_unlimited_applies_at_the_next_reading(tmp_path, in_reactor):
+    """Quotas come with each login: one saying unlimited (0) takes the account out of the
+    readings at once, and the next one finds it no longer over (it used to be read against
+    the old quota for an hour).  Real core, real SQLite ledger and usage reading."""
+    harness = Harness()
+    backend = sqlite_backend(f"path={tmp_path / 'usage.db'}")
+    ledger = Ledger(harness.server, {"sqlite": backend}, "r", Clock(), interval=10)
+    in_reactor(backend.write, [
+        SessionStarted("s1", "acme", "u", "r", "udp", "192.0.2.1:1", (), "2026-11-02T00:00:00Z"),
+        UsageDelta("s1", 1, 100, 1, 50, 1, "2026-11-02T00:00:10Z")])
+    tracker = QuotaTracker(harness.server, MonthlyUsage(ledger, "sqlite", backend),
+                           default_quota=0, clock=lambda: 1_795_000_000.0)  # 2026-11-18
+    limited = Account("acme", monthly_quota_bytes=100)
+    lifted = Account("acme", monthly_quota_bytes=0)
+    assert not in_reactor(tracker.over_quota, limited)  # first seen: let through
+    in_reactor(tracker.poll)
+    assert in_reactor(tracker.over_quota, limited)  # 150 of 100 bytes
+    # The operator lifts the quota: this Allocate still meets the last reading, the next not.
+    assert in_reactor(tracker.over_quota, lifted)
+    in_reactor(tracker.poll)
+    assert not in_reactor(tracker.over_quota, lifted)
+    assert "acme" in tracker.active  # the usage triggers still watch it
+    in_reactor(backend.close)
 
 
 @pytest.mark.parametrize("text, expected", [("0", 0), ("5", 5_000_000), ("0.02", 20_000),
