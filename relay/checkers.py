@@ -195,6 +195,8 @@ class ChainedChecker:
 
     def __init__(self, checkers: Sequence[ICredentialsChecker]):
         self.checkers = list(checkers)
+        # Found once: `allows` runs for every allocation at every tick of the core.
+        self._policies = [c for c in self.checkers if IAllocationPolicy.providedBy(c)]
 
     @property
     def supportsSha256(self) -> bool:
@@ -210,8 +212,7 @@ class ChainedChecker:
                 checker.reload()
 
     def allows(self, username: str, account: Account, now: float) -> bool:
-        return all(c.allows(username, account, now) for c in self.checkers
-                   if IAllocationPolicy.providedBy(c))
+        return all(c.allows(username, account, now) for c in self._policies)
 
     @defer.inlineCallbacks
     def requestAvatarId(self, credentials: IStunCredentials):
