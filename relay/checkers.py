@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
@@ -25,11 +24,7 @@ from relay.credentials import Account, IAllocationPolicy, IStunCredentials
 from relay.quota import parse_megabytes
 from relay.saslprep import saslprep
 from relay.secretfile import read_secrets
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.9/3.10 and PyPy
-    import tomli as tomllib
+from relay.tomlfile import read_toml
 
 
 @dataclass(frozen=True)
@@ -68,11 +63,7 @@ def load_users_file(path: str) -> Dict[str, StaticUser]:
 
     Raises ValueError naming the file and the user at fault (never the secret).
     """
-    try:
-        with open(path, "rb") as f:
-            document = tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from None
+    document = read_toml(path)
     quotas = _account_quotas(path, document.get("accounts", {}))
     users = {}
     for name, entry in document.get("users", {}).items():

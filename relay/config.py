@@ -26,13 +26,9 @@ from relay.rates import RateError, rates_from_options
 from relay.regions import check_host, regions_from_table
 from relay.secretfile import read_secrets
 from relay.tls import TLS_VERSIONS
+from relay.tomlfile import read_toml
 from relay.ledger import WHEN_FULL
 from relay.usageplugins import installed, make_backend
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.9/3.10 and PyPy
-    import tomli as tomllib
 
 
 def _port(value: str) -> int:
@@ -247,7 +243,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             raise SystemExit(f"turnrelay: {err}") from None
 
     def _load_config(self, path: str) -> None:
-        table = _read_toml("config", path)
+        table = _read_config(path)
         known = {p[0]: p for p in self.optParameters}
         flags = {f[0] for f in self.optFlags}
         for name, value in table.items():
@@ -361,7 +357,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         given on the command line stay.  UsageError naming the option for a bad one."""
         rules = {name: list(self[name]) for name in PEER_RULES}
         if self["config"]:
-            table = _read_toml("config", self["config"])
+            table = _read_config(self["config"])
             for name in PEER_RULES:
                 if name not in self._from_command_line:
                     rules[name] = _list_value(table.get(name, []))
@@ -408,8 +404,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         self["regions"] = {}
         if self["regions-file"]:
             try:
-                self["regions"] = regions_from_table(_read_toml("regions-file",
-                                                                self["regions-file"]))
+                self["regions"] = regions_from_table(read_toml(self["regions-file"]))
             except ValueError as err:
                 _fail("regions-file", str(err))
         if self["public-host"]:
@@ -477,12 +472,12 @@ def _check_peer_rules(rules: Dict[str, List[str]]) -> None:
                 _fail(name, f"{value!r} is not an address, CIDR network or FIRST-LAST range")
 
 
-def _read_toml(option: str, path: str) -> Dict[str, Any]:
+def _read_config(path: str) -> Dict[str, Any]:
+    """The --config file's table, or the command line rejected naming --config."""
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except (OSError, tomllib.TOMLDecodeError) as err:
-        raise usage.UsageError(f"--{option}: cannot read {path}: {err}") from None
+        return read_toml(path)
+    except ValueError as err:
+        _fail("config", str(err))
 
 
 def _first_db_auth(descriptions: List[str]) -> Dict[str, str]:

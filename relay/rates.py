@@ -34,15 +34,11 @@ from __future__ import annotations
 import bisect
 import decimal
 import re
-import sys
 from datetime import date, datetime, time, timezone
 from decimal import Decimal
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.9/3.10 and PyPy
-    import tomli as tomllib
+from relay.tomlfile import read_toml
 
 MB = 10 ** 6
 CHARGE_PLACES = Decimal("0.000001")  # charges are rounded half up to this, once per row
@@ -194,14 +190,7 @@ def _table_rates(table: Mapping[str, Any]) -> Dict[str, List[Tuple[str, Decimal]
 
 def read_rate_table(path: str) -> Dict[str, List[Tuple[str, Decimal]]]:
     """The rates of a --rate-table file, every number read as an exact Decimal."""
-    try:
-        with open(path, "rb") as f:
-            table = tomllib.load(f, parse_float=Decimal)
-    except OSError as err:
-        raise ValueError(f"cannot read {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: {err}") from None
-    return _table_rates(table)
+    return _table_rates(read_toml(path, parse_float=Decimal))
 
 
 def rates_from_options(region: str, rate_per_mb: Optional[str],

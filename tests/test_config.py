@@ -79,6 +79,21 @@ def test_unknown_key_in_config_file_is_named(tmp_path):
     assert "'min_port'" in str(exit_.value.code)
 
 
+@pytest.mark.parametrize("flag", ["--config", "--users-file", "--regions-file", "--rate-table"])
+def test_a_toml_file_missing_or_broken_is_one_line_naming_the_flag_and_file(tmp_path, flag):
+    """Every TOML file the relay reads (relay.tomlfile) reports the same two faults alike."""
+    missing, broken = tmp_path / "missing.toml", tmp_path / "broken.toml"
+    broken.write_text("[users\n")
+    with pytest.raises(SystemExit) as exit_:
+        parse(flag, str(missing))
+    assert exit_.value.code == f"turnrelay: {flag}: cannot read {missing}: No such file or directory"
+    with pytest.raises(SystemExit) as exit_:
+        parse(flag, str(broken))
+    message = str(exit_.value.code)
+    assert message.startswith(f"turnrelay: {flag}: cannot read {broken}: Expected ']'"), message
+    assert message.endswith("(at line 1, column 7)"), message
+
+
 def test_twistd_prints_one_line_for_a_bad_value():
     result = subprocess.run([TWISTD, "-n", "turnrelay", "--min-port", "70000"],
                             capture_output=True, text=True, timeout=60)
