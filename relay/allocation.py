@@ -1,6 +1,6 @@
 """One TURN allocation: its relay sockets, permissions, channels, lifetime and counters.
 
-The two `from_*` methods are the relay's hot path, called once per relayed packet: a header
+The `from_*` methods are the relay's hot path, called once per relayed packet: a header
 unpack, a dict lookup or two, plain integer additions and one send.  Expired permissions and
 channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
 """
@@ -147,19 +147,18 @@ class Allocation:
     def from_client_send(self, data: bytes) -> None:
         """A Send indication from the client: relay its DATA to its XOR-PEER-ADDRESS."""
         parsed = stun.parse_send_indication(data)
-        if parsed is not None:
-            self.send_indication(parsed[1], parsed[0])
-
-    def send_indication(self, data: bytes, peer: Address) -> None:
+        if parsed is None:
+            return
+        peer, payload = parsed
         relay = self.relays.get(stun.address_family(peer[0]))
         if relay is None or peer[0] not in self.permissions or peer in self.own:
             return
-        size = len(data)
+        size = len(payload)
         if self.limited and not self._spend(size):
             return
         self.bytes_from_client += size
         self.packets_from_client += 1
-        relay.send(data, peer)
+        relay.send(payload, peer)
 
     def _spend(self, size: int) -> bool:
         """Take one packet of `size` bytes from this second's budgets, the allocation's and its
