@@ -20,6 +20,7 @@ CHANNEL_LIFETIME = 600
 CHANNEL_COOLDOWN = 300
 
 _CHANNEL = stun.CHANNEL_HEADER
+_PADDING = stun.PADDING
 _transaction_id = stun.TransactionIds()
 
 
@@ -122,7 +123,7 @@ class Allocation:
         if number is not None:
             frame = _CHANNEL.pack(number, size) + data
             if self.stream and size & 3:
-                frame += b"\x00" * (4 - (size & 3))
+                frame += _PADDING[size & 3]
         else:
             frame = stun.data_indication(data, peer, _transaction_id())
         self.bytes_to_client += size

@@ -29,6 +29,10 @@ _U32 = struct.Struct("!I")
 _XOR_V4 = struct.Struct("!2sHI")  # an IPv4 XOR-*-ADDRESS value: prefix, port, address
 _IPV4_PREFIX = b"\x00\x01"
 _PORT_MASK = MAGIC_COOKIE >> 16
+# The zero bytes after a value of length n, to the next multiple of 4: PADDING[n & 3].  STUN
+# attributes are padded (RFC 8489 section 14), and so is ChannelData on a stream (RFC 8656
+# section 12.5).  A table, not `b"\x00" * n`: the relay pads per packet.
+PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")
 
 Address = Tuple[str, int]
 
@@ -224,7 +228,7 @@ def _decode_algorithm(value: bytes, tid: bytes) -> Tuple[int, bytes]:
 
 def _encode_algorithm(value: Tuple[int, bytes], tid: bytes) -> bytes:
     algorithm, params = value
-    return struct.pack("!HH", algorithm, len(params)) + params + _padding(len(params))
+    return struct.pack("!HH", algorithm, len(params)) + params + PADDING[len(params) & 3]
 
 
 def _decode_algorithms(value: bytes, tid: bytes) -> List[Tuple[int, bytes]]:
@@ -232,7 +236,7 @@ def _decode_algorithms(value: bytes, tid: bytes) -> List[Tuple[int, bytes]]:
     while offset + 4 <= len(value):
         algorithm, length = struct.unpack_from("!HH", value, offset)
         algorithms.append((algorithm, value[offset + 4:offset + 4 + length]))
-        offset += 4 + length + len(_padding(length))
+        offset += 4 + length + (-length % 4)
     return algorithms
 
 
@@ -323,10 +327,6 @@ def format_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _padding(length: int) -> bytes:
-    return b"\x00" * (-length % 4)
-
-
 def message_type(method: int, cls: int) -> int:
     """Interleave the class bits into the method bits (RFC 8489 figure 3)."""
     return ((method & 0xF80) << 2) | ((method & 0x070) << 1) | (method & 0x00F) \
@@ -391,7 +391,7 @@ class Message:
         for attr_type, value in self.attributes:
             parts.append(_ATTR_HEADER.pack(attr_type, len(value)))
             parts.append(value)
-            parts.append(_padding(len(value)))
+            parts.append(PADDING[len(value) & 3])
         body = b"".join(parts)
         msg_type = message_type(self.method, self.cls)
         if key is not None:
@@ -453,7 +453,7 @@ def parse(data: bytes) -> Message:
             raise StunDecodeError("truncated attribute")
         value = bytes(data[offset + 4:value_end])
         if attr_type == FINGERPRINT:
-            if value_end + len(_padding(attr_len)) != end or attr_len != 4:
+            if value_end + (-attr_len % 4) != end or attr_len != 4:
                 raise StunDecodeError("FINGERPRINT is not last")
             expected = (binascii.crc32(data[:offset]) ^ _FINGERPRINT_XOR) & 0xFFFFFFFF
             if struct.unpack("!I", value)[0] != expected:
@@ -467,7 +467,7 @@ def parse(data: bytes) -> Message:
             if attr_type in (MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256):
                 msg.integrity_offsets[attr_type] = offset
             msg.attributes.append((attr_type, value))
-        offset = value_end + len(_padding(attr_len))
+        offset = value_end + (-attr_len % 4)
     if offset != end:
         raise StunDecodeError("attribute padding overruns the message")
     return msg
@@ -478,7 +478,6 @@ def parse(data: bytes) -> Message:
 SEND_INDICATION = message_type(SEND, INDICATION)
 DATA_INDICATION = message_type(DATA_METHOD, INDICATION)
 _DATA_INDICATION_V4 = struct.Struct("!HHI12sHHBBHIHH")  # header, XOR-PEER-ADDRESS, DATA header
-_PADDING = (b"", b"\x00\x00\x00", b"\x00\x00", b"\x00")  # by length % 4
 
 
 def parse_send_indication(data: bytes) -> Optional[Tuple[Address, bytes]]:
@@ -533,12 +532,12 @@ def data_indication(payload: bytes, peer: Address, tid: bytes) -> bytes:
         return b"".join((
             HEADER.pack(DATA_INDICATION, 8 + len(value) + size + pad, MAGIC_COOKIE, tid),
             _ATTR_HEADER.pack(XOR_PEER_ADDRESS, len(value)), value,
-            _ATTR_HEADER.pack(DATA, size), payload, _PADDING[size & 3]))
+            _ATTR_HEADER.pack(DATA, size), payload, PADDING[size & 3]))
     address = _U32.unpack(socket.inet_pton(socket.AF_INET, host))[0] ^ MAGIC_COOKIE
     head = _DATA_INDICATION_V4.pack(DATA_INDICATION, 16 + size + pad, MAGIC_COOKIE, tid,
                                     XOR_PEER_ADDRESS, 8, 0, FAMILY_IPV4, port ^ _PORT_MASK,
                                     address, DATA, size)
-    return head + payload + _PADDING[size & 3] if pad else head + payload
+    return head + payload + PADDING[size & 3] if pad else head + payload
 
 
 class TransactionIds:

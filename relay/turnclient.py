@@ -180,7 +180,7 @@ class TurnClient:
 
     def send_channel(self, channel: int, data: bytes) -> None:
         """ChannelData, padded to 4 bytes on a stream (RFC 8656 section 12.5)."""
-        padding = b"\x00" * (-len(data) % 4) if self.transport != UDP else b""
+        padding = stun.PADDING[len(data) & 3] if self.transport != UDP else b""
         self._send(stun.CHANNEL_HEADER.pack(channel, len(data)) + data + padding)
 
     def receive_channel(self, deadline: float) -> Tuple[int, bytes]:

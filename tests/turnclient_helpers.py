@@ -366,4 +366,4 @@ class RawValue:
 def channel_data(number: int, payload: bytes, pad: bool = False) -> bytes:
     """A ChannelData frame; `pad` rounds it to 4 bytes as a stream transport must."""
     frame = stun.CHANNEL_HEADER.pack(number, len(payload)) + payload
-    return frame + b"\x00" * (-len(payload) % 4) if pad else frame
+    return frame + stun.PADDING[len(payload) & 3] if pad else frame
