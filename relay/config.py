@@ -19,6 +19,7 @@ from relay.accounts_checker import DB_ARGUMENTS
 from relay.accounts_db import AccountStore
 from relay.authplugins import parse_arguments
 from relay.checkers import RestSecretChecker, StaticUsersChecker, parse_user
+from relay.cpus import usable_cpus
 from relay.credentials import IStunCredentials
 from relay.peers import is_ip, parse_rule
 from relay.quota import parse_megabytes
@@ -66,6 +67,7 @@ NUMBER_OPTIONS = {
     "client-address-retention": _non_negative,
     "prometheus-port": _port, "drain-grace": _non_negative,
     "tcp-bind-timeout": _non_negative, "tcp-idle-timeout": _non_negative,
+    "workers": _at_least_one,
 }
 
 # Peer address rules: list options that a SIGHUP re-reads from the --config file.
@@ -210,6 +212,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                          "--tls-alternate-server: what the TLS client checks "
                                          "the alternate's certificate against"],
         ["prometheus-address", None, "127.0.0.1", "Address --prometheus listens on"],
+        ["workers", None, None, "Relay processes sharing the listening ports (SO_REUSEPORT), "
+                                "each with its slice of the relay ports; 1: one process "
+                                "[default: the CPUs this process may use, cgroup limits "
+                                "included]"],
         ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
                                      "parameter: [regions.NAME] host=..., port=3478, "
                                      "tls-port=5349"],
@@ -234,6 +240,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         operator whose config has one typo should see the one line that matters.
         """
         argv = sys.argv[1:] if options is None else options
+        # Worker processes (relay.workers) parse the same arguments again.
+        self.argv = list(argv)
         try:
             path = _config_path(argv)
             if path is not None:
@@ -288,6 +296,11 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if self["min-port"] > self["max-port"] or self["min-port"] < 1024:
             _fail("min-port", f"relay ports {self['min-port']}-{self['max-port']} must be an "
                               "ascending range above 1023")
+        if self["workers"] is None:
+            self["workers"] = usable_cpus()
+        if self["max-port"] - self["min-port"] + 1 < self["workers"]:
+            _fail("workers", f"{self['workers']} workers cannot each have a share of the relay "
+                             f"ports {self['min-port']}-{self['max-port']}")
         if self["max-allocate-lifetime"] < 600:
             _fail("max-allocate-lifetime", "must be at least the default lifetime, 600")
         for name in ("tls-min-version", "tls-max-version"):

@@ -69,13 +69,15 @@ class QuietSite(Site):
 
 
 class Routes(Resource):
-    """The three pages, and every other path to `fallback` (the tokens API) or a 404."""
+    """The three pages, and every other path to `fallback` (the tokens API) or a 404.
+    `metrics` is a `MetricsPage`, or in the parent of worker processes the page gathering
+    theirs (relay.workers)."""
 
-    def __init__(self, registry: CollectorRegistry, not_ready: NotReady,
+    def __init__(self, metrics: Resource, not_ready: NotReady,
                  fallback: Optional[Resource] = None):
         super().__init__()
         self.fallback = fallback
-        self.putChild(b"metrics", MetricsPage(registry))
+        self.putChild(b"metrics", metrics)
         self.putChild(b"healthz", HealthPage())
         self.putChild(b"readyz", HealthPage(not_ready))
 

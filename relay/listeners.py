@@ -10,7 +10,7 @@ from __future__ import annotations
 import errno
 import socket
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
@@ -27,6 +27,9 @@ from relay import stun
 from relay.credentials import IAccount, StunCredentials
 from relay.tcp_connections import TcpConnection
 from relay.turn import Client, TurnServer
+
+if TYPE_CHECKING:
+    from relay.shared_quotas import SharedQuotas
 
 Address = Tuple[str, int]
 MAX_DATAGRAM = 65536
@@ -69,12 +72,15 @@ def _udp_sender(sock: socket.socket, address: Address) -> Callable[[bytes], None
 
 
 class LoginDispatcher:
-    """Runs a request through the core, logging in through the Portal when it asks."""
+    """Runs a request through the core, logging in through the Portal when it asks, and in a
+    worker process reserving a new allocation's place in the parent's quotas first."""
 
-    def __init__(self, server: TurnServer, portal: Portal, clock: IReactorTime):
+    def __init__(self, server: TurnServer, portal: Portal, clock: IReactorTime,
+                 shared: Optional["SharedQuotas"] = None):
         self.server = server
         self.portal = portal
         self.clock = clock
+        self.shared = shared
 
     def __call__(self, client: Client, data: bytes) -> None:
         credentials = self.server.receive(client, data, self.clock.seconds())
@@ -85,7 +91,10 @@ class LoginDispatcher:
                        errbackArgs=(client, credentials))
 
     def _succeeded(self, result: tuple, client: Client, credentials: StunCredentials) -> None:
-        self.server.authenticated(client, credentials, result[1], self.clock.seconds())
+        if self.shared is not None and self.shared.wants(client, credentials):
+            self.shared.allocate(client, credentials, result[1])
+        else:
+            self.server.authenticated(client, credentials, result[1], self.clock.seconds())
 
     def _failed(self, failure: Failure, client: Client, credentials: StunCredentials) -> None:
         if failure.check(UnauthorizedLogin, UnhandledCredentials):

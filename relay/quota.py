@@ -25,7 +25,7 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
-from typing import Callable, Dict, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Set, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.internet import defer
@@ -36,6 +36,7 @@ from relay.credentials import Account
 from relay.ledger import Ledger
 from relay.sqldb import without_password
 from relay.turn import TurnServer
+from relay.usage import IUsageBackend
 from relay.usage_sql import SqlUsageBackend
 
 log = Logger(namespace="turnrelay.quota")
@@ -153,12 +154,12 @@ class QuotaTracker:
         self.reached = reached
 
 
-def sql_backend(ledger: Ledger) -> Optional[Tuple[str, SqlUsageBackend]]:
+def sql_backend(backends: Mapping[str, IUsageBackend]) -> Optional[Tuple[str, SqlUsageBackend]]:
     """The ledger's SQL backend usage is read from: a PostgreSQL one first, since it holds
     the whole fleet's usage, else a SQLite one; None with neither."""
-    found = [(not queue.backend.dsn.startswith("postgres"), index, queue.name, queue.backend)
-             for index, queue in enumerate(ledger.queues)
-             if isinstance(queue.backend, SqlUsageBackend)]
+    found = [(not backend.dsn.startswith("postgres"), index, name, backend)
+             for index, (name, backend) in enumerate(backends.items())
+             if isinstance(backend, SqlUsageBackend)]
     return min(found)[2:] if found else None
 
 

@@ -8,6 +8,7 @@ import os
 import resource
 import signal
 import socket
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.application.internet import TimerService
@@ -18,6 +19,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import LogLevel, Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from relay import SOFTWARE, stun
@@ -25,7 +27,7 @@ from relay.config import Options
 from relay.accounts_checker import AccountsChecker
 from relay.checkers import ChainedChecker
 from relay.credentials import AccountRealm
-from relay.health import QuietSite, Routes
+from relay.health import MetricsPage, NotReady, QuietSite, Routes
 from relay.ledger import Ledger
 from relay.listeners import (ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher,
                              RelayBinder, StreamLimits, adopt_datagram_socket, bound_socket)
@@ -37,6 +39,7 @@ from relay.quota import MonthlyUsage, QuotaTracker, sql_backend
 from relay.regions import Region
 from relay.retention import ClientAddressRetention
 from relay.selftest import SelfTestPage
+from relay.shared_quotas import Release, Reserve, SharedQuotas
 from relay.sqldb import pool_from_dsn
 from relay.stream_relay import StreamRelayBinder
 from relay.tls import ServerTLS, self_signed
@@ -129,48 +132,78 @@ def adopt_stream_socket(reactor, sock: socket.socket, factory: Factory) -> IList
         sock.close()
 
 
+# A client listener's sockets by transport ("udp", "tcp", "tls"): one per process serving it.
+ListenerSockets = List[Tuple[str, List[socket.socket]]]
+
+
+def bind_listeners(options: Options, copies: int = 1) -> ListenerSockets:
+    """Bind every client listener, `copies` sockets for each (one per worker process, sharing
+    its address through SO_REUSEPORT when more than one).
+
+    Stream sockets listen at once: a worker being restarted then finds the connections the
+    kernel queued on its socket meanwhile, rather than them going to nobody or elsewhere.
+    """
+    explicit = bool(options["listening-ip"])
+    transports = [(port, t) for port in options["listening-port"]
+                  for t in ("udp", "tcp") if not options["no-" + t]]
+    if not options["no-tls"]:
+        transports += [(port, "tls") for port in options["tls-listening-port"]]
+    found: ListenerSockets = []
+    for host in options["listening-ip"] or _DEFAULT_LISTENING_IPS:
+        for port, transport in transports:
+            kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+            try:
+                socks = _bound_copies(host, port, kind, copies)
+            except OSError as err:
+                if not explicit and err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    log.warn("no {transport} listener on [{host}]:{port}: {err}",
+                             transport=transport, host=host, port=port, err=err.strerror)
+                    continue
+                raise SystemExit(f"turnrelay: --listening-ip/--listening-port: cannot listen on "
+                                 f"{transport} [{host}]:{port}: {err.strerror}")
+            found.append((transport, socks))
+    if not found:
+        raise SystemExit("turnrelay: no listener could be opened")
+    return found
+
+
+def _bound_copies(host: str, port: int, kind: int, copies: int) -> List[socket.socket]:
+    socks = [bound_socket(host, port, kind, reuse_port=copies > 1)]
+    try:
+        port = socks[0].getsockname()[1]  # port 0: the one the kernel chose, for every copy
+        socks += [bound_socket(host, port, kind, reuse_port=True) for _ in range(copies - 1)]
+        if kind == socket.SOCK_STREAM:
+            for sock in socks:
+                sock.listen(1024)
+    except OSError:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 class ListenersService(Service):
-    """Binds every client listener before the reactor runs (and before privileges drop)."""
+    """Serves the client listeners; `sockets` binds them (or hands over those a worker
+    inherited), called before the reactor runs and before privileges drop."""
 
     def __init__(self, reactor, server: TurnServer, dispatch: LoginDispatcher, options: Options,
-                 tls: Optional[ServerTLS]):
+                 tls: Optional[ServerTLS], sockets: Callable[[], List[Tuple[str, socket.socket]]]):
         self.reactor = reactor
         self.server = server
         self.dispatch = dispatch
-        self.options = options
         self.tls = tls
+        self.sockets = sockets
         self.stream_limits = StreamLimits(options["source-connection-quota"],
                                           options["tls-handshake-timeout"],
                                           options["connection-idle-timeout"])
         self.ports: List[object] = []
 
     def privilegedStartService(self) -> None:
-        options = self.options
-        explicit = bool(options["listening-ip"])
-        for host in options["listening-ip"] or _DEFAULT_LISTENING_IPS:
-            for port in options["listening-port"]:
-                if not options["no-udp"]:
-                    self._listen(host, port, "udp", explicit)
-                if not options["no-tcp"]:
-                    self._listen(host, port, "tcp", explicit)
-            if self.tls is not None:
-                for port in options["tls-listening-port"]:
-                    self._listen(host, port, "tls", explicit)
-        if not self.ports:
-            raise SystemExit("turnrelay: no listener could be opened")
+        for transport, sock in self.sockets():
+            self._listen(transport, sock)
         Service.privilegedStartService(self)
 
-    def _listen(self, host: str, port: int, transport: str, explicit: bool) -> None:
-        kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
-        try:
-            sock = bound_socket(host, port, kind)
-        except OSError as err:
-            if not explicit and err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                log.warn("no {transport} listener on [{host}]:{port}: {err}", transport=transport,
-                         host=host, port=port, err=err.strerror)
-                return
-            raise SystemExit(f"turnrelay: --listening-ip/--listening-port: cannot listen on "
-                             f"{transport} [{host}]:{port}: {err.strerror}")
+    def _listen(self, transport: str, sock: socket.socket) -> None:
         listener = sock.getsockname()[:2]
         self.server.config.policy.own.add(*listener)
         if transport == "udp":
@@ -224,27 +257,16 @@ class HTTPService(Service):
         return self.listening.stopListening()
 
 
-class RelayService(MultiService):
-    """The whole relay; stopping it (SIGTERM, SIGINT) drains first.
+class OrderlyStop(MultiService):
+    """A root service that SIGTERM (and SIGINT) stops in order, exiting 0 where twistd's own
+    handlers would have the process end by the signal: the first signal stops the reactor,
+    which stops this service (twistd waits for the Deferred its `stopService` returns); a
+    second one asks it to `hurry`."""
 
-    twistd stops the root service on shutdown and waits for the Deferred this returns.  The
-    core starts draining at once (/readyz answers 503, new Allocates get 300 or 508), while the
-    listeners, the timers and the ledger run on: live allocations keep relaying until they end
-    or `grace` seconds pass.  Then the children stop as before: the listeners end what is left
-    (reason "shutdown") and the ledger writes it all.
-
-    SIGTERM (and SIGINT) is the orderly stop, so it exits 0, where twistd's own handlers would
-    have the process end by the signal; a second one cuts the grace short.
-    """
-
-    POLL = 0.25  # seconds between two looks at whether the last allocation has ended
-
-    def __init__(self, server: TurnServer, reactor, grace: float):
+    def __init__(self, reactor):
         super().__init__()
-        self.server = server
         self.reactor = reactor
-        self.grace = grace
-        self.deadline = 0.0
+        self.stopping = False
 
     def startService(self) -> None:
         super().startService()
@@ -256,14 +278,43 @@ class RelayService(MultiService):
         self.reactor.callFromThread(self._stop, signal.Signals(number).name)
 
     def _stop(self, name: str) -> None:
-        if self.server.draining:
-            log.info("{signal} again: ending the drain now", signal=name)
-            self.deadline = 0.0
+        if self.stopping:
+            self.hurry(name)
         else:
             log.info("{signal}: shutting down", signal=name)
             self.reactor.stop()
 
+    def stopService(self) -> Optional[Deferred]:
+        self.stopping = True
+        return super().stopService()
+
+    def hurry(self, signal_name: str) -> None:
+        """The stop signal came again."""
+
+
+class RelayService(OrderlyStop):
+    """The whole relay; stopping it drains first.
+
+    The core starts draining at once (/readyz answers 503, new Allocates get 300 or 508), while
+    the listeners, the timers and the ledger run on: live allocations keep relaying until they
+    end or `grace` seconds pass.  Then the children stop as before: the listeners end what is
+    left (reason "shutdown") and the ledger writes it all.  A second signal cuts the grace short.
+    """
+
+    POLL = 0.25  # seconds between two looks at whether the last allocation has ended
+
+    def __init__(self, server: TurnServer, reactor, grace: float):
+        super().__init__(reactor)
+        self.server = server
+        self.grace = grace
+        self.deadline = 0.0
+
+    def hurry(self, signal_name: str) -> None:
+        log.info("{signal} again: ending the drain now", signal=signal_name)
+        self.deadline = 0.0
+
     def stopService(self) -> Deferred:
+        self.stopping = True
         server, clock = self.server, self.reactor
         server.drain()
         log.info("draining: new allocations refused, {open} open ones may run {grace} s more",
@@ -286,11 +337,14 @@ class RelayService(MultiService):
 
 
 class SighupService(Service):
-    """SIGHUP re-reads what can change without a restart; a failed reload keeps the old."""
+    """SIGHUP re-reads what can change without a restart; a failed reload keeps the old.
+    `forward` passes the signal on (to the worker processes, which reload their own)."""
 
-    def __init__(self, reactor, reloads: List[Tuple[str, Callable[[], None]]]):
+    def __init__(self, reactor, reloads: List[Tuple[str, Callable[[], None]]],
+                 forward: Callable[[], None] = lambda: None):
         self.reactor = reactor
         self.reloads = reloads
+        self.forward = forward
 
     def startService(self) -> None:
         Service.startService(self)
@@ -303,6 +357,7 @@ class SighupService(Service):
                 log.info("{what} reloaded", what=what)
             except Exception as err:
                 log.error("{what} reload failed, keeping the old: {err}", what=what, err=err)
+        self.forward()
 
 
 def _certificate_watch(certificates: List[Tuple[str, ServerTLS]]) -> Callable[[], None]:
@@ -316,16 +371,6 @@ def _certificate_watch(certificates: List[Tuple[str, ServerTLS]]) -> Callable[[]
                 log.error("{what} files changed but do not load, keeping the old: {err}",
                           what=what, err=err)
     return look
-
-
-def _relay_ips(options: Options) -> Dict[int, str]:
-    relay_ips = {stun.address_family(ip): ip for ip in options["relay-ip"]}
-    if not relay_ips:
-        for family, code in ((socket.AF_INET, stun.FAMILY_IPV4), (socket.AF_INET6, stun.FAMILY_IPV6)):
-            ip = outbound_ip(family)
-            if ip is not None:
-                relay_ips[code] = ip
-    return relay_ips
 
 
 def _server_tls(options: Options, cert: str, key: str, flags: str) -> ServerTLS:
@@ -378,9 +423,9 @@ def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
 
 def _usage_watch(ledger: Ledger, ledger_sql: Optional[Tuple[str, SqlUsageBackend]],
                  server: TurnServer, checkers: ChainedChecker, options: Options,
-                 reactor) -> List[Service]:
-    """Monthly quotas (relay.quota) and usage triggers (relay.triggers), read from the
-    ledger's SQL backend; triggers also need the account database."""
+                 reactor, triggers: bool) -> List[Service]:
+    """Monthly quotas (relay.quota) and, if `triggers`, usage triggers (relay.triggers), read
+    from the ledger's SQL backend; triggers also need the account database."""
     if ledger_sql is None:
         if options["monthly-quota-bytes"]:
             raise SystemExit("turnrelay: --monthly-quota-mb: needs a sqlite or postgresql "
@@ -395,26 +440,126 @@ def _usage_watch(ledger: Ledger, ledger_sql: Optional[Tuple[str, SqlUsageBackend
               if isinstance(checker, AccountsChecker)]
     if options["api-port"] is not None:
         stores.append(options["api-store"])
-    if stores:
+    if stores and triggers:
         services.append(UsageTriggers(stores[0], usage, server.config.policy, reactor,
                                       tracker.active).service)
     return services
 
 
-def makeService(options: Options, reactor=None) -> MultiService:
-    if reactor is None:
-        from twisted.internet import reactor
-    _route_core_logging()
-    relay_ips = _relay_ips(options)
+def _relay_addresses(options: Options) -> Tuple[Dict[int, str], Dict[str, str]]:
+    """Relay addresses by family, and the address clients are told for each."""
+    relay_ips = {stun.address_family(ip): ip for ip in options["relay-ip"]}
+    if not relay_ips:
+        for family, code in ((socket.AF_INET, stun.FAMILY_IPV4), (socket.AF_INET6, stun.FAMILY_IPV6)):
+            ip = outbound_ip(family)
+            if ip is not None:
+                relay_ips[code] = ip
     if not relay_ips:
         raise SystemExit("turnrelay: --relay-ip: no address found to relay from; give one")
     external = options["external-map"]
-    external_ips = {ip: external.get(ip, external.get(None, ip)) for ip in relay_ips.values()}
-    realm = options["realm"] or socket.getfqdn()
+    return relay_ips, {ip: external.get(ip, external.get(None, ip)) for ip in relay_ips.values()}
+
+
+def _nonce_secrets(options: Options) -> List[bytes]:
     try:
-        secrets = load_secrets(options["nonce-secret-file"])
+        return load_secrets(options["nonce-secret-file"])
     except (OSError, ValueError) as err:
         raise SystemExit(f"turnrelay: --nonce-secret-file: {err}")
+
+
+def _client_tls(options: Options) -> Optional[ServerTLS]:
+    """The TLS listeners' context: --cert, or a self-signed certificate kept in --state-dir."""
+    if options["no-tls"]:
+        return None
+    cert, key = options["cert"], options["pkey"]
+    if not cert:
+        cert, key, made = self_signed(options["state-dir"])
+        log.warn("no --cert given: TLS uses the self-signed certificate {cert}{made}",
+                 cert=cert, made=" (made now)" if made else "")
+    return _server_tls(options, cert, key, "--cert/--pkey")
+
+
+def _api_tls(options: Options) -> Optional[ServerTLS]:
+    if options["api-port"] is None or not options["api-cert"]:
+        return None
+    return _server_tls(options, options["api-cert"], options["api-pkey"], "--api-cert/--api-pkey")
+
+
+def _peer_policy(options: Options, relay_ips: Dict[int, str],
+                 external_ips: Dict[str, str]) -> PeerPolicy:
+    # Every listener this process opens adds itself: the relay never relays to its own ports.
+    own = OwnEndpoints(list(relay_ips.values()) + list(external_ips.values()) + local_addresses())
+    return PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
+                      bool(options["allow-loopback-peers"]), options["cluster-cidr"], own)
+
+
+def _reload_peer_rules(options: Options, apply: Callable[[List[str], List[str], List[str]], None]
+                       ) -> Callable[[], None]:
+    def reload() -> None:
+        rules = options.peer_rules_now()
+        apply(rules["allowed-peer-ip"], rules["denied-peer-ip"], rules["cluster-cidr"])
+    return reload
+
+
+def relay_port_slice(low: int, high: int, index: int, count: int) -> Tuple[int, int]:
+    """Worker `index`'s share of the relay ports low-high: its own, so no two workers ever
+    try the same port, and a peer's packets reach the worker holding the allocation."""
+    span = high - low + 1
+    return low + span * index // count, low + span * (index + 1) // count - 1
+
+
+def http_services(reactor, options: Options, relay_ips: Dict[int, str],
+                  ledger_sql: Optional[Tuple[str, SqlUsageBackend]], policy: PeerPolicy,
+                  metrics: Resource, not_ready: NotReady,
+                  api_tls: Optional[ServerTLS]) -> List[Service]:
+    """--prometheus and --api-port: metrics, health and the tokens API, over HTTP."""
+    services: List[Service] = []
+    if options["prometheus"]:
+        services.append(HTTPService(reactor, QuietSite(Routes(metrics, not_ready), timeout=60),
+                                    options["prometheus-address"], options["prometheus-port"], None,
+                                    "metrics", "--prometheus-address/--prometheus-port", policy.own))
+    if options["api-port"] is not None:
+        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, ledger_sql, policy))
+        api.putChild(b"test", SelfTestPage())
+        # Idle connections close after a minute: the API has no use for long-held ones.
+        services.append(HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
+                                    options["api-port"], api_tls, "tokens API",
+                                    "--api-listening-ip/--api-port", policy.own))
+    return services
+
+
+def certificate_services(reactor, certificates: List[Tuple[str, ServerTLS]]) -> List[Service]:
+    """A look at the certificate files every few seconds, reloading those that changed."""
+    if not certificates:
+        return []
+    return [TimerService(CERTIFICATE_LOOK, _certificate_watch(certificates))]
+
+
+@dataclass
+class WorkerRole:
+    """What a worker process (relay.workers) is given by its parent instead of making it."""
+
+    index: int
+    count: int
+    secrets: List[bytes]  # the nonce keys, the same in every worker
+    sockets: List[Tuple[str, socket.socket]]  # its copy of each client listener
+    reserve: Reserve  # a place in the parent's allocation quotas
+    release: Release
+
+
+def makeService(options: Options, reactor=None, worker: Optional[WorkerRole] = None
+                ) -> MultiService:
+    """The relay: one process, or (--workers N) the parent of N worker processes, each of
+    which runs this with its `worker` role."""
+    if reactor is None:
+        from twisted.internet import reactor
+    if worker is None and options["workers"] > 1:
+        from relay.workers import supervisor
+        return supervisor(options, reactor)
+    _route_core_logging()
+    relay_ips, external_ips = _relay_addresses(options)
+    realm = options["realm"] or socket.getfqdn()
+    secrets = worker.secrets if worker is not None else _nonce_secrets(options)
     # Advertise only what every configured backend can serve (RFC 8489 section 9.2).
     checkers = ChainedChecker(options["checkers"])
     nonces = NonceIssuer(secrets, options["stale-nonce"], FEATURE_PASSWORD_ALGORITHMS
@@ -422,11 +567,12 @@ def makeService(options: Options, reactor=None) -> MultiService:
     algorithms = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5) if checkers.supportsSha256 \
         else (stun.ALGORITHM_MD5,)
     portal = Portal(AccountRealm(), [checkers])
-    # Every listener this process opens adds itself: the relay never relays to its own ports.
-    own = OwnEndpoints(list(relay_ips.values()) + list(external_ips.values()) + local_addresses())
+    low, high = options["min-port"], options["max-port"]
+    if worker is not None:
+        low, high = relay_port_slice(low, high, worker.index, worker.count)
     config = TurnConfig(
         realm=realm, relay_ips=relay_ips, external_ips=external_ips,
-        min_port=options["min-port"], max_port=options["max-port"],
+        min_port=low, max_port=high,
         max_lifetime=options["max-allocate-lifetime"],
         user_quota=options["user-quota"], source_quota=options["source-quota"],
         total_quota=options["total-quota"], max_permissions=options["max-permissions"],
@@ -435,8 +581,7 @@ def makeService(options: Options, reactor=None) -> MultiService:
         max_bps=options["max-bps"], max_pps=options["max-pps"],
         account_max_bps=options["account-max-bps"], account_max_pps=options["account-max-pps"],
         software=None if options["no-software-attribute"] else SOFTWARE,
-        policy=PeerPolicy(options["allowed-peer-ip"], options["denied-peer-ip"],
-                          bool(options["allow-loopback-peers"]), options["cluster-cidr"], own),
+        policy=_peer_policy(options, relay_ips, external_ips),
         password_algorithms=algorithms,
         alternate_servers=tuple(options["alternate-server"]),
         tls_alternate_servers=tuple(options["tls-alternate-server"]),
@@ -445,26 +590,15 @@ def makeService(options: Options, reactor=None) -> MultiService:
     )
     server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows,
                         bind_stream=None if options["no-tcp-relay"] else StreamRelayBinder(reactor))
-    dispatch = LoginDispatcher(server, portal, reactor)
-
-    tls = None
-    if not options["no-tls"]:
-        cert, key = options["cert"], options["pkey"]
-        if not cert:
-            cert, key, made = self_signed(options["state-dir"])
-            log.warn("no --cert given: TLS uses the self-signed certificate {cert}{made}",
-                     cert=cert, made=" (made now)" if made else "")
-        tls = _server_tls(options, cert, key, "--cert/--pkey")
-    api_tls = None
-    if options["api-port"] is not None and options["api-cert"]:
-        api_tls = _server_tls(options, options["api-cert"], options["api-pkey"],
-                              "--api-cert/--api-pkey")
+    tls = _client_tls(options)
+    # The parent of workers serves the tokens API, not they.
+    api_tls = _api_tls(options) if worker is None else None
 
     files = raise_file_limit()
     log.info("realm {realm}, relay addresses {relays}, ports {low}-{high}; open-file limit {files} "
              "leaves room for about {room} allocations", realm=realm,
              relays=", ".join(f"{ip} (seen as {external_ips[ip]})" for ip in relay_ips.values()),
-             low=options["min-port"], high=options["max-port"], files=files, room=max(files - 100, 0))
+             low=low, high=high, files=files, room=max(files - 100, 0))
     if not checkers.checkers:
         log.warn("no credentials configured (--user, --users-file, --auth): STUN Binding works, "
                  "every TURN request will be refused")
@@ -480,14 +614,26 @@ def makeService(options: Options, reactor=None) -> MultiService:
     ledger = Ledger(server, backends, options["region"], reactor, options["accounting-interval"],
                     options["accounting-queue"], options["accounting-full"])
     ledger.setServiceParent(service)
-    if options["client-address-retention"] is not None:
+    shared = None if worker is None else SharedQuotas(server, reactor, worker.reserve,
+                                                      worker.release)
+    dispatch = LoginDispatcher(server, portal, reactor, shared)
+    # Housekeeping of the whole relay (blanking old addresses, firing usage triggers) runs once,
+    # not in every worker.
+    housekeeper = worker is None or worker.index == 0
+    if options["client-address-retention"] is not None and housekeeper:
         ClientAddressRetention(backends, options["client-address-retention"],
                                reactor).setServiceParent(service)
     # The one SQL backend usage is read back from: by quotas, triggers and the usage API.
-    ledger_sql = sql_backend(ledger)
-    for watch in _usage_watch(ledger, ledger_sql, server, checkers, options, reactor):
+    ledger_sql = sql_backend(backends)
+    for watch in _usage_watch(ledger, ledger_sql, server, checkers, options, reactor, housekeeper):
         watch.setServiceParent(service)
-    listeners = ListenersService(reactor, server, dispatch, options, tls)
+    if worker is None:
+        def sockets() -> List[Tuple[str, socket.socket]]:
+            return [(transport, socks[0]) for transport, socks in bind_listeners(options)]
+    else:
+        def sockets() -> List[Tuple[str, socket.socket]]:
+            return worker.sockets
+    listeners = ListenersService(reactor, server, dispatch, options, tls, sockets)
     listeners.setServiceParent(service)
 
     def not_ready() -> Optional[str]:
@@ -495,35 +641,23 @@ def makeService(options: Options, reactor=None) -> MultiService:
             return "draining"
         return None if listeners.running else "not listening yet"
 
-    metrics = metrics_registry(RelayCollector(server, ledger, listeners.stream_limits,
-                                              options["region"]))
-    if options["prometheus"]:
-        HTTPService(reactor, QuietSite(Routes(metrics, not_ready), timeout=60),
-                    options["prometheus-address"], options["prometheus-port"], None,
-                    "metrics", "--prometheus-address/--prometheus-port", own).setServiceParent(service)
-    if options["api-port"] is not None:
-        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, ledger_sql,
-                                                     config.policy))
-        api.putChild(b"test", SelfTestPage())
-        # Idle connections close after a minute: the API has no use for long-held ones.
-        HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
-                    options["api-port"], api_tls, "tokens API",
-                    "--api-listening-ip/--api-port", own).setServiceParent(service)
+    # A worker's metrics are read by its parent (relay.workers), which serves them.
+    service.registry = metrics_registry(RelayCollector(server, ledger, listeners.stream_limits,
+                                                       options["region"]))
+    if worker is None:
+        for http in http_services(reactor, options, relay_ips, ledger_sql, config.policy,
+                                  MetricsPage(service.registry), not_ready, api_tls):
+            http.setServiceParent(service)
     TimerService(1.0, lambda: server.tick(reactor.seconds())).setServiceParent(service)
     for checker in checkers.checkers:
         if getattr(checker, "service", None) is not None:
             checker.service.setServiceParent(service)
     certificates = [(what, context) for what, context in (
         ("TLS certificate", tls), ("tokens API TLS certificate", api_tls)) if context is not None]
-    if certificates:
-        TimerService(CERTIFICATE_LOOK, _certificate_watch(certificates)).setServiceParent(service)
+    for watch in certificate_services(reactor, certificates):
+        watch.setServiceParent(service)
     reloads = [(what, context.reload) for what, context in certificates]
     reloads.append(("credentials", checkers.reload))
-
-    def reload_peer_rules() -> None:
-        rules = options.peer_rules_now()
-        server.set_peer_rules(rules["allowed-peer-ip"], rules["denied-peer-ip"],
-                              rules["cluster-cidr"])
-    reloads.append(("peer rules", reload_peer_rules))
+    reloads.append(("peer rules", _reload_peer_rules(options, server.set_peer_rules)))
     SighupService(reactor, reloads).setServiceParent(service)
     return service

@@ -224,6 +224,13 @@ class TurnServer:
         self._reply(client, credentials.message, self._challenge(client, credentials.message, 401,
                                                                  "Unauthorized", now), now)
 
+    def refused(self, client: Client, credentials: StunCredentials, err: stun.StunError,
+                now: float) -> None:
+        """A check outside the core refused this authenticated request: the quotas the
+        worker processes share (relay.shared_quotas)."""
+        if client.connected:
+            self._answer(client, credentials, self._failure(credentials.message, err), now)
+
     def server_error(self, client: Client, msg: stun.Message, now: float) -> None:
         """The auth backend failed: say so rather than blame the client's password."""
         self._reply(client, msg, self._failure(msg, stun.StunError(500, "Server Error")), now)

@@ -149,7 +149,7 @@ def start_server(*extra: str, host: str = "127.0.0.1", users=((USER, PASSWORD),)
             "--min-port", str(relay_ports[0]), "--max-port", str(relay_ports[1]),
             "--realm", REALM,
             # Stopped at once, live allocations or not; a drain test gives its own grace.
-            "--drain-grace", "0"] + (["--allow-loopback-peers"] if loopback_peers else [])
+            "--drain-grace", "0", "--workers", "1"] + (["--allow-loopback-peers"] if loopback_peers else [])
     for name, password in users:
         args += ["--user", f"{name}:{password}"]
     for enabled, flag in ((udp, "--no-udp"), (tcp, "--no-tcp"), (tls, "--no-tls")):

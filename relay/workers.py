@@ -1,0 +1,426 @@
+"""`--workers N`: one relay served by N processes, for N cores.
+
+The parent binds every client listener N times with SO_REUSEPORT, so the kernel spreads
+clients over the copies by their address and port and keeps each flow on one; it hands copy i
+to worker i and keeps its own reference.  A worker that dies is restarted with the same
+sockets: what reached its copy meanwhile waits in that socket's queue and no other worker's
+flows move.  Each worker is the single-process relay (`relay.tap.makeService` with a
+`WorkerRole`): its own core, ledger writer and slice of the relay ports, so a peer's packets
+reach the worker holding the allocation.
+
+The parent keeps what is one per relay: the quotas that span workers (relay.shared_quotas),
+the nonce keys (any worker accepts any worker's nonces), the tokens API, `/metrics` (every
+worker's, each sample labelled `worker`) and `/readyz`.  It passes SIGTERM and SIGHUP on,
+and turns the workers' log lines into its own.  Parent and worker talk AMP over a socket pair
+(descriptor 3 in the worker); the listeners follow from descriptor 4, in the order the
+TURNRELAY_LISTENERS environment variable names their transports.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import zlib
+from typing import Dict, List, Optional
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ProcessDone
+from twisted.internet.protocol import Factory, ProcessProtocol
+from twisted.logger import (InvalidLogLevelError, LogLevel, Logger, formatEvent,
+                            globalLogBeginner)
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from relay.config import Options
+from relay.metrics import CONTENT_TYPE
+from relay.shared_quotas import Place, QuotaBook
+from relay.tap import (OrderlyStop, SighupService, WorkerRole, _api_tls, _client_tls,
+                       _nonce_secrets, _peer_policy, _relay_addresses, _reload_peer_rules,
+                       _usage_backends, bind_listeners, certificate_services, http_services,
+                       makeService)
+from relay.quota import sql_backend
+
+log = Logger(namespace="turnrelay")
+CONTROL_FD = 3
+QUICK_DEATH = 10.0   # seconds: a worker that dies sooner is restarted after a longer wait
+LONGEST_WAIT = 30.0  # seconds between two restarts of a worker that keeps dying
+SCRAPE_TIMEOUT = 5.0
+
+
+# -- what parent and worker say to each other ---------------------------------------------
+
+class Hello(amp.Command):
+    """Worker to parent, first: what it needs from the parent before it can start."""
+    response = [(b"secrets", amp.ListOf(amp.String()))]
+
+
+class Ready(amp.Command):
+    """Worker to parent: listening and taking allocations."""
+    requiresAnswer = False
+
+
+class ReservePlace(amp.Command):
+    """Worker to parent: a place in the quotas for a new allocation (relay.shared_quotas)."""
+    arguments = [(b"reservation", amp.Integer()), (b"username", amp.Unicode()),
+                 (b"account", amp.Unicode()), (b"source", amp.Unicode()),
+                 (b"max_allocations", amp.Integer())]
+    response = [(b"code", amp.Integer())]
+
+
+class ReleasePlace(amp.Command):
+    arguments = [(b"reservation", amp.Integer())]
+    requiresAnswer = False
+
+
+class Scrape(amp.Command):
+    """Parent to worker: its metrics, compressed (an AMP value holds at most 64 KiB)."""
+    response = [(b"metrics", amp.String())]
+
+
+class _Control(amp.AMP):
+    """AMP without its lines at each connection and disconnection: a worker's start and end
+    are logged already."""
+
+    def makeConnection(self, transport) -> None:
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Failure) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+
+
+# -- the parent -------------------------------------------------------------------------------
+
+class _ParentSide(_Control):
+    def __init__(self, supervisor: "Supervisor", index: int):
+        super().__init__()
+        self.supervisor, self.index = supervisor, index
+
+    @Hello.responder
+    def hello(self) -> dict:
+        return {"secrets": self.supervisor.secrets}
+
+    @Ready.responder
+    def ready(self) -> dict:
+        self.supervisor.worker_ready(self.index)
+        return {}
+
+    @ReservePlace.responder
+    def reserve(self, reservation: int, username: str, account: str, source: str,
+                max_allocations: int) -> dict:
+        return {"code": self.supervisor.book.reserve(
+            self.index, reservation, Place(username, account, source), max_allocations)}
+
+    @ReleasePlace.responder
+    def release(self, reservation: int) -> dict:
+        self.supervisor.book.release(self.index, reservation)
+        return {}
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        # Nothing more can come from this worker: its allocations are gone with it.
+        self.supervisor.book.forget(self.index)
+
+
+class _WorkerProcess(ProcessProtocol):
+    """One run of worker `index`: its log lines become the parent's, its end is reported."""
+
+    def __init__(self, supervisor: "Supervisor", index: int, control: _ParentSide):
+        self.supervisor, self.index, self.control = supervisor, index, control
+        self.started = supervisor.reactor.seconds()
+        self.pending = {1: b"", 2: b""}
+
+    def childDataReceived(self, fd: int, data: bytes) -> None:
+        *lines, self.pending[fd] = (self.pending[fd] + data).split(b"\n")
+        for line in lines:
+            self._emit(fd, line.decode("utf-8", "replace"))
+
+    def _emit(self, fd: int, line: str) -> None:
+        level = LogLevel.error  # standard error: what the interpreter itself printed
+        if fd == 1:
+            name, _, rest = line.partition(" ")
+            try:
+                level, line = LogLevel.levelWithName(name), rest
+            except InvalidLogLevelError:
+                level = LogLevel.info
+        log.emit(level, "[worker {index}] {line}", index=self.index, line=line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self.pending.items():
+            if rest:
+                self._emit(fd, rest.decode("utf-8", "replace"))
+        self.supervisor.worker_ended(self, reason)
+
+
+class Supervisor(OrderlyStop):
+    """Starts the workers, restarts those that die, and stops them all on SIGTERM."""
+
+    def __init__(self, reactor, options: Options, secrets: List[bytes], book: QuotaBook):
+        super().__init__(reactor)
+        self.options, self.secrets, self.book = options, secrets, book
+        self.count: int = options["workers"]
+        self.sockets = []
+        self.processes: Dict[int, _WorkerProcess] = {}
+        self.ready: set = set()
+        self.quick_deaths = [0] * self.count
+        self.all_ended: Optional[Deferred] = None
+
+    def privilegedStartService(self) -> None:
+        self.sockets = bind_listeners(self.options, self.count)
+        for transport, socks in self.sockets:
+            host, port = socks[0].getsockname()[:2]
+            log.info("listening on {transport} [{host}]:{port} for {count} workers",
+                     transport=transport, host=host, port=port, count=self.count)
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        if self.stopping:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        control = _ParentSide(self, index)
+        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                           Factory.forProtocol(lambda: control))
+        ours.close()
+        fds = {0: "w", 1: "r", 2: "r", CONTROL_FD: theirs.fileno()}
+        for k, (_, socks) in enumerate(self.sockets):
+            fds[CONTROL_FD + 1 + k] = socks[index].fileno()
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, TURNRELAY_WORKER=f"{index} {self.count}",
+                   TURNRELAY_LISTENERS=" ".join(t for t, _ in self.sockets),
+                   PYTHONPATH=os.pathsep.join(filter(None, [package_root,
+                                                            os.environ.get("PYTHONPATH")])))
+        process = _WorkerProcess(self, index, control)
+        self.reactor.spawnProcess(process, sys.executable,
+                                  [sys.executable, "-m", "relay.workers", *self.options.argv],
+                                  env=env, childFDs=fds)
+        theirs.close()
+        self.processes[index] = process
+        log.info("worker {index} started, pid {pid}", index=index, pid=process.transport.pid)
+
+    def worker_ready(self, index: int) -> None:
+        self.ready.add(index)
+        if len(self.ready) == self.count:
+            log.info("all {count} workers ready", count=self.count)
+
+    def worker_ended(self, process: _WorkerProcess, reason: Failure) -> None:
+        index = process.index
+        del self.processes[index]
+        self.ready.discard(index)
+        how = "exited" if reason.check(ProcessDone) else str(reason.value).rstrip(".")
+        if self.stopping:
+            log.info("worker {index} stopped: {how}", index=index, how=how)
+            if not self.processes and self.all_ended is not None:
+                self.all_ended.callback(None)
+            return
+        lived = self.reactor.seconds() - process.started
+        self.quick_deaths[index] = self.quick_deaths[index] + 1 if lived < QUICK_DEATH else 0
+        wait = min(LONGEST_WAIT, 0.25 * 2 ** self.quick_deaths[index])
+        log.error("worker {index} (pid {pid}) died after {lived:.1f} s: {how}; restarting it in "
+                  "{wait} s", index=index, pid=process.transport.pid, lived=lived, how=how,
+                  wait=wait)
+        self.reactor.callLater(wait, self._spawn, index)
+
+    def signal_workers(self, number: int) -> None:
+        for process in self.processes.values():
+            try:
+                process.transport.signalProcess(number)
+            except OSError:
+                pass  # ended meanwhile: processEnded is on its way
+
+    def not_ready(self) -> Optional[str]:
+        if self.stopping:
+            return "draining"
+        missing = self.count - len(self.ready)
+        return f"{missing} of {self.count} workers not ready" if missing else None
+
+    def hurry(self, signal_name: str) -> None:
+        log.info("{signal} again: the workers end their drain now", signal=signal_name)
+        self.signal_workers(signal.SIGTERM)
+
+    def stopService(self) -> Deferred:
+        self.stopping = True
+        self.all_ended = Deferred()
+        if not self.processes:
+            self.all_ended.callback(None)
+        self.signal_workers(signal.SIGTERM)
+        self.all_ended.addCallback(lambda _: super(Supervisor, self).stopService())
+        return self.all_ended
+
+
+class WorkersMetrics(Resource):
+    """`/metrics` of the parent: each ready worker's, scraped at once, every sample labelled
+    with its worker, in one exposition (per-worker figures add up in a PromQL `sum`)."""
+
+    isLeaf = True
+
+    def __init__(self, supervisor: Supervisor):
+        super().__init__()
+        self.supervisor = supervisor
+
+    def render_GET(self, request: Request):
+        workers = sorted((index, process.control) for index, process in
+                         self.supervisor.processes.items() if index in self.supervisor.ready)
+        scrapes = [control.callRemote(Scrape).addCallback(
+            lambda answer, index=index: (index, zlib.decompress(answer["metrics"]).decode()))
+            for index, control in workers]
+        d = gatherResults(scrapes, consumeErrors=True)
+        timeout = self.supervisor.reactor.callLater(SCRAPE_TIMEOUT, d.cancel)
+
+        def answer(texts: list) -> None:
+            timeout.cancel()
+            request.setHeader(b"content-type", CONTENT_TYPE.encode())
+            request.setHeader(b"cache-control", b"no-store")
+            request.write(_labelled(texts))
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            if timeout.active():
+                timeout.cancel()
+            log.failure("a worker did not answer a metrics scrape", failure)
+            request.setResponseCode(503)
+            request.write(b"a worker did not answer\n")
+            request.finish()
+        d.addCallbacks(answer, failed)
+        return NOT_DONE_YET
+
+
+def _labelled(texts: list) -> bytes:
+    """One exposition of several workers' expositions, each sample labelled `worker`."""
+    families: Dict[str, object] = {}
+    for index, text in texts:
+        for family in text_string_to_metric_families(text):
+            merged = families.setdefault(family.name, family)
+            labelled = [s._replace(labels={**s.labels, "worker": str(index)})
+                        for s in family.samples]
+            if merged is family:
+                family.samples = labelled
+            else:
+                merged.samples.extend(labelled)
+
+    class Gathered:
+        def collect(self):
+            return families.values()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Gathered())
+    return generate_latest(registry)
+
+
+def supervisor(options: Options, reactor) -> Supervisor:
+    """The parent of `options["workers"]` worker processes."""
+    # Checked here, once, so a bad setting stops the relay rather than every worker in a loop;
+    # the self-signed certificate, when needed, is made before the workers look for it.
+    relay_ips, external_ips = _relay_addresses(options)
+    _client_tls(options)
+    api_tls = _api_tls(options)
+    backends = _usage_backends(options)
+    policy = _peer_policy(options, relay_ips, external_ips)
+    service = Supervisor(reactor, options, _nonce_secrets(options),
+                         QuotaBook(options["total-quota"], options["user-quota"],
+                                   options["source-quota"]))
+    for http in http_services(reactor, options, relay_ips, sql_backend(backends), policy,
+                              WorkersMetrics(service), service.not_ready, api_tls):
+        http.setServiceParent(service)
+    certificates = [("tokens API TLS certificate", api_tls)] if api_tls is not None else []
+    for watch in certificate_services(reactor, certificates):
+        watch.setServiceParent(service)
+    reloads = [(what, context.reload) for what, context in certificates]
+    reloads.append(("peer rules", _reload_peer_rules(options, policy.set_rules)))
+    SighupService(reactor, reloads,
+                  forward=lambda: service.signal_workers(signal.SIGHUP)).setServiceParent(service)
+    return service
+
+
+# -- a worker ---------------------------------------------------------------------------------
+
+class _WorkerSide(_Control):
+    registry: Optional[CollectorRegistry] = None
+
+    def __init__(self, reactor):
+        super().__init__()
+        self.reactor = reactor
+
+    @Scrape.responder
+    def scrape(self) -> dict:
+        return {"metrics": zlib.compress(generate_latest(self.registry))}
+
+    def connectionLost(self, reason: Failure) -> None:
+        super().connectionLost(reason)
+        # The parent is gone (killed, or it crashed): stop in order rather than run unsupervised.
+        if self.reactor.running:
+            log.warn("the parent process is gone: stopping")
+            self.reactor.stop()
+
+
+def _log_lines(event: dict) -> None:
+    """A worker's log, a line per line of text, each starting with its level's name."""
+    text = formatEvent(event)
+    if "log_failure" in event:
+        text += "\n" + event["log_failure"].getTraceback()
+    level = event.get("log_level", LogLevel.info).name
+    sys.stdout.write("".join(f"{level} {line}\n" for line in text.splitlines() or [""]))
+    sys.stdout.flush()
+
+
+def main() -> None:
+    index, count = (int(n) for n in os.environ["TURNRELAY_WORKER"].split())
+    transports = os.environ["TURNRELAY_LISTENERS"].split()
+    # In its own process group, a terminal's Ctrl-C reaches only the parent, which stops
+    # the workers in order.
+    os.setpgrp()
+    globalLogBeginner.beginLoggingTo([_log_lines], redirectStandardIO=False)
+    options = Options()
+    options.parseOptions(sys.argv[1:])
+    from twisted.internet import reactor
+    sockets = [(transport, socket.socket(fileno=CONTROL_FD + 1 + k))
+               for k, transport in enumerate(transports)]
+    control = _WorkerSide(reactor)
+    reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX, Factory.forProtocol(lambda: control))
+    os.close(CONTROL_FD)
+    exit_code = []
+
+    def stop(code: int) -> None:
+        exit_code.append(code)
+        if reactor.running:
+            reactor.stop()
+
+    def start(answer: dict) -> None:
+        role = WorkerRole(
+            index, count, answer["secrets"], sockets,
+            reserve=lambda reservation, place, most: control.callRemote(
+                ReservePlace, reservation=reservation, username=place.username,
+                account=place.account, source=place.source, max_allocations=most,
+            ).addCallback(lambda answer: answer["code"]),
+            release=lambda reservation: control.callRemote(ReleasePlace, reservation=reservation))
+        try:
+            service = makeService(options, reactor, role)
+            service.privilegedStartService()
+            service.startService()
+        except SystemExit as err:  # a setting the parent could not check, such as a file
+            log.critical("{error}", error=err)
+            stop(1)
+            return
+        control.registry = service.registry
+        reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+        control.callRemote(Ready)
+
+    def failed(failure: Failure) -> None:
+        log.failure("worker start-up failed", failure)
+        stop(1)
+
+    reactor.callWhenRunning(
+        lambda: control.callRemote(Hello).addCallback(start).addErrback(failed))
+    reactor.run()
+    sys.exit(exit_code[0] if exit_code else 0)
+
+
+if __name__ == "__main__":
+    main()
