@@ -27,7 +27,8 @@ from typing import Dict, List, Optional
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.error import ProcessDone
+from twisted.internet.task import deferLater
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import (InvalidLogLevelError, LogLevel, Logger, formatEvent,
                             globalLogBeginner)
@@ -38,7 +39,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relay.config import Options
 from relay.metrics import CONTENT_TYPE
-from relay.shared_quotas import Place, QuotaBook
+from relay.shared_quotas import GRANTED, Place, QuotaBook
 from relay.tap import (OrderlyStop, SighupService, WorkerRole, _api_tls, _client_tls,
                        _nonce_secrets, _peer_policy, _relay_addresses, _reload_peer_rules,
                        _usage_backends, bind_listeners, certificate_services, http_services,
@@ -50,6 +51,7 @@ CONTROL_FD = 3
 QUICK_DEATH = 10.0   # seconds: a worker that dies sooner is restarted after a longer wait
 LONGEST_WAIT = 30.0  # seconds between two restarts of a worker that keeps dying
 SCRAPE_TIMEOUT = 5.0
+RELEASE_IN_FLIGHT = 0.25  # seconds a refused reservation waits for a release to arrive
 
 
 # -- what parent and worker say to each other ---------------------------------------------
@@ -111,9 +113,17 @@ class _ParentSide(_Control):
 
     @ReservePlace.responder
     def reserve(self, reservation: int, username: str, account: str, source: str,
-                max_allocations: int) -> dict:
-        return {"code": self.supervisor.book.reserve(
-            self.index, reservation, Place(username, account, source), max_allocations)}
+                max_allocations: int):
+        def look() -> dict:
+            return {"code": self.supervisor.book.reserve(
+                self.index, reservation, Place(username, account, source), max_allocations)}
+        answer = look()
+        if answer["code"] == GRANTED:
+            return answer
+        # A place another worker has just released may still be on its way here (a client
+        # deleting one allocation and making another from a new port, as ICE restarts do):
+        # look again a moment later before refusing.
+        return deferLater(self.supervisor.reactor, RELEASE_IN_FLIGHT, look)
 
     @ReleasePlace.responder
     def release(self, reservation: int) -> dict:
@@ -132,7 +142,11 @@ class _WorkerProcess(ProcessProtocol):
     def __init__(self, supervisor: "Supervisor", index: int, control: _ParentSide):
         self.supervisor, self.index, self.control = supervisor, index, control
         self.started = supervisor.reactor.seconds()
+        self.pid: Optional[int] = None
         self.pending = {1: b"", 2: b""}
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # kept: the transport forgets it when the process ends
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         *lines, self.pending[fd] = (self.pending[fd] + data).split(b"\n")
@@ -204,10 +218,11 @@ class Supervisor(OrderlyStop):
                                   env=env, childFDs=fds)
         theirs.close()
         self.processes[index] = process
-        log.info("worker {index} started, pid {pid}", index=index, pid=process.transport.pid)
+        log.info("worker {index} started, pid {pid}", index=index, pid=process.pid)
 
     def worker_ready(self, index: int) -> None:
         self.ready.add(index)
+        log.info("worker {index} (pid {pid}) ready", index=index, pid=self.processes[index].pid)
         if len(self.ready) == self.count:
             log.info("all {count} workers ready", count=self.count)
 
@@ -215,7 +230,7 @@ class Supervisor(OrderlyStop):
         index = process.index
         del self.processes[index]
         self.ready.discard(index)
-        how = "exited" if reason.check(ProcessDone) else str(reason.value).rstrip(".")
+        how = _how_it_ended(reason.value)
         if self.stopping:
             log.info("worker {index} stopped: {how}", index=index, how=how)
             if not self.processes and self.all_ended is not None:
@@ -225,7 +240,7 @@ class Supervisor(OrderlyStop):
         self.quick_deaths[index] = self.quick_deaths[index] + 1 if lived < QUICK_DEATH else 0
         wait = min(LONGEST_WAIT, 0.25 * 2 ** self.quick_deaths[index])
         log.error("worker {index} (pid {pid}) died after {lived:.1f} s: {how}; restarting it in "
-                  "{wait} s", index=index, pid=process.transport.pid, lived=lived, how=how,
+                  "{wait} s", index=index, pid=process.pid, lived=lived, how=how,
                   wait=wait)
         self.reactor.callLater(wait, self._spawn, index)
 
@@ -254,6 +269,12 @@ class Supervisor(OrderlyStop):
         self.signal_workers(signal.SIGTERM)
         self.all_ended.addCallback(lambda _: super(Supervisor, self).stopService())
         return self.all_ended
+
+
+def _how_it_ended(ended: ProcessTerminated) -> str:
+    if ended.signal is not None:
+        return f"killed by {signal.Signals(ended.signal).name}"
+    return f"exit code {ended.exitCode}"
 
 
 class WorkersMetrics(Resource):

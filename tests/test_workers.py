@@ -1,0 +1,188 @@
+"""`--workers N`: one relay served by N processes sharing its ports (relay.workers).
+
+Each test runs the real `twistd turnrelay --workers 2` and talks to it over real sockets.  A
+worker is told apart by its relay ports: worker i holds the i-th slice of --min-port..--max-port.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import urllib.request
+from typing import Dict, List, Tuple
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import PASSWORD, REALM, RELAY_PORTS, TWISTD, USER, free_port, running_echo_peer
+from relay import stun
+from relay.cpus import usable_cpus
+from relay.shared_quotas import GRANTED, Place, QuotaBook
+from relay.tap import relay_port_slice
+from wire_client import WireClient, error_code
+
+UDP = (stun.REQUESTED_TRANSPORT, 17)
+WORKERS = 2
+CLIENTS = 16  # all on one worker by chance: 2 ** -15
+
+
+def worker_of(relay_port: int) -> int:
+    for index in range(WORKERS):
+        low, high = relay_port_slice(*RELAY_PORTS, index, WORKERS)
+        if low <= relay_port <= high:
+            return index
+    raise AssertionError(f"relay port {relay_port} is in no worker's slice")
+
+
+def start_workers(server_factory, *extra: str):
+    server = server_factory("--workers", str(WORKERS), *extra)
+    server.read_until(f"all {WORKERS} workers ready")
+    return server
+
+
+def allocate_with(server, nonce: str) -> Tuple[object, stun.Message]:
+    """An Allocate from a fresh client port, signed with a nonce another client was given:
+    a worker that did not issue it must accept it (no 438)."""
+    client = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+    client.nonce = nonce
+    msg = stun.Message(stun.ALLOCATE, stun.REQUEST).add(*UDP)
+    msg.add(stun.USERNAME, USER).add(stun.REALM, REALM).add(stun.NONCE, nonce)
+    return client, client.exchange(msg, stun.long_term_key(USER, REALM, PASSWORD))
+
+
+def allocations(server, count: int) -> List[Tuple[object, int]]:
+    """`count` allocations, each from its own client port: (client, relay port)."""
+    first = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+    reply = first.request(stun.ALLOCATE, UDP)
+    assert reply.cls == stun.SUCCESS, reply.get(stun.ERROR_CODE)
+    made = [(first, reply.get(stun.XOR_RELAYED_ADDRESS)[1])]
+    for _ in range(count - 1):
+        client, reply = allocate_with(server, first.nonce)
+        assert reply.cls == stun.SUCCESS, reply.get(stun.ERROR_CODE)
+        made.append((client, reply.get(stun.XOR_RELAYED_ADDRESS)[1]))
+    return made
+
+
+def relays_through(client, peer: Tuple[str, int]) -> bool:
+    assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
+    client.send_indication(peer, b"through a worker")
+    return client.receive_data() == (peer, b"through a worker")
+
+
+def scrape(port: int) -> Dict[Tuple[str, str], float]:
+    """/metrics: open allocations by worker, summed over their other labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found: Dict[Tuple[str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "turnrelay_allocations":
+                key = (sample.name, sample.labels["worker"])
+                found[key] = found.get(key, 0) + sample.value
+    return found
+
+
+def test_workers_share_the_ports_the_nonces_and_the_quotas(server_factory):
+    metrics = free_port()
+    server = start_workers(server_factory, "--user-quota", str(CLIENTS), "--prometheus",
+                           "--prometheus-port", str(metrics))
+    made = allocations(server, CLIENTS)
+    by_worker = {worker_of(port) for _, port in made}
+    assert by_worker == {0, 1}, "the kernel spread the clients over both workers"
+    with running_echo_peer() as peer:
+        for index in (0, 1):
+            client = next(c for c, port in made if worker_of(port) == index)
+            assert relays_through(client, peer)
+    assert scrape(metrics) == {
+        ("turnrelay_allocations", str(index)): sum(worker_of(p) == index for _, p in made)
+        for index in (0, 1)}
+    # The user has CLIENTS allocations on two workers, fewer on each than --user-quota: only
+    # the parent's count refuses one more, whichever worker it reaches.
+    for _ in range(4):
+        _, reply = allocate_with(server, made[0][0].nonce)
+        assert error_code(reply) == 486
+    freed = made[0][0].request(stun.REFRESH, (stun.LIFETIME, 0))
+    assert freed.cls == stun.SUCCESS
+    _, reply = allocate_with(server, made[0][0].nonce)
+    assert reply.cls == stun.SUCCESS, reply.get(stun.ERROR_CODE)
+
+
+def test_a_killed_worker_is_restarted_on_the_same_sockets(server_factory):
+    server = start_workers(server_factory)
+    pid = int(server.search(r"worker 1 started, pid (\d+)").group(1))
+    os.kill(pid, signal.SIGKILL)
+    server.search(rf"worker 1 \(pid {pid}\) died after [\d.]+ s: killed by SIGKILL; restarting it in")
+    new_pid = int(server.search(rf"worker 1 started, pid (?!{pid}\b)(\d+)").group(1))
+    server.read_until(f"worker 1 (pid {new_pid}) ready")
+    # Flows hashed to the dead worker's socket reach its successor: every client gets an
+    # allocation, on both workers.
+    made = allocations(server, CLIENTS)
+    assert {worker_of(port) for _, port in made} == {0, 1}
+
+
+def test_signals_reach_every_worker_and_no_usage_is_lost(server_factory, tmp_path):
+    ledger = tmp_path / "usage.db"
+    server = start_workers(server_factory, "--accounting", f"sqlite:path={ledger}",
+                           "--drain-grace", "30")
+    made = allocations(server, 8)
+    server.process.send_signal(signal.SIGHUP)
+    for index in range(WORKERS):
+        server.read_until(f"[worker {index}] peer rules reloaded")
+    server.process.send_signal(signal.SIGTERM)
+    for index in range(WORKERS):
+        server.read_until(f"[worker {index}] draining: new allocations refused")
+    # A second SIGTERM ends the 30 s drain at once, in every worker.
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    log = server.stop()
+    assert log.count("drain grace over: ending") == WORKERS, log
+    with sqlite3.connect(ledger) as db:
+        sessions = db.execute("SELECT relay_addresses, end_reason FROM sessions").fetchall()
+    # Both workers wrote their sessions, each ended and recorded before its process exited.
+    assert sorted(int(relay.rsplit(":", 1)[1]) for relay, _ in sessions) \
+        == sorted(port for _, port in made)
+    assert {reason for _, reason in sessions} == {"shutdown"}
+
+
+def test_too_many_workers_for_the_relay_ports_is_a_config_error(server_factory):
+    result = subprocess.run([TWISTD, "-n", "turnrelay", "--workers", "3", "--min-port", "50000",
+                             "--max-port", "50001"], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert re.search(r"--workers: 3 workers cannot each have a share of the relay ports "
+                     r"50000-50001", result.stderr + result.stdout)
+
+
+def test_relay_port_slices_cover_the_range_without_overlap():
+    slices = [relay_port_slice(49152, 65535, index, 3) for index in range(3)]
+    assert slices[0][0] == 49152 and slices[-1][1] == 65535
+    assert all(a[1] + 1 == b[0] for a, b in zip(slices, slices[1:]))
+
+
+@pytest.mark.parametrize("cpu_max, cpus", [("200000 100000\n", 2), ("150000 100000\n", 2),
+                                           ("50000 100000\n", 1), ("max 100000\n", None)])
+def test_default_workers_follow_the_cgroup_cpu_limit(tmp_path, cpu_max, cpus):
+    limit = tmp_path / "cpu.max"
+    limit.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(str(limit)) == (affinity if cpus is None else min(affinity, cpus))
+    assert usable_cpus(str(tmp_path / "absent")) == affinity
+
+
+def test_quota_book_counts_every_worker():
+    book = QuotaBook(total=4, per_user=2, per_source=0)
+    alice, bob = Place("alice", "acme", "192.0.2.1"), Place("bob", "acme", "192.0.2.2")
+    assert book.reserve(0, 1, alice, 0) == GRANTED
+    assert book.reserve(1, 1, alice, 0) == GRANTED     # the same number, another worker
+    assert book.reserve(1, 2, alice, 0) == 486         # --user-quota 2, over both workers
+    assert book.reserve(0, 2, bob, 3) == GRANTED
+    assert book.reserve(1, 3, bob, 3) == 486           # account acme: at most 3
+    book.release(0, 1)
+    assert book.reserve(1, 3, bob, 3) == GRANTED
+    assert book.reserve(0, 3, Place("dave", "other", "192.0.2.4"), 0) == GRANTED
+    assert book.reserve(0, 4, Place("carol", "other", "192.0.2.3"), 0) == 508  # --total-quota
+    book.forget(1)                                     # worker 1 died: its places go with it
+    assert sorted(book.places) == [(0, 2), (0, 3)]
+    assert book.counts == {("user", "bob"): 1, ("account", "acme"): 1, ("source", "192.0.2.2"): 1,
+                           ("user", "dave"): 1, ("account", "other"): 1, ("source", "192.0.2.4"): 1}
