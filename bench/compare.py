@@ -48,17 +48,21 @@ LOSS_LIMIT = 0.001
 MAX_RATE = 400_000
 
 
-def cpu_ns(pid: int) -> int:
-    """CPU time of `pid`, its threads and its child processes so far, in nanoseconds."""
-    total = 0
+def cpu_ns_by_process(pid: int) -> Dict[int, int]:
+    """CPU time so far of `pid` and of each of its child processes, every thread counted, in
+    nanoseconds."""
+    found = {}
     for proc in [pid] + children(pid):
         try:
-            for task in os.listdir(f"/proc/{proc}/task"):
-                with open(f"/proc/{proc}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
+            found[proc] = sum(int(open(f"/proc/{proc}/task/{task}/schedstat").read().split()[0])
+                              for task in os.listdir(f"/proc/{proc}/task"))
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return total
+    return found
+
+
+def cpu_ns(pid: int) -> int:
+    return sum(cpu_ns_by_process(pid).values())
 
 
 def children(pid: int) -> List[int]:
@@ -100,8 +104,10 @@ class Server:
 
     start_timeout = 60.0
 
-    def __init__(self, name: str, argv: List[str], workdir: str, env: Optional[dict] = None):
+    def __init__(self, name: str, argv: List[str], workdir: str, env: Optional[dict] = None,
+                 workers: int = 1):
         self.name = name
+        self.workers = workers
         self.log_path = os.path.join(workdir, name.replace(" ", "_") + ".log")
         self.template = argv
         self.env = env
@@ -156,7 +162,8 @@ def coturn(workdir: str, cert: str, key: str) -> Server:
         "--no-stdout-log", "--pidfile", os.path.join(workdir, "coturn.pid")], workdir)
 
 
-def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str) -> Server:
+def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str,
+              workers: int = 1) -> Server:
     state = os.path.join(workdir, name.replace(" ", "_") + "-state")
     env = dict(os.environ, PYTHONPATH=ROOT)
     return Server(name, [
@@ -164,7 +171,8 @@ def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str) -> Serv
         "--listening-port", "{port}", "--tls-listening-port", "{tls_port}", "--relay-ip", HOST,
         "--min-port", str(RELAY_PORTS[0]), "--max-port", str(RELAY_PORTS[1]),
         "--user", f"{USER}:{PASSWORD}", "--realm", REALM, "--allow-loopback-peers",
-        "--cert", cert, "--pkey", key, "--state-dir", state], workdir, env)
+        "--cert", cert, "--pkey", key, "--state-dir", state, "--workers", str(workers)],
+        workdir, env, workers)
 
 
 class LoadGen:
@@ -245,11 +253,16 @@ def relay_figures(server: Server, gen: LoadGen, args) -> Dict[str, float]:
     """CPU per packet at the fixed load, the highest loss-free load, RTT at half of it."""
     out: Dict[str, float] = {}
     gen.run(args.rate, 1.0, args.size)  # warm-up: caches, PyPy's JIT
-    before = cpu_ns(server.pid)
+    before = cpu_ns_by_process(server.pid)
     sent, received, _, _ = gen.run(args.rate, args.seconds, args.size)
-    used = cpu_ns(server.pid) - before
-    out["cpu_us"] = used / 1000 / (sent + received)
+    after = cpu_ns_by_process(server.pid)
+    used = {pid: after[pid] - before.get(pid, 0) for pid in after}
+    out["cpu_us"] = sum(used.values()) / 1000 / (sent + received)
     out["fixed_loss"] = 1 - received / sent
+    workers = [ns for pid, ns in used.items() if pid != server.pid]
+    if server.workers > 1 and len(workers) == server.workers:
+        # How evenly the kernel spread the load: the busiest worker's CPU over the idlest's.
+        out["worker_cpu_spread"] = max(workers) / max(min(workers), 1)
 
     def clean(rate: float) -> Tuple[bool, bool]:
         sent, received, _, _ = gen.run(rate, args.probe_seconds, args.size)
@@ -475,6 +488,7 @@ ROWS = [
     ("max_rate", "max round trips/s, <0.1% loss", "{:.0f}"),
     ("rtt_p50", "RTT p50 us @ half max", "{:.0f}"),
     ("rtt_p99", "RTT p99 us @ half max", "{:.0f}"),
+    ("worker_cpu_spread", "busiest/idlest worker's CPU (--workers)", "{:.2f}"),
 ]
 
 
@@ -529,6 +543,9 @@ def main() -> None:
     parser.add_argument("--no-coturn", action="store_true")
     parser.add_argument("--server-core", type=int, default=1)
     parser.add_argument("--load-core", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1,
+                        help="also run turnrelay (CPython) with this many --workers, on the same "
+                             "server core, to compare CPU per packet and see the load's spread")
     args = parser.parse_args()
     if args.seconds > 60 or args.probe_seconds > 60 or args.rounds > 20 or args.idle > 15000:
         parser.error("runs are bounded: --seconds/--probe-seconds <= 60, --rounds <= 20, "
@@ -542,6 +559,10 @@ def main() -> None:
     servers = [] if args.no_coturn else [coturn(workdir, cert, key)]
     servers.append(turnrelay("turnrelay CPython", os.path.join(os.path.dirname(sys.executable),
                                                                "twistd"), workdir, cert, key))
+    if args.workers > 1:
+        servers.append(turnrelay(f"turnrelay CPython x{args.workers}",
+                                 os.path.join(os.path.dirname(sys.executable), "twistd"),
+                                 workdir, cert, key, args.workers))
     if args.pypy and os.path.exists(args.pypy):
         servers.append(turnrelay("turnrelay PyPy", args.pypy, workdir, cert, key))
     else:

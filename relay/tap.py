@@ -421,15 +421,22 @@ def _usage_backends(options: Options) -> Dict[str, IUsageBackend]:
         raise SystemExit(f"turnrelay: --state-dir: cannot keep the usage ledger there: {err}")
 
 
+def ledger_to_read(options: Options, backends: Dict[str, IUsageBackend]
+                   ) -> Optional[Tuple[str, SqlUsageBackend]]:
+    """The one SQL backend usage is read back from, by quotas, triggers and the usage API."""
+    found = sql_backend(backends)
+    if found is None and options["monthly-quota-bytes"]:
+        raise SystemExit("turnrelay: --monthly-quota-mb: needs a sqlite or postgresql "
+                         "--accounting backend to read usage from")
+    return found
+
+
 def _usage_watch(ledger: Ledger, ledger_sql: Optional[Tuple[str, SqlUsageBackend]],
                  server: TurnServer, checkers: ChainedChecker, options: Options,
                  reactor, triggers: bool) -> List[Service]:
     """Monthly quotas (relay.quota) and, if `triggers`, usage triggers (relay.triggers), read
     from the ledger's SQL backend; triggers also need the account database."""
     if ledger_sql is None:
-        if options["monthly-quota-bytes"]:
-            raise SystemExit("turnrelay: --monthly-quota-mb: needs a sqlite or postgresql "
-                             "--accounting backend to read usage from")
         log.warn("monthly quotas and usage triggers are off: no sqlite or postgresql "
                  "--accounting backend")
         return []
@@ -623,8 +630,7 @@ def makeService(options: Options, reactor=None, worker: Optional[WorkerRole] = N
     if options["client-address-retention"] is not None and housekeeper:
         ClientAddressRetention(backends, options["client-address-retention"],
                                reactor).setServiceParent(service)
-    # The one SQL backend usage is read back from: by quotas, triggers and the usage API.
-    ledger_sql = sql_backend(backends)
+    ledger_sql = ledger_to_read(options, backends)
     for watch in _usage_watch(ledger, ledger_sql, server, checkers, options, reactor, housekeeper):
         watch.setServiceParent(service)
     if worker is None:

@@ -43,8 +43,7 @@ from relay.shared_quotas import GRANTED, Place, QuotaBook
 from relay.tap import (OrderlyStop, SighupService, WorkerRole, _api_tls, _client_tls,
                        _nonce_secrets, _peer_policy, _relay_addresses, _reload_peer_rules,
                        _usage_backends, bind_listeners, certificate_services, http_services,
-                       makeService)
-from relay.quota import sql_backend
+                       ledger_to_read, makeService)
 
 log = Logger(namespace="turnrelay")
 CONTROL_FD = 3
@@ -342,12 +341,12 @@ def supervisor(options: Options, reactor) -> Supervisor:
     relay_ips, external_ips = _relay_addresses(options)
     _client_tls(options)
     api_tls = _api_tls(options)
-    backends = _usage_backends(options)
+    ledger_sql = ledger_to_read(options, _usage_backends(options))
     policy = _peer_policy(options, relay_ips, external_ips)
     service = Supervisor(reactor, options, _nonce_secrets(options),
                          QuotaBook(options["total-quota"], options["user-quota"],
                                    options["source-quota"]))
-    for http in http_services(reactor, options, relay_ips, sql_backend(backends), policy,
+    for http in http_services(reactor, options, relay_ips, ledger_sql, policy,
                               WorkersMetrics(service), service.not_ready, api_tls):
         http.setServiceParent(service)
     certificates = [("tokens API TLS certificate", api_tls)] if api_tls is not None else []
