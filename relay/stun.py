@@ -443,10 +443,10 @@ def parse(data: bytes) -> Message:
         raise StunDecodeError("bad STUN length")
     method, cls = split_type(msg_type)
     msg = Message(method, cls, tid, raw=bytes(data))
+    # The length is a multiple of 4, and so is each attribute with its padding: every offset
+    # below has a whole attribute header before `end`, and the last padding ends at `end`.
     offset, end = HEADER.size, len(data)
     while offset < end:
-        if offset + 4 > end:
-            raise StunDecodeError("truncated attribute header")
         attr_type, attr_len = _ATTR_HEADER.unpack_from(data, offset)
         value_end = offset + 4 + attr_len
         if value_end > end:
@@ -468,8 +468,6 @@ def parse(data: bytes) -> Message:
                 msg.integrity_offsets[attr_type] = offset
             msg.attributes.append((attr_type, value))
         offset = value_end + (-attr_len % 4)
-    if offset != end:
-        raise StunDecodeError("attribute padding overruns the message")
     return msg
 
 
@@ -492,9 +490,7 @@ def parse_send_indication(data: bytes) -> Optional[Tuple[Address, bytes]]:
     peer = payload = None
     protected = False  # after MESSAGE-INTEGRITY(-SHA256), `parse` keeps only FINGERPRINT
     offset = HEADER.size
-    while offset < end:
-        if offset + 4 > end:
-            return None
+    while offset < end:  # whole attribute headers, as in `parse`: the length is a multiple of 4
         attr_type, attr_len = _ATTR_HEADER.unpack_from(data, offset)
         value_end = offset + 4 + attr_len
         if value_end > end:
@@ -514,7 +510,7 @@ def parse_send_indication(data: bytes) -> Optional[Tuple[Address, bytes]]:
         elif attr_type in (MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256):
             protected = True
         offset = value_end + (-attr_len % 4)
-    if offset != end or peer is None or payload is None:
+    if peer is None or payload is None:
         return None
     try:
         return _decode_xor_address(peer, data[8:20]), payload
