@@ -25,6 +25,7 @@ _COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 _FINGERPRINT_XOR = 0x5354554E
 HEADER = struct.Struct("!HHI12s")
 _ATTR_HEADER = struct.Struct("!HH")
+_TYPE_LENGTH_COOKIE = struct.Struct("!HHI")  # the header but the transaction id
 _U32 = struct.Struct("!I")
 _XOR_V4 = struct.Struct("!2sHI")  # an IPv4 XOR-*-ADDRESS value: prefix, port, address
 _IPV4_PREFIX = b"\x00\x01"
@@ -483,9 +484,10 @@ def parse_send_indication(data: bytes) -> Optional[Tuple[Address, bytes]]:
     or that lacks XOR-PEER-ADDRESS or DATA.  Same checks and same first-value-wins rule as
     `parse`, without building a `Message`: this runs once per packet sent by indication."""
     end = len(data)
-    if end < HEADER.size or data[0] != 0 or data[1] != SEND_INDICATION \
-            or data[4:8] != _COOKIE_BYTES or ((data[2] << 8) | data[3]) != end - HEADER.size \
-            or end % 4:
+    if end < HEADER.size or end % 4:
+        return None
+    msg_type, length, cookie = _TYPE_LENGTH_COOKIE.unpack_from(data)
+    if msg_type != SEND_INDICATION or length != end - HEADER.size or cookie != MAGIC_COOKIE:
         return None
     peer = payload = None
     protected = False  # after MESSAGE-INTEGRITY(-SHA256), `parse` keeps only FINGERPRINT
