@@ -296,9 +296,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if self["min-port"] > self["max-port"] or self["min-port"] < 1024:
             _fail("min-port", f"relay ports {self['min-port']}-{self['max-port']} must be an "
                               "ascending range above 1023")
+        ports = self["max-port"] - self["min-port"] + 1
         if self["workers"] is None:
-            self["workers"] = usable_cpus()
-        if self["max-port"] - self["min-port"] + 1 < self["workers"]:
+            self["workers"] = min(usable_cpus(), ports)
+        if ports < self["workers"]:
             _fail("workers", f"{self['workers']} workers cannot each have a share of the relay "
                              f"ports {self['min-port']}-{self['max-port']}")
         if self["max-allocate-lifetime"] < 600:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import sqlite3
 import subprocess
@@ -18,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import PASSWORD, REALM, RELAY_PORTS, TWISTD, USER, free_port, running_echo_peer
 from relay import stun
+from relay.config import Options
 from relay.cpus import usable_cpus
 from relay.shared_quotas import GRANTED, Place, QuotaBook
 from relay.tap import relay_port_slice
@@ -186,3 +188,28 @@ def test_quota_book_counts_every_worker():
     assert sorted(book.places) == [(0, 2), (0, 3)]
     assert book.counts == {("user", "bob"): 1, ("account", "acme"): 1, ("source", "192.0.2.2"): 1,
                            ("user", "dave"): 1, ("account", "other"): 1, ("source", "192.0.2.4"): 1}
+
+
+def test_workers_stop_when_their_parent_is_killed(server_factory):
+    """No relay runs on unsupervised, holding its ports, after its parent is gone."""
+    server = start_workers(server_factory)
+    pids = [int(server.search(rf"worker {index} started, pid (\d+)").group(1))
+            for index in range(WORKERS)]
+    # A pidfd turns readable when its process ends: a wait on the event, not a poll.
+    pidfds = [os.pidfd_open(pid) for pid in pids]
+    try:
+        server.process.send_signal(signal.SIGKILL)
+        for pidfd in pidfds:
+            assert select.select([pidfd], [], [], 30)[0] == [pidfd], "a worker outlived its parent"
+    finally:
+        for pidfd in pidfds:
+            os.close(pidfd)
+
+
+def test_the_default_number_of_workers_never_exceeds_the_relay_ports():
+    options = Options()
+    options.parseOptions(["--min-port", "50000", "--max-port", "50000", "--no-tls"])
+    assert options["workers"] == 1
+    options = Options()
+    options.parseOptions(["--no-tls"])
+    assert options["workers"] == usable_cpus()
