@@ -100,6 +100,7 @@ class _ParentSide(_Control):
     def __init__(self, supervisor: "Supervisor", index: int):
         super().__init__()
         self.supervisor, self.index = supervisor, index
+        self.gone = False
 
     @Hello.responder
     def hello(self) -> dict:
@@ -114,6 +115,8 @@ class _ParentSide(_Control):
     def reserve(self, reservation: int, username: str, account: str, source: str,
                 max_allocations: int):
         def look() -> dict:
+            if self.gone:  # died while its request waited: a place now would never be freed
+                return {"code": 508}
             return {"code": self.supervisor.book.reserve(
                 self.index, reservation, Place(username, account, source), max_allocations)}
         answer = look()
@@ -132,6 +135,7 @@ class _ParentSide(_Control):
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         # Nothing more can come from this worker: its allocations are gone with it.
+        self.gone = True
         self.supervisor.book.forget(self.index)
 
 
