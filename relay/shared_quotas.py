@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, Tuple
+from typing import Callable, Dict, Hashable, Optional, Set, Tuple
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -42,7 +42,9 @@ class QuotaBook:
     def __init__(self, total: int, per_user: int, per_source: int):
         self.total, self.per_user, self.per_source = total, per_user, per_source
         self.places: Dict[Tuple[int, int], Place] = {}  # (worker, reservation) -> its place
-        self.counts: Dict[Tuple[str, str], int] = {}    # ("user"|"account"|"source", name) -> n
+        # ("user"|"account"|"source", name) -> allocations, and ("account", name, worker) ->
+        # those of them the worker holds.
+        self.counts: Dict[Tuple[Hashable, ...], int] = {}
 
     def reserve(self, worker: int, reservation: int, place: Place, max_allocations: int) -> int:
         """GRANTED, with the place taken, or the STUN error code of the limit in the way."""
@@ -55,27 +57,36 @@ class QuotaBook:
             if limit and counts.get(key, 0) >= limit:
                 return 486
         self.places[(worker, reservation)] = place
-        for key in self._keys(place):
+        for key in self._keys(place, worker):
             counts[key] = counts.get(key, 0) + 1
         return GRANTED
 
-    def release(self, worker: int, reservation: int) -> None:
+    def release(self, worker: int, reservation: int) -> Optional[Place]:
+        """The place given back, or None if it was not held."""
         place = self.places.pop((worker, reservation), None)
         if place is None:
-            return
-        for key in self._keys(place):
+            return None
+        for key in self._keys(place, worker):
             left = self.counts.pop(key) - 1
             if left:
                 self.counts[key] = left
+        return place
 
-    def forget(self, worker: int) -> None:
-        """A worker ended: so did its allocations."""
-        for held, reservation in [key for key in self.places if key[0] == worker]:
-            self.release(held, reservation)
+    def share(self, account: str, worker: int) -> float:
+        """The fraction of the account's allocations `worker` holds: its part of the account's
+        rate limits (`TurnServer.set_account_share`)."""
+        total = self.counts.get(("account", account), 0)
+        return self.counts.get(("account", account, worker), 0) / total if total else 0.0
+
+    def forget(self, worker: int) -> Set[str]:
+        """A worker ended: so did its allocations.  The accounts they belonged to."""
+        return {self.release(held, reservation).account
+                for held, reservation in [key for key in self.places if key[0] == worker]}
 
     @staticmethod
-    def _keys(place: Place) -> Tuple[Tuple[str, str], ...]:
-        return ("user", place.username), ("account", place.account), ("source", place.source)
+    def _keys(place: Place, worker: int) -> Tuple[Tuple[Hashable, ...], ...]:
+        return (("user", place.username), ("account", place.account), ("source", place.source),
+                ("account", place.account, worker))
 
 
 # How a worker asks its parent: reserve(reservation, place, max_allocations) -> code, and

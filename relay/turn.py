@@ -146,6 +146,9 @@ class TurnServer:
         # Account id -> the budget its allocations here share; its `users` counts them, so it
         # goes with the last one, and an Allocate checks max_allocations without a scan.
         self._account_budgets: Dict[str, Budget] = {}
+        # Worker processes (relay.workers): account id -> this process's share of the account's
+        # --account-max-bps/pps, as the parent last told it (absent: the whole of them).
+        self._account_shares: Dict[str, float] = {}
         self.connections: Dict[int, TcpConnection] = {}   # CONNECTION-ID -> connection
         self._responses: "OrderedDict[Tuple[Hashable, Address, bytes], bytes]" = OrderedDict()
         self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
@@ -483,10 +486,26 @@ class TurnServer:
         --account-max-bps/--account-max-pps), counting one more of them."""
         budget = self._account_budgets.get(account_id)
         if budget is None:
-            budget = self._account_budgets[account_id] = Budget(self.config.account_max_bps,
-                                                                self.config.account_max_pps)
+            budget = self._account_budgets[account_id] = Budget(*self._account_limits(account_id))
         budget.users += 1
         return budget
+
+    def _account_limits(self, account_id: str) -> Tuple[int, int]:
+        share = self._account_shares.get(account_id, 1.0)
+        return (_part(self.config.account_max_bps, share),
+                _part(self.config.account_max_pps, share))
+
+    def set_account_share(self, account_id: str, share: float) -> None:
+        """With worker processes, each holds part of an account's allocations and so should
+        relay that part of its limits: the parent tells each worker its share (its fraction
+        of the account's allocations) when it changes, and 0 once it holds none."""
+        if share:
+            self._account_shares[account_id] = share
+        else:
+            self._account_shares.pop(account_id, None)
+        budget = self._account_budgets.get(account_id)
+        if budget is not None:
+            budget.bandwidth, budget.packet_rate = self._account_limits(account_id)
 
     def limited_totals(self) -> Tuple[int, int]:
         """Packets and bytes the rate limits have dropped, ended and live allocations alike."""
@@ -728,6 +747,11 @@ class TurnServer:
                  allocation.packets_to_client, allocation.bytes_to_client,
                  allocation.limited_packets, allocation.limited_bytes, allocation.session_id)
         self.on_allocation_closed(allocation, reason)
+
+
+def _part(limit: int, share: float) -> int:
+    """`share` of a limit where 0 means none: at least 1, or it would become no limit."""
+    return max(1, round(limit * share)) if limit else 0
 
 
 def _lowest(*limits: int) -> int:

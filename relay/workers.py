@@ -22,7 +22,7 @@ import signal
 import socket
 import sys
 import zlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -40,6 +40,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from relay.config import Options
 from relay.metrics import CONTENT_TYPE
 from relay.shared_quotas import GRANTED, Place, QuotaBook
+from relay.turn import TurnServer
 from relay.tap import (OrderlyStop, SighupService, WorkerRole, _api_tls, _client_tls,
                        _nonce_secrets, _peer_policy, _relay_addresses, _reload_peer_rules,
                        _usage_backends, bind_listeners, certificate_services, http_services,
@@ -75,6 +76,12 @@ class ReservePlace(amp.Command):
 
 class ReleasePlace(amp.Command):
     arguments = [(b"reservation", amp.Integer())]
+    requiresAnswer = False
+
+
+class AccountShare(amp.Command):
+    """Parent to worker: its part of an account's rate limits (`TurnServer.set_account_share`)."""
+    arguments = [(b"account", amp.Unicode()), (b"share", amp.Float())]
     requiresAnswer = False
 
 
@@ -117,8 +124,11 @@ class _ParentSide(_Control):
         def look() -> dict:
             if self.gone:  # died while its request waited: a place now would never be freed
                 return {"code": 508}
-            return {"code": self.supervisor.book.reserve(
-                self.index, reservation, Place(username, account, source), max_allocations)}
+            code = self.supervisor.book.reserve(self.index, reservation,
+                                                Place(username, account, source), max_allocations)
+            if code == GRANTED:
+                self.supervisor.share_limits({account})
+            return {"code": code}
         answer = look()
         if answer["code"] == GRANTED:
             return answer
@@ -129,14 +139,16 @@ class _ParentSide(_Control):
 
     @ReleasePlace.responder
     def release(self, reservation: int) -> dict:
-        self.supervisor.book.release(self.index, reservation)
+        place = self.supervisor.book.release(self.index, reservation)
+        if place is not None:
+            self.supervisor.share_limits({place.account})
         return {}
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
         # Nothing more can come from this worker: its allocations are gone with it.
         self.gone = True
-        self.supervisor.book.forget(self.index)
+        self.supervisor.share_limits(self.supervisor.book.forget(self.index))
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -246,6 +258,16 @@ class Supervisor(OrderlyStop):
                   "{wait} s", index=index, pid=process.pid, lived=lived, how=how,
                   wait=wait)
         self.reactor.callLater(wait, self._spawn, index)
+
+    def share_limits(self, accounts: Set[str]) -> None:
+        """Tell every worker its part of these accounts' --account-max-bps/pps, which follow
+        where the accounts' allocations are (relay.shared_quotas), when there are such limits."""
+        if not (self.options["account-max-bps"] or self.options["account-max-pps"]):
+            return
+        for account in accounts:
+            for index, process in self.processes.items():
+                process.control.callRemote(AccountShare, account=account,
+                                           share=self.book.share(account, index))
 
     def signal_workers(self, number: int) -> None:
         for process in self.processes.values():
@@ -366,11 +388,19 @@ def supervisor(options: Options, reactor) -> Supervisor:
 # -- a worker ---------------------------------------------------------------------------------
 
 class _WorkerSide(_Control):
+    # Set once the worker's relay is made (`main`).
     registry: Optional[CollectorRegistry] = None
+    server: Optional[TurnServer] = None
 
     def __init__(self, reactor):
         super().__init__()
         self.reactor = reactor
+
+    @AccountShare.responder
+    def account_share(self, account: str, share: float) -> dict:
+        if self.server is not None:
+            self.server.set_account_share(account, share)
+        return {}
 
     @Scrape.responder
     def scrape(self) -> dict:
@@ -432,7 +462,7 @@ def main() -> None:
             log.critical("{error}", error=err)
             stop(1)
             return
-        control.registry = service.registry
+        control.registry, control.server = service.registry, service.server
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         control.callRemote(Ready)
 

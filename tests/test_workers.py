@@ -11,6 +11,7 @@ import select
 import signal
 import sqlite3
 import subprocess
+import time
 import urllib.request
 from typing import Dict, List, Tuple
 
@@ -23,6 +24,8 @@ from relay.config import Options
 from relay.cpus import usable_cpus
 from relay.shared_quotas import GRANTED, Place, QuotaBook
 from relay.tap import relay_port_slice
+from test_abuse import udp_socket
+from test_limits import burst, counters
 from wire_client import WireClient, error_code
 
 UDP = (stun.REQUESTED_TRANSPORT, 17)
@@ -184,10 +187,13 @@ def test_quota_book_counts_every_worker():
     assert book.reserve(1, 3, bob, 3) == GRANTED
     assert book.reserve(0, 3, Place("dave", "other", "192.0.2.4"), 0) == GRANTED
     assert book.reserve(0, 4, Place("carol", "other", "192.0.2.3"), 0) == 508  # --total-quota
-    book.forget(1)                                     # worker 1 died: its places go with it
+    assert (book.share("acme", 0), book.share("acme", 1)) == pytest.approx((1 / 3, 2 / 3))
+    assert book.forget(1) == {"acme"}                  # worker 1 died: its places go with it
     assert sorted(book.places) == [(0, 2), (0, 3)]
+    assert (book.share("acme", 0), book.share("acme", 1)) == (1.0, 0.0)
     assert book.counts == {("user", "bob"): 1, ("account", "acme"): 1, ("source", "192.0.2.2"): 1,
-                           ("user", "dave"): 1, ("account", "other"): 1, ("source", "192.0.2.4"): 1}
+                           ("account", "acme", 0): 1, ("user", "dave"): 1, ("account", "other"): 1,
+                           ("source", "192.0.2.4"): 1, ("account", "other", 0): 1}
 
 
 def test_workers_stop_when_their_parent_is_killed(server_factory):
@@ -213,3 +219,28 @@ def test_the_default_number_of_workers_never_exceeds_the_relay_ports():
     options = Options()
     options.parseOptions(["--no-tls"])
     assert options["workers"] == usable_cpus()
+
+
+def test_an_accounts_rate_limit_is_shared_by_its_allocations_on_every_worker(server_factory):
+    """--account-max-pps 10 bounds the account's allocations together, wherever they are: each
+    worker relays its share (its part of the account's allocations), not 10 a second each."""
+    server = start_workers(server_factory, "--account-max-pps", "10")
+    made = allocations(server, CLIENTS)
+    assert {worker_of(port) for _, port in made} == {0, 1}
+    with udp_socket("127.0.0.1") as sink:
+        peer = sink.getsockname()[:2]
+        for client, _ in made:
+            assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
+                == stun.SUCCESS
+        # A steady 160 packets a second for 3 s, spread over every allocation: pacing, not a
+        # wait for an event.
+        for _ in range(30):
+            for client, _ in made:
+                burst(client, peer, 1, 10)
+            time.sleep(0.1)
+        results = [counters(server, client) for client, _ in made]
+    assert all(relayed + limited == 30 for relayed, limited in results), results
+    relayed = sum(relayed for relayed, _ in results)
+    # 3 s at 10 a second spans 3 or 4 refills (plus rounding each worker's share up): 30-44.
+    # Two workers each allowing 10 a second would have relayed 60 or more.
+    assert 25 <= relayed <= 50, relayed
