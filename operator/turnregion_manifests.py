@@ -172,6 +172,8 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         config["cert"], config["pkey"] = f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/tls.key"
     if spec.get("auth"):
         config["auth"] = [f"rest-secret:secret-file={AUTH_FILE}"]
+    if spec.get("workers"):
+        config["workers"] = spec["workers"]
     if spec["clusterCIDRs"]:
         config["cluster-cidr"] = list(spec["clusterCIDRs"])
     if spec["quotas"]["monthlyMB"]:

@@ -35,7 +35,7 @@ FULL_SPEC = {
     "auth": {"secretName": "rest-secret", "key": "shared"},
     "accounting": {"secretName": "ledger", "key": "dsn"},
     "ratePerMB": 0.004, "quotas": {"user": 5, "source": 10, "total": 1000, "monthlyMB": 50000},
-    "drainSeconds": 20, "networkPolicy": True, "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"],
+    "drainSeconds": 20, "workers": 2, "networkPolicy": True, "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"],
     "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
     "nodeSelector": {"turnrelay.io/edge": "true"},
     "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
@@ -105,6 +105,8 @@ def test_children_of_a_minimal_region():
     assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
     assert pod["terminationGracePeriodSeconds"] == 5 + 30 + 10 + 5  # drainSeconds defaults to 30
     assert "drain-grace = 20\n" in m.config_toml(region(FULL_SPEC))
+    assert "workers = 2\n" in m.config_toml(region(FULL_SPEC))
+    assert "workers" not in m.config_toml(region({"region": "eu"}))  # the pod's CPUs decide
     assert "hostNetwork" not in pod
 
 
