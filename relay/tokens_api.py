@@ -44,7 +44,8 @@ import math
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import (TYPE_CHECKING, Any, Awaitable, Callable, Container, Dict, List, Mapping,
+                    Optional, Tuple)
 from urllib.parse import parse_qsl, quote
 
 from twisted.internet import defer
@@ -113,14 +114,15 @@ def basic_credentials(header: Optional[bytes]) -> Optional[Tuple[str, str]]:
     return (user, password) if sep and user and password else None
 
 
-# The methods each kind of path serves: (resource, whether an item of it is named).
-METHODS = {("tokens", False): (b"POST",), ("tokens", True): (b"DELETE",),
-           ("usage", False): (b"GET",), ("sessions", False): (b"GET",),
-           ("triggers", False): (b"GET", b"POST"), ("triggers", True): (b"GET", b"DELETE")}
+# A path of the API: (resource, whether it names an item), such as ("tokens", True).
+PathKind = Tuple[str, bool]
+# An endpoint: called with the request, the account id and, on an item's path, the item.
+Handler = Callable[..., Awaitable[Reply]]
 
 
-def route(postpath: List[bytes]) -> Optional[Tuple[str, str, Optional[str]]]:
-    """(account, resource, item or None) for a path of the API, None for any other path."""
+def route(postpath: List[bytes], kinds: Container[PathKind]
+          ) -> Optional[Tuple[str, str, Optional[str]]]:
+    """(account, resource, item or None) for a path of one of `kinds`, None for any other."""
     try:
         segments = [segment.decode("utf-8") for segment in postpath]
     except UnicodeDecodeError:
@@ -128,7 +130,7 @@ def route(postpath: List[bytes]) -> Optional[Tuple[str, str, Optional[str]]]:
     if len(segments) not in (4, 5) or segments[:2] != ["v1", "accounts"] or not all(segments):
         return None
     item = segments[4] if len(segments) == 5 else None
-    if (segments[3], item is not None) not in METHODS:
+    if (segments[3], item is not None) not in kinds:
         return None
     return segments[2], segments[3], item
 
@@ -197,17 +199,25 @@ def check_label(value: Any) -> Optional[str]:
 
 class TokensAPI(Resource):
     """The whole API as one leaf resource: `route` matches the path, so that every miss is a
-    JSON 404 rather than twisted.web's HTML page."""
+    JSON 404 rather than twisted.web's HTML page, and `self.paths` is the one table of what
+    each path serves: the 404, the 405's Allow and the dispatch all read it."""
 
     isLeaf = True
 
     def __init__(self, store: AccountStore, secret: bytes, regions: Mapping[str, Region],
-                 home_region: str, max_ttl: int, clock: Callable[[], float] = time.time,
-                 usage: Optional["UsageAnswers"] = None, key_failures_per_minute: int = 60,
-                 triggers: Optional["TriggerAnswers"] = None):
+                 home_region: str, max_ttl: int, *, usage: "UsageAnswers",
+                 triggers: "TriggerAnswers", clock: Callable[[], float] = time.time,
+                 key_failures_per_minute: int = 60):
         super().__init__()
-        self.usage = usage
-        self.triggers = triggers
+        # Each path's handler per method, in the order the Allow header lists them.
+        self.paths: Dict[PathKind, Dict[bytes, Handler]] = {
+            ("tokens", False): {b"POST": self._mint},
+            ("tokens", True): {b"DELETE": self._revoke},
+            ("usage", False): {b"GET": usage.usage},
+            ("sessions", False): {b"GET": usage.sessions},
+            ("triggers", False): {b"GET": triggers.list_all, b"POST": triggers.create},
+            ("triggers", True): {b"GET": triggers.show, b"DELETE": triggers.delete},
+        }
         self.store = store
         self.secret = secret
         self.regions = dict(regions)
@@ -252,30 +262,19 @@ class TokensAPI(Resource):
         request.finish()
 
     async def _dispatch(self, request: Request) -> Reply:
-        path = route(request.postpath)
+        path = route(request.postpath, self.paths)
         if path is None:
             raise ApiError(404, "no such resource")
-        account_id, resource, username = path
-        methods = METHODS[resource, username is not None]
-        if request.method not in methods:
-            allowed = b", ".join(methods)
+        account_id, resource, item = path
+        handlers = self.paths[resource, item is not None]
+        handler = handlers.get(request.method)
+        if handler is None:
+            allowed = b", ".join(handlers)
             raise ApiError(405, f"method not allowed; this path serves {allowed.decode()}",
                            {b"allow": allowed})
         if await self._authenticate(request) != account_id:
             raise _not_yours(account_id)
-        if resource == "tokens":
-            if username is None:
-                return await self._mint(request, account_id)
-            return await self._revoke(account_id, username)
-        if resource == "triggers":
-            if self.triggers is None:
-                raise ApiError(501, "this relay serves no usage triggers")
-            return await self.triggers.answer(request, account_id, username)
-        if self.usage is None:
-            raise ApiError(501, "this relay serves no usage")
-        if resource == "usage":
-            return await self.usage.usage(request, account_id)
-        return await self.usage.sessions(request, account_id)
+        return await handler(request, account_id, *(() if item is None else (item,)))
 
     async def _authenticate(self, request: Request) -> str:
         """The account whose API key the request carries; 401 or 429 otherwise."""
@@ -318,7 +317,7 @@ class TokensAPI(Resource):
         location = f"/v1/accounts/{quote(account_id, safe='')}/tokens/{quote(username, safe=':')}"
         return Reply(201, body, {b"location": location.encode("ascii")})
 
-    async def _revoke(self, account_id: str, username: str) -> Reply:
+    async def _revoke(self, request: Request, account_id: str, username: str) -> Reply:
         """Revoke until the username's own expiry, after which it is refused anyway."""
         try:
             parsed = parse_username(username)

@@ -57,23 +57,28 @@ class TriggerAnswers:
         self.policy = policy
         self.clock = clock
 
-    async def answer(self, request: Request, account_id: str, sid: Optional[str]) -> Reply:
-        period = month_start(self.clock())[:7]
-        if request.method == b"POST":
-            return await self._create(request, account_id, period)
-        if request.method == b"DELETE":
-            if not await self.store.delete_trigger(account_id, sid):
-                raise ApiError(404, f"no trigger {sid!r} of account {account_id!r}")
-            return Reply(204)
+    def _period(self) -> str:
+        """This calendar month (UTC), "2026-11": whether a trigger has fired is per month."""
+        return month_start(self.clock())[:7]
+
+    async def list_all(self, request: Request, account_id: str) -> Reply:
+        period = self._period()
         triggers = await self.store.triggers(period, account_id)
-        if sid is None:
-            return Reply(200, {"triggers": [trigger_fields(t, period) for t in triggers]})
-        for trigger in triggers:
+        return Reply(200, {"triggers": [trigger_fields(t, period) for t in triggers]})
+
+    async def show(self, request: Request, account_id: str, sid: str) -> Reply:
+        period = self._period()
+        for trigger in await self.store.triggers(period, account_id):
             if trigger.trigger_id == sid:
                 return Reply(200, trigger_fields(trigger, period))
         raise ApiError(404, f"no trigger {sid!r} of account {account_id!r}")
 
-    async def _create(self, request: Request, account_id: str, period: str) -> Reply:
+    async def delete(self, request: Request, account_id: str, sid: str) -> Reply:
+        if not await self.store.delete_trigger(account_id, sid):
+            raise ApiError(404, f"no trigger {sid!r} of account {account_id!r}")
+        return Reply(204)
+
+    async def create(self, request: Request, account_id: str) -> Reply:
         fields = request_fields(request, FIELDS)
         threshold = _threshold(fields.get("trigger_value"))
         name = _friendly_name(fields.get("friendly_name"))
@@ -91,5 +96,5 @@ class TriggerAnswers:
         except TooManyTriggers:
             raise ApiError(400, f"an account has at most {MAX_TRIGGERS} triggers; delete one "
                                 "first") from None
-        return Reply(201, trigger_fields(trigger, period),
+        return Reply(201, trigger_fields(trigger, self._period()),
                      {b"location": trigger_uri(trigger).encode("ascii")})
