@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Dict
 
-from twisted.application.service import Service
+from twisted.application.internet import TimerService
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -28,10 +27,12 @@ RETENTION_EVERY = 3600.0
 DAY = 86400
 
 
-class ClientAddressRetention(Service):
-    """Blanks old client addresses in every backend that can, periodically."""
+class ClientAddressRetention(TimerService):
+    """Blanks old client addresses in every backend that can, periodically: a TimerService,
+    as quotas and usage triggers are, so the first pass runs at start-up."""
 
     def __init__(self, backends: Dict[str, IUsageBackend], days: int, clock: IReactorTime):
+        super().__init__(RETENTION_EVERY, self.apply)
         self.days = days
         self.clock = clock
         self.backends = {name: backend for name, backend in backends.items()
@@ -39,17 +40,6 @@ class ClientAddressRetention(Service):
         for name in sorted(set(backends) - set(self.backends)):
             log.warn("usage backend {backend} keeps client addresses: "
                      "--client-address-retention does not apply to it", backend=name)
-        self._timer = LoopingCall(self.apply)
-        self._timer.clock = clock
-
-    def startService(self) -> None:
-        Service.startService(self)
-        self._timer.start(RETENTION_EVERY, now=True)
-
-    def stopService(self) -> None:
-        Service.stopService(self)
-        if self._timer.running:
-            self._timer.stop()
 
     def apply(self) -> defer.Deferred[None]:
         """One pass over every backend; a failure is logged and the next pass tries again."""
