@@ -25,6 +25,7 @@ from twisted.internet import defer
 
 from relay.rates import RateTable, charge, megabytes
 from relay.sqldb import SqlStore, pool_from_dsn
+from relay.usage_sql import VERSION_TABLE
 
 # The row each grouping makes; None groups everything into one row.
 GROUPS = {"session": "s.session_id", "account": "s.account_id", "region": "s.region",
@@ -131,11 +132,11 @@ class UsageReader(SqlStore):
 
     def _check_schema(self, txn: adbapi.Transaction) -> None:
         try:
-            self._execute(txn, "SELECT MAX(version) FROM schema_version")
+            self._execute(txn, f"SELECT MAX(version) FROM {VERSION_TABLE}")
             txn.fetchall()
         except Exception:
             raise NoLedger("no usage ledger in this database yet: no relay has written to it "
-                           "(its schema_version table is missing)") from None
+                           f"(its {VERSION_TABLE} table is missing)") from None
 
     def _report(self, txn: adbapi.Transaction, since: str, until: str, by: str,
                 rates: RateTable, account: Optional[str]) -> Report:

@@ -11,15 +11,15 @@ A retention pass (`relay.retention`) blanks the client address of sessions ended
 ago and leaves every other column, and every delta, as it is.
 
 The schema is versioned: `schema_version` lists the migrations applied, and the first write
-or retention pass of each process applies those missing, inside its transaction (all or nothing on PostgreSQL;
-re-runnable on SQLite, whose DDL does not wait for the commit).  Migrations only add, so a relay
+or retention pass of each process applies those missing inside its own transaction, all or
+nothing on SQLite as on PostgreSQL (`SqlStore._migrate`).  Migrations only add, so a relay
 of an older version keeps writing to a newer schema during a rolling upgrade.  Two relays
 migrating at once may fail one write; the ledger retries it and finds the work done.
 """
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, TypeVar
+from typing import Any, Callable, Dict, List, Sequence, TypeVar
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
@@ -30,6 +30,8 @@ from relay.usage import IClientAddressRetention, IUsageBackend, Record, SessionE
 from relay.usageplugins import single_argument
 
 T = TypeVar("T")
+
+VERSION_TABLE = "schema_version"  # the migrations applied (accounts_db keeps its own table)
 
 # Migration N is MIGRATIONS[N - 1].  Byte and packet counts are BIGINT: INTEGER ends at 2 GB on
 # PostgreSQL.  client_address may be cleared by a retention job (personal data) while the usage
@@ -96,7 +98,19 @@ class SqlUsageBackend(SqlStore):
         self._migrated = False
 
     def write(self, records: Sequence[Record]) -> defer.Deferred[None]:
-        d = self._run(self._write, list(records))
+        return self._run_migrated(self._write, list(records))
+
+    def forget_client_addresses(self, ended_before: str) -> defer.Deferred[int]:
+        return self._run_migrated(self._forget, ended_before)
+
+    def _run_migrated(self, interaction: Callable[..., T], *args: Any) -> defer.Deferred[T]:
+        """Run `interaction` in one transaction with the migrations this process has not
+        yet seen applied: the first write or retention pass brings the schema up to date."""
+        def run(txn: adbapi.Transaction) -> T:
+            if not self._migrated:
+                self._migrate(txn, VERSION_TABLE, MIGRATIONS)
+            return interaction(txn, *args)
+        d = self._run(run)
         d.addCallback(self._schema_ready)
         return d
 
@@ -104,20 +118,11 @@ class SqlUsageBackend(SqlStore):
         self._migrated = True
         return result
 
-    def forget_client_addresses(self, ended_before: str) -> defer.Deferred[int]:
-        d = self._run(self._forget, ended_before)
-        d.addCallback(self._schema_ready)
-        return d
-
     def _forget(self, txn: adbapi.Transaction, ended_before: str) -> int:
-        if not self._migrated:
-            self._migrate(txn, "schema_version", MIGRATIONS)
         self._execute(txn, _FORGET, (ended_before,))
         return max(txn.rowcount, 0)
 
     def _write(self, txn: adbapi.Transaction, records: List[Record]) -> None:
-        if not self._migrated:
-            self._migrate(txn, "schema_version", MIGRATIONS)
         rows: Dict[type, list] = {SessionStarted: [], UsageDelta: [], SessionEnded: []}
         for r in records:
             rows[type(r)].append(r)
