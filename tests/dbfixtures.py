@@ -18,7 +18,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, TypeVar
+from typing import Any, Callable, ContextManager, Dict, Iterator, List, Sequence, TypeVar
 
 import psycopg
 import pytest
@@ -87,6 +87,22 @@ def in_reactor(pytestconfig) -> Callable[..., Any]:
     """in_reactor(f, *args, **kwargs): f's result, f running in the reactor's thread and the
     Deferred it returns waited for here (its failure raised here)."""
     return _once_per_run(pytestconfig, _reactor_thread)
+
+
+async def create_accounts(dsn: str, names: Sequence[str],
+                          suspended: Sequence[str] = ()) -> Dict[str, str]:
+    """An account database at `dsn` holding `names`, those in `suspended` suspended: each
+    one's API key.  Run it with `in_reactor`, as the relay runs the store."""
+    from relay.accounts_db import SUSPENDED, AccountStore
+    store = AccountStore.from_dsn(dsn)
+    try:
+        await store.create_schema()
+        keys = {name: await store.add_account(name) for name in names}
+        for name in suspended:
+            await store.set_status(name, SUSPENDED)
+        return keys
+    finally:
+        await store.close()
 
 
 def raw_rows(dsn: str, query: str) -> List[tuple]:

@@ -28,9 +28,8 @@ from aioice.turn import create_turn_endpoint
 
 from aioice_helpers import Collector, Echo
 from conftest import TWISTD, Server, free_port, start_server
-from dbfixtures import in_reactor, postgres_dsn  # noqa: F401
+from dbfixtures import create_accounts, in_reactor, postgres_dsn  # noqa: F401
 from postgres import fresh_schema
-from relay.accounts_db import SUSPENDED, AccountStore
 from relay.config import Options
 from relay.tls import self_signed
 from relay.tokens_api import FAILED_KEY_BURST
@@ -111,17 +110,6 @@ def tokens_path(account: str, username: Optional[str] = None, query: str = "") -
     return path + (f"?{query}" if query else "")
 
 
-async def _create_accounts(dsn: str) -> Dict[str, str]:
-    store = AccountStore.from_dsn(dsn)
-    try:
-        await store.create_schema()
-        keys = {name: await store.add_account(name) for name in ("acme", "globex", "initech")}
-        await store.set_status("initech", SUSPENDED)
-        return keys
-    finally:
-        await store.close()
-
-
 def refusal_code(err: TransactionFailed) -> int:
     """The ERROR-CODE of the answer that made aioice give up."""
     return err.response.attributes["ERROR-CODE"][0]
@@ -134,7 +122,7 @@ def api(request, tmp_path_factory, in_reactor) -> Iterator[Api]:  # noqa: F811
         dsn = f"sqlite:///{tmp / 'accounts.db'}"
     else:
         dsn = fresh_schema(request.getfixturevalue("postgres_dsn"))
-    keys = in_reactor(_create_accounts, dsn)
+    keys = in_reactor(create_accounts, dsn, ("acme", "globex", "initech"), ("initech",))
     secret_file = tmp / "mint.secret"
     secret_file.write_text(f"{SECRET}\n{OLD_SECRET}\n")
     regions = tmp / "regions.toml"

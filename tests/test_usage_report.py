@@ -19,7 +19,7 @@ import pytest
 
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, Server, start_server
-from dbfixtures import in_reactor, postgres_dsn, raw_rows  # noqa: F401
+from dbfixtures import create_accounts, in_reactor, postgres_dsn, raw_rows  # noqa: F401
 from postgres import fresh_schema
 from test_cli import turnrelay
 from test_tokens_api import Api
@@ -101,16 +101,6 @@ def _next_second() -> None:
         time.sleep(0.02)
 
 
-async def _create_accounts(dsn: str) -> Dict[str, str]:
-    from relay.accounts_db import AccountStore
-    store = AccountStore.from_dsn(dsn)
-    try:
-        await store.create_schema()
-        return {name: await store.add_account(name) for name in ("acme", "globex")}
-    finally:
-        await store.close()
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def ledger(request, tmp_path_factory, in_reactor) -> Iterator[Ledger]:  # noqa: F811
     from conftest import free_port
@@ -144,7 +134,7 @@ def ledger(request, tmp_path_factory, in_reactor) -> Iterator[Ledger]:  # noqa: 
                   "--rate-per-mb", str(EU_RATE)]
 
     accounts = f"sqlite:///{tmp / 'accounts.db'}"
-    keys = in_reactor(_create_accounts, accounts)
+    keys = in_reactor(create_accounts, accounts, ("acme", "globex"))
     (tmp / "mint.secret").write_text("usage-report-secret\n")
     api_port = free_port()
     eu_west = start_server(*common, *rate_flags, "--api-port", str(api_port), "--api-db",
@@ -349,7 +339,7 @@ def test_the_usage_paths_serve_get_only(ledger):
 def test_without_a_sql_ledger_the_usage_api_says_so(tmp_path, in_reactor):  # noqa: F811
     from conftest import free_port
     accounts = f"sqlite://{tmp_path / 'accounts.db'}"
-    keys = in_reactor(_create_accounts, accounts)
+    keys = in_reactor(create_accounts, accounts, ("acme", "globex"))
     (tmp_path / "mint.secret").write_text("usage-report-secret\n")
     port = free_port()
     server = start_server("--accounting", f"jsonl:path={tmp_path / 'usage.jsonl'}",
