@@ -24,6 +24,7 @@ from relay.accounts_db import ACTIVE, AccountStore, Snapshot
 from relay.authplugins import parse_arguments
 from relay.checkers import RestSecretChecker, parse_skew, read_secret_file
 from relay.credentials import Account, IAllocationPolicy, IStunCredentials
+from relay.sqldb import error_line
 
 log = Logger(namespace="turnrelay.accounts")
 POLL_INTERVAL = 2.0
@@ -71,9 +72,9 @@ class AccountsChecker:
         except Exception as err:
             if not self._unreachable:
                 self._unreachable = True
-                first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
                 log.error("account database unreachable ({error}); deciding with the last "
-                          "snapshot until it is back", error=first_line)
+                          "snapshot until it is back",
+                          error=error_line(str(err)) or type(err).__name__)
             return
         if self._unreachable:
             self._unreachable = False

@@ -35,7 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from relay.allocation import Address, Allocation
-from relay.sqldb import without_password
+from relay.sqldb import error_line
 from relay.tokens import rfc3339
 from relay.turn import TurnServer
 from relay.usage import IUsageBackend, Record, SessionEnded, SessionStarted, UsageDelta
@@ -55,12 +55,6 @@ Counts = Tuple[int, int, int, int]  # bytes/packets from the client, bytes/packe
 def _endpoint(address: Address) -> str:
     host, port = address
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _first_line(text: str) -> str:
-    """A driver's message is often a paragraph; the log line takes its first line."""
-    lines = text.strip().splitlines()
-    return lines[0] if lines else ""
 
 
 class _Reading:
@@ -138,7 +132,7 @@ class BackendQueue:
         delay = min(RETRY_CAP, RETRY_FIRST * 2 ** min(self.failures - 1, 16))
         log.error("usage backend {backend} failed ({error}: {message}); {pending} records kept, "
                   "retrying in {delay:.1f} s", backend=self.name, error=failure.type.__name__,
-                  message=without_password(_first_line(failure.getErrorMessage())),
+                  message=error_line(failure.getErrorMessage()),
                   pending=len(self.pending), delay=delay)
         self._retry = self.clock.callLater(delay, self._retry_now)
 

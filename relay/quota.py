@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 
 from relay.credentials import Account
 from relay.ledger import Ledger
-from relay.sqldb import without_password
+from relay.sqldb import error_line
 from relay.turn import TurnServer
 from relay.usage import IUsageBackend
 from relay.usage_sql import SqlUsageBackend
@@ -140,7 +140,7 @@ class QuotaTracker:
                 failure = Failure()
                 log.error("monthly quotas: cannot read usage from {backend} ({error}); keeping "
                           "the last verdict", backend=self.usage.backend_name,
-                          error=without_password(failure.getErrorMessage().strip()))
+                          error=error_line(failure.getErrorMessage()))
             return
         if self._failing:
             self._failing = False

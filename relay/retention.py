@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.sqldb import without_password
+from relay.sqldb import error_line
 from relay.tokens import rfc3339
 from relay.usage import IClientAddressRetention, IUsageBackend
 
@@ -61,4 +61,4 @@ class ClientAddressRetention(TimerService):
     def _failed(failure: Failure, name: str) -> None:
         log.error("client-address retention failed in {backend} ({error}: {message}); the next "
                   "pass tries again", backend=name, error=failure.type.__name__,
-                  message=without_password(failure.getErrorMessage().strip().split("\n")[0]))
+                  message=error_line(failure.getErrorMessage()))

@@ -42,6 +42,13 @@ def without_password(text: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", text)
 
 
+def error_line(text: str) -> str:
+    """A database error's message as a log line quotes it: its first line (a driver's message
+    is often a paragraph), any DSN password masked."""
+    lines = text.strip().splitlines()
+    return without_password(lines[0] if lines else "")
+
+
 class BadDsn(ValueError):
     """psycopg could not parse a PostgreSQL DSN (its password masked in the message)."""
 

@@ -33,7 +33,7 @@ from relay.accounts_db import AccountStore, UsageTrigger
 from relay.callbacks import post_json
 from relay.peers import PeerPolicy
 from relay.quota import MB, MonthlyUsage, month_start
-from relay.sqldb import without_password
+from relay.sqldb import error_line
 from relay.tokens import rfc3339
 
 log = Logger(namespace="turnrelay.triggers")
@@ -89,7 +89,7 @@ class UsageTriggers:
         if not self._failing:
             self._failing = True
             log.error("usage triggers: cannot read triggers or usage ({error}); retrying",
-                      error=without_password(failure.getErrorMessage().strip()))
+                      error=error_line(failure.getErrorMessage()))
 
     @defer.inlineCallbacks
     def _poll(self):

@@ -27,7 +27,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from relay.rates import RateTable, parse_utc
-from relay.sqldb import without_password
+from relay.sqldb import error_line
 from relay.tokens import rfc3339
 from relay.tokens_api import ApiError, Reply, url_encoded
 from relay.usage_report import NoLedger, UsageReader
@@ -102,7 +102,7 @@ class UsageAnswers:
         except Exception as err:
             log.error("usage API: the ledger cannot be read ({error}: {message})",
                       error=type(err).__name__,
-                      message=without_password(str(err).strip().split("\n")[0]))
+                      message=error_line(str(err)))
             raise ApiError(503, "the usage ledger cannot be read now; retry later") from None
 
     async def usage(self, request: Request, account_id: str) -> Reply:

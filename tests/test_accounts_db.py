@@ -9,6 +9,7 @@ from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn, store_dsn
 from relay import accounts_db
 from relay.accounts_db import (ACTIVE, PBKDF2_ITERATIONS, SUSPENDED, AccountExists,
                                AccountRecord, AccountStore, UnknownAccount)
+from relay.sqldb import error_line
 
 
 @pytest.fixture
@@ -169,6 +170,13 @@ def test_a_bad_dsn_is_refused_naming_the_problem(dsn, problem):
     with pytest.raises(ValueError, match=problem) as refused:
         AccountStore.from_dsn(dsn)
     assert "hunter2" not in str(refused.value)
+
+
+def test_a_database_error_is_logged_as_its_first_line_with_no_password():
+    message = ("\nconnection to postgresql://admin:hunter2@db/accounts failed\n"
+               "DETAIL: is the server running? password=hunter2\n")
+    assert error_line(message) == "connection to postgresql://admin:***@db/accounts failed"
+    assert error_line(" \n") == ""
 
 
 def test_a_database_of_before_versioning_is_migrated_in_place(store_dsn, in_reactor):
