@@ -129,7 +129,8 @@ def _check_times(times: List[str]) -> None:
 
 
 class RateTable:
-    """Each region's rates, in the order they take effect."""
+    """Each region's rates, in the order they take effect.  Every time is checked here to be
+    RFC 3339 UTC text, the one check the usage reader relies on when it writes them into SQL."""
 
     def __init__(self, rates: Mapping[str, Sequence[Tuple[str, Decimal]]]):
         self._rates: Dict[str, List[Tuple[str, Decimal]]] = {}
