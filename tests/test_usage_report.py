@@ -287,12 +287,10 @@ def test_sessions_come_in_pages_and_sum_to_the_usage(ledger):
     expected = ledger.expected(lambda d: d[0], account="acme")
     assert len(sessions) == len(expected) == 3
     assert [s["started_at"] for s in sessions] == sorted(s["started_at"] for s in sessions)
+    counted = ("bytes_sent", "bytes_received", "total_bytes", "mb", "charge")
     for session in sessions:
         row = expected[session["session_id"]]
-        assert {k: session[k] for k in ("bytes_sent", "bytes_received", "total_bytes", "mb",
-                                        "charge")} == {k: row[k] for k in (
-                                            "bytes_sent", "bytes_received", "total_bytes", "mb",
-                                            "charge")}
+        assert {k: session[k] for k in counted} == {k: row[k] for k in counted}
         assert session["transport"] == "udp" and session["end_reason"] == "deleted"
         assert session["client_address"].startswith("127.0.0.1:")
         assert session["started_at"] <= session["ended_at"]
