@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay import stun, tokens
@@ -205,21 +206,24 @@ class ChainedChecker:
     def allows(self, username: str, account: Account, now: float) -> bool:
         return all(c.allows(username, account, now) for c in self._policies)
 
-    @defer.inlineCallbacks
-    def requestAvatarId(self, credentials: IStunCredentials):
-        failure = None
-        for checker in self.checkers:
-            try:
-                account = yield checker.requestAvatarId(credentials)
-            except error.UnauthorizedLogin:
-                continue
-            except Exception:
-                failure = failure or defer.Failure()
-                continue
-            return account
-        if failure is not None:
-            failure.raiseException()
-        raise error.UnauthorizedLogin()
+    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+        """Asks the backends in turn through plain callbacks: every Allocate cycle logs in
+        twice, and `inlineCallbacks`' generator cost more than a static user's whole check."""
+        return self._ask(credentials, 0, None)
+
+    def _ask(self, credentials: IStunCredentials, index: int,
+             failure: Optional[Failure]) -> defer.Deferred:
+        if index == len(self.checkers):
+            return defer.fail(failure if failure is not None else error.UnauthorizedLogin())
+        d = defer.maybeDeferred(self.checkers[index].requestAvatarId, credentials)
+        d.addErrback(self._refused, credentials, index, failure)
+        return d
+
+    def _refused(self, refusal: Failure, credentials: IStunCredentials, index: int,
+                 failure: Optional[Failure]) -> defer.Deferred:
+        if not refusal.check(error.UnauthorizedLogin):
+            failure = failure or refusal  # the first error, not a refusal, is what is reported
+        return self._ask(credentials, index + 1, failure)
 
 
 def static_checker(argstring: str) -> StaticUsersChecker:

@@ -6,10 +6,13 @@ seconds, and once more when the session ends, and queues the difference since it
 reading as a `UsageDelta`; the hot path gains nothing, not a call.  It hooks into the core
 through the server's seams: `on_allocation_opened`, `on_allocation_closed`, `may_allocate`.
 
-Each backend has its own queue and at most one write in flight.  A failed write stays queued
-and is tried again with exponential backoff (RETRY_FIRST doubling up to RETRY_CAP), so a
-backend's outage blocks neither the relay nor the other backends, and since every record is
-keyed, a write retried after a lost answer stores nothing twice.
+Each backend has its own queue and at most one write in flight.  A record waits up to
+`gather` seconds (GATHER) for others to join its batch, unless the batch is full: under a
+stream of short sessions that makes a few transactions a second rather than one or two per
+session, each a trip to the backend's thread (and on PyPy through cffi into SQLite).  A failed
+write stays queued and is tried again with exponential backoff (RETRY_FIRST doubling up to
+RETRY_CAP), so a backend's outage blocks neither the relay nor the other backends, and since
+every record is keyed, a write retried after a lost answer stores nothing twice.
 
 The queues are bounded.  When the slowest backend holds `limit` records, the ledger says so in
 the log, loudly, and: periodic readings wait (the counters keep counting and the next reading
@@ -17,7 +20,8 @@ carries it all, so nothing is lost), and a new session is refused with 508 (`ref
 default) or relayed unrecorded (`drop`).  The end of a recorded session is queued beyond the
 bound, since its allocation is gone after: at most two records per live session.
 
-A SIGKILL loses what is queued, one interval's deltas while the backends keep up.
+A SIGKILL loses what is queued: one interval's deltas, and `gather` seconds of session starts
+and ends, while the backends keep up.
 `stopService` (SIGTERM) ends every recorded session still live with reason "shutdown" and
 waits for every queue to drain, `shutdown_wait` seconds at most, before closing the backends.
 """
@@ -46,8 +50,12 @@ WHEN_FULL = ("refuse", "drop")
 RETRY_FIRST = 0.5     # seconds before the first retry of a failed write; doubles each time
 RETRY_CAP = 30.0
 BATCH = 1000          # records per write
+GATHER = 0.1          # seconds a record waits for others to share its write
 ALARM_EVERY = 10.0    # seconds between two "queue full" errors in the log
 SHUTDOWN_WAIT = 10.0
+# Ended sessions named per "usage recorded" line: a line per session cost as much CPU as
+# half an Allocate, and one per batch could run to a thousand identifiers.
+SESSIONS_PER_LINE = 20
 
 Counts = Tuple[int, int, int, int]  # bytes/packets from the client, bytes/packets to it
 
@@ -71,7 +79,7 @@ class BackendQueue:
     """One backend's pending records, its one write in flight and its retry timer."""
 
     def __init__(self, name: str, backend: IUsageBackend, clock: IReactorTime,
-                 written: Callable[[], None]):
+                 written: Callable[[], None], gather: float = GATHER):
         self.name = name
         self.backend = backend
         self.clock = clock
@@ -81,6 +89,8 @@ class BackendQueue:
         self.failures = 0     # consecutive failed writes, for the backoff
         self.write_errors = 0  # every failed write since start, for the metrics
         self._retry: Optional[IDelayedCall] = None
+        self.gather = gather
+        self._gathering: Optional[IDelayedCall] = None
         self._written = written
 
     @property
@@ -97,15 +107,30 @@ class BackendQueue:
         schema and the log says at once whether the ledger can write."""
         if self.writing or self._retry is not None or (self.ready and not self.pending):
             return
+        if self.ready and self.gather and len(self.pending) < BATCH:
+            if self._gathering is None:
+                self._gathering = self.clock.callLater(self.gather, self._gathered)
+            return
+        self._write()
+
+    def _gathered(self) -> None:
+        self._gathering = None
+        self._write()
+
+    def _write(self) -> None:
+        if self._gathering is not None:
+            self._gathering.cancel()
+            self._gathering = None
         batch = list(islice(self.pending, BATCH))
         self.writing = True
         d = defer.maybeDeferred(self.backend.write, batch)
         d.addCallbacks(self._stored, self._failed, callbackArgs=(batch,))
 
     def stop(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            self._retry = None
+        for call in (self._retry, self._gathering):
+            if call is not None:
+                call.cancel()
+        self._retry = self._gathering = None
 
     def _stored(self, _: object, batch: List[Record]) -> None:
         self.writing = False
@@ -118,10 +143,10 @@ class BackendQueue:
             log.info("usage backend {backend} writes again after {failures} failed attempts",
                      backend=self.name, failures=self.failures)
             self.failures = 0
-        for record in batch:
-            if isinstance(record, SessionEnded):
-                log.info("session {session} usage recorded in {backend}",
-                         session=record.session_id, backend=self.name)
+        ended = [record.session_id for record in batch if isinstance(record, SessionEnded)]
+        for start in range(0, len(ended), SESSIONS_PER_LINE):
+            log.info("usage recorded in {backend} for ended sessions {sessions}",
+                     backend=self.name, sessions=" ".join(ended[start:start + SESSIONS_PER_LINE]))
         self.kick()
         self._written()
 
@@ -146,7 +171,8 @@ class Ledger(Service):
 
     def __init__(self, server: TurnServer, backends: Mapping[str, IUsageBackend], region: str,
                  clock: IReactorTime, interval: float = 10.0, limit: int = 100_000,
-                 when_full: str = "refuse", shutdown_wait: float = SHUTDOWN_WAIT):
+                 when_full: str = "refuse", shutdown_wait: float = SHUTDOWN_WAIT,
+                 gather: float = GATHER):
         if when_full not in WHEN_FULL:
             raise ValueError(f"when_full must be one of {WHEN_FULL}")
         self.server = server
@@ -156,7 +182,7 @@ class Ledger(Service):
         self.limit = limit
         self.refuse_when_full = when_full == "refuse"
         self.shutdown_wait = shutdown_wait
-        self.queues = [BackendQueue(name, backend, clock, self._written)
+        self.queues = [BackendQueue(name, backend, clock, self._written, gather)
                        for name, backend in backends.items()]
         self.unrecorded = 0  # sessions relayed without a record (when_full "drop")
         self._readings: Dict[Allocation, _Reading] = {}

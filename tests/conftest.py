@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import pytest
 
@@ -98,6 +98,13 @@ class Server:
                 self._grown.wait(left)
         raise AssertionError(f"server never logged {pattern!r} within {timeout} s; log:\n"
                              + "".join(self.log))
+
+    def usage_recorded(self, session: str, backend: Optional[str] = None,
+                       timeout: float = 20.0) -> None:
+        """Wait until `backend` (any, if None) has stored the end of `session`: the ledger names
+        the ended sessions of each write, several to a line."""
+        name = r"\S+" if backend is None else re.escape(backend)
+        self.search(rf"usage recorded in {name} for ended sessions .*\b{session}\b", timeout)
 
     def listening(self, *transports: str) -> None:
         """Wait until the log has announced the listener of each of `transports`."""

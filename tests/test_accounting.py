@@ -105,7 +105,7 @@ def test_the_ledger_has_exactly_what_was_relayed(kind, server_factory, tmp_path,
     # Its session is recorded when it ends, while the relay runs on.
     session = session_closed(server, "aioice-udp")
     for backend in backends:
-        server.read_until(f"session {session} usage recorded in {backend}")
+        server.usage_recorded(session, backend)
     assert sql_usage(dsn) == expected
 
     relay_round_trips(server, "aioice-tcp", PASSWORD, payloads[:7], "tcp")
@@ -206,8 +206,7 @@ def test_a_postgresql_outage_loses_nothing_and_counts_nothing_twice(server_facto
         cluster.start()
         session.delete()
         session.close()
-        server.read_until(f"session {session_closed(server, USER)} usage recorded in postgresql",
-                          timeout=30)
+        server.usage_recorded(session_closed(server, USER), "postgresql", timeout=30)
         server.read_until("usage backend postgresql writes again")
         server.stop()
         assert sql_usage(cluster.dsn) == {USER: echoed(session.payloads)}

@@ -65,7 +65,7 @@ def test_an_account_database_outage_costs_nothing_and_the_relay_catches_up(serve
         assert first.request(stun.REFRESH, (stun.LIFETIME, 0)).cls == stun.SUCCESS
         session = server.search(r"allocation closed user=\S+:acme:first .*reason=deleted "
                                 r"from_client=2/12B .*session=(\w+)").group(1)
-        server.read_until(f"session {session} usage recorded in sqlite")
+        server.usage_recorded(session, "sqlite")
 
         cluster.start()
         server.read_until("account database reachable again")
@@ -98,8 +98,7 @@ def test_a_ledger_outage_loses_no_session_even_one_begun_and_ended_inside_it(ser
         for session in (across, inside):
             session.close()
         for user in (USER, "bob"):
-            server.read_until(f"session {session_closed(server, user)} usage recorded in "
-                              "postgresql", timeout=30)
+            server.usage_recorded(session_closed(server, user), "postgresql", timeout=30)
         server.stop()
         assert sql_usage(cluster.dsn) == {USER: echoed(across.payloads),
                                           "bob": echoed(inside.payloads)}

@@ -18,7 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from dbfixtures import in_reactor, raw_rows  # noqa: F401
-from relay.ledger import BATCH, RETRY_CAP, RETRY_FIRST, SHUTDOWN_WAIT, Ledger
+from relay.ledger import BATCH, GATHER, RETRY_CAP, RETRY_FIRST, SESSIONS_PER_LINE, SHUTDOWN_WAIT, Ledger
 from relay.usage import IUsageBackend, SessionEnded, SessionStarted, UsageDelta
 from relay.usage_jsonl import jsonl_backend
 from relay.usage_sql import sqlite_backend
@@ -153,7 +153,7 @@ def test_deltas_in_sqlite_and_json_lines_sum_to_the_counters(tmp_path, in_reacto
     harness, clock = Harness(), Clock()
     ledger = Ledger(harness.server, {"sqlite": sqlite_backend(f"path={db}"),
                                      "jsonl": jsonl_backend(f"path={lines}")},
-                    REGION, clock, interval=INTERVAL)
+                    REGION, clock, interval=INTERVAL, gather=0)
     in_reactor(ledger.startService)
     alice, bob = in_reactor(lambda: (open_session(harness), open_session(harness, "bob", 40001)))
     sessions = {"alice": alice.allocation, "bob": bob.allocation}
@@ -204,7 +204,7 @@ def test_a_failing_backend_is_retried_with_backoff_and_counts_nothing_twice(tmp_
     memory = MemoryBackend(fail=2)
     harness, clock = Harness(), Clock()
     ledger = Ledger(harness.server, {"sqlite": flaky, "memory": memory}, REGION, clock,
-                    interval=INTERVAL)
+                    interval=INTERVAL, gather=0)
     in_reactor(ledger.startService)
     assert in_reactor(flaky.outcomes.get) == "lost"  # the first write, of nothing, at start-up
     alice = in_reactor(open_session, harness)  # its start waits for each backend's retry
@@ -235,7 +235,7 @@ def test_a_failing_backend_is_retried_with_backoff_and_counts_nothing_twice(tmp_
 def test_the_backoff_is_capped():
     memory = MemoryBackend(fail=100)
     harness, clock = Harness(), Clock()
-    ledger = Ledger(harness.server, {"memory": memory}, REGION, clock)
+    ledger = Ledger(harness.server, {"memory": memory}, REGION, clock, gather=0)
     open_session(harness)
     delays = []
     while memory.fail:
@@ -250,7 +250,8 @@ def test_the_backoff_is_capped():
 def test_a_full_queue_refuses_new_allocations_until_it_drains(ledger_log):
     held = HeldBackend()
     harness, clock = Harness(), Clock()
-    ledger = Ledger(harness.server, {"slow": held}, REGION, clock, interval=INTERVAL, limit=3)
+    ledger = Ledger(harness.server, {"slow": held}, REGION, clock, interval=INTERVAL, limit=3,
+                    gather=0)
     ledger.startService()
     clients = [open_session(harness, port=40000 + i) for i in range(3)]  # 3 starts queued
     allocation = clients[0].allocation
@@ -280,7 +281,8 @@ def test_a_full_queue_refuses_new_allocations_until_it_drains(ledger_log):
 def test_a_full_queue_in_drop_mode_relays_new_sessions_unrecorded():
     held = HeldBackend()
     harness, clock = Harness(), Clock()
-    ledger = Ledger(harness.server, {"slow": held}, REGION, clock, limit=2, when_full="drop")
+    ledger = Ledger(harness.server, {"slow": held}, REGION, clock, limit=2, when_full="drop",
+                    gather=0)
     clients = [open_session(harness, port=40000 + i) for i in range(3)]  # the third: unrecorded
     recorded = [client.allocation.session_id for client in clients[:2]]
     assert ledger.unrecorded == 1
@@ -294,7 +296,7 @@ def test_a_full_queue_in_drop_mode_relays_new_sessions_unrecorded():
 def test_shutdown_ends_live_sessions_and_waits_for_the_backends():
     held = HeldBackend()
     harness, clock = Harness(), Clock()
-    ledger = Ledger(harness.server, {"slow": held}, REGION, clock)
+    ledger = Ledger(harness.server, {"slow": held}, REGION, clock, gather=0)
     ledger.startService()
     alice = open_session(harness)
     allocation = alice.allocation
@@ -311,7 +313,7 @@ def test_shutdown_ends_live_sessions_and_waits_for_the_backends():
 def test_shutdown_gives_up_on_a_stuck_backend_after_its_bound(ledger_log):
     held = HeldBackend()
     harness, clock = Harness(), Clock()
-    ledger = Ledger(harness.server, {"stuck": held}, REGION, clock)
+    ledger = Ledger(harness.server, {"stuck": held}, REGION, clock, gather=0)
     ledger.startService()
     open_session(harness)
     stopped = ledger.stopService()
@@ -327,9 +329,37 @@ def test_shutdown_gives_up_on_a_stuck_backend_after_its_bound(ledger_log):
 def test_a_batch_is_at_most_BATCH_records():
     memory = MemoryBackend(fail=1)
     harness, clock = Harness(), Clock()
-    ledger = Ledger(harness.server, {"memory": memory}, REGION, clock)
+    ledger = Ledger(harness.server, {"memory": memory}, REGION, clock, gather=0)
     clients = [open_session(harness, port=40000 + i) for i in range(3)]
     ledger.queues[0].pending.extend([ledger.queues[0].pending[0]] * BATCH)  # a backlog
     clock.advance(RETRY_FIRST)
     assert [len(batch) for batch in memory.offered] == [1, BATCH, 2 + 1]
     assert len(memory.sessions) == len(clients)
+
+
+def test_records_gather_for_a_moment_into_one_write_and_one_log_line(ledger_log):
+    """Short sessions cost one write per GATHER seconds, not one or two each; a full batch
+    goes at once.  The log names every ended session, SESSIONS_PER_LINE to a line."""
+    memory = MemoryBackend()
+    harness, clock = Harness(), Clock()
+    ledger = Ledger(harness.server, {"memory": memory}, REGION, clock)
+    ledger.startService()  # the first write, of nothing, goes at once
+    count = SESSIONS_PER_LINE + 1
+    clients = [open_session(harness, port=40000 + i) for i in range(count)]
+    ended = [client.allocation.session_id for client in clients]
+    clock.advance(GATHER - 0.01)
+    assert memory.offered == [[]]
+    clock.advance(0.01)
+    assert [len(batch) for batch in memory.offered] == [0, count]
+    for client in clients:
+        client.refresh(0)
+    clock.advance(GATHER)
+    assert [len(batch) for batch in memory.offered] == [0, count, count]
+    assert list(memory.ends) == ended
+    assert [text for _, text in ledger_log if "usage recorded" in text] == [
+        "usage recorded in memory for ended sessions " + " ".join(ended[:SESSIONS_PER_LINE]),
+        f"usage recorded in memory for ended sessions {ended[-1]}"]
+    queue = ledger.queues[0]
+    queue.push([memory.offered[1][0]] * BATCH)  # a full batch does not wait
+    assert [len(batch) for batch in memory.offered] == [0, count, count, BATCH]
+    assert ledger.backlog() == 0

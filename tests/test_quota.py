@@ -159,7 +159,7 @@ def test_stored_plus_unstored_usage_is_every_byte_at_any_moment(tmp_path, in_rea
     counters, queued deltas, a write under way and stored deltas, never a byte twice."""
     harness, clock = Harness(), Clock()
     backend = sqlite_backend(f"path={tmp_path / 'usage.db'}")
-    ledger = Ledger(harness.server, {"sqlite": backend}, "r", clock, interval=10)
+    ledger = Ledger(harness.server, {"sqlite": backend}, "r", clock, interval=10, gather=0)
     usage = MonthlyUsage(ledger, "sqlite", backend)
     since = month_start(clock.seconds())  # the fake clock's month: 1970-01
     accounts = ["acct-alice", "acct-bob", "acct-nobody"]

@@ -172,7 +172,7 @@ def test_active_open_relays_both_ways_and_the_ledger_bills_it(server_factory, tc
                          r"to_client=(\d+)/(\d+)B .*session=(\w+)")
     packets_from, bytes_from, packets_to, bytes_to = map(int, line.groups()[:4])
     assert bytes_from == bytes_to == len(payload) and packets_from >= 1 and packets_to >= 1
-    server.read_until(f"session {line.group(5)} usage recorded in sqlite")
+    server.usage_recorded(line.group(5), "sqlite")
     assert sql_usage(dsn)[USER] == ("default", bytes_from, packets_from, bytes_to, packets_to)
     data.close()
 

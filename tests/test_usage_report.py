@@ -85,7 +85,7 @@ def _relay(server: Server, user: str, payloads: List[bytes]) -> str:
     earlier = "".join(f"(?!{sid})" for sid in _SESSIONS)
     session = server.search(rf"allocation closed user={user} .*from_client=[1-9].* "
                             rf"session={earlier}(\w+)").group(1)
-    server.read_until(f"session {session} usage recorded in ")
+    server.usage_recorded(session)
     _SESSIONS.append(session)
     return session
 
