@@ -53,11 +53,14 @@ def cpu_ns_by_process(pid: int) -> Dict[int, int]:
     nanoseconds."""
     found = {}
     for proc in [pid] + children(pid):
+        total = 0
         try:
-            found[proc] = sum(int(open(f"/proc/{proc}/task/{task}/schedstat").read().split()[0])
-                              for task in os.listdir(f"/proc/{proc}/task"))
+            for task in os.listdir(f"/proc/{proc}/task"):
+                with open(f"/proc/{proc}/task/{task}/schedstat") as f:
+                    total += int(f.read().split()[0])
         except (FileNotFoundError, ProcessLookupError):
-            pass
+            continue
+        found[proc] = total
     return found
 
 

@@ -29,6 +29,7 @@ from relay.secretfile import read_secrets
 from relay.tls import TLS_VERSIONS
 from relay.tomlfile import read_toml
 from relay.ledger import WHEN_FULL
+from relay.usage_jsonl import JsonLinesBackend
 from relay.usageplugins import installed, make_backend
 
 
@@ -406,6 +407,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 name, backend = make_backend(description)
             except ValueError as err:
                 _fail("accounting", str(err))
+            if isinstance(backend, JsonLinesBackend) and self["workers"] > 1:
+                # Its file is written by one process only (a failed write is cut off again).
+                _fail("accounting", f"{description}: a JSON lines file takes one process's "
+                                    f"records: add --workers 1, or use sqlite or postgresql")
             label, n = name, 1
             while label in self["usage-backends"]:
                 n += 1

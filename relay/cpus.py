@@ -3,22 +3,68 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Iterator, Optional
 
 
-def usable_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
-    """The CPUs in this process's affinity mask, lowered to its cgroup's CPU quota.
+def usable_cpus(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int:
+    """The CPUs in this process's affinity mask, lowered to its cgroups' CPU quota.
 
     A container limited to 2 CPUs on a 64-core node still sees 64 cores in its affinity mask;
-    64 workers would share 2 CPUs' worth of time slices and lose to 2.  cgroup v2's
-    `cpu.max` holds "QUOTA PERIOD" (or "max PERIOD" for no limit); a fractional limit rounds
-    up, since one worker can use less than a whole CPU but not less than one.
+    64 workers would share 2 CPUs' worth of time slices and lose to 2.  The quota is the
+    strictest of the process's cgroup and its ancestors (cgroup v2's `cpu.max`, "QUOTA PERIOD"
+    or "max PERIOD"; v1's `cpu.cfs_quota_us` over `cpu.cfs_period_us`, -1 for none).  A
+    fractional quota rounds up: one worker can use less than a CPU, not less than one.
     """
-    cpus = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every CPU counts
+    cpus = len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+    quotas = [q for q in _quotas(proc_cgroup, root) if q is not None]
+    return max(1, min([cpus] + [math.ceil(q) for q in quotas]))
+
+
+def _quotas(proc_cgroup: str, root: str) -> Iterator[Optional[float]]:
+    """The CPU quota (in CPUs) of each cgroup holding this process, from itself up."""
     try:
-        with open(cpu_max) as f:
-            quota, period = f.read().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 here, or a file we do not understand: the affinity mask stands
-    return cpus
+        with open(proc_cgroup) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # cgroup v2: one hierarchy
+            base, read = root, _v2_quota
+        elif "cpu" in controllers.split(","):
+            base, read = os.path.join(root, controllers), _v1_quota
+        else:
+            continue
+        # Inside a cgroup namespace the path is "/" and the root is its own cgroup.
+        parts = [p for p in path.split("/") if p]
+        for depth in range(len(parts), -1, -1):
+            yield read(os.path.join(base, *parts[:depth]))
+
+
+def _v2_quota(directory: str) -> Optional[float]:
+    text = _read(os.path.join(directory, "cpu.max"))
+    if text is None:
+        return None
+    try:
+        quota, period = text.split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except ValueError:  # not the format we know: no quota we can honour
+        return None
+
+
+def _v1_quota(directory: str) -> Optional[float]:
+    quota = _read(os.path.join(directory, "cpu.cfs_quota_us"))
+    period = _read(os.path.join(directory, "cpu.cfs_period_us"))
+    try:
+        return int(quota) / int(period) if quota and period and int(quota) > 0 else None
+    except ValueError:
+        return None
+
+
+def _read(path: str) -> Optional[str]:
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None

@@ -5,7 +5,8 @@ computed in the reactor's thread, where the core's state lives (prometheus_clien
 Twisted resource would read it from a thread pool, racing the relay), and none needs a key:
 they carry no account, username or address.
 
-- `/healthz`: 200 while the process serves HTTP at all (liveness).
+- `/healthz`: 200 while the process serves HTTP at all (liveness); with worker processes,
+  503 while one of them keeps dying at start, so that the orchestrator restarts the relay.
 - `/readyz`: 200 once the client listeners are up and while allocations are taken; 503 before,
   and from the first moment of a drain (SIGTERM), so a load balancer stops sending new
   clients at once.  A usage ledger outage does not make the relay unready: every relay of a
@@ -74,11 +75,11 @@ class Routes(Resource):
     theirs (relay.workers)."""
 
     def __init__(self, metrics: Resource, not_ready: NotReady,
-                 fallback: Optional[Resource] = None):
+                 fallback: Optional[Resource] = None, not_live: Optional[NotReady] = None):
         super().__init__()
         self.fallback = fallback
         self.putChild(b"metrics", metrics)
-        self.putChild(b"healthz", HealthPage())
+        self.putChild(b"healthz", HealthPage(not_live))
         self.putChild(b"readyz", HealthPage(not_ready))
 
     def getChild(self, path: bytes, request: Request) -> Resource:

@@ -91,7 +91,7 @@ class LoginDispatcher:
                        errbackArgs=(client, credentials))
 
     def _succeeded(self, result: tuple, client: Client, credentials: StunCredentials) -> None:
-        if self.shared is not None and self.shared.wants(client, credentials):
+        if self.shared is not None and self.shared.wants(client, credentials, result[1]):
             self.shared.allocate(client, credentials, result[1])
         else:
             self.server.authenticated(client, credentials, result[1], self.clock.seconds())

@@ -100,8 +100,10 @@ class SharedQuotas:
     place for it, and the place goes back when the allocation ends."""
 
     def __init__(self, server: TurnServer, clock: IReactorTime, reserve: Reserve,
-                 release: Release):
+                 release: Release, always: bool):
         self.server, self.clock = server, clock
+        # Whether relay-wide limits are set; else only accounts with max_allocations reserve.
+        self.always = always
         self._reserve, self._release = reserve, release
         self._ids = itertools.count(1)
         self._held: Dict[Hashable, int] = {}  # allocation key -> its reservation
@@ -115,10 +117,12 @@ class SharedQuotas:
                 self._release(reservation)
         server.on_allocation_closed = on_closed
 
-    def wants(self, client: Client, credentials: StunCredentials) -> bool:
-        """Whether this authenticated request must reserve first: an Allocate by a client
-        without an allocation (any other is answered 437 by the core, with no place needed)."""
-        return credentials.message.method == stun.ALLOCATE and client.key not in self.server.allocations
+    def wants(self, client: Client, credentials: StunCredentials, account: Account) -> bool:
+        """Whether this authenticated request must reserve first: an Allocate, under some
+        limit, by a client without an allocation (any other is answered 437 by the core)."""
+        return (self.always or bool(account.max_allocations)) \
+            and credentials.message.method == stun.ALLOCATE \
+            and client.key not in self.server.allocations
 
     def allocate(self, client: Client, credentials: StunCredentials, account: Account) -> None:
         reservation = next(self._ids)

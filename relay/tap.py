@@ -178,6 +178,12 @@ def bind_listeners(options: Options, copies: int = 1) -> ListenerSockets:
 
 
 def _bound_copies(host: str, port: int, kind: int, copies: int) -> List[socket.socket]:
+    if copies > 1:
+        # SO_REUSEPORT would let a second relay share the port unnoticed: first make sure no
+        # socket holds it (port 0: the free port this finds is the one every copy takes).
+        probe = bound_socket(host, port, kind)
+        port = probe.getsockname()[1]
+        probe.close()
     socks = [bound_socket(host, port, kind, reuse_port=copies > 1)]
     try:
         port = socks[0].getsockname()[1]  # port 0: the one the kernel chose, for every copy
@@ -255,7 +261,7 @@ class HTTPService(Service):
         except OSError as err:
             raise SystemExit(f"turnrelay: {self.flags}: cannot listen on "
                              f"[{self.host}]:{self.port}: {err.strerror}")
-        port = sock.getsockname()[1]
+        port = self.port = sock.getsockname()[1]  # the one the kernel chose, for port 0
         self.own.add(self.host, port)
         self.listening = adopt_stream_socket(self.reactor, sock, self.factory)
         log.info("{what} listening on {scheme} [{host}]:{port}", what=self.what,
@@ -443,9 +449,10 @@ def ledger_to_read(options: Options, backends: Dict[str, IUsageBackend]
 
 def _usage_watch(ledger: Ledger, ledger_sql: Optional[Tuple[str, SqlUsageBackend]],
                  server: TurnServer, checkers: ChainedChecker, options: Options,
-                 reactor, triggers: bool) -> List[Service]:
-    """Monthly quotas (relay.quota) and, if `triggers`, usage triggers (relay.triggers), read
-    from the ledger's SQL backend; triggers also need the account database."""
+                 reactor) -> List[Service]:
+    """Monthly quotas (relay.quota) and usage triggers (relay.triggers), read from the
+    ledger's SQL backend; triggers also need the account database.  Every worker process runs
+    both for the accounts active on it: a notice goes out once (`claim_firing`)."""
     if ledger_sql is None:
         log.warn("monthly quotas and usage triggers are off: no sqlite or postgresql "
                  "--accounting backend")
@@ -457,7 +464,7 @@ def _usage_watch(ledger: Ledger, ledger_sql: Optional[Tuple[str, SqlUsageBackend
               if isinstance(checker, AccountsChecker)]
     if options["api-port"] is not None:
         stores.append(options["api-store"])
-    if stores and triggers:
+    if stores:
         services.append(UsageTriggers(stores[0], usage, server.config.policy, reactor,
                                       tracker.active).service)
     return services
@@ -527,16 +534,18 @@ def relay_port_slice(low: int, high: int, index: int, count: int) -> Tuple[int, 
 
 def http_services(reactor, options: Options, relay_ips: Dict[int, str],
                   ledger_sql: Optional[Tuple[str, SqlUsageBackend]], policy: PeerPolicy,
-                  metrics: Resource, not_ready: NotReady,
-                  api_tls: Optional[ServerTLS]) -> List[Service]:
+                  metrics: Resource, not_ready: NotReady, api_tls: Optional[ServerTLS],
+                  not_live: Optional[NotReady] = None) -> List[HTTPService]:
     """--prometheus and --api-port: metrics, health and the tokens API, over HTTP."""
-    services: List[Service] = []
+    services: List[HTTPService] = []
     if options["prometheus"]:
-        services.append(HTTPService(reactor, QuietSite(Routes(metrics, not_ready), timeout=60),
+        services.append(HTTPService(reactor, QuietSite(Routes(metrics, not_ready, None, not_live),
+                                                       timeout=60),
                                     options["prometheus-address"], options["prometheus-port"], None,
                                     "metrics", "--prometheus-address/--prometheus-port", policy.own))
     if options["api-port"] is not None:
-        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, ledger_sql, policy))
+        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, ledger_sql, policy),
+                     not_live)
         api.putChild(b"test", SelfTestPage())
         # Idle connections close after a minute: the API has no use for long-held ones.
         services.append(HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
@@ -562,6 +571,7 @@ class WorkerRole:
     sockets: List[Tuple[str, socket.socket]]  # its copy of each client listener
     reserve: Reserve  # a place in the parent's allocation quotas
     release: Release
+    parent_endpoints: List[Tuple[str, int]]  # the parent's HTTP listeners: never a peer
 
 
 def makeService(options: Options, reactor=None, worker: Optional[WorkerRole] = None
@@ -631,17 +641,20 @@ def makeService(options: Options, reactor=None, worker: Optional[WorkerRole] = N
     ledger = Ledger(server, backends, options["region"], reactor, options["accounting-interval"],
                     options["accounting-queue"], options["accounting-full"])
     ledger.setServiceParent(service)
-    shared = None if worker is None else SharedQuotas(server, reactor, worker.reserve,
-                                                      worker.release)
+    shared = None
+    if worker is not None:
+        for host, port in worker.parent_endpoints:
+            config.policy.own.add(host, port)
+        shared = SharedQuotas(server, reactor, worker.reserve, worker.release, always=any(
+            options[name] for name in ("total-quota", "user-quota", "source-quota",
+                                       "account-max-bps", "account-max-pps")))
     dispatch = LoginDispatcher(server, portal, reactor, shared)
-    # Housekeeping of the whole relay (blanking old addresses, firing usage triggers) runs once,
-    # not in every worker.
-    housekeeper = worker is None or worker.index == 0
-    if options["client-address-retention"] is not None and housekeeper:
+    # Blanking old client addresses is for the whole relay: one worker does it.
+    if options["client-address-retention"] is not None and (worker is None or worker.index == 0):
         ClientAddressRetention(backends, options["client-address-retention"],
                                reactor).setServiceParent(service)
     ledger_sql = ledger_to_read(options, backends)
-    for watch in _usage_watch(ledger, ledger_sql, server, checkers, options, reactor, housekeeper):
+    for watch in _usage_watch(ledger, ledger_sql, server, checkers, options, reactor):
         watch.setServiceParent(service)
     if worker is None:
         def sockets() -> List[Tuple[str, socket.socket]]:

@@ -17,18 +17,21 @@ TURNRELAY_LISTENERS environment variable names their transports.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import signal
+import site
 import socket
 import sys
 import zlib
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.task import deferLater
-from twisted.internet.error import ProcessTerminated
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.logger import (InvalidLogLevelError, LogLevel, Logger, formatEvent,
                             globalLogBeginner)
@@ -41,24 +44,28 @@ from relay.config import Options
 from relay.metrics import CONTENT_TYPE
 from relay.shared_quotas import GRANTED, Place, QuotaBook
 from relay.turn import TurnServer
-from relay.tap import (OrderlyStop, SighupService, WorkerRole, _api_tls, _client_tls,
-                       _nonce_secrets, _peer_policy, _relay_addresses, _reload_peer_rules,
-                       _usage_backends, bind_listeners, certificate_services, http_services,
-                       ledger_to_read, makeService)
+from relay.tap import (HTTPService, ListenerSockets, OrderlyStop, RelayService, SighupService,
+                       WorkerRole, _api_tls, _client_tls, _nonce_secrets, _peer_policy,
+                       _relay_addresses, _reload_peer_rules, _usage_backends, bind_listeners,
+                       certificate_services, http_services, ledger_to_read, makeService)
 
 log = Logger(namespace="turnrelay")
 CONTROL_FD = 3
 QUICK_DEATH = 10.0   # seconds: a worker that dies sooner is restarted after a longer wait
 LONGEST_WAIT = 30.0  # seconds between two restarts of a worker that keeps dying
 SCRAPE_TIMEOUT = 5.0
+STOP_MARGIN = 30.0  # seconds a stopping worker has after its drain grace, for its last writes
+GIVE_UP = 5  # quick deaths in a row after which /healthz says the relay is not alive
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_IN_FLIGHT = 0.25  # seconds a refused reservation waits for a release to arrive
 
 
 # -- what parent and worker say to each other ---------------------------------------------
 
 class Hello(amp.Command):
-    """Worker to parent, first: what it needs from the parent before it can start."""
-    response = [(b"secrets", amp.ListOf(amp.String()))]
+    """Worker to parent, first: what it needs from the parent before it can start: the nonce
+    keys, and the parent's own endpoints ("HOST PORT"), which no worker may relay to."""
+    response = [(b"secrets", amp.ListOf(amp.String())), (b"endpoints", amp.ListOf(amp.Unicode()))]
 
 
 class Ready(amp.Command):
@@ -104,18 +111,26 @@ class _Control(amp.AMP):
 # -- the parent -------------------------------------------------------------------------------
 
 class _ParentSide(_Control):
+    """The parent's end of one worker run's control channel.  `key` tells runs apart, so a
+    late message from a dead worker never touches its successor's places."""
+
+    _keys = itertools.count(1)
+
     def __init__(self, supervisor: "Supervisor", index: int):
         super().__init__()
         self.supervisor, self.index = supervisor, index
+        self.key = next(self._keys)
         self.gone = False
 
     @Hello.responder
     def hello(self) -> dict:
-        return {"secrets": self.supervisor.secrets}
+        return {"secrets": self.supervisor.secrets,
+                "endpoints": [f"{host} {port}" for host, port in self.supervisor.endpoints()]}
 
     @Ready.responder
     def ready(self) -> dict:
-        self.supervisor.worker_ready(self.index)
+        if not self.gone:
+            self.supervisor.worker_ready(self.index)
         return {}
 
     @ReservePlace.responder
@@ -124,7 +139,7 @@ class _ParentSide(_Control):
         def look() -> dict:
             if self.gone:  # died while its request waited: a place now would never be freed
                 return {"code": 508}
-            code = self.supervisor.book.reserve(self.index, reservation,
+            code = self.supervisor.book.reserve(self.key, reservation,
                                                 Place(username, account, source), max_allocations)
             if code == GRANTED:
                 self.supervisor.share_limits({account})
@@ -139,7 +154,7 @@ class _ParentSide(_Control):
 
     @ReleasePlace.responder
     def release(self, reservation: int) -> dict:
-        place = self.supervisor.book.release(self.index, reservation)
+        place = self.supervisor.book.release(self.key, reservation)
         if place is not None:
             self.supervisor.share_limits({place.account})
         return {}
@@ -148,11 +163,13 @@ class _ParentSide(_Control):
         super().connectionLost(reason)
         # Nothing more can come from this worker: its allocations are gone with it.
         self.gone = True
-        self.supervisor.share_limits(self.supervisor.book.forget(self.index))
+        self.supervisor.share_limits(self.supervisor.book.forget(self.key))
 
 
 class _WorkerProcess(ProcessProtocol):
     """One run of worker `index`: its log lines become the parent's, its end is reported."""
+
+    LONGEST_LINE = 65536  # bytes: a longer one is cut, rather than held in memory whole
 
     def __init__(self, supervisor: "Supervisor", index: int, control: _ParentSide):
         self.supervisor, self.index, self.control = supervisor, index, control
@@ -164,7 +181,11 @@ class _WorkerProcess(ProcessProtocol):
         self.pid = self.transport.pid  # kept: the transport forgets it when the process ends
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
-        *lines, self.pending[fd] = (self.pending[fd] + data).split(b"\n")
+        *lines, rest = (self.pending[fd] + data).split(b"\n")
+        if len(rest) > self.LONGEST_LINE:
+            lines.append(rest)
+            rest = b""
+        self.pending[fd] = rest
         for line in lines:
             self._emit(fd, line.decode("utf-8", "replace"))
 
@@ -185,6 +206,15 @@ class _WorkerProcess(ProcessProtocol):
         self.supervisor.worker_ended(self, reason)
 
 
+def _how_it_ended(ended: ProcessTerminated) -> str:
+    if ended.signal is not None:
+        try:
+            return f"killed by {signal.Signals(ended.signal).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"killed by signal {ended.signal}"
+    return f"exit code {ended.exitCode}"
+
+
 class Supervisor(OrderlyStop):
     """Starts the workers, restarts those that die, and stops them all on SIGTERM."""
 
@@ -192,9 +222,13 @@ class Supervisor(OrderlyStop):
         super().__init__(reactor)
         self.options, self.secrets, self.book = options, secrets, book
         self.count: int = options["workers"]
-        self.sockets = []
+        # twistd changes to --rundir after this is made: workers start where the relay did, so
+        # relative paths in the arguments they parse again mean the same files.
+        self.workdir = os.getcwd()
+        self.sockets: ListenerSockets = []
         self.processes: Dict[int, _WorkerProcess] = {}
-        self.ready: set = set()
+        self.ready: Set[int] = set()
+        self.reload_missed: Set[int] = set()
         self.quick_deaths = [0] * self.count
         self.all_ended: Optional[Deferred] = None
 
@@ -211,33 +245,51 @@ class Supervisor(OrderlyStop):
         for index in range(self.count):
             self._spawn(index)
 
+    def endpoints(self) -> List[Tuple[str, int]]:
+        """The parent's own HTTP listeners, which no worker may relay to."""
+        return [(service.host, service.port) for service in self
+                if isinstance(service, HTTPService)]
+
     def _spawn(self, index: int) -> None:
         if self.stopping:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         control = _ParentSide(self, index)
-        self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
-                                           Factory.forProtocol(lambda: control))
-        ours.close()
+        process = _WorkerProcess(self, index, control)
         fds = {0: "w", 1: "r", 2: "r", CONTROL_FD: theirs.fileno()}
         for k, (_, socks) in enumerate(self.sockets):
             fds[CONTROL_FD + 1 + k] = socks[index].fileno()
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, TURNRELAY_WORKER=f"{index} {self.count}",
                    TURNRELAY_LISTENERS=" ".join(t for t, _ in self.sockets),
-                   PYTHONPATH=os.pathsep.join(filter(None, [package_root,
-                                                            os.environ.get("PYTHONPATH")])))
-        process = _WorkerProcess(self, index, control)
-        self.reactor.spawnProcess(process, sys.executable,
-                                  [sys.executable, "-m", "relay.workers", *self.options.argv],
-                                  env=env, childFDs=fds)
-        theirs.close()
+                   PYTHONIOENCODING="utf-8:backslashreplace")
+        if PACKAGE_ROOT not in site.getsitepackages():  # a checkout: PYTHONPATH, or the cwd
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"),
+                                                              PACKAGE_ROOT]))
+        try:
+            self.reactor.adoptStreamConnection(ours.fileno(), socket.AF_UNIX,
+                                               Factory.forProtocol(lambda: control))
+            self.reactor.spawnProcess(process, sys.executable,
+                                      [sys.executable, "-m", "relay.workers", *self.options.argv],
+                                      env=env, path=self.workdir, childFDs=fds)
+        except OSError as err:  # out of descriptors or processes, for now
+            if control.transport is not None:
+                control.transport.loseConnection()
+            log.error("worker {index} could not be started: {err}; trying again in {wait} s",
+                      index=index, err=err, wait=LONGEST_WAIT)
+            self.reactor.callLater(LONGEST_WAIT, self._spawn, index)
+            return
+        finally:
+            ours.close()
+            theirs.close()
         self.processes[index] = process
         log.info("worker {index} started, pid {pid}", index=index, pid=process.pid)
 
     def worker_ready(self, index: int) -> None:
         self.ready.add(index)
         log.info("worker {index} (pid {pid}) ready", index=index, pid=self.processes[index].pid)
+        if index in self.reload_missed:  # SIGHUP came while it started: it may have missed it
+            self.reload_missed.discard(index)
+            self._signal(self.processes[index], signal.SIGHUP)
         if len(self.ready) == self.count:
             log.info("all {count} workers ready", count=self.count)
 
@@ -247,7 +299,11 @@ class Supervisor(OrderlyStop):
         self.ready.discard(index)
         how = _how_it_ended(reason.value)
         if self.stopping:
-            log.info("worker {index} stopped: {how}", index=index, how=how)
+            if reason.check(ProcessDone):
+                log.info("worker {index} stopped", index=index)
+            else:
+                log.error("worker {index} (pid {pid}) stopped: {how}", index=index,
+                          pid=process.pid, how=how)
             if not self.processes and self.all_ended is not None:
                 self.all_ended.callback(None)
             return
@@ -255,8 +311,7 @@ class Supervisor(OrderlyStop):
         self.quick_deaths[index] = self.quick_deaths[index] + 1 if lived < QUICK_DEATH else 0
         wait = min(LONGEST_WAIT, 0.25 * 2 ** self.quick_deaths[index])
         log.error("worker {index} (pid {pid}) died after {lived:.1f} s: {how}; restarting it in "
-                  "{wait} s", index=index, pid=process.pid, lived=lived, how=how,
-                  wait=wait)
+                  "{wait} s", index=index, pid=process.pid, lived=lived, how=how, wait=wait)
         self.reactor.callLater(wait, self._spawn, index)
 
     def share_limits(self, accounts: Set[str]) -> None:
@@ -265,22 +320,40 @@ class Supervisor(OrderlyStop):
         if not (self.options["account-max-bps"] or self.options["account-max-pps"]):
             return
         for account in accounts:
-            for index, process in self.processes.items():
+            for process in self.processes.values():
                 process.control.callRemote(AccountShare, account=account,
-                                           share=self.book.share(account, index))
+                                           share=self.book.share(account, process.control.key))
+
+    @staticmethod
+    def _signal(process: _WorkerProcess, number: int) -> None:
+        try:
+            process.transport.signalProcess(number)
+        except (OSError, ProcessExitedAlready):
+            pass  # ended meanwhile: processEnded is on its way
 
     def signal_workers(self, number: int) -> None:
-        for process in self.processes.values():
-            try:
-                process.transport.signalProcess(number)
-            except OSError:
-                pass  # ended meanwhile: processEnded is on its way
+        for process in list(self.processes.values()):
+            self._signal(process, number)
+
+    def reload_workers(self) -> None:
+        """SIGHUP to the ready workers; one still starting gets it once ready, not before:
+        until its own handler is in place, SIGHUP would end it."""
+        for index, process in list(self.processes.items()):
+            if index in self.ready:
+                self._signal(process, signal.SIGHUP)
+            else:
+                self.reload_missed.add(index)
 
     def not_ready(self) -> Optional[str]:
         if self.stopping:
             return "draining"
         missing = self.count - len(self.ready)
         return f"{missing} of {self.count} workers not ready" if missing else None
+
+    def not_live(self) -> Optional[str]:
+        """A worker that keeps dying at start will not get better by itself."""
+        dying = [index for index, deaths in enumerate(self.quick_deaths) if deaths >= GIVE_UP]
+        return f"worker {dying[0]} keeps dying at start" if dying else None
 
     def hurry(self, signal_name: str) -> None:
         log.info("{signal} again: the workers end their drain now", signal=signal_name)
@@ -292,19 +365,23 @@ class Supervisor(OrderlyStop):
         if not self.processes:
             self.all_ended.callback(None)
         self.signal_workers(signal.SIGTERM)
+        # A worker that does not end after its drain and its ledger's last writes is stuck.
+        deadline = self.reactor.callLater(self.options["drain-grace"] + STOP_MARGIN, self._kill)
+        self.all_ended.addCallback(lambda _: deadline.active() and deadline.cancel())
         self.all_ended.addCallback(lambda _: super(Supervisor, self).stopService())
         return self.all_ended
 
-
-def _how_it_ended(ended: ProcessTerminated) -> str:
-    if ended.signal is not None:
-        return f"killed by {signal.Signals(ended.signal).name}"
-    return f"exit code {ended.exitCode}"
+    def _kill(self) -> None:
+        for index, process in list(self.processes.items()):
+            log.error("worker {index} (pid {pid}) did not stop within --drain-grace and "
+                      "{margin} s: killing it", index=index, pid=process.pid, margin=STOP_MARGIN)
+            self._signal(process, signal.SIGKILL)
 
 
 class WorkersMetrics(Resource):
     """`/metrics` of the parent: each ready worker's, scraped at once, every sample labelled
-    with its worker, in one exposition (per-worker figures add up in a PromQL `sum`)."""
+    with its worker, in one exposition (per-worker figures add up in a PromQL `sum`), and
+    `turnrelay_worker_up` saying which answered."""
 
     isLeaf = True
 
@@ -313,35 +390,38 @@ class WorkersMetrics(Resource):
         self.supervisor = supervisor
 
     def render_GET(self, request: Request):
-        workers = sorted((index, process.control) for index, process in
-                         self.supervisor.processes.items() if index in self.supervisor.ready)
-        scrapes = [control.callRemote(Scrape).addCallback(
-            lambda answer, index=index: (index, zlib.decompress(answer["metrics"]).decode()))
-            for index, control in workers]
-        d = gatherResults(scrapes, consumeErrors=True)
-        timeout = self.supervisor.reactor.callLater(SCRAPE_TIMEOUT, d.cancel)
+        supervisor = self.supervisor
+        indices = list(range(supervisor.count))
+        scrapes = []
+        for index in indices:
+            process = supervisor.processes.get(index)
+            if process is None or index not in supervisor.ready:
+                scrapes.append(fail(RuntimeError("not running")))
+                continue
+            scrape = process.control.callRemote(Scrape).addCallback(
+                lambda answer: zlib.decompress(answer["metrics"]).decode())
+            timer = supervisor.reactor.callLater(SCRAPE_TIMEOUT, scrape.cancel)
+            scrape.addBoth(lambda result, timer=timer: (timer.active() and timer.cancel(),
+                                                        result)[1])
+            scrapes.append(scrape)
 
-        def answer(texts: list) -> None:
-            timeout.cancel()
+        def answer(results: list) -> None:
+            texts = [(index, text) for index, (ok, text) in zip(indices, results) if ok]
+            for index, (ok, failure) in zip(indices, results):
+                if not ok and index in supervisor.ready:
+                    log.warn("worker {index} did not answer a metrics scrape: {why}",
+                             index=index, why=failure.getErrorMessage())
             request.setHeader(b"content-type", CONTENT_TYPE.encode())
             request.setHeader(b"cache-control", b"no-store")
-            request.write(_labelled(texts))
+            request.write(_labelled(texts, {index: ok for index, (ok, _) in zip(indices, results)}))
             request.finish()
-
-        def failed(failure: Failure) -> None:
-            if timeout.active():
-                timeout.cancel()
-            log.failure("a worker did not answer a metrics scrape", failure)
-            request.setResponseCode(503)
-            request.write(b"a worker did not answer\n")
-            request.finish()
-        d.addCallbacks(answer, failed)
+        DeferredList(scrapes, consumeErrors=True).addCallback(answer)
         return NOT_DONE_YET
 
 
-def _labelled(texts: list) -> bytes:
+def _labelled(texts: list, up: Dict[int, bool]) -> bytes:
     """One exposition of several workers' expositions, each sample labelled `worker`."""
-    families: Dict[str, object] = {}
+    families: Dict[str, Metric] = {}
     for index, text in texts:
         for family in text_string_to_metric_families(text):
             merged = families.setdefault(family.name, family)
@@ -351,10 +431,14 @@ def _labelled(texts: list) -> bytes:
                 family.samples = labelled
             else:
                 merged.samples.extend(labelled)
+    answered = GaugeMetricFamily("turnrelay_worker_up", "1 if the worker process answered this "
+                                 "scrape, 0 if not", labels=["worker"])
+    for index, ok in sorted(up.items()):
+        answered.add_metric([str(index)], 1 if ok else 0)
 
     class Gathered:
         def collect(self):
-            return families.values()
+            return [answered, *families.values()]
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Gathered())
     return generate_latest(registry)
@@ -373,15 +457,15 @@ def supervisor(options: Options, reactor) -> Supervisor:
                          QuotaBook(options["total-quota"], options["user-quota"],
                                    options["source-quota"]))
     for http in http_services(reactor, options, relay_ips, ledger_sql, policy,
-                              WorkersMetrics(service), service.not_ready, api_tls):
+                              WorkersMetrics(service), service.not_ready, api_tls,
+                              service.not_live):
         http.setServiceParent(service)
     certificates = [("tokens API TLS certificate", api_tls)] if api_tls is not None else []
     for watch in certificate_services(reactor, certificates):
         watch.setServiceParent(service)
     reloads = [(what, context.reload) for what, context in certificates]
     reloads.append(("peer rules", _reload_peer_rules(options, policy.set_rules)))
-    SighupService(reactor, reloads,
-                  forward=lambda: service.signal_workers(signal.SIGHUP)).setServiceParent(service)
+    SighupService(reactor, reloads, forward=service.reload_workers).setServiceParent(service)
     return service
 
 
@@ -389,6 +473,7 @@ def supervisor(options: Options, reactor) -> Supervisor:
 
 class _WorkerSide(_Control):
     # Set once the worker's relay is made (`main`).
+    service: Optional[RelayService] = None
     registry: Optional[CollectorRegistry] = None
     server: Optional[TurnServer] = None
 
@@ -408,9 +493,15 @@ class _WorkerSide(_Control):
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
-        # The parent is gone (killed, or it crashed): stop in order rather than run unsupervised.
+        # The parent is gone (killed, or it crashed): stop at once, its usage written, rather
+        # than run on unsupervised in the listeners' port group, where a new relay would
+        # share the clients with it.
+        log.warn("the parent process is gone: stopping")
+        if self.service is not None:
+            self.service.grace = 0.0
+            if self.service.stopping:
+                self.service.hurry("parent gone")
         if self.reactor.running:
-            log.warn("the parent process is gone: stopping")
             self.reactor.stop()
 
 
@@ -428,8 +519,9 @@ def main() -> None:
     index, count = (int(n) for n in os.environ["TURNRELAY_WORKER"].split())
     transports = os.environ["TURNRELAY_LISTENERS"].split()
     # In its own process group, a terminal's Ctrl-C reaches only the parent, which stops
-    # the workers in order.
+    # the workers in order; and a reload before its own handler is in place must not end it.
     os.setpgrp()
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     globalLogBeginner.beginLoggingTo([_log_lines], redirectStandardIO=False)
     options = Options()
     options.parseOptions(sys.argv[1:])
@@ -453,7 +545,9 @@ def main() -> None:
                 ReservePlace, reservation=reservation, username=place.username,
                 account=place.account, source=place.source, max_allocations=most,
             ).addCallback(lambda answer: answer["code"]),
-            release=lambda reservation: control.callRemote(ReleasePlace, reservation=reservation))
+            release=lambda reservation: control.callRemote(ReleasePlace, reservation=reservation),
+            parent_endpoints=[(host, int(port)) for host, port in
+                              (endpoint.split() for endpoint in answer["endpoints"])])
         try:
             service = makeService(options, reactor, role)
             service.privilegedStartService()
@@ -462,7 +556,8 @@ def main() -> None:
             log.critical("{error}", error=err)
             stop(1)
             return
-        control.registry, control.server = service.registry, service.server
+        control.service, control.registry, control.server = service, service.registry, \
+            service.server
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         control.callRemote(Ready)
 

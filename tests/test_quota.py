@@ -234,7 +234,7 @@ def test_bad_megabytes_are_refused(text, problem):
 
 
 def test_a_quota_flag_without_a_sql_ledger_is_a_one_line_error(tmp_path):
-    result = subprocess.run([TWISTD, "-n", "turnrelay", "--monthly-quota-mb", "5",
+    result = subprocess.run([TWISTD, "-n", "turnrelay", "--monthly-quota-mb", "5", "--workers", "1",
                              "--accounting", f"jsonl:path={tmp_path / 'u.jsonl'}",
                              "--state-dir", str(tmp_path)],
                             capture_output=True, text=True, timeout=60)

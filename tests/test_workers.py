@@ -114,11 +114,14 @@ def test_workers_share_the_ports_the_nonces_and_the_quotas(server_factory):
     assert reply.cls == stun.SUCCESS, reply.get(stun.ERROR_CODE)
 
 
-def test_a_killed_worker_is_restarted_on_the_same_sockets(server_factory):
+@pytest.mark.parametrize("number, name", [(signal.SIGKILL, "SIGKILL"),
+                                          (signal.SIGRTMIN + 6, f"signal {signal.SIGRTMIN + 6}")])
+def test_a_killed_worker_is_restarted_on_the_same_sockets(server_factory, number, name):
     server = start_workers(server_factory)
     pid = int(server.search(r"worker 1 started, pid (\d+)").group(1))
-    os.kill(pid, signal.SIGKILL)
-    server.search(rf"worker 1 \(pid {pid}\) died after [\d.]+ s: killed by SIGKILL; restarting it in")
+    os.kill(pid, number)
+    server.search(rf"worker 1 \(pid {pid}\) died after [\d.]+ s: killed by {name}; "
+                  "restarting it in")
     new_pid = int(server.search(rf"worker 1 started, pid (?!{pid}\b)(\d+)").group(1))
     server.read_until(f"worker 1 (pid {new_pid}) ready")
     # Flows hashed to the dead worker's socket reach its successor: every client gets an
@@ -165,14 +168,26 @@ def test_relay_port_slices_cover_the_range_without_overlap():
     assert all(a[1] + 1 == b[0] for a, b in zip(slices, slices[1:]))
 
 
-@pytest.mark.parametrize("cpu_max, cpus", [("200000 100000\n", 2), ("150000 100000\n", 2),
-                                           ("50000 100000\n", 1), ("max 100000\n", None)])
-def test_default_workers_follow_the_cgroup_cpu_limit(tmp_path, cpu_max, cpus):
-    limit = tmp_path / "cpu.max"
-    limit.write_text(cpu_max)
+@pytest.mark.parametrize("cgroup, files, cpus", [
+    ("0::/pods/relay\n", {"pods/relay/cpu.max": "200000 100000"}, 2),
+    ("0::/pods/relay\n", {"pods/relay/cpu.max": "150000 100000"}, 2),     # 1.5: rounds up
+    ("0::/pods/relay\n", {"pods/relay/cpu.max": "max 100000",               # the parent's
+                          "pods/cpu.max": "50000 100000"}, 1),
+    ("0::/\n", {"cpu.max": "max 100000"}, None),                            # no limit
+    ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "100000",
+                                     "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, 1),
+    ("4:cpu,cpuacct:/docker/abc\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "-1",
+                                     "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, None),
+])
+def test_default_workers_follow_the_cgroup_cpu_limit(tmp_path, cgroup, files, cpus):
+    (tmp_path / "cgroup").write_text(cgroup)
+    for name, text in files.items():
+        (tmp_path / "fs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "fs" / name).write_text(text + "\n")
     affinity = len(os.sched_getaffinity(0))
-    assert usable_cpus(str(limit)) == (affinity if cpus is None else min(affinity, cpus))
-    assert usable_cpus(str(tmp_path / "absent")) == affinity
+    found = usable_cpus(str(tmp_path / "cgroup"), str(tmp_path / "fs"))
+    assert found == (affinity if cpus is None else min(affinity, cpus))
+    assert usable_cpus(str(tmp_path / "absent"), str(tmp_path / "fs")) == affinity
 
 
 def test_quota_book_counts_every_worker():
@@ -244,3 +259,35 @@ def test_an_accounts_rate_limit_is_shared_by_its_allocations_on_every_worker(ser
     # 3 s at 10 a second spans 3 or 4 refills (plus rounding each worker's share up): 30-44.
     # Two workers each allowing 10 a second would have relayed 60 or more.
     assert 25 <= relayed <= 50, relayed
+
+
+def test_workers_never_relay_to_the_parents_own_http_ports(server_factory):
+    """The parent's HTTP listeners (here the metrics; the tokens API is the same) are the
+    relay's own endpoints in every worker too."""
+    metrics = free_port()
+    server = start_workers(server_factory, "--prometheus", "--prometheus-port", str(metrics))
+    for client, _ in allocations(server, 6):  # on both workers, most likely
+        for port in (metrics, server.port):
+            reply = client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS,
+                                                            ("127.0.0.1", port)))
+            assert error_code(reply) == 403, port
+
+
+def test_a_second_relay_on_the_same_ports_is_refused(server_factory):
+    first = start_workers(server_factory)
+    result = subprocess.run(
+        [TWISTD, "-n", "--pidfile=", "turnrelay", "--workers", "2", "--listening-ip", "127.0.0.1",
+         "--listening-port", str(first.port), "--no-tls", "--relay-ip", "127.0.0.1"],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"cannot listen on udp [127.0.0.1]:{first.port}: Address already in use" \
+        in result.stderr + result.stdout
+
+
+def test_a_json_lines_ledger_needs_a_single_process(tmp_path):
+    result = subprocess.run([TWISTD, "-n", "turnrelay", "--workers", "2", "--accounting",
+                             f"jsonl:path={tmp_path / 'u.jsonl'}"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "--accounting: jsonl:path=" in result.stderr
+    assert "a JSON lines file takes one process's records: add --workers 1" in result.stderr
