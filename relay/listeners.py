@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Set, Tuple
 
@@ -60,15 +61,25 @@ def producer_of(transport) -> IPushProducer:
     return transport if IPushProducer.providedBy(transport) else transport.transport
 
 
-def _udp_sender(sock: socket.socket, address: Address) -> Callable[[bytes], None]:
-    sendto = sock.sendto
+class UdpSender:
+    """Sends to one UDP client through its listener's socket: the `Client.send` of a request,
+    kept by the allocation it makes for as long as it lives.
 
-    def send(data: bytes) -> None:
+    A slotted object and its bound `send`: a third of the memory of a closure with its cells
+    and a bound `sendto`, for an idle allocation (bench/compare.py --idle), and as fast to call.
+    """
+
+    __slots__ = ("socket", "address")
+
+    def __init__(self, sock: socket.socket, address: Address):
+        self.socket = sock
+        self.address = address
+
+    def send(self, data: bytes) -> None:
         try:
-            sendto(data, address)
+            self.socket.sendto(data, self.address)
         except OSError:
             pass  # a full buffer or an ICMP error: UDP may drop, and so may we
-    return send
 
 
 class LoginDispatcher:
@@ -128,8 +139,8 @@ class ClientDatagramProtocol(DatagramProtocol):
                 if allocation is not None:
                     allocation.from_client_send(data)
                 return
-        sock = self.transport.socket
-        self.dispatch(Client("udp", self.listener, addr, _udp_sender(sock, addr)), data)
+        self.dispatch(Client("udp", self.listener, addr, UdpSender(self.transport.socket, addr).send),
+                      data)
 
 
 @dataclass
@@ -295,12 +306,19 @@ class ClientStreamFactory(Factory):
 
 
 class ReadSocket:
-    """A relay socket the reactor reads directly, without a Twisted port object around it."""
+    """A relay socket the reactor reads directly, without a Twisted port object around it.
+
+    There is one per allocation, so it keeps little: slots, and the relay IP as one interned
+    string shared by every socket on it rather than a copy each.
+    """
+
+    __slots__ = ("reactor", "socket", "address")
 
     def __init__(self, reactor: IReactorFDSet, sock: socket.socket):
         self.reactor = reactor
         self.socket = sock
-        self.address: Address = sock.getsockname()[:2]
+        host, port = sock.getsockname()[:2]
+        self.address: Address = (sys.intern(host), port)
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -314,6 +332,10 @@ class ReadSocket:
             self.socket.close()
 
 
+def _nowhere(data: bytes, peer: Address) -> None:
+    """Where a relay socket's datagrams go until its allocation attaches."""
+
+
 @implementer(IReadDescriptor)
 class RelayPort(ReadSocket):
     """One relay socket of an allocation, read by the reactor directly.
@@ -323,13 +345,13 @@ class RelayPort(ReadSocket):
     the receiver set by `attach` (the allocation's hot path); before that, to nowhere.
     """
 
+    __slots__ = ("_receive",)
+
     BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the others
 
     def __init__(self, reactor: IReactorFDSet, sock: socket.socket):
         super().__init__(reactor, sock)
-        self._recvfrom = sock.recvfrom
-        self._sendto = sock.sendto
-        self._receive: Callable[[bytes, Address], None] = lambda data, peer: None
+        self._receive: Callable[[bytes, Address], None] = _nowhere
         reactor.addReader(self)
 
     def attach(self, receiver: Callable[[bytes, Address], None]) -> None:
@@ -339,7 +361,7 @@ class RelayPort(ReadSocket):
         return "RelayPort"
 
     def doRead(self) -> None:
-        recvfrom, receive = self._recvfrom, self._receive
+        recvfrom, receive = self.socket.recvfrom, self._receive
         try:
             for _ in range(self.BATCH):
                 data, peer = recvfrom(MAX_DATAGRAM)
@@ -353,7 +375,7 @@ class RelayPort(ReadSocket):
 
     def send(self, data: bytes, peer: Address) -> None:
         try:
-            self._sendto(data, peer)
+            self.socket.sendto(data, peer)
         except OSError:
             pass
 
