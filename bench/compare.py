@@ -233,9 +233,13 @@ def authenticated(send: Callable[[stun.Message, Optional[bytes]], stun.Message],
     raise SystemExit("credentials refused")
 
 
-def set_up(gen: LoadGen, nconn: int, peer: Tuple[str, int], channel: bool, size: int) -> None:
+def set_up(gen: LoadGen, nconn: int, peer: Tuple[str, int], channel: bool,
+           size: int) -> List[List[str]]:
+    """Each connection's allocation, permission and channel; the nonce each was given."""
+    nonces = []
     for idx in range(nconn):
         nonce: List[str] = []
+        nonces.append(nonce)
 
         def send(msg, key, idx=idx):
             return gen.exchange(idx, msg, key)
@@ -250,6 +254,15 @@ def set_up(gen: LoadGen, nconn: int, peer: Tuple[str, int], channel: bool, size:
             msg = stun.Message(stun.SEND, stun.INDICATION)
             msg.add(stun.XOR_PEER_ADDRESS, peer).add(stun.DATA, bytes(size))
             gen.template(idx, msg.encode()[:-size])
+    return nonces
+
+
+def tear_down(gen: LoadGen, nonces: List[List[str]]) -> None:
+    """Delete the UDP allocations (Refresh 0): a later run's socket that the kernel gives the
+    same port would otherwise find its 5-tuple taken (437)."""
+    for idx, nonce in enumerate(nonces):
+        authenticated(lambda msg, key, idx=idx: gen.exchange(idx, msg, key), stun.REFRESH,
+                      [(stun.LIFETIME, 0)], nonce)
 
 
 def relay_figures(server: Server, gen: LoadGen, args) -> Dict[str, float]:
@@ -449,9 +462,11 @@ def measure(server: Server, loadgen: str, peer: Tuple[str, int], args) -> Dict[s
             port = server.tls_port if transport == "tls" else server.port
             gen = LoadGen(loadgen, transport, port, args.allocations, args.load_core)
             try:
-                set_up(gen, args.allocations, peer, kind == "channel", args.size)
+                nonces = set_up(gen, args.allocations, peer, kind == "channel", args.size)
                 for name, value in relay_figures(server, gen, args).items():
                     figures[f"{mode} {name}"] = value
+                if transport == "udp":
+                    tear_down(gen, nonces)
             finally:
                 gen.close()
         if not args.no_alloc:
