@@ -111,18 +111,20 @@ class Server:
                  workers: int = 1):
         self.name = name
         self.workers = workers
+        self.cores: Optional[str] = None  # a taskset list of its own, else --server-core
         self.log_path = os.path.join(workdir, name.replace(" ", "_") + ".log")
         self.template = argv
         self.env = env
         self.process: Optional[subprocess.Popen] = None
 
-    def start(self, core: int) -> None:
-        """Start on fresh ports (a port free in one round may be a client's in the next)."""
+    def start(self, cores: str) -> None:
+        """Start on fresh ports (a port free in one round may be a client's in the next),
+        pinned to `cores` (a taskset list)."""
         for attempt in range(3):
             self.port, self.tls_port = free_port(), free_port()
             argv = [a.format(port=self.port, tls_port=self.tls_port, log=self.log_path)
                     for a in self.template]
-            self.process = subprocess.Popen(["taskset", "-c", str(core)] + argv, cwd=ROOT,
+            self.process = subprocess.Popen(["taskset", "-c", cores] + argv, cwd=ROOT,
                                             env=self.env, stdout=subprocess.DEVNULL,
                                             stderr=open(self.log_path + ".err", "w"))
             deadline = time.monotonic() + self.start_timeout
@@ -455,7 +457,7 @@ def memory_figure(server: Server, args) -> Dict[str, float]:
 
 def measure(server: Server, loadgen: str, peer: Tuple[str, int], args) -> Dict[str, float]:
     figures: Dict[str, float] = {}
-    server.start(args.server_core)
+    server.start(server.cores or str(args.server_core))
     try:
         for mode in args.modes:
             transport, kind = mode.split("-")
@@ -474,7 +476,7 @@ def measure(server: Server, loadgen: str, peer: Tuple[str, int], args) -> Dict[s
     finally:
         server.stop()
     if not args.no_alloc and args.idle:
-        server.start(args.server_core)
+        server.start(server.cores or str(args.server_core))
         try:
             figures.update(memory_figure(server, args))
         finally:
@@ -562,8 +564,11 @@ def main() -> None:
     parser.add_argument("--server-core", type=int, default=1)
     parser.add_argument("--load-core", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1,
-                        help="also run turnrelay (CPython) with this many --workers, on the same "
-                             "server core, to compare CPU per packet and see the load's spread")
+                        help="also run turnrelay (CPython) with this many --workers, to compare "
+                             "CPU per packet and see the load's spread")
+    parser.add_argument("--workers-cores", default=None,
+                        help="taskset CPU list for the --workers run, e.g. 0,1 [default: "
+                             "--server-core]")
     args = parser.parse_args()
     if args.seconds > 60 or args.probe_seconds > 60 or args.rounds > 20 or args.idle > 15000:
         parser.error("runs are bounded: --seconds/--probe-seconds <= 60, --rounds <= 20, "
@@ -581,6 +586,7 @@ def main() -> None:
         servers.append(turnrelay(f"turnrelay CPython x{args.workers}",
                                  os.path.join(os.path.dirname(sys.executable), "twistd"),
                                  workdir, cert, key, args.workers))
+        servers[-1].cores = args.workers_cores
     if args.pypy and os.path.exists(args.pypy):
         servers.append(turnrelay("turnrelay PyPy", args.pypy, workdir, cert, key))
     else:
