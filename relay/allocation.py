@@ -6,7 +6,8 @@ channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
 """
 from __future__ import annotations
 
-from typing import Callable, Container, Dict, Hashable, Optional, Protocol, Tuple, Union
+from types import MappingProxyType
+from typing import Any, Callable, Container, Dict, Hashable, Optional, Protocol, Tuple, Union
 
 from relay import stun
 from relay.credentials import Account
@@ -22,6 +23,11 @@ CHANNEL_COOLDOWN = 300
 _CHANNEL = stun.CHANNEL_HEADER
 _PADDING = stun.PADDING
 _transaction_id = stun.TransactionIds()
+
+# What an allocation has none of yet: channels, channels in cooldown, peer data connections
+# (UDP allocations never have any).  Many allocations never have any, and an empty dict costs
+# 64 bytes, so they share this read-only one until their first entry (a write to it raises).
+NONE_YET: Any = MappingProxyType({})
 
 
 # A budget without a limit: never reached in a second, so the hot path needs no "0 means
@@ -46,6 +52,12 @@ class Budget:
         self.bytes = self.packets = 0
         self.refill()
 
+    @classmethod
+    def of_allocation(cls, bandwidth: int, packet_rate: int) -> Budget:
+        """One allocation's own budget: without a limit, the `NO_LIMIT` they all share (never
+        exhausted, so sharing it changes nothing) rather than one each."""
+        return cls(bandwidth, packet_rate) if bandwidth or packet_rate else NO_LIMIT
+
     @property
     def limited(self) -> bool:
         return bool(self.bandwidth or self.packet_rate)
@@ -56,6 +68,8 @@ class Budget:
         self.bytes = min(self.bytes, 0) + (self.bandwidth or UNLIMITED)
         self.packets = min(self.packets, 0) + (self.packet_rate or UNLIMITED)
 
+
+NO_LIMIT = Budget()
 
 
 class RelayEndpoint(Protocol):
@@ -94,12 +108,13 @@ class Allocation:
         self.started = started
         self.expires = expires
         self.permissions: Dict[str, float] = {}       # peer IP -> expiry
-        self.channels: Dict[int, Tuple[Address, Callable[[bytes, Address], None], float]] = {}
-        self.channel_of_peer: Dict[Address, int] = {}
-        self.cooldown: Dict[int, Tuple[Address, float]] = {}  # expired channel -> (peer, until)
-        # Rate limits (this allocation's, its account's): checked only when there are any.  An
-        # unlimited budget is never refilled: 2**62 bytes outlast any allocation.
-        self.budget, self.account_budget = budget or Budget(), account_budget or Budget()
+        # The next three: NONE_YET until `bind_channel`, `sweep` make them dicts.
+        self.channels: Dict[int, Tuple[Address, Callable[[bytes, Address], None], float]] = NONE_YET
+        self.channel_of_peer: Dict[Address, int] = NONE_YET
+        self.cooldown: Dict[int, Tuple[Address, float]] = NONE_YET  # expired channel -> (peer, until)
+        # Rate limits (this allocation's, its account's): checked only when there are any.
+        # Spending from an unlimited budget never exhausts it: 2**62 bytes outlast any allocation.
+        self.budget, self.account_budget = budget or NO_LIMIT, account_budget or Budget()
         self.limited = self.budget.limited or self.account_budget.limited
         self.bytes_from_client = self.packets_from_client = 0
         self.bytes_to_client = self.packets_to_client = 0
@@ -107,7 +122,7 @@ class Allocation:
         self.limited_packets = self.limited_bytes = 0
         # RFC 6062: a TCP allocation relays over its peer data connections, by CONNECTION-ID.
         self.tcp = tcp
-        self.connections: Dict[int, TcpConnection] = {}
+        self.connections: Dict[int, TcpConnection] = {} if tcp else NONE_YET
         if not tcp:
             for relay in relays.values():
                 relay.attach(self.from_peer)
@@ -177,9 +192,12 @@ class Allocation:
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
         relay = self.relays[stun.address_family(peer[0])]
+        if self.channels is NONE_YET:
+            self.channels, self.channel_of_peer = {}, {}
         self.channels[number] = (peer, relay.send, now + CHANNEL_LIFETIME)
         self.channel_of_peer[peer] = number
-        self.cooldown.pop(number, None)
+        if number in self.cooldown:
+            del self.cooldown[number]
 
     def channel_conflict(self, number: int, peer: Address, now: float) -> bool:
         """True when binding `number` to `peer` would rebind either one (RFC 8656 12.2)."""
@@ -200,6 +218,8 @@ class Allocation:
         for ip in [ip for ip, expiry in self.permissions.items() if expiry <= now]:
             del self.permissions[ip]
         for number in [n for n, (_, _, expiry) in self.channels.items() if expiry <= now]:
+            if self.cooldown is NONE_YET:
+                self.cooldown = {}
             peer = self.channels.pop(number)[0]
             self.channel_of_peer.pop(peer, None)
             self.cooldown[number] = (peer, now + CHANNEL_COOLDOWN)

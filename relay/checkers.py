@@ -11,6 +11,7 @@ import dataclasses
 import hmac
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from twisted.cred import error
@@ -34,6 +35,12 @@ class StaticUser:
     password: Optional[str] = None
     md5_key: Optional[bytes] = None  # coturn's `turnadmin -k` form: MD5(user:realm:password)
     monthly_quota_bytes: Optional[int] = None  # its account's, from the users file
+
+    @cached_property
+    def account(self) -> Account:
+        """What a login as this user yields: one (it is frozen) for all of the user's
+        allocations, which each keep it, rather than one each."""
+        return Account(self.account_id, monthly_quota_bytes=self.monthly_quota_bytes)
 
 
 def parse_user(spec: str) -> Tuple[str, StaticUser]:
@@ -124,7 +131,7 @@ class StaticUsersChecker:
             ok = credentials.algorithm == stun.ALGORITHM_MD5 and credentials.checkKey(name, user.md5_key)
         if not ok:
             return defer.fail(error.UnauthorizedLogin())
-        return defer.succeed(Account(user.account_id, monthly_quota_bytes=user.monthly_quota_bytes))
+        return defer.succeed(user.account)
 
 
 @implementer(ICredentialsChecker, IAllocationPolicy)

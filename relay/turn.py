@@ -467,7 +467,7 @@ class TurnServer:
         lifetime = self._lifetime(msg)
         session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
         config = self.config
-        budget = Budget(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
+        budget = Budget.of_allocation(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
         allocation = Allocation(client.key, client.address, client.transport, credentials.username,
                                 account, relays, client.send, started=now, expires=now + lifetime,
                                 session_id=session_id, budget=budget,
