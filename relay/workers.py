@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Set, Tuple
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import deferLater
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol
@@ -43,7 +43,6 @@ from twisted.web.server import NOT_DONE_YET, Request
 from relay.config import Options
 from relay.metrics import CONTENT_TYPE
 from relay.shared_quotas import GRANTED, Place, QuotaBook
-from relay.turn import TurnServer
 from relay.tap import (HTTPService, ListenerSockets, OrderlyStop, RelayService, SighupService,
                        WorkerRole, _api_tls, _client_tls, _nonce_secrets, _peer_policy,
                        _relay_addresses, _reload_peer_rules, _usage_backends, bind_listeners,
@@ -175,6 +174,8 @@ class _WorkerProcess(ProcessProtocol):
         self.supervisor, self.index, self.control = supervisor, index, control
         self.started = supervisor.reactor.seconds()
         self.pid: Optional[int] = None
+        self.ready = False          # listening and taking allocations
+        self.reload_missed = False  # a SIGHUP came before it was ready
         self.pending = {1: b"", 2: b""}
 
     def connectionMade(self) -> None:
@@ -227,8 +228,6 @@ class Supervisor(OrderlyStop):
         self.workdir = os.getcwd()
         self.sockets: ListenerSockets = []
         self.processes: Dict[int, _WorkerProcess] = {}
-        self.ready: Set[int] = set()
-        self.reload_missed: Set[int] = set()
         self.quick_deaths = [0] * self.count
         self.all_ended: Optional[Deferred] = None
 
@@ -284,19 +283,21 @@ class Supervisor(OrderlyStop):
         self.processes[index] = process
         log.info("worker {index} started, pid {pid}", index=index, pid=process.pid)
 
+    def ready_count(self) -> int:
+        return sum(process.ready for process in self.processes.values())
+
     def worker_ready(self, index: int) -> None:
-        self.ready.add(index)
-        log.info("worker {index} (pid {pid}) ready", index=index, pid=self.processes[index].pid)
-        if index in self.reload_missed:  # SIGHUP came while it started: it may have missed it
-            self.reload_missed.discard(index)
-            self._signal(self.processes[index], signal.SIGHUP)
-        if len(self.ready) == self.count:
+        process = self.processes[index]
+        process.ready = True
+        log.info("worker {index} (pid {pid}) ready", index=index, pid=process.pid)
+        if process.reload_missed:  # SIGHUP came while it started: it may have missed it
+            self._signal(process, signal.SIGHUP)
+        if self.ready_count() == self.count:
             log.info("all {count} workers ready", count=self.count)
 
     def worker_ended(self, process: _WorkerProcess, reason: Failure) -> None:
         index = process.index
         del self.processes[index]
-        self.ready.discard(index)
         how = _how_it_ended(reason.value)
         if self.stopping:
             if reason.check(ProcessDone):
@@ -338,16 +339,16 @@ class Supervisor(OrderlyStop):
     def reload_workers(self) -> None:
         """SIGHUP to the ready workers; one still starting gets it once ready, not before:
         until its own handler is in place, SIGHUP would end it."""
-        for index, process in list(self.processes.items()):
-            if index in self.ready:
+        for process in list(self.processes.values()):
+            if process.ready:
                 self._signal(process, signal.SIGHUP)
             else:
-                self.reload_missed.add(index)
+                process.reload_missed = True
 
     def not_ready(self) -> Optional[str]:
         if self.stopping:
             return "draining"
-        missing = self.count - len(self.ready)
+        missing = self.count - self.ready_count()
         return f"{missing} of {self.count} workers not ready" if missing else None
 
     def not_live(self) -> Optional[str]:
@@ -395,8 +396,8 @@ class WorkersMetrics(Resource):
         scrapes = []
         for index in indices:
             process = supervisor.processes.get(index)
-            if process is None or index not in supervisor.ready:
-                scrapes.append(fail(RuntimeError("not running")))
+            if process is None or not process.ready:
+                scrapes.append(succeed(None))  # nothing to ask: down
                 continue
             scrape = process.control.callRemote(Scrape).addCallback(
                 lambda answer: zlib.decompress(answer["metrics"]).decode())
@@ -406,23 +407,25 @@ class WorkersMetrics(Resource):
             scrapes.append(scrape)
 
         def answer(results: list) -> None:
-            texts = [(index, text) for index, (ok, text) in zip(indices, results) if ok]
-            for index, (ok, failure) in zip(indices, results):
-                if not ok and index in supervisor.ready:
+            texts = {}
+            for index, (ok, result) in zip(indices, results):
+                if not ok:
                     log.warn("worker {index} did not answer a metrics scrape: {why}",
-                             index=index, why=failure.getErrorMessage())
+                             index=index, why=result.getErrorMessage())
+                elif result is not None:
+                    texts[index] = result
             request.setHeader(b"content-type", CONTENT_TYPE.encode())
             request.setHeader(b"cache-control", b"no-store")
-            request.write(_labelled(texts, {index: ok for index, (ok, _) in zip(indices, results)}))
+            request.write(_labelled(texts, indices))
             request.finish()
         DeferredList(scrapes, consumeErrors=True).addCallback(answer)
         return NOT_DONE_YET
 
 
-def _labelled(texts: list, up: Dict[int, bool]) -> bytes:
-    """One exposition of several workers' expositions, each sample labelled `worker`."""
+def _labelled(texts: Dict[int, str], workers: List[int]) -> bytes:
+    """One exposition of the workers' that answered, each sample labelled `worker`."""
     families: Dict[str, Metric] = {}
-    for index, text in texts:
+    for index, text in texts.items():
         for family in text_string_to_metric_families(text):
             merged = families.setdefault(family.name, family)
             labelled = [s._replace(labels={**s.labels, "worker": str(index)})
@@ -433,8 +436,8 @@ def _labelled(texts: list, up: Dict[int, bool]) -> bytes:
                 merged.samples.extend(labelled)
     answered = GaugeMetricFamily("turnrelay_worker_up", "1 if the worker process answered this "
                                  "scrape, 0 if not", labels=["worker"])
-    for index, ok in sorted(up.items()):
-        answered.add_metric([str(index)], 1 if ok else 0)
+    for index in workers:
+        answered.add_metric([str(index)], 1 if index in texts else 0)
 
     class Gathered:
         def collect(self):
@@ -472,10 +475,7 @@ def supervisor(options: Options, reactor) -> Supervisor:
 # -- a worker ---------------------------------------------------------------------------------
 
 class _WorkerSide(_Control):
-    # Set once the worker's relay is made (`main`).
-    service: Optional[RelayService] = None
-    registry: Optional[CollectorRegistry] = None
-    server: Optional[TurnServer] = None
+    service: Optional[RelayService] = None  # set once the worker's relay is made (`main`)
 
     def __init__(self, reactor):
         super().__init__()
@@ -483,13 +483,13 @@ class _WorkerSide(_Control):
 
     @AccountShare.responder
     def account_share(self, account: str, share: float) -> dict:
-        if self.server is not None:
-            self.server.set_account_share(account, share)
+        if self.service is not None:
+            self.service.server.set_account_share(account, share)
         return {}
 
     @Scrape.responder
     def scrape(self) -> dict:
-        return {"metrics": zlib.compress(generate_latest(self.registry))}
+        return {"metrics": zlib.compress(generate_latest(self.service.registry))}
 
     def connectionLost(self, reason: Failure) -> None:
         super().connectionLost(reason)
@@ -556,8 +556,7 @@ def main() -> None:
             log.critical("{error}", error=err)
             stop(1)
             return
-        control.service, control.registry, control.server = service, service.registry, \
-            service.server
+        control.service = service
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         control.callRemote(Ready)
 
