@@ -52,6 +52,18 @@ def data_client(harness, port=40001):
     return data
 
 
+def bound_connection(client):
+    """A Connect to PEER, completed and bound from a data connection: (the connection, its
+    peer end, the data client)."""
+    connect(client)
+    peer_end = FakeStreamEnd()
+    connection_id = complete(client, peer_end).get(stun.CONNECTION_ID)
+    data = data_client(client.harness)
+    response = data.request(stun.CONNECTION_BIND, [(stun.CONNECTION_ID, connection_id)])
+    assert response.cls == stun.SUCCESS
+    return client.harness.server.connections[connection_id], peer_end, data
+
+
 def test_a_tcp_allocation_needs_a_stream_control_connection(harness):
     client = harness.client("alice")  # UDP
     assert error_code(client.allocate(transport=TCP)) == 400
@@ -195,12 +207,7 @@ def test_rate_limits_pause_both_ends_until_the_refill(limit):
     harness = Harness(**{limit: 1000})
     client = harness.client("alice", transport="tcp")
     client.allocate_ok(transport=TCP)
-    connect(client)
-    peer_end = FakeStreamEnd()
-    connection_id = complete(client, peer_end).get(stun.CONNECTION_ID)
-    data = data_client(harness)
-    data.request(stun.CONNECTION_BIND, [(stun.CONNECTION_ID, connection_id)])
-    connection = harness.server.connections[connection_id]
+    connection, peer_end, data = bound_connection(client)
     connection.from_peer(b"x" * 600)
     assert not peer_end.paused
     connection.from_peer(b"x" * 1400)  # relayed anyway (it was read), 1000 bytes over budget
@@ -218,12 +225,7 @@ def test_new_peer_rules_end_the_tcp_connections_to_peers_they_forbid(alice):
     """A bound connection relays bytes without a permission check, so forbidding its peer
     must close it, as it ends the peer's permission; one being connected ends too."""
     harness = alice.harness
-    connect(alice)
-    peer_end = FakeStreamEnd()
-    connection_id = complete(alice, peer_end).get(stun.CONNECTION_ID)
-    data = data_client(harness)
-    data.request(stun.CONNECTION_BIND, [(stun.CONNECTION_ID, connection_id)])
-    bound = harness.server.connections[connection_id]
+    bound, peer_end, data = bound_connection(alice)
     connect(alice, PEER2)
     connecting = next(c for c in alice.allocation.connections.values() if c.peer == PEER2)
     harness.server.set_peer_rules([], [PEER[0], PEER2[0]], [])
