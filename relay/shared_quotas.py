@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from relay import stun
+from relay.allocation import Allocation
 from relay.credentials import Account, StunCredentials
 from relay.turn import Client, TurnServer
 
@@ -107,15 +108,12 @@ class SharedQuotas:
         self._reserve, self._release = reserve, release
         self._ids = itertools.count(1)
         self._held: Dict[Hashable, int] = {}  # allocation key -> its reservation
-        # Chained in front of the ledger's own seam, which is set first (relay.tap).
-        closed = server.on_allocation_closed
+        server.closed_observers.append(self._closed)
 
-        def on_closed(allocation, reason: str) -> None:
-            closed(allocation, reason)
-            reservation = self._held.pop(allocation.key, None)
-            if reservation is not None:
-                self._release(reservation)
-        server.on_allocation_closed = on_closed
+    def _closed(self, allocation: Allocation, reason: str) -> None:
+        reservation = self._held.pop(allocation.key, None)
+        if reservation is not None:
+            self._release(reservation)
 
     def wants(self, client: Client, credentials: StunCredentials, account: Account) -> bool:
         """Whether this authenticated request must reserve first: an Allocate, under some

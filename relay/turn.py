@@ -154,7 +154,9 @@ class TurnServer:
         # plain dict: an OrderedDict's links would double the cost of an entry).
         self._responses: Dict[Tuple[Hashable, Address, bytes], bytes] = {}
         self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
-        self.on_allocation_closed: Callable[[Allocation, str], None] = lambda alloc, reason: None
+        # Told of each allocation's end, with its reason, in turn: the usage ledger (its last
+        # reading), and in a worker process the quotas shared with the others.
+        self.closed_observers: List[Callable[[Allocation, str], None]] = []
         # The usage ledger's seams (relay.ledger): told of each new allocation, and asked before
         # each Allocate whether one more session can be recorded; False answers 508.
         self.on_allocation_opened: Callable[[Allocation], None] = lambda alloc: None
@@ -757,7 +759,8 @@ class TurnServer:
                  allocation.packets_from_client, allocation.bytes_from_client,
                  allocation.packets_to_client, allocation.bytes_to_client,
                  allocation.limited_packets, allocation.limited_bytes, allocation.session_id)
-        self.on_allocation_closed(allocation, reason)
+        for observe in self.closed_observers:
+            observe(allocation, reason)
 
 
 def _part(limit: int, share: float) -> int:

@@ -176,7 +176,7 @@ class Harness:
             for name, password in self.users.items()})
         self.realm = AccountRealm()
         self.closed: List[Tuple[Any, str]] = []
-        self.server.on_allocation_closed = lambda alloc, reason: self.closed.append((alloc, reason))
+        self.server.closed_observers.append(lambda alloc, reason: self.closed.append((alloc, reason)))
 
     def advance(self, seconds: float, tick: bool = True) -> None:
         self.now += seconds
