@@ -554,11 +554,14 @@ def http_services(reactor, options: Options, relay_ips: Dict[int, str],
     return services
 
 
-def certificate_services(reactor, certificates: List[Tuple[str, ServerTLS]]) -> List[Service]:
-    """A look at the certificate files every few seconds, reloading those that changed."""
-    if not certificates:
-        return []
-    return [TimerService(CERTIFICATE_LOOK, _certificate_watch(certificates))]
+def watch_certificates(certificates: List[Tuple[str, Optional[ServerTLS]]],
+                       parent: MultiService) -> List[Tuple[str, Callable[[], None]]]:
+    """A look at the (configured) certificate files every few seconds under `parent`,
+    reloading those that changed; their SIGHUP reloads."""
+    certificates = [(what, tls) for what, tls in certificates if tls is not None]
+    if certificates:
+        TimerService(CERTIFICATE_LOOK, _certificate_watch(certificates)).setServiceParent(parent)
+    return [(what, tls.reload) for what, tls in certificates]
 
 
 @dataclass
@@ -681,11 +684,8 @@ def makeService(options: Options, reactor=None, worker: Optional[WorkerRole] = N
     for checker in checkers.checkers:
         if getattr(checker, "service", None) is not None:
             checker.service.setServiceParent(service)
-    certificates = [(what, context) for what, context in (
-        ("TLS certificate", tls), ("tokens API TLS certificate", api_tls)) if context is not None]
-    for watch in certificate_services(reactor, certificates):
-        watch.setServiceParent(service)
-    reloads = [(what, context.reload) for what, context in certificates]
+    reloads = watch_certificates([("TLS certificate", tls),
+                                  ("tokens API TLS certificate", api_tls)], service)
     reloads.append(("credentials", checkers.reload))
     reloads.append(("peer rules", _reload_peer_rules(options, server.set_peer_rules)))
     SighupService(reactor, reloads).setServiceParent(service)

@@ -46,7 +46,7 @@ from relay.shared_quotas import GRANTED, Place, QuotaBook
 from relay.tap import (HTTPService, ListenerSockets, OrderlyStop, RelayService, SighupService,
                        WorkerRole, _api_tls, _client_tls, _nonce_secrets, _peer_policy,
                        _relay_addresses, _reload_peer_rules, _usage_backends, bind_listeners,
-                       certificate_services, http_services, ledger_to_read, makeService)
+                       http_services, ledger_to_read, makeService, watch_certificates)
 
 log = Logger(namespace="turnrelay")
 CONTROL_FD = 3
@@ -463,10 +463,7 @@ def supervisor(options: Options, reactor) -> Supervisor:
                               WorkersMetrics(service), service.not_ready, api_tls,
                               service.not_live):
         http.setServiceParent(service)
-    certificates = [("tokens API TLS certificate", api_tls)] if api_tls is not None else []
-    for watch in certificate_services(reactor, certificates):
-        watch.setServiceParent(service)
-    reloads = [(what, context.reload) for what, context in certificates]
+    reloads = watch_certificates([("tokens API TLS certificate", api_tls)], service)
     reloads.append(("peer rules", _reload_peer_rules(options, policy.set_rules)))
     SighupService(reactor, reloads, forward=service.reload_workers).setServiceParent(service)
     return service
