@@ -5,7 +5,7 @@
 Each round starts each server in turn (coturn's `turnserver` with one relay thread, turnrelay
 on CPython, turnrelay on PyPy when `--pypy` names one) on loopback, pinned to one core, and
 drives it from the other core: `bench/loadgen.c` (built here with gcc) moves the packets,
-coturn's `turnutils_peer` echoes them, and this script makes the allocations with relay.stun.
+coturn's `turnutils_peer` echoes them, and this script makes the allocations with relay.proto.stun.
 The table gives the median over the rounds and each turnrelay/coturn ratio:
 
 - CPU us per relayed packet at a fixed offered load: the server's CPU time (every thread and
@@ -37,6 +37,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from conftest import free_port, running_echo_peer, stop_process  # noqa: E402
+
 from relay import stun  # noqa: E402
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench.turnrelay"

@@ -20,8 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 with atheris.instrument_imports(include=["relay", "test_codec_properties"]):
-    from relay import stun
     from test_codec_properties import decode_everything
+
+    from relay.proto import stun
 
 
 def seeds() -> list:

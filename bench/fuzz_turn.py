@@ -25,10 +25,11 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 with atheris.instrument_imports(include=["relay"]):
     from hypothesis import HealthCheck, given, settings
-    from relay import stun
-    from relay.peers import PeerPolicy
     from test_turn_properties import SEQUENCES, run_sequence
     from turnclient_helpers import PEER, PEER_V6, RELAY_V4, RELAY_V6, Harness
+
+    from relay.core.peers import PeerPolicy
+    from relay.proto import stun
 
 # No deadline: instrumented code on a shared machine is slow, and slowness is not a bug here.
 sequence = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))(

@@ -1,6 +1,6 @@
 /* A TURN load generator for bench/compare.py: the transports in C, the TURN logic in Python.
  *
- * Python (bench/compare.py, with relay.stun) drives the setup over stdin/stdout: it builds each
+ * Python (bench/compare.py, with relay.proto.stun) drives the setup over stdin/stdout: it builds each
  * request, this program sends it on one of its connections and returns the response.  Then
  * Python hands over one frame template per connection (a ChannelData header or a Send
  * indication's header and attributes) and asks for a paced run: this program sends

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from conftest import PASSWORD, REALM, USER, start_server  # noqa: E402
+
 from relay import stun  # noqa: E402
 
 HOST = "127.0.0.1"

@@ -23,10 +23,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import kopf
 import kubernetes
+import turnregion_manifests as m
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import ConflictError, NotFoundError, ResourceNotFoundError
-
-import turnregion_manifests as m
 
 DRIFT_SECONDS = float(os.environ.get("TURNRELAY_DRIFT_SECONDS", "30"))
 MANAGED_BY = "app.kubernetes.io/managed-by=turnrelay-operator"
@@ -129,7 +128,8 @@ def secret_versions(spec: Mapping[str, Any], namespace: str) -> tuple:
         if spec.get(field):
             name = spec[field]["secretName"]
             try:
-                versions.append(f"{field}={secrets.get(name=name, namespace=namespace).metadata.resourceVersion}")
+                secret = secrets.get(name=name, namespace=namespace)
+                versions.append(f"{field}={secret.metadata.resourceVersion}")
             except NotFoundError:
                 missing.append(f"{field}.secretName: Secret {name!r} not found in namespace {namespace}")
     return ",".join(versions), missing

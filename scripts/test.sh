@@ -22,4 +22,7 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 .venv/bin/python -m pip install -q --upgrade pip
 # editable_mode=compat: a plain editable install hides twisted/plugins from twistd.
 .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+# Lint and import order everywhere, types on the sans-IO layers (configured in pyproject.toml).
+.venv/bin/ruff check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest "$@"

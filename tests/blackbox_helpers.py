@@ -18,7 +18,8 @@ from typing import Callable, List, Tuple
 
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, REALM, USER
-from relay import stun
+
+from relay.proto import stun
 
 PEER = ("8.8.8.8", 5000)
 

@@ -22,10 +22,9 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Sequence
 
 import psycopg
 import pytest
+from postgres import fresh_schema, throwaway_postgres
 from twisted.internet import defer
 from twisted.python.failure import Failure
-
-from postgres import fresh_schema, throwaway_postgres
 
 TIMEOUT = 30.0
 T = TypeVar("T")
@@ -93,7 +92,7 @@ async def create_accounts(dsn: str, names: Sequence[str],
                           suspended: Sequence[str] = ()) -> Dict[str, str]:
     """An account database at `dsn` holding `names`, those in `suspended` suspended: each
     one's API key.  Run it with `in_reactor`, as the relay runs the store."""
-    from relay.accounts_db import SUSPENDED, AccountStore
+    from relay.storage.accounts import SUSPENDED, AccountStore
     store = AccountStore.from_dsn(dsn)
     try:
         await store.create_schema()

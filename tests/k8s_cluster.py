@@ -23,7 +23,6 @@ from typing import Any, Callable, Iterator, List
 
 import pytest
 import yaml
-
 from conftest import free_port, stop_process
 
 CACHE = pathlib.Path(os.environ.get("TURNRELAY_K8S_CACHE", "/var/cache/turnrelay-k8s"))

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for STUN messages: every attribute kind of `relay.stun.ATTRIBUTES`,
+"""Hypothesis strategies for STUN messages: every attribute kind of `relay.proto.stun.ATTRIBUTES`,
 unknown attributes, and mutations of valid wire bytes.
 
 A strategy is given per attribute type, drawing values that the codec's encoder accepts and
@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Tuple
 
 from hypothesis import strategies as st
 
-from relay import stun
+from relay.proto import stun
 
 # Integrity and FINGERPRINT are added by `Message.encode`, never drawn as plain attributes.
 SIGNATURES = (stun.MESSAGE_INTEGRITY, stun.MESSAGE_INTEGRITY_SHA256, stun.FINGERPRINT)

@@ -19,10 +19,10 @@ import time
 from typing import Dict, List, Tuple
 
 import pytest
-
 from conftest import PASSWORD, REALM, USER, free_port
-from relay import stun
-from relay.turnclient import NoResponse, TurnClient, error_code
+
+from relay.cli.turnclient import NoResponse, TurnClient, error_code
+from relay.proto import stun
 
 UDP = (stun.REQUESTED_TRANSPORT, 17)
 DUAL = (stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6)

@@ -13,13 +13,13 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 import pytest
-
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, REALM, TWISTD, USER, running_echo_peer, tool
 from dbfixtures import postgres_dsn, raw_rows  # noqa: F401
 from postgres import fresh_schema, throwaway_cluster
-from relay import stun
 from wire_client import WireClient
+
+from relay.proto import stun
 
 REGION = "test-region"
 INTERVAL = ("--accounting-interval", "1")
@@ -221,7 +221,7 @@ from twisted.internet import defer
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from relay.usage import IUsageBackend, IUsageBackendFactory, as_dict
+from relay.ledger.records import IUsageBackend, IUsageBackendFactory, as_dict
 
 
 @implementer(IUsageBackend)

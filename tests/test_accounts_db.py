@@ -4,12 +4,19 @@ import time
 
 import psycopg
 import pytest
-
 from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn, store_dsn  # noqa: F401
-from relay import accounts_db
-from relay.accounts_db import (ACTIVE, PBKDF2_ITERATIONS, SUSPENDED, AccountExists,
-                               AccountRecord, AccountStore, UnknownAccount)
-from relay.sqldb import error_line
+
+from relay.storage import accounts as accounts_db
+from relay.storage.accounts import (
+    ACTIVE,
+    PBKDF2_ITERATIONS,
+    SUSPENDED,
+    AccountExists,
+    AccountRecord,
+    AccountStore,
+    UnknownAccount,
+)
+from relay.storage.sqldb import error_line
 
 
 @pytest.fixture

@@ -1,6 +1,5 @@
 """The aioice TURN client (what aiortc uses) allocates over UDP and TCP and relays both ways."""
 import pytest
-
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, USER
 

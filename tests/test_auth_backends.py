@@ -1,12 +1,13 @@
 """Auth backends in the sans-IO core: REST credentials, chained checkers, account limits."""
 import pytest
+from turnclient_helpers import Harness, channel_data, error_code
 from twisted.cred import error
 from twisted.internet import defer
 
-from relay import stun, tokens
-from relay.checkers import ChainedChecker, RestSecretChecker, StaticUser, StaticUsersChecker
-from relay.credentials import Account
-from turnclient_helpers import Harness, channel_data, error_code
+from relay.auth import tokens
+from relay.auth.checkers import ChainedChecker, RestSecretChecker, StaticUser, StaticUsersChecker
+from relay.core.credentials import Account
+from relay.proto import stun
 
 SECRETS = [b"current-secret", b"previous-secret"]
 

@@ -6,13 +6,13 @@ import textwrap
 import time
 
 import pytest
-
 from aioice_helpers import relay_round_trips
-from relay import stun
-from relay.nonces import COOKIE, FEATURE_USERNAME_ANONYMITY
-from wire_client import WireClient
 from conftest import REALM, TWISTD, running_echo_peer, start_server, tool
-from relay import tokens
+from wire_client import WireClient
+
+from relay.auth import tokens
+from relay.core.nonces import COOKIE, FEATURE_USERNAME_ANONYMITY
+from relay.proto import stun
 
 SECRET = "s3cr3t-for-rest-credentials"
 
@@ -66,7 +66,9 @@ from twisted.internet import defer
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from relay.credentials import Account, IStunCredentials
+from relay.core.credentials import Account
+
+from relay.auth.cred import IStunCredentials
 
 
 class GuestChecker:

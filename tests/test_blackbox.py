@@ -7,8 +7,8 @@ only with well-formed messages, stays up, serves every real round trip, and logs
 """
 from __future__ import annotations
 
-from blackbox_helpers import RealClients, fire_datagrams, malformed_streams
 from aioice_helpers import relay_round_trips
+from blackbox_helpers import RealClients, fire_datagrams, malformed_streams
 from conftest import PASSWORD, USER
 
 # Paced well below what the relay reads on a busy CI machine: a datagram the kernel drops from

@@ -2,7 +2,7 @@
 no browser download) makes a relay-only WebRTC call between two peer connections of one page,
 over turn:?transport=udp, ?transport=tcp and turns:, as a WebRTC app behind a strict NAT would.
 
-The page is the self-test page (relay/selftest.html); the test calls its loopbackCall() and
+The page is the self-test page (relay/web/test_page.html); the test calls its loopbackCall() and
 checks, from the browser's getStats(), that both sides' selected pair is a relay candidate of
 the expected relayProtocol, that every data-channel message arrived in order, and, from the
 relay's own log, that turnrelay relayed at least those bytes each way.  One browser for all.
@@ -19,10 +19,9 @@ import threading
 from importlib import resources
 
 import pytest
+from conftest import PASSWORD, USER, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-
-from conftest import PASSWORD, USER, free_port
 from dbfixtures import raw_rows
 from test_wire import make_cert
 
@@ -59,7 +58,7 @@ def certificate(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page_url():
     """The self-test page, served on 127.0.0.1 by a plain HTTP server of the test's own."""
-    html = resources.files("relay").joinpath("selftest.html").read_bytes()
+    html = resources.files("relay.web").joinpath("test_page.html").read_bytes()
 
     class Page(http.server.BaseHTTPRequestHandler):
         def do_GET(self):

@@ -8,12 +8,12 @@ import time
 from datetime import datetime, timezone
 
 import pytest
-
 from conftest import free_port
 from dbfixtures import in_reactor, postgres_dsn, sqlite_dsn, store_dsn  # noqa: F401
-from relay.accounts_db import ACTIVE, SUSPENDED, AccountRecord, AccountStore
-from relay.cli import main
-from relay.tokens import password_for
+
+from relay.auth.tokens import password_for
+from relay.cli.main import main
+from relay.storage.accounts import ACTIVE, SUSPENDED, AccountRecord, AccountStore
 
 TURNRELAY = os.path.join(os.path.dirname(sys.executable), "turnrelay")
 SECRETS = b"first-secret\nsecond-secret\n"

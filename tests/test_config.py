@@ -2,9 +2,9 @@
 import subprocess
 
 import pytest
-
 from conftest import TWISTD
-from relay.config import Options
+
+from relay.service.options import Options
 
 
 def parse(*argv):
@@ -81,7 +81,7 @@ def test_unknown_key_in_config_file_is_named(tmp_path):
 
 @pytest.mark.parametrize("flag", ["--config", "--users-file", "--regions-file", "--rate-table"])
 def test_a_toml_file_missing_or_broken_is_one_line_naming_the_flag_and_file(tmp_path, flag):
-    """Every TOML file the relay reads (relay.tomlfile) reports the same two faults alike."""
+    """Every TOML file the relay reads (relay.util.tomlfile) reports the same two faults alike."""
     missing, broken = tmp_path / "missing.toml", tmp_path / "broken.toml"
     broken.write_text("[users\n")
     with pytest.raises(SystemExit) as exit_:

@@ -13,12 +13,12 @@ import ssl
 from typing import Optional, Tuple
 
 from aioice.turn import create_turn_endpoint
-from twisted.logger import globalLogPublisher
-
 from aioice_helpers import Collector, Echo
 from conftest import PASSWORD, USER
-from relay import stun
-from relay.listeners import StreamLimits
+from twisted.logger import globalLogPublisher
+
+from relay.net.listeners import StreamLimits
+from relay.proto import stun
 
 QUOTA, HANDSHAKE, IDLE = 4, 1, 8
 FLOOD = 12

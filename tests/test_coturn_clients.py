@@ -3,7 +3,6 @@ import re
 import subprocess
 
 import pytest
-
 from conftest import PASSWORD, USER, running_echo_peer, tool
 
 MESSAGES, CLIENTS = 20, 2

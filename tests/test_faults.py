@@ -14,11 +14,12 @@ import json
 
 from conftest import PASSWORD, REALM, USER
 from postgres import throwaway_cluster
-from relay import stun
-from relay.turnclient import UDP, TurnClient
 from test_abuse import udp_socket
 from test_accounting import INTERVAL, REGION, HeldSession, echoed, session_closed, sql_usage
 from test_revocation import BOUND, cli
+
+from relay.cli.turnclient import UDP, TurnClient
+from relay.proto import stun
 
 ALLOCATE_UDP = (stun.REQUESTED_TRANSPORT, 17)
 

@@ -12,17 +12,25 @@ import json
 from typing import Dict, List, Tuple
 
 import pytest
+from dbfixtures import in_reactor, raw_rows  # noqa: F401
+from turnclient_helpers import PEER, Harness, error_code
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface import implementer
 
-from dbfixtures import in_reactor, raw_rows  # noqa: F401
-from relay.ledger import BATCH, GATHER, RETRY_CAP, RETRY_FIRST, SESSIONS_PER_LINE, SHUTDOWN_WAIT, Ledger
-from relay.usage import IUsageBackend, SessionEnded, SessionStarted, UsageDelta
-from relay.usage_jsonl import jsonl_backend
-from relay.usage_sql import sqlite_backend
-from turnclient_helpers import PEER, Harness, error_code
+from relay.ledger.jsonl import jsonl_backend
+from relay.ledger.records import IUsageBackend, SessionEnded, SessionStarted, UsageDelta
+from relay.ledger.sql import sqlite_backend
+from relay.ledger.writer import (
+    BATCH,
+    GATHER,
+    RETRY_CAP,
+    RETRY_FIRST,
+    SESSIONS_PER_LINE,
+    SHUTDOWN_WAIT,
+    Ledger,
+)
 
 INTERVAL = 10
 REGION = "eu-west"

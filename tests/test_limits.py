@@ -13,13 +13,14 @@ import time
 from typing import List, Tuple
 
 import pytest
-
 from conftest import PASSWORD, REALM, USER
-from relay import stun, tokens
-from relay.turnclient import UDP, TurnClient, error_code
-from test_auth_backends import FixedAccount
 from test_abuse import TRANSPORTS, closed_counters, connect, udp_socket
+from test_auth_backends import FixedAccount
 from turnclient_helpers import PEER, PEER2, Harness, channel_data
+
+from relay.auth import tokens
+from relay.cli.turnclient import UDP, TurnClient, error_code
+from relay.proto import stun
 
 ALLOCATE_UDP = (stun.REQUESTED_TRANSPORT, 17)
 

@@ -12,19 +12,19 @@ import socket
 import ssl
 from typing import Dict, Tuple
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, REALM, USER, free_port
 from dbfixtures import raw_rows
 from postgres import throwaway_cluster
-from relay import stun
-from relay.turnclient import TCP, TLS, TurnClient
+from prometheus_client.parser import text_string_to_metric_families
 from test_abuse import udp_socket
 from test_accounting import HeldSession, sql_usage
 from test_limits import burst, counters
 from test_tcp_relay import bind_data, recv_exactly, tcp_allocation, tcp_echo_peer  # noqa: F401
 from wire_client import WireClient, error_code
+
+from relay.cli.turnclient import TCP, TLS, TurnClient
+from relay.proto import stun
 
 Labels = Tuple[Tuple[str, str], ...]
 

@@ -18,12 +18,11 @@ from typing import Dict, Iterator
 
 import kubernetes_validate
 import pytest
-import yaml
-from kubernetes.dynamic.exceptions import NotFoundError, UnprocessibleEntityError
-
 import turnregion_manifests as m
+import yaml
 from conftest import stop_process
-from k8s_cluster import (CHART, RELEASE, RELEASE_NAMESPACE, Cluster, apply_crd, control_plane, wait_for)
+from k8s_cluster import CHART, RELEASE, RELEASE_NAMESPACE, Cluster, apply_crd, control_plane, wait_for
+from kubernetes.dynamic.exceptions import NotFoundError, UnprocessibleEntityError
 from test_operator_manifests import SCHEMA_VERSION
 
 NAMESPACE = "relays"

@@ -12,14 +12,14 @@ import urllib.request
 
 import kubernetes_validate
 import pytest
-import yaml
-
 import turnregion_manifests as m
+import yaml
 from aioice_helpers import relay_round_trips
 from conftest import RELAY_PORTS, free_port, launch
-from relay.config import Options
-from relay.tokens import mint
 from test_wire import make_cert
+
+from relay.auth.tokens import mint
+from relay.service.options import Options
 
 CRD = pathlib.Path(__file__).parent.parent / "helm" / "turnrelay" / "crds" / "turnregions.turnrelay.io.yaml"
 # The oldest schema kubernetes-validate ships; the real 1.20 API server checks the rest.
@@ -223,8 +223,9 @@ def test_directory_lists_every_region_with_rate_and_a_regions_file():
     kubernetes_validate.validate(directory, SCHEMA_VERSION, strict=True)
     table = yaml.safe_load(directory["data"]["regions.json"])
     assert table["us-east"]["ratePerMB"] == 0.002 and table["us-west"]["endpoints"] == []
-    from relay.regions import regions_from_table
     import tomllib
+
+    from relay.web.regions import regions_from_table
     regions = regions_from_table(tomllib.loads(directory["data"]["regions.toml"]))
     assert list(regions) == ["us-east"] and regions["us-east"].host == "198.51.100.1"
 

@@ -21,8 +21,14 @@ def wheel(tmp_path_factory):
 def test_wheel_carries_the_plugin_and_nothing_else_under_twisted(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert [n for n in names if n.startswith("twisted/")] == ["twisted/plugins/turnrelay.py"]
-    assert "relay/tap.py" in names and "relay/stun.py" in names
-    assert "relay/selftest.html" in names  # package data: the API port's /test page
+    # Every subpackage (find_namespace: must not miss one), and the compatibility modules.
+    for module in ("relay/service/tap.py", "relay/proto/stun.py", "relay/core/server.py",
+                   "relay/net/listeners.py", "relay/auth/cred.py", "relay/storage/sqldb.py",
+                   "relay/ledger/writer.py", "relay/web/http.py", "relay/cli/main.py",
+                   "relay/util/timefmt.py", "relay/usage.py", "relay/credentials.py"):
+        assert module in names
+    assert not any("__pycache__" in n for n in names)
+    assert "relay/web/test_page.html" in names  # package data: the API port's /test page
     assert not any(n.endswith("__init__.py") and n.startswith("twisted") for n in names)
 
 

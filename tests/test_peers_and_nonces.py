@@ -5,9 +5,14 @@ import base64
 
 import pytest
 
-from relay.nonces import (COOKIE, FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY,
-                          NonceIssuer, NonceStatus)
-from relay.peers import OwnEndpoints, PeerPolicy, embedded_ipv4, parse_rule
+from relay.core.nonces import (
+    COOKIE,
+    FEATURE_PASSWORD_ALGORITHMS,
+    FEATURE_USERNAME_ANONYMITY,
+    NonceIssuer,
+    NonceStatus,
+)
+from relay.core.peers import OwnEndpoints, PeerPolicy, embedded_ipv4, parse_rule
 
 FEATURES = FEATURE_PASSWORD_ALGORITHMS | FEATURE_USERNAME_ANONYMITY
 SECRET, OLD_SECRET = b"k" * 32, b"o" * 32
@@ -144,7 +149,7 @@ IF_INET6 = """fe8000000000000000fc00fffe000001 04 40 20 80     eth0
 
 
 def test_a_wildcard_listener_covers_every_interface_address(tmp_path):
-    from relay.tap import local_addresses
+    from relay.service.host import local_addresses
     (tmp_path / "fib_trie").write_text(FIB_TRIE)
     (tmp_path / "if_inet6").write_text(IF_INET6)
     found = local_addresses(str(tmp_path / "fib_trie"), str(tmp_path / "if_inet6"))

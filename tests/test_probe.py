@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import PASSWORD, USER, free_port, tool
 from test_wire import make_cert
 

@@ -10,21 +10,22 @@ import subprocess
 import time
 
 import pytest
-from twisted.internet.task import Clock
-
 from conftest import REALM, TWISTD, running_echo_peer
 from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn  # noqa: F401
 from postgres import fresh_schema
-from relay import stun
-from relay.ledger import Ledger
-from relay.credentials import Account
-from relay.quota import MonthlyUsage, QuotaTracker, month_start, parse_megabytes
-from relay.usage import SessionStarted, UsageDelta
-from relay.usage_sql import MIGRATIONS, sqlite_backend
 from test_ledger import open_session, traffic
 from test_revocation import UDP, cli
 from turnclient_helpers import Harness
+from twisted.internet.task import Clock
 from wire_client import WireClient, error_code
+
+from relay.core.credentials import Account
+from relay.ledger.monthly_quota import MonthlyUsage, QuotaTracker, month_start
+from relay.ledger.records import SessionStarted, UsageDelta
+from relay.ledger.sql import MIGRATIONS, sqlite_backend
+from relay.ledger.writer import Ledger
+from relay.proto import stun
+from relay.util.units import parse_megabytes
 
 BOUND = 6.0
 QUOTA = 20_000  # bytes: --monthly-quota-mb 0.02

@@ -4,9 +4,9 @@ import subprocess
 from decimal import Decimal
 
 import pytest
-
 from conftest import TWISTD
-from relay.rates import RateTable, charge, megabytes, parse_utc, rates_from_options
+
+from relay.ledger.pricing import RateTable, charge, megabytes, parse_utc, rates_from_options
 
 TABLE = """
 [[rates.us-east]]

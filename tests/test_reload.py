@@ -11,14 +11,14 @@ import signal
 import ssl
 
 import pytest
-
 from conftest import PASSWORD, REALM, USER
-from relay import stun
-from relay.turnclient import TLS, TurnClient
 from test_abuse import udp_socket
 from test_wire import make_cert, tls_connect
 from turnclient_helpers import PEER, PEER2, Harness
 from wire_client import WireClient, error_code
+
+from relay.cli.turnclient import TLS, TurnClient
+from relay.proto import stun
 
 
 def mount(directory, version: str, cert, key) -> None:

@@ -4,16 +4,16 @@ import json
 import subprocess
 
 import pytest
-
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, TWISTD, USER
 from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn, store_dsn  # noqa: F401
 from postgres import fresh_schema
-from relay.usage import SessionEnded, SessionStarted, UsageDelta
-from relay.usage_sql import MIGRATIONS
 from test_cli import turnrelay
 from test_usage_backends import backend_for
 from test_usage_report import _next_second
+
+from relay.ledger.records import SessionEnded, SessionStarted, UsageDelta
+from relay.ledger.sql import MIGRATIONS
 
 SESSIONS = [SessionStarted(sid, "acme", "alice", "us-east", "udp", f"198.51.100.{n}:4000{n}",
                            ("203.0.113.7:50000",), "2026-01-01T00:00:00Z")

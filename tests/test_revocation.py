@@ -11,11 +11,12 @@ import sys
 import time
 
 import pytest
-
 from conftest import REALM
 from dbfixtures import postgres_dsn, sqlite_dsn, store_dsn  # noqa: F401
-from relay import stun, tokens
 from wire_client import WireClient, error_code
+
+from relay.auth import tokens
+from relay.proto import stun
 
 CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
 UDP = (stun.REQUESTED_TRANSPORT, 17)

@@ -4,8 +4,8 @@ import pathlib
 
 import pytest
 
-from relay import stun
-from relay.saslprep import saslprep
+from relay.proto import stun
+from relay.proto.saslprep import saslprep
 
 # RFC 5769's sample messages, kept in the repository so a clean clone tests on its own.
 VECTORS = json.loads(

@@ -11,12 +11,13 @@ import time
 from typing import Iterator, Tuple
 
 import pytest
-
 from conftest import PASSWORD, REALM, USER, free_port
 from test_accounting import sql_usage
-from relay import stun
-from relay.turnclient import TCP as STREAM, TLS, TurnClient
 from wire_client import WireClient, error_code
+
+from relay.cli.turnclient import TCP as STREAM
+from relay.cli.turnclient import TLS, TurnClient
+from relay.proto import stun
 
 TCP, UDP = 6, 17
 Address = Tuple[str, int]

@@ -25,14 +25,14 @@ from urllib.parse import quote, urlencode
 import pytest
 from aioice.stun import TransactionFailed
 from aioice.turn import create_turn_endpoint
-
 from aioice_helpers import Collector, Echo
 from conftest import TWISTD, Server, free_port, start_server
 from dbfixtures import create_accounts, in_reactor, postgres_dsn  # noqa: F401
 from postgres import fresh_schema
-from relay.config import Options
-from relay.tls import self_signed
-from relay.tokens_api import FAILED_KEY_BURST
+
+from relay.net.tls import self_signed
+from relay.service.options import Options
+from relay.web.api import FAILED_KEY_BURST
 
 SECRET = "tokens-api-mint-secret"
 OLD_SECRET = "tokens-api-previous-secret"

@@ -21,12 +21,13 @@ from typing import Iterator, List, Optional, Tuple
 from conftest import REALM, free_port, running_echo_peer
 from dbfixtures import in_reactor, postgres_dsn, sqlite_dsn  # noqa: F401
 from postgres import fresh_schema
-from relay import stun
-from relay.accounts_db import AccountStore
 from test_quota import relay_through
 from test_revocation import UDP, cli
 from test_wire import make_cert
 from wire_client import WireClient
+
+from relay.proto import stun
+from relay.storage.accounts import AccountStore
 
 
 @contextlib.contextmanager

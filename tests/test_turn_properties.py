@@ -12,12 +12,12 @@ from typing import List, Union
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from relay import stun
-from relay.peers import PeerPolicy
-from relay.allocation import Address
 from stun_strategies import VALUES, addresses, known_attributes, mutated, unknown_attributes
 from turnclient_helpers import PEER, PEER_V6, RELAY_V4, RELAY_V6, Harness, RawValue, TurnClient
+
+from relay.core.allocation import Address
+from relay.core.peers import PeerPolicy
+from relay.proto import stun
 
 # The peers the issue lists as forbidden, the relay's own addresses, and allowed ones.
 FORBIDDEN_HOSTS = [

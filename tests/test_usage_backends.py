@@ -2,12 +2,12 @@
 import json
 
 import pytest
-
 from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn, store_dsn  # noqa: F401
-from relay.usage import SessionEnded, SessionStarted, UsageDelta
-from relay.usage_jsonl import jsonl_backend
-from relay.usage_sql import postgresql_backend, sqlite_backend
-from relay.usageplugins import installed, make_backend
+
+from relay.ledger.jsonl import jsonl_backend
+from relay.ledger.plugins import installed, make_backend
+from relay.ledger.records import SessionEnded, SessionStarted, UsageDelta
+from relay.ledger.sql import postgresql_backend, sqlite_backend
 
 START = SessionStarted("5e55", "acme", "alice", "us-east", "tls", "[2001:db8::7]:40000",
                        ("203.0.113.7:50000", "[2001:db8::10]:50002"), "2026-11-23T12:00:00Z")

@@ -16,7 +16,6 @@ from decimal import ROUND_HALF_UP, Decimal
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
-
 from aioice_helpers import relay_round_trips
 from conftest import PASSWORD, Server, start_server
 from dbfixtures import create_accounts, in_reactor, postgres_dsn, raw_rows  # noqa: F401
@@ -358,8 +357,8 @@ def test_without_a_sql_ledger_the_usage_api_says_so(tmp_path, in_reactor):  # no
 
 
 def test_a_session_across_a_rate_change_pays_each_rate_for_its_part(server_factory, tmp_path):
-    from test_accounting import REGION, HeldSession, eventually, sql_usage
     from conftest import USER
+    from test_accounting import REGION, HeldSession, eventually, sql_usage
     dsn = f"sqlite://{tmp_path / 'usage.db'}"
     server = server_factory("--accounting", f"sqlite:path={tmp_path / 'usage.db'}",
                             "--accounting-interval", "1", "--region", REGION, tcp=False,

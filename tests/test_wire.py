@@ -4,10 +4,10 @@ import ssl
 import subprocess
 
 import pytest
-
 from conftest import PASSWORD, REALM, USER
-from relay import stun
 from wire_client import WireClient, error_code
+
+from relay.proto import stun
 
 UDP = (stun.REQUESTED_TRANSPORT, 17)
 

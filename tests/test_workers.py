@@ -1,4 +1,4 @@
-"""`--workers N`: one relay served by N processes sharing its ports (relay.workers).
+"""`--workers N`: one relay served by N processes sharing its ports (relay.service.workers).
 
 Each test runs the real `twistd turnrelay --workers 2` and talks to it over real sockets.  A
 worker is told apart by its relay ports: worker i holds the i-th slice of --min-port..--max-port.
@@ -16,17 +16,17 @@ import urllib.request
 from typing import Dict, List, Tuple
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import PASSWORD, REALM, RELAY_PORTS, TWISTD, USER, free_port, running_echo_peer
-from relay import stun
-from relay.config import Options
-from relay.cpus import usable_cpus
-from relay.shared_quotas import GRANTED, Place, QuotaBook
-from relay.tap import relay_port_slice
+from prometheus_client.parser import text_string_to_metric_families
 from test_abuse import udp_socket
 from test_limits import burst, counters
 from wire_client import WireClient, error_code
+
+from relay.proto import stun
+from relay.service.build import relay_port_slice
+from relay.service.host import usable_cpus
+from relay.service.options import Options
+from relay.service.quota_book import GRANTED, Place, QuotaBook
 
 UDP = (stun.REQUESTED_TRANSPORT, 17)
 WORKERS = 2

@@ -4,7 +4,7 @@ client that signs its requests the way a real long-term-credential client does.
 `Harness` owns a `TurnServer` built on a `FakeBinder`, a `StaticUsersChecker` and a clock that
 only moves when a test moves it.  `TurnClient` is one 5-tuple: it learns REALM and NONCE from a
 401, signs with the long-term key (MD5 or SHA-256, USERNAME or USERHASH), runs the login the
-way `relay.listeners.LoginDispatcher` does (the static checker's Deferreds have already fired,
+way `relay.net.listeners.LoginDispatcher` does (the static checker's Deferreds have already fired,
 so the outcome is read synchronously) and parses whatever the server sent back.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 from twisted.cred.error import UnauthorizedLogin
 from twisted.python.failure import Failure
 
-from relay import stun
-from relay.checkers import StaticUser, StaticUsersChecker
-from relay.credentials import AccountRealm, IAccount
-from relay.nonces import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer
-from relay.ratelimit import RateLimiter
-from relay.turn import Client, TurnConfig, TurnServer
-from relay.turnclient import error_code
+from relay.auth.checkers import StaticUser, StaticUsersChecker
+from relay.auth.cred import AccountRealm, IAccount
+from relay.cli.turnclient import error_code
+from relay.core.nonces import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer
+from relay.core.ratelimit import RateLimiter
+from relay.core.server import Client, TurnConfig, TurnServer
+from relay.proto import stun
 
 Address = Tuple[str, int]
 

@@ -1,4 +1,4 @@
-"""The wire tests' client: relay.turnclient over UDP, from an address on the server's host.
+"""The wire tests' client: relay.cli.turnclient over UDP, from an address on the server's host.
 
 It does what coturn's and aioice's clients cannot be told to do: dual allocations with
 ADDITIONAL-ADDRESS-FAMILY, SHA-256 and USERHASH, forbidden peers, nonces carried between
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Tuple
 
-from relay.turnclient import UDP, TurnClient, error_code
+from relay.cli.turnclient import UDP, TurnClient, error_code
 
 __all__ = ["WireClient", "error_code"]
 

@@ -1,6 +1,7 @@
 from twisted.application.service import ServiceMaker
 
-from relay.authplugins import db, rest_secret, static  # noqa: F401  (found by getPlugins)
-from relay.usageplugins import jsonl_usage, postgresql_usage, sqlite_usage  # noqa: F401
+from relay.auth.plugins import db, rest_secret, static  # noqa: F401  (found by getPlugins)
+from relay.ledger.plugins import jsonl_usage, postgresql_usage, sqlite_usage  # noqa: F401
 
-turnrelay = ServiceMaker("turnrelay", "relay.tap", "STUN/TURN relay (RFC 8489, RFC 8656)", "turnrelay")
+turnrelay = ServiceMaker("turnrelay", "relay.service.tap", "STUN/TURN relay (RFC 8489, RFC 8656)",
+                         "turnrelay")

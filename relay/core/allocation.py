@@ -1,0 +1,256 @@
+"""One TURN allocation: its relay sockets, permissions, channels, lifetime and counters.
+
+The `from_*` methods are the relay's hot path, called once per relayed packet: a header
+unpack, a dict lookup or two, plain integer additions and one send.  Expired permissions and
+channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
+"""
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Any, Callable, Container, Dict, Hashable, Optional, Protocol, Tuple, Union
+
+from relay.core.credentials import Account
+from relay.core.tcp import PENDING, StreamRelayEndpoint, TcpConnection
+from relay.proto import stun
+
+Address = Tuple[str, int]
+PERMISSION_LIFETIME = 300
+CHANNEL_LIFETIME = 600
+# After a channel expires, neither its number nor its peer may be bound to anything else
+# for this long (RFC 8656 section 12).
+CHANNEL_COOLDOWN = 300
+
+_CHANNEL = stun.CHANNEL_HEADER
+_PADDING = stun.PADDING
+_transaction_id = stun.TransactionIds()
+
+# What an allocation has none of yet: channels, channels in cooldown, peer data connections
+# (UDP allocations never have any).  Many allocations never have any, and an empty dict costs
+# 64 bytes, so they share this read-only one until their first entry (a write to it raises).
+NONE_YET: Any = MappingProxyType({})
+
+
+# A budget without a limit: never reached in a second, so the hot path needs no "0 means
+# unlimited" test.
+UNLIMITED = 1 << 62
+
+
+class Budget:
+    """Bytes and packets that may still be relayed this second, both directions together.
+
+    Refilled once a second by the core's tick (`refill`), so the hot path spends with integer
+    compares and subtractions and never reads a clock.  One belongs to each allocation with a
+    limit; one per account is shared by all of that account's allocations on this relay.
+    """
+
+    __slots__ = ("bandwidth", "packet_rate", "bytes", "packets", "users")
+
+    def __init__(self, bandwidth: int = 0, packet_rate: int = 0):
+        self.bandwidth = bandwidth      # bytes per second, 0 = unlimited
+        self.packet_rate = packet_rate  # packets per second, 0 = unlimited
+        self.users = 0                  # allocations sharing it (the core's bookkeeping)
+        self.bytes = self.packets = 0
+        self.refill()
+
+    @classmethod
+    def of_allocation(cls, bandwidth: int, packet_rate: int) -> Budget:
+        """One allocation's own budget: without a limit, the `NO_LIMIT` they all share (never
+        exhausted, so sharing it changes nothing) rather than one each."""
+        return cls(bandwidth, packet_rate) if bandwidth or packet_rate else NO_LIMIT
+
+    @property
+    def limited(self) -> bool:
+        return bool(self.bandwidth or self.packet_rate)
+
+    def refill(self) -> None:
+        # A TCP relay cannot drop what it has read, so it may overdraw (tcp_connections): the
+        # debt is paid from the next second's budget.  Datagrams never overdraw.
+        self.bytes = min(self.bytes, 0) + (self.bandwidth or UNLIMITED)
+        self.packets = min(self.packets, 0) + (self.packet_rate or UNLIMITED)
+
+
+NO_LIMIT = Budget()
+
+
+class RelayEndpoint(Protocol):
+    """A bound relay socket, provided by the I/O layer (see `relay.net.listeners`)."""
+
+    address: Address
+
+    def send(self, data: bytes, peer: Address) -> None: ...
+
+    def attach(self, receiver: Callable[[bytes, Address], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Allocation:
+    def __init__(self, key: Hashable, client: Address, transport: str, username: str,
+                 account: Account, relays: Dict[int, Union[RelayEndpoint, StreamRelayEndpoint]],
+                 send_to_client: Callable[[bytes], None], started: float, expires: float,
+                 session_id: str, budget: Optional[Budget] = None,
+                 account_budget: Optional[Budget] = None, tcp: bool = False,
+                 own: Container[Address] = frozenset()):
+        self.key = key
+        # Names this allocation in the log and in the usage ledger: a 5-tuple is reused, this
+        # is not.
+        self.session_id = session_id
+        self.client = client
+        self.transport = transport
+        self.username = username
+        self.account = account
+        self.relays = relays
+        self.send_to_client = send_to_client
+        # The relay's own endpoints: a permission is for a peer's IP address, any port, and
+        # must not let a Send indication reach one of our listeners.
+        self.own = own
+        self.stream = transport != "udp"
+        self.started = started
+        self.expires = expires
+        self.permissions: Dict[str, float] = {}       # peer IP -> expiry
+        # The next three: NONE_YET until `bind_channel`, `sweep` make them dicts.
+        self.channels: Dict[int, Tuple[Address, Callable[[bytes, Address], None], float]] = NONE_YET
+        self.channel_of_peer: Dict[Address, int] = NONE_YET
+        self.cooldown: Dict[int, Tuple[Address, float]] = NONE_YET  # expired channel -> (peer, until)
+        # Rate limits (this allocation's, its account's): checked only when there are any.
+        # Spending from an unlimited budget never exhausts it: 2**62 bytes outlast any allocation.
+        self.budget, self.account_budget = budget or NO_LIMIT, account_budget or Budget()
+        self.limited = self.budget.limited or self.account_budget.limited
+        self.bytes_from_client = self.packets_from_client = 0
+        self.bytes_to_client = self.packets_to_client = 0
+        # What the limits dropped, both directions: the relay's abuse counters.
+        self.limited_packets = self.limited_bytes = 0
+        # RFC 6062: a TCP allocation relays over its peer data connections, by CONNECTION-ID.
+        self.tcp = tcp
+        self.connections: Dict[int, TcpConnection] = {} if tcp else NONE_YET
+        if not tcp:
+            for relay in relays.values():
+                relay.attach(self.from_peer)
+
+    def from_peer(self, data: bytes, peer: Address) -> None:
+        """A datagram arrived on a relay socket: pass it to the client if a permission allows."""
+        if peer[0] not in self.permissions:
+            return
+        size = len(data)
+        if self.limited and not self._spend(size):
+            return
+        number = self.channel_of_peer.get(peer)
+        if number is not None:
+            frame = _CHANNEL.pack(number, size) + data
+            if self.stream and size & 3:
+                frame += _PADDING[size & 3]
+        else:
+            frame = stun.data_indication(data, peer, _transaction_id())
+        self.bytes_to_client += size
+        self.packets_to_client += 1
+        self.send_to_client(frame)
+
+    def from_client_channel(self, data: bytes) -> None:
+        """ChannelData from the client: relay its payload to the channel's peer."""
+        number, size = _CHANNEL.unpack_from(data)
+        channel = self.channels.get(number)
+        if channel is None or size > len(data) - 4:
+            return
+        peer, send, _ = channel
+        if peer[0] not in self.permissions:
+            return
+        if self.limited and not self._spend(size):
+            return
+        self.bytes_from_client += size
+        self.packets_from_client += 1
+        send(data[4:4 + size], peer)
+
+    def from_client_send(self, data: bytes) -> None:
+        """A Send indication from the client: relay its DATA to its XOR-PEER-ADDRESS."""
+        parsed = stun.parse_send_indication(data)
+        if parsed is None:
+            return
+        peer, payload = parsed
+        relay = self.relays.get(stun.address_family(peer[0]))
+        if relay is None or peer[0] not in self.permissions or peer in self.own:
+            return
+        size = len(payload)
+        if self.limited and not self._spend(size):
+            return
+        self.bytes_from_client += size
+        self.packets_from_client += 1
+        relay.send(payload, peer)
+
+    def _spend(self, size: int) -> bool:
+        """Take one packet of `size` bytes from this second's budgets, the allocation's and its
+        account's; False (drop, and count it) when either would overdraw."""
+        own, shared = self.budget, self.account_budget
+        if size > own.bytes or size > shared.bytes or own.packets < 1 or shared.packets < 1:
+            self.limited_packets += 1
+            self.limited_bytes += size
+            return False
+        own.bytes -= size
+        own.packets -= 1
+        shared.bytes -= size
+        shared.packets -= 1
+        return True
+
+    def bind_channel(self, number: int, peer: Address, now: float) -> None:
+        relay = self.relays[stun.address_family(peer[0])]
+        if self.channels is NONE_YET:
+            self.channels, self.channel_of_peer = {}, {}
+        self.channels[number] = (peer, relay.send, now + CHANNEL_LIFETIME)
+        self.channel_of_peer[peer] = number
+        if number in self.cooldown:
+            del self.cooldown[number]
+
+    def channel_conflict(self, number: int, peer: Address, now: float) -> bool:
+        """True when binding `number` to `peer` would rebind either one (RFC 8656 12.2)."""
+        bound = self.channels.get(number)
+        if bound is not None and bound[0] != peer:
+            return True
+        if self.channel_of_peer.get(peer, number) != number:
+            return True
+        held = self.cooldown.get(number)
+        if held is not None and held[1] > now and held[0] != peer:
+            return True
+        return any(p == peer and until > now and n != number for n, (p, until) in self.cooldown.items())
+
+    def sweep(self, now: float) -> None:
+        """Drop expired permissions and channels (into cooldown); refill this allocation's
+        budget (the core refills the accounts')."""
+        self.budget.refill()
+        for ip in [ip for ip, expiry in self.permissions.items() if expiry <= now]:
+            del self.permissions[ip]
+        for number in [n for n, (_, _, expiry) in self.channels.items() if expiry <= now]:
+            if self.cooldown is NONE_YET:
+                self.cooldown = {}
+            peer = self.channels.pop(number)[0]
+            self.channel_of_peer.pop(peer, None)
+            self.cooldown[number] = (peer, now + CHANNEL_COOLDOWN)
+        for number in [n for n, (_, until) in self.cooldown.items() if until <= now]:
+            del self.cooldown[number]
+        for connection in [c for c in self.connections.values()
+                           if c.state == PENDING and c.deadline <= now]:
+            connection.close()  # RFC 6062 section 5.3: no ConnectionBind within the deadline
+
+    def resume_throttled(self) -> None:
+        """After the budgets' refill: TCP connections paused by the rate limits read again."""
+        if self.within_budget():
+            for connection in self.connections.values():
+                connection.unthrottle()
+
+    def overdraw(self, size: int) -> bool:
+        """Charge a stream read of `size` bytes, which cannot be dropped, so a budget may go
+        below zero; False once either budget is spent (the connections then pause)."""
+        for budget in (self.budget, self.account_budget):
+            budget.bytes -= size
+            budget.packets -= 1
+        return self.within_budget()
+
+    def within_budget(self) -> bool:
+        own, shared = self.budget, self.account_budget
+        return own.bytes > 0 and own.packets > 0 and shared.bytes > 0 and shared.packets > 0
+
+    def close(self) -> None:
+        for connection in list(self.connections.values()):
+            connection.close()
+        for relay in self.relays.values():
+            relay.close()
+        self.relays = {}
+

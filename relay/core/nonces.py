@@ -1,0 +1,75 @@
+"""Stateless nonces: any process holding the same secret accepts a nonce another one issued.
+
+A nonce is `[cookie]` + base64url(issue time, 4 bytes | HMAC-SHA256 truncated to 12 bytes)
+where the MAC covers the cookie, the time and the client's IP address.  The cookie is RFC 8489
+section 9.2's "obMatJos2" followed by the security feature set; covering it with the MAC is
+what stops an attacker from stripping the features to force a downgrade to MD5.
+"""
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import os
+import struct
+from typing import Optional, Sequence
+
+from relay.util.secretfile import read_secrets
+
+COOKIE = "obMatJos2"
+FEATURE_PASSWORD_ALGORITHMS = 0x800000
+FEATURE_USERNAME_ANONYMITY = 0x400000
+CLOCK_SKEW = 30  # seconds a nonce may come from the future: clocks of a fleet differ a little
+
+
+class NonceStatus(enum.Enum):
+    VALID = "valid"
+    STALE = "stale"
+    INVALID = "invalid"
+
+
+def load_secrets(path: Optional[str]) -> list:
+    """Keys from `--nonce-secret-file` (one per line, the first signs, the others verify), or a
+    fresh random key: fine for one process, but a fleet must share the file."""
+    if path is None:
+        return [os.urandom(32)]
+    keys = read_secrets(path)
+    if len(keys) > 2:
+        raise ValueError(f"{path} holds {len(keys)} secrets: one, or two while rotating")
+    return keys
+
+
+class NonceIssuer:
+    def __init__(self, secrets: Sequence[bytes], lifetime: float, features: int):
+        self.secrets = list(secrets)
+        self.lifetime = lifetime
+        self.features = features
+        self.prefix = COOKIE + base64.b64encode(features.to_bytes(3, "big")).decode() if features else ""
+
+    def _mac(self, secret: bytes, prefix: str, stamp: bytes, client_ip: str) -> bytes:
+        data = prefix.encode() + stamp + client_ip.encode()
+        return hmac.new(secret, data, hashlib.sha256).digest()[:12]
+
+    def issue(self, client_ip: str, now: float) -> str:
+        stamp = struct.pack("!I", int(now) & 0xFFFFFFFF)
+        mac = self._mac(self.secrets[0], self.prefix, stamp, client_ip)
+        return self.prefix + base64.urlsafe_b64encode(stamp + mac).decode()
+
+    def check(self, nonce: str, client_ip: str, now: float) -> NonceStatus:
+        if not nonce.startswith(self.prefix):
+            return NonceStatus.INVALID
+        try:
+            blob = base64.urlsafe_b64decode(nonce[len(self.prefix):].encode())
+        except ValueError:
+            return NonceStatus.INVALID
+        if len(blob) != 16:
+            return NonceStatus.INVALID
+        stamp, mac = blob[:4], blob[4:]
+        if not any(hmac.compare_digest(mac, self._mac(s, self.prefix, stamp, client_ip))
+                   for s in self.secrets):
+            return NonceStatus.INVALID
+        # Signed 32-bit age: a nonce from a fleet member whose clock runs a little ahead is
+        # young, not 136 years old.
+        age = ((int(now) - struct.unpack("!I", stamp)[0] + 2**31) & 0xFFFFFFFF) - 2**31
+        return NonceStatus.VALID if -CLOCK_SKEW <= age <= self.lifetime else NonceStatus.STALE

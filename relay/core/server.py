@@ -1,0 +1,779 @@
+"""The TURN server's protocol core (RFC 8656 over RFC 8489): state and decisions, no I/O.
+
+Sockets are not opened here: relay ports come from an injected `bind` function, replies leave
+through the `send` callable of the `Client` they answer, and time arrives as an argument.
+Authentication is the one step that may wait (a database checker), so a request that needs it
+is handled in two halves: `receive` returns the `StunCredentials` to log in with, and the
+caller passes the outcome to `authenticated` or `login_failed`.  A TCP allocation's Connect
+(RFC 6062) waits too: the I/O layer connects to the peer and reports back, and the answer goes
+out then.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple
+
+from relay.core.allocation import PERMISSION_LIFETIME, Address, Allocation, Budget, RelayEndpoint
+from relay.core.credentials import Account, StunCredentials
+from relay.core.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
+from relay.core.peers import PeerPolicy
+from relay.core.ratelimit import RateLimiter
+from relay.core.tcp import CLOSED, CONNECTING, PENDING, PeerEnd, StreamEnd, StreamRelayEndpoint, TcpConnection
+from relay.proto import stun
+
+log = logging.getLogger("turnrelay")
+
+UDP_PROTOCOL = 17
+TCP_PROTOCOL = 6
+RESERVATION_LIFETIME = 30
+RESPONSE_CACHE_LIFETIME = 40  # RFC 8489 section 6.3.1: 40 s covers a UDP client's retransmits
+RESPONSE_CACHE_SIZE = 100_000  # a flood of requests must not grow it without bound
+_BIND_ATTEMPTS = 40
+
+# bind(host, port, dont_fragment) -> a bound RelayEndpoint, or None when the port is taken.
+Binder = Callable[[str, int, bool], Optional[RelayEndpoint]]
+# bind_stream(host, port) -> a listening TCP relay endpoint, or None when the port is taken.
+StreamBinder = Callable[[str, int], Optional[StreamRelayEndpoint]]
+
+
+@dataclass(eq=False)
+class Client:
+    """Where a request came from: the 5-tuple's client side, and how to answer it."""
+
+    transport: str           # "udp", "tcp" or "tls"
+    listener: Hashable       # identifies the server side of the 5-tuple
+    address: Address
+    send: Callable[[bytes], None]
+    # False once a stream connection is gone: a login that completes later (a database
+    # checker) must not create an allocation nobody can reach.
+    connected: bool = True
+    # Stream clients only: turns this connection into the client data connection of an RFC
+    # 6062 ConnectionBind, after which it carries raw bytes; returns its writing end.
+    become_data: Optional[Callable[[TcpConnection], StreamEnd]] = None
+
+    def __post_init__(self) -> None:
+        # The allocations' key, made once: a stream's every ChannelData frame looks it up.
+        self.key: Tuple[Hashable, Address] = (self.listener, self.address)
+
+
+@dataclass
+class TurnConfig:
+    realm: str
+    relay_ips: Dict[int, str]                        # stun.FAMILY_* -> relay socket address
+    external_ips: Dict[str, str] = field(default_factory=dict)  # relay IP -> advertised IP
+    min_port: int = 49152
+    max_port: int = 65535
+    default_lifetime: int = 600
+    max_lifetime: int = 3600
+    user_quota: int = 0       # concurrent allocations per username, 0 = unlimited
+    source_quota: int = 0     # concurrent allocations per client IP address, 0 = unlimited
+    total_quota: int = 0      # concurrent allocations in this process, 0 = unlimited
+    max_permissions: int = 64
+    max_channels: int = 64
+    # Highest channel number ChannelBind accepts: RFC 8656's, or RFC 5766's for old clients.
+    max_channel: int = stun.MAX_CHANNEL
+    # What one valid login may relay, both directions together, 0 = unlimited: per allocation
+    # (the account database's bandwidth_bps too, whichever is lower) and per account (all its
+    # allocations in this process).  Excess is dropped and counted.
+    max_bps: int = 0
+    max_pps: int = 0
+    account_max_bps: int = 0
+    account_max_pps: int = 0
+    software: Optional[str] = None
+    policy: PeerPolicy = field(default_factory=PeerPolicy)
+    password_algorithms: Tuple[int, ...] = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5)
+    # Where a draining server sends new Allocates (300, RFC 8489 section 10): UDP/TCP clients
+    # to `alternate_servers`, TLS clients to `tls_alternate_servers` with `alternate_domain`
+    # (the name their certificate check needs), each to one of the client's address family.
+    alternate_servers: Tuple[Address, ...] = ()
+    tls_alternate_servers: Tuple[Address, ...] = ()
+    alternate_domain: Optional[str] = None
+    # RFC 6062 TCP allocations: seconds a peer data connection waits for its ConnectionBind,
+    # and at most this many peer data connections per allocation (508/refused beyond).
+    tcp_bind_timeout: float = 30.0
+    max_tcp_connections: int = 64
+    # Read by the stream adapter: a client data connection idle this long (no byte either
+    # way) is closed.
+    tcp_idle_timeout: float = 600.0
+
+
+@dataclass
+class ServerStats:
+    """Running totals for the metrics, read when scraped: each a plain integer addition, made
+    once per allocation or request, never per relayed packet.  `closed_usage` keeps what ended
+    allocations relayed, so the relayed totals never go down when one closes."""
+
+    created: Dict[str, int] = field(default_factory=dict)         # transport -> allocations
+    allocate_errors: Dict[int, int] = field(default_factory=dict)  # error code -> Allocates
+    auth_failures: int = 0
+    # transport -> [bytes, packets from the client, bytes, packets to the client]
+    closed_usage: Dict[str, List[int]] = field(default_factory=dict)
+    closed: Dict[str, int] = field(default_factory=dict)  # end reason -> allocations
+    # [packets, bytes] the rate limits dropped in ended allocations (live ones hold their own).
+    closed_limited: List[int] = field(default_factory=lambda: [0, 0])
+
+
+@dataclass
+class Reservation:
+    """A port held back by EVEN-PORT's R bit for a later Allocate with RESERVATION-TOKEN."""
+
+    endpoint: RelayEndpoint
+    expires: float
+
+
+class TurnServer:
+    def __init__(self, config: TurnConfig, nonces: NonceIssuer, bind: Binder,
+                 auth_limiter: Optional[RateLimiter] = None, rng: Optional[random.Random] = None,
+                 allocation_policy: Callable[[str, Account, float], bool] = lambda u, a, now: True,
+                 bind_stream: Optional[StreamBinder] = None):
+        self.config = config
+        self.bind_stream = bind_stream
+        # Asked every tick whether each allocation's login still stands (expiry, revocation,
+        # suspension): the auth backends' verdicts can change after the Allocate.
+        self.allocation_policy = allocation_policy
+        self.nonces = nonces
+        self.bind = bind
+        self.auth_limiter = auth_limiter or RateLimiter(rate=2.0, burst=20)
+        self.rng = rng or random.SystemRandom()
+        self.allocations: Dict[Tuple[Hashable, Address], Allocation] = {}
+        self.reservations: Dict[bytes, Reservation] = {}
+        # Account id -> the budget its allocations here share; its `users` counts them, so it
+        # goes with the last one, and an Allocate checks max_allocations without a scan.
+        self._account_budgets: Dict[str, Budget] = {}
+        # Worker processes (relay.service.workers): account id -> this process's share of the account's
+        # --account-max-bps/pps, as the parent last told it (absent: the whole of them).
+        self._account_shares: Dict[str, float] = {}
+        self.connections: Dict[int, TcpConnection] = {}   # CONNECTION-ID -> connection
+        # Responses remembered for retransmissions, oldest first in `_response_expiry` (a
+        # plain dict: an OrderedDict's links would double the cost of an entry).
+        self._responses: Dict[Tuple[Hashable, Address, bytes], bytes] = {}
+        self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
+        # Told of each allocation's end, with its reason, in turn: the usage ledger (its last
+        # reading), and in a worker process the quotas shared with the others.
+        self.closed_observers: List[Callable[[Allocation, str], None]] = []
+        # The usage ledger's seams (relay.ledger.writer): told of each new allocation, and asked before
+        # each Allocate whether one more session can be recorded; False answers 508.
+        self.on_allocation_opened: Callable[[Allocation], None] = lambda alloc: None
+        self.may_allocate: Callable[[], bool] = lambda: True
+        self.stats = ServerStats()
+        # Set by `drain` (SIGTERM): new Allocates are redirected or refused, the rest goes on.
+        self.draining = False
+        self._next_alternate = 0
+        # The monthly byte quota's seam (relay.ledger.monthly_quota): asked before each Allocate (True answers
+        # 486) and, every tick, for each allocation (True closes it, reason "quota").
+        self.over_quota: Callable[[Account], bool] = lambda account: False
+        self._algorithms_attr = [(alg, b"") for alg in config.password_algorithms]
+        self._handlers = {
+            stun.ALLOCATE: self._allocate,
+            stun.REFRESH: self._refresh,
+            stun.CREATE_PERMISSION: self._create_permission,
+            stun.CHANNEL_BIND: self._channel_bind,
+            stun.CONNECT: self._connect,
+            stun.CONNECTION_BIND: self._connection_bind,
+        }
+
+    # -- entry points -------------------------------------------------------------------------
+
+    def receive(self, client: Client, data: bytes, now: float) -> Optional[StunCredentials]:
+        """A STUN message from a client; returns credentials when a login must happen first."""
+        try:
+            msg = stun.parse(data)
+        except stun.StunDecodeError:
+            return None
+        if msg.cls == stun.INDICATION:
+            if msg.method == stun.SEND:
+                self.send_indication(client, data)
+            return None
+        if msg.cls != stun.REQUEST:
+            return None
+        cached = self._responses.get((client.listener, client.address, msg.transaction_id))
+        if cached is not None:
+            client.send(cached)
+            return None
+        try:
+            if msg.method == stun.BINDING:
+                self._binding(client, msg)
+                return None
+            if msg.method not in self._handlers:
+                raise stun.StunError(400, "Bad Request")
+            return self._credentials(client, msg, now)
+        except stun.StunError as err:
+            self._reply(client, msg, self._failure(msg, err), now)
+            return None
+
+    def authenticated(self, client: Client, credentials: StunCredentials, account: Account,
+                      now: float) -> None:
+        """The login for `credentials` succeeded: run the request and answer it, signed."""
+        if not client.connected:
+            return
+        msg = credentials.message
+        try:
+            unknown = msg.unknown_required()
+            if unknown:
+                raise stun.StunError(420, "Unknown Attribute", [(stun.UNKNOWN_ATTRIBUTES, unknown)])
+            response = self._handlers[msg.method](client, msg, credentials, account, now)
+        except stun.StunError as err:
+            response = self._failure(msg, err)
+        if response is not None:  # None: the handler answers itself (Connect, ConnectionBind)
+            self._answer(client, credentials, response, now)
+
+    def login_failed(self, client: Client, credentials: StunCredentials, now: float) -> None:
+        """Wrong user or password: a fresh challenge, unless this source has failed too often."""
+        self.stats.auth_failures += 1
+        if not self.auth_limiter.allow(client.address[0], now):
+            return
+        self._reply(client, credentials.message, self._challenge(client, credentials.message, 401,
+                                                                 "Unauthorized", now), now)
+
+    def refused(self, client: Client, credentials: StunCredentials, err: stun.StunError,
+                now: float) -> None:
+        """A check outside the core refused this authenticated request: the quotas the
+        worker processes share (relay.service.quota_book)."""
+        if client.connected:
+            self._answer(client, credentials, self._failure(credentials.message, err), now)
+
+    def server_error(self, client: Client, msg: stun.Message, now: float) -> None:
+        """The auth backend failed: say so rather than blame the client's password."""
+        self._reply(client, msg, self._failure(msg, stun.StunError(500, "Server Error")), now)
+
+    def channel_data(self, client: Client, data: bytes) -> None:
+        """ChannelData on a stream connection, whose client is known without a lookup."""
+        allocation = self.allocations.get(client.key)
+        if allocation is not None:
+            allocation.from_client_channel(data)
+
+    def send_indication(self, client: Client, data: bytes) -> None:
+        """A Send indication, relayed without building a `Message`: the listeners call this
+        directly, as they do `channel_data`, once they have seen its type."""
+        allocation = self.allocations.get(client.key)
+        if allocation is not None:
+            allocation.from_client_send(data)
+
+    def connection_lost(self, client: Client) -> None:
+        """A TCP/TLS client went away: its allocation goes with it (RFC 8656 section 3.1)."""
+        client.connected = False
+        allocation = self.allocations.get(client.key)
+        if allocation is not None:
+            self._close(allocation, "disconnected")
+
+    def tick(self, now: float) -> None:
+        """Expire allocations, permissions, channels, reservations and cached responses."""
+        allows = self.allocation_policy
+        # Accounts' budgets first: an allocation's own is refilled by its sweep, and only with
+        # both refilled may its throttled TCP connections read again.
+        for budget in self._account_budgets.values():
+            budget.refill()
+        for allocation in list(self.allocations.values()):
+            if allocation.expires <= now:
+                self._close(allocation, "expired")
+            elif not allows(allocation.username, allocation.account, now):
+                self._close(allocation, "revoked")
+            elif self.over_quota(allocation.account):
+                self._close(allocation, "quota")
+            else:
+                allocation.sweep(now)
+                if allocation.limited and allocation.connections:
+                    allocation.resume_throttled()
+        for token in [t for t, r in self.reservations.items() if r.expires <= now]:
+            self.reservations.pop(token).endpoint.close()
+        while self._response_expiry and self._response_expiry[0][0] <= now:
+            self._responses.pop(self._response_expiry.popleft()[1], None)
+
+    def set_peer_rules(self, allowed: Iterable[str], denied: Iterable[str],
+                       cluster: Iterable[str]) -> None:
+        """New peer rules (SIGHUP), in the policy every part holds.  Permissions they forbid
+        end at once, which stops relaying to those peers both ways, channels and Send
+        included, and so do TCP connections to them (RFC 6062 data relays without looking at
+        permissions); the allocations stay.  ValueError for a bad rule, the old ones kept."""
+        policy = self.config.policy
+        policy.set_rules(allowed, denied, cluster)
+        for allocation in self.allocations.values():
+            for ip in [ip for ip in allocation.permissions if not policy.permits(ip)]:
+                del allocation.permissions[ip]
+            for connection in [c for c in allocation.connections.values()
+                               if not policy.permits(c.peer[0])]:
+                connection.close()
+
+    def drain(self) -> None:
+        """Stop taking allocations (see `_check_quotas`); the existing ones carry on."""
+        self.draining = True
+
+    def shutdown(self) -> None:
+        for allocation in list(self.allocations.values()):
+            self._close(allocation, "shutdown")
+        for reservation in self.reservations.values():
+            reservation.endpoint.close()
+        self.reservations.clear()
+
+    # -- replies ------------------------------------------------------------------------------
+
+    def _failure(self, msg: stun.Message, err: stun.StunError) -> stun.Message:
+        """The error response for `err`, counted per code when it refuses an Allocate."""
+        if msg.method == stun.ALLOCATE:
+            errors = self.stats.allocate_errors
+            errors[err.code] = errors.get(err.code, 0) + 1
+        return _error(msg, err)
+
+    def _answer(self, client: Client, credentials: StunCredentials, response: stun.Message,
+                now: float) -> None:
+        """The signed answer to an authenticated request."""
+        if self.config.software:
+            response.add(stun.SOFTWARE, self.config.software)
+        self._reply(client, credentials.message, response, now, credentials.key)
+
+    def _reply(self, client: Client, request: stun.Message, response: stun.Message, now: float,
+               key: Optional[bytes] = None, remember: bool = True) -> None:
+        """Send `response`, remembered for 40 s (unless not `remember`) so that a retransmitted
+        request gets the same answer."""
+        wire = response.encode(key=key, sha256=request.has(stun.MESSAGE_INTEGRITY_SHA256),
+                               fingerprint=request.has(stun.FINGERPRINT))
+        if remember:
+            cache_key = (client.listener, client.address, request.transaction_id)
+            responses, expiry = self._responses, self._response_expiry
+            responses[cache_key] = wire
+            expiry.append((now + RESPONSE_CACHE_LIFETIME, cache_key))
+            while len(responses) > RESPONSE_CACHE_SIZE:
+                responses.pop(expiry.popleft()[1], None)
+        client.send(wire)
+
+    def _challenge(self, client: Client, msg: stun.Message, code: int, reason: str,
+                   now: float) -> stun.Message:
+        response = msg.error(code, reason)
+        response.add(stun.REALM, self.config.realm)
+        response.add(stun.NONCE, self.nonces.issue(client.address[0], now))
+        response.add(stun.PASSWORD_ALGORITHMS, self._algorithms_attr)
+        return response
+
+    # -- authentication (RFC 8489 section 9.2.4) ----------------------------------------------
+
+    def _credentials(self, client: Client, msg: stun.Message, now: float) -> Optional[StunCredentials]:
+        if not (msg.has(stun.MESSAGE_INTEGRITY) or msg.has(stun.MESSAGE_INTEGRITY_SHA256)):
+            # Not remembered: RFC 8489 section 6.3.1 finds that inappropriate for requests that
+            # are not authenticated, and a retransmission's fresh challenge changes no state.
+            # Every allocation begins with one, and kept 40 s they made up a tenth of the
+            # memory of an idle allocation.
+            self._reply(client, msg, self._challenge(client, msg, 401, "Unauthorized", now), now,
+                        remember=False)
+            return None
+        username, userhash = msg.get(stun.USERNAME), msg.get(stun.USERHASH)
+        realm, nonce = msg.get(stun.REALM), msg.get(stun.NONCE)
+        if (username is None and userhash is None) or realm is None or nonce is None:
+            raise stun.StunError(400, "Bad Request")
+        if userhash is not None and not self.nonces.features & FEATURE_USERNAME_ANONYMITY:
+            raise stun.StunError(400, "Bad Request")
+        if self.nonces.check(nonce, client.address[0], now) is not NonceStatus.VALID:
+            self._reply(client, msg, self._challenge(client, msg, 438, "Stale Nonce", now), now)
+            return None
+        offered, chosen = msg.get(stun.PASSWORD_ALGORITHMS), msg.get(stun.PASSWORD_ALGORITHM)
+        if offered is None and chosen is None:
+            algorithm = stun.ALGORITHM_MD5
+        elif offered == self._algorithms_attr and chosen is not None \
+                and chosen[0] in self.config.password_algorithms:
+            algorithm = chosen[0]
+        else:
+            raise stun.StunError(400, "Bad Request")
+        if realm != self.config.realm:
+            self.login_failed(client, StunCredentials(msg, username, userhash, realm, algorithm), now)
+            return None
+        return StunCredentials(msg, username, userhash, realm, algorithm)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _binding(self, client: Client, msg: stun.Message) -> None:
+        unknown = msg.unknown_required()
+        if unknown:
+            response = _error(msg, stun.StunError(420, "Unknown Attribute",
+                                                  [(stun.UNKNOWN_ATTRIBUTES, unknown)]))
+        else:
+            response = msg.response().add(stun.XOR_MAPPED_ADDRESS, client.address)
+        # Not cached: Binding is idempotent, and caching every NAT probe would cost memory.
+        client.send(response.encode(fingerprint=msg.has(stun.FINGERPRINT)))
+
+    def _owned_allocation(self, client: Client, credentials: StunCredentials) -> Allocation:
+        allocation = self.allocations.get(client.key)
+        if allocation is None:
+            raise stun.StunError(437, "Allocation Mismatch")
+        if allocation.username != credentials.username:
+            raise stun.StunError(441, "Wrong Credentials")
+        return allocation
+
+    def _lifetime(self, msg: stun.Message) -> int:
+        """RFC 8656 section 7.2: the client's wish, capped at the maximum, at least the default."""
+        requested = msg.get(stun.LIFETIME)
+        if requested is None:
+            return self.config.default_lifetime
+        return max(self.config.default_lifetime, min(requested, self.config.max_lifetime))
+
+    def _allocate(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                  account: Account, now: float) -> stun.Message:
+        if client.key in self.allocations:
+            raise stun.StunError(437, "Allocation Mismatch")
+        transport = msg.get(stun.REQUESTED_TRANSPORT)
+        if transport is None:
+            raise stun.StunError(400, "Bad Request")
+        tcp = transport == TCP_PROTOCOL and self.bind_stream is not None
+        if transport != UDP_PROTOCOL and not tcp:
+            raise stun.StunError(442, "Unsupported Transport Protocol")
+        family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
+        additional = msg.get(stun.ADDITIONAL_ADDRESS_FAMILY)
+        token = msg.get(stun.RESERVATION_TOKEN)
+        even_port = msg.get(stun.EVEN_PORT)
+        # RFC 6062 section 5.1: a TCP allocation needs a TCP or TLS control connection, and
+        # has no use for the UDP-only attributes.
+        if tcp and (client.transport == "udp" or token is not None or even_port is not None
+                    or msg.has(stun.DONT_FRAGMENT)):
+            raise stun.StunError(400, "Bad Request")
+        # Combinations RFC 8656 section 7.2 rejects: a token already fixes the family and
+        # port, and a reserved next port can only belong to one family.
+        if (family is not None and additional is not None) \
+                or (token is not None and (even_port is not None or family is not None
+                                           or additional is not None)) \
+                or (even_port and additional is not None) \
+                or (additional is not None and additional != stun.FAMILY_IPV6):
+            raise stun.StunError(400, "Bad Request")
+        if family is not None and family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6):
+            raise stun.StunError(440, "Address Family not Supported")
+        self._check_quotas(client, credentials.username, account)
+        dont_fragment = msg.has(stun.DONT_FRAGMENT)
+        response = msg.response()
+        relays: Dict[int, RelayEndpoint] = {}
+        if token is not None:
+            reservation = self.reservations.pop(token, None)
+            if reservation is None or reservation.expires <= now:
+                if reservation is not None:
+                    # Expired but not yet swept by `tick`: popped here, so release the port
+                    # here, or nothing ever would.
+                    reservation.endpoint.close()
+                raise stun.StunError(508, "Insufficient Capacity")
+            primary = stun.address_family(reservation.endpoint.address[0])
+            relays[primary] = reservation.endpoint
+        else:
+            primary = family or stun.FAMILY_IPV4
+            if primary not in self.config.relay_ips:
+                raise stun.StunError(440, "Address Family not Supported")
+            relays[primary] = self._bind_relay(primary, dont_fragment, even_port, response, now, tcp)
+        if additional is not None:
+            try:
+                if stun.FAMILY_IPV6 not in self.config.relay_ips:
+                    raise stun.StunError(440, "Address Family not Supported")
+                relays[stun.FAMILY_IPV6] = self._bind_relay(stun.FAMILY_IPV6, dont_fragment, None,
+                                                            response, now, tcp)
+            except stun.StunError as err:
+                response.add(stun.ADDRESS_ERROR_CODE, (stun.FAMILY_IPV6, err.code, err.reason))
+        lifetime = self._lifetime(msg)
+        session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
+        config = self.config
+        budget = Budget.of_allocation(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
+        allocation = Allocation(client.key, client.address, client.transport, credentials.username,
+                                account, relays, client.send, started=now, expires=now + lifetime,
+                                session_id=session_id, budget=budget,
+                                account_budget=self._account_budget(account.account_id), tcp=tcp,
+                                own=config.policy.own)
+        self.allocations[client.key] = allocation
+        created = self.stats.created
+        created[client.transport] = created.get(client.transport, 0) + 1
+        if tcp:
+            for relay in relays.values():
+                relay.listen(lambda peer, end, when: self._incoming(allocation, peer, end, when))
+        for relay in relays.values():
+            host, port = relay.address
+            response.add(stun.XOR_RELAYED_ADDRESS, (self.config.external_ips.get(host, host), port))
+        response.add(stun.LIFETIME, lifetime)
+        response.add(stun.XOR_MAPPED_ADDRESS, client.address)
+        log.info("allocation opened user=%s account=%s client=%s:%d transport=%s relay=%s%s "
+                 "lifetime=%d session=%s", credentials.username, account.account_id,
+                 client.address[0], client.address[1], client.transport, "tcp:" if tcp else "",
+                 ",".join(f"{r.address[0]}:{r.address[1]}" for r in relays.values()), lifetime,
+                 session_id)
+        self.on_allocation_opened(allocation)
+        return response
+
+    def _account_budget(self, account_id: str) -> Budget:
+        """The budget all of an account's allocations share (unlimited without
+        --account-max-bps/--account-max-pps), counting one more of them."""
+        budget = self._account_budgets.get(account_id)
+        if budget is None:
+            budget = self._account_budgets[account_id] = Budget(*self._account_limits(account_id))
+        budget.users += 1
+        return budget
+
+    def _account_limits(self, account_id: str) -> Tuple[int, int]:
+        share = self._account_shares.get(account_id, 1.0)
+        return (_part(self.config.account_max_bps, share),
+                _part(self.config.account_max_pps, share))
+
+    def set_account_share(self, account_id: str, share: float) -> None:
+        """With worker processes, each holds part of an account's allocations and so should
+        relay that part of its limits: the parent tells each worker its share (its fraction
+        of the account's allocations) when it changes, and 0 once it holds none."""
+        if share:
+            self._account_shares[account_id] = share
+        else:
+            self._account_shares.pop(account_id, None)
+        budget = self._account_budgets.get(account_id)
+        if budget is not None:
+            budget.bandwidth, budget.packet_rate = self._account_limits(account_id)
+
+    def limited_totals(self) -> Tuple[int, int]:
+        """Packets and bytes the rate limits have dropped, ended and live allocations alike."""
+        packets, size = self.stats.closed_limited
+        for allocation in list(self.allocations.values()):
+            packets += allocation.limited_packets
+            size += allocation.limited_bytes
+        return packets, size
+
+    def _check_quotas(self, client: Client, username: str, account: Account) -> None:
+        if self.draining:
+            raise self._redirect(client)
+        if not self.may_allocate():
+            raise stun.StunError(508, "Insufficient Capacity")
+        config = self.config
+        if config.total_quota and len(self.allocations) >= config.total_quota:
+            raise stun.StunError(508, "Insufficient Capacity")
+        if self.over_quota(account):
+            raise stun.StunError(486, "Allocation Quota Reached")
+        shared = self._account_budgets.get(account.account_id)
+        if account.max_allocations and shared is not None \
+                and shared.users >= account.max_allocations:
+            raise stun.StunError(486, "Allocation Quota Reached")
+        if config.user_quota and sum(
+                a.username == username for a in self.allocations.values()) >= config.user_quota:
+            raise stun.StunError(486, "Allocation Quota Reached")
+        if config.source_quota and sum(
+                a.client[0] == client.address[0] for a in self.allocations.values()) >= config.source_quota:
+            raise stun.StunError(486, "Allocation Quota Reached")
+
+    def _redirect(self, client: Client) -> stun.StunError:
+        """A draining server's answer to an Allocate: 300 to an alternate server of the
+        client's address family (round robin) when one is configured, else 508 Insufficient
+        Capacity, on which RFC 8656 has a client wait and retry or try another server."""
+        config = self.config
+        family = stun.address_family(client.address[0])
+        tls = client.transport == "tls"
+        candidates = [a for a in (config.tls_alternate_servers if tls else config.alternate_servers)
+                      if stun.address_family(a[0]) == family]
+        if not candidates:
+            return stun.StunError(508, "Insufficient Capacity")
+        self._next_alternate += 1
+        attributes = [(stun.ALTERNATE_SERVER, candidates[self._next_alternate % len(candidates)])]
+        if tls and config.alternate_domain:
+            attributes.append((stun.ALTERNATE_DOMAIN, config.alternate_domain))
+        return stun.StunError(300, "Try Alternate", attributes)
+
+    def _bind_relay(self, family: int, dont_fragment: bool, even_port: Optional[bool],
+                    response: stun.Message, now: float, tcp: bool = False) -> RelayEndpoint:
+        """Bind a relay port; with EVEN-PORT an even one, and with its R bit the next one too."""
+        host = self.config.relay_ips[family]
+        low, high = self.config.min_port, self.config.max_port
+        for port in self._ports(host, low, high - 1 if even_port else high, even_port is not None,
+                                tcp):
+            if even_port is None:
+                endpoint = self.bind_stream(host, port) if tcp else self.bind(host, port, dont_fragment)
+                if endpoint is not None:
+                    return endpoint
+                continue
+            port -= port % 2
+            if port < low:
+                continue
+            endpoint = self.bind(host, port, dont_fragment)
+            if endpoint is None:
+                continue
+            if not even_port:
+                return endpoint
+            reserved = self.bind(host, port + 1, dont_fragment)
+            if reserved is None:
+                endpoint.close()
+                continue
+            token = self.rng.getrandbits(64).to_bytes(8, "big")
+            self.reservations[token] = Reservation(reserved, now + RESERVATION_LIFETIME)
+            response.add(stun.RESERVATION_TOKEN, token)
+            return endpoint
+        raise stun.StunError(508, "Insufficient Capacity")
+
+    def _ports(self, host: str, low: int, high: int, even: bool, tcp: bool) -> Iterator[int]:
+        """Relay ports to try: random ones first (a relay port should be hard to guess), then,
+        when a crowded range made those fail, every port from a random start that this server
+        does not hold already (for the same protocol), so 508 means the range is really full."""
+        for _ in range(_BIND_ATTEMPTS):
+            yield self.rng.randint(low, high)
+        held = {endpoint.address[1] for allocation in self.allocations.values()
+                if allocation.tcp == tcp
+                for endpoint in allocation.relays.values() if endpoint.address[0] == host}
+        if not tcp:
+            held.update(r.endpoint.address[1] for r in self.reservations.values()
+                        if r.endpoint.address[0] == host)
+        start = self.rng.randint(low, high)
+        for port in itertools.chain(range(start, high + 1), range(low, start)):
+            if port not in held and not (even and port % 2):
+                yield port
+
+    def _refresh(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                 account: Account, now: float) -> stun.Message:
+        allocation = self._owned_allocation(client, credentials)
+        family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
+        if family is not None and family not in allocation.relays:
+            raise stun.StunError(443, "Peer Address Family Mismatch")
+        if msg.get(stun.LIFETIME) == 0:
+            self._close(allocation, "deleted")
+            return msg.response().add(stun.LIFETIME, 0)
+        lifetime = self._lifetime(msg)
+        allocation.expires = now + lifetime
+        return msg.response().add(stun.LIFETIME, lifetime)
+
+    def _checked_peer(self, allocation: Allocation, peer: Address) -> None:
+        if stun.address_family(peer[0]) not in allocation.relays:
+            raise stun.StunError(443, "Peer Address Family Mismatch")
+        if not self.config.policy.permits_peer(peer):
+            raise stun.StunError(403, "Forbidden")
+
+    def _create_permission(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                           account: Account, now: float) -> stun.Message:
+        allocation = self._owned_allocation(client, credentials)
+        peers = msg.get_all(stun.XOR_PEER_ADDRESS)
+        if not peers:
+            raise stun.StunError(400, "Bad Request")
+        for peer in peers:
+            self._checked_peer(allocation, peer)
+        ips = {peer[0] for peer in peers}
+        if len(ips | allocation.permissions.keys()) > self.config.max_permissions:
+            raise stun.StunError(508, "Insufficient Capacity")
+        for ip in ips:
+            allocation.permissions[ip] = now + PERMISSION_LIFETIME
+        return msg.response()
+
+    def _channel_bind(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                      account: Account, now: float) -> stun.Message:
+        allocation = self._owned_allocation(client, credentials)
+        number, peer = msg.get(stun.CHANNEL_NUMBER), msg.get(stun.XOR_PEER_ADDRESS)
+        if number is None or peer is None or not stun.MIN_CHANNEL <= number <= self.config.max_channel:
+            raise stun.StunError(400, "Bad Request")
+        self._checked_peer(allocation, peer)
+        if allocation.channel_conflict(number, peer, now):
+            raise stun.StunError(400, "Bad Request")
+        if number not in allocation.channels and len(allocation.channels) >= self.config.max_channels:
+            raise stun.StunError(508, "Insufficient Capacity")
+        if peer[0] not in allocation.permissions \
+                and len(allocation.permissions) >= self.config.max_permissions:
+            raise stun.StunError(508, "Insufficient Capacity")
+        allocation.bind_channel(number, peer, now)
+        allocation.permissions[peer[0]] = now + PERMISSION_LIFETIME
+        return msg.response()
+
+    # -- TCP allocations (RFC 6062) ------------------------------------------------------------
+
+    def _connect(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                 account: Account, now: float) -> None:
+        """Connect (section 5.2): check the peer, then have the I/O layer connect to it."""
+        allocation = self._owned_allocation(client, credentials)
+        peer = msg.get(stun.XOR_PEER_ADDRESS)
+        if not allocation.tcp or peer is None:
+            raise stun.StunError(400, "Bad Request")
+        self._checked_peer(allocation, peer)  # 403 for forbidden peers and our own endpoints
+        if any(c.peer == peer for c in allocation.connections.values()):
+            raise stun.StunError(446, "Connection Already Exists")
+        if len(allocation.connections) >= self.config.max_tcp_connections:
+            raise stun.StunError(508, "Insufficient Capacity")
+        connection = TcpConnection(self._new_connection_id(), allocation, peer, self.connections,
+                                   CONNECTING)
+        log.info("tcp connect user=%s session=%s peer=%s:%d", allocation.username,
+                 allocation.session_id, peer[0], peer[1])
+        allocation.relays[stun.address_family(peer[0])].connect(
+            peer, lambda end, when: self._connected(client, credentials, connection, end, when))
+
+    def _connected(self, client: Client, credentials: StunCredentials, connection: TcpConnection,
+                   end: Optional[PeerEnd], now: float) -> None:
+        """The I/O layer's answer to a Connect: a peer data connection, or None (447)."""
+        if connection.state == CLOSED:  # the allocation ended while connecting
+            if end is not None:
+                end.close()
+            return
+        msg = credentials.message
+        if end is None:
+            connection.close()
+            self._answer(client, credentials, msg.error(447, "Connection Timeout or Failure"), now)
+            return
+        connection.peer_end = end
+        connection.state = PENDING
+        connection.deadline = now + self.config.tcp_bind_timeout
+        self._answer(client, credentials,
+                     msg.response().add(stun.CONNECTION_ID, connection.connection_id), now)
+
+    def _connection_bind(self, client: Client, msg: stun.Message, credentials: StunCredentials,
+                         account: Account, now: float) -> None:
+        """ConnectionBind (section 5.4): this new connection becomes a client data connection."""
+        if client.become_data is None or client.key in self.allocations:
+            raise stun.StunError(400, "Bad Request")
+        connection = self.connections.get(msg.get(stun.CONNECTION_ID))
+        if connection is None or connection.state != PENDING:
+            raise stun.StunError(400, "Bad Request")
+        if connection.allocation.username != credentials.username:
+            raise stun.StunError(441, "Wrong Credentials")
+        self._answer(client, credentials, msg.response(), now)
+        connection.bind(client.become_data(connection))
+
+    def _incoming(self, allocation: Allocation, peer: Address, end: PeerEnd, now: float) -> None:
+        """A peer connected to a TCP relayed address (section 5.3): announce it, or refuse it."""
+        if allocation.key not in self.allocations or peer[0] not in allocation.permissions \
+                or any(c.peer == peer for c in allocation.connections.values()) \
+                or len(allocation.connections) >= self.config.max_tcp_connections:
+            end.close()
+            return
+        connection = TcpConnection(self._new_connection_id(), allocation, peer, self.connections,
+                                   PENDING, now + self.config.tcp_bind_timeout)
+        connection.peer_end = end
+        attempt = stun.Message(stun.CONNECTION_ATTEMPT, stun.INDICATION)
+        attempt.add(stun.XOR_PEER_ADDRESS, peer).add(stun.CONNECTION_ID, connection.connection_id)
+        allocation.send_to_client(attempt.encode())
+
+    def _new_connection_id(self) -> int:
+        while True:
+            connection_id = self.rng.getrandbits(32)
+            if connection_id not in self.connections:
+                return connection_id
+
+    def _close(self, allocation: Allocation, reason: str) -> None:
+        del self.allocations[allocation.key]
+        allocation.close()
+        usage = self.stats.closed_usage.setdefault(allocation.transport, [0, 0, 0, 0])
+        usage[0] += allocation.bytes_from_client
+        usage[1] += allocation.packets_from_client
+        usage[2] += allocation.bytes_to_client
+        usage[3] += allocation.packets_to_client
+        self.stats.closed[reason] = self.stats.closed.get(reason, 0) + 1
+        limited = self.stats.closed_limited
+        limited[0] += allocation.limited_packets
+        limited[1] += allocation.limited_bytes
+        shared = allocation.account_budget
+        shared.users -= 1
+        if not shared.users:
+            del self._account_budgets[allocation.account.account_id]
+        log.info("allocation closed user=%s client=%s:%d reason=%s from_client=%d/%dB "
+                 "to_client=%d/%dB limited=%d/%dB session=%s", allocation.username,
+                 allocation.client[0], allocation.client[1], reason,
+                 allocation.packets_from_client, allocation.bytes_from_client,
+                 allocation.packets_to_client, allocation.bytes_to_client,
+                 allocation.limited_packets, allocation.limited_bytes, allocation.session_id)
+        for observe in self.closed_observers:
+            observe(allocation, reason)
+
+
+def _part(limit: int, share: float) -> int:
+    """`share` of a limit where 0 means none: at least 1, or it would become no limit."""
+    return max(1, round(limit * share)) if limit else 0
+
+
+def _lowest(*limits: int) -> int:
+    """The strictest of several limits where 0 means none."""
+    return min((limit for limit in limits if limit), default=0)
+
+
+def _error(msg: stun.Message, err: stun.StunError) -> stun.Message:
+    response = msg.error(err.code, err.reason)
+    for attr_type, value in err.attributes:
+        response.add(attr_type, value)
+    return response

@@ -1,0 +1,220 @@
+"""The long-running parts of a relay process: its listeners, its HTTP ports, its orderly stop
+(drain, then close) and its SIGHUP reloads."""
+from __future__ import annotations
+
+import signal
+import socket
+from typing import Callable, List, Optional, Tuple
+
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.web.server import Site
+
+from relay.core.peers import OwnEndpoints
+from relay.core.server import TurnServer
+from relay.net.listeners import (
+    ClientDatagramProtocol,
+    ClientStreamFactory,
+    LoginDispatcher,
+    StreamLimits,
+    adopt_datagram_socket,
+    bound_socket,
+)
+from relay.net.tls import ServerTLS
+from relay.service.options import Options
+
+log = Logger(namespace="turnrelay")
+
+
+def adopt_stream_socket(reactor, sock: socket.socket, factory: Factory) -> IListeningPort:
+    """Listen on a bound stream socket through the reactor, which keeps its own copy."""
+    sock.listen(1024)
+    try:
+        return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+    finally:
+        sock.close()
+
+
+# A client listener's sockets by transport ("udp", "tcp", "tls"): one per process serving it.
+class ListenersService(Service):
+    """Serves the client listeners; `sockets` binds them (or hands over those a worker
+    inherited), called before the reactor runs and before privileges drop."""
+
+    def __init__(self, reactor, server: TurnServer, dispatch: LoginDispatcher, options: Options,
+                 tls: Optional[ServerTLS], sockets: Callable[[], List[Tuple[str, socket.socket]]]):
+        self.reactor = reactor
+        self.server = server
+        self.dispatch = dispatch
+        self.tls = tls
+        self.sockets = sockets
+        self.stream_limits = StreamLimits(options["source-connection-quota"],
+                                          options["tls-handshake-timeout"],
+                                          options["connection-idle-timeout"])
+        self.ports: List[object] = []
+
+    def privilegedStartService(self) -> None:
+        for transport, sock in self.sockets():
+            self._listen(transport, sock)
+        Service.privilegedStartService(self)
+
+    def _listen(self, transport: str, sock: socket.socket) -> None:
+        listener = sock.getsockname()[:2]
+        self.server.config.policy.own.add(*listener)
+        if transport == "udp":
+            protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
+            self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
+        else:
+            factory = ClientStreamFactory(self.server, self.dispatch, transport, listener,
+                                          self.stream_limits)
+            if transport == "tls":
+                factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            self.ports.append(adopt_stream_socket(self.reactor, sock, factory))
+        log.info("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
+                 port=listener[1])
+
+    def stopService(self) -> None:
+        Service.stopService(self)
+        self.server.shutdown()
+        for port in self.ports:
+            port.stopListening()
+        self.ports = []
+
+
+class HTTPService(Service):
+    """An HTTP listener (tokens API, metrics), bound like the client listeners: before
+    privileges drop."""
+
+    def __init__(self, reactor, site: Site, host: str, port: int, tls: Optional[ServerTLS],
+                 what: str, flags: str, own: OwnEndpoints):
+        self.reactor = reactor
+        self.own = own
+        self.factory = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+        self.host, self.port, self.scheme = host, port, "http" if tls is None else "https"
+        self.what, self.flags = what, flags
+        self.listening: Optional[IListeningPort] = None
+
+    def privilegedStartService(self) -> None:
+        try:
+            sock = bound_socket(self.host, self.port, socket.SOCK_STREAM)
+        except OSError as err:
+            raise SystemExit(f"turnrelay: {self.flags}: cannot listen on "
+                             f"[{self.host}]:{self.port}: {err.strerror}")
+        port = self.port = sock.getsockname()[1]  # the one the kernel chose, for port 0
+        self.own.add(self.host, port)
+        self.listening = adopt_stream_socket(self.reactor, sock, self.factory)
+        log.info("{what} listening on {scheme} [{host}]:{port}", what=self.what,
+                 scheme=self.scheme, host=self.host, port=port)
+        Service.privilegedStartService(self)
+
+    def stopService(self) -> Optional[Deferred]:
+        Service.stopService(self)
+        return self.listening.stopListening()
+
+
+class OrderlyStop(MultiService):
+    """A root service that SIGTERM (and SIGINT) stops in order, exiting 0 where twistd's own
+    handlers would have the process end by the signal: the first signal stops the reactor,
+    which stops this service (twistd waits for the Deferred its `stopService` returns); a
+    second one asks it to `hurry`."""
+
+    def __init__(self, reactor):
+        super().__init__()
+        self.reactor = reactor
+        self.stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        # Replacing the reactor's own handlers, installed as it starts.
+        for number in (signal.SIGTERM, signal.SIGINT):
+            self.reactor.callWhenRunning(signal.signal, number, self._signalled)
+
+    def _signalled(self, number: int, frame: object) -> None:
+        self.reactor.callFromThread(self._stop, signal.Signals(number).name)
+
+    def _stop(self, name: str) -> None:
+        if self.stopping:
+            self.hurry(name)
+        else:
+            log.info("{signal}: shutting down", signal=name)
+            self.reactor.stop()
+
+    def stopService(self) -> Optional[Deferred]:
+        self.stopping = True
+        return super().stopService()
+
+    def hurry(self, signal_name: str) -> None:
+        """The stop signal came again."""
+
+
+class RelayService(OrderlyStop):
+    """The whole relay; stopping it drains first.
+
+    The core starts draining at once (/readyz answers 503, new Allocates get 300 or 508), while
+    the listeners, the timers and the ledger run on: live allocations keep relaying until they
+    end or `grace` seconds pass.  Then the children stop as before: the listeners end what is
+    left (reason "shutdown") and the ledger writes it all.  A second signal cuts the grace short.
+    """
+
+    POLL = 0.25  # seconds between two looks at whether the last allocation has ended
+
+    def __init__(self, server: TurnServer, reactor, grace: float):
+        super().__init__(reactor)
+        self.server = server
+        self.grace = grace
+        self.deadline = 0.0
+
+    def hurry(self, signal_name: str) -> None:
+        log.info("{signal} again: ending the drain now", signal=signal_name)
+        self.deadline = 0.0
+
+    def stopService(self) -> Deferred:
+        self.stopping = True
+        server, clock = self.server, self.reactor
+        server.drain()
+        log.info("draining: new allocations refused, {open} open ones may run {grace} s more",
+                 open=len(server.allocations), grace=self.grace)
+        self.deadline = clock.seconds() + self.grace
+        drained: Deferred = Deferred()
+
+        def look() -> None:
+            if not server.allocations:
+                log.info("drained: no allocation left")
+            elif clock.seconds() >= self.deadline:
+                log.info("drain grace over: ending {open} allocations", open=len(server.allocations))
+            else:
+                clock.callLater(self.POLL, look)
+                return
+            drained.callback(None)
+        look()
+        drained.addCallback(lambda _: MultiService.stopService(self))
+        return drained
+
+
+class SighupService(Service):
+    """SIGHUP re-reads what can change without a restart; a failed reload keeps the old.
+    `forward` passes the signal on (to the worker processes, which reload their own)."""
+
+    def __init__(self, reactor, reloads: List[Tuple[str, Callable[[], None]]],
+                 forward: Callable[[], None] = lambda: None):
+        self.reactor = reactor
+        self.reloads = reloads
+        self.forward = forward
+
+    def startService(self) -> None:
+        Service.startService(self)
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def reload(self) -> None:
+        for what, reload in self.reloads:
+            try:
+                reload()
+                log.info("{what} reloaded", what=what)
+            except Exception as err:
+                log.error("{what} reload failed, keeping the old: {err}", what=what, err=err)
+        self.forward()
+
+
