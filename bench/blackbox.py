@@ -3,9 +3,9 @@ relay while real aioice clients keep relaying through it.
 
     .venv/bin/python bench/blackbox.py --datagrams 100000 --streams 1000
 
-tests/test_blackbox.py runs the same at a few thousand datagrams.  The relay is started on
-loopback as the suite starts it (tests/conftest.py); datagrams are mutations of real signed
-requests and random bytes (tests/blackbox_helpers.py), sent in paced batches.  Passes when
+tests/e2e/test_blackbox.py runs the same at a few thousand datagrams.  The relay is started on
+loopback as the suite starts it (tests/support/servers.py); datagrams are mutations of real signed
+requests and random bytes (tests/support/blackbox.py), sent in paced batches.  Passes when
 the relay is still up, every real round trip succeeded, every answer to garbage was a
 well-formed message, and its log holds no traceback.  Bounded by the counts given.
 """
@@ -18,11 +18,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the tests' support package
 
-from aioice_helpers import relay_round_trips  # noqa: E402
-from blackbox_helpers import RealClients, fire_datagrams, malformed_streams, udp_drops  # noqa: E402
-from conftest import PASSWORD, USER, start_server  # noqa: E402
+from support.aioice_client import relay_round_trips  # noqa: E402
+from support.blackbox import RealClients, fire_datagrams, malformed_streams, udp_drops  # noqa: E402
+from support.servers import PASSWORD, USER, start_server  # noqa: E402
 
 
 def main() -> int:

@@ -35,10 +35,9 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-from conftest import free_port, running_echo_peer, stop_process  # noqa: E402
-
-from relay import stun  # noqa: E402
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the tests' support package
+from relay.proto import stun  # noqa: E402
+from support.servers import free_port, running_echo_peer, stop_process  # noqa: E402
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench.turnrelay"
 HOST = "127.0.0.1"

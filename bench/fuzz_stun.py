@@ -3,7 +3,7 @@
     bash bench/fuzz.sh 600            # this target and fuzz_turn.py, 600 s each
 
 Each input is handed, as received bytes, to what the server does with a datagram or a stream
-(tests/test_codec_properties.py's `decode_everything`: parse, decode every attribute, check
+(tests/unit/test_codec_properties.py's `decode_everything`: parse, decode every attribute, check
 integrity; then stream framing at every offset).  Anything but the codec's typed errors is a
 crash; libFuzzer then stops and writes the input to crash-*.  Seeds: the RFC 5769 vectors and
 one signed request of each TURN method.
@@ -17,7 +17,7 @@ import sys
 import atheris
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "unit")]
 
 with atheris.instrument_imports(include=["relay", "test_codec_properties"]):
     from test_codec_properties import decode_everything

@@ -6,7 +6,7 @@ Two modes, the second chosen by `--sequences` (fuzz.sh's target `turn-sequences`
 - datagrams: each input is one datagram from a client whose allocation holds a permission
   and a channel, then the same bytes as stream ChannelData.  Fast: thousands a second.
 - sequences: libFuzzer's bytes choose, through Hypothesis's `fuzz_one_input`, the
-  operations of tests/test_turn_properties.py: two clients sending signed TURN requests with
+  operations of tests/unit/test_turn_properties.py: two clients sending signed TURN requests with
   arbitrary attributes, damaged bytes, ChannelData, Send indications and peer datagrams while
   the clock jumps.  Signing happens inside the target, so the fuzzer reaches the
   authenticated handlers instead of stopping at 401.  Slow: a whole sequence per input.
@@ -21,15 +21,15 @@ import sys
 import atheris
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tests", "unit")]
 
 with atheris.instrument_imports(include=["relay"]):
     from hypothesis import HealthCheck, given, settings
     from test_turn_properties import SEQUENCES, run_sequence
-    from turnclient_helpers import PEER, PEER_V6, RELAY_V4, RELAY_V6, Harness
 
     from relay.core.peers import PeerPolicy
     from relay.proto import stun
+    from support.core_harness import PEER, PEER_V6, RELAY_V4, RELAY_V6, Harness
 
 # No deadline: instrumented code on a shared machine is slow, and slowness is not a bug here.
 sequence = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))(

@@ -21,7 +21,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
-from conftest import running_echo_peer  # noqa: E402  (compare puts tests/ on the path)
+
+from support.servers import running_echo_peer  # noqa: E402  (compare puts tests/ on the path)
 
 
 def main() -> None:

@@ -16,9 +16,9 @@ import sys
 import timeit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the tests' support package
 
-from turnclient_helpers import PEER, Harness, channel_data  # noqa: E402
+from support.core_harness import PEER, Harness, channel_data  # noqa: E402
 
 HUGE = 1 << 40
 VARIANTS = {

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/soak.py --allocations 5000 --minutes 10
 
-Starts `twistd turnrelay` on 127.0.0.1 as the tests do (tests/conftest.py, UDP only), then
+Starts `twistd turnrelay` on 127.0.0.1 as the tests do (tests/support/servers.py, UDP only), then
 from one process and one epoll loop (no aioice: one socket and a few bytes of state per
 allocation): allocates `--allocations` relays, binds a channel on each to an echo peer in this
 process, and for `--minutes` sends each allocation's payload through its channel every
@@ -32,10 +32,9 @@ from collections import deque
 from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-from conftest import PASSWORD, REALM, USER, start_server  # noqa: E402
-
-from relay import stun  # noqa: E402
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the tests' support package
+from relay.proto import stun  # noqa: E402
+from support.servers import PASSWORD, REALM, USER, start_server  # noqa: E402
 
 HOST = "127.0.0.1"
 # Below the kernel's ephemeral ports, which the clients use; room for 15,000 allocations.

@@ -7,7 +7,7 @@
 # The binaries are cached outside the checkout (TURNRELAY_K8S_CACHE, default
 # /var/cache/turnrelay-k8s), keyed by version, so only a fresh machine pays for the build
 # (about 10 minutes on 2 cores, run under `nice -n 19` to spare whoever shares the machine).
-# Idempotent; prints the cache directory the tests read (tests/k8s_cluster.py has the same default).
+# Idempotent; prints the cache directory the tests read (tests/support/k8s_cluster.py has the same default).
 set -euo pipefail
 
 CACHE="${TURNRELAY_K8S_CACHE:-/var/cache/turnrelay-k8s}"

@@ -19,14 +19,14 @@ import time
 from typing import Dict, List, Tuple
 
 import pytest
-from conftest import PASSWORD, REALM, USER, free_port
 
 from relay.cli.turnclient import NoResponse, TurnClient, error_code
 from relay.proto import stun
+from support.relay_clients import TRANSPORTS, closed_counters, connect, listener_address, udp_socket
+from support.servers import PASSWORD, REALM, USER, free_port
 
 UDP = (stun.REQUESTED_TRANSPORT, 17)
 DUAL = (stun.ADDITIONAL_ADDRESS_FAMILY, stun.FAMILY_IPV6)
-TRANSPORTS = ("udp", "tcp", "tls")
 CONTROL = "127.0.0.2"   # the one peer the operator allows: --allowed-peer-ip
 BOB, BOB_PASSWORD = "bob", "builder"
 
@@ -47,37 +47,11 @@ FORBIDDEN: List[Tuple[str, str]] = [
 ]
 
 
-def udp_socket(host: str, port: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((host, port))
-    sock.settimeout(5)
-    return sock
-
-
-def listener_address(server, transport: str) -> Tuple[str, int]:
-    return server.host, server.tls_port if transport == "tls" else server.port
-
-
-def connect(server, transport: str, user: str = USER, password: str = PASSWORD) -> TurnClient:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-    return TurnClient.connect(transport, listener_address(server, transport), user, password,
-                              REALM, context=context, bind_host=server.host)
-
-
 def as_user(client: TurnClient, user: str, password: str) -> TurnClient:
     """Another user's credentials on `client`'s 5-tuple (same socket, same nonce)."""
     other = copy.copy(client)
     other.username, other.password = user, password
     return other
-
-
-def closed_counters(server, client: TurnClient) -> str:
-    """Delete the allocation; its log line's from_client=PACKETS/BYTES counts what was relayed."""
-    assert client.request(stun.REFRESH, (stun.LIFETIME, 0)).cls == stun.SUCCESS
-    host, port = client.sock.getsockname()[:2]
-    return server.search(rf"allocation closed user=\w+ client={host}:{port} reason=deleted "
-                         rf"from_client=(\d+/\d+B)").group(1)
 
 
 def nothing_received(sinks: Dict[str, socket.socket]) -> List[str]:

@@ -1,7 +1,8 @@
 """The aioice TURN client (what aiortc uses) allocates over UDP and TCP and relays both ways."""
 import pytest
-from aioice_helpers import relay_round_trips
-from conftest import PASSWORD, USER
+
+from support.aioice_client import relay_round_trips
+from support.servers import PASSWORD, USER
 
 DATAGRAMS = 20
 

@@ -6,13 +6,13 @@ import textwrap
 import time
 
 import pytest
-from aioice_helpers import relay_round_trips
-from conftest import REALM, TWISTD, running_echo_peer, start_server, tool
-from wire_client import WireClient
 
 from relay.auth import tokens
 from relay.core.nonces import COOKIE, FEATURE_USERNAME_ANONYMITY
 from relay.proto import stun
+from support.aioice_client import relay_round_trips
+from support.servers import REALM, TWISTD, running_echo_peer, start_server, tool
+from support.wire_client import WireClient
 
 SECRET = "s3cr3t-for-rest-credentials"
 

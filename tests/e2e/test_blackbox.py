@@ -7,9 +7,9 @@ only with well-formed messages, stays up, serves every real round trip, and logs
 """
 from __future__ import annotations
 
-from aioice_helpers import relay_round_trips
-from blackbox_helpers import RealClients, fire_datagrams, malformed_streams
-from conftest import PASSWORD, USER
+from support.aioice_client import relay_round_trips
+from support.blackbox import RealClients, fire_datagrams, malformed_streams
+from support.servers import PASSWORD, USER
 
 # Paced well below what the relay reads on a busy CI machine: a datagram the kernel drops from
 # a full receive buffer may be a real client's, and UDP data is not retransmitted.

@@ -19,11 +19,12 @@ import threading
 from importlib import resources
 
 import pytest
-from conftest import PASSWORD, USER, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from dbfixtures import raw_rows
-from test_wire import make_cert
+
+from support.certs import make_cert
+from support.db import raw_rows
+from support.servers import PASSWORD, USER, free_port
 
 CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")
 # The flags: no sandbox (root in a container), nothing phoning home on a closed network.

@@ -13,12 +13,12 @@ import ssl
 from typing import Optional, Tuple
 
 from aioice.turn import create_turn_endpoint
-from aioice_helpers import Collector, Echo
-from conftest import PASSWORD, USER
 from twisted.logger import globalLogPublisher
 
 from relay.net.listeners import StreamLimits
 from relay.proto import stun
+from support.aioice_client import Collector, Echo
+from support.servers import PASSWORD, USER
 
 QUOTA, HANDSHAKE, IDLE = 4, 1, 8
 FLOOD = 12

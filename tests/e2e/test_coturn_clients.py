@@ -3,7 +3,8 @@ import re
 import subprocess
 
 import pytest
-from conftest import PASSWORD, USER, running_echo_peer, tool
+
+from support.servers import PASSWORD, USER, running_echo_peer, tool
 
 MESSAGES, CLIENTS = 20, 2
 # uclient picks channel numbers in RFC 5766's range, beyond RFC 8656's 0x4FFF.

@@ -5,21 +5,20 @@ The relay decides logins from its last snapshot of the account database, so an o
 cost nothing: sessions relay on, valid credentials still log in, usage is recorded, and once
 the database is back a revocation made there reaches the relay within the usual bound.  A
 ledger outage must lose nothing either, sessions that begin and end inside it included
-(tests/test_accounting.py has one session held across an outage; an exhausted port range is
-tests/test_limits.py's).
+(tests/e2e/test_accounting.py has one session held across an outage; an exhausted port range is
+tests/e2e/test_limits.py's).
 """
 from __future__ import annotations
 
 import json
 
-from conftest import PASSWORD, REALM, USER
-from postgres import throwaway_cluster
-from test_abuse import udp_socket
-from test_accounting import INTERVAL, REGION, HeldSession, echoed, session_closed, sql_usage
-from test_revocation import BOUND, cli
-
 from relay.cli.turnclient import UDP, TurnClient
 from relay.proto import stun
+from support.accounting import INTERVAL, REGION, HeldSession, echoed, session_closed, sql_usage
+from support.cli import BOUND, cli
+from support.postgres import throwaway_cluster
+from support.relay_clients import udp_socket
+from support.servers import PASSWORD, REALM, USER
 
 ALLOCATE_UDP = (stun.REQUESTED_TRANSPORT, 17)
 

@@ -13,14 +13,13 @@ import time
 from typing import List, Tuple
 
 import pytest
-from conftest import PASSWORD, REALM, USER
-from test_abuse import TRANSPORTS, closed_counters, connect, udp_socket
-from test_auth_backends import FixedAccount
-from turnclient_helpers import PEER, PEER2, Harness, channel_data
 
 from relay.auth import tokens
 from relay.cli.turnclient import UDP, TurnClient, error_code
 from relay.proto import stun
+from support.core_harness import PEER, PEER2, FixedAccount, Harness, channel_data
+from support.relay_clients import TRANSPORTS, burst, closed_counters, connect, counters, udp_socket
+from support.servers import PASSWORD, REALM, USER
 
 ALLOCATE_UDP = (stun.REQUESTED_TRANSPORT, 17)
 
@@ -122,20 +121,6 @@ def test_a_port_held_by_another_process_is_skipped():
 
 
 # -- a real relay ------------------------------------------------------------------------------
-
-def burst(client: TurnClient, peer: Tuple[str, int], count: int, size: int) -> None:
-    for i in range(count):
-        client.send_indication(peer, bytes([i % 256]) * size)
-
-
-def counters(server, client: TurnClient) -> Tuple[int, int]:
-    """(relayed, limited) packets from the allocation's close log line."""
-    assert client.request(stun.REFRESH, (stun.LIFETIME, 0)).cls == stun.SUCCESS
-    host, port = client.sock.getsockname()[:2]
-    match = server.search(rf"allocation closed user=\w+ client={host}:{port} reason=deleted "
-                          rf"from_client=(\d+)/\d+B .* limited=(\d+)/\d+B")
-    return int(match.group(1)), int(match.group(2))
-
 
 def received(sink: socket.socket) -> int:
     count = 0

@@ -12,19 +12,17 @@ import socket
 import ssl
 from typing import Dict, Tuple
 
-from aioice_helpers import relay_round_trips
-from conftest import PASSWORD, REALM, USER, free_port
-from dbfixtures import raw_rows
-from postgres import throwaway_cluster
 from prometheus_client.parser import text_string_to_metric_families
-from test_abuse import udp_socket
-from test_accounting import HeldSession, sql_usage
-from test_limits import burst, counters
-from test_tcp_relay import bind_data, recv_exactly, tcp_allocation, tcp_echo_peer  # noqa: F401
-from wire_client import WireClient, error_code
 
 from relay.cli.turnclient import TCP, TLS, TurnClient
 from relay.proto import stun
+from support.accounting import HeldSession, sql_usage
+from support.aioice_client import relay_round_trips
+from support.db import raw_rows
+from support.postgres import throwaway_cluster
+from support.relay_clients import bind_data, burst, counters, recv_exactly, tcp_allocation, udp_socket
+from support.servers import PASSWORD, REALM, USER, free_port
+from support.wire_client import WireClient, error_code
 
 Labels = Tuple[Tuple[str, str], ...]
 

@@ -1,12 +1,11 @@
 """The wheel carries the twistd plugin, and a real `pip install` makes `twistd turnrelay` work."""
-import os
 import subprocess
 import sys
 import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from support.servers import ROOT
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import PASSWORD, USER, free_port, tool
-from test_wire import make_cert
+
+from support.certs import make_cert
+from support.servers import PASSWORD, USER, free_port, tool
 
 CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
 COUNT, SIZE = 10, 100

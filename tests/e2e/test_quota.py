@@ -10,14 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import REALM, TWISTD, running_echo_peer
-from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn  # noqa: F401
-from postgres import fresh_schema
-from test_ledger import open_session, traffic
-from test_revocation import UDP, cli
-from turnclient_helpers import Harness
 from twisted.internet.task import Clock
-from wire_client import WireClient, error_code
 
 from relay.core.credentials import Account
 from relay.ledger.monthly_quota import MonthlyUsage, QuotaTracker, month_start
@@ -26,24 +19,22 @@ from relay.ledger.sql import MIGRATIONS, sqlite_backend
 from relay.ledger.writer import Ledger
 from relay.proto import stun
 from relay.util.units import parse_megabytes
+from support.cli import cli
+from support.core_harness import Harness, open_session, traffic
+from support.db import raw_rows
+from support.postgres import fresh_schema
+from support.relay_clients import UDP, relay_through
+from support.servers import REALM, TWISTD, running_echo_peer
+from support.wire_client import WireClient, error_code
 
 BOUND = 6.0
 QUOTA = 20_000  # bytes: --monthly-quota-mb 0.02
-PAYLOAD = b"q" * 1000
 
 
 def allocate(relay, credential):
     client = WireClient((relay.host, relay.port), credential["username"],
                         credential["password"], REALM)
     return client, client.request(stun.ALLOCATE, UDP)
-
-
-def relay_through(client, peer, count):
-    """`count` payloads to the echo peer and back: 2000 billable bytes each."""
-    assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
-    for _ in range(count):
-        client.send_indication(peer, PAYLOAD)
-        assert client.receive_data() == (peer, PAYLOAD)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

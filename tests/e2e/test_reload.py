@@ -11,14 +11,14 @@ import signal
 import ssl
 
 import pytest
-from conftest import PASSWORD, REALM, USER
-from test_abuse import udp_socket
-from test_wire import make_cert, tls_connect
-from turnclient_helpers import PEER, PEER2, Harness
-from wire_client import WireClient, error_code
 
 from relay.cli.turnclient import TLS, TurnClient
 from relay.proto import stun
+from support.certs import make_cert
+from support.core_harness import PEER, PEER2, Harness
+from support.relay_clients import tls_connect, udp_socket
+from support.servers import PASSWORD, REALM, USER
+from support.wire_client import WireClient, error_code
 
 
 def mount(directory, version: str, cert, key) -> None:

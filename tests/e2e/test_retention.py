@@ -4,16 +4,15 @@ import json
 import subprocess
 
 import pytest
-from aioice_helpers import relay_round_trips
-from conftest import PASSWORD, TWISTD, USER
-from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn, store_dsn  # noqa: F401
-from postgres import fresh_schema
-from test_cli import turnrelay
-from test_usage_backends import backend_for
-from test_usage_report import _next_second
 
 from relay.ledger.records import SessionEnded, SessionStarted, UsageDelta
 from relay.ledger.sql import MIGRATIONS
+from support.accounting import backend_for, next_second
+from support.aioice_client import relay_round_trips
+from support.cli import run_cli
+from support.db import raw_rows
+from support.postgres import fresh_schema
+from support.servers import PASSWORD, TWISTD, USER
 
 SESSIONS = [SessionStarted(sid, "acme", "alice", "us-east", "udp", f"198.51.100.{n}:4000{n}",
                            ("203.0.113.7:50000",), "2026-01-01T00:00:00Z")
@@ -82,12 +81,12 @@ def test_a_relay_blanks_old_client_addresses_and_keeps_the_usage(kind, server_fa
     assert address.startswith("127.0.0.1:")
 
     def report():
-        done = turnrelay("usage", "--ledger", dsn, "--since", "2026-01-01", "--json")
+        done = run_cli("usage", "--ledger", dsn, "--since", "2026-01-01", "--json")
         return json.loads(done.stdout)["total"]
     before, usage = report(), raw_rows(dsn, USAGE)
     assert before["total_bytes"] == 2 * 3 * 140
 
-    _next_second()  # the session ended before this second: 0 days ago is in the past
+    next_second()  # the session ended before this second: 0 days ago is in the past
     lines = tmp_path / "usage.jsonl"
     server = server_factory("--accounting", accounting, "--accounting", f"jsonl:path={lines}",
                             "--client-address-retention", "0", tcp=False, tls=False)

@@ -5,28 +5,16 @@ between a change reaching the database and every relay acting on it; each wait i
 line or a reply, bounded by a deadline.
 """
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import REALM
-from dbfixtures import postgres_dsn, sqlite_dsn, store_dsn  # noqa: F401
-from wire_client import WireClient, error_code
 
 from relay.auth import tokens
 from relay.proto import stun
-
-CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
-UDP = (stun.REQUESTED_TRANSPORT, 17)
-BOUND = 5.0
-
-
-def cli(*args):
-    result = subprocess.run([CLI, *args], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+from support.cli import BOUND, cli
+from support.relay_clients import UDP
+from support.servers import REALM
+from support.wire_client import WireClient, error_code
 
 
 @pytest.fixture

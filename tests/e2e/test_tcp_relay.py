@@ -5,53 +5,20 @@ from __future__ import annotations
 import re
 import select
 import socket
-import ssl
-import threading
 import time
-from typing import Iterator, Tuple
+from typing import Tuple
 
 import pytest
-from conftest import PASSWORD, REALM, USER, free_port
-from test_accounting import sql_usage
-from wire_client import WireClient, error_code
 
-from relay.cli.turnclient import TCP as STREAM
-from relay.cli.turnclient import TLS, TurnClient
+from relay.cli.turnclient import TurnClient
 from relay.proto import stun
+from support.accounting import sql_usage
+from support.relay_clients import bind_data, control, data_connection, recv_exactly, tcp_allocation
+from support.servers import PASSWORD, REALM, USER, free_port
+from support.wire_client import WireClient, error_code
 
 TCP, UDP = 6, 17
 Address = Tuple[str, int]
-
-
-def control(server, user: str = USER, password: str = PASSWORD, tls: bool = False) -> TurnClient:
-    if not tls:
-        return TurnClient.connect(STREAM, (server.host, server.port), user, password, REALM)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE  # self-signed
-    return TurnClient.connect(TLS, (server.host, server.tls_port), user, password, REALM,
-                              context=context)
-
-
-def data_connection(server, client: TurnClient) -> TurnClient:
-    """A second connection to the server, over the same transport, with the same nonce."""
-    data = control(server, tls=client.transport == TLS)
-    data.nonce = client.nonce
-    return data
-
-
-def tcp_allocation(server, tls: bool = False) -> Tuple[TurnClient, Address]:
-    client = control(server, tls=tls)
-    reply = client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, TCP))
-    assert reply.cls == stun.SUCCESS, reply
-    return client, reply.get(stun.XOR_RELAYED_ADDRESS)
-
-
-def bind_data(server, client: TurnClient, connection_id: int) -> TurnClient:
-    """A new data connection, bound to `connection_id`; then raw bytes flow through `.sock`."""
-    data = data_connection(server, client)
-    reply = data.request(stun.CONNECTION_BIND, (stun.CONNECTION_ID, connection_id))
-    assert reply.cls == stun.SUCCESS, reply
-    return data
 
 
 def active_open(server, peer: Address) -> Tuple[TurnClient, TurnClient]:
@@ -62,23 +29,6 @@ def active_open(server, peer: Address) -> Tuple[TurnClient, TurnClient]:
     return client, bind_data(server, client, reply.get(stun.CONNECTION_ID))
 
 
-def recv_exactly(end, size: int) -> bytes:
-    """`size` bytes from a peer socket, or from a data connection (which may already hold
-    some: the peer's bytes can arrive in the same segment as the ConnectionBind response)."""
-    if isinstance(end, TurnClient):
-        early = end.take_buffered()
-        assert len(early) <= size
-        return early + recv_exactly(end.sock, size - len(early))
-    sock = end
-    chunks, got = [], 0
-    while got < size:
-        chunk = sock.recv(min(65536, size - got))
-        assert chunk, f"connection closed after {got} of {size} bytes"
-        chunks.append(chunk)
-        got += len(chunk)
-    return b"".join(chunks)
-
-
 def assert_closed(sock: socket.socket, timeout: float = 10.0) -> None:
     sock.settimeout(timeout)
     try:
@@ -86,35 +36,6 @@ def assert_closed(sock: socket.socket, timeout: float = 10.0) -> None:
             pass
     except ConnectionResetError:
         pass
-
-
-@pytest.fixture
-def tcp_echo_peer() -> Iterator[Address]:
-    """A TCP echo server on loopback, one thread per connection."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def echo(conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    data = conn.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                conn.sendall(data)
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=echo, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield listener.getsockname()[:2]
-    listener.close()
 
 
 @pytest.fixture

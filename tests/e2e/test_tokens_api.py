@@ -9,30 +9,26 @@ another.  The log test comes last in the file, so it greps what every other test
 from __future__ import annotations
 
 import asyncio
-import base64
-import http.client
-import json
 import re
 import ssl
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, Iterator, List, Optional, Tuple
-from urllib.parse import quote, urlencode
+from typing import Iterator
 
 import pytest
 from aioice.stun import TransactionFailed
 from aioice.turn import create_turn_endpoint
-from aioice_helpers import Collector, Echo
-from conftest import TWISTD, Server, free_port, start_server
-from dbfixtures import create_accounts, in_reactor, postgres_dsn  # noqa: F401
-from postgres import fresh_schema
 
 from relay.net.tls import self_signed
 from relay.service.options import Options
 from relay.web.api import FAILED_KEY_BURST
+from support.aioice_client import Collector, Echo
+from support.api import Api, Response, tokens_path
+from support.db import create_accounts
+from support.postgres import fresh_schema
+from support.servers import TWISTD, free_port, start_server
 
 SECRET = "tokens-api-mint-secret"
 OLD_SECRET = "tokens-api-previous-secret"
@@ -46,68 +42,6 @@ tls-port = 5350
 [regions.lab6]
 host = "2001:db8::7"
 """
-
-
-@dataclass
-class Response:
-    status: int
-    headers: http.client.HTTPMessage
-    body: Any
-
-
-@dataclass
-class Api:
-    """A running relay with its tokens API, the accounts' API keys, and every secret seen."""
-    server: Server
-    port: int
-    context: Optional[ssl.SSLContext]
-    keys: Dict[str, str]
-    secrets: List[str] = field(default_factory=list)
-
-    def request(self, method: str, path: str, auth: Optional[Tuple[str, str]] = None,
-                form: Optional[Dict[str, str]] = None, json_body: Any = None,
-                source: str = "127.0.0.1") -> Response:
-        headers = {}
-        body = None
-        if auth is not None:
-            headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
-        if form is not None:
-            body = urlencode(form)
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-        if json_body is not None:
-            body = json.dumps(json_body)
-            headers["Content-Type"] = "application/json"
-        if self.context is None:
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10,
-                                                    source_address=(source, 0))
-        else:
-            connection = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=10,
-                                                     source_address=(source, 0),
-                                                     context=self.context)
-        try:
-            connection.request(method, path, body, headers)
-            response = connection.getresponse()
-            data = response.read()
-        finally:
-            connection.close()
-        parsed = json.loads(data) if data else None
-        if isinstance(parsed, dict) and "password" in parsed:
-            self.secrets.append(parsed["password"])
-        return Response(response.status, response.headers, parsed)
-
-    def auth(self, account: str) -> Tuple[str, str]:
-        return account, self.keys[account]
-
-    def mint(self, account: str = "acme", source: str = "127.0.0.1", **form: str) -> Response:
-        return self.request("POST", tokens_path(account), self.auth(account), form=form,
-                            source=source)
-
-
-def tokens_path(account: str, username: Optional[str] = None, query: str = "") -> str:
-    path = f"/v1/accounts/{quote(account, safe='')}/tokens"
-    if username is not None:
-        path += "/" + quote(username, safe=":")
-    return path + (f"?{query}" if query else "")
 
 
 def refusal_code(err: TransactionFailed) -> int:

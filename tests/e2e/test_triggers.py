@@ -18,16 +18,14 @@ import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator, List, Optional, Tuple
 
-from conftest import REALM, free_port, running_echo_peer
-from dbfixtures import in_reactor, postgres_dsn, sqlite_dsn  # noqa: F401
-from postgres import fresh_schema
-from test_quota import relay_through
-from test_revocation import UDP, cli
-from test_wire import make_cert
-from wire_client import WireClient
-
 from relay.proto import stun
 from relay.storage.accounts import AccountStore
+from support.certs import make_cert
+from support.cli import cli
+from support.postgres import fresh_schema
+from support.relay_clients import UDP, relay_through
+from support.servers import REALM, free_port, running_echo_peer
+from support.wire_client import WireClient
 
 
 @contextlib.contextmanager

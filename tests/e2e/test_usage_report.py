@@ -9,19 +9,20 @@ database driver: what a report says must equal those sums, exactly.
 from __future__ import annotations
 
 import json
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
-from aioice_helpers import relay_round_trips
-from conftest import PASSWORD, Server, start_server
-from dbfixtures import create_accounts, in_reactor, postgres_dsn, raw_rows  # noqa: F401
-from postgres import fresh_schema
-from test_cli import turnrelay
-from test_tokens_api import Api
+
+from support.accounting import next_second
+from support.aioice_client import relay_round_trips
+from support.api import Api
+from support.cli import run_cli
+from support.db import create_accounts, raw_rows
+from support.postgres import fresh_schema
+from support.servers import PASSWORD, Server, start_server
 
 US_RATE_BEFORE, US_RATE_AFTER, EU_RATE = Decimal("0.1234567"), Decimal("0.98765"), Decimal("2.5")
 USERS = {"alice": "acme", "bob": "acme", "carol": "globex"}
@@ -92,17 +93,9 @@ def _relay(server: Server, user: str, payloads: List[bytes]) -> str:
 _SESSIONS: List[str] = []
 
 
-def _next_second() -> None:
-    """Wait for the clock's next second, so that usage after it has a later time in the
-    ledger (whole seconds) than usage before it."""
-    target = int(time.time()) + 1
-    while time.time() < target:
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def ledger(request, tmp_path_factory, in_reactor) -> Iterator[Ledger]:  # noqa: F811
-    from conftest import free_port
+    from support.servers import free_port
     tmp = tmp_path_factory.mktemp(f"ledger-{request.param}")
     if request.param == "sqlite":
         dsn = f"sqlite:///{tmp / 'usage.db'}"
@@ -117,7 +110,7 @@ def ledger(request, tmp_path_factory, in_reactor) -> Iterator[Ledger]:  # noqa: 
                            state_dir=str(tmp / "us-east"))
     try:
         first = _relay(us_east, "alice", [b"a" * 1000] * 7)
-        _next_second()
+        next_second()
         second = _relay(us_east, "alice", [b"b" * 1499] * 5)
         _relay(us_east, "carol", [b"c" * 333] * 3)
     finally:
@@ -148,7 +141,7 @@ def ledger(request, tmp_path_factory, in_reactor) -> Iterator[Ledger]:  # noqa: 
 
 def report(ledger: Ledger, *flags: str) -> dict:
     """`turnrelay usage --json` of the whole test's usage, as parsed JSON."""
-    done = turnrelay("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--json",
+    done = run_cli("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--json",
                      *ledger.rate_flags, *flags)
     return json.loads(done.stdout)
 
@@ -182,7 +175,7 @@ def test_charges_use_each_region_rate_in_effect_at_the_time(ledger):
         exact = Decimal(row["total_bytes"]) * rate / 10 ** 6
         assert Decimal(row["charge"]) == exact.quantize(Decimal("0.000001"), ROUND_HALF_UP)
     # Without the table, us-east's usage has no rate: its charge is blank, never zero.
-    done = turnrelay("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--by", "region",
+    done = run_cli("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--by", "region",
                      "--json", "--region", "eu-west", "--rate-per-mb", str(EU_RATE))
     regions = as_rows(json.loads(done.stdout), "region")
     assert regions["us-east"]["charge"] is None and regions["eu-west"]["charge"] is not None
@@ -198,14 +191,14 @@ def test_one_account_and_a_window(ledger):
     assert acme["total"]["sessions"] == 3
     # The window is half-open: usage at `until` is not in it, usage at `since` is.
     first = min(d[3] for d in ledger.deltas())
-    before = turnrelay("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--until",
+    before = run_cli("usage", "--ledger", ledger.dsn, "--since", "2026-01-01", "--until",
                        first, "--json")
     assert json.loads(before.stdout)["rows"] == []
     assert json.loads(before.stdout)["total"]["total_bytes"] == 0
 
 
 def test_the_table_has_a_row_per_group_and_the_total(ledger):
-    table = turnrelay("usage", "--ledger", ledger.dsn, "--since", "2026-01-01",
+    table = run_cli("usage", "--ledger", ledger.dsn, "--since", "2026-01-01",
                       *ledger.rate_flags).stdout.splitlines()
     assert table[0].split() == ["ACCOUNT", "SESSIONS", "BYTES", "SENT", "BYTES", "RECEIVED",
                                 "TOTAL", "BYTES", "MB", "CHARGE"]
@@ -227,21 +220,21 @@ def test_the_table_has_a_row_per_group_and_the_total(ledger):
      "turnrelay usage: --rate-per-mb: '1,5' is not a decimal number such as 0.0004"),
 ])
 def test_bad_arguments_are_one_line(argv, status, error, tmp_path):
-    done = turnrelay("usage", "--ledger", f"sqlite://{tmp_path}/none.db", *argv, status=status)
+    done = run_cli("usage", "--ledger", f"sqlite://{tmp_path}/none.db", *argv, status=status)
     if error is not None:
         assert done.stderr.strip() == error
 
 
 def test_a_missing_ledger_is_one_line(tmp_path, postgres_dsn):  # noqa: F811
-    missing = turnrelay("usage", "--ledger", f"sqlite://{tmp_path}/none.db", "--since",
+    missing = run_cli("usage", "--ledger", f"sqlite://{tmp_path}/none.db", "--since",
                         "2026-11-01", status=1)
     assert missing.stderr.strip() == f"turnrelay: no ledger at {tmp_path}/none.db: no such file"
     assert not (tmp_path / "none.db").exists()
-    empty = turnrelay("usage", "--ledger", fresh_schema(postgres_dsn), "--since", "2026-11-01",
+    empty = run_cli("usage", "--ledger", fresh_schema(postgres_dsn), "--since", "2026-11-01",
                       status=1)
     assert empty.stderr.strip() == ("turnrelay: no usage ledger in this database yet: no relay "
                                     "has written to it (its schema_version table is missing)")
-    no_ledger = turnrelay("usage", "--since", "2026-11-01", status=2)
+    no_ledger = run_cli("usage", "--since", "2026-11-01", status=2)
     assert no_ledger.stderr.strip() == ("turnrelay usage: --ledger DSN (or TURNRELAY_LEDGER) is "
                                         "required")
 
@@ -334,7 +327,7 @@ def test_the_usage_paths_serve_get_only(ledger):
 
 
 def test_without_a_sql_ledger_the_usage_api_says_so(tmp_path, in_reactor):  # noqa: F811
-    from conftest import free_port
+    from support.servers import free_port
     accounts = f"sqlite://{tmp_path / 'accounts.db'}"
     keys = in_reactor(create_accounts, accounts, ("acme", "globex"))
     (tmp_path / "mint.secret").write_text("usage-report-secret\n")
@@ -357,8 +350,8 @@ def test_without_a_sql_ledger_the_usage_api_says_so(tmp_path, in_reactor):  # no
 
 
 def test_a_session_across_a_rate_change_pays_each_rate_for_its_part(server_factory, tmp_path):
-    from conftest import USER
-    from test_accounting import REGION, HeldSession, eventually, sql_usage
+    from support.accounting import REGION, HeldSession, eventually, sql_usage
+    from support.servers import USER
     dsn = f"sqlite://{tmp_path / 'usage.db'}"
     server = server_factory("--accounting", f"sqlite:path={tmp_path / 'usage.db'}",
                             "--accounting-interval", "1", "--region", REGION, tcp=False,
@@ -367,7 +360,7 @@ def test_a_session_across_a_rate_change_pays_each_rate_for_its_part(server_facto
     session = HeldSession(server)
     before = session.relay(4, 500)
     eventually(lambda: sql_usage(dsn).get(USER), before)  # the old rate's part, recorded
-    _next_second()
+    next_second()
     session.relay(3, 900)
     session.delete()
     session.close()
@@ -384,7 +377,7 @@ def test_a_session_across_a_rate_change_pays_each_rate_for_its_part(server_facto
     (tmp_path / "rates.toml").write_text(
         f'[[rates.{REGION}]]\nrate_per_mb = "0.3"\neffective = 2026-01-01\n\n'
         f'[[rates.{REGION}]]\nrate_per_mb = "0.7"\neffective = {effective}\n')
-    answer = json.loads(turnrelay("usage", "--ledger", dsn, "--since", "2026-01-01", "--by",
+    answer = json.loads(run_cli("usage", "--ledger", dsn, "--since", "2026-01-01", "--by",
                                   "session", "--json", "--rate-table",
                                   str(tmp_path / "rates.toml")).stdout)
     [row] = answer["rows"]

@@ -1,13 +1,14 @@
 """Protocol behaviour over real sockets that the third-party clients do not exercise."""
 import socket
 import ssl
-import subprocess
 
 import pytest
-from conftest import PASSWORD, REALM, USER
-from wire_client import WireClient, error_code
 
 from relay.proto import stun
+from support.certs import make_cert
+from support.relay_clients import tls_connect
+from support.servers import PASSWORD, REALM, USER
+from support.wire_client import WireClient, error_code
 
 UDP = (stun.REQUESTED_TRANSPORT, 17)
 
@@ -100,20 +101,6 @@ def test_fleet_sharing_a_nonce_secret_accepts_each_others_nonces(server_factory,
             assert error_code(reply) == 438 and reply.get(stun.NONCE) != client.nonce
 
 
-def tls_connect(server, **context_settings):
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    for name, value in context_settings.items():
-        if name == "ciphers":
-            context.set_ciphers(value)
-        else:
-            setattr(context, name, value)
-    with socket.create_connection((server.host, server.tls_port), timeout=5) as raw:
-        with context.wrap_socket(raw) as tls:
-            return tls.version(), tls.cipher()[0], tls.getpeercert(binary_form=True)
-
-
 def test_tls_defaults_are_tls12_with_ecdhe_aead_only(turnrelay):
     version, cipher, _ = tls_connect(turnrelay)
     assert version == "TLSv1.2" and cipher.startswith("ECDHE-") and ("GCM" in cipher or "CHACHA" in cipher)
@@ -127,17 +114,6 @@ def test_tls_defaults_are_tls12_with_ecdhe_aead_only(turnrelay):
 def test_tls13_by_setting(server_factory):
     server = server_factory("--tls-max-version", "1.3")
     assert tls_connect(server)[0] == "TLSv1.3"
-
-
-def make_cert(directory, name, san=None):
-    """A self-signed P-256 certificate and its key; `san` (e.g. "IP:127.0.0.1") lets a
-    verifying client accept it for that name."""
-    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-                    "-nodes", "-subj", f"/CN={name}", "-days", "2", "-keyout", str(key), "-out", str(cert)]
-                   + (["-addext", f"subjectAltName={san}"] if san else []),
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 def test_sighup_swaps_the_certificate_without_a_restart(server_factory, tmp_path):

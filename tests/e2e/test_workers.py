@@ -16,17 +16,16 @@ import urllib.request
 from typing import Dict, List, Tuple
 
 import pytest
-from conftest import PASSWORD, REALM, RELAY_PORTS, TWISTD, USER, free_port, running_echo_peer
 from prometheus_client.parser import text_string_to_metric_families
-from test_abuse import udp_socket
-from test_limits import burst, counters
-from wire_client import WireClient, error_code
 
 from relay.proto import stun
 from relay.service.build import relay_port_slice
 from relay.service.host import usable_cpus
 from relay.service.options import Options
 from relay.service.quota_book import GRANTED, Place, QuotaBook
+from support.relay_clients import burst, counters, udp_socket
+from support.servers import PASSWORD, REALM, RELAY_PORTS, TWISTD, USER, free_port, running_echo_peer
+from support.wire_client import WireClient, error_code
 
 UDP = (stun.REQUESTED_TRANSPORT, 17)
 WORKERS = 2

@@ -1,9 +1,9 @@
-"""The chart and the operator against a real Kubernetes 1.20 API server (tests/k8s_cluster.py).
+"""The chart and the operator against a real Kubernetes 1.20 API server (tests/support/k8s_cluster.py).
 
 One story, in file order, as an operator of a fleet would live it: lint and render the chart,
 install it, create two regions, scale and reconfigure one, break children by hand, send an
 invalid spec, restart the operator, delete a region, uninstall.  No kubelet runs, so pods stay
-Pending: readiness is 0 throughout (tests/test_operator_manifests.py runs the relay itself).
+Pending: readiness is 0 throughout (tests/k8s/test_operator_manifests.py runs the relay itself).
 The operator runs as a local `kopf run` process with the chart's ServiceAccount identity, so
 every call it makes is checked against the chart's RBAC.
 """
@@ -20,13 +20,22 @@ import kubernetes_validate
 import pytest
 import turnregion_manifests as m
 import yaml
-from conftest import stop_process
-from k8s_cluster import CHART, RELEASE, RELEASE_NAMESPACE, Cluster, apply_crd, control_plane, wait_for
 from kubernetes.dynamic.exceptions import NotFoundError, UnprocessibleEntityError
-from test_operator_manifests import SCHEMA_VERSION
+
+from support.k8s_cluster import (
+    CHART,
+    RELEASE,
+    RELEASE_NAMESPACE,
+    SCHEMA_VERSION,
+    Cluster,
+    apply_crd,
+    control_plane,
+    wait_for,
+)
+from support.servers import stop_process
 
 NAMESPACE = "relays"
-OPERATOR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "operator", "turnregion_operator.py")
+OPERATOR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "operator", "turnregion_operator.py")
 KOPF = os.path.join(os.path.dirname(sys.executable), "kopf")
 INSTANCE = "app.kubernetes.io/instance"
 VALUES_REGION = {"name": "ap-south", "namespace": NAMESPACE, "spec": {"region": "ap-south", "replicas": 1, "ratePerMB": 0.005}}

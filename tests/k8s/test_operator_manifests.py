@@ -14,17 +14,16 @@ import kubernetes_validate
 import pytest
 import turnregion_manifests as m
 import yaml
-from aioice_helpers import relay_round_trips
-from conftest import RELAY_PORTS, free_port, launch
-from test_wire import make_cert
 
 from relay.auth.tokens import mint
 from relay.service.options import Options
+from support.aioice_client import relay_round_trips
+from support.certs import make_cert
+from support.k8s_cluster import SCHEMA_VERSION
+from support.servers import RELAY_PORTS, free_port, launch
 
-CRD = pathlib.Path(__file__).parent.parent / "helm" / "turnrelay" / "crds" / "turnregions.turnrelay.io.yaml"
+CRD = pathlib.Path(__file__).resolve().parents[2] / "helm" / "turnrelay" / "crds" / "turnregions.turnrelay.io.yaml"
 # The oldest schema kubernetes-validate ships; the real 1.20 API server checks the rest.
-SCHEMA_VERSION = "1.25.0"
-
 FULL_SPEC = {
     "region": "eu-west", "replicas": 3, "image": "registry.example/turnrelay:1.2",
     "realm": "example.org",

@@ -1,6 +1,6 @@
 """Black-box garbage for a running turnrelay, while real clients keep using it.
 
-Used by tests/test_blackbox.py (a short run) and bench/blackbox.py (100,000 datagrams).
+Used by tests/e2e/test_blackbox.py (a short run) and bench/blackbox.py (100,000 datagrams).
 Datagrams are mutations of real requests, signed with the server's real nonce and a real
 user's key, so damage lands past the header checks and inside authenticated handlers; stream
 garbage goes to the TCP and TLS listeners, including damaged TLS ClientHellos.  Real aioice
@@ -16,10 +16,9 @@ import threading
 import time
 from typing import Callable, List, Tuple
 
-from aioice_helpers import relay_round_trips
-from conftest import PASSWORD, REALM, USER
-
 from relay.proto import stun
+from support.aioice_client import relay_round_trips
+from support.servers import PASSWORD, REALM, USER
 
 PEER = ("8.8.8.8", 5000)
 

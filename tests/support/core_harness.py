@@ -2,7 +2,7 @@
 client that signs its requests the way a real long-term-credential client does.
 
 `Harness` owns a `TurnServer` built on a `FakeBinder`, a `StaticUsersChecker` and a clock that
-only moves when a test moves it.  `TurnClient` is one 5-tuple: it learns REALM and NONCE from a
+only moves when a test moves it.  `CoreClient` is one 5-tuple: it learns REALM and NONCE from a
 401, signs with the long-term key (MD5 or SHA-256, USERNAME or USERHASH), runs the login the
 way `relay.net.listeners.LoginDispatcher` does (the static checker's Deferreds have already fired,
 so the outcome is read synchronously) and parses whatever the server sent back.
@@ -13,11 +13,13 @@ import random
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from relay.auth.checkers import StaticUser, StaticUsersChecker
 from relay.auth.cred import AccountRealm, IAccount
 from relay.cli.turnclient import error_code
+from relay.core.credentials import Account
 from relay.core.nonces import FEATURE_PASSWORD_ALGORITHMS, FEATURE_USERNAME_ANONYMITY, NonceIssuer
 from relay.core.ratelimit import RateLimiter
 from relay.core.server import Client, TurnConfig, TurnServer
@@ -185,13 +187,13 @@ class Harness:
 
     def client(self, username: str = "alice", password: Optional[str] = None,
                address: Address = ("198.51.100.20", 40000), transport: str = "udp",
-               listener: Any = ("192.0.2.1", 3478)) -> "TurnClient":
+               listener: Any = ("192.0.2.1", 3478)) -> "CoreClient":
         if password is None:
             password = self.users.get(username, "no-such-password")
-        return TurnClient(self, username, password, address, transport, listener)
+        return CoreClient(self, username, password, address, transport, listener)
 
 
-class TurnClient:
+class CoreClient:
     """One client 5-tuple talking to a Harness's server."""
 
     def __init__(self, harness: Harness, username: str, password: str, address: Address,
@@ -367,3 +369,31 @@ def channel_data(number: int, payload: bytes, pad: bool = False) -> bytes:
     """A ChannelData frame; `pad` rounds it to 4 bytes as a stream transport must."""
     frame = stun.CHANNEL_HEADER.pack(number, len(payload)) + payload
     return frame + stun.PADDING[len(payload) & 3] if pad else frame
+
+
+class FixedAccount:
+    """A checker that logs everyone in as one account with the given limits."""
+
+    credentialInterfaces = StaticUsersChecker.credentialInterfaces
+
+    def __init__(self, **limits):
+        self.account = Account("limited", **limits)
+
+    def requestAvatarId(self, credentials):
+        credentials.checkPassword(credentials.username, "wonderland")
+        return defer.succeed(self.account)
+
+
+def traffic(client, out: List[bytes], back: List[bytes]) -> None:
+    """Payloads from the client to PEER (Send indications) and from PEER back."""
+    for data in out:
+        client.send_indication(PEER, data)
+    for data in back:
+        client.relay().deliver(data, PEER)
+
+
+def open_session(harness, user="alice", port=40000):
+    client = harness.client(user, address=("198.51.100.20", port))
+    client.allocate_ok()
+    client.create_permission(PEER)
+    return client

@@ -1,16 +1,11 @@
-"""Fixtures for the account database, imported by the test modules that need them:
+"""Fixtures for the account database, registered for the whole suite by tests/conftest.py.
 
-    from dbfixtures import in_reactor, postgres_dsn, sqlite_dsn, store_dsn  # noqa: F401
-
-(pytest finds fixtures imported into a test module.)  `store_dsn` runs a test once on SQLite
-and once on a real PostgreSQL, started once per session.  Imported into several modules, a
-session fixture is several fixtures to pytest, each run once: `_once_per_run` is what keeps
-the PostgreSQL server and the reactor thread single.
+`store_dsn` runs a test once on SQLite and once on a real PostgreSQL, started once per session.
 
 The store returns Deferreds, as it does in the relay.  Rather than a test dependency more
-(pytest-twisted), the reactor runs in a daemon thread for the session and `in_reactor(f, *args)` calls `f` there and waits
-for its Deferred: tests use the store exactly as the relay does, and a blocking test thread
-cannot starve it.
+(pytest-twisted), the reactor runs in a daemon thread for the session and `in_reactor(f, *args)`
+calls `f` there and waits for its Deferred: tests use the store exactly as the relay does, and a
+blocking test thread cannot starve it.
 """
 from __future__ import annotations
 
@@ -18,32 +13,22 @@ import contextlib
 import queue
 import sqlite3
 import threading
-from typing import Any, Callable, ContextManager, Dict, Iterator, List, Sequence, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 import psycopg
 import pytest
-from postgres import fresh_schema, throwaway_postgres
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from support.postgres import fresh_schema, throwaway_postgres
+
 TIMEOUT = 30.0
-T = TypeVar("T")
-RESOURCES = pytest.StashKey[Dict[Callable[[], ContextManager[Any]], Any]]()
-
-
-def _once_per_run(config: pytest.Config, resource: Callable[[], ContextManager[T]]) -> T:
-    """Enter `resource` the first time the run asks for it; leave it when the run ends."""
-    entered = config.stash.setdefault(RESOURCES, {})
-    if resource not in entered:
-        stack = contextlib.ExitStack()
-        entered[resource] = stack.enter_context(resource())
-        config.add_cleanup(stack.close)
-    return entered[resource]
 
 
 @pytest.fixture(scope="session")
-def postgres_dsn(pytestconfig) -> str:
-    return _once_per_run(pytestconfig, throwaway_postgres)
+def postgres_dsn() -> Iterator[str]:
+    with throwaway_postgres() as dsn:
+        yield dsn
 
 
 @pytest.fixture
@@ -82,10 +67,11 @@ def _reactor_thread() -> Iterator[Callable[..., Any]]:
 
 
 @pytest.fixture(scope="session")
-def in_reactor(pytestconfig) -> Callable[..., Any]:
+def in_reactor() -> Iterator[Callable[..., Any]]:
     """in_reactor(f, *args, **kwargs): f's result, f running in the reactor's thread and the
     Deferred it returns waited for here (its failure raised here)."""
-    return _once_per_run(pytestconfig, _reactor_thread)
+    with _reactor_thread() as call:
+        yield call
 
 
 async def create_accounts(dsn: str, names: Sequence[str],

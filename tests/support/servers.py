@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, List, Optional, Tuple
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 # Relay ports above Linux's ephemeral client ports (32768-60999), so the kernel never hands
 # a relay port to a test client.

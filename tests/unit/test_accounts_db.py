@@ -4,7 +4,6 @@ import time
 
 import psycopg
 import pytest
-from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn, store_dsn  # noqa: F401
 
 from relay.storage import accounts as accounts_db
 from relay.storage.accounts import (
@@ -17,6 +16,7 @@ from relay.storage.accounts import (
     UnknownAccount,
 )
 from relay.storage.sqldb import error_line
+from support.db import raw_rows
 
 
 @pytest.fixture

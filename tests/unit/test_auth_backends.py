@@ -1,13 +1,12 @@
 """Auth backends in the sans-IO core: REST credentials, chained checkers, account limits."""
 import pytest
-from turnclient_helpers import Harness, channel_data, error_code
 from twisted.cred import error
 from twisted.internet import defer
 
 from relay.auth import tokens
 from relay.auth.checkers import ChainedChecker, RestSecretChecker, StaticUser, StaticUsersChecker
-from relay.core.credentials import Account
 from relay.proto import stun
+from support.core_harness import FixedAccount, Harness, channel_data, error_code
 
 SECRETS = [b"current-secret", b"previous-secret"]
 
@@ -119,19 +118,6 @@ def test_chained_checker_reports_a_backend_error_rather_than_a_refusal():
     assert result.check(RuntimeError) and not result.check(error.UnauthorizedLogin)
     assert isinstance(outcome(ChainedChecker([]).requestAvatarId(credentials)).value,
                       error.UnauthorizedLogin)
-
-
-class FixedAccount:
-    """A checker that logs everyone in as one account with the given limits."""
-
-    credentialInterfaces = StaticUsersChecker.credentialInterfaces
-
-    def __init__(self, **limits):
-        self.account = Account("limited", **limits)
-
-    def requestAvatarId(self, credentials):
-        credentials.checkPassword(credentials.username, "wonderland")
-        return defer.succeed(self.account)
 
 
 def test_account_allocation_quota_is_486():

@@ -1,35 +1,18 @@
 """The `turnrelay` console script, run as installed, against SQLite and a real PostgreSQL."""
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from datetime import datetime, timezone
 
 import pytest
-from conftest import free_port
-from dbfixtures import in_reactor, postgres_dsn, sqlite_dsn, store_dsn  # noqa: F401
 
 from relay.auth.tokens import password_for
 from relay.cli.main import main
 from relay.storage.accounts import ACTIVE, SUSPENDED, AccountRecord, AccountStore
+from support.cli import run_cli
+from support.servers import free_port
 
-TURNRELAY = os.path.join(os.path.dirname(sys.executable), "turnrelay")
 SECRETS = b"first-secret\nsecond-secret\n"
-
-
-def turnrelay(*argv: str, status: int = 0, env_db: str = "") -> subprocess.CompletedProcess:
-    """Run the script; check its exit status, and that a failure is one line, no traceback."""
-    env = {name: value for name, value in os.environ.items() if name != "TURNRELAY_DB"}
-    if env_db:
-        env["TURNRELAY_DB"] = env_db
-    done = subprocess.run([TURNRELAY, *argv], capture_output=True, text=True, env=env, timeout=60)
-    assert "Traceback" not in done.stderr, done.stderr
-    assert done.returncode == status, (done.returncode, done.stdout, done.stderr)
-    if status:
-        assert len(done.stderr.splitlines()) == 1, done.stderr
-    return done
 
 
 @pytest.fixture
@@ -48,7 +31,7 @@ def secret_file(tmp_path):
 
 
 def mint(*argv: str, status: int = 0, env_db: str = "") -> dict:
-    return json.loads(turnrelay("token", *argv, status=status, env_db=env_db).stdout)
+    return json.loads(run_cli("token", *argv, status=status, env_db=env_db).stdout)
 
 
 @pytest.mark.parametrize("command, options", [
@@ -77,39 +60,39 @@ def test_help_documents_every_option(command, options, capsys):
 
 
 def test_account_lifecycle(store_dsn, store, in_reactor):
-    added = turnrelay("account", "add", "acme", "--max-allocations", "5", "--bandwidth", "125000",
+    added = run_cli("account", "add", "acme", "--max-allocations", "5", "--bandwidth", "125000",
                       "--db", store_dsn)
     key = added.stdout.strip()
     assert added.stdout == key + "\n" and key not in added.stderr
     assert "will not be shown again" in added.stderr
     assert in_reactor(store.verify_api_key, "acme", key) is True
-    assert "already exists" in turnrelay("account", "add", "acme", "--db", store_dsn,
+    assert "already exists" in run_cli("account", "add", "acme", "--db", store_dsn,
                                          status=1).stderr
 
-    turnrelay("account", "suspend", "acme", "--db", store_dsn)
+    run_cli("account", "suspend", "acme", "--db", store_dsn)
     assert in_reactor(store.get_account, "acme") == AccountRecord("acme", SUSPENDED, 5, 125000)
-    turnrelay("account", "activate", "acme", env_db=store_dsn)
-    turnrelay("account", "set-limits", "acme", "--max-allocations", "0", "--db", store_dsn)
+    run_cli("account", "activate", "acme", env_db=store_dsn)
+    run_cli("account", "set-limits", "acme", "--max-allocations", "0", "--db", store_dsn)
     assert in_reactor(store.get_account, "acme") == AccountRecord("acme", ACTIVE, 0, 125000)
-    turnrelay("account", "add", "beta", "--monthly-quota-mb", "0.05", "--db", store_dsn)
+    run_cli("account", "add", "beta", "--monthly-quota-mb", "0.05", "--db", store_dsn)
     assert in_reactor(store.get_account, "beta").monthly_quota_bytes == 50_000
-    turnrelay("account", "add", "gamma", "--db", store_dsn)
-    turnrelay("account", "set-limits", "gamma", "--monthly-quota-mb", "0", "--db", store_dsn)
-    listing = turnrelay("account", "list", "--db", store_dsn).stdout.splitlines()
+    run_cli("account", "add", "gamma", "--db", store_dsn)
+    run_cli("account", "set-limits", "gamma", "--monthly-quota-mb", "0", "--db", store_dsn)
+    listing = run_cli("account", "list", "--db", store_dsn).stdout.splitlines()
     assert [line.split() for line in listing[1:]] == [
         ["acme", "active", "unlimited", "125000", "default"],
         ["beta", "active", "unlimited", "unlimited", "0.05"],
         ["gamma", "active", "unlimited", "unlimited", "unlimited"]]
-    turnrelay("account", "set-limits", "gamma", "--monthly-quota-mb", "default", "--db", store_dsn)
+    run_cli("account", "set-limits", "gamma", "--monthly-quota-mb", "default", "--db", store_dsn)
     assert in_reactor(store.get_account, "gamma").monthly_quota_bytes is None
-    assert "at most 6 decimals" in turnrelay("account", "set-limits", "gamma",
+    assert "at most 6 decimals" in run_cli("account", "set-limits", "gamma",
                                              "--monthly-quota-mb", "0.0000001", "--db", store_dsn,
                                              status=2).stderr
 
-    new_key = turnrelay("account", "rotate-key", "acme", "--db", store_dsn).stdout.strip()
+    new_key = run_cli("account", "rotate-key", "acme", "--db", store_dsn).stdout.strip()
     assert in_reactor(store.verify_api_key, "acme", new_key) is True
     assert in_reactor(store.verify_api_key, "acme", key) is False
-    assert "no account 'nobody'" in turnrelay("account", "suspend", "nobody", "--db", store_dsn,
+    assert "no account 'nobody'" in run_cli("account", "suspend", "nobody", "--db", store_dsn,
                                               status=1).stderr
 
 
@@ -129,26 +112,26 @@ def test_a_token_is_minted_offline_with_the_first_secret(secret_file):
 
 
 def test_with_a_database_a_token_needs_an_active_account(store_dsn, secret_file):
-    turnrelay("account", "add", "acme", "--db", store_dsn)
+    run_cli("account", "add", "acme", "--db", store_dsn)
     assert mint("--account", "acme", "--secret-file", secret_file, "--db", store_dsn)["username"]
-    turnrelay("account", "suspend", "acme", "--db", store_dsn)
-    refused = turnrelay("token", "--account", "acme", "--secret-file", secret_file,
+    run_cli("account", "suspend", "acme", "--db", store_dsn)
+    refused = run_cli("token", "--account", "acme", "--secret-file", secret_file,
                         "--db", store_dsn, status=1)
     assert "account 'acme' is suspended" in refused.stderr and not refused.stdout
-    refused = turnrelay("token", "--account", "nobody", "--secret-file", secret_file,
+    refused = run_cli("token", "--account", "nobody", "--secret-file", secret_file,
                         env_db=store_dsn, status=1)
     assert "no account 'nobody'" in refused.stderr and not refused.stdout
 
 
 def test_a_revoked_username_is_in_the_next_snapshot(store_dsn, store, secret_file, in_reactor):
     username = mint("--account", "acme", "--secret-file", secret_file)["username"]
-    revoked = turnrelay("revoke", username, "--db", store_dsn)
+    revoked = run_cli("revoke", username, "--db", store_dsn)
     assert revoked.stdout.startswith(f"revoked {username} until ")
     assert in_reactor(store.snapshot, time.time()).revoked == {username}
 
 
 def test_an_expired_username_needs_no_revocation(store_dsn, store, in_reactor):
-    assert "nothing to revoke" in turnrelay("revoke", "1000:acme", "--db", store_dsn).stderr
+    assert "nothing to revoke" in run_cli("revoke", "1000:acme", "--db", store_dsn).stderr
     assert in_reactor(store.snapshot, 0).revoked == frozenset()
 
 
@@ -174,6 +157,6 @@ def test_an_expired_username_needs_no_revocation(store_dsn, store, in_reactor):
 def test_every_error_is_one_line(argv, status, problem, tmp_path):
     (tmp_path / "empty").write_text("\n")
     fill = {"tmp": tmp_path, "sqlite": f"sqlite:///{tmp_path}/accounts.db", "port": free_port()}
-    refused = turnrelay(*(arg.format(**fill) for arg in argv), status=status)
+    refused = run_cli(*(arg.format(**fill) for arg in argv), status=status)
     assert problem in refused.stderr
     assert "hunter2" not in refused.stderr

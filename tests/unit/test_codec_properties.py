@@ -15,7 +15,15 @@ from typing import List, Tuple
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stun_strategies import (
+from twisted.cred.portal import Portal
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from relay.net.listeners import ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher, StreamLimits
+from relay.proto import stun
+from support.core_harness import PEER, Harness, channel_data
+from support.stun_strategies import (
     SIGNATURES,
     addresses,
     known_attributes,
@@ -25,14 +33,6 @@ from stun_strategies import (
     signing,
     wire_messages,
 )
-from turnclient_helpers import PEER, Harness, channel_data
-from twisted.cred.portal import Portal
-from twisted.internet.address import IPv4Address
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-
-from relay.net.listeners import ClientDatagramProtocol, ClientStreamFactory, LoginDispatcher, StreamLimits
-from relay.proto import stun
 
 SETTINGS = settings(max_examples=40, deadline=1000, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow])

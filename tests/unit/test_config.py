@@ -2,9 +2,9 @@
 import subprocess
 
 import pytest
-from conftest import TWISTD
 
 from relay.service.options import Options
+from support.servers import TWISTD
 
 
 def parse(*argv):
@@ -94,6 +94,7 @@ def test_a_toml_file_missing_or_broken_is_one_line_naming_the_flag_and_file(tmp_
     assert message.endswith("(at line 1, column 7)"), message
 
 
+@pytest.mark.e2e  # runs twistd turnrelay, which must refuse to start
 def test_twistd_prints_one_line_for_a_bad_value():
     result = subprocess.run([TWISTD, "-n", "turnrelay", "--min-port", "70000"],
                             capture_output=True, text=True, timeout=60)

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-RELAY = pathlib.Path(__file__).resolve().parents[1] / "relay"
+RELAY = pathlib.Path(__file__).resolve().parents[2] / "relay"
 # Lower layers never import higher ones; packages of the same rank never import each other.
 RANKS = {"util": 0, "proto": 1, "core": 2, "storage": 3, "auth": 4, "ledger": 4, "net": 5,
          "web": 6, "service": 7, "cli": 8}

@@ -12,8 +12,6 @@ import json
 from typing import Dict, List, Tuple
 
 import pytest
-from dbfixtures import in_reactor, raw_rows  # noqa: F401
-from turnclient_helpers import PEER, Harness, error_code
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
@@ -31,6 +29,8 @@ from relay.ledger.writer import (
     SHUTDOWN_WAIT,
     Ledger,
 )
+from support.core_harness import Harness, error_code, open_session, traffic
+from support.db import raw_rows
 
 INTERVAL = 10
 REGION = "eu-west"
@@ -131,21 +131,6 @@ def ledger_log():
 def counters(allocation) -> Tuple[int, int, int, int]:
     return (allocation.bytes_from_client, allocation.packets_from_client,
             allocation.bytes_to_client, allocation.packets_to_client)
-
-
-def traffic(client, out: List[bytes], back: List[bytes]) -> None:
-    """Payloads from the client to PEER (Send indications) and from PEER back."""
-    for data in out:
-        client.send_indication(PEER, data)
-    for data in back:
-        client.relay().deliver(data, PEER)
-
-
-def open_session(harness, user="alice", port=40000):
-    client = harness.client(user, address=("198.51.100.20", port))
-    client.allocate_ok()
-    client.create_permission(PEER)
-    return client
 
 
 def sql_totals(path, session_id):

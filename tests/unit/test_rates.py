@@ -4,9 +4,9 @@ import subprocess
 from decimal import Decimal
 
 import pytest
-from conftest import TWISTD
 
 from relay.ledger.pricing import RateTable, charge, megabytes, parse_utc, rates_from_options
+from support.servers import TWISTD
 
 TABLE = """
 [[rates.us-east]]
@@ -76,6 +76,7 @@ def test_a_rate_table_must_have_distinct_times():
         RateTable({"x": [("2026-01-01T00:00:00Z", Decimal(1)), ("2026-01-01T00:00:00Z", Decimal(2))]})
 
 
+@pytest.mark.e2e  # runs twistd turnrelay, which must refuse to start
 @pytest.mark.parametrize("rates, arguments, error", [
     (None, ["--rate-per-mb", "cheap"],
      "--rate-per-mb: 'cheap' is not a decimal number such as 0.0004"),

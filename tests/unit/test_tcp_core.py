@@ -3,10 +3,10 @@ Connect attempts the test completes, fake connection ends, and the injected cloc
 from __future__ import annotations
 
 import pytest
-from turnclient_helpers import PEER, PEER2, FakeStreamEnd, Harness, error_code
 
 from relay.core.tcp import BOUND, CLOSED, CONNECTING, PENDING
 from relay.proto import stun
+from support.core_harness import PEER, PEER2, FakeStreamEnd, Harness, error_code
 
 TCP = 6
 CONTROL = ("198.51.100.20", 40000)

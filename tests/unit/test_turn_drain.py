@@ -2,9 +2,8 @@
 section 10) or refused (508), existing allocations go on, the metrics' running totals."""
 from __future__ import annotations
 
-from turnclient_helpers import PEER, RELAY_V6, Harness, error_code
-
 from relay.proto import stun
+from support.core_harness import PEER, RELAY_V6, Harness, error_code
 
 ALTERNATES = (("192.0.2.7", 3478), ("192.0.2.8", 3478), ("2001:db8::7", 3478))
 

@@ -12,12 +12,12 @@ from typing import List, Union
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from stun_strategies import VALUES, addresses, known_attributes, mutated, unknown_attributes
-from turnclient_helpers import PEER, PEER_V6, RELAY_V4, RELAY_V6, Harness, RawValue, TurnClient
 
 from relay.core.allocation import Address
 from relay.core.peers import PeerPolicy
 from relay.proto import stun
+from support.core_harness import PEER, PEER_V6, RELAY_V4, RELAY_V6, CoreClient, Harness, RawValue
+from support.stun_strategies import VALUES, addresses, known_attributes, mutated, unknown_attributes
 
 # The peers the issue lists as forbidden, the relay's own addresses, and allowed ones.
 FORBIDDEN_HOSTS = [
@@ -73,7 +73,7 @@ operations = st.integers(0, 9).flatmap(lambda i: relaying if i < 6 else lifecycl
 POLICY = PeerPolicy()
 
 
-def act(harness: Harness, clients: List[TurnClient], pool: List[Address], op: tuple) -> None:
+def act(harness: Harness, clients: List[CoreClient], pool: List[Address], op: tuple) -> None:
     def peer(drawn: Union[int, Address]) -> Address:
         return pool[drawn] if isinstance(drawn, int) else drawn
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import base64
 
 import pytest
-from turnclient_helpers import (
+
+from relay.core.allocation import CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME
+from relay.core.nonces import FEATURE_PASSWORD_ALGORITHMS
+from relay.core.ratelimit import RateLimiter
+from relay.core.server import RESERVATION_LIFETIME, RESPONSE_CACHE_LIFETIME
+from relay.proto import stun
+from support.core_harness import (
     NONCE_LIFETIME,
     PEER,
     PEER2,
@@ -19,12 +25,6 @@ from turnclient_helpers import (
     channel_data,
     error_code,
 )
-
-from relay.core.allocation import CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME
-from relay.core.nonces import FEATURE_PASSWORD_ALGORITHMS
-from relay.core.ratelimit import RateLimiter
-from relay.core.server import RESERVATION_LIFETIME, RESPONSE_CACHE_LIFETIME
-from relay.proto import stun
 
 UNKNOWN_REQUIRED = 0x0031     # comprehension-required, not in the codec's table
 UNKNOWN_OPTIONAL = 0xC057     # comprehension-optional, not in the codec's table

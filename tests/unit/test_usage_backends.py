@@ -2,24 +2,18 @@
 import json
 
 import pytest
-from dbfixtures import in_reactor, postgres_dsn, raw_rows, sqlite_dsn, store_dsn  # noqa: F401
 
 from relay.ledger.jsonl import jsonl_backend
 from relay.ledger.plugins import installed, make_backend
 from relay.ledger.records import SessionEnded, SessionStarted, UsageDelta
-from relay.ledger.sql import postgresql_backend, sqlite_backend
+from support.accounting import backend_for
+from support.db import raw_rows
 
 START = SessionStarted("5e55", "acme", "alice", "us-east", "tls", "[2001:db8::7]:40000",
                        ("203.0.113.7:50000", "[2001:db8::10]:50002"), "2026-11-23T12:00:00Z")
 DELTAS = [UsageDelta("5e55", 1, 1000, 10, 2000, 20, "2026-11-23T12:00:10Z"),
           UsageDelta("5e55", 2, 5, 1, 0, 0, "2026-11-23T12:00:20Z")]
 END = SessionEnded("5e55", "2026-11-23T12:00:21Z", "expired")
-
-
-def backend_for(dsn):
-    if dsn.startswith("sqlite:"):
-        return sqlite_backend("path=" + dsn[len("sqlite://"):])
-    return postgresql_backend(f"dsn={dsn}")
 
 
 def test_a_batch_written_twice_is_stored_once(store_dsn, in_reactor):
