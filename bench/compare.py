@@ -18,7 +18,7 @@ The table gives the median over the rounds and each turnrelay/coturn ratio:
 - resident memory per idle allocation, over 10,000 UDP allocations.
 
 Everything binds 127.0.0.1 and every run is bounded in packets and seconds.  Run it on demand;
-it is not part of the test suite.  PyPy: see README.md, "Performance".
+it is not part of the test suite.  PyPy: see docs/performance.md.
 """
 from __future__ import annotations
 

@@ -5,7 +5,7 @@
 Replays every input kept in ~/.cache/turnrelay-fuzz/{stun,turn,turn-sequences} through the
 same target functions, under coverage.py, and prints the line coverage of the modules the
 targets exercise.  libFuzzer's own "cov:" counts edges of instrumented code; this says which
-lines of relay/stun.py, relay/turn.py, ... the saved corpus reaches.
+lines of relay/proto/stun.py, relay/core/server.py, ... the saved corpus reaches.
 """
 from __future__ import annotations
 

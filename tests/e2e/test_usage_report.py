@@ -52,7 +52,7 @@ class Ledger:
         return US_RATE_AFTER if at >= self.effective else US_RATE_BEFORE
 
     def expected(self, key, account: Optional[str] = None) -> Dict[str, dict]:
-        """Rows keyed by `key(delta)`, summed here from the records, charged per the README's
+        """Rows keyed by `key(delta)`, summed here from the records, charged per docs/accounting.md's
         rule: each delta at its region's rate at its time, exact, rounded half up once."""
         rows: Dict[str, dict] = defaultdict(lambda: {"sessions": set(), "sent": 0,
                                                      "received": 0, "exact": Decimal(0)})
