@@ -10,6 +10,7 @@ command -v turnutils_uclient >/dev/null || packages+=(coturn)   # turnutils_* cl
 command -v openssl >/dev/null || packages+=(openssl)           # test certificates
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)  # throwaway servers
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
+command -v haproxy >/dev/null || packages+=(haproxy)           # the PROXY protocol tests
 [ -x /usr/lib/chromium/chromium ] || packages+=(chromium)     # the browser WebRTC tests
 apt_install "${packages[@]}"
 

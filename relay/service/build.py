@@ -314,7 +314,8 @@ def http_services(reactor, options: Options, relay_ips: Dict[int, str],
         # Idle connections close after a minute: the API has no use for long-held ones.
         services.append(HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
                                     options["api-port"], api_tls, "tokens API",
-                                    "--api-listening-ip/--api-port", policy.own))
+                                    "--api-listening-ip/--api-port", policy.own,
+                                    options["proxy-trust"]))
     return services
 
 

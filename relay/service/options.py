@@ -22,6 +22,7 @@ from relay.ledger.jsonl import JsonLinesBackend
 from relay.ledger.plugins import installed, make_backend
 from relay.ledger.pricing import RateError, rates_from_options
 from relay.ledger.writer import WHEN_FULL
+from relay.net.proxy_protocol import ProxyTrust, parse_networks
 from relay.net.tls import TLS_VERSIONS
 from relay.service.host import usable_cpus
 from relay.storage.accounts import AccountStore
@@ -67,7 +68,7 @@ NUMBER_OPTIONS = {
     "client-address-retention": _non_negative,
     "prometheus-port": _port, "drain-grace": _non_negative,
     "tcp-bind-timeout": _non_negative, "tcp-idle-timeout": _non_negative,
-    "workers": _at_least_one,
+    "workers": _at_least_one, "proxy-protocol-timeout": _non_negative,
 }
 
 # Peer address rules: list options that a SIGHUP re-reads from the --config file.
@@ -97,6 +98,11 @@ LIST_OPTIONS = {
                         "allocations to (300 Try Alternate); repeat for several, one per "
                         "family at least [default: refuse them with 508]",
     "tls-alternate-server": "IP:PORT the same for TLS clients",
+    "proxy-protocol-from": "Load balancer address or CIDR network whose connections start "
+                           "with a PROXY protocol header (v1 or v2) naming the real client; "
+                           "repeat for several. With any given, the TCP and TLS listeners and "
+                           "the tokens API take connections only from these, each with a "
+                           "header [default: no PROXY protocol]",
     "accounting": "Usage ledger backend NAME:ARGS, e.g. sqlite:path=PATH, postgresql:dsn=..., "
                   "jsonl:path=PATH; repeat to write to several [default: sqlite, usage.db in "
                   "--state-dir] (see --help-accounting)",
@@ -206,6 +212,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                     "URLs [default: the first --external-ip, else the first "
                                     "--relay-ip, else the detected relay address]"],
         ["prometheus-port", None, 9641, "TCP port of --prometheus"],
+        ["proxy-protocol-timeout", None, 5, "Seconds a --proxy-protocol-from balancer has to "
+                                            "send a connection's PROXY header (0: no limit)"],
         ["drain-grace", None, 20, "On SIGTERM, seconds live allocations may run on while new "
                                   "ones are refused (0: end them at once)"],
         ["alternate-domain", None, None, "Domain name in ALTERNATE-DOMAIN of redirections to "
@@ -314,6 +322,13 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             if bool(self[cert]) != bool(self[key]):
                 _fail(cert if not self[cert] else key, f"--{cert} and --{key} go together")
         _check_peer_rules({name: self[name] for name in PEER_RULES})
+        self["proxy-trust"] = None
+        if self["proxy-protocol-from"]:
+            try:
+                networks = parse_networks(self["proxy-protocol-from"])
+            except ValueError as err:
+                _fail("proxy-protocol-from", str(err))
+            self["proxy-trust"] = ProxyTrust(networks, self["proxy-protocol-timeout"])
         self["checkers"] = self._checkers()
         if self["no-udp"] and self["no-tcp"] and self["no-tls"]:
             _fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")

@@ -24,6 +24,7 @@ from relay.net.listeners import (
     adopt_datagram_socket,
     bound_socket,
 )
+from relay.net.proxy_protocol import ProxyTrust
 from relay.net.tls import ServerTLS
 from relay.service.options import Options
 
@@ -51,6 +52,7 @@ class ListenersService(Service):
         self.dispatch = dispatch
         self.tls = tls
         self.sockets = sockets
+        self.proxy: Optional[ProxyTrust] = options["proxy-trust"]
         self.stream_limits = StreamLimits(options["source-connection-quota"],
                                           options["tls-handshake-timeout"],
                                           options["connection-idle-timeout"])
@@ -72,6 +74,8 @@ class ListenersService(Service):
                                           self.stream_limits)
             if transport == "tls":
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
+            if self.proxy is not None:  # the header comes first, before any TLS
+                factory = self.proxy.wrap(factory)
             self.ports.append(adopt_stream_socket(self.reactor, sock, factory))
         log.info("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
                  port=listener[1])
@@ -89,10 +93,12 @@ class HTTPService(Service):
     privileges drop."""
 
     def __init__(self, reactor, site: Site, host: str, port: int, tls: Optional[ServerTLS],
-                 what: str, flags: str, own: OwnEndpoints):
+                 what: str, flags: str, own: OwnEndpoints, proxy: Optional[ProxyTrust] = None):
         self.reactor = reactor
         self.own = own
         self.factory = site if tls is None else TLSMemoryBIOFactory(tls, False, site)
+        if proxy is not None:
+            self.factory = proxy.wrap(self.factory)
         self.host, self.port, self.scheme = host, port, "http" if tls is None else "https"
         self.what, self.flags = what, flags
         self.listening: Optional[IListeningPort] = None
