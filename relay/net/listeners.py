@@ -36,6 +36,7 @@ from relay.core.credentials import Account, StunCredentials
 from relay.core.server import Client, TurnServer
 from relay.core.tcp import TcpConnection
 from relay.proto import stun
+from relay.proto.demux import ALPN_TURN, HTTP, stream_kind
 
 Address = Tuple[str, int]
 MAX_DATAGRAM = 65536
@@ -221,11 +222,15 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
     After a successful RFC 6062 ConnectionBind the connection is a client data connection:
     no more framing, its bytes go to the peer as they are, and it closes when nothing has
     moved either way for the configured idle time.
+
+    On a port shared with the tokens API (`factory.http`) the first bytes come to `_sniff`
+    first, unless ALPN said `stun.turn`: an HTTP request hands the connection to `http`.
     """
 
     factory: "ClientStreamFactory"
     buffer = b""
     connection: Optional[TcpConnection] = None
+    http: Optional[Protocol] = None
 
     def connectionMade(self) -> None:
         factory = self.factory
@@ -239,9 +244,31 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
         # Media in small frames: Nagle would hold a frame back for the client's delayed ACK
         # (measured with `turnrelay probe` on loopback: TCP p99 RTT 45 ms with it, below 2 without).
         self.transport.setTcpNoDelay(True)
+        if factory.http is not None:
+            self.dataReceived = self._sniff  # type: ignore[method-assign]
 
     def handshakeCompleted(self) -> None:
         self.setTimeout(self.factory.limits.idle_timeout or None)
+        if self.transport.negotiatedProtocol == ALPN_TURN:
+            self.__dict__.pop("dataReceived", None)  # TURN said so: no sniffing
+
+    def _sniff(self, data: bytes) -> None:
+        """The first bytes on a port shared with HTTP: once they tell, the connection is
+        TURN (the class's `dataReceived` from then on, no cost per frame) or HTTP."""
+        self.buffer += data
+        kind = stream_kind(self.buffer)
+        if kind is None:
+            return
+        data, self.buffer = self.buffer, b""
+        del self.dataReceived
+        if kind != HTTP:
+            self.dataReceived(data)
+            return
+        self.setTimeout(None)  # the HTTP side keeps its own
+        self.http = self.factory.http.buildProtocol(self.transport.getPeer())
+        self.dataReceived = self.http.dataReceived  # type: ignore[method-assign]
+        self.http.makeConnection(self.transport)
+        self.http.dataReceived(data)
 
     def become_data(self, connection: TcpConnection) -> "ClientStreamProtocol":
         self.connection = connection
@@ -300,6 +327,8 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.setTimeout(None)
+        if self.http is not None:
+            self.http.connectionLost(reason)
         self.factory.limits.release(self.client.address[0])
         if self.connection is not None:
             self.connection.close()
@@ -311,8 +340,9 @@ class ClientStreamFactory(Factory):
     noisy = False
 
     def __init__(self, server: TurnServer, dispatch: LoginDispatcher, transport_name: str,
-                 listener: Address, limits: StreamLimits):
+                 listener: Address, limits: StreamLimits, http: Optional[Factory] = None):
         self.server = server
+        self.http = http  # the tokens API's, on a port it shares (relay.net.shared_port)
         self.dispatch = dispatch
         self.transport_name = transport_name
         self.listener = listener

@@ -12,7 +12,7 @@ import datetime
 import hashlib
 import os
 import socket
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -28,9 +28,15 @@ CIPHERS = b"ECDHE+AESGCM:ECDHE+CHACHA20"
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    def __init__(self, cert: str, key: str, min_version: str = "1.2", max_version: str = "1.2"):
+    """`alpn`: the application protocols (RFC 7301) this listener speaks, in order of
+    preference: the first the client also offers is chosen; none, when it offers none of them
+    (or sends no ALPN at all, as browsers' `turns:` does)."""
+
+    def __init__(self, cert: str, key: str, min_version: str = "1.2", max_version: str = "1.2",
+                 alpn: Sequence[bytes] = ()):
         self.cert, self.key = cert, key
         self.min_version, self.max_version = TLS_VERSIONS[min_version], TLS_VERSIONS[max_version]
+        self.alpn = tuple(alpn)
         self.loaded: Optional[bytes] = None  # digest of the files as last loaded (or tried)
         self.context = self._context()
 
@@ -59,7 +65,15 @@ class ServerTLS:
         ctx.use_certificate_chain_file(self.cert)
         ctx.use_privatekey_file(self.key)
         ctx.check_privatekey()
+        if self.alpn:
+            ctx.set_alpn_select_callback(self._select_protocol)
         return ctx
+
+    def _select_protocol(self, connection: SSL.Connection, offered: List[bytes]) -> bytes:
+        for protocol in self.alpn:
+            if protocol in offered:
+                return protocol
+        return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
 
     def reload(self) -> None:
         """Re-read certificate and key; on error keep serving the old ones (and raise)."""

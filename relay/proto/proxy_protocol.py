@@ -144,10 +144,13 @@ def _unmapped(address: Address) -> Address:
 
 
 def encode_v2(source: Address, destination: Address) -> bytes:
-    """A v2 PROXY header for a TCP connection from `source` to `destination` (one family)."""
+    """A v2 PROXY header for a TCP connection from `source` to `destination`; a destination
+    of the other family (a client whose own balancer said so) is sent as the unspecified
+    address of the source's."""
     family = _AF_INET6 if ":" in source[0] else _AF_INET
     width, layout = _V2_ADDRESSES[family]
+    to = ipaddress.ip_address(destination[0]).packed
     addresses = layout.pack(ipaddress.ip_address(source[0]).packed,
-                            ipaddress.ip_address(destination[0]).packed, source[1], destination[1])
+                            to if len(to) == width else bytes(width), source[1], destination[1])
     return V2_HEADER.pack(V2_SIGNATURE, 0x20 | _V2_PROXY, family << 4 | 1, len(addresses)) \
         + addresses

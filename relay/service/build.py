@@ -7,7 +7,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -35,9 +35,12 @@ from relay.ledger.sql import SqlUsageBackend, sqlite_backend
 from relay.ledger.triggers import UsageTriggers
 from relay.ledger.writer import Ledger
 from relay.net.listeners import LoginDispatcher, RelayBinder, bound_socket
+from relay.net.proxy_protocol import ProxyTrust, parse_networks
+from relay.net.shared_port import HttpForwarder
 from relay.net.stream_relay import StreamRelayBinder
 from relay.net.tls import ServerTLS, self_signed
 from relay.proto import stun
+from relay.proto.demux import ALPN_HTTP, ALPN_TURN
 from relay.service.host import local_addresses, outbound_ip, raise_file_limit
 from relay.service.options import Options
 from relay.service.quota_book import Release, Reserve, SharedQuotas
@@ -57,6 +60,9 @@ _LEVELS = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info,
            logging.WARNING: LogLevel.warn, logging.ERROR: LogLevel.error}
 _DEFAULT_LISTENING_IPS = ["0.0.0.0", "::"]
 CERTIFICATE_LOOK = 5.0  # seconds between two looks at the certificate files
+# The tokens API's loopback listener for HTTP found on the TURN ports (relay.net.shared_port).
+SHARED_API = "tokens API for the TURN ports"
+LOOPBACK = ProxyTrust(parse_networks(["127.0.0.1"]), timeout=5)
 
 
 class _TwistedLogHandler(logging.Handler):
@@ -153,9 +159,10 @@ def _certificate_watch(certificates: List[Tuple[str, ServerTLS]]) -> Callable[[]
     return look
 
 
-def _server_tls(options: Options, cert: str, key: str, flags: str) -> ServerTLS:
+def _server_tls(options: Options, cert: str, key: str, flags: str,
+                alpn: Sequence[bytes] = ()) -> ServerTLS:
     try:
-        return ServerTLS(cert, key, options["tls-min-version"], options["tls-max-version"])
+        return ServerTLS(cert, key, options["tls-min-version"], options["tls-max-version"], alpn)
     except Exception as err:
         raise SystemExit(f"turnrelay: {flags}: cannot use {cert} and {key}: {err}")
 
@@ -264,7 +271,8 @@ def client_tls_context(options: Options) -> Optional[ServerTLS]:
         cert, key, made = self_signed(options["state-dir"])
         log.warn("no --cert given: TLS uses the self-signed certificate {cert}{made}",
                  cert=cert, made=" (made now)" if made else "")
-    return _server_tls(options, cert, key, "--cert/--pkey")
+    alpn = (ALPN_TURN, ALPN_HTTP) if options["api-on-tls-port"] else (ALPN_TURN,)
+    return _server_tls(options, cert, key, "--cert/--pkey", alpn)
 
 
 def api_tls_context(options: Options) -> Optional[ServerTLS]:
@@ -312,11 +320,23 @@ def http_services(reactor, options: Options, relay_ips: Dict[int, str],
                      not_live)
         api.putChild(b"test", SelfTestPage())
         # Idle connections close after a minute: the API has no use for long-held ones.
-        services.append(HTTPService(reactor, QuietSite(api, timeout=60), options["api-listening-ip"],
+        site = QuietSite(api, timeout=60)
+        services.append(HTTPService(reactor, site, options["api-listening-ip"],
                                     options["api-port"], api_tls, "tokens API",
                                     "--api-listening-ip/--api-port", policy.own,
                                     options["proxy-trust"]))
+        if options["api-on-tls-port"] or options["api-on-tcp-port"]:
+            services.append(HTTPService(reactor, site, "127.0.0.1", 0, None, SHARED_API,
+                                        "--api-on-tls-port", policy.own, LOOPBACK))
     return services
+
+
+def shared_api_endpoint(services: List[HTTPService]) -> Optional[Tuple[str, int]]:
+    """Where the API's listener for the TURN ports listens (once started), if there is one."""
+    for service in services:
+        if service.what == SHARED_API:
+            return service.host, service.port
+    return None
 
 
 def watch_certificates(certificates: List[Tuple[str, Optional[ServerTLS]]],
@@ -340,6 +360,7 @@ class WorkerRole:
     reserve: Reserve  # a place in the parent's allocation quotas
     release: Release
     parent_endpoints: List[Tuple[str, int]]  # the parent's HTTP listeners: never a peer
+    shared_api: Optional[Tuple[str, int]]  # the parent's SHARED_API listener, if any
 
 
 def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
@@ -425,7 +446,12 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     else:
         def sockets() -> List[Tuple[str, socket.socket]]:
             return worker.sockets
-    listeners = ListenersService(reactor, server, dispatch, options, tls, sockets)
+    # HTTP found on a TURN port goes to the API's loopback listener: this process's own, or
+    # the parent's (relay.net.shared_port).
+    https: List[HTTPService] = []
+    forwarder = HttpForwarder(reactor, (lambda: worker.shared_api) if worker is not None
+                              else lambda: shared_api_endpoint(https))
+    listeners = ListenersService(reactor, server, dispatch, options, tls, sockets, forwarder)
     listeners.setServiceParent(service)
 
     def not_ready() -> Optional[str]:
@@ -437,8 +463,9 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     service.registry = metrics_registry(RelayCollector(server, ledger, listeners.stream_limits,
                                                        options["region"]))
     if worker is None:
-        for http in http_services(reactor, options, relay_ips, ledger_sql, config.policy,
-                                  MetricsPage(service.registry), not_ready, api_tls):
+        https += http_services(reactor, options, relay_ips, ledger_sql, config.policy,
+                               MetricsPage(service.registry), not_ready, api_tls)
+        for http in https:
             http.setServiceParent(service)
     TimerService(1.0, lambda: server.tick(reactor.seconds())).setServiceParent(service)
     for checker in checkers.checkers:

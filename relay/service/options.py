@@ -129,6 +129,13 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                    "allows only 0x4000-0x4FFF"],
         ["strict-expiry", None, "Also close allocations whose time-limited credential has "
                                 "expired (by default they live on until they end)"],
+        ["api-on-tls-port", None, "Also serve the tokens API (and /test, /metrics, /healthz, "
+                                  "/readyz) on the TLS listening ports, told from TURN by ALPN "
+                                  "(stun.turn) or the first bytes: one port 443 for turns: and "
+                                  "HTTPS; needs --api-port"],
+        ["api-on-tcp-port", None, "The same on the plain TCP listening ports, for a "
+                                  "TLS-terminating balancer in front; needs --api-port and "
+                                  "loopback --listening-ip or --proxy-protocol-from"],
         ["prometheus", None, "Serve /metrics (Prometheus), /healthz and /readyz on "
                              "--prometheus-address and --prometheus-port"],
     ]
@@ -449,7 +456,17 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         if not self["region"]:
             _fail("region", "must not be empty")
         if self["api-port"] is None:
+            for name in ("api-on-tls-port", "api-on-tcp-port"):
+                if self[name]:
+                    _fail(name, "needs --api-port (and the tokens API's settings)")
             return
+        if self["api-on-tcp-port"] and not self["proxy-protocol-from"] and not all(
+                ipaddress.ip_address(ip).is_loopback for ip in self["listening-ip"] or ["::"]):
+            _fail("api-on-tcp-port", "API keys must not cross a network in clear: listen on "
+                                     "loopback, behind a TLS-terminating balancer "
+                                     "(--proxy-protocol-from), or use --api-on-tls-port")
+        if self["api-on-tls-port"] and self["no-tls"]:
+            _fail("api-on-tls-port", "there is no TLS listener (--no-tls)")
         if not is_ip(self["api-listening-ip"]):
             _fail("api-listening-ip", f"{self['api-listening-ip']!r} is not an IP address")
         if not self["api-cert"] and not ipaddress.ip_address(self["api-listening-ip"]).is_loopback:

@@ -46,8 +46,12 @@ class ListenersService(Service):
     inherited), called before the reactor runs and before privileges drop."""
 
     def __init__(self, reactor, server: TurnServer, dispatch: LoginDispatcher, options: Options,
-                 tls: Optional[ServerTLS], sockets: Callable[[], List[Tuple[str, socket.socket]]]):
+                 tls: Optional[ServerTLS], sockets: Callable[[], List[Tuple[str, socket.socket]]],
+                 http: Optional[Factory] = None):
         self.reactor = reactor
+        # The tokens API's `http` factory, for the transports whose ports it shares.
+        self.http = {transport: http for transport in ("tcp", "tls")
+                     if options[f"api-on-{transport}-port"]}
         self.server = server
         self.dispatch = dispatch
         self.tls = tls
@@ -71,7 +75,7 @@ class ListenersService(Service):
             self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
         else:
             factory = ClientStreamFactory(self.server, self.dispatch, transport, listener,
-                                          self.stream_limits)
+                                          self.stream_limits, self.http.get(transport))
             if transport == "tls":
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
             if self.proxy is not None:  # the header comes first, before any TLS

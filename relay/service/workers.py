@@ -52,6 +52,7 @@ from relay.service.build import (
     relay_addresses,
     relay_service,
     reload_peer_rules,
+    shared_api_endpoint,
     usage_backends,
     watch_certificates,
 )
@@ -75,8 +76,10 @@ RELEASE_IN_FLIGHT = 0.25  # seconds a refused reservation waits for a release to
 
 class Hello(amp.Command):
     """Worker to parent, first: what it needs from the parent before it can start: the nonce
-    keys, and the parent's own endpoints ("HOST PORT"), which no worker may relay to."""
-    response = [(b"secrets", amp.ListOf(amp.String())), (b"endpoints", amp.ListOf(amp.Unicode()))]
+    keys, the parent's own endpoints ("HOST PORT"), which no worker may relay to, and the one
+    of them HTTP found on the TURN ports goes to ("" without --api-on-tls/tcp-port)."""
+    response = [(b"secrets", amp.ListOf(amp.String())), (b"endpoints", amp.ListOf(amp.Unicode())),
+                (b"api", amp.Unicode())]
 
 
 class Ready(amp.Command):
@@ -136,7 +139,8 @@ class _ParentSide(_Control):
     @Hello.responder
     def hello(self) -> dict:
         return {"secrets": self.supervisor.secrets,
-                "endpoints": [f"{host} {port}" for host, port in self.supervisor.endpoints()]}
+                "endpoints": [f"{host} {port}" for host, port in self.supervisor.endpoints()],
+                "api": " ".join(map(str, shared_api_endpoint(self.supervisor.https()) or ()))}
 
     @Ready.responder
     def ready(self) -> dict:
@@ -256,10 +260,12 @@ class Supervisor(OrderlyStop):
         for index in range(self.count):
             self._spawn(index)
 
+    def https(self) -> List[HTTPService]:
+        return [service for service in self if isinstance(service, HTTPService)]
+
     def endpoints(self) -> List[Tuple[str, int]]:
         """The parent's own HTTP listeners, which no worker may relay to."""
-        return [(service.host, service.port) for service in self
-                if isinstance(service, HTTPService)]
+        return [(service.host, service.port) for service in self.https()]
 
     def _spawn(self, index: int) -> None:
         if self.stopping:
@@ -548,6 +554,7 @@ def main() -> None:
             reactor.stop()
 
     def start(answer: dict) -> None:
+        api = answer["api"].split()
         role = WorkerRole(
             index, count, answer["secrets"], sockets,
             reserve=lambda reservation, place, most: control.callRemote(
@@ -556,7 +563,8 @@ def main() -> None:
             ).addCallback(lambda answer: answer["code"]),
             release=lambda reservation: control.callRemote(ReleasePlace, reservation=reservation),
             parent_endpoints=[(host, int(port)) for host, port in
-                              (endpoint.split() for endpoint in answer["endpoints"])])
+                              (endpoint.split() for endpoint in answer["endpoints"])],
+            shared_api=(api[0], int(api[1])) if api else None)
         try:
             service = relay_service(options, reactor, role)
             service.privilegedStartService()

@@ -151,8 +151,9 @@ def test_an_unreachable_server_is_the_browsers_701(page):
 
 @pytest.fixture
 def api_relay(server_factory, tmp_path, certificate):
-    """start(**kwargs) -> (relay with --api-port and account `acme`, API port, acme's key)."""
-    def start(**kwargs):
+    """start(*extra, **kwargs) -> (relay with --api-port and account `acme`, API port,
+    acme's key)."""
+    def start(*extra, **kwargs):
         dsn = f"sqlite:///{tmp_path / 'accounts.db'}"
         added = subprocess.run([CLI, "account", "add", "acme", "--db", dsn], capture_output=True,
                                text=True, timeout=60, check=True)
@@ -161,7 +162,8 @@ def api_relay(server_factory, tmp_path, certificate):
         cert, key = certificate
         port = free_port()
         server = server_factory("--auth", f"db:dsn={dsn},secret-file={secret}", "--api-port",
-                                str(port), "--cert", str(cert), "--pkey", str(key), **kwargs)
+                                str(port), "--cert", str(cert), "--pkey", str(key), *extra,
+                                **kwargs)
         server.read_until(f"tokens API listening on http [127.0.0.1]:{port}")
         server.read_until("account database loaded")
         return server, port, added.stdout.strip()
@@ -228,3 +230,26 @@ def test_the_self_test_page_names_the_likely_causes(page, api_relay, server_fact
     run_form(page, port, urls=urls[0], credential=json.dumps({"username": USER, "password": "no"}))
     assert [row["cells"][5] for row in table_rows(page)] == [
         "Credentials refused: wrong or expired username and password."]
+
+
+def test_one_tls_port_serves_turns_to_the_browser_and_https_to_curl(page, api_relay,
+                                                                    certificate):
+    """--api-on-tls-port, with workers: curl mints a token over HTTPS on the TLS port, and the
+    browser's turns: (no ALPN) relays a call through the same port with it."""
+    server, _, key = api_relay("--api-on-tls-port", "--workers", "2")
+    cert, _ = certificate
+    minted = subprocess.run(
+        ["curl", "-sS", "--fail", "--max-time", "20", "--cacert", str(cert), "-u", f"acme:{key}",
+         "-X", "POST", f"https://127.0.0.1:{server.tls_port}/v1/accounts/acme/tokens"],
+        capture_output=True, text=True, timeout=30)
+    assert minted.returncode == 0, minted.stderr
+    token = json.loads(minted.stdout)
+    [turns] = [entry for entry in token["ice_servers"] if entry["urls"].startswith("turns:")]
+    assert turns["urls"] == f"turns:127.0.0.1:{server.tls_port}?transport=tcp"
+    result = call(page, turns["urls"], token["username"], token["password"],
+                  messages=MESSAGES, size=SIZE)
+    assert result["connected"], result
+    assert (result["sent"], result["received"], result["inOrder"]) == (MESSAGES, MESSAGES, True)
+    for pair in result["pairs"]:
+        assert (pair["localType"], pair["relayProtocol"]) == ("relay", "tls"), result
+    assert re.search(r"allocation opened user=\d+:acme\S* .*transport=tls", server.stop())

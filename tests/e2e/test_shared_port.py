@@ -1,0 +1,121 @@
+"""One port for TURN and the tokens API (--api-on-tls-port, --api-on-tcp-port), with workers.
+
+On the TLS port: a client offering ALPN `stun.turn` and one offering nothing both get TURN
+allocations, coturn's `turnutils_uclient -t -S` relays through it, and HTTPS (curl, which
+offers h2 and http/1.1) mints a token whose ice_servers name that port.  On the plain TCP
+port: TURN and plain HTTP side by side.  The HTTP side is the parent's API, reached from
+every worker.  (Chromium's `turns:` on the shared port is in test_browser.py.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import ssl
+import subprocess
+import sys
+from typing import List, Optional
+
+import pytest
+
+from relay.cli.turnclient import TCP, TLS, TurnClient, error_code
+from relay.proto import stun
+from relay.service.options import Options
+from support.certs import make_cert
+from support.servers import PASSWORD, USER, free_port, running_echo_peer, tool
+
+CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
+MESSAGES, CLIENTS = 20, 2
+
+
+def start(server_factory, tmp_path, *extra):
+    """A relay with 2 workers, the account database (account `acme`) and the tokens API, plus
+    `extra`: (server, acme's API key, certificate path)."""
+    cert, key = make_cert(tmp_path, "relay", san="IP:127.0.0.1")
+    dsn = f"sqlite:///{tmp_path / 'accounts.db'}"
+    added = subprocess.run([CLI, "account", "add", "acme", "--db", dsn], capture_output=True,
+                           text=True, timeout=60, check=True)
+    secret = tmp_path / "mint.secret"
+    secret.write_text("shared-port-secret\n")
+    server = server_factory("--workers", "2", "--auth", f"db:dsn={dsn},secret-file={secret}",
+                            "--api-port", str(free_port()), "--cert", str(cert), "--pkey",
+                            str(key), "--rfc5766-channels", *extra)
+    server.read_until("account database loaded")
+    return server, added.stdout.strip(), cert
+
+
+def tls_client(port: int, alpn: Optional[List[str]]) -> TurnClient:
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    if alpn is not None:
+        context.set_alpn_protocols(alpn)
+    return TurnClient.connect(TLS, ("127.0.0.1", port), USER, PASSWORD, context=context,
+                              timeout=10)
+
+
+def curl(*args: str) -> str:
+    result = subprocess.run([tool("curl"), "-sS", "--fail", "--max-time", "20", *args],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_one_tls_port_serves_turn_by_alpn_or_first_bytes_and_https(server_factory, tmp_path):
+    server, key, cert = start(server_factory, tmp_path, "--api-on-tls-port")
+    port = server.tls_port
+    for alpn, chosen in ((["stun.turn"], "stun.turn"), (["h2", "stun.turn"], "stun.turn"),
+                         (None, None), (["http/1.1"], "http/1.1")):
+        turn = tls_client(port, alpn)
+        assert turn.sock.selected_alpn_protocol() == chosen
+        reply = turn.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))
+        assert error_code(reply) is None, (alpn, reply)
+        turn.close()
+    # HTTPS on the same port, curl verifying the relay's certificate: a token whose turns:
+    # URL is this very port, and the API's other pages.
+    minted = json.loads(curl("--cacert", str(cert), "-u", f"acme:{key}", "-X", "POST",
+                             f"https://127.0.0.1:{port}/v1/accounts/acme/tokens"))
+    urls = [server["urls"] for server in minted["ice_servers"]]
+    assert f"turns:127.0.0.1:{port}?transport=tcp" in urls, urls
+    assert curl("--cacert", str(cert), f"https://127.0.0.1:{port}/readyz").strip() == "ok"
+    assert "turnrelay_" in curl("--cacert", str(cert), f"https://127.0.0.1:{port}/metrics")
+    # A minted credential works on the port that minted it.
+    turn = TurnClient.connect(TLS, ("127.0.0.1", port), minted["username"], minted["password"],
+                              context=ssl._create_unverified_context(), timeout=10)
+    assert error_code(turn.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))) is None
+    turn.close()
+    # coturn's client over TLS on the shared port (it offers ALPN stun.turn among others).
+    with running_echo_peer() as peer:
+        result = subprocess.run(
+            [tool("turnutils_uclient"), "-t", "-S", "-p", str(port), "-u", USER, "-w", PASSWORD,
+             "-e", peer[0], "-r", str(peer[1]), "-n", str(MESSAGES), "-m", str(CLIENTS),
+             "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    expected = MESSAGES * CLIENTS
+    assert f"tot_send_msgs={expected}, tot_recv_msgs={expected}" in output, output
+    assert "Total lost packets 0 (" in output, output
+    log = server.stop()
+    assert len(re.findall(r"allocation opened user=alice .*transport=tls", log)) >= 4, log
+
+
+def test_plain_tcp_port_serves_turn_and_http(server_factory, tmp_path):
+    server, _, _ = start(server_factory, tmp_path, "--api-on-tcp-port")
+    turn = TurnClient.connect(TCP, ("127.0.0.1", server.port), USER, PASSWORD, timeout=10)
+    assert error_code(turn.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))) is None
+    turn.close()
+    assert curl(f"http://127.0.0.1:{server.port}/healthz").strip() == "ok"
+    # The TLS port, not asked to, serves no HTTP: the request line goes to TURN's framing,
+    # which closes the connection.
+    result = subprocess.run([tool("curl"), "-sS", "-k", "--max-time", "10",
+                             f"https://127.0.0.1:{server.tls_port}/healthz"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and "ok" not in result.stdout
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--api-on-tls-port"], "--api-on-tls-port: needs --api-port"),
+    (["--api-on-tcp-port", "--api-port", "8080", "--api-db", "sqlite:///x.db",
+      "--api-secret-file", "/dev/null"], "--api-on-tcp-port: API keys must not cross"),
+])
+def test_bad_shared_port_options_name_the_option(argv, problem):
+    with pytest.raises(SystemExit, match=problem):
+        Options().parseOptions(argv)
