@@ -44,7 +44,8 @@ DEFAULTS: Dict[str, Any] = {
     "listeners": {"transports": ["udp", "tcp", "tls"], "port": 3478, "tlsPort": 5349,
                   "metricsPort": 9641},
     "relayPorts": {"min": 49152, "max": 65535},
-    "exposure": {"serviceType": "LoadBalancer", "hostNetwork": False, "externalIPs": []},
+    "exposure": {"serviceType": "LoadBalancer", "hostNetwork": False, "externalIPs": [],
+                 "tlsServicePort": 0, "proxyProtocolFrom": []},
     "quotas": {"user": 0, "source": 0, "total": 0, "monthlyMB": 0},
     "drainSeconds": 30,
     "networkPolicy": False,
@@ -89,11 +90,16 @@ def spec_problems(spec: Mapping[str, Any]) -> List[str]:
             problems.append(f"listeners: port {port} lies inside relayPorts {low}-{high}")
     if listeners["metricsPort"] in {listeners["port"], listeners["tlsPort"]}:
         problems.append(f"listeners: metricsPort {listeners['metricsPort']} is also a TURN port")
-    for cidr in spec["clusterCIDRs"]:
-        try:
-            ipaddress.ip_network(cidr)
-        except ValueError as err:
-            problems.append(f"clusterCIDRs: {err}")
+    for field, cidrs in (("clusterCIDRs", spec["clusterCIDRs"]),
+                         ("exposure.proxyProtocolFrom", spec["exposure"]["proxyProtocolFrom"])):
+        for cidr in cidrs:
+            try:
+                ipaddress.ip_network(cidr)
+            except ValueError as err:
+                problems.append(f"{field}: {err}")
+    tls_service = spec["exposure"]["tlsServicePort"]
+    if tls_service and "tcp" in transports and tls_service == listeners["port"]:
+        problems.append(f"exposure.tlsServicePort {tls_service} is also the TCP port")
     try:
         families = [ipaddress.ip_address(ip).version for ip in spec["exposure"]["externalIPs"]]
     except ValueError as err:
@@ -177,6 +183,8 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         config["workers"] = spec["workers"]
     if spec["clusterCIDRs"]:
         config["cluster-cidr"] = list(spec["clusterCIDRs"])
+    if spec["exposure"]["proxyProtocolFrom"]:
+        config["proxy-protocol-from"] = list(spec["exposure"]["proxyProtocolFrom"])
     if spec["quotas"]["monthlyMB"]:
         config["monthly-quota-mb"] = str(spec["quotas"]["monthlyMB"])
     if spec.get("ratePerMB") is not None:
@@ -293,6 +301,14 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
     }
 
 
+def _service_port(spec: Mapping[str, Any], name: str, container_port: int) -> int:
+    """A listener's port on its Service: the container's, but for TLS exposure.tlsServicePort
+    when set (443 through firewalls, while the relay, not root, listens on an unprivileged one)."""
+    if name == "turns-tls" and spec["exposure"]["tlsServicePort"]:
+        return spec["exposure"]["tlsServicePort"]
+    return container_port
+
+
 def services(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """One Service per protocol (1.20 has no mixed-protocol LoadBalancer), for the enabled
     listeners only.  External traffic stays on the node it arrived at so the relay sees the
@@ -302,7 +318,8 @@ def services(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
     listening = _listener_ports(spec["listeners"])
     built = []
     for protocol in ("UDP", "TCP"):
-        ports = [{"name": p["name"], "protocol": protocol, "port": p["containerPort"],
+        ports = [{"name": p["name"], "protocol": protocol,
+                  "port": _service_port(spec, p["name"], p["containerPort"]),
                   "targetPort": p["containerPort"]} for p in listening if p["protocol"] == protocol]
         if not ports:
             continue
@@ -366,13 +383,15 @@ def endpoint_hosts(spec: Mapping[str, Any], service_statuses: Iterable[Mapping[s
 
 def endpoint_uris(spec: Mapping[str, Any], hosts: Iterable[str]) -> List[str]:
     """turn:/turns: URIs (RFC 7065) for each host and enabled transport."""
-    listeners = with_defaults(spec)["listeners"]
+    full = with_defaults(spec)
+    listeners = full["listeners"]
     uris = []
     for host in hosts:
         shown = f"[{host}]" if ":" in host else host
-        for transport, _, protocol, field, scheme in LISTENERS:
+        for transport, name, protocol, field, scheme in LISTENERS:
             if transport in listeners["transports"]:
-                uris.append(f"{scheme}:{shown}:{listeners[field]}?transport={protocol.lower()}")
+                port = _service_port(full, name, listeners[field])
+                uris.append(f"{scheme}:{shown}:{port}?transport={protocol.lower()}")
     return uris
 
 

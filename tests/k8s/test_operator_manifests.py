@@ -29,7 +29,8 @@ FULL_SPEC = {
     "realm": "example.org",
     "listeners": {"transports": ["udp", "tcp", "tls"], "port": 3478, "tlsPort": 5349},
     "relayPorts": {"min": 50000, "max": 60000},
-    "exposure": {"serviceType": "NodePort", "hostNetwork": True, "externalIPs": ["203.0.113.7"]},
+    "exposure": {"serviceType": "NodePort", "hostNetwork": True, "externalIPs": ["203.0.113.7"],
+                 "tlsServicePort": 443, "proxyProtocolFrom": ["10.0.0.0/8"]},
     "tls": {"secretName": "relay-cert"},
     "auth": {"secretName": "rest-secret", "key": "shared"},
     "accounting": {"secretName": "ledger", "key": "dsn"},
@@ -172,6 +173,8 @@ def test_config_change_changes_the_rollout_hash_and_scaling_does_not():
     ({"clusterCIDRs": ["10.0.0.1/8"]}, "clusterCIDRs: 10.0.0.1/8 has host bits set"),
     ({"exposure": {"externalIPs": ["203.0.113.1", "203.0.113.2"]}}, "at most one IPv4"),
     ({"exposure": {"externalIPs": ["1.2.3"]}}, "does not appear to be an IPv4 or IPv6 address"),
+    ({"exposure": {"proxyProtocolFrom": ["10.0.0.300"]}}, "exposure.proxyProtocolFrom: "),
+    ({"exposure": {"tlsServicePort": 3478}}, "tlsServicePort 3478 is also the TCP port"),
 ])
 def test_problems_the_schema_cannot_express(change, problem):
     problems = m.spec_problems({"region": "r", **change})
@@ -206,6 +209,19 @@ def test_status_from_children():
     assert conditions["Degraded"]["status"] == "True" and conditions["Degraded"]["reason"] == "InvalidSpec"
     assert conditions["Degraded"]["message"] == "relayPorts: min 2 must be below max 1"
     assert conditions["Degraded"]["lastTransitionTime"] == "T3"
+
+
+def test_tls_on_service_port_443_and_proxy_protocol():
+    """The TLS Service answers on 443 and forwards to the relay's unprivileged tlsPort; the
+    advertised turns: URI is the Service's; the relays trust the balancer's PROXY headers."""
+    spec = {"region": "r", "exposure": {"tlsServicePort": 443, "externalIPs": ["203.0.113.7"],
+                                        "proxyProtocolFrom": ["10.0.0.0/8"]}}
+    [tcp] = [s for s in m.services(region(spec)) if s["metadata"]["name"] == "eu-tcp"]
+    ports = {p["name"]: (p["port"], p["targetPort"]) for p in tcp["spec"]["ports"]}
+    assert ports == {"turn-tcp": (3478, 3478), "turns-tls": (443, 5349)}
+    assert "turns:203.0.113.7:443?transport=tcp" in m.region_status(
+        region(spec), None, [], [], "T")["endpoints"]
+    assert m.relay_config(region(spec))["proxy-protocol-from"] == ["10.0.0.0/8"]
 
 
 def test_external_ips_are_the_endpoints():
@@ -246,6 +262,7 @@ def test_config_map_is_a_valid_relay_config(tmp_path):
     assert str(options["rates"].rate_at("eu-west", "2026-11-23T00:00:00Z")) == "0.004"
     assert options["monthly-quota-bytes"] == 50000 * 10**6
     assert options["cluster-cidr"] == ["10.244.0.0/16", "10.96.0.0/12"]
+    assert [str(n) for n in options["proxy-trust"].networks] == ["10.0.0.0/8"]
 
 
 def test_generated_config_map_starts_a_working_relay(tmp_path):
