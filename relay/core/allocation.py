@@ -7,7 +7,7 @@ channels are swept by `TurnServer.tick`, so the hot path never reads a clock.
 from __future__ import annotations
 
 from types import MappingProxyType
-from typing import Any, Callable, Container, Dict, Hashable, Optional, Protocol, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Protocol, Tuple, Union, cast
 
 from relay.core.credentials import Account
 from relay.core.tcp import PENDING, StreamRelayEndpoint, TcpConnection
@@ -84,13 +84,24 @@ class RelayEndpoint(Protocol):
     def close(self) -> None: ...
 
 
+# A UDP allocation's relayed addresses are RelayEndpoints, a TCP allocation's (RFC 6062)
+# StreamRelayEndpoints; the methods of one kind are only called where `tcp` says which it is.
+AnyRelayEndpoint = Union[RelayEndpoint, StreamRelayEndpoint]
+
+
+class Addresses(Protocol):
+    """A set of transport addresses (`relay.core.peers.OwnEndpoints`, or a frozenset)."""
+
+    def __contains__(self, address: Address) -> bool: ...
+
+
 class Allocation:
-    def __init__(self, key: Hashable, client: Address, transport: str, username: str,
-                 account: Account, relays: Dict[int, Union[RelayEndpoint, StreamRelayEndpoint]],
+    def __init__(self, key: Tuple[Hashable, Address], client: Address, transport: str,
+                 username: str, account: Account, relays: Mapping[int, AnyRelayEndpoint],
                  send_to_client: Callable[[bytes], None], started: float, expires: float,
                  session_id: str, budget: Optional[Budget] = None,
                  account_budget: Optional[Budget] = None, tcp: bool = False,
-                 own: Container[Address] = frozenset()):
+                 own: Addresses = frozenset()):
         self.key = key
         # Names this allocation in the log and in the usage ledger: a 5-tuple is reused, this
         # is not.
@@ -125,7 +136,7 @@ class Allocation:
         self.connections: Dict[int, TcpConnection] = {} if tcp else NONE_YET
         if not tcp:
             for relay in relays.values():
-                relay.attach(self.from_peer)
+                cast(RelayEndpoint, relay).attach(self.from_peer)
 
     def from_peer(self, data: bytes, peer: Address) -> None:
         """A datagram arrived on a relay socket: pass it to the client if a permission allows."""
@@ -167,14 +178,15 @@ class Allocation:
             return
         peer, payload = parsed
         relay = self.relays.get(stun.address_family(peer[0]))
-        if relay is None or peer[0] not in self.permissions or peer in self.own:
+        # A TCP allocation relays no datagrams (RFC 6062): a Send indication on it is dropped.
+        if relay is None or self.tcp or peer[0] not in self.permissions or peer in self.own:
             return
         size = len(payload)
         if self.limited and not self._spend(size):
             return
         self.bytes_from_client += size
         self.packets_from_client += 1
-        relay.send(payload, peer)
+        cast(RelayEndpoint, relay).send(payload, peer)
 
     def _spend(self, size: int) -> bool:
         """Take one packet of `size` bytes from this second's budgets, the allocation's and its
@@ -191,7 +203,7 @@ class Allocation:
         return True
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
-        relay = self.relays[stun.address_family(peer[0])]
+        relay = cast(RelayEndpoint, self.relays[stun.address_family(peer[0])])  # not TCP: 400 before
         if self.channels is NONE_YET:
             self.channels, self.channel_of_peer = {}, {}
         self.channels[number] = (peer, relay.send, now + CHANNEL_LIFETIME)

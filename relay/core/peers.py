@@ -65,7 +65,7 @@ def parse_rule(text: str) -> Tuple[IPAddress, IPAddress]:
     """An operator rule: one address, a CIDR network, or a coturn-style range `first-last`."""
     if "-" in text:
         first, last = (ipaddress.ip_address(part.strip()) for part in text.split("-", 1))
-        if first.version != last.version or first > last:
+        if first.version != last.version or int(first) > int(last):
             raise ValueError(f"{text!r} is not a range of addresses")
         return first, last
     network = ipaddress.ip_network(text.strip(), strict=False)
@@ -168,5 +168,5 @@ class PeerPolicy:
 
 
 def _in_ranges(address: IPAddress, ranges: List[Tuple[IPAddress, IPAddress]]) -> bool:
-    return any(first.version == address.version and first <= address <= last
+    return any(first.version == address.version and int(first) <= int(address) <= int(last)
                for first, last in ranges)

@@ -16,9 +16,16 @@ import random
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple, cast
 
-from relay.core.allocation import PERMISSION_LIFETIME, Address, Allocation, Budget, RelayEndpoint
+from relay.core.allocation import (
+    PERMISSION_LIFETIME,
+    Address,
+    Allocation,
+    AnyRelayEndpoint,
+    Budget,
+    RelayEndpoint,
+)
 from relay.core.credentials import Account, StunCredentials
 from relay.core.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
 from relay.core.peers import PeerPolicy
@@ -438,10 +445,12 @@ class TurnServer:
             raise stun.StunError(400, "Bad Request")
         if family is not None and family not in (stun.FAMILY_IPV4, stun.FAMILY_IPV6):
             raise stun.StunError(440, "Address Family not Supported")
-        self._check_quotas(client, credentials.username, account)
+        username = credentials.username
+        assert username is not None  # the login (StunCredentials.checkKey) has set it
+        self._check_quotas(client, username, account)
         dont_fragment = msg.has(stun.DONT_FRAGMENT)
         response = msg.response()
-        relays: Dict[int, RelayEndpoint] = {}
+        relays: Dict[int, AnyRelayEndpoint] = {}
         if token is not None:
             reservation = self.reservations.pop(token, None)
             if reservation is None or reservation.expires <= now:
@@ -469,7 +478,7 @@ class TurnServer:
         session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
         config = self.config
         budget = Budget.of_allocation(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
-        allocation = Allocation(client.key, client.address, client.transport, credentials.username,
+        allocation = Allocation(client.key, client.address, client.transport, username,
                                 account, relays, client.send, started=now, expires=now + lifetime,
                                 session_id=session_id, budget=budget,
                                 account_budget=self._account_budget(account.account_id), tcp=tcp,
@@ -479,7 +488,8 @@ class TurnServer:
         created[client.transport] = created.get(client.transport, 0) + 1
         if tcp:
             for relay in relays.values():
-                relay.listen(lambda peer, end, when: self._incoming(allocation, peer, end, when))
+                cast(StreamRelayEndpoint, relay).listen(
+                    lambda peer, end, when: self._incoming(allocation, peer, end, when))
         for relay in relays.values():
             host, port = relay.address
             response.add(stun.XOR_RELAYED_ADDRESS, (self.config.external_ips.get(host, host), port))
@@ -560,20 +570,23 @@ class TurnServer:
         if not candidates:
             return stun.StunError(508, "Insufficient Capacity")
         self._next_alternate += 1
-        attributes = [(stun.ALTERNATE_SERVER, candidates[self._next_alternate % len(candidates)])]
+        attributes: List[Tuple[int, Any]] = [
+            (stun.ALTERNATE_SERVER, candidates[self._next_alternate % len(candidates)])]
         if tls and config.alternate_domain:
             attributes.append((stun.ALTERNATE_DOMAIN, config.alternate_domain))
         return stun.StunError(300, "Try Alternate", attributes)
 
     def _bind_relay(self, family: int, dont_fragment: bool, even_port: Optional[bool],
-                    response: stun.Message, now: float, tcp: bool = False) -> RelayEndpoint:
+                    response: stun.Message, now: float, tcp: bool = False) -> AnyRelayEndpoint:
         """Bind a relay port; with EVEN-PORT an even one, and with its R bit the next one too."""
         host = self.config.relay_ips[family]
         low, high = self.config.min_port, self.config.max_port
         for port in self._ports(host, low, high - 1 if even_port else high, even_port is not None,
                                 tcp):
             if even_port is None:
-                endpoint = self.bind_stream(host, port) if tcp else self.bind(host, port, dont_fragment)
+                endpoint: Optional[AnyRelayEndpoint] = (
+                    self.bind_stream(host, port) if tcp and self.bind_stream is not None
+                    else self.bind(host, port, dont_fragment))
                 if endpoint is not None:
                     return endpoint
                 continue
@@ -650,7 +663,9 @@ class TurnServer:
                       account: Account, now: float) -> stun.Message:
         allocation = self._owned_allocation(client, credentials)
         number, peer = msg.get(stun.CHANNEL_NUMBER), msg.get(stun.XOR_PEER_ADDRESS)
-        if number is None or peer is None or not stun.MIN_CHANNEL <= number <= self.config.max_channel:
+        # A channel carries datagrams, which a TCP allocation (RFC 6062) does not relay.
+        if allocation.tcp or number is None or peer is None \
+                or not stun.MIN_CHANNEL <= number <= self.config.max_channel:
             raise stun.StunError(400, "Bad Request")
         self._checked_peer(allocation, peer)
         if allocation.channel_conflict(number, peer, now):
@@ -682,7 +697,7 @@ class TurnServer:
                                    CONNECTING)
         log.info("tcp connect user=%s session=%s peer=%s:%d", allocation.username,
                  allocation.session_id, peer[0], peer[1])
-        allocation.relays[stun.address_family(peer[0])].connect(
+        cast(StreamRelayEndpoint, allocation.relays[stun.address_family(peer[0])]).connect(
             peer, lambda end, when: self._connected(client, credentials, connection, end, when))
 
     def _connected(self, client: Client, credentials: StunCredentials, connection: TcpConnection,

@@ -65,6 +65,7 @@ class StreamOwner(Protocol):
     bytes_to_client: int
     packets_to_client: int
     limited: bool
+    username: str
     connections: Dict[int, "TcpConnection"]
 
     def overdraw(self, size: int) -> bool:
@@ -94,6 +95,7 @@ class TcpConnection:
         allocation = self.allocation
         allocation.bytes_to_client += len(data)
         allocation.packets_to_client += 1
+        assert self.client_end is not None  # bytes flow once bound
         self.client_end.write(data)
         if allocation.limited:
             self._charge(len(data))
@@ -103,18 +105,21 @@ class TcpConnection:
         allocation = self.allocation
         allocation.bytes_from_client += len(data)
         allocation.packets_from_client += 1
+        assert self.peer_end is not None  # bytes flow once bound
         self.peer_end.write(data)
         if allocation.limited:
             self._charge(len(data))
 
     def _charge(self, size: int) -> None:
         if not self.allocation.overdraw(size) and not self.throttled:
+            assert self.peer_end is not None and self.client_end is not None  # bound
             self.throttled = True
             self.peer_end.pause()
             self.client_end.pause()
 
     def unthrottle(self) -> None:
         if self.throttled and self.state == BOUND:
+            assert self.peer_end is not None and self.client_end is not None
             self.throttled = False
             self.peer_end.resume()
             self.client_end.resume()
@@ -123,6 +128,7 @@ class TcpConnection:
         """ConnectionBind succeeded: splice the client's data connection to the peer's."""
         self.state = BOUND
         self.client_end = client_end
+        assert self.peer_end is not None  # only a PENDING connection, which has its peer, binds
         self.peer_end.start(self)
 
     def close(self) -> None:

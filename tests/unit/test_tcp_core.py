@@ -118,6 +118,17 @@ def test_connect_without_a_peer_or_on_a_udp_allocation_is_400(harness, alice):
     assert error_code(stun.parse(connect(udp)[0])) == 400
 
 
+def test_channels_and_send_indications_are_refused_on_a_tcp_allocation(alice):
+    """They carry datagrams, which a TCP allocation does not relay: ChannelBind gets 400, a Send
+    indication is dropped (the core used to raise on both), and the allocation lives on."""
+    assert error_code(alice.create_permission(PEER)) is None  # for incoming connections
+    assert error_code(alice.channel_bind(0x4000, PEER)) == 400
+    assert alice.send_indication(PEER, b"a datagram") == []
+    allocation = alice.allocation
+    assert not allocation.channels and allocation.bytes_from_client == 0
+    assert error_code(alice.refresh()) is None
+
+
 def test_connection_bind_splices_and_counts_both_ways(harness, alice):
     connect(alice)
     peer_end = FakeStreamEnd()
