@@ -12,6 +12,8 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)  #
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 command -v haproxy >/dev/null || packages+=(haproxy)           # the PROXY protocol tests
 [ -x /usr/lib/chromium/chromium ] || packages+=(chromium)     # the browser WebRTC tests
+command -v ip >/dev/null || packages+=(iproute2)              # the quick start test's network namespace
+command -v unshare >/dev/null || packages+=(util-linux)
 apt_install "${packages[@]}"
 
 # The operator tests' Kubernetes control plane and Helm: built once, then cached outside the checkout.
