@@ -5,8 +5,8 @@ through the `send` callable of the `Client` they answer, and time arrives as an 
 Authentication is the one step that may wait (a database checker), so a request that needs it
 is handled in two halves: `receive` returns the `StunCredentials` to log in with, and the
 caller passes the outcome to `authenticated` or `login_failed`.  A TCP allocation's Connect
-(RFC 6062) waits too: the I/O layer connects to the peer and reports back, and the answer goes
-out then.
+(RFC 6062, dispatched to `relay.core.tcp_relay`) waits too: the I/O layer connects to the peer
+and reports back, and the answer goes out then.
 """
 from __future__ import annotations
 
@@ -26,11 +26,13 @@ from relay.core.allocation import (
     Budget,
     RelayEndpoint,
 )
+from relay.core.client import Client
 from relay.core.credentials import Account, StunCredentials
 from relay.core.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
 from relay.core.peers import PeerPolicy
 from relay.core.ratelimit import RateLimiter
-from relay.core.tcp import CLOSED, CONNECTING, PENDING, PeerEnd, StreamEnd, StreamRelayEndpoint, TcpConnection
+from relay.core.tcp import StreamRelayEndpoint
+from relay.core.tcp_relay import TcpRelay
 from relay.proto import stun
 
 log = logging.getLogger("turnrelay")
@@ -46,26 +48,6 @@ _BIND_ATTEMPTS = 40
 Binder = Callable[[str, int, bool], Optional[RelayEndpoint]]
 # bind_stream(host, port) -> a listening TCP relay endpoint, or None when the port is taken.
 StreamBinder = Callable[[str, int], Optional[StreamRelayEndpoint]]
-
-
-@dataclass(eq=False)
-class Client:
-    """Where a request came from: the 5-tuple's client side, and how to answer it."""
-
-    transport: str           # "udp", "tcp" or "tls"
-    listener: Hashable       # identifies the server side of the 5-tuple
-    address: Address
-    send: Callable[[bytes], None]
-    # False once a stream connection is gone: a login that completes later (a database
-    # checker) must not create an allocation nobody can reach.
-    connected: bool = True
-    # Stream clients only: turns this connection into the client data connection of an RFC
-    # 6062 ConnectionBind, after which it carries raw bytes; returns its writing end.
-    become_data: Optional[Callable[[TcpConnection], StreamEnd]] = None
-
-    def __post_init__(self) -> None:
-        # The allocations' key, made once: a stream's every ChannelData frame looks it up.
-        self.key: Tuple[Hashable, Address] = (self.listener, self.address)
 
 
 @dataclass
@@ -155,7 +137,6 @@ class TurnServer:
         # Worker processes (relay.service.workers): account id -> this process's share of the account's
         # --account-max-bps/pps, as the parent last told it (absent: the whole of them).
         self._account_shares: Dict[str, float] = {}
-        self.connections: Dict[int, TcpConnection] = {}   # CONNECTION-ID -> connection
         # Responses remembered for retransmissions, oldest first in `_response_expiry` (a
         # plain dict: an OrderedDict's links would double the cost of an entry).
         self._responses: Dict[Tuple[Hashable, Address, bytes], bytes] = {}
@@ -174,14 +155,17 @@ class TurnServer:
         # The monthly byte quota's seam (relay.ledger.monthly_quota): asked before each Allocate (True answers
         # 486) and, every tick, for each allocation (True closes it, reason "quota").
         self.over_quota: Callable[[Account], bool] = lambda account: False
+        # RFC 6062's requests and CONNECTION-IDs (relay.core.tcp_relay).
+        self.tcp = TcpRelay(self)
+        self.connections = self.tcp.connections
         self._algorithms_attr = [(alg, b"") for alg in config.password_algorithms]
         self._handlers = {
             stun.ALLOCATE: self._allocate,
             stun.REFRESH: self._refresh,
             stun.CREATE_PERMISSION: self._create_permission,
             stun.CHANNEL_BIND: self._channel_bind,
-            stun.CONNECT: self._connect,
-            stun.CONNECTION_BIND: self._connection_bind,
+            stun.CONNECT: self.tcp.connect,
+            stun.CONNECTION_BIND: self.tcp.connection_bind,
         }
 
     # -- entry points -------------------------------------------------------------------------
@@ -227,7 +211,7 @@ class TurnServer:
         except stun.StunError as err:
             response = self._failure(msg, err)
         if response is not None:  # None: the handler answers itself (Connect, ConnectionBind)
-            self._answer(client, credentials, response, now)
+            self.answer(client, credentials, response, now)
 
     def login_failed(self, client: Client, credentials: StunCredentials, now: float) -> None:
         """Wrong user or password: a fresh challenge, unless this source has failed too often."""
@@ -242,7 +226,7 @@ class TurnServer:
         """A check outside the core refused this authenticated request: the quotas the
         worker processes share (relay.service.quota_book)."""
         if client.connected:
-            self._answer(client, credentials, self._failure(credentials.message, err), now)
+            self.answer(client, credentials, self._failure(credentials.message, err), now)
 
     def server_error(self, client: Client, msg: stun.Message, now: float) -> None:
         """The auth backend failed: say so rather than blame the client's password."""
@@ -326,7 +310,7 @@ class TurnServer:
             errors[err.code] = errors.get(err.code, 0) + 1
         return _error(msg, err)
 
-    def _answer(self, client: Client, credentials: StunCredentials, response: stun.Message,
+    def answer(self, client: Client, credentials: StunCredentials, response: stun.Message,
                 now: float) -> None:
         """The signed answer to an authenticated request."""
         if self.config.software:
@@ -401,7 +385,7 @@ class TurnServer:
         # Not cached: Binding is idempotent, and caching every NAT probe would cost memory.
         client.send(response.encode(fingerprint=msg.has(stun.FINGERPRINT)))
 
-    def _owned_allocation(self, client: Client, credentials: StunCredentials) -> Allocation:
+    def owned_allocation(self, client: Client, credentials: StunCredentials) -> Allocation:
         allocation = self.allocations.get(client.key)
         if allocation is None:
             raise stun.StunError(437, "Allocation Mismatch")
@@ -489,7 +473,7 @@ class TurnServer:
         if tcp:
             for relay in relays.values():
                 cast(StreamRelayEndpoint, relay).listen(
-                    lambda peer, end, when: self._incoming(allocation, peer, end, when))
+                    lambda peer, end, when: self.tcp.incoming(allocation, peer, end, when))
         for relay in relays.values():
             host, port = relay.address
             response.add(stun.XOR_RELAYED_ADDRESS, (self.config.external_ips.get(host, host), port))
@@ -627,7 +611,7 @@ class TurnServer:
 
     def _refresh(self, client: Client, msg: stun.Message, credentials: StunCredentials,
                  account: Account, now: float) -> stun.Message:
-        allocation = self._owned_allocation(client, credentials)
+        allocation = self.owned_allocation(client, credentials)
         family = msg.get(stun.REQUESTED_ADDRESS_FAMILY)
         if family is not None and family not in allocation.relays:
             raise stun.StunError(443, "Peer Address Family Mismatch")
@@ -638,7 +622,7 @@ class TurnServer:
         allocation.expires = now + lifetime
         return msg.response().add(stun.LIFETIME, lifetime)
 
-    def _checked_peer(self, allocation: Allocation, peer: Address) -> None:
+    def checked_peer(self, allocation: Allocation, peer: Address) -> None:
         if stun.address_family(peer[0]) not in allocation.relays:
             raise stun.StunError(443, "Peer Address Family Mismatch")
         if not self.config.policy.permits_peer(peer):
@@ -646,12 +630,12 @@ class TurnServer:
 
     def _create_permission(self, client: Client, msg: stun.Message, credentials: StunCredentials,
                            account: Account, now: float) -> stun.Message:
-        allocation = self._owned_allocation(client, credentials)
+        allocation = self.owned_allocation(client, credentials)
         peers = msg.get_all(stun.XOR_PEER_ADDRESS)
         if not peers:
             raise stun.StunError(400, "Bad Request")
         for peer in peers:
-            self._checked_peer(allocation, peer)
+            self.checked_peer(allocation, peer)
         ips = {peer[0] for peer in peers}
         if len(ips | allocation.permissions.keys()) > self.config.max_permissions:
             raise stun.StunError(508, "Insufficient Capacity")
@@ -661,13 +645,13 @@ class TurnServer:
 
     def _channel_bind(self, client: Client, msg: stun.Message, credentials: StunCredentials,
                       account: Account, now: float) -> stun.Message:
-        allocation = self._owned_allocation(client, credentials)
+        allocation = self.owned_allocation(client, credentials)
         number, peer = msg.get(stun.CHANNEL_NUMBER), msg.get(stun.XOR_PEER_ADDRESS)
         # A channel carries datagrams, which a TCP allocation (RFC 6062) does not relay.
         if allocation.tcp or number is None or peer is None \
                 or not stun.MIN_CHANNEL <= number <= self.config.max_channel:
             raise stun.StunError(400, "Bad Request")
-        self._checked_peer(allocation, peer)
+        self.checked_peer(allocation, peer)
         if allocation.channel_conflict(number, peer, now):
             raise stun.StunError(400, "Bad Request")
         if number not in allocation.channels and len(allocation.channels) >= self.config.max_channels:
@@ -678,78 +662,6 @@ class TurnServer:
         allocation.bind_channel(number, peer, now)
         allocation.permissions[peer[0]] = now + PERMISSION_LIFETIME
         return msg.response()
-
-    # -- TCP allocations (RFC 6062) ------------------------------------------------------------
-
-    def _connect(self, client: Client, msg: stun.Message, credentials: StunCredentials,
-                 account: Account, now: float) -> None:
-        """Connect (section 5.2): check the peer, then have the I/O layer connect to it."""
-        allocation = self._owned_allocation(client, credentials)
-        peer = msg.get(stun.XOR_PEER_ADDRESS)
-        if not allocation.tcp or peer is None:
-            raise stun.StunError(400, "Bad Request")
-        self._checked_peer(allocation, peer)  # 403 for forbidden peers and our own endpoints
-        if any(c.peer == peer for c in allocation.connections.values()):
-            raise stun.StunError(446, "Connection Already Exists")
-        if len(allocation.connections) >= self.config.max_tcp_connections:
-            raise stun.StunError(508, "Insufficient Capacity")
-        connection = TcpConnection(self._new_connection_id(), allocation, peer, self.connections,
-                                   CONNECTING)
-        log.info("tcp connect user=%s session=%s peer=%s:%d", allocation.username,
-                 allocation.session_id, peer[0], peer[1])
-        cast(StreamRelayEndpoint, allocation.relays[stun.address_family(peer[0])]).connect(
-            peer, lambda end, when: self._connected(client, credentials, connection, end, when))
-
-    def _connected(self, client: Client, credentials: StunCredentials, connection: TcpConnection,
-                   end: Optional[PeerEnd], now: float) -> None:
-        """The I/O layer's answer to a Connect: a peer data connection, or None (447)."""
-        if connection.state == CLOSED:  # the allocation ended while connecting
-            if end is not None:
-                end.close()
-            return
-        msg = credentials.message
-        if end is None:
-            connection.close()
-            self._answer(client, credentials, msg.error(447, "Connection Timeout or Failure"), now)
-            return
-        connection.peer_end = end
-        connection.state = PENDING
-        connection.deadline = now + self.config.tcp_bind_timeout
-        self._answer(client, credentials,
-                     msg.response().add(stun.CONNECTION_ID, connection.connection_id), now)
-
-    def _connection_bind(self, client: Client, msg: stun.Message, credentials: StunCredentials,
-                         account: Account, now: float) -> None:
-        """ConnectionBind (section 5.4): this new connection becomes a client data connection."""
-        if client.become_data is None or client.key in self.allocations:
-            raise stun.StunError(400, "Bad Request")
-        connection = self.connections.get(msg.get(stun.CONNECTION_ID))
-        if connection is None or connection.state != PENDING:
-            raise stun.StunError(400, "Bad Request")
-        if connection.allocation.username != credentials.username:
-            raise stun.StunError(441, "Wrong Credentials")
-        self._answer(client, credentials, msg.response(), now)
-        connection.bind(client.become_data(connection))
-
-    def _incoming(self, allocation: Allocation, peer: Address, end: PeerEnd, now: float) -> None:
-        """A peer connected to a TCP relayed address (section 5.3): announce it, or refuse it."""
-        if allocation.key not in self.allocations or peer[0] not in allocation.permissions \
-                or any(c.peer == peer for c in allocation.connections.values()) \
-                or len(allocation.connections) >= self.config.max_tcp_connections:
-            end.close()
-            return
-        connection = TcpConnection(self._new_connection_id(), allocation, peer, self.connections,
-                                   PENDING, now + self.config.tcp_bind_timeout)
-        connection.peer_end = end
-        attempt = stun.Message(stun.CONNECTION_ATTEMPT, stun.INDICATION)
-        attempt.add(stun.XOR_PEER_ADDRESS, peer).add(stun.CONNECTION_ID, connection.connection_id)
-        allocation.send_to_client(attempt.encode())
-
-    def _new_connection_id(self) -> int:
-        while True:
-            connection_id = self.rng.getrandbits(32)
-            if connection_id not in self.connections:
-                return connection_id
 
     def _close(self, allocation: Allocation, reason: str) -> None:
         del self.allocations[allocation.key]

@@ -1,0 +1,28 @@
+"""The client side of a request: where it came from and how to answer it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Hashable, Optional, Tuple
+
+from relay.core.allocation import Address
+from relay.core.tcp import StreamEnd, TcpConnection
+
+
+@dataclass(eq=False)
+class Client:
+    """Where a request came from: the 5-tuple's client side, and how to answer it."""
+
+    transport: str           # "udp", "tcp" or "tls"
+    listener: Hashable       # identifies the server side of the 5-tuple
+    address: Address
+    send: Callable[[bytes], None]
+    # False once a stream connection is gone: a login that completes later (a database
+    # checker) must not create an allocation nobody can reach.
+    connected: bool = True
+    # Stream clients only: turns this connection into the client data connection of an RFC
+    # 6062 ConnectionBind, after which it carries raw bytes; returns its writing end.
+    become_data: Optional[Callable[[TcpConnection], StreamEnd]] = None
+
+    def __post_init__(self) -> None:
+        # The allocations' key, made once: a stream's every ChannelData frame looks it up.
+        self.key: Tuple[Hashable, Address] = (self.listener, self.address)
