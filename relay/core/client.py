@@ -12,7 +12,7 @@ from relay.core.tcp import StreamEnd, TcpConnection
 class Client:
     """Where a request came from: the 5-tuple's client side, and how to answer it."""
 
-    transport: str           # "udp", "tcp" or "tls"
+    transport: str           # "udp", "tcp", "tls" or "dtls"
     listener: Hashable       # identifies the server side of the 5-tuple
     address: Address
     send: Callable[[bytes], None]

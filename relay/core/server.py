@@ -416,7 +416,7 @@ class TurnServer:
         even_port = msg.get(stun.EVEN_PORT)
         # RFC 6062 section 5.1: a TCP allocation needs a TCP or TLS control connection, and
         # has no use for the UDP-only attributes.
-        if tcp and (client.transport == "udp" or token is not None or even_port is not None
+        if tcp and (client.transport in ("udp", "dtls") or token is not None or even_port is not None
                     or msg.has(stun.DONT_FRAGMENT)):
             raise stun.StunError(400, "Bad Request")
         # Combinations RFC 8656 section 7.2 rejects: a token already fixes the family and
@@ -549,8 +549,10 @@ class TurnServer:
         config = self.config
         family = stun.address_family(client.address[0])
         tls = client.transport == "tls"
-        candidates = [a for a in (config.tls_alternate_servers if tls else config.alternate_servers)
-                      if stun.address_family(a[0]) == family]
+        # No alternate is a DTLS server: a DTLS client is answered 508.
+        servers = {"tls": config.tls_alternate_servers, "dtls": ()}.get(
+            client.transport, config.alternate_servers)
+        candidates = [a for a in servers if stun.address_family(a[0]) == family]
         if not candidates:
             return stun.StunError(508, "Insufficient Capacity")
         self._next_alternate += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import hmac
 import os
 import socket
 from typing import List, Optional, Sequence, Tuple
@@ -32,6 +33,8 @@ class ServerTLS:
     preference: the first the client also offers is chosen; none, when it offers none of them
     (or sends no ALPN at all, as browsers' `turns:` does)."""
 
+    method = SSL.TLS_SERVER_METHOD
+
     def __init__(self, cert: str, key: str, min_version: str = "1.2", max_version: str = "1.2",
                  alpn: Sequence[bytes] = ()):
         self.cert, self.key = cert, key
@@ -53,12 +56,16 @@ class ServerTLS:
             return None
         return digest.digest()
 
+    def _versions(self) -> Tuple[int, int]:
+        return self.min_version, self.max_version
+
     def _context(self) -> SSL.Context:
         # Read before loading: a change racing the load is then seen again at the next look.
         self.loaded = self._digest()
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.set_min_proto_version(self.min_version)
-        ctx.set_max_proto_version(self.max_version)
+        ctx = SSL.Context(self.method)
+        low, high = self._versions()
+        ctx.set_min_proto_version(low)
+        ctx.set_max_proto_version(high)
         ctx.set_cipher_list(CIPHERS)
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE
                         | SSL.OP_NO_RENEGOTIATION | SSL.OP_NO_TICKET)
@@ -90,6 +97,43 @@ class ServerTLS:
 
     def serverConnectionForTLS(self, tlsProtocol: object) -> SSL.Connection:
         return SSL.Connection(self.context, None)
+
+
+DTLS1_2_VERSION = 0xFEFD  # pyOpenSSL names no DTLS version
+COOKIE_SIZE = 16
+
+
+class ServerDTLS(ServerTLS):
+    """The DTLS listeners' context (RFC 7350): the TLS listeners' certificate, reload, ciphers
+    and options, DTLS 1.2 only, and the stateless cookie exchange of RFC 6347 section 4.2.1.
+
+    A cookie is an HMAC of the client's address and port under `cookie_key`: it proves the
+    client receives at that address, and any process holding the key (every worker: it is
+    derived from the nonce keys they share) checks it without having kept anything.
+    `relay.net.dtls` sets each connection's app data to its client's address for this.
+    """
+
+    method = SSL.DTLS_SERVER_METHOD
+
+    def __init__(self, cert: str, key: str, cookie_key: bytes, alpn: Sequence[bytes] = ()):
+        self.cookie_key = cookie_key
+        super().__init__(cert, key, alpn=alpn)
+
+    def _versions(self) -> Tuple[int, int]:
+        return DTLS1_2_VERSION, DTLS1_2_VERSION
+
+    def _context(self) -> SSL.Context:
+        ctx = super()._context()
+        ctx.set_options(SSL.OP_COOKIE_EXCHANGE | SSL.OP_NO_QUERY_MTU)
+        ctx.set_cookie_generate_callback(self.cookie)
+        ctx.set_cookie_verify_callback(
+            lambda connection, cookie: hmac.compare_digest(cookie, self.cookie(connection)))
+        return ctx
+
+    def cookie(self, connection: SSL.Connection) -> bytes:
+        host, port = connection.get_app_data()
+        return hmac.new(self.cookie_key, f"{host} {port}".encode(),
+                        hashlib.sha256).digest()[:COOKIE_SIZE]
 
 
 def self_signed(state_dir: str) -> Tuple[str, str, bool]:

@@ -3,6 +3,8 @@ services, peer rules, and the whole relay (`relay_service`) for one process or o
 from __future__ import annotations
 
 import errno
+import hashlib
+import hmac
 import logging
 import os
 import socket
@@ -38,7 +40,7 @@ from relay.net.listeners import LoginDispatcher, RelayBinder, bound_socket
 from relay.net.proxy_protocol import ProxyTrust, parse_networks
 from relay.net.shared_port import HttpForwarder
 from relay.net.stream_relay import StreamRelayBinder
-from relay.net.tls import ServerTLS, self_signed
+from relay.net.tls import ServerDTLS, ServerTLS, self_signed
 from relay.proto import stun
 from relay.proto.demux import ALPN_HTTP, ALPN_TURN
 from relay.service.host import local_addresses, outbound_ip, raise_file_limit
@@ -106,10 +108,12 @@ def bind_listeners(options: Options, copies: int = 1) -> ListenerSockets:
                   for t in ("udp", "tcp") if not options["no-" + t]]
     if not options["no-tls"]:
         transports += [(port, "tls") for port in options["tls-listening-port"]]
+    if options["dtls"]:
+        transports += [(port, "dtls") for port in options["dtls-listening-port"]]
     found: ListenerSockets = []
     for host in options["listening-ip"] or _DEFAULT_LISTENING_IPS:
         for port, transport in transports:
-            kind = socket.SOCK_DGRAM if transport == "udp" else socket.SOCK_STREAM
+            kind = socket.SOCK_DGRAM if transport in ("udp", "dtls") else socket.SOCK_STREAM
             try:
                 socks = _bound_copies(host, port, kind, copies)
             except OSError as err:
@@ -262,17 +266,35 @@ def nonce_secrets(options: Options) -> List[bytes]:
         raise SystemExit(f"turnrelay: --nonce-secret-file: {err}")
 
 
-def client_tls_context(options: Options) -> Optional[ServerTLS]:
-    """The TLS listeners' context: --cert, or a self-signed certificate kept in --state-dir."""
-    if options["no-tls"]:
-        return None
+def _client_certificate(options: Options) -> Tuple[str, str]:
+    """--cert and --pkey, or a self-signed certificate kept in --state-dir."""
     cert, key = options["cert"], options["pkey"]
     if not cert:
         cert, key, made = self_signed(options["state-dir"])
         log.warn("no --cert given: TLS uses the self-signed certificate {cert}{made}",
                  cert=cert, made=" (made now)" if made else "")
+    return cert, key
+
+
+def client_tls_context(options: Options) -> Optional[ServerTLS]:
+    """The TLS listeners' context."""
+    if options["no-tls"]:
+        return None
     alpn = (ALPN_TURN, ALPN_HTTP) if options["api-on-tls-port"] else (ALPN_TURN,)
-    return _server_tls(options, cert, key, "--cert/--pkey", alpn)
+    return _server_tls(options, *_client_certificate(options), "--cert/--pkey", alpn)
+
+
+def client_dtls_context(options: Options, secrets: List[bytes]) -> Optional[ServerDTLS]:
+    """The DTLS listeners' context: the TLS certificate, cookies keyed from the nonce keys
+    (the same in every worker)."""
+    if not options["dtls"]:
+        return None
+    cert, key = _client_certificate(options)
+    cookie_key = hmac.new(secrets[0], b"turnrelay DTLS cookie", hashlib.sha256).digest()
+    try:
+        return ServerDTLS(cert, key, cookie_key, alpn=(ALPN_TURN,))
+    except Exception as err:
+        raise SystemExit(f"turnrelay: --dtls: cannot use {cert} and {key}: {err}")
 
 
 def api_tls_context(options: Options) -> Optional[ServerTLS]:
@@ -402,6 +424,7 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows,
                         bind_stream=None if options["no-tcp-relay"] else StreamRelayBinder(reactor))
     tls = client_tls_context(options)
+    dtls = client_dtls_context(options, secrets)
     # The parent of workers serves the tokens API, not they.
     api_tls = api_tls_context(options) if worker is None else None
 
@@ -451,7 +474,8 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     https: List[HTTPService] = []
     forwarder = HttpForwarder(reactor, (lambda: worker.shared_api) if worker is not None
                               else lambda: shared_api_endpoint(https))
-    listeners = ListenersService(reactor, server, dispatch, options, tls, sockets, forwarder)
+    listeners = ListenersService(reactor, server, dispatch, options, tls, sockets, forwarder,
+                                 dtls)
     listeners.setServiceParent(service)
 
     def not_ready() -> Optional[str]:
@@ -471,7 +495,7 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     for checker in checkers.checkers:
         if getattr(checker, "service", None) is not None:
             checker.service.setServiceParent(service)
-    reloads = watch_certificates([("TLS certificate", tls),
+    reloads = watch_certificates([("TLS certificate", tls), ("DTLS certificate", dtls),
                                   ("tokens API TLS certificate", api_tls)], service)
     reloads.append(("credentials", checkers.reload))
     reloads.append(("peer rules", reload_peer_rules(options, server.set_peer_rules)))

@@ -78,6 +78,8 @@ LIST_OPTIONS = {
     "listening-ip": "Address to listen on; repeat for several [default: 0.0.0.0 and ::]",
     "listening-port": "UDP and TCP port; repeat for several [default: 3478]",
     "tls-listening-port": "TLS port; repeat for several, e.g. 443 [default: 5349]",
+    "dtls-listening-port": "DTLS (UDP) port for --dtls; repeat for several [default: the "
+                           "TLS ports]",
     "relay-ip": "Address relay sockets bind to, at most one per family [default: this host's "
                 "outbound IPv4 and IPv6 addresses]",
     "external-ip": "Address clients see in XOR-RELAYED-ADDRESS: PUBLIC, or PUBLIC/RELAY-IP to map "
@@ -119,6 +121,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["no-udp", None, "Do not listen on UDP"],
         ["no-tcp", None, "Do not listen on TCP"],
         ["no-tls", None, "Do not listen on TLS"],
+        ["dtls", None, "Also listen on DTLS 1.2 over UDP (RFC 7350), on --dtls-listening-port, "
+                       "with the TLS certificate and policy"],
         ["allow-loopback-peers", None, "Allow relaying to 127.0.0.0/8 and ::1 (testing only)"],
         ["no-software-attribute", None, "Do not send the SOFTWARE attribute"],
         ["no-tcp-relay", None, "Refuse TCP allocations (RFC 6062) with 442"],
@@ -290,12 +294,16 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             except ValueError as err:
                 problem = "not a whole number" if "invalid literal" in str(err) else err
                 _fail(name, f"{self[name]!r}: {problem}")
-        for name in ("listening-port", "tls-listening-port"):
+        for name in ("listening-port", "tls-listening-port", "dtls-listening-port"):
             try:
-                default = [3478] if name == "listening-port" else [5349]
+                default = {"listening-port": [3478], "tls-listening-port": [5349],
+                           "dtls-listening-port": self["tls-listening-port"]}[name]
                 self[name] = [_port(p) for p in self[name]] or default
             except ValueError:
                 _fail(name, f"{self[name]} is not a list of port numbers")
+        if self["dtls"] and not self["no-udp"] and \
+                set(self["dtls-listening-port"]) & set(self["listening-port"]):
+            _fail("dtls-listening-port", "a UDP port cannot serve both TURN over UDP and DTLS")
         for name in ("listening-ip", "relay-ip"):
             for value in self[name]:
                 if not is_ip(value):

@@ -16,6 +16,7 @@ from twisted.web.server import Site
 
 from relay.core.peers import OwnEndpoints
 from relay.core.server import TurnServer
+from relay.net.dtls import DtlsListener
 from relay.net.listeners import (
     ClientDatagramProtocol,
     ClientStreamFactory,
@@ -25,7 +26,7 @@ from relay.net.listeners import (
     bound_socket,
 )
 from relay.net.proxy_protocol import ProxyTrust
-from relay.net.tls import ServerTLS
+from relay.net.tls import ServerDTLS, ServerTLS
 from relay.service.options import Options
 
 log = Logger(namespace="turnrelay")
@@ -47,8 +48,9 @@ class ListenersService(Service):
 
     def __init__(self, reactor, server: TurnServer, dispatch: LoginDispatcher, options: Options,
                  tls: Optional[ServerTLS], sockets: Callable[[], List[Tuple[str, socket.socket]]],
-                 http: Optional[Factory] = None):
+                 http: Optional[Factory] = None, dtls: Optional[ServerDTLS] = None):
         self.reactor = reactor
+        self.dtls = dtls
         # The tokens API's `http` factory, for the transports whose ports it shares.
         self.http = {transport: http for transport in ("tcp", "tls")
                      if options[f"api-on-{transport}-port"]}
@@ -72,6 +74,11 @@ class ListenersService(Service):
         self.server.config.policy.own.add(*listener)
         if transport == "udp":
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
+            self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
+        elif transport == "dtls":
+            assert self.dtls is not None
+            protocol = DtlsListener(self.server, self.dispatch, listener, self.dtls,
+                                    self.stream_limits, self.reactor)
             self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
         else:
             factory = ClientStreamFactory(self.server, self.dispatch, transport, listener,

@@ -44,6 +44,7 @@ from relay.service.build import (
     WorkerRole,
     api_tls_context,
     bind_listeners,
+    client_dtls_context,
     client_tls_context,
     http_services,
     ledger_to_read,
@@ -471,10 +472,12 @@ def supervisor(options: Options, reactor) -> Supervisor:
     # the self-signed certificate, when needed, is made before the workers look for it.
     relay_ips, external_ips = relay_addresses(options)
     client_tls_context(options)
+    secrets = nonce_secrets(options)
+    client_dtls_context(options, secrets)
     api_tls = api_tls_context(options)
     ledger_sql = ledger_to_read(options, usage_backends(options))
     policy = peer_policy(options, relay_ips, external_ips)
-    service = Supervisor(reactor, options, nonce_secrets(options),
+    service = Supervisor(reactor, options, secrets,
                          QuotaBook(options["total-quota"], options["user-quota"],
                                    options["source-quota"]))
     for http in http_services(reactor, options, relay_ips, ledger_sql, policy,

@@ -18,7 +18,7 @@ from relay.core.server import TurnServer
 from relay.ledger.writer import Ledger
 from relay.net.listeners import StreamLimits
 
-TRANSPORTS = ("udp", "tcp", "tls")
+TRANSPORTS = ("udp", "tcp", "tls", "dtls")
 # Prometheus's classic text format, which `generate_latest` writes; every Prometheus reads it.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
