@@ -83,10 +83,12 @@ def test_one_tls_port_serves_turn_by_alpn_or_first_bytes_and_https(server_factor
                               context=ssl._create_unverified_context(), timeout=10)
     assert error_code(turn.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))) is None
     turn.close()
-    # coturn's client over TLS on the shared port (it offers ALPN stun.turn among others).
+    # coturn's client over TLS on the shared port (it offers ALPN stun.turn among others);
+    # -c: no RTCP allocation, whose RESERVATION-TOKEN may reach another worker than the one
+    # holding the reservation (508).
     with running_echo_peer() as peer:
         result = subprocess.run(
-            [tool("turnutils_uclient"), "-t", "-S", "-p", str(port), "-u", USER, "-w", PASSWORD,
+            [tool("turnutils_uclient"), "-t", "-S", "-c", "-p", str(port), "-u", USER, "-w", PASSWORD,
              "-e", peer[0], "-r", str(peer[1]), "-n", str(MESSAGES), "-m", str(CLIENTS),
              "127.0.0.1"], capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
