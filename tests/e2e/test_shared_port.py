@@ -8,9 +8,11 @@ every worker.  (Chromium's `turns:` on the shared port is in test_browser.py.)
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import socket
 import ssl
 import subprocess
 import sys
@@ -20,7 +22,9 @@ import pytest
 
 from relay.cli.turnclient import TCP, TLS, TurnClient, error_code
 from relay.proto import stun
+from relay.proto.proxy_protocol import encode_v2
 from relay.service.options import Options
+from relay.web.api import FAILED_KEY_BURST
 from support.certs import make_cert
 from support.servers import PASSWORD, USER, free_port, running_echo_peer, tool
 
@@ -30,17 +34,19 @@ MESSAGES, CLIENTS = 20, 2
 
 def start(server_factory, tmp_path, *extra):
     """A relay with 2 workers, the account database (account `acme`) and the tokens API, plus
-    `extra`: (server, acme's API key, certificate path)."""
+    `extra`: (server, acme's API key, certificate path).  Its --api-port is `server.api_port`."""
     cert, key = make_cert(tmp_path, "relay", san="IP:127.0.0.1")
     dsn = f"sqlite:///{tmp_path / 'accounts.db'}"
     added = subprocess.run([CLI, "account", "add", "acme", "--db", dsn], capture_output=True,
                            text=True, timeout=60, check=True)
     secret = tmp_path / "mint.secret"
     secret.write_text("shared-port-secret\n")
+    api_port = free_port()
     server = server_factory("--workers", "2", "--auth", f"db:dsn={dsn},secret-file={secret}",
-                            "--api-port", str(free_port()), "--cert", str(cert), "--pkey",
+                            "--api-port", str(api_port), "--cert", str(cert), "--pkey",
                             str(key), "--rfc5766-channels", *extra)
     server.read_until("account database loaded")
+    server.api_port = api_port
     return server, added.stdout.strip(), cert
 
 
@@ -111,6 +117,36 @@ def test_plain_tcp_port_serves_turn_and_http(server_factory, tmp_path):
                              f"https://127.0.0.1:{server.tls_port}/healthz"],
                             capture_output=True, text=True, timeout=30)
     assert result.returncode != 0 and "ok" not in result.stdout
+
+
+def mint_status(port: int, client: str, key: str, tls: bool) -> int:
+    """The status of a mint over a connection from 127.0.0.1 that a balancer's PROXY v2
+    header says is `client`'s."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(encode_v2((client, 40000), ("127.0.0.1", port)))
+    if tls:
+        sock = ssl._create_unverified_context().wrap_socket(sock)
+    auth = base64.b64encode(f"acme:{key}".encode()).decode()
+    with sock:
+        sock.sendall(f"POST /v1/accounts/acme/tokens HTTP/1.1\r\nHost: relay\r\n"
+                     f"Authorization: Basic {auth}\r\nContent-Length: 0\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        return int(sock.recv(100).split()[1])
+
+
+def test_the_api_sees_each_client_behind_a_balancer_and_through_the_turn_port(
+        server_factory, tmp_path):
+    """Failed API keys are throttled per client address: what the balancer's PROXY header
+    says, on the API port and on the TLS port, where a worker passes it on to the parent's
+    API.  Were either address lost, the second client would be throttled with the first."""
+    server, key, _ = start(server_factory, tmp_path, "--api-on-tls-port", "--proxy-protocol-from",
+                           "127.0.0.1", "--api-key-failures-per-minute", "1")
+    for port, tls, (guesser, other) in ((server.tls_port, True, ("203.0.113.7", "203.0.113.8")),
+                                        (server.api_port, False, ("198.51.100.7", "198.51.100.8"))):
+        statuses = [mint_status(port, guesser, "guessed", tls) for _ in range(FAILED_KEY_BURST + 1)]
+        assert statuses == [401] * FAILED_KEY_BURST + [429], (port, statuses)
+        assert mint_status(port, guesser, key, tls) == 429
+        assert mint_status(port, other, key, tls) == 201
 
 
 @pytest.mark.parametrize("argv, problem", [
