@@ -1,6 +1,8 @@
-"""User-space instructions per relayed packet of turnrelay, counted by callgrind.
+"""User-space instructions per relayed packet, or per Allocate+Refresh(0) cycle, of turnrelay,
+counted by callgrind.
 
     .venv/bin/python bench/instructions.py --mode udp-send --packets 600 --rate 50
+    .venv/bin/python bench/instructions.py --mode allocate --packets 300   # cycles, not packets
     .venv/bin/python bench/instructions.py --root /tmp/old-checkout ...   # compare two versions
 
 The figure compare.py reports (CPU time per packet) moves with whatever else the machine
@@ -27,7 +29,7 @@ from support.servers import running_echo_peer  # noqa: E402  (compare puts tests
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mode", default="udp-channel", choices=compare.MODES)
+    parser.add_argument("--mode", default="udp-channel", choices=list(compare.MODES) + ["allocate"])
     parser.add_argument("--packets", type=int, default=600, help="round trips measured")
     parser.add_argument("--rate", type=float, default=50, help="round trips a second")
     parser.add_argument("--root", default=compare.ROOT, help="the checkout whose relay/ runs")
@@ -47,8 +49,11 @@ def main() -> None:
     with running_echo_peer(compare.HOST) as peer:
         try:
             start = time.monotonic()
-            server.start(1)
+            server.start("1")
             print(f"server up under callgrind in {time.monotonic() - start:.0f} s", file=sys.stderr)
+            if args.mode == "allocate":
+                allocate_cycles(server, args.packets)
+                return
             transport, kind = args.mode.split("-")
             port = server.tls_port if transport == "tls" else server.port
             gen = compare.LoadGen(compare.build_loadgen(), transport, port, 8, 0)
@@ -61,15 +66,53 @@ def main() -> None:
                            stdout=subprocess.DEVNULL)
             gen.close()
         finally:
-            server.stop()
+            server.stop()  # callgrind writes its counts as the server exits
+            if args.mode == "allocate":
+                print(f"allocate: {args.packets} cycles, "
+                      f"{instructions(out) / args.packets:.0f} instructions per Allocate+Refresh(0) "
+                      "cycle (a new client each: 401, Allocate, Refresh)")
+    if args.mode != "allocate":
+        print(f"{args.mode}: {sent} sent, {received} echoed, "
+              f"{instructions(out) / (sent + received):.0f} instructions per relayed packet")
+
+
+def instructions(out: str) -> int:
     total = 0
     for path in glob.glob(out + "*"):
         with open(path) as f:
             for line in f:
                 if line.startswith(("summary:", "totals:")):
                     total = max(total, int(line.split()[1]))
-    print(f"{args.mode}: {sent} sent, {received} echoed, "
-          f"{total / (sent + received):.0f} instructions per relayed packet")
+    return total
+
+
+def allocate_cycles(server: compare.Server, cycles: int) -> None:
+    """`cycles` Allocate (challenged once per client) + Refresh(0) cycles from 4 clients, as
+    compare.py's allocation figures run them, after as many uncounted ones."""
+    clients = compare.UdpClients(server.port, 4)
+    for s in clients.socks:
+        clients.send(s, compare.stun.ALLOCATE)
+
+    def run(count: int) -> None:
+        done, deadline = 0, time.monotonic() + 120
+        while done < count and time.monotonic() < deadline:
+            for s, method in clients.answers(0.5):
+                if method == compare.stun.ALLOCATE:
+                    clients.send(s, compare.stun.REFRESH)
+                else:
+                    done += 1
+                    clients.send(clients.replace(s), compare.stun.ALLOCATE)
+        if done < count:
+            raise SystemExit(f"only {done} of {count} cycles in 120 s")
+    try:
+        run(cycles)  # warm-up, not counted
+        subprocess.run(["callgrind_control", "-i", "on", str(server.pid)], check=True,
+                       stdout=subprocess.DEVNULL)
+        run(cycles)
+        subprocess.run(["callgrind_control", "-i", "off", str(server.pid)], check=True,
+                       stdout=subprocess.DEVNULL)
+    finally:
+        clients.close()
 
 
 if __name__ == "__main__":

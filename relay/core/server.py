@@ -11,7 +11,6 @@ and reports back, and the answer goes out then.
 from __future__ import annotations
 
 import itertools
-import logging
 import random
 import uuid
 from collections import deque
@@ -34,8 +33,6 @@ from relay.core.ratelimit import RateLimiter
 from relay.core.tcp import StreamRelayEndpoint
 from relay.core.tcp_relay import TcpRelay
 from relay.proto import stun
-
-log = logging.getLogger("turnrelay")
 
 UDP_PROTOCOL = 17
 TCP_PROTOCOL = 6
@@ -141,12 +138,13 @@ class TurnServer:
         # plain dict: an OrderedDict's links would double the cost of an entry).
         self._responses: Dict[Tuple[Hashable, Address, bytes], bytes] = {}
         self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
-        # Told of each allocation's end, with its reason, in turn: the usage ledger (its last
-        # reading), and in a worker process the quotas shared with the others.
+        # Told of each new allocation, and of each allocation's end with its reason, in turn:
+        # the operator's log (relay.service.eventlog), the usage ledger (its first and last
+        # readings), and in a worker process the quotas shared with the others.
+        self.opened_observers: List[Callable[[Allocation], None]] = []
         self.closed_observers: List[Callable[[Allocation, str], None]] = []
-        # The usage ledger's seams (relay.ledger.writer): told of each new allocation, and asked before
-        # each Allocate whether one more session can be recorded; False answers 508.
-        self.on_allocation_opened: Callable[[Allocation], None] = lambda alloc: None
+        # The usage ledger's seam (relay.ledger.writer): asked before each Allocate whether one
+        # more session can be recorded; False answers 508.
         self.may_allocate: Callable[[], bool] = lambda: True
         self.stats = ServerStats()
         # Set by `drain` (SIGTERM): new Allocates are redirected or refused, the rest goes on.
@@ -479,12 +477,8 @@ class TurnServer:
             response.add(stun.XOR_RELAYED_ADDRESS, (self.config.external_ips.get(host, host), port))
         response.add(stun.LIFETIME, lifetime)
         response.add(stun.XOR_MAPPED_ADDRESS, client.address)
-        log.info("allocation opened user=%s account=%s client=%s:%d transport=%s relay=%s%s "
-                 "lifetime=%d session=%s", credentials.username, account.account_id,
-                 client.address[0], client.address[1], client.transport, "tcp:" if tcp else "",
-                 ",".join(f"{r.address[0]}:{r.address[1]}" for r in relays.values()), lifetime,
-                 session_id)
-        self.on_allocation_opened(allocation)
+        for observe in self.opened_observers:
+            observe(allocation)
         return response
 
     def _account_budget(self, account_id: str) -> Budget:
@@ -681,12 +675,6 @@ class TurnServer:
         shared.users -= 1
         if not shared.users:
             del self._account_budgets[allocation.account.account_id]
-        log.info("allocation closed user=%s client=%s:%d reason=%s from_client=%d/%dB "
-                 "to_client=%d/%dB limited=%d/%dB session=%s", allocation.username,
-                 allocation.client[0], allocation.client[1], reason,
-                 allocation.packets_from_client, allocation.bytes_from_client,
-                 allocation.packets_to_client, allocation.bytes_to_client,
-                 allocation.limited_packets, allocation.limited_bytes, allocation.session_id)
         for observe in self.closed_observers:
             observe(allocation, reason)
 

@@ -4,7 +4,7 @@ The relay counts payload bytes and packets per allocation as plain integer addit
 (`relay.core.allocation`).  The ledger reads those counters on its own timer, every `interval`
 seconds, and once more when the session ends, and queues the difference since its previous
 reading as a `UsageDelta`; the hot path gains nothing, not a call.  It hooks into the core
-through the server's seams: `on_allocation_opened`, `closed_observers`, `may_allocate`.
+through the server's seams: `opened_observers`, `closed_observers`, `may_allocate`.
 
 Each backend has its own queue and at most one write in flight.  A record waits up to
 `gather` seconds (GATHER) for others to join its batch, unless the batch is full: under a
@@ -194,7 +194,7 @@ class Ledger(Service):
         self._drain_waiters: List[defer.Deferred[None]] = []
         self._timer = LoopingCall(self.read_counters)
         self._timer.clock = clock
-        server.on_allocation_opened = self.opened
+        server.opened_observers.append(self.opened)
         server.closed_observers.append(self.closed)
         server.may_allocate = self.may_allocate
 

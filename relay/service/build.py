@@ -43,6 +43,7 @@ from relay.net.stream_relay import StreamRelayBinder
 from relay.net.tls import ServerDTLS, ServerTLS, self_signed
 from relay.proto import stun
 from relay.proto.demux import ALPN_HTTP, ALPN_TURN
+from relay.service.eventlog import log_allocations
 from relay.service.host import local_addresses, outbound_ip, raise_file_limit
 from relay.service.options import Options
 from relay.service.quota_book import Release, Reserve, SharedQuotas
@@ -443,6 +444,7 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
              backends=", ".join(backends))
 
     service = RelayService(server, reactor, options["drain-grace"])
+    log_allocations(server)
     # Started first and so stopped last: the listeners' shutdown ends every allocation, and
     # the ledger then writes their last usage before the process exits.
     ledger = Ledger(server, backends, options["region"], reactor, options["accounting-interval"],

@@ -541,7 +541,7 @@ def test_quota_is_released_when_an_allocation_is_deleted():
 
 def test_the_ledgers_seams_see_each_session_and_may_refuse_new_ones(harness):
     opened = []
-    harness.server.on_allocation_opened = opened.append
+    harness.server.opened_observers.append(opened.append)
     first = harness.client("alice", address=("198.51.100.20", 40000))
     first.allocate_ok()
     second = harness.client("bob", address=("198.51.100.21", 40000))
