@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Protocol, Tuple, Union, cast
 
 from relay.core.credentials import Account
+from relay.core.peers import LiveRelays
 from relay.core.tcp import PENDING, StreamRelayEndpoint, TcpConnection
 from relay.proto import stun
 
@@ -101,7 +102,7 @@ class Allocation:
                  send_to_client: Callable[[bytes], None], started: float, expires: float,
                  session_id: str, budget: Optional[Budget] = None,
                  account_budget: Optional[Budget] = None, tcp: bool = False,
-                 own: Addresses = frozenset()):
+                 own: Addresses = frozenset(), live: Optional[LiveRelays] = None):
         self.key = key
         # Names this allocation in the log and in the usage ledger: a 5-tuple is reused, this
         # is not.
@@ -115,6 +116,11 @@ class Allocation:
         # The relay's own endpoints: a permission is for a peer's IP address, any port, and
         # must not let a Send indication reach one of our listeners.
         self.own = own
+        # Peer IPs the peer rules forbid, permitted only as this relay's own live relayed
+        # addresses (`LiveRelays`): a Send indication to one must name a live one, and a
+        # channel to one ends with the allocation it reached (`drop_ended_relays`).
+        self.relay_only: Dict[str, bool] = NONE_YET
+        self.live = live
         self.stream = transport != "udp"
         self.started = started
         self.expires = expires
@@ -181,6 +187,8 @@ class Allocation:
         # A TCP allocation relays no datagrams (RFC 6062): a Send indication on it is dropped.
         if relay is None or self.tcp or peer[0] not in self.permissions or peer in self.own:
             return
+        if peer[0] in self.relay_only and not (self.live and self.live.live(peer, False)):
+            return
         size = len(payload)
         if self.limited and not self._spend(size):
             return
@@ -201,6 +209,20 @@ class Allocation:
         shared.bytes -= size
         shared.packets -= 1
         return True
+
+    def permit_relay_only(self, ip: str) -> None:
+        """`ip` is permitted only as one of the relay's live relayed addresses."""
+        if self.relay_only is NONE_YET:
+            self.relay_only = {}
+        self.relay_only[ip] = True
+
+    def drop_ended_relays(self) -> None:
+        """Unbind channels to relay-only peers whose allocation has ended (every tick): the
+        port is free again, and whatever binds it next is no allocation of ours."""
+        for number, (peer, _, _) in list(self.channels.items()):
+            if peer[0] in self.relay_only and not (self.live and self.live.live(peer, False)):
+                del self.channels[number]
+                self.channel_of_peer.pop(peer, None)
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
         relay = cast(RelayEndpoint, self.relays[stun.address_family(peer[0])])  # not TCP: 400 before

@@ -8,7 +8,7 @@ for an IP address, any port) check them too, with one set lookup on the port fir
 from __future__ import annotations
 
 import ipaddress
-from typing import Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
@@ -147,21 +147,26 @@ class PeerPolicy:
         self.allowed, self.denied, self.cluster = (
             [parse_rule(r) for r in rules] for rules in (allowed, denied, cluster))
 
-    def permits(self, host: str) -> bool:
+    def permits(self, host: str, live_relay: bool = False) -> bool:
+        """Whether `host` may be a peer; `live_relay`: it is the address of one of this
+        relay's live allocations (`LiveRelays`), which only cluster networks and the
+        operator's deny rules refuse, not the built-in loopback and private defaults."""
         candidates = _candidates(host)
-        return bool(candidates) and all(self._permits_one(a) for a in candidates)
+        return bool(candidates) and all(self._permits_one(a, live_relay) for a in candidates)
 
-    def permits_peer(self, peer: Tuple[str, int]) -> bool:
+    def permits_peer(self, peer: Tuple[str, int], live_relay: bool = False) -> bool:
         """A permission's or channel's peer: its address, and not one of our own endpoints."""
-        return self.permits(peer[0]) and peer not in self.own
+        return self.permits(peer[0], live_relay) and peer not in self.own
 
-    def _permits_one(self, address: IPAddress) -> bool:
+    def _permits_one(self, address: IPAddress, live_relay: bool = False) -> bool:
         if _in_ranges(address, self.cluster):
             return False
         if _in_ranges(address, self.allowed):
             return True
         if _in_ranges(address, self.denied):
             return False
+        if live_relay:
+            return True
         if self.allow_loopback and any(address in net for net in LOOPBACK):
             return True
         return not any(address in net for net in FORBIDDEN)
@@ -170,3 +175,66 @@ class PeerPolicy:
 def _in_ranges(address: IPAddress, ranges: List[Tuple[IPAddress, IPAddress]]) -> bool:
     return any(first.version == address.version and int(first) <= int(address) <= int(last)
                for first, last in ranges)
+
+
+class LiveRelays:
+    """The relayed transport addresses of this server's live allocations, every worker's.
+
+    Two allocations of one relay relaying to each other is what `turnutils_uclient -y`, the
+    /test page and two browsers on the same relay do; on one machine, or in a private network,
+    the relay address is loopback or private, which the rules above refuse.  A peer that is
+    one of these addresses is the relay itself, not the operator's network, and is allowed
+    (`PeerPolicy.permits_peer`) while the allocation lives, and only then.
+
+    One byte per port, per family (a relay has one address per family) and per transport
+    (UDP and RFC 6062 TCP relays are different sockets): `memory` is a bytearray in one
+    process, or a shared mapping the parent of workers hands to each, in which every worker
+    writes only its own slice of the relay ports.  So a worker sees another's allocation the
+    moment its Allocate succeeded, without a message that could arrive after the client's
+    CreatePermission.
+    """
+
+    PORTS = 65536
+    SIZE = 4 * PORTS  # (IPv4, IPv6) x (UDP, TCP)
+
+    def __init__(self, relay_ips: Iterable[str], external_ips: Dict[str, str],
+                 memory: Optional[Any] = None):
+        self.memory = memory if memory is not None else bytearray(self.SIZE)
+        # Each relay address, and the address clients are told for it, -> its family's slot.
+        self._slots: Dict[str, int] = {}
+        for ip in relay_ips:
+            slot = 0 if ipaddress.ip_address(ip).version == 4 else 1
+            for name in (ip, external_ips.get(ip, ip)):
+                self._slots[str(ipaddress.ip_address(name))] = slot
+
+    def _offset(self, address: Tuple[str, int], tcp: bool) -> int:
+        """Where `address`'s byte is, or -1 if it is not on a relay address of ours."""
+        try:
+            slot = self._slots.get(address[0])
+            if slot is None:
+                slot = self._slots.get(str(ipaddress.ip_address(address[0])))
+        except ValueError:
+            return -1
+        if slot is None or not 0 <= address[1] < self.PORTS:
+            return -1
+        return (slot + 2 * tcp) * self.PORTS + address[1]
+
+    def add(self, address: Tuple[str, int], tcp: bool) -> None:
+        offset = self._offset(address, tcp)
+        if offset >= 0:
+            self.memory[offset] = 1
+
+    def discard(self, address: Tuple[str, int], tcp: bool) -> None:
+        offset = self._offset(address, tcp)
+        if offset >= 0:
+            self.memory[offset] = 0
+
+    def live(self, address: Tuple[str, int], tcp: bool) -> bool:
+        offset = self._offset(address, tcp)
+        return offset >= 0 and self.memory[offset] == 1
+
+    def clear(self, low: int, high: int) -> None:
+        """Forget ports low-high (a worker's slice, when it starts or its process died)."""
+        for slot in range(4):
+            start = slot * self.PORTS
+            self.memory[start + low:start + high + 1] = bytes(high - low + 1)

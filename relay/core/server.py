@@ -28,7 +28,7 @@ from relay.core.allocation import (
 from relay.core.client import Client
 from relay.core.credentials import Account, StunCredentials
 from relay.core.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
-from relay.core.peers import PeerPolicy
+from relay.core.peers import LiveRelays, PeerPolicy
 from relay.core.ratelimit import RateLimiter
 from relay.core.tcp import StreamRelayEndpoint
 from relay.core.tcp_relay import TcpRelay
@@ -116,8 +116,13 @@ class TurnServer:
     def __init__(self, config: TurnConfig, nonces: NonceIssuer, bind: Binder,
                  auth_limiter: Optional[RateLimiter] = None, rng: Optional[random.Random] = None,
                  allocation_policy: Callable[[str, Account, float], bool] = lambda u, a, now: True,
-                 bind_stream: Optional[StreamBinder] = None):
+                 bind_stream: Optional[StreamBinder] = None, live: Optional[LiveRelays] = None):
         self.config = config
+        # This relay's live relayed addresses, every worker's (shared memory then): peers
+        # even where the peer rules refuse the relay's own address (loopback, private).
+        self.live = live if live is not None else LiveRelays(config.relay_ips.values(),
+                                                             config.external_ips)
+        self.live.clear(config.min_port, config.max_port)  # none of ours is live yet
         self.bind_stream = bind_stream
         # Asked every tick whether each allocation's login still stands (expiry, revocation,
         # suspension): the auth backends' verdicts can change after the Allocate.
@@ -266,6 +271,8 @@ class TurnServer:
                 self._close(allocation, "quota")
             else:
                 allocation.sweep(now)
+                if allocation.relay_only:
+                    allocation.drop_ended_relays()
                 if allocation.limited and allocation.connections:
                     allocation.resume_throttled()
         for token in [t for t, r in self.reservations.items() if r.expires <= now]:
@@ -282,7 +289,8 @@ class TurnServer:
         policy = self.config.policy
         policy.set_rules(allowed, denied, cluster)
         for allocation in self.allocations.values():
-            for ip in [ip for ip in allocation.permissions if not policy.permits(ip)]:
+            for ip in [ip for ip in allocation.permissions
+                       if not policy.permits(ip, ip in allocation.relay_only)]:
                 del allocation.permissions[ip]
             for connection in [c for c in allocation.connections.values()
                                if not policy.permits(c.peer[0])]:
@@ -464,8 +472,10 @@ class TurnServer:
                                 account, relays, client.send, started=now, expires=now + lifetime,
                                 session_id=session_id, budget=budget,
                                 account_budget=self._account_budget(account.account_id), tcp=tcp,
-                                own=config.policy.own)
+                                own=config.policy.own, live=self.live)
         self.allocations[client.key] = allocation
+        for relay in relays.values():
+            self.live.add(relay.address, tcp)
         created = self.stats.created
         created[client.transport] = created.get(client.transport, 0) + 1
         if tcp:
@@ -621,8 +631,12 @@ class TurnServer:
     def checked_peer(self, allocation: Allocation, peer: Address) -> None:
         if stun.address_family(peer[0]) not in allocation.relays:
             raise stun.StunError(443, "Peer Address Family Mismatch")
-        if not self.config.policy.permits_peer(peer):
+        policy = self.config.policy
+        if policy.permits_peer(peer):
+            return
+        if not (self.live.live(peer, allocation.tcp) and policy.permits_peer(peer, True)):
             raise stun.StunError(403, "Forbidden")
+        allocation.permit_relay_only(peer[0])
 
     def _create_permission(self, client: Client, msg: stun.Message, credentials: StunCredentials,
                            account: Account, now: float) -> stun.Message:
@@ -661,6 +675,8 @@ class TurnServer:
 
     def _close(self, allocation: Allocation, reason: str) -> None:
         del self.allocations[allocation.key]
+        for relay in allocation.relays.values():
+            self.live.discard(relay.address, allocation.tcp)
         allocation.close()
         usage = self.stats.closed_usage.setdefault(allocation.transport, [0, 0, 0, 0])
         usage[0] += allocation.bytes_from_client

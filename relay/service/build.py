@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -27,7 +27,7 @@ from relay.core.nonces import (
     NonceIssuer,
     load_secrets,
 )
-from relay.core.peers import OwnEndpoints, PeerPolicy
+from relay.core.peers import LiveRelays, OwnEndpoints, PeerPolicy
 from relay.core.server import TurnConfig, TurnServer
 from relay.ledger.monthly_quota import MonthlyUsage, QuotaTracker, sql_backend
 from relay.ledger.records import IUsageBackend
@@ -384,6 +384,7 @@ class WorkerRole:
     release: Release
     parent_endpoints: List[Tuple[str, int]]  # the parent's HTTP listeners: never a peer
     shared_api: Optional[Tuple[str, int]]  # the parent's SHARED_API listener, if any
+    live: Any  # the memory every worker marks its live relayed addresses in (LiveRelays)
 
 
 def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
@@ -422,8 +423,10 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
         alternate_domain=options["alternate-domain"],
         tcp_bind_timeout=options["tcp-bind-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
     )
+    live = LiveRelays(relay_ips.values(), external_ips, worker.live if worker is not None else None)
     server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows,
-                        bind_stream=None if options["no-tcp-relay"] else StreamRelayBinder(reactor))
+                        bind_stream=None if options["no-tcp-relay"] else StreamRelayBinder(reactor),
+                        live=live)
     tls = client_tls_context(options)
     dtls = client_dtls_context(options, secrets)
     # The parent of workers serves the tokens API, not they.

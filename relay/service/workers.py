@@ -13,16 +13,20 @@ the nonce keys (any worker accepts any worker's nonces), the tokens API, `/metri
 worker's, each sample labelled `worker`) and `/readyz`.  It passes SIGTERM and SIGHUP on,
 and turns the workers' log lines into its own.  Parent and worker talk AMP over a socket pair
 (descriptor 3 in the worker); the listeners follow from descriptor 4, in the order the
-TURNRELAY_LISTENERS environment variable names their transports.
+TURNRELAY_LISTENERS environment variable names their transports, and after them the memory in
+which every worker marks its live relayed addresses (relay.core.peers.LiveRelays), so that two
+allocations on different workers may relay to each other.
 """
 from __future__ import annotations
 
 import itertools
+import mmap
 import os
 import signal
 import site
 import socket
 import sys
+import tempfile
 import zlib
 from typing import Dict, List, Optional, Set, Tuple
 
@@ -39,6 +43,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relay.core.peers import LiveRelays
 from relay.service.build import (
     ListenerSockets,
     WorkerRole,
@@ -51,6 +56,7 @@ from relay.service.build import (
     nonce_secrets,
     peer_policy,
     relay_addresses,
+    relay_port_slice,
     relay_service,
     reload_peer_rules,
     shared_api_endpoint,
@@ -247,6 +253,11 @@ class Supervisor(OrderlyStop):
         self.processes: Dict[int, _WorkerProcess] = {}
         self.quick_deaths = [0] * self.count
         self.all_ended: Optional[Deferred] = None
+        # The workers' live relayed addresses: a file no other process can open (unlinked),
+        # mapped by the parent and by each worker, which gets its descriptor.
+        self.live_file = tempfile.TemporaryFile()
+        self.live_file.truncate(LiveRelays.SIZE)
+        self.live = mmap.mmap(self.live_file.fileno(), LiveRelays.SIZE)
 
     def privilegedStartService(self) -> None:
         self.sockets = bind_listeners(self.options, self.count)
@@ -277,6 +288,7 @@ class Supervisor(OrderlyStop):
         fds = {0: "w", 1: "r", 2: "r", CONTROL_FD: theirs.fileno()}
         for k, (_, socks) in enumerate(self.sockets):
             fds[CONTROL_FD + 1 + k] = socks[index].fileno()
+        fds[CONTROL_FD + 1 + len(self.sockets)] = self.live_file.fileno()
         env = dict(os.environ, TURNRELAY_WORKER=f"{index} {self.count}",
                    TURNRELAY_LISTENERS=" ".join(t for t, _ in self.sockets),
                    PYTHONIOENCODING="utf-8:backslashreplace")
@@ -317,6 +329,9 @@ class Supervisor(OrderlyStop):
     def worker_ended(self, process: _WorkerProcess, reason: Failure) -> None:
         index = process.index
         del self.processes[index]
+        # Its allocations died with it: their ports are no peers any more.
+        LiveRelays((), {}, self.live).clear(*relay_port_slice(
+            self.options["min-port"], self.options["max-port"], index, self.count))
         how = _how_it_ended(reason.value)
         if self.stopping:
             if reason.check(ProcessDone):
@@ -546,6 +561,9 @@ def main() -> None:
     from twisted.internet import reactor
     sockets = [(transport, socket.socket(fileno=CONTROL_FD + 1 + k))
                for k, transport in enumerate(transports)]
+    live_fd = CONTROL_FD + 1 + len(transports)
+    live = mmap.mmap(live_fd, LiveRelays.SIZE)
+    os.close(live_fd)
     control = _WorkerSide(reactor)
     reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX, Factory.forProtocol(lambda: control))
     os.close(CONTROL_FD)
@@ -567,7 +585,7 @@ def main() -> None:
             release=lambda reservation: control.callRemote(ReleasePlace, reservation=reservation),
             parent_endpoints=[(host, int(port)) for host, port in
                               (endpoint.split() for endpoint in answer["endpoints"])],
-            shared_api=(api[0], int(api[1])) if api else None)
+            shared_api=(api[0], int(api[1])) if api else None, live=live)
         try:
             service = relay_service(options, reactor, role)
             service.privilegedStartService()
