@@ -14,13 +14,15 @@ One UDP socket per listener, one pyOpenSSL connection over memory BIOs per clien
   with it, as a TCP close would.
 - **Records are messages.**  Each application record is one STUN message or ChannelData, fed
   to the core like a stream's frames; what the core sends back is one record a datagram.
+  Handshake flights go out in datagrams of at most `MTU` bytes, records whole (pyOpenSSL's
+  memory BIO runs the records of a flight together).
 
 With workers, SO_REUSEPORT keeps a client's datagrams on one worker (the kernel hashes the
 address pair); a cookie any worker made is good at any other, should the group change.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IReactorTime
@@ -37,6 +39,7 @@ from relay.proto import stun
 Address = Tuple[str, int]
 log = Logger(namespace="turnrelay")
 HANDSHAKE = 22  # DTLS record content type
+RECORD_HEADER = 13  # type, version, epoch and sequence number, length
 MTU = 1200  # handshake flights are cut to datagrams of at most this many bytes
 HALF_OPEN = 256  # sessions in their handshake at once, per process
 SWEEP = 0.5  # seconds between two looks at handshake retransmissions and idle sessions
@@ -58,12 +61,13 @@ class DtlsSession:
         self.client = Client("dtls", listener.listener, address, self.send)
 
     def send(self, data: bytes) -> None:
-        """One STUN message or ChannelData to the client, as one record."""
+        """One STUN message or ChannelData to the client, as one record in one datagram
+        (read at once: a second, empty read would cost an exception a packet)."""
         try:
             self.connection.send(data)
+            self.listener.sendto(self.connection.bio_read(65536), self.address)
         except SSL.Error:
-            return  # a session being torn down: UDP may drop, and so may we
-        self.listener.flush(self.connection, self.address)
+            pass  # a session being torn down: UDP may drop, and so may we
 
 
 class DtlsListener(DatagramProtocol):
@@ -175,16 +179,22 @@ class DtlsListener(DatagramProtocol):
             self.dispatch(client, data)
 
     def flush(self, connection: SSL.Connection, address: Address) -> None:
-        """Send what the connection wrote: a datagram per record or handshake fragment."""
+        """Send what the connection wrote (a handshake flight, an alert), whole records in
+        datagrams of at most `MTU` bytes: the memory BIO runs them together."""
+        written = b""
         while True:
             try:
-                datagram = connection.bio_read(65536)
+                written += connection.bio_read(65536)
             except SSL.WantReadError:
-                return
-            try:
-                self._sendto(datagram, address)
-            except OSError:
-                pass  # a full buffer or an ICMP error: UDP may drop
+                break
+        for datagram in datagrams(written, MTU):
+            self.sendto(datagram, address)
+
+    def sendto(self, datagram: bytes, address: Address) -> None:
+        try:
+            self._sendto(datagram, address)
+        except OSError:
+            pass  # a full buffer or an ICMP error: UDP may drop
 
     def end(self, session: DtlsSession) -> None:
         if self.sessions.get(session.address) is not session:
@@ -222,6 +232,20 @@ class DtlsListener(DatagramProtocol):
                 limits.timed_out += 1
                 self.end(session)
 
+
+
+def datagrams(records: bytes, mtu: int) -> Iterator[bytes]:
+    """DTLS records (13-byte headers, the length last) packed whole into datagrams of at most
+    `mtu` bytes; a record longer than that goes alone."""
+    start = end = 0
+    while end + RECORD_HEADER <= len(records):
+        size = RECORD_HEADER + int.from_bytes(records[end + 11:end + 13], "big")
+        if end > start and end + size - start > mtu:
+            yield records[start:end]
+            start = end
+        end += size
+    if len(records) > start:
+        yield records[start:]
 
 
 def _reason(err: SSL.Error) -> str:

@@ -13,7 +13,7 @@ import pytest
 from OpenSSL import SSL
 from twisted.internet.task import Clock
 
-from relay.net.dtls import HANDSHAKE, DtlsListener
+from relay.net.dtls import HANDSHAKE, MTU, DtlsListener, datagrams
 from relay.net.listeners import StreamLimits
 from relay.net.tls import ServerDTLS
 from support.certs import make_cert
@@ -163,3 +163,20 @@ def test_a_port_for_both_udp_and_dtls_is_refused_naming_the_option():
     options = Options()
     options.parseOptions(["--dtls", "--tls-listening-port", "443"])
     assert options["dtls-listening-port"] == [443]
+
+
+def test_records_are_packed_whole_into_datagrams_of_the_mtu():
+    def record(size: int) -> bytes:
+        return bytes([22, 0xFE, 0xFD]) + bytes(8) + size.to_bytes(2, "big") + b"r" * size
+    flight = record(500) + record(600) + record(1500) + record(10)
+    packed = list(datagrams(flight, 1200))
+    assert packed == [record(500) + record(600), record(1500), record(10)]
+    assert b"".join(datagrams(flight, 65536)) == flight and list(datagrams(b"", 1200)) == []
+
+
+def test_a_server_flight_reaches_the_client_in_datagrams_within_the_mtu(setup):
+    listener, _, _, _ = setup
+    client = new_client()
+    listener.datagramReceived(cookie_hello(listener, client, A), A)
+    flight = server_out(listener, A)
+    assert flight and all(len(datagram) <= MTU for datagram in flight)
