@@ -102,8 +102,12 @@ class Allocation:
                  send_to_client: Callable[[bytes], None], started: float, expires: float,
                  session_id: str, budget: Optional[Budget] = None,
                  account_budget: Optional[Budget] = None, tcp: bool = False,
-                 own: Addresses = frozenset(), live: Optional[LiveRelays] = None):
+                 own: Addresses = frozenset(), live: Optional[LiveRelays] = None,
+                 login_key: Optional[bytes] = None, algorithm: int = stun.ALGORITHM_MD5):
         self.key = key
+        # The long-term key and algorithm its Allocate logged in with: the later requests of
+        # the same user signed with them need no login of their own (TurnServer._credentials).
+        self.login_key, self.algorithm = login_key, algorithm
         # Names this allocation in the log and in the usage ledger: a 5-tuple is reused, this
         # is not.
         self.session_id = session_id

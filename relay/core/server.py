@@ -280,6 +280,11 @@ class TurnServer:
         while self._response_expiry and self._response_expiry[0][0] <= now:
             self._responses.pop(self._response_expiry.popleft()[1], None)
 
+    def forget_logins(self) -> None:
+        """The credentials changed (SIGHUP): each allocation's next request logs in again."""
+        for allocation in self.allocations.values():
+            allocation.login_key = None
+
     def set_peer_rules(self, allowed: Iterable[str], denied: Iterable[str],
                        cluster: Iterable[str]) -> None:
         """New peer rules (SIGHUP), in the policy every part holds.  Permissions they forbid
@@ -377,7 +382,18 @@ class TurnServer:
         if realm != self.config.realm:
             self.login_failed(client, StunCredentials(msg, username, userhash, realm, algorithm), now)
             return None
-        return StunCredentials(msg, username, userhash, realm, algorithm)
+        credentials = StunCredentials(msg, username, userhash, realm, algorithm)
+        allocation = self.allocations.get(client.key)
+        if allocation is not None and allocation.login_key is not None \
+                and username == allocation.username and algorithm == allocation.algorithm \
+                and credentials.checkKey(username, allocation.login_key):
+            # A request on a live allocation signed with the key its Allocate logged in with:
+            # that login still stands (each tick ends the allocations whose login no longer
+            # does: expiry, revocation, suspension; a credentials reload forgets the keys), so
+            # it is not asked again, as coturn keeps a session's key.
+            self.authenticated(client, credentials, allocation.account, now)
+            return None
+        return credentials
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -472,7 +488,8 @@ class TurnServer:
                                 account, relays, client.send, started=now, expires=now + lifetime,
                                 session_id=session_id, budget=budget,
                                 account_budget=self._account_budget(account.account_id), tcp=tcp,
-                                own=config.policy.own, live=self.live)
+                                own=config.policy.own, live=self.live,
+                                login_key=credentials.key, algorithm=credentials.algorithm)
         self.allocations[client.key] = allocation
         for relay in relays.values():
             self.live.add(relay.address, tcp)

@@ -502,7 +502,10 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
             checker.service.setServiceParent(service)
     reloads = watch_certificates([("TLS certificate", tls), ("DTLS certificate", dtls),
                                   ("tokens API TLS certificate", api_tls)], service)
-    reloads.append(("credentials", checkers.reload))
+    def reload_credentials() -> None:
+        checkers.reload()
+        server.forget_logins()
+    reloads.append(("credentials", reload_credentials))
     reloads.append(("peer rules", reload_peer_rules(options, server.set_peer_rules)))
     SighupService(reactor, reloads).setServiceParent(service)
     return service

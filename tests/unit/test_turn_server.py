@@ -1009,3 +1009,36 @@ def test_failed_login_limit_refills_with_time():
 def test_method_without_a_handler_is_400(alice):
     alice.challenge()
     assert error_code(alice.unsigned(0x0FF)) == 400
+
+
+class CountingChecker:
+    """The harness's static checker, counting the logins it is asked for."""
+
+    def __init__(self, checker):
+        self.checker, self.logins = checker, 0
+
+    def requestAvatarId(self, credentials):
+        self.logins += 1
+        return self.checker.requestAvatarId(credentials)
+
+
+def test_requests_on_a_live_allocation_reuse_its_login_until_the_credentials_reload():
+    harness = Harness()
+    harness.checker = counting = CountingChecker(harness.checker)
+    alice = harness.client("alice")
+    alice.allocate_ok()
+    assert counting.logins == 1
+    assert error_code(alice.refresh(600)) is None
+    assert error_code(alice.create_permission(PEER)) is None
+    assert error_code(alice.channel_bind(0x4000, PEER)) is None
+    assert counting.logins == 1  # signed with the Allocate's key: no login of their own
+    # Signed with another key (a changed password): logged in, and refused.
+    assert error_code(alice.refresh(600, password="not-alice's")) == 401
+    assert counting.logins == 2
+    # Another user on the same 5-tuple is logged in, then told the allocation is not theirs.
+    intruder = harness.client("bob", address=alice.client.address)
+    assert error_code(intruder.refresh(600)) == 441
+    assert counting.logins == 3
+    harness.server.forget_logins()  # SIGHUP: the users file may have changed
+    assert error_code(alice.refresh(600)) is None
+    assert counting.logins == 4
