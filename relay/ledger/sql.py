@@ -13,8 +13,10 @@ ago and leaves every other column, and every delta, as it is.
 The schema is versioned: `schema_version` lists the migrations applied, and the first write
 or retention pass of each process applies those missing inside its own transaction, all or
 nothing on SQLite as on PostgreSQL (`SqlStore._migrate`).  Migrations only add, so a relay
-of an older version keeps writing to a newer schema during a rolling upgrade.  Two relays
-migrating at once may fail one write; the ledger retries it and finds the work done.
+of an older version keeps writing to a newer schema during a rolling upgrade.  The parent of
+worker processes migrates before they start (`SqlStore.migrate_now`), so its workers never
+race; two relays migrating at once may fail one write, which the ledger retries and finds the
+work done.
 """
 from __future__ import annotations
 
@@ -98,6 +100,8 @@ _BILLABLE_SINCE = ("SELECT s.account_id, SUM(d.bytes_from_client + d.bytes_to_cl
 class SqlUsageBackend(SqlStore):
     """IUsageBackend on one pool of a single connection: the ledger writes one batch at a time,
     and one connection is one thing to find broken and reopen after a database restart."""
+
+    schema = (VERSION_TABLE, MIGRATIONS)
 
     def __init__(self, pool: adbapi.ConnectionPool, dsn: str):
         super().__init__(pool)

@@ -48,7 +48,7 @@ from relay.service.host import local_addresses, outbound_ip, raise_file_limit
 from relay.service.options import Options
 from relay.service.quota_book import Release, Reserve, SharedQuotas
 from relay.service.services import HTTPService, ListenersService, RelayService, SighupService
-from relay.storage.sqldb import pool_from_dsn
+from relay.storage.sqldb import SqlStore, error_line, pool_from_dsn
 from relay.web.api import TokensAPI
 from relay.web.health import MetricsPage, NotReady, QuietSite, Routes
 from relay.web.metrics import RelayCollector
@@ -211,6 +211,24 @@ def usage_backends(options: Options) -> Dict[str, IUsageBackend]:
         return {"sqlite": sqlite_backend("path=" + os.path.join(options["state-dir"], "usage.db"))}
     except (OSError, ValueError) as err:
         raise SystemExit(f"turnrelay: --state-dir: cannot keep the usage ledger there: {err}")
+
+
+def migrate_schemas(options: Options, backends: Dict[str, IUsageBackend]) -> None:
+    """The SQL ledgers' and account databases' schemas, created or migrated once, now, before
+    worker processes start (each would otherwise race the others to create it).  A database
+    not reachable now is left to the workers, which retry until it is."""
+    stores = [(f"usage backend {name}", backend) for name, backend in backends.items()
+              if isinstance(backend, SqlStore)]
+    stores += [("account database", checker.store) for checker in options["checkers"]
+               if isinstance(checker, AccountsChecker)]
+    if options["api-port"] is not None:
+        stores.append(("tokens API's account database", options["api-store"]))
+    for what, store in stores:
+        try:
+            store.migrate_now()
+        except Exception as err:
+            log.warn("{what}: schema not checked at start ({error}); the workers will retry",
+                     what=what, error=error_line(str(err)) or type(err).__name__)
 
 
 def ledger_to_read(options: Options, backends: Dict[str, IUsageBackend]

@@ -53,6 +53,7 @@ from relay.service.build import (
     client_tls_context,
     http_services,
     ledger_to_read,
+    migrate_schemas,
     nonce_secrets,
     peer_policy,
     relay_addresses,
@@ -336,6 +337,9 @@ class Supervisor(OrderlyStop):
         if self.stopping:
             if reason.check(ProcessDone):
                 log.info("worker {index} stopped", index=index)
+            elif not process.ready and getattr(reason.value, "signal", None) == signal.SIGTERM:
+                # Stopped while it started, before its own handler was in place: as asked.
+                log.info("worker {index} stopped while starting", index=index)
             else:
                 log.error("worker {index} (pid {pid}) stopped: {how}", index=index,
                           pid=process.pid, how=how)
@@ -490,7 +494,9 @@ def supervisor(options: Options, reactor) -> Supervisor:
     secrets = nonce_secrets(options)
     client_dtls_context(options, secrets)
     api_tls = api_tls_context(options)
-    ledger_sql = ledger_to_read(options, usage_backends(options))
+    backends = usage_backends(options)
+    migrate_schemas(options, backends)
+    ledger_sql = ledger_to_read(options, backends)
     policy = peer_policy(options, relay_ips, external_ips)
     service = Supervisor(reactor, options, secrets,
                          QuotaBook(options["total-quota"], options["user-quota"],

@@ -165,6 +165,8 @@ def _check_limit(name: str, value: int) -> int:
 class AccountStore(SqlStore):
     """Accounts and revocations in one database; every method returns a Deferred."""
 
+    schema = ("accounts_schema_version", MIGRATIONS)
+
     @classmethod
     def from_dsn(cls, dsn: str) -> AccountStore:
         """A store on `sqlite:///absolute/path.db` or `postgresql://user@host:port/dbname`;
@@ -181,7 +183,7 @@ class AccountStore(SqlStore):
 
     def create_schema(self) -> defer.Deferred[None]:
         """Apply the migrations the database lacks: safe on every start."""
-        return self._run(self._migrate, "accounts_schema_version", MIGRATIONS)
+        return self._run(self._migrate, *self.schema)
 
     def add_account(self, account_id: str, max_allocations: int = 0, bandwidth_bps: int = 0,
                     monthly_quota_bytes: Optional[int] = None) -> defer.Deferred[str]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, Tuple
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
@@ -104,6 +104,26 @@ class SqlStore:
 
     def _execute_many(self, txn: adbapi.Transaction, sql: str, rows: Iterable[tuple]) -> None:
         txn.executemany(self._sql(sql), rows)
+
+    def migrate_now(self) -> None:
+        """Apply the migrations the database lacks at once, blocking, outside the reactor:
+        the parent of worker processes does it before they start, so they never race each
+        other to create the schema (their own first use then finds nothing to do)."""
+        connection = self._pool.connect()
+        try:
+            txn = adbapi.Transaction(self._pool, connection)
+            try:
+                self._migrate(txn, *self.schema)
+                txn.close()
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+        finally:
+            self._pool.disconnect(connection)
+
+    # (the table listing the migrations applied, the migrations), set by each store
+    schema: Tuple[str, Sequence[Sequence[str]]]
 
     def _migrate(self, txn: adbapi.Transaction, version_table: str,
                  migrations: Sequence[Sequence[str]]) -> None:
