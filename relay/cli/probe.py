@@ -24,12 +24,10 @@ from relay.auth.tokens import mint
 from relay.cli.turnclient import TLS, TRANSPORTS, UDP, NoResponse, TurnClient, Unsigned, error_code
 from relay.proto import stun
 from relay.util.secretfile import read_secrets
+from relay.util.turn_uri import DEFAULT_PORT, DEFAULT_TLS_PORT, parse_turn_uri
 
-DEFAULT_PORT, DEFAULT_TLS_PORT = 3478, 5349
 CHANNELS = (0x4000, 0x4001)
 PACKET_WAIT = 1.0  # a relayed packet later than this counts as lost, as ping would count it
-_URI = re.compile(r"(?P<scheme>turns?):(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:?\[\]]+))"
-                  r"(?::(?P<port>[0-9]{1,5}))?(?:\?transport=(?P<transport>udp|tcp))?")
 
 
 class StepFailed(Exception):
@@ -81,18 +79,13 @@ def parse_target(uri: str, tls_port: int) -> Tuple[str, Dict[str, int]]:
     `turn:h:p` means UDP and TCP on p and TLS on `tls_port`; `?transport=` narrows it to one;
     `turns:h:p` is TLS on p.
     """
-    match = _URI.fullmatch(uri if re.match("turns?:", uri) else "turn:" + uri)
-    if match is None:
-        raise ValueError("expected turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]")
-    host = match["v6"] or match["host"]
-    port = int(match["port"]) if match["port"] else None
-    if port is not None and not 0 < port < 65536:
-        raise ValueError("not a port number")
-    if match["scheme"] == "turns":
-        return host, {TLS: port or DEFAULT_TLS_PORT}
-    port = port or DEFAULT_PORT
-    if match["transport"]:
-        return host, {match["transport"]: port}
+    parsed = parse_turn_uri(uri if re.match("turns?:", uri) else "turn:" + uri)
+    host = parsed.host
+    if parsed.secure:
+        return host, {TLS: parsed.port or DEFAULT_TLS_PORT}
+    port = parsed.port or DEFAULT_PORT
+    if parsed.transport:
+        return host, {parsed.transport: port}
     return host, {"udp": port, "tcp": port, TLS: tls_port}
 
 

@@ -43,6 +43,7 @@ from relay.net.stream_relay import StreamRelayBinder
 from relay.net.tls import ServerDTLS, ServerTLS, self_signed
 from relay.proto import stun
 from relay.proto.demux import ALPN_HTTP, ALPN_TURN
+from relay.service.alternates import AlternatesFile
 from relay.service.eventlog import log_allocations
 from relay.service.host import local_addresses, outbound_ip, raise_file_limit
 from relay.service.options import Options
@@ -464,7 +465,9 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
              region=options["region"], interval=options["accounting-interval"],
              backends=", ".join(backends))
 
-    service = RelayService(server, reactor, options["drain-grace"])
+    alternates = (AlternatesFile(options["alternate-servers-file"], server.config).refresh
+                  if options["alternate-servers-file"] else None)
+    service = RelayService(server, reactor, options["drain-grace"], alternates)
     log_allocations(server)
     # Started first and so stopped last: the listeners' shutdown ends every allocation, and
     # the ledger then writes their last usage before the process exits.

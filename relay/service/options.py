@@ -227,6 +227,12 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                             "send a connection's PROXY header (0: no limit)"],
         ["drain-grace", None, 20, "On SIGTERM, seconds live allocations may run on while new "
                                   "ones are refused (0: end them at once)"],
+        ["alternate-servers-file", None, None, "File of turn:/turns: URIs (RFC 7065), one a "
+                                               "line, e.g. a TurnRegion's endpoints: a draining "
+                                               "relay also redirects new allocations to these "
+                                               "(UDP, TCP to turn:, TLS to turns:), its own "
+                                               "left out; re-read while draining when it "
+                                               "changes, absent means none"],
         ["alternate-domain", None, None, "Domain name in ALTERNATE-DOMAIN of redirections to "
                                          "--tls-alternate-server: what the TLS client checks "
                                          "the alternate's certificate against"],

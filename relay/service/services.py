@@ -178,11 +178,15 @@ class RelayService(OrderlyStop):
 
     POLL = 0.25  # seconds between two looks at whether the last allocation has ended
 
-    def __init__(self, server: TurnServer, reactor, grace: float):
+    def __init__(self, server: TurnServer, reactor, grace: float,
+                 alternates: Optional[Callable[[], None]] = None):
         super().__init__(reactor)
         self.server = server
         self.grace = grace
         self.deadline = 0.0
+        # Called as the drain starts and at each look while it lasts: brings the alternate
+        # servers up to date (`AlternatesFile.refresh`).
+        self.alternates = alternates or (lambda: None)
 
     def hurry(self, signal_name: str) -> None:
         log.info("{signal} again: ending the drain now", signal=signal_name)
@@ -191,6 +195,7 @@ class RelayService(OrderlyStop):
     def stopService(self) -> Deferred:
         self.stopping = True
         server, clock = self.server, self.reactor
+        self.alternates()
         server.drain()
         log.info("draining: new allocations refused, {open} open ones may run {grace} s more",
                  open=len(server.allocations), grace=self.grace)
@@ -203,6 +208,7 @@ class RelayService(OrderlyStop):
             elif clock.seconds() >= self.deadline:
                 log.info("drain grace over: ending {open} allocations", open=len(server.allocations))
             else:
+                self.alternates()
                 clock.callLater(self.POLL, look)
                 return
             drained.callback(None)

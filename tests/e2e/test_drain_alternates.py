@@ -1,0 +1,86 @@
+"""A draining relay redirects new allocations to a ready peer named in its
+--alternate-servers-file (a TurnRegion's endpoints, kept current by the kubelet), re-reading it
+when it changes, and answers 508 when no peer but itself is left."""
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+
+from relay.cli.turnclient import TLS, TurnClient
+from relay.core.peers import OwnEndpoints
+from relay.proto import stun
+from relay.service.alternates import parse_alternates
+from support.accounting import HeldSession
+from support.servers import PASSWORD, REALM, USER
+from support.wire_client import WireClient, error_code
+
+
+def test_parse_alternates_skips_its_own_endpoints_host_names_and_repeats():
+    own = OwnEndpoints(local=["10.0.0.5"])
+    own.add("0.0.0.0", 3478)
+    own.add("0.0.0.0", 5349)
+    text = ("turn:10.0.0.5:3478?transport=udp\n"          # this relay, on its own address
+            "turn:10.0.0.6:3478?transport=udp\n"
+            "turn:10.0.0.6:3478?transport=tcp\n"          # the same address for TCP clients
+            "turns:10.0.0.6:5349?transport=tcp\n"
+            "turn:[2001:db8::6]\n"                        # the default port
+            "turns:turn-b.example.org:5349\n"             # no address for ALTERNATE-SERVER
+            "# a comment\n\nnot a uri\n")
+    assert parse_alternates(text, own) == ([("10.0.0.6", 3478), ("2001:db8::6", 3478)],
+                                           [("10.0.0.6", 5349)])
+
+
+def replace_file(path, text: str) -> None:
+    """As the kubelet updates a ConfigMap volume: a new file swapped in."""
+    fresh = f"{path}.new"
+    with open(fresh, "w") as f:
+        f.write(text)
+    os.replace(fresh, path)
+
+
+def allocate(address, transport: str = "udp"):
+    if transport == "udp":
+        client = WireClient(address, USER, PASSWORD, REALM)
+    else:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        client = TurnClient.connect(transport, address, USER, PASSWORD, REALM, context=context)
+    try:
+        return client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))
+    finally:
+        client.close()
+
+
+def test_draining_relay_redirects_to_a_ready_peer_from_the_file(server_factory, tmp_path):
+    peer = server_factory("--workers", "2", state_dir=str(tmp_path / "peer"))
+    alternates = tmp_path / "endpoints"
+    # One worker: with two, the one holding no allocation ends its drain at once, and new TCP
+    # connections the kernel still hashes to its listener hang (a workers issue of its own).
+    draining = server_factory("--workers", "1", "--drain-grace", "60",
+                              "--alternate-servers-file", str(alternates))
+    peer.read_until("all 2 workers ready")
+    # Written after the start, as the operator does once the region's relays are ready.
+    replace_file(alternates, "".join(
+        f"turn:127.0.0.1:{server.port}?transport=udp\nturns:127.0.0.1:{server.tls_port}?transport=tcp\n"
+        for server in (draining, peer)))
+    held = HeldSession(draining)  # a live allocation keeps the drain going
+    draining.process.send_signal(signal.SIGTERM)
+    draining.read_until(f"draining: new allocations go to 127.0.0.1:{peer.port} (UDP, TCP) "
+                        f"and 127.0.0.1:{peer.tls_port} (TLS)")
+
+    reply = allocate(("127.0.0.1", draining.port))
+    assert (error_code(reply), reply.get(stun.ALTERNATE_SERVER)) == (300, ("127.0.0.1", peer.port))
+    assert reply.check_integrity(stun.long_term_key(USER, REALM, PASSWORD))
+    # The client follows the redirect: the peer allocates.
+    followed = allocate(reply.get(stun.ALTERNATE_SERVER))
+    assert error_code(followed) is None and followed.get(stun.XOR_RELAYED_ADDRESS)
+    reply = allocate(("127.0.0.1", draining.tls_port), TLS)
+    assert (error_code(reply), reply.get(stun.ALTERNATE_SERVER)) == (300, ("127.0.0.1", peer.tls_port))
+
+    # The peer left the region's endpoints: the file says so, and nowhere is left but itself.
+    replace_file(alternates, f"turn:127.0.0.1:{draining.port}?transport=udp\n")
+    draining.read_until("draining: new allocations go to nowhere (508)")
+    assert error_code(allocate(("127.0.0.1", draining.port))) == 508
+    held.relay(2, 100)  # and the live allocation relays on
+    held.close()
