@@ -180,3 +180,16 @@ def test_a_server_flight_reaches_the_client_in_datagrams_within_the_mtu(setup):
     listener.datagramReceived(cookie_hello(listener, client, A), A)
     flight = server_out(listener, A)
     assert flight and all(len(datagram) <= MTU for datagram in flight)
+
+
+def test_a_reloaded_certificate_serves_new_sessions(setup, tmp_path):
+    """The DTLS context reloads like the TLS one (SIGHUP, or the files changing)."""
+    listener, _, _, _ = setup
+    old = connect(listener, A).get_peer_certificate().to_cryptography()
+    (tmp_path / "new").mkdir()
+    other_cert, other_key = make_cert(tmp_path / "new", "renewed")
+    (tmp_path / "relay.pem").write_bytes(other_cert.read_bytes())
+    (tmp_path / "relay.key").write_bytes(other_key.read_bytes())
+    assert listener.tls.reload_if_changed()
+    new = connect(listener, B).get_peer_certificate().to_cryptography()
+    assert old.subject.rfc4514_string() == "CN=relay" and new.subject.rfc4514_string() == "CN=renewed"
