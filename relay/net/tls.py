@@ -13,7 +13,8 @@ import hashlib
 import hmac
 import os
 import socket
-from typing import List, Optional, Sequence, Tuple
+import time
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -101,22 +102,26 @@ class ServerTLS:
 
 DTLS1_2_VERSION = 0xFEFD  # pyOpenSSL names no DTLS version
 COOKIE_SIZE = 16
+COOKIE_PERIOD = 60.0  # seconds
 
 
 class ServerDTLS(ServerTLS):
     """The DTLS listeners' context (RFC 7350): the TLS listeners' certificate, reload, ciphers
     and options, DTLS 1.2 only, and the stateless cookie exchange of RFC 6347 section 4.2.1.
 
-    A cookie is an HMAC of the client's address and port under `cookie_key`: it proves the
-    client receives at that address, and any process holding the key (every worker: it is
-    derived from the nonce keys they share) checks it without having kept anything.
+    A cookie is an HMAC of the client's address and port and of the current `COOKIE_PERIOD`
+    under `cookie_key`: it proves the client receives at that address, any process holding the
+    key (every worker: it is derived from the nonce keys they share) checks it without having
+    kept anything, and one seen on the wire is good for two periods at most, not forever.
     `relay.net.dtls` sets each connection's app data to its client's address for this.
     """
 
     method = SSL.DTLS_SERVER_METHOD
 
-    def __init__(self, cert: str, key: str, cookie_key: bytes, alpn: Sequence[bytes] = ()):
+    def __init__(self, cert: str, key: str, cookie_key: bytes, alpn: Sequence[bytes] = (),
+                 clock: Callable[[], float] = time.time):
         self.cookie_key = cookie_key
+        self.clock = clock
         super().__init__(cert, key, alpn=alpn)
 
     def _versions(self) -> Tuple[int, int]:
@@ -126,14 +131,18 @@ class ServerDTLS(ServerTLS):
         ctx = super()._context()
         ctx.set_options(SSL.OP_COOKIE_EXCHANGE | SSL.OP_NO_QUERY_MTU)
         ctx.set_cookie_generate_callback(self.cookie)
-        ctx.set_cookie_verify_callback(
-            lambda connection, cookie: hmac.compare_digest(cookie, self.cookie(connection)))
+        ctx.set_cookie_verify_callback(self.cookie_valid)
         return ctx
 
-    def cookie(self, connection: SSL.Connection) -> bytes:
+    def cookie(self, connection: SSL.Connection, periods_ago: int = 0) -> bytes:
         host, port = connection.get_app_data()
-        return hmac.new(self.cookie_key, f"{host} {port}".encode(),
+        period = int(self.clock() // COOKIE_PERIOD) - periods_ago
+        return hmac.new(self.cookie_key, f"{host} {port} {period}".encode(),
                         hashlib.sha256).digest()[:COOKIE_SIZE]
+
+    def cookie_valid(self, connection: SSL.Connection, cookie: bytes) -> bool:
+        """This period's cookie, or the last one's (a client answering across the turn)."""
+        return any(hmac.compare_digest(cookie, self.cookie(connection, ago)) for ago in (0, 1))
 
 
 def self_signed(state_dir: str) -> Tuple[str, str, bool]:

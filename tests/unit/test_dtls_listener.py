@@ -15,7 +15,7 @@ from twisted.internet.task import Clock
 
 from relay.net.dtls import HANDSHAKE, MTU, DtlsListener, datagrams
 from relay.net.listeners import StreamLimits
-from relay.net.tls import ServerDTLS
+from relay.net.tls import COOKIE_PERIOD, ServerDTLS
 from support.certs import make_cert
 
 LISTENER = ("192.0.2.1", 5349)
@@ -56,7 +56,8 @@ def setup(tmp_path):
     cert, key = make_cert(tmp_path, "relay")
     core, clock = FakeCore(), Clock()
     limits = StreamLimits(per_source=4, handshake_timeout=10, idle_timeout=60)
-    listener = DtlsListener(core, core, LISTENER, ServerDTLS(str(cert), str(key), b"k" * 32),
+    listener = DtlsListener(core, core, LISTENER,
+                            ServerDTLS(str(cert), str(key), b"k" * 32, clock=clock.seconds),
                             limits, clock)
     listener.transport = FakeTransport()
     listener.startProtocol()
@@ -193,3 +194,20 @@ def test_a_reloaded_certificate_serves_new_sessions(setup, tmp_path):
     assert listener.tls.reload_if_changed()
     new = connect(listener, B).get_peer_certificate().to_cryptography()
     assert old.subject.rfc4514_string() == "CN=relay" and new.subject.rfc4514_string() == "CN=renewed"
+
+
+def test_a_cookie_is_good_for_two_periods_only(setup):
+    """A cookie seen on the wire cannot open sessions for its address forever."""
+    listener, _, clock, _ = setup
+    clock.advance(COOKIE_PERIOD - 1)
+    old_client = new_client()
+    with_cookie = cookie_hello(listener, old_client, A)
+    clock.advance(COOKIE_PERIOD)  # the next period: still good
+    listener.datagramReceived(with_cookie, A)
+    assert A in listener.sessions
+    listener.end(listener.sessions[A])
+    server_out(listener, A)
+    clock.advance(COOKIE_PERIOD)  # two periods on: a new HelloVerifyRequest, no session
+    listener.datagramReceived(with_cookie, A)
+    [again] = server_out(listener, A)
+    assert again[13] == 3 and listener.sessions == {}
