@@ -142,14 +142,29 @@ def _bound_copies(host: str, port: int, kind: int, copies: int) -> List[socket.s
     try:
         port = socks[0].getsockname()[1]  # port 0: the one the kernel chose, for every copy
         socks += [bound_socket(host, port, kind, reuse_port=True) for _ in range(copies - 1)]
-        if kind == socket.SOCK_STREAM:
-            for sock in socks:
+        for sock in socks:
+            if kind == socket.SOCK_STREAM:
                 sock.listen(1024)
+            else:
+                _large_buffers(sock)
     except OSError:
         for sock in socks:
             sock.close()
         raise
     return socks
+
+
+# A client listener's UDP buffers, each way (coturn's server sockets take the same 2 MiB).  With
+# the kernel's default of 208 KiB, a burst of new clients (a region failing over) overflows
+# the receive queue between two reads, and every request lost costs its client a 0.5 s+
+# retransmission.  The kernel caps it at net.core.rmem_max/wmem_max; memory is used only as
+# datagrams wait.
+UDP_BUFFER = 2 * 1024 * 1024
+
+
+def _large_buffers(sock: socket.socket) -> None:
+    for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        sock.setsockopt(socket.SOL_SOCKET, option, UDP_BUFFER)
 
 
 def _certificate_watch(certificates: List[Tuple[str, ServerTLS]]) -> Callable[[], None]:
