@@ -7,10 +7,12 @@ an alert (the relay's policy is DTLS 1.2) and it tries again.
 A flood of 10,000 ClientHellos from 200 sources that never answer (what a spoofed source
 amounts to: the answer goes nowhere) leaves the relay's memory flat and no session behind:
 each gets a HelloVerifyRequest no larger than itself, a valid cookie replayed from another
-address gets another one, and a real client relays right after.
+address gets another one, and a real client relays right after, and after 2,000 more
+datagrams of damaged ClientHellos and random bytes.
 """
 from __future__ import annotations
 
+import random
 import re
 import socket
 import subprocess
@@ -19,6 +21,7 @@ from typing import List, Tuple
 
 from OpenSSL import SSL
 
+from support.blackbox import mutate
 from support.servers import PASSWORD, USER, running_echo_peer, tool
 
 MESSAGES, CLIENTS = 20, 2
@@ -143,7 +146,15 @@ def test_a_flood_of_client_hellos_leaves_no_state_and_the_relay_serving(server_f
     assert len(answers) >= FLOOD * 0.9, len(answers)
     assert max(answers) <= len(hello)  # no amplification: each answer at most a hello's size
     assert after - before < 4096, (before, after)
+    # Damaged ClientHellos and random bytes: answered or dropped, never a crash.
+    rng = random.Random(7)
+    garbage = [mutate(rng, rng.choice([hello, with_cookie])) for _ in range(1500)]
+    garbage += [rng.randbytes(rng.randint(1, 300)) for _ in range(500)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for datagram in garbage:
+            sock.sendto(datagram, (server.host, server.tls_port))
     with running_echo_peer() as peer:
         relays_every_message(uclient(server, peer))
     log = server.stop()
     assert "DTLS handshake with 127.0.2." not in log and "DTLS handshake with 127.0.3." not in log
+    assert "Unhandled Error" not in log and "Traceback" not in log, log
