@@ -11,6 +11,7 @@ command -v openssl >/dev/null || packages+=(openssl)           # test certificat
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)  # throwaway servers
 python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 command -v haproxy >/dev/null || packages+=(haproxy)           # the PROXY protocol tests
+command -v curl >/dev/null || packages+=(curl)                 # HTTPS on the shared TURN port
 [ -x /usr/lib/chromium/chromium ] || packages+=(chromium)     # the browser WebRTC tests
 command -v ip >/dev/null || packages+=(iproute2)              # the quick start test's network namespace
 command -v unshare >/dev/null || packages+=(util-linux)
