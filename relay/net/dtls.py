@@ -39,6 +39,7 @@ from relay.proto import stun
 Address = Tuple[str, int]
 log = Logger(namespace="turnrelay")
 HANDSHAKE = 22  # DTLS record content type
+_HANDSHAKE_BYTE = bytes([HANDSHAKE])
 RECORD_HEADER = 13  # type, version, epoch and sequence number, length
 MTU = 1200  # handshake flights are cut to datagrams of at most this many bytes
 HALF_OPEN = 256  # sessions in their handshake at once, per process
@@ -101,7 +102,7 @@ class DtlsListener(DatagramProtocol):
     def datagramReceived(self, data: bytes, addr: Address) -> None:
         session = self.sessions.get(addr)
         # A handshake record of epoch 0 is a new ClientHello: a client that started over.
-        if session is None or (data[:1] == b"\x16" and data[3:5] == b"\0\0"
+        if session is None or (data[:1] == _HANDSHAKE_BYTE and data[3:5] == b"\0\0"
                                and session.established):
             self.hello(data, addr, session)
             return
@@ -123,8 +124,9 @@ class DtlsListener(DatagramProtocol):
             self.end(session)
 
     def hello(self, data: bytes, addr: Address, old: Optional[DtlsSession]) -> None:
-        """A datagram from an address without a session: a session only for a ClientHello
-        with a valid cookie, a HelloVerifyRequest for one without, nothing for anything else."""
+        """A datagram from an address without a session (or a new ClientHello from one with
+        `old`): a session only for a ClientHello with a valid cookie, which replaces `old`; a
+        HelloVerifyRequest for one without; nothing for anything else."""
         if len(data) < 13 or data[0] != HANDSHAKE:
             return
         connection = SSL.Connection(self.tls.context, None)
