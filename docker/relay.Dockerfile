@@ -1,21 +1,25 @@
 # The relay image the operator's Deployments run (TurnRegion spec.image).
 # Build from the repository root:  docker build -f docker/relay.Dockerfile -t turnrelay:0.1.0 .
-FROM python:3.11-slim-bookworm AS build
+# BASE_IMAGE: any Debian-like image with python3 and its venv module (scripts/images.sh builds one
+# from Debian's packages alone, under this same name, where no registry is reachable).
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE} AS build
 WORKDIR /src
 COPY pyproject.toml setup.cfg README.md ./
 COPY relay relay
 COPY twisted twisted
-# Wheels of turnrelay and everything it needs, PostgreSQL driver included (accounting DSNs).
-RUN pip wheel --no-cache-dir --wheel-dir /wheels ".[postgresql]"
+# One virtualenv holding turnrelay and what it needs, PostgreSQL driver included (accounting
+# DSNs), with Twisted's plugin cache written now: the pods' root filesystem is read-only. pip
+# itself stays behind: the final stage copies this folder and nothing else.
+RUN python3 -m venv /opt/turnrelay \
+    && /opt/turnrelay/bin/pip install --no-cache-dir ".[postgresql]" \
+    && /opt/turnrelay/bin/twistd turnrelay --help >/dev/null \
+    && /opt/turnrelay/bin/python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
+    && /opt/turnrelay/bin/pip uninstall -q -y pip setuptools
 
-FROM python:3.11-slim-bookworm
-COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir --no-index --find-links /wheels "turnrelay[postgresql]" \
-    && rm -rf /wheels \
-    # Twisted's plugin cache is written on first use; the pods' root filesystem is read-only,
-    # so write it now.
-    && python -c "from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))" \
-    && twistd turnrelay --help >/dev/null
+FROM ${BASE_IMAGE}
+COPY --from=build /opt/turnrelay /opt/turnrelay
+ENV PATH=/opt/turnrelay/bin:$PATH
 # The UID the operator's pod securityContext runs as; state (self-signed certificate) goes to
 # /var/lib/turnrelay, an emptyDir in the pod.
 USER 10001:10001

@@ -17,8 +17,10 @@ command -v ip >/dev/null || packages+=(iproute2)              # the quick start 
 command -v unshare >/dev/null || packages+=(util-linux)
 apt_install "${packages[@]}"
 
-# The operator tests' Kubernetes control plane and Helm: built once, then cached outside the checkout.
+# The operator tests' Kubernetes cluster (control plane, node, Helm) and the images the node runs:
+# built once, then cached outside the checkout (only what changed is rebuilt).
 bash scripts/k8s-tools.sh >/dev/null
+bash scripts/images.sh >/dev/null
 
 # Playwright drives Debian's Chromium: never let it download a browser of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
