@@ -36,7 +36,7 @@ from relay.core.credentials import Account, StunCredentials
 from relay.core.server import Client, TurnServer
 from relay.core.tcp import TcpConnection
 from relay.proto import stun
-from relay.proto.demux import ALPN_TURN, HTTP, stream_kind
+from relay.proto.demux import ALPN_STUN_TURN, HTTP, stream_kind
 
 Address = Tuple[str, int]
 MAX_DATAGRAM = 65536
@@ -249,8 +249,8 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:
         self.setTimeout(self.factory.limits.idle_timeout or None)
-        if self.transport.negotiatedProtocol == ALPN_TURN:
-            self.__dict__.pop("dataReceived", None)  # TURN said so: no sniffing
+        if self.transport.negotiatedProtocol in ALPN_STUN_TURN:
+            self.__dict__.pop("dataReceived", None)  # STUN or TURN said so: no sniffing
 
     def _sniff(self, data: bytes) -> None:
         """The first bytes on a port shared with HTTP: once they tell, the connection is

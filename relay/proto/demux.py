@@ -13,6 +13,8 @@ from typing import Optional
 TURN, HTTP = "turn", "http"
 HTTP_METHODS = (b"GET ", b"HEAD ", b"POST ", b"PUT ", b"DELETE ", b"OPTIONS ", b"PATCH ")
 ALPN_TURN = b"stun.turn"  # RFC 7443
+ALPN_STUN = b"stun.nat-discovery"  # RFC 7443: STUN alone, which a TURN port serves too
+ALPN_STUN_TURN = (ALPN_TURN, ALPN_STUN)  # in order of preference
 ALPN_HTTP = b"http/1.1"
 
 

@@ -42,7 +42,7 @@ from relay.net.shared_port import HttpForwarder
 from relay.net.stream_relay import StreamRelayBinder
 from relay.net.tls import ServerDTLS, ServerTLS, self_signed
 from relay.proto import stun
-from relay.proto.demux import ALPN_HTTP, ALPN_TURN
+from relay.proto.demux import ALPN_HTTP, ALPN_STUN_TURN
 from relay.service.alternates import AlternatesFile
 from relay.service.eventlog import log_allocations
 from relay.service.host import local_addresses, outbound_ip, raise_file_limit
@@ -315,7 +315,7 @@ def client_tls_context(options: Options) -> Optional[ServerTLS]:
     """The TLS listeners' context."""
     if options["no-tls"]:
         return None
-    alpn = (ALPN_TURN, ALPN_HTTP) if options["api-on-tls-port"] else (ALPN_TURN,)
+    alpn = ALPN_STUN_TURN + ((ALPN_HTTP,) if options["api-on-tls-port"] else ())
     return _server_tls(options, *_client_certificate(options), "--cert/--pkey", alpn)
 
 
@@ -327,7 +327,7 @@ def client_dtls_context(options: Options, secrets: List[bytes]) -> Optional[Serv
     cert, key = _client_certificate(options)
     cookie_key = hmac.new(secrets[0], b"turnrelay DTLS cookie", hashlib.sha256).digest()
     try:
-        return ServerDTLS(cert, key, cookie_key, alpn=(ALPN_TURN,))
+        return ServerDTLS(cert, key, cookie_key, alpn=ALPN_STUN_TURN)
     except Exception as err:
         raise SystemExit(f"turnrelay: --dtls: cannot use {cert} and {key}: {err}")
 

@@ -70,6 +70,7 @@ def test_one_tls_port_serves_turn_by_alpn_or_first_bytes_and_https(server_factor
     server, key, cert = start(server_factory, tmp_path, "--api-on-tls-port")
     port = server.tls_port
     for alpn, chosen in ((["stun.turn"], "stun.turn"), (["h2", "stun.turn"], "stun.turn"),
+                         (["http/1.1", "stun.nat-discovery"], "stun.nat-discovery"),
                          (None, None), (["http/1.1"], "http/1.1")):
         turn = tls_client(port, alpn)
         assert turn.sock.selected_alpn_protocol() == chosen
