@@ -207,7 +207,9 @@ def test_the_self_test_page_mints_and_connects_over_every_transport(page, api_re
 
 
 def test_the_self_test_page_names_the_likely_causes(page, api_relay, server_factory, tmp_path):
-    relay, port, key = api_relay(loopback_peers=False)
+    # The page's call relays between two allocations of this relay, which is allowed on any
+    # address unless a rule denies it: an operator's --denied-peer-ip does.
+    relay, port, key = api_relay("--denied-peer-ip", "127.0.0.1", loopback_peers=False)
     run_form(page, port, account="acme", apikey="not-the-key")
     assert page.text_content("#status") == "The tokens API refused: wrong account id or API key"
     untrusted = server_factory(udp=False, tcp=False)  # a self-signed certificate of its own
