@@ -13,6 +13,8 @@ Children of TurnRegion NAME in its namespace:
                                   LoadBalancer; NAME-tcp carries TCP and TLS
     PodDisruptionBudget NAME      policy/v1 or policy/v1beta1, as the server offers
     NetworkPolicy NAME            when spec.networkPolicy is true
+    ConfigMap NAME-alternates     hostNetwork only: the region's endpoint URIs, where a draining
+                                  relay redirects new allocations (its --alternate-servers-file)
 and, shared by every region of the namespace, ConfigMap turnrelay-regions (the directory).
 """
 from __future__ import annotations
@@ -28,6 +30,12 @@ DIRECTORY_NAME = "turnrelay-regions"
 CONFIG_PATH = "/etc/turnrelay/turnrelay.toml"
 TLS_DIR, AUTH_FILE = "/etc/turnrelay/tls", "/etc/turnrelay/auth/secret"
 DSN_FILE = "/etc/turnrelay/accounting/dsn"
+# A directory mount, not a subPath, so the kubelet brings a rewritten ConfigMap into running pods.
+ALTERNATES_DIR = "/etc/turnrelay/alternates"
+ALTERNATES_FILE = f"{ALTERNATES_DIR}/endpoints"
+# On a Node: the address clients reach its hostNetwork relays at, instead of its ExternalIP or
+# InternalIP (e.g. a public address a 1:1 NAT maps to the node, or a DNS name).
+NODE_ADDRESS = "turnrelay.io/address"
 STATE_DIR = "/var/lib/turnrelay"
 CONFIG_HASH = "turnrelay.io/config-hash"
 SECRET_VERSIONS = "turnrelay.io/secret-versions"
@@ -50,6 +58,7 @@ DEFAULTS: Dict[str, Any] = {
     "drainSeconds": 30,
     "networkPolicy": False,
     "clusterCIDRs": [],
+    "peers": {"allowed": [], "denied": [], "allowLoopback": False},
 }
 
 
@@ -91,6 +100,8 @@ def spec_problems(spec: Mapping[str, Any]) -> List[str]:
     if listeners["metricsPort"] in {listeners["port"], listeners["tlsPort"]}:
         problems.append(f"listeners: metricsPort {listeners['metricsPort']} is also a TURN port")
     for field, cidrs in (("clusterCIDRs", spec["clusterCIDRs"]),
+                         ("peers.allowed", spec["peers"]["allowed"]),
+                         ("peers.denied", spec["peers"]["denied"]),
                          ("exposure.proxyProtocolFrom", spec["exposure"]["proxyProtocolFrom"])):
         for cidr in cidrs:
             try:
@@ -181,8 +192,17 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         config["auth"] = [f"rest-secret:secret-file={AUTH_FILE}"]
     if spec.get("workers"):
         config["workers"] = spec["workers"]
+    peers = spec["peers"]
+    if peers["allowed"]:
+        config["allowed-peer-ip"] = list(peers["allowed"])
+    if peers["denied"]:
+        config["denied-peer-ip"] = list(peers["denied"])
+    if peers["allowLoopback"]:
+        config["allow-loopback-peers"] = True
     if spec["clusterCIDRs"]:
-        config["cluster-cidr"] = list(spec["clusterCIDRs"])
+        config["cluster-cidr"] = cluster_networks(spec)
+    if spec["exposure"]["hostNetwork"]:
+        config["alternate-servers-file"] = ALTERNATES_FILE
     if spec["exposure"]["proxyProtocolFrom"]:
         config["proxy-protocol-from"] = list(spec["exposure"]["proxyProtocolFrom"])
     if spec["quotas"]["monthlyMB"]:
@@ -192,6 +212,28 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         # API server stored is the decimal the user wrote (up to 15 significant digits).
         config["rate-per-mb"] = repr(spec["ratePerMB"])
     return config
+
+
+def cluster_networks(spec: Mapping[str, Any]) -> List[str]:
+    """The relay's --cluster-cidr: `clusterCIDRs` less the `peers.allowed` CIDRs that lie
+    wholly inside one of them.  The relay refuses its cluster networks above every allow rule,
+    so a broad rule (10.0.0.0/8 for a media network) never opens the cluster by accident; a
+    CIDR inside a cluster network (an in-cluster SFU's pods) can only be there on purpose, and
+    is cut out of it."""
+    spec = with_defaults(spec)
+    holes = [ipaddress.ip_network(cidr) for cidr in spec["peers"]["allowed"]]
+    kept: List[Any] = []
+    for cidr in spec["clusterCIDRs"]:
+        network = ipaddress.ip_network(cidr)
+        parts = [network]
+        for hole in holes:
+            if hole.version != network.version or not hole.subnet_of(network):  # type: ignore[arg-type]
+                continue
+            parts = [rest for part in parts for rest in
+                     (part.address_exclude(hole) if hole.subnet_of(part) else  # type: ignore[arg-type]
+                      [] if part.subnet_of(hole) else [part])]  # type: ignore[arg-type]
+        kept.extend(sorted(parts))
+    return [str(network) for network in kept]
 
 
 def config_toml(body: Mapping[str, Any]) -> str:
@@ -246,6 +288,10 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
     if spec.get("tls"):
         volumes.append(_secret_volume("tls", spec["tls"]["secretName"]))
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+    if host_network:
+        volumes.append({"name": "alternates",
+                        "configMap": {"name": f"{name}-alternates", "optional": True}})
+        mounts.append({"name": "alternates", "mountPath": ALTERNATES_DIR, "readOnly": True})
     for volume, ref, path in (("auth", spec.get("auth"), AUTH_FILE),
                               ("accounting", spec.get("accounting"), DSN_FILE)):
         if ref:
@@ -286,7 +332,11 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
     annotations = {CONFIG_HASH: hashlib.sha256(config_toml(body).encode()).hexdigest()[:16]}
     if secret_versions:
         annotations[SECRET_VERSIONS] = secret_versions
-    # Without a spare node a hostNetwork relay cannot surge; elsewhere never drop below replicas.
+    # On the pod network a new relay starts before an old one stops: never below replicas.
+    # A hostNetwork relay holds its node's ports, so a surge needs a spare node and would stall
+    # the roll on a full region; instead one relay at a time stops, and only once the others
+    # are ready (the Deployment keeps replicas - 1 available), so a region of two or more never
+    # lacks a ready relay.  One replica cannot have that: see `rollout_note`.
     surge = {"maxSurge": 0, "maxUnavailable": 1} if host_network else {"maxSurge": 1, "maxUnavailable": 0}
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -299,6 +349,24 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
                          "spec": pod_spec},
         },
     }
+
+
+def rollout_note(spec: Mapping[str, Any]) -> str:
+    """What a roll or an eviction costs this region, said in its Progressing condition."""
+    spec = with_defaults(spec)
+    if spec["exposure"]["hostNetwork"] and spec["replicas"] == 1:
+        return ("one hostNetwork relay: a roll or an eviction leaves the region without a ready "
+                "relay until its successor is ready (live allocations run on for drainSeconds; "
+                "new Allocates get 508); run two or more on two or more nodes to avoid it")
+    return "rolls keep a ready relay"
+
+
+def alternates_config_map(body: Mapping[str, Any], endpoints: Iterable[str]) -> Dict[str, Any]:
+    """ConfigMap NAME-alternates of a hostNetwork region: its endpoint URIs (one per ready
+    relay's node), the file a draining relay picks a ready peer from for its 300 redirects."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(body, f"{body['metadata']['name']}-alternates"),
+            "data": {ALTERNATES_FILE.rsplit("/", 1)[1]: "".join(f"{uri}\n" for uri in endpoints)}}
 
 
 def _service_port(spec: Mapping[str, Any], name: str, container_port: int) -> int:
@@ -361,18 +429,56 @@ def children(body: Mapping[str, Any], pdb_api_version: str = "policy/v1",
     """Every object the region should own, in the order they are best created."""
     built = [config_map(body), *services(body), deployment(body, secret_versions),
              pod_disruption_budget(body, pdb_api_version)]
-    if with_defaults(body["spec"])["networkPolicy"]:
+    spec = with_defaults(body["spec"])
+    if spec["networkPolicy"]:
         built.append(network_policy(body))
+    if spec["exposure"]["hostNetwork"]:
+        built.append(alternates_config_map(body, (body.get("status") or {}).get("endpoints") or []))
     return built
 
 
-def endpoint_hosts(spec: Mapping[str, Any], service_statuses: Iterable[Mapping[str, Any]]) -> List[str]:
-    """Where clients reach the region: the explicit external IPs, else the load balancers'
-    ingress addresses (IP or host name) in the order the Services report them."""
-    explicit = with_defaults(spec)["exposure"]["externalIPs"]
-    if explicit:
-        return list(explicit)
+def node_address(node: Mapping[str, Any]) -> Optional[str]:
+    """Where clients reach a node's hostNetwork relays: its turnrelay.io/address annotation,
+    else its ExternalIP, else its InternalIP (the first of each kind the node reports)."""
+    override = (node["metadata"].get("annotations") or {}).get(NODE_ADDRESS)
+    if override:
+        return override
+    addresses = (node.get("status") or {}).get("addresses") or []
+    for kind in ("ExternalIP", "InternalIP"):
+        for address in addresses:
+            if address.get("type") == kind and address.get("address"):
+                return address["address"]
+    return None
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    """Ready by the kubelet's probes, and not on its way out."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or [])
+
+
+def relay_nodes(pods: Iterable[Mapping[str, Any]]) -> List[str]:
+    """The names of the nodes running a ready relay, sorted (one relay per node with hostNetwork)."""
+    return sorted({pod["spec"]["nodeName"] for pod in pods
+                   if pod_ready(pod) and pod.get("spec", {}).get("nodeName")})
+
+
+def endpoint_hosts(spec: Mapping[str, Any], service_statuses: Iterable[Mapping[str, Any]],
+                   node_addresses: Iterable[str] = ()) -> List[str]:
+    """Where clients reach the region: the explicit external IPs; else, with hostNetwork, the
+    addresses of the nodes running ready relays (`node_address` of each); else the load
+    balancers' ingress addresses (IP or host name) in the order the Services report them."""
+    exposure = with_defaults(spec)["exposure"]
+    if exposure["externalIPs"]:
+        return list(exposure["externalIPs"])
     hosts: List[str] = []
+    if exposure["hostNetwork"]:
+        for host in node_addresses:
+            if host not in hosts:
+                hosts.append(host)
+        return hosts
     for status in service_statuses:
         for ingress in (status or {}).get("loadBalancer", {}).get("ingress", []) or []:
             host = ingress.get("ip") or ingress.get("hostname")
@@ -409,15 +515,16 @@ def condition(kind: str, status: bool, reason: str, message: str, now: str,
 
 def region_status(body: Mapping[str, Any], deployment_status: Optional[Mapping[str, Any]],
                   service_statuses: Iterable[Mapping[str, Any]], problems: List[str],
-                  now: str) -> Dict[str, Any]:
-    """The TurnRegion's status from what its children report.  A spec the operator refuses
+                  now: str, node_addresses: Iterable[str] = ()) -> Dict[str, Any]:
+    """The TurnRegion's status from what its children report (and, with hostNetwork, the
+    addresses of the nodes running its ready relays).  A spec the operator refuses
     (`problems`) is Degraded and keeps the children of the last good spec running."""
     spec = with_defaults(body["spec"])
     previous = (body.get("status") or {}).get("conditions", [])
     deployed = deployment_status or {}
     wanted, ready = spec["replicas"], deployed.get("readyReplicas", 0)
     updated = deployed.get("updatedReplicas", 0)
-    hosts = endpoint_hosts(spec, service_statuses)
+    hosts = endpoint_hosts(spec, service_statuses, node_addresses)
     rolling = deployment_status is None or updated < wanted or deployed.get("replicas", 0) > wanted
     if problems:
         degraded = condition("Degraded", True, "InvalidSpec", "; ".join(problems), now, previous)
@@ -431,7 +538,7 @@ def region_status(body: Mapping[str, Any], deployment_status: Optional[Mapping[s
                   else "ReplicasReady" if ready >= wanted else "ReplicasNotReady",
                   f"{ready}/{wanted} relays ready", now, previous),
         condition("Progressing", rolling, "RollingUpdate" if rolling else "Complete",
-                  f"{updated}/{wanted} relays updated", now, previous),
+                  f"{updated}/{wanted} relays updated; {rollout_note(spec)}", now, previous),
         degraded,
     ]
     status: Dict[str, Any] = {

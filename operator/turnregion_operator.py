@@ -6,6 +6,10 @@ builds every child; here they are only read, created when missing, patched when 
 adopted through owner references (so deleting a TurnRegion lets the garbage collector take
 its children), and summed up in the TurnRegion's status.
 
+The status also follows the relays as they change: events of the regions' pods and
+Deployments rewrite it at once (readiness; for hostNetwork regions, the nodes whose ready relays
+are the endpoints).
+
 One `reconcile` serves creation, every spec change, operator start-up (`resume`: children are
 found by their fixed names, so a restart creates no duplicates) and a timer that repairs drift
 every TURNRELAY_DRIFT_SECONDS (default 30): a deleted or edited child comes back, a changed
@@ -15,10 +19,12 @@ handler needs a finalizer, so a TurnRegion is deleted at once even with no opera
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime
 import functools
 import logging
 import os
+import threading
 from typing import Any, Dict, List, Mapping, Optional
 
 import kopf
@@ -36,6 +42,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # Progress in annotations only: the CRD's structural schema would prune kopf's status keys.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage()
     # One operator replica (the chart's Deployment uses Recreate): no peering objects needed.
+    # Its identity comes from POD_ID (the chart sets the pod's name), never from the passwd
+    # database, which has no entry for the image's uid.
     settings.peering.standalone = True
     settings.posting.level = logging.WARNING
 
@@ -186,27 +194,80 @@ def reconcile(region: Dict[str, Any], logger: logging.Logger) -> None:
     refuses, or one naming a missing Secret, leaves the children as they were (the relays of
     the last good spec keep serving, so the status and the directory keep their endpoints)
     and says why in the Degraded condition."""
-    namespace, name = region["metadata"]["namespace"], region["metadata"]["name"]
-    versions, problems = secret_versions(region["spec"], namespace)
+    versions, problems = secret_versions(region["spec"], region["metadata"]["namespace"])
     problems = m.spec_problems(region["spec"]) + problems
     if problems:
         logger.warning("not reconciling: " + "; ".join(problems))
-        deployments, services = owned(region, "apps/v1", "Deployment"), owned(region, "v1", "Service")
     else:
         wanted = m.children(region, pdb_api_version(), versions)
-        stored: Dict[str, List[Dict[str, Any]]] = {}
         for child in wanted:
             kopf.append_owner_reference(child, owner=region)
-            stored.setdefault(child["kind"], []).append(ensure(child))
+            ensure(child)
         prune(region, wanted, logger)
-        deployments, services = stored["Deployment"], stored["Service"]
-    status = m.region_status(region, deployments[0].get("status") if deployments else None,
-                             [s.get("status") for s in services], problems, now())
-    # Written here rather than through kopf's patch: the drift timer runs outside any handler.
-    client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND).status.patch(
-        body={"status": status}, name=name, namespace=namespace,
-        content_type="application/merge-patch+json")
+    write_status(region, problems)
+
+
+# One status writer at a time per region: each reads the children afresh under the lock, so
+# the last write is never one computed from older reads than a write it overtook.
+_status_locks: Dict[tuple, threading.Lock] = collections.defaultdict(threading.Lock)
+
+
+def write_status(region: Dict[str, Any], problems: List[str]) -> None:
+    """The status from the children as stored now, the alternates of a hostNetwork region
+    (its draining relays' redirect targets), and the namespace's directory."""
+    namespace, name = region["metadata"]["namespace"], region["metadata"]["name"]
+    host_network = m.with_defaults(region["spec"])["exposure"]["hostNetwork"]
+    with _status_locks[(namespace, name)]:
+        deployments, services = owned(region, "apps/v1", "Deployment"), owned(region, "v1", "Service")
+        addresses = relay_node_addresses(region) if host_network else []
+        status = m.region_status(region, deployments[0].get("status") if deployments else None,
+                                 [s.get("status") for s in services], problems, now(), addresses)
+        # Written here rather than through kopf's patch: the drift timer runs outside any handler.
+        client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND).status.patch(
+            body={"status": status}, name=name, namespace=namespace,
+            content_type="application/merge-patch+json")
+        if host_network and not problems:
+            alternates = m.alternates_config_map(region, status["endpoints"])
+            kopf.append_owner_reference(alternates, owner=region)
+            ensure(alternates)
     update_directory(namespace, {**region, "status": status})
+
+
+def relay_node_addresses(region: Mapping[str, Any]) -> List[str]:
+    """The client-facing addresses (`m.node_address`) of the nodes running this region's
+    ready relays."""
+    pods = client().resources.get(api_version="v1", kind="Pod").get(
+        namespace=region["metadata"]["namespace"],
+        label_selector=",".join(f"{k}={v}" for k, v in m.selector(region).items())).to_dict()["items"]
+    nodes = client().resources.get(api_version="v1", kind="Node")
+    addresses = []
+    for node_name in m.relay_nodes(pods):
+        try:
+            address = m.node_address(nodes.get(name=node_name).to_dict())
+        except NotFoundError:
+            continue  # the node went away; its pods will follow
+        if address:
+            addresses.append(address)
+    return addresses
+
+
+@kopf.on.event("apps/v1", "deployments", labels={"app.kubernetes.io/managed-by": "turnrelay-operator"})
+@kopf.on.event("v1", "pods", labels={"app.kubernetes.io/managed-by": "turnrelay-operator"})
+def relays_changed(namespace: str, labels: Mapping[str, str], type: Optional[str],
+                   logger: logging.Logger, **_: Any) -> None:
+    """A relay pod or a region's Deployment changed: the status follows at once (readiness,
+    the nodes of ready hostNetwork relays) rather than at the next drift repair."""
+    if type is None:  # the initial listing: the resume handler writes every status anyway
+        return
+    regions = client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND)
+    try:
+        region = regions.get(name=labels["app.kubernetes.io/instance"], namespace=namespace).to_dict()
+    except NotFoundError:
+        return  # the region is gone; the garbage collector takes its children
+    if region["metadata"].get("deletionTimestamp"):
+        return
+    versions_missing = secret_versions(region["spec"], namespace)[1]
+    write_status(region, m.spec_problems(region["spec"]) + versions_missing)
 
 
 @kopf.on.delete(m.GROUP, m.VERSION, m.PLURAL, optional=True)

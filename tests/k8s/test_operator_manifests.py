@@ -5,6 +5,8 @@ unknown field fails); the ConfigMap is proven by running turnrelay locally with 
 """
 from __future__ import annotations
 
+import copy
+import ipaddress
 import os
 import pathlib
 import time
@@ -301,3 +303,98 @@ def test_generated_config_map_starts_a_working_relay(tmp_path):
     finally:
         log = server.stop()
     assert "self-signed" not in log
+
+
+def test_peers_map_onto_the_relay_flags_and_carve_only_deliberate_holes_in_the_cluster():
+    spec = {"region": "r", "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"],
+            "peers": {"allowed": ["10.0.0.0/8", "10.244.3.0/24", "192.0.2.10"],
+                      "denied": ["203.0.113.0/24"], "allowLoopback": True}}
+    assert m.spec_problems(spec) == []
+    config = m.relay_config(region(spec))
+    assert config["allowed-peer-ip"] == ["10.0.0.0/8", "10.244.3.0/24", "192.0.2.10"]
+    assert config["denied-peer-ip"] == ["203.0.113.0/24"] and config["allow-loopback-peers"] is True
+    # 10.0.0.0/8 holds the whole cluster: not a deliberate hole, the cluster stays refused;
+    # 10.244.3.0/24 lies inside the pod network: cut out of it, so the SFU's pods are reachable.
+    cluster = [ipaddress.ip_network(c) for c in config["cluster-cidr"]]
+    assert ipaddress.ip_network("10.96.0.0/12") in cluster
+    assert not any(ipaddress.ip_address("10.244.3.17") in net for net in cluster)
+    for inside in ("10.244.0.1", "10.244.2.255", "10.244.4.0", "10.244.255.254"):
+        assert any(ipaddress.ip_address(inside) in net for net in cluster), inside
+    from relay.core.peers import PeerPolicy
+    policy = PeerPolicy(config["allowed-peer-ip"], config["denied-peer-ip"], True, config["cluster-cidr"])
+    assert policy.permits("10.244.3.17") and policy.permits("10.1.2.3") and policy.permits("127.0.0.1")
+    assert not policy.permits("10.244.7.1") and not policy.permits("10.100.0.1")
+    assert not policy.permits("203.0.113.5") and not policy.permits("172.16.0.1")
+    # Without peers, the defaults: nothing in the config.
+    plain = m.relay_config(region({"region": "r"}))
+    assert not {"allowed-peer-ip", "denied-peer-ip", "allow-loopback-peers"} & set(plain)
+
+
+@pytest.mark.parametrize("peers, problem", [
+    ({"allowed": ["10.0.0.300/8"]}, "peers.allowed: "),
+    ({"denied": ["192.0.2.1/24"]}, "peers.denied: 192.0.2.1/24 has host bits set"),
+])
+def test_a_bad_peer_cidr_is_a_clear_problem(peers, problem):
+    problems = m.spec_problems({"region": "r", "peers": peers})
+    assert any(p.startswith(problem) for p in problems), problems
+
+
+def node(name, annotations=None, **addresses):
+    return {"metadata": {"name": name, "annotations": annotations or {}},
+            "status": {"addresses": [{"type": k, "address": v} for k, v in addresses.items()]}}
+
+
+def test_node_address_prefers_the_annotation_then_external_then_internal():
+    assert m.node_address(node("a", InternalIP="10.0.0.1", ExternalIP="198.51.100.1")) == "198.51.100.1"
+    assert m.node_address(node("b", InternalIP="10.0.0.2", Hostname="b")) == "10.0.0.2"
+    assert m.node_address(node("c", {m.NODE_ADDRESS: "203.0.113.3"}, InternalIP="10.0.0.3")) == "203.0.113.3"
+    assert m.node_address(node("d", Hostname="d")) is None
+
+
+def pod(node_name, ready, deleting=False):
+    return {"metadata": {"name": f"p-{node_name}", **({"deletionTimestamp": "T"} if deleting else {})},
+            "spec": {"nodeName": node_name},
+            "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def test_host_network_endpoints_are_the_nodes_of_ready_relays():
+    pods = [pod("n2", True), pod("n1", True), pod("n3", False), pod("n4", True, deleting=True),
+            {"metadata": {"name": "pending"}, "spec": {}, "status": {}}]
+    assert m.relay_nodes(pods) == ["n1", "n2"]
+    spec = {"region": "r", "exposure": {"hostNetwork": True}, "listeners": {"transports": ["udp", "tls"]}}
+    status = m.region_status(region(spec), {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2},
+                             [{"loadBalancer": {"ingress": [{"ip": "198.51.100.9"}]}}], [], "T",
+                             ["10.0.0.1", "10.0.0.2", "10.0.0.1"])
+    assert status["endpoint"] == "10.0.0.1"
+    assert status["endpoints"] == ["turn:10.0.0.1:3478?transport=udp", "turns:10.0.0.1:5349?transport=tcp",
+                                   "turn:10.0.0.2:3478?transport=udp", "turns:10.0.0.2:5349?transport=tcp"]
+    # Explicit external IPs still win.
+    spec["exposure"]["externalIPs"] = ["203.0.113.7"]
+    assert m.region_status(region(spec), None, [], [], "T", ["10.0.0.1"])["endpoint"] == "203.0.113.7"
+
+
+def test_host_network_relays_read_their_alternates_from_a_config_map_the_operator_writes():
+    body = region({"region": "r", "replicas": 1, "exposure": {"hostNetwork": True}})
+    body["status"] = {"endpoints": ["turn:10.0.0.1:3478?transport=udp"]}
+    children = by_kind(m.children(body))
+    alternates = children[("ConfigMap", "eu-alternates")]
+    kubernetes_validate.validate(alternates, SCHEMA_VERSION, strict=True)
+    assert alternates["data"] == {"endpoints": "turn:10.0.0.1:3478?transport=udp\n"}
+    pod_spec = children[("Deployment", "eu")]["spec"]["template"]["spec"]
+    volume = next(v for v in pod_spec["volumes"] if v["name"] == "alternates")
+    assert volume["configMap"] == {"name": "eu-alternates", "optional": True}
+    mount = next(v for v in pod_spec["containers"][0]["volumeMounts"] if v["name"] == "alternates")
+    assert mount == {"name": "alternates", "mountPath": m.ALTERNATES_DIR, "readOnly": True}  # no subPath
+    assert m.relay_config(body)["alternate-servers-file"] == m.ALTERNATES_FILE
+    # A rewritten list of endpoints is no config change: no roll.
+    moved = copy.deepcopy(body)
+    moved["status"]["endpoints"] = []
+    assert m.deployment(moved) == m.deployment(body)
+    # What the region gets from a roll, said plainly.
+    progressing = next(c for c in m.region_status(body, None, [], [], "T")["conditions"]
+                       if c["type"] == "Progressing")
+    assert "without a ready relay" in progressing["message"]
+    two = {"region": "r", "replicas": 2, "exposure": {"hostNetwork": True}}
+    assert m.deployment(region(two))["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    assert "keep a ready relay" in m.rollout_note(two)
+    assert ("ConfigMap", "eu-alternates") not in by_kind(m.children(region({"region": "r"})))

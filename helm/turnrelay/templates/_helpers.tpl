@@ -58,7 +58,11 @@ app.kubernetes.io/part-of: turnrelay
   verbs: [get, list, create, patch, delete]
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
+# Watched, so the status follows the relays' readiness and nodes at once.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, create, patch, delete]
