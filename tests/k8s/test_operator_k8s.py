@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import subprocess
-import sys
 from typing import Dict, Iterator
 
 import kubernetes_validate
@@ -32,11 +29,9 @@ from support.k8s_cluster import (
     control_plane,
     wait_for,
 )
-from support.servers import stop_process
+from support.k8s_operator import Operator
 
 NAMESPACE = "relays"
-OPERATOR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "operator", "turnregion_operator.py")
-KOPF = os.path.join(os.path.dirname(sys.executable), "kopf")
 INSTANCE = "app.kubernetes.io/instance"
 VALUES_REGION = {"name": "ap-south", "namespace": NAMESPACE, "spec": {"region": "ap-south", "replicas": 1, "ratePerMB": 0.005}}
 
@@ -47,32 +42,9 @@ def cluster() -> Iterator[Cluster]:
         yield running
 
 
-class Operator:
-    """`kopf run` as the chart's ServiceAccount, watching NAMESPACE, repairing drift every 1 s."""
-
-    def __init__(self, cluster: Cluster):
-        self.cluster, self.process, self.log = cluster, None, cluster.workdir / "operator.log"
-
-    def start(self) -> None:
-        env = {**os.environ, "KUBECONFIG": self.cluster.operator_kubeconfig, "TURNRELAY_DRIFT_SECONDS": "1"}
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [KOPF, "run", "--standalone", f"--namespace={NAMESPACE}", OPERATOR],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.cluster.workdir)
-
-    def stop(self) -> None:
-        if self.process:
-            stop_process(self.process, timeout=30)
-
-    def check(self) -> None:
-        text = self.log.read_text()
-        assert self.process.poll() is None, f"operator exited:\n{text[-4000:]}"
-        assert "Forbidden" not in text, f"the chart's RBAC denied the operator something:\n{text[-4000:]}"
-
-
 @pytest.fixture(scope="module")
 def operator(cluster) -> Iterator[Operator]:
-    running = Operator(cluster)
+    running = Operator(cluster, NAMESPACE)
     yield running
     running.stop()
 
