@@ -156,11 +156,11 @@ def test_host_network_status_follows_the_relays_at_once(cluster, operator):
     bind(cluster, second, "node-c")
 
     set_ready(cluster, first, True)
-    started = time.monotonic()
     wait_for(lambda: status_of(cluster, "edge")["endpoints"] == [
         "turn:198.51.100.1:3478?transport=udp", "turns:198.51.100.1:5349?transport=tcp"],
         timeout=5, what="the ready relay's node as the endpoint")
     set_ready(cluster, second, True)
+    started = time.monotonic()
     status = wait_for(lambda: ready(s := status_of(cluster, "edge")) == "True" and s, timeout=5,
                       what="Ready within 5 s of the pods' readiness")
     ready_after = time.monotonic() - started
