@@ -15,6 +15,12 @@ command -v curl >/dev/null || packages+=(curl)                 # HTTPS on the sh
 [ -x /usr/lib/chromium/chromium ] || packages+=(chromium)     # the browser WebRTC tests
 command -v ip >/dev/null || packages+=(iproute2)              # the quick start test's network namespace
 command -v unshare >/dev/null || packages+=(util-linux)
+# The native data plane (relay/net/dataplane.c) is compiled by `pip install`: a C compiler and
+# the headers of the interpreters it builds for (PyPy's too), and clang for its fuzz target.
+command -v gcc >/dev/null || packages+=(gcc)
+for package in libffi-dev python3-dev pypy3-dev clang libclang-rt-14-dev; do
+    dpkg -s "$package" >/dev/null 2>&1 || packages+=("$package")
+done
 apt_install "${packages[@]}"
 
 # The operator tests' Kubernetes cluster (control plane, node, Helm) and the images the node runs:

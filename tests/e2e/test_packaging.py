@@ -28,6 +28,9 @@ def test_wheel_carries_the_plugin_and_nothing_else_under_twisted(wheel):
         assert module in names
     assert not any("__pycache__" in n for n in names)
     assert "relay/web/test_page.html" in names  # package data: the API port's /test page
+    # The native data plane, compiled by the build (cffi), its source beside it.
+    assert any(n.startswith("relay/net/_dataplane.") and n.endswith(".so") for n in names)
+    assert "relay/net/dataplane.c" in names and "relay/net/dataplane.h" in names
     assert not any(n.endswith("__init__.py") and n.startswith("twisted") for n in names)
 
 
@@ -53,3 +56,6 @@ def test_fresh_venv_install_lists_and_documents_the_plugin(wheel, tmp_path):
     tool = subprocess.run([str(venv / "bin" / "turnrelay"), "--help"], capture_output=True,
                           text=True, cwd=tmp_path, timeout=120, check=True).stdout
     assert "account" in tool and "token" in tool and "revoke" in tool and "probe" in tool
+    # The native data plane came compiled with it.
+    subprocess.run([python, "-c", "from relay.net import dataplane; assert dataplane.available()"],
+                   cwd=tmp_path, timeout=120, check=True)

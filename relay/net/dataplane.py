@@ -1,0 +1,180 @@
+"""The native UDP data plane (dataplane.c, built by dataplane_build.py) seen from Python.
+
+The sans-IO core keeps every decision; this is how its decisions reach the native forwarder's
+tables: allocations (a client listener and the client's address -> relay sockets), the
+permissions and channels the core grants, and budgets the core's tick refills.  The forwarder
+relays only what those tables allow, counts it per allocation (`take_counters`, read by the
+ledger's and metrics' timers) and hands every other client datagram back through a bounded
+queue whose eventfd the reactor watches (`pop`).
+"""
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Any, Dict, Optional, Tuple
+
+try:
+    from relay.net._dataplane import ffi, lib
+except ImportError:  # not built (no compiler at install time): the Python data plane runs
+    ffi = lib = None
+
+Address = Tuple[str, int]
+QUEUE_CAPACITY = 4096  # datagrams waiting for Python; beyond, dropped and counted
+COUNTERS = ("bytes_from_client", "packets_from_client", "bytes_to_client", "packets_to_client",
+            "limited_packets", "limited_bytes")
+STATS = ("received", "forwarded", "queued", "queue_dropped", "dropped", "send_errors")
+_MAX_DATAGRAM = 65536
+
+
+def available() -> bool:
+    """Whether the native module was built for this interpreter."""
+    return lib is not None
+
+
+def _ip(host: str) -> bytes:
+    return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+
+
+def _host(ip: bytes) -> str:
+    return socket.inet_ntop(socket.AF_INET if len(ip) == 4 else socket.AF_INET6, ip)
+
+
+class DataPlaneError(OSError):
+    """A table change the native data plane refused (out of memory, a duplicate)."""
+
+
+def _check(result: int) -> None:
+    if result < 0:
+        raise DataPlaneError(-result, "native data plane: " + errno.errorcode.get(-result, "?"))
+
+
+class NativeDataPlane:
+    """One forwarder thread and its tables; a worker process has one.
+
+    Handles (`add_allocation`, `budget`) are cffi pointers owned here: a handle is used only
+    until it is removed or freed, which the core's allocation lifecycle guarantees.
+    """
+
+    def __init__(self, queue_capacity: int = QUEUE_CAPACITY):
+        if lib is None:
+            raise RuntimeError("the native data plane is not built (relay/net/dataplane_build.py)")
+        dp = lib.dp_new(queue_capacity)
+        if dp == ffi.NULL:
+            raise MemoryError("native data plane")
+        self._dp: Any = dp
+        self._buffer = ffi.new("unsigned char[]", _MAX_DATAGRAM)
+        self._pop_out = ffi.new("int[4]")  # listener, ip length, port, (unused)
+        self._pop_ip = ffi.new("unsigned char[16]")
+        self._counters = ffi.new("unsigned long long[]", len(COUNTERS))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        _check(lib.dp_start(self._dp))
+
+    def close(self) -> None:
+        """Stop the thread and free the tables (the sockets stay open: they are Python's)."""
+        if self._dp is not None:
+            lib.dp_free(self._dp)
+            self._dp = None
+
+    def fileno(self) -> int:
+        """The eventfd that is readable while datagrams wait in the queue for `pop`."""
+        return lib.dp_event_fd(self._dp)
+
+    # -- tables ---------------------------------------------------------------------------------
+
+    def add_listener(self, fd: int) -> int:
+        """Read the client listener socket `fd` from now on; its id for the allocations."""
+        listener = lib.dp_add_listener(self._dp, fd)
+        _check(listener)
+        return listener
+
+    def remove_listener(self, listener: int) -> None:
+        _check(lib.dp_remove_listener(self._dp, listener))
+
+    def set_own_port(self, port: int, own: bool = True) -> None:
+        """A port of the relay's own endpoints: Send indications to it go to Python, which
+        applies `OwnEndpoints` in full (the data plane knows ports only)."""
+        lib.dp_set_own_port(self._dp, port, int(own))
+
+    def budget(self) -> Any:
+        """A new budget (unlimited until refilled), shared by the allocations given it."""
+        budget = lib.dp_budget_new(self._dp)
+        if budget == ffi.NULL:
+            raise MemoryError("native data plane budget")
+        return budget
+
+    def refill(self, budget: Any, bandwidth: int, packet_rate: int) -> None:
+        """`Budget.refill` for a native budget: one second's bytes and packets (0 = no limit),
+        less any debt."""
+        lib.dp_budget_refill(self._dp, budget, bandwidth, packet_rate)
+
+    def free_budget(self, budget: Any) -> None:
+        """Once no allocation still installed uses it."""
+        lib.dp_budget_free(self._dp, budget)
+
+    def add_allocation(self, listener: int, client: Address, relay4: Optional[int],
+                       relay6: Optional[int], budget: Any = None, account_budget: Any = None) -> Any:
+        """Relay for `client` on `listener` through the relay sockets given (descriptors, which
+        the data plane reads from now on), within the budgets given (None: no limit)."""
+        ip = _ip(client[0])
+        handle = lib.dp_alloc_add(self._dp, listener, ip, len(ip), client[1],
+                                  -1 if relay4 is None else relay4, -1 if relay6 is None else relay6,
+                                  budget or ffi.NULL, account_budget or ffi.NULL)
+        if handle == ffi.NULL:
+            raise DataPlaneError(f"native data plane: cannot add the allocation of {client}")
+        return handle
+
+    def remove_allocation(self, handle: Any) -> None:
+        """Stop relaying for it: its relay sockets may be closed once this returns."""
+        lib.dp_alloc_remove(self._dp, handle)
+
+    def permit(self, handle: Any, ip: str, native_send: bool = True) -> None:
+        """A permission for peer `ip`; with native_send False, Send indications to it go to
+        Python (a peer the rules allow only as one of our live relays)."""
+        raw = _ip(ip)
+        _check(lib.dp_permit(self._dp, handle, raw, len(raw), int(native_send)))
+
+    def unpermit(self, handle: Any, ip: str) -> None:
+        raw = _ip(ip)
+        lib.dp_unpermit(self._dp, handle, raw, len(raw))
+
+    def bind_channel(self, handle: Any, number: int, peer: Address) -> None:
+        raw = _ip(peer[0])
+        _check(lib.dp_bind_channel(self._dp, handle, number, raw, len(raw), peer[1]))
+
+    def unbind_channel(self, handle: Any, number: int) -> None:
+        lib.dp_unbind_channel(self._dp, handle, number)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def take_counters(self, handle: Any) -> Tuple[int, ...]:
+        """What the allocation relayed and the limits dropped since the last call, in the
+        order of COUNTERS: the caller adds them to its own totals."""
+        lib.dp_take_counters(self._dp, handle, self._counters)
+        return tuple(self._counters)
+
+    def pop(self) -> Optional[Tuple[int, bytes, Address]]:
+        """The oldest datagram handed to Python: (listener, data, client address), or None."""
+        out = self._pop_out
+        size = lib.dp_pop(self._dp, self._buffer, _MAX_DATAGRAM, out, self._pop_ip, out + 1, out + 2)
+        if size < 0:
+            return None
+        return out[0], ffi.buffer(self._buffer, size)[:], (_host(ffi.buffer(self._pop_ip, out[1])[:]),
+                                                             out[2])
+
+    def stats(self) -> Dict[str, int]:
+        values = ffi.new("unsigned long long[]", len(STATS))
+        lib.dp_stats(self._dp, values)
+        return dict(zip(STATS, values))
+
+
+def parse_send(data: bytes) -> Optional[Tuple[Address, bytes]]:
+    """The native Send indication parser: what `relay.proto.stun.parse_send_indication` returns
+    for the same bytes (the tests and the fuzz target compare them)."""
+    ip = ffi.new("unsigned char[16]")
+    out = ffi.new("int[4]")  # ip length, port, payload offset, payload length
+    if lib.dp_parse_send(data, len(data), ip, out, out + 1, out + 2, out + 3) < 0:
+        return None
+    return (_host(ffi.buffer(ip, out[0])[:]), out[1]), data[out[2]:out[2] + out[3]]
