@@ -1,0 +1,126 @@
+"""CPU per relayed packet of the native data plane's thread alone (relay/net/dataplane.c),
+before it is wired into the relay: one listener, ALLOCATIONS allocations each with a channel,
+and a load process on the other core that sends ChannelData from the clients and datagrams
+from the peer at a paced rate, reads what is relayed back, and counts it.
+
+    .venv/bin/python bench/dataplane_cpu.py --rate 10000 --seconds 10 --allocations 20
+
+`--rate` is round trips a second: that many ChannelData to the peer and as many datagrams
+from the peer, so 2 x rate relayed packets a second.  The figure is the thread's own CPU time
+(/proc/self/task/TID/stat) over the packets it relayed: it leaves out the reactor, which
+relays nothing here.  Loopback only, bounded in time.
+"""
+import argparse
+import os
+import socket
+import struct
+import subprocess
+import sys
+import time
+
+from relay.net import dataplane
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s(tid: int) -> float:
+    with open(f"/proc/self/task/{tid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+
+
+LOAD = r"""
+import select, socket, struct, sys, time
+listener, relays, rate, seconds = sys.argv[1], sys.argv[2].split(","), float(sys.argv[3]), float(sys.argv[4])
+host, port = listener.rsplit(":", 1)
+clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in relays]
+for c in clients:
+    c.bind(("127.0.0.1", 0)); c.setblocking(False)
+peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); peer.bind(("127.0.0.1", 0)); peer.setblocking(False)
+print(peer.getsockname()[1], *[c.getsockname()[1] for c in clients], flush=True)
+sys.stdin.readline()  # the tables are installed
+payload = b"x" * 96
+frame = struct.pack("!HH", 0x4000, len(payload)) + payload
+targets = [(h, int(p)) for h, p in (r.rsplit(":", 1) for r in relays)]
+sent = received = 0
+start = time.monotonic()
+end = start + seconds
+i = 0
+while True:
+    now = time.monotonic()
+    if now >= end:
+        break
+    due = int((now - start) * rate)
+    while sent < due:
+        k = i % len(clients); i += 1
+        clients[k].sendto(frame, (host, int(port)))
+        peer.sendto(payload, targets[k])
+        sent += 1
+    for s in select.select(clients + [peer], [], [], 0.001)[0]:
+        try:
+            while True:
+                s.recv(2048); received += 1
+        except BlockingIOError:
+            pass
+drain = time.monotonic() + 0.5
+while time.monotonic() < drain:
+    for s in select.select(clients + [peer], [], [], 0.05)[0]:
+        try:
+            while True:
+                s.recv(2048); received += 1
+        except BlockingIOError:
+            pass
+print(2 * sent, received, flush=True)
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=10000, help="round trips a second")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--allocations", type=int, default=20)
+    args = parser.parse_args()
+    os.sched_setaffinity(0, {0})
+    before = set(os.listdir("/proc/self/task"))
+    plane = dataplane.NativeDataPlane()
+    plane.start()
+    (tid,) = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
+    listener_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    listener_sock.bind(("127.0.0.1", 0))
+    listener_sock.setblocking(False)
+    listener = plane.add_listener(listener_sock.fileno())
+    relays = []
+    for _ in range(args.allocations):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        relays.append(s)
+    load = subprocess.Popen(
+        ["taskset", "-c", "1", sys.executable, "-c", LOAD, "127.0.0.1:%d" % listener_sock.getsockname()[1],
+         ",".join("127.0.0.1:%d" % s.getsockname()[1] for s in relays), str(args.rate), str(args.seconds)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    peer_port, *client_ports = map(int, load.stdout.readline().split())
+    handles = []
+    for relay, client_port in zip(relays, client_ports):
+        handle = plane.add_allocation(listener, ("127.0.0.1", client_port), relay.fileno(), None)
+        plane.permit(handle, "127.0.0.1")
+        plane.bind_channel(handle, 0x4000, ("127.0.0.1", peer_port))
+        handles.append(handle)
+    cpu0 = thread_cpu_s(tid)
+    load.stdin.write("go\n")
+    load.stdin.flush()
+    sent, received = map(int, load.stdout.readline().split())
+    cpu = thread_cpu_s(tid) - cpu0
+    relayed = plane.stats()["forwarded"]
+    load.wait(timeout=30)
+    print(f"rate {args.rate:.0f} rt/s, {args.allocations} allocations, {args.seconds:.0f} s: "
+          f"sent {sent}, relayed {relayed}, received {received} (loss {1 - received / sent:.4%}); "
+          f"data plane thread CPU {cpu:.2f} s = {cpu / relayed * 1e6:.2f} us per relayed packet; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    plane.close()
+    for s in relays + [listener_sock]:
+        s.close()
+
+
+if __name__ == "__main__":
+    main()
