@@ -13,10 +13,8 @@ relays nothing here.  Loopback only, bounded in time.
 import argparse
 import os
 import socket
-import struct
 import subprocess
 import sys
-import time
 
 from relay.net import dataplane
 
