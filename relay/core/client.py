@@ -22,6 +22,10 @@ class Client:
     # Stream clients only: turns this connection into the client data connection of an RFC
     # 6062 ConnectionBind, after which it carries raw bytes; returns its writing end.
     become_data: Optional[Callable[[TcpConnection], StreamEnd]] = None
+    # Stream clients of a worker process only: hands this connection to worker n, with the
+    # request being read and what follows it (relay.net.handoff), for a ConnectionBind
+    # whose CONNECTION-ID that worker issued.
+    hand_over: Optional[Callable[[int], None]] = None
 
     def __post_init__(self) -> None:
         # The allocations' key, made once: a stream's every ChannelData frame looks it up.

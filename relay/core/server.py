@@ -86,6 +86,11 @@ class TurnConfig:
     # Read by the stream adapter: a client data connection idle this long (no byte either
     # way) is closed.
     tcp_idle_timeout: float = 600.0
+    # Which of how many worker processes (relay.service.workers) this server is: each issues
+    # the CONNECTION-IDs equal to its index modulo the count, so any worker can tell which
+    # one a ConnectionBind belongs to.
+    worker_index: int = 0
+    worker_count: int = 1
 
 
 @dataclass
@@ -184,6 +189,8 @@ class TurnServer:
                 self.send_indication(client, data)
             return None
         if msg.cls != stun.REQUEST:
+            return None
+        if msg.method == stun.CONNECTION_BIND and self.tcp.hand_over(client, msg):
             return None
         cached = self._responses.get((client.listener, client.address, msg.transaction_id))
         if cached is not None:

@@ -34,6 +34,8 @@ class TcpLimits(Protocol):
 
     tcp_bind_timeout: float
     max_tcp_connections: int
+    worker_index: int
+    worker_count: int
 
 
 class Core(Protocol):
@@ -112,6 +114,23 @@ class TcpRelay:
         self.server.answer(client, credentials, msg.response(), now)
         connection.bind(client.become_data(connection))
 
+    def hand_over(self, client: Client, msg: stun.Message) -> bool:
+        """Whether a ConnectionBind went, with its connection, to the worker process that
+        issued its CONNECTION-ID: a new TCP connection reaches whichever worker the kernel's
+        SO_REUSEPORT hash picks, not necessarily the one holding the peer's connection.
+        Decided before the login, which the owner does; a connection that holds an
+        allocation here stays (and gets its 400 here)."""
+        config = self.server.config
+        connection_id = msg.get(stun.CONNECTION_ID)
+        if client.hand_over is None or connection_id is None or config.worker_count == 1 \
+                or client.key in self.server.allocations:
+            return False
+        owner = connection_id % config.worker_count
+        if owner == config.worker_index:
+            return False
+        client.hand_over(owner)
+        return True
+
     def incoming(self, allocation: Allocation, peer: Address, end: PeerEnd, now: float) -> None:
         """A peer connected to a TCP relayed address (section 5.3): announce it, or refuse it."""
         config = self.server.config
@@ -128,7 +147,10 @@ class TcpRelay:
         allocation.send_to_client(attempt.encode())
 
     def _new_connection_id(self) -> int:
+        """A random 32-bit CONNECTION-ID equal to this worker's index modulo the count."""
+        config = self.server.config
+        count = config.worker_count
         while True:
-            connection_id = self.server.rng.getrandbits(32)
+            connection_id = self.server.rng.randrange(2 ** 32 // count) * count + config.worker_index
             if connection_id not in self.connections:
                 return connection_id

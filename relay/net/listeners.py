@@ -182,6 +182,8 @@ class StreamLimits:
     refusing: Set[str] = field(default_factory=set)      # client IPs refused, logged once
     refused: int = 0    # connections reset for the per-source limit, for the metrics
     timed_out: int = 0  # connections closed by either timeout
+    handed_out: int = 0  # connections handed to another worker process (relay.net.handoff)
+    handed_in: int = 0   # and taken from one
 
     def admit(self, host: str) -> bool:
         count = self.open.get(host, 0)
@@ -225,22 +227,37 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
 
     On a port shared with the tokens API (`factory.http`) the first bytes come to `_sniff`
     first, unless ALPN said `stun.turn`: an HTTP request hands the connection to `http`.
+
+    In a worker process, a ConnectionBind for a CONNECTION-ID another worker issued hands the
+    connection to that worker (`factory.hand_off`, relay.net.handoff); there it starts again
+    as a connection `handed` over from `peer`, TLS (if any) already taken off.
     """
 
     factory: "ClientStreamFactory"
     buffer = b""
     connection: Optional[TcpConnection] = None
-    http: Optional[Protocol] = None
+    # Where the connection's bytes go instead once it is not TURN here: HTTP for the tokens
+    # API, or a TLS connection's plain stream handed over to another worker.
+    passed: Optional[Protocol] = None
+    peer: Optional[Address] = None  # set on a connection handed over by another worker
+    counted = True  # in `limits.open`: not a TLS connection's plain stream, counted where TLS is
+    owner: Optional[int] = None     # the worker to hand this connection to
 
     def connectionMade(self) -> None:
         factory = self.factory
         self.server, self.dispatch = factory.server, factory.dispatch
-        peer = self.transport.getPeer()
-        self.client = Client(factory.transport_name, factory.listener, (peer.host, peer.port),
-                             self.transport.write, become_data=self.become_data)
+        handed = self.peer is not None
+        if self.peer is None:
+            address = self.transport.getPeer()
+            self.peer = (address.host, address.port)
+        self.client = Client(factory.transport_name, factory.listener, self.peer,
+                             self.transport.write, become_data=self.become_data,
+                             hand_over=self.hand_over if factory.hand_off is not None else None)
         limits = factory.limits
-        self.setTimeout((limits.handshake_timeout if factory.transport_name == "tls"
+        self.setTimeout((limits.handshake_timeout if factory.transport_name == "tls" and not handed
                          else limits.idle_timeout) or None)
+        if handed:
+            return  # TURN already, and perhaps a UNIX socket, which has no Nagle to turn off
         # Media in small frames: Nagle would hold a frame back for the client's delayed ACK
         # (measured with `turnrelay probe` on loopback: TCP p99 RTT 45 ms with it, below 2 without).
         self.transport.setTcpNoDelay(True)
@@ -264,11 +281,19 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
         if kind != HTTP:
             self.dataReceived(data)
             return
-        self.setTimeout(None)  # the HTTP side keeps its own
-        self.http = self.factory.http.buildProtocol(self.transport.getPeer())
-        self.dataReceived = self.http.dataReceived  # type: ignore[method-assign]
-        self.http.makeConnection(self.transport)
-        self.http.dataReceived(data)
+        self.pass_to(self.factory.http.buildProtocol(self.transport.getPeer()))
+        self.dataReceived(data)
+
+    def pass_to(self, protocol: Protocol) -> None:
+        """From now on `protocol` reads this connection (and keeps its own timeouts)."""
+        self.setTimeout(None)
+        self.passed = protocol
+        self.dataReceived = protocol.dataReceived  # type: ignore[method-assign]
+        protocol.makeConnection(self.transport)
+
+    def hand_over(self, owner: int) -> None:
+        """The core's `Client.hand_over`, called while `dataReceived` dispatches a request."""
+        self.owner = owner
 
     def become_data(self, connection: TcpConnection) -> "ClientStreamProtocol":
         self.connection = connection
@@ -318,6 +343,10 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
                 self.server.send_indication(self.client, frame)
             else:
                 self.dispatch(self.client, frame)
+                if self.owner is not None:  # a ConnectionBind another worker is to answer
+                    self.buffer = b""
+                    self.factory.hand_off(self, self.owner, buffer[offset - size:])
+                    return
                 if self.connection is not None:  # that was a ConnectionBind: raw bytes follow
                     self.buffer = b""
                     if offset < len(buffer):
@@ -327,12 +356,17 @@ class ClientStreamProtocol(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.setTimeout(None)
-        if self.http is not None:
-            self.http.connectionLost(reason)
-        self.factory.limits.release(self.client.address[0])
+        if self.passed is not None:
+            self.passed.connectionLost(reason)
+        if self.counted:
+            self.factory.limits.release(self.client.address[0])
         if self.connection is not None:
             self.connection.close()
         self.server.connection_lost(self.client)
+
+
+# hand_off(protocol, worker index, the bytes from the ConnectionBind on): relay.net.handoff
+HandOff = Callable[[ClientStreamProtocol, int, bytes], None]
 
 
 class ClientStreamFactory(Factory):
@@ -340,9 +374,11 @@ class ClientStreamFactory(Factory):
     noisy = False
 
     def __init__(self, server: TurnServer, dispatch: LoginDispatcher, transport_name: str,
-                 listener: Address, limits: StreamLimits, http: Optional[Factory] = None):
+                 listener: Address, limits: StreamLimits, http: Optional[Factory] = None,
+                 hand_off: Optional[HandOff] = None):
         self.server = server
         self.http = http  # the tokens API's, on a port it shares (relay.net.shared_port)
+        self.hand_off = hand_off  # to another worker process (relay.net.handoff)
         self.dispatch = dispatch
         self.transport_name = transport_name
         self.listener = listener
@@ -353,6 +389,16 @@ class ClientStreamFactory(Factory):
         if not self.limits.admit(addr.host):
             return _Refused()
         return Factory.buildProtocol(self, addr)
+
+    def handed(self, peer: Address, counted: bool) -> Optional[ClientStreamProtocol]:
+        """A protocol for a connection from `peer` another worker handed over; None over the
+        per-source limit.  Not `counted` (the plain stream of a TLS connection) it is not
+        counted again: the worker that terminates its TLS counts it."""
+        if counted and not self.limits.admit(peer[0]):
+            return None
+        protocol = self.protocol()
+        protocol.factory, protocol.peer, protocol.counted = self, peer, counted
+        return protocol
 
 
 class ReadSocket:

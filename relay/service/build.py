@@ -36,6 +36,7 @@ from relay.ledger.retention import ClientAddressRetention
 from relay.ledger.sql import SqlUsageBackend, sqlite_backend
 from relay.ledger.triggers import UsageTriggers
 from relay.ledger.writer import Ledger
+from relay.net.handoff import HandOff
 from relay.net.listeners import LoginDispatcher, RelayBinder, bound_socket
 from relay.net.proxy_protocol import ProxyTrust, parse_networks
 from relay.net.shared_port import HttpForwarder
@@ -419,6 +420,8 @@ class WorkerRole:
     parent_endpoints: List[Tuple[str, int]]  # the parent's HTTP listeners: never a peer
     shared_api: Optional[Tuple[str, int]]  # the parent's SHARED_API listener, if any
     live: Any  # the memory every worker marks its live relayed addresses in (LiveRelays)
+    inbox: socket.socket  # where other workers hand it connections (relay.net.handoff)
+    outboxes: List[socket.socket]  # every worker's inbox, by index
 
 
 def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
@@ -456,6 +459,8 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
         tls_alternate_servers=tuple(options["tls-alternate-server"]),
         alternate_domain=options["alternate-domain"],
         tcp_bind_timeout=options["tcp-bind-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
+        worker_index=worker.index if worker is not None else 0,
+        worker_count=worker.count if worker is not None else 1,
     )
     live = LiveRelays(relay_ips.values(), external_ips, worker.live if worker is not None else None)
     server = TurnServer(config, nonces, RelayBinder(reactor), allocation_policy=checkers.allows,
@@ -515,8 +520,10 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     https: List[HTTPService] = []
     forwarder = HttpForwarder(reactor, (lambda: worker.shared_api) if worker is not None
                               else lambda: shared_api_endpoint(https))
+    hand_off = HandOff(reactor, worker.index, worker.outboxes, worker.inbox) \
+        if worker is not None else None
     listeners = ListenersService(reactor, server, dispatch, options, tls, sockets, forwarder,
-                                 dtls)
+                                 dtls, hand_off)
     listeners.setServiceParent(service)
 
     def not_ready() -> Optional[str]:

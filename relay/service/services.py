@@ -17,6 +17,7 @@ from twisted.web.server import Site
 from relay.core.peers import OwnEndpoints
 from relay.core.server import TurnServer
 from relay.net.dtls import DtlsListener
+from relay.net.handoff import HandOff
 from relay.net.listeners import (
     ClientDatagramProtocol,
     ClientStreamFactory,
@@ -44,13 +45,16 @@ def adopt_stream_socket(reactor, sock: socket.socket, factory: Factory) -> IList
 # A client listener's sockets by transport ("udp", "tcp", "tls"): one per process serving it.
 class ListenersService(Service):
     """Serves the client listeners; `sockets` binds them (or hands over those a worker
-    inherited), called before the reactor runs and before privileges drop."""
+    inherited), called before the reactor runs and before privileges drop.  In a worker
+    process, `hand_off` passes connections to and takes them from the other workers."""
 
     def __init__(self, reactor, server: TurnServer, dispatch: LoginDispatcher, options: Options,
                  tls: Optional[ServerTLS], sockets: Callable[[], List[Tuple[str, socket.socket]]],
-                 http: Optional[Factory] = None, dtls: Optional[ServerDTLS] = None):
+                 http: Optional[Factory] = None, dtls: Optional[ServerDTLS] = None,
+                 hand_off: Optional[HandOff] = None):
         self.reactor = reactor
         self.dtls = dtls
+        self.hand_off = hand_off
         # The tokens API's `http` factory, for the transports whose ports it shares.
         self.http = {transport: http for transport in ("tcp", "tls")
                      if options[f"api-on-{transport}-port"]}
@@ -67,6 +71,8 @@ class ListenersService(Service):
     def privilegedStartService(self) -> None:
         for transport, sock in self.sockets():
             self._listen(transport, sock)
+        if self.hand_off is not None:
+            self.hand_off.start()
         Service.privilegedStartService(self)
 
     def _listen(self, transport: str, sock: socket.socket) -> None:
@@ -82,7 +88,10 @@ class ListenersService(Service):
             self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
         else:
             factory = ClientStreamFactory(self.server, self.dispatch, transport, listener,
-                                          self.stream_limits, self.http.get(transport))
+                                          self.stream_limits, self.http.get(transport),
+                                          self.hand_off)
+            if self.hand_off is not None:
+                self.hand_off.listen(factory)
             if transport == "tls":
                 factory = TLSMemoryBIOFactory(self.tls, False, factory)
             if self.proxy is not None:  # the header comes first, before any TLS
@@ -97,6 +106,8 @@ class ListenersService(Service):
         for port in self.ports:
             port.stopListening()
         self.ports = []
+        if self.hand_off is not None:
+            self.hand_off.stop()
 
 
 class HTTPService(Service):

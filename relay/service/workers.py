@@ -13,9 +13,12 @@ the nonce keys (any worker accepts any worker's nonces), the tokens API, `/metri
 worker's, each sample labelled `worker`) and `/readyz`.  It passes SIGTERM and SIGHUP on,
 and turns the workers' log lines into its own.  Parent and worker talk AMP over a socket pair
 (descriptor 3 in the worker); the listeners follow from descriptor 4, in the order the
-TURNRELAY_LISTENERS environment variable names their transports, and after them the memory in
+TURNRELAY_LISTENERS environment variable names their transports; after them the memory in
 which every worker marks its live relayed addresses (relay.core.peers.LiveRelays), so that two
-allocations on different workers may relay to each other.
+allocations on different workers may relay to each other; then the worker's own inbox for
+connections other workers hand it, and every worker's inbox to hand them to, by index
+(relay.net.handoff: a ConnectionBind reaching a worker that did not issue its CONNECTION-ID).
+The parent keeps the inboxes too, so a restarted worker finds its own.
 """
 from __future__ import annotations
 
@@ -44,6 +47,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from relay.core.peers import LiveRelays
+from relay.net.handoff import inbox_pair
 from relay.service.build import (
     ListenerSockets,
     WorkerRole,
@@ -251,6 +255,7 @@ class Supervisor(OrderlyStop):
         # relative paths in the arguments they parse again mean the same files.
         self.workdir = os.getcwd()
         self.sockets: ListenerSockets = []
+        self.inboxes: List[Tuple[socket.socket, socket.socket]] = []  # (send end, read end)
         self.processes: Dict[int, _WorkerProcess] = {}
         self.quick_deaths = [0] * self.count
         self.all_ended: Optional[Deferred] = None
@@ -262,6 +267,7 @@ class Supervisor(OrderlyStop):
 
     def privilegedStartService(self) -> None:
         self.sockets = bind_listeners(self.options, self.count)
+        self.inboxes = [inbox_pair() for _ in range(self.count)]
         for transport, socks in self.sockets:
             host, port = socks[0].getsockname()[:2]
             log.info("listening on {transport} [{host}]:{port} for {count} workers",
@@ -290,6 +296,10 @@ class Supervisor(OrderlyStop):
         for k, (_, socks) in enumerate(self.sockets):
             fds[CONTROL_FD + 1 + k] = socks[index].fileno()
         fds[CONTROL_FD + 1 + len(self.sockets)] = self.live_file.fileno()
+        first = CONTROL_FD + 2 + len(self.sockets)
+        fds[first] = self.inboxes[index][1].fileno()
+        for k, (send, _) in enumerate(self.inboxes):
+            fds[first + 1 + k] = send.fileno()
         env = dict(os.environ, TURNRELAY_WORKER=f"{index} {self.count}",
                    TURNRELAY_LISTENERS=" ".join(t for t, _ in self.sockets),
                    PYTHONIOENCODING="utf-8:backslashreplace")
@@ -570,6 +580,9 @@ def main() -> None:
     live_fd = CONTROL_FD + 1 + len(transports)
     live = mmap.mmap(live_fd, LiveRelays.SIZE)
     os.close(live_fd)
+    first = live_fd + 1
+    inbox = socket.socket(fileno=first)
+    outboxes = [socket.socket(fileno=first + 1 + k) for k in range(count)]
     control = _WorkerSide(reactor)
     reactor.adoptStreamConnection(CONTROL_FD, socket.AF_UNIX, Factory.forProtocol(lambda: control))
     os.close(CONTROL_FD)
@@ -591,7 +604,8 @@ def main() -> None:
             release=lambda reservation: control.callRemote(ReleasePlace, reservation=reservation),
             parent_endpoints=[(host, int(port)) for host, port in
                               (endpoint.split() for endpoint in answer["endpoints"])],
-            shared_api=(api[0], int(api[1])) if api else None, live=live)
+            shared_api=(api[0], int(api[1])) if api else None, live=live, inbox=inbox,
+            outboxes=outboxes)
         try:
             service = relay_service(options, reactor, role)
             service.privilegedStartService()

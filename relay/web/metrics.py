@@ -128,6 +128,13 @@ class RelayCollector:
         yield CounterMetricFamily("turnrelay_stream_connections_timed_out", "Connections closed "
                                   "without an allocation by --tls-handshake-timeout or "
                                   "--connection-idle-timeout", limits.timed_out)
+        handed = CounterMetricFamily("turnrelay_stream_connections_handed_over", "Connections "
+                                     "whose ConnectionBind named another worker process's "
+                                     "CONNECTION-ID: out, handed to it; in, taken from one",
+                                     labels=["direction"])
+        handed.add_metric(["out"], limits.handed_out)
+        handed.add_metric(["in"], limits.handed_in)
+        yield handed
 
 
 def registry(collector: RelayCollector) -> CollectorRegistry:

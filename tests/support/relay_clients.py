@@ -3,6 +3,7 @@ transport, TCP allocations (RFC 6062) and their data connections, TLS handshakes
 bursts, and the relay's own per-allocation counters read from its close log line."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -112,8 +113,8 @@ def recv_exactly(end, size: int) -> bytes:
     return b"".join(chunks)
 
 
-@pytest.fixture
-def tcp_echo_peer() -> Iterator[Address]:
+@contextlib.contextmanager
+def tcp_echo_server() -> Iterator[Address]:
     """A TCP echo server on loopback, one thread per connection."""
     listener = socket.create_server(("127.0.0.1", 0))
 
@@ -137,8 +138,16 @@ def tcp_echo_peer() -> Iterator[Address]:
             threading.Thread(target=echo, args=(conn,), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
-    yield listener.getsockname()[:2]
-    listener.close()
+    try:
+        yield listener.getsockname()[:2]
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def tcp_echo_peer() -> Iterator[Address]:
+    with tcp_echo_server() as peer:
+        yield peer
 
 
 def relay_through(client, peer, count):

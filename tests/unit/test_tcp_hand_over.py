@@ -1,0 +1,80 @@
+"""Which worker process a CONNECTION-ID belongs to (RFC 6062 with --workers): each worker's
+core issues IDs equal to its index modulo the count, and hands a ConnectionBind for another
+worker's ID to the I/O layer (`Client.hand_over`) before any login, answering nothing."""
+from __future__ import annotations
+
+from relay.proto import stun
+from support.core_harness import PEER, FakeStreamEnd, Harness, error_code
+
+TCP = 6
+WORKERS = 3
+
+
+def tcp_client(harness, port, hand_over=None):
+    client = harness.client("alice", transport="tcp", address=("198.51.100.20", port))
+    client.client.become_data = lambda connection: FakeStreamEnd()
+    client.client.hand_over = hand_over
+    return client
+
+
+def pending_id(harness) -> int:
+    """A TCP allocation's Connect to PEER, completed: the CONNECTION-ID it was given."""
+    control = tcp_client(harness, 40000)
+    assert error_code(control.allocate(transport=TCP)) is None
+    control.exchange(control.signed_wire(stun.CONNECT, [(stun.XOR_PEER_ADDRESS, PEER)]))
+    _, result = control.allocation.relays[stun.FAMILY_IPV4].connects[-1]
+    before = len(control.received)
+    result(FakeStreamEnd(), harness.now)
+    return stun.parse(control.received[before]).get(stun.CONNECTION_ID)
+
+
+def test_each_worker_issues_the_ids_of_its_index():
+    for index in range(WORKERS):
+        harness = Harness(worker_index=index, worker_count=WORKERS)
+        pending_id(harness)
+        control = tcp_client(harness, 40000)
+        for peer_port in range(1, 12):
+            control.exchange(control.signed_wire(stun.CONNECT, [
+                (stun.XOR_PEER_ADDRESS, (PEER[0], PEER[1] + peer_port))]))
+        ids = list(harness.server.connections)
+        assert len(ids) == 12
+        assert {i % WORKERS for i in ids} == {index}
+        assert all(0 <= i < 2 ** 32 for i in ids)
+
+
+def test_a_bind_for_another_workers_id_is_handed_over_unanswered():
+    harness = Harness(worker_index=1, worker_count=WORKERS)
+    owners = []
+    data = tcp_client(harness, 40001, owners.append)
+    foreign = pending_id(Harness(worker_index=2, worker_count=WORKERS))
+    # Unsigned, as a client's first try is: the owner challenges it, not this worker.
+    assert data.exchange(data.build(stun.CONNECTION_BIND,
+                                    [(stun.CONNECTION_ID, foreign)]).encode()) == []
+    assert owners == [2]
+
+
+def test_a_bind_for_this_workers_id_binds_here():
+    harness = Harness(worker_index=1, worker_count=WORKERS)
+    connection_id = pending_id(harness)
+    owners = []
+    data = tcp_client(harness, 40001, owners.append)
+    response = data.request(stun.CONNECTION_BIND, [(stun.CONNECTION_ID, connection_id)])
+    assert response.cls == stun.SUCCESS and owners == []
+
+
+def test_a_connection_holding_an_allocation_is_not_handed_over():
+    harness = Harness(worker_index=0, worker_count=WORKERS)
+    owners = []
+    control = tcp_client(harness, 40000, owners.append)
+    assert error_code(control.allocate(transport=TCP)) is None
+    foreign = pending_id(Harness(worker_index=1, worker_count=WORKERS))
+    response = control.request(stun.CONNECTION_BIND, [(stun.CONNECTION_ID, foreign)])
+    assert error_code(response) == 400 and owners == []
+
+
+def test_one_process_hands_nothing_over():
+    harness = Harness()
+    owners = []
+    data = tcp_client(harness, 40001, owners.append)
+    response = data.request(stun.CONNECTION_BIND, [(stun.CONNECTION_ID, 12345)])
+    assert error_code(response) == 400 and owners == []
