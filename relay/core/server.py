@@ -27,6 +27,7 @@ from relay.core.allocation import (
 )
 from relay.core.client import Client
 from relay.core.credentials import Account, StunCredentials
+from relay.core.issuer import issue, issuer
 from relay.core.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
 from relay.core.peers import LiveRelays, PeerPolicy
 from relay.core.ratelimit import RateLimiter
@@ -86,9 +87,8 @@ class TurnConfig:
     # Read by the stream adapter: a client data connection idle this long (no byte either
     # way) is closed.
     tcp_idle_timeout: float = 600.0
-    # Which of how many worker processes (relay.service.workers) this server is: each issues
-    # the CONNECTION-IDs equal to its index modulo the count, so any worker can tell which
-    # one a ConnectionBind belongs to.
+    # Which of how many worker processes (relay.service.workers) this server is: the
+    # CONNECTION-IDs and RESERVATION-TOKENs it issues say so (relay.core.issuer).
     worker_index: int = 0
     worker_count: int = 1
 
@@ -307,6 +307,28 @@ class TurnServer:
             for connection in [c for c in allocation.connections.values()
                                if not policy.permits(c.peer[0])]:
                 connection.close()
+
+    def reservation_owner(self, token: bytes) -> Optional[int]:
+        """The worker process holding `token`'s reserved port, when it is another one: the
+        client's Allocate with RESERVATION-TOKEN comes from a new client port, which the
+        kernel may give to any worker.  The I/O layer then moves the port's socket here
+        (`take_reservation` there, `adopt_reservation` here) before the Allocate runs."""
+        count = self.config.worker_count
+        if count == 1 or len(token) != 8:
+            return None
+        owner = issuer(int.from_bytes(token, "big"), count)
+        return None if owner == self.config.worker_index else owner
+
+    def take_reservation(self, token: bytes, now: float) -> Optional[Reservation]:
+        """The reservation `token` names, given up to another worker; None if gone."""
+        reservation = self.reservations.get(token)
+        if reservation is None or reservation.expires <= now:
+            return None
+        return self.reservations.pop(token)
+
+    def adopt_reservation(self, token: bytes, reservation: Reservation) -> None:
+        """A reservation another worker gave up for an Allocate here."""
+        self.reservations[token] = reservation
 
     def drain(self) -> None:
         """Stop taking allocations (see `_check_quotas`); the existing ones carry on."""
@@ -616,7 +638,8 @@ class TurnServer:
             if reserved is None:
                 endpoint.close()
                 continue
-            token = self.rng.getrandbits(64).to_bytes(8, "big")
+            token = issue(self.rng, 64, self.config.worker_index,
+                          self.config.worker_count).to_bytes(8, "big")
             self.reservations[token] = Reservation(reserved, now + RESERVATION_LIFETIME)
             response.add(stun.RESERVATION_TOKEN, token)
             return endpoint

@@ -16,6 +16,7 @@ from typing import Dict, Hashable, Optional, Protocol, Tuple, cast
 from relay.core.allocation import Address, Allocation
 from relay.core.client import Client
 from relay.core.credentials import Account, StunCredentials
+from relay.core.issuer import issue, issuer
 from relay.core.tcp import (
     CLOSED,
     CONNECTING,
@@ -125,7 +126,7 @@ class TcpRelay:
         if client.hand_over is None or connection_id is None or config.worker_count == 1 \
                 or client.key in self.server.allocations:
             return False
-        owner = connection_id % config.worker_count
+        owner = issuer(connection_id, config.worker_count)
         if owner == config.worker_index:
             return False
         client.hand_over(owner)
@@ -147,10 +148,8 @@ class TcpRelay:
         allocation.send_to_client(attempt.encode())
 
     def _new_connection_id(self) -> int:
-        """A random 32-bit CONNECTION-ID equal to this worker's index modulo the count."""
         config = self.server.config
-        count = config.worker_count
         while True:
-            connection_id = self.server.rng.randrange(2 ** 32 // count) * count + config.worker_index
+            connection_id = issue(self.server.rng, 32, config.worker_index, config.worker_count)
             if connection_id not in self.connections:
                 return connection_id

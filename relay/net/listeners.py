@@ -16,6 +16,7 @@ from typing import Callable, Dict, Optional, Set, Tuple
 
 from twisted.cred.error import UnauthorizedLogin, UnhandledCredentials
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IAddress,
     IHandshakeListener,
@@ -102,7 +103,11 @@ class Admission(typing.Protocol):
 
 class LoginDispatcher:
     """Runs a request through the core, logging in through the Portal when it asks, and in a
-    worker process reserving a new allocation's place in the parent's quotas first."""
+    worker process reserving a new allocation's place in the parent's quotas first.
+
+    `prepare`, in a worker process, may hold a logged-in request back until what it names
+    has come from another worker (a reserved relay port, relay.net.handoff): it returns a
+    Deferred to wait for, or None."""
 
     def __init__(self, server: TurnServer, portal: Portal, clock: IReactorTime,
                  shared: Optional[Admission] = None):
@@ -110,6 +115,7 @@ class LoginDispatcher:
         self.portal = portal
         self.clock = clock
         self.shared = shared
+        self.prepare: Optional[Callable[[Client, StunCredentials], Optional[Deferred]]] = None
 
     def __call__(self, client: Client, data: bytes) -> None:
         credentials = self.server.receive(client, data, self.clock.seconds())
@@ -120,10 +126,17 @@ class LoginDispatcher:
                        errbackArgs=(client, credentials))
 
     def _succeeded(self, result: tuple, client: Client, credentials: StunCredentials) -> None:
-        if self.shared is not None and self.shared.wants(client, credentials, result[1]):
-            self.shared.allocate(client, credentials, result[1])
+        waiting = self.prepare(client, credentials) if self.prepare is not None else None
+        if waiting is None:
+            self._admit(client, credentials, result[1])
         else:
-            self.server.authenticated(client, credentials, result[1], self.clock.seconds())
+            waiting.addCallback(lambda _: self._admit(client, credentials, result[1]))
+
+    def _admit(self, client: Client, credentials: StunCredentials, account: Account) -> None:
+        if self.shared is not None and self.shared.wants(client, credentials, account):
+            self.shared.allocate(client, credentials, account)
+        else:
+            self.server.authenticated(client, credentials, account, self.clock.seconds())
 
     def _failed(self, failure: Failure, client: Client, credentials: StunCredentials) -> None:
         if failure.check(UnauthorizedLogin, UnhandledCredentials):

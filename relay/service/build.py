@@ -520,8 +520,10 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     https: List[HTTPService] = []
     forwarder = HttpForwarder(reactor, (lambda: worker.shared_api) if worker is not None
                               else lambda: shared_api_endpoint(https))
-    hand_off = HandOff(reactor, worker.index, worker.outboxes, worker.inbox) \
-        if worker is not None else None
+    hand_off = None
+    if worker is not None:
+        hand_off = HandOff(reactor, server, worker.index, worker.outboxes, worker.inbox)
+        dispatch.prepare = hand_off.fetch_reservation
     listeners = ListenersService(reactor, server, dispatch, options, tls, sockets, forwarder,
                                  dtls, hand_off)
     listeners.setServiceParent(service)

@@ -1,7 +1,10 @@
-"""RFC 6062 on several worker processes: a ConnectionBind reaches whichever worker the kernel's
-SO_REUSEPORT hash picks for its new connection, and the worker that issued its CONNECTION-ID
-must get it (relay.net.handoff).  Run with the default worker count and with more workers
-than cores, over TCP and TLS, with coturn's client and with our own."""
+"""State one worker holds, named by a request that reaches another (relay.net.handoff).
+
+A ConnectionBind (RFC 6062) comes on a new connection and an Allocate with RESERVATION-TOKEN
+from a new client port, each of which the kernel's SO_REUSEPORT hash gives to any worker: the
+worker that issued the CONNECTION-ID gets the connection, the client's worker gets the
+reserved port.  Run with the default worker count and with more workers than cores, over
+TCP and TLS, with coturn's client and with our own."""
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from relay.proto import stun
 from relay.service.host import usable_cpus
-from support.relay_clients import bind_data, recv_exactly, tcp_allocation, tcp_echo_server
-from support.servers import PASSWORD, USER, free_port, tool
+from support.relay_clients import UDP, bind_data, recv_exactly, tcp_allocation, tcp_echo_server
+from support.servers import PASSWORD, REALM, USER, free_port, running_echo_peer, tool
+from support.wire_client import WireClient
 
 MESSAGES, CLIENTS = 20, 2
 RUNS = 2  # uclient runs per server; each makes CLIENTS data connections
@@ -80,3 +84,28 @@ def test_every_bind_reaches_its_owner(server_factory, tls):
             assert recv_exactly(data, len(payload)) == payload
     counts = handed_over(metrics)
     assert counts["out"] == counts["in"] > 0, counts
+
+
+def test_a_reserved_port_follows_the_client_to_its_worker(server_factory):
+    """EVEN-PORT with R, then an Allocate with the RESERVATION-TOKEN from another client port,
+    as RTP and RTCP do: that port may reach another worker than the one holding the reserved
+    port, which must move there.  Twelve pairs (all on one worker: 4 ** -12); each second
+    allocation gets the reserved port and relays."""
+    server, _ = start(server_factory, 4)
+    with running_echo_peer() as peer:
+        for _ in range(12):
+            rtp = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+            reply = rtp.request(stun.ALLOCATE, UDP, (stun.EVEN_PORT, True))
+            assert reply.cls == stun.SUCCESS, reply
+            port = reply.get(stun.XOR_RELAYED_ADDRESS)[1]
+            rtcp = WireClient((server.host, server.port), USER, PASSWORD, REALM)
+            reply = rtcp.request(stun.ALLOCATE, UDP,
+                                 (stun.RESERVATION_TOKEN, reply.get(stun.RESERVATION_TOKEN)))
+            assert reply.cls == stun.SUCCESS, reply
+            assert reply.get(stun.XOR_RELAYED_ADDRESS)[1] == port + 1
+            assert rtcp.request(stun.CREATE_PERMISSION,
+                                (stun.XOR_PEER_ADDRESS, peer)).cls == stun.SUCCESS
+            rtcp.send_indication(peer, b"rtcp")
+            assert rtcp.receive_data() == (peer, b"rtcp")
+            rtp.close()
+            rtcp.close()

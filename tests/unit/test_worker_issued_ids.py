@@ -1,6 +1,8 @@
-"""Which worker process a CONNECTION-ID belongs to (RFC 6062 with --workers): each worker's
-core issues IDs equal to its index modulo the count, and hands a ConnectionBind for another
-worker's ID to the I/O layer (`Client.hand_over`) before any login, answering nothing."""
+"""Which worker process a CONNECTION-ID (RFC 6062) or a RESERVATION-TOKEN belongs to, with
+--workers: each worker's core issues values equal to its index modulo the count
+(relay.core.issuer).  A ConnectionBind for another worker's ID goes to the I/O layer
+(`Client.hand_over`) before any login, answered by nothing here; another worker's reserved
+port is given up there and adopted here."""
 from __future__ import annotations
 
 from relay.proto import stun
@@ -78,3 +80,38 @@ def test_one_process_hands_nothing_over():
     data = tcp_client(harness, 40001, owners.append)
     response = data.request(stun.CONNECTION_BIND, [(stun.CONNECTION_ID, 12345)])
     assert error_code(response) == 400 and owners == []
+
+
+def reserve(harness) -> bytes:
+    client = harness.client("alice", address=("198.51.100.20", 40010))
+    response = client.allocate((stun.EVEN_PORT, True))
+    assert error_code(response) is None
+    return response.get(stun.RESERVATION_TOKEN)
+
+
+def test_a_reserved_port_moves_to_the_worker_the_allocate_reached():
+    owner = Harness(worker_index=2, worker_count=WORKERS)
+    here = Harness(worker_index=0, worker_count=WORKERS)
+    token = reserve(owner)
+    assert owner.server.reservation_owner(token) is None
+    assert here.server.reservation_owner(token) == 2
+    reservation = owner.server.take_reservation(token, owner.now)
+    assert reservation is not None and token not in owner.server.reservations
+    assert owner.server.take_reservation(token, owner.now) is None  # given once
+    here.server.adopt_reservation(token, reservation)
+    rtcp = here.client("alice", address=("198.51.100.20", 40011))
+    response = rtcp.allocate((stun.RESERVATION_TOKEN, token))
+    assert error_code(response) is None
+    assert response.get(stun.XOR_RELAYED_ADDRESS)[1] == reservation.endpoint.address[1]
+
+
+def test_an_expired_reservation_is_not_given():
+    owner = Harness(worker_index=1, worker_count=WORKERS)
+    token = reserve(owner)
+    owner.advance(31, tick=False)
+    assert owner.server.take_reservation(token, owner.now) is None
+
+
+def test_one_process_owns_every_token():
+    harness = Harness()
+    assert harness.server.reservation_owner(reserve(harness)) is None
