@@ -81,7 +81,7 @@ class AccountsChecker:
             self._unreachable = False
             log.info("account database reachable again")
         if self.snapshot is None:
-            log.info("account database loaded: {accounts} accounts, {revoked} revoked credentials",
+            log.debug("account database loaded: {accounts} accounts, {revoked} revoked credentials",
                      accounts=len(snapshot.accounts), revoked=len(snapshot.revoked))
         self.snapshot = snapshot
 

@@ -138,7 +138,7 @@ class BackendQueue:
             self.pending.popleft()
         if not self.ready:
             self.ready = True
-            log.info("usage backend {backend} ready", backend=self.name)
+            log.debug("usage backend {backend} ready", backend=self.name)
         if self.failures:
             log.info("usage backend {backend} writes again after {failures} failed attempts",
                      backend=self.name, failures=self.failures)

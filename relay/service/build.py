@@ -45,11 +45,13 @@ from relay.net.tls import ServerDTLS, ServerTLS, self_signed
 from relay.proto import stun
 from relay.proto.demux import ALPN_HTTP, ALPN_STUN_TURN
 from relay.service.alternates import AlternatesFile
+from relay.service.banner import banner
 from relay.service.eventlog import log_allocations
+from relay.service.first_run import FirstRun
 from relay.service.host import local_addresses, outbound_ip, raise_file_limit
 from relay.service.options import Options
 from relay.service.quota_book import Release, Reserve, SharedQuotas
-from relay.service.services import HTTPService, ListenersService, RelayService, SighupService
+from relay.service.services import BannerService, HTTPService, ListenersService, RelayService, SighupService
 from relay.storage.sqldb import SqlStore, error_line, pool_from_dsn
 from relay.web.api import TokensAPI
 from relay.web.health import MetricsPage, NotReady, QuietSite, Routes
@@ -307,7 +309,7 @@ def _client_certificate(options: Options) -> Tuple[str, str]:
     cert, key = options["cert"], options["pkey"]
     if not cert:
         cert, key, made = self_signed(options["state-dir"])
-        log.warn("no --cert given: TLS uses the self-signed certificate {cert}{made}",
+        log.debug("no --cert given: TLS uses the self-signed certificate {cert}{made}",
                  cert=cert, made=" (made now)" if made else "")
     return cert, key
 
@@ -389,6 +391,11 @@ def http_services(reactor, options: Options, relay_ips: Dict[int, str],
     return services
 
 
+def announced(services: List[HTTPService]) -> List[Tuple[str, str]]:
+    """The HTTP listeners the banner names, with their URLs (not the internal SHARED_API)."""
+    return [(service.what, service.url()) for service in services if service.what != SHARED_API]
+
+
 def shared_api_endpoint(services: List[HTTPService]) -> Optional[Tuple[str, int]]:
     """Where the API's listener for the TURN ports listens (once started), if there is one."""
     for service in services:
@@ -424,8 +431,8 @@ class WorkerRole:
     outboxes: List[socket.socket]  # every worker's inbox, by index
 
 
-def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
-                  ) -> MultiService:
+def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None,
+                  first: Optional[FirstRun] = None) -> MultiService:
     """One relay process: the whole relay (`--workers 1`), or a worker given its `worker`
     role by the parent (`relay.service.workers`)."""
     _route_core_logging()
@@ -472,16 +479,13 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     api_tls = api_tls_context(options) if worker is None else None
 
     files = raise_file_limit()
-    log.info("realm {realm}, relay addresses {relays}, ports {low}-{high}; open-file limit {files} "
+    log.debug("realm {realm}, relay addresses {relays}, ports {low}-{high}; open-file limit {files} "
              "leaves room for about {room} allocations", realm=realm,
              relays=", ".join(f"{ip} (seen as {external_ips[ip]})" for ip in relay_ips.values()),
              low=low, high=high, files=files, room=max(files - 100, 0))
-    if not checkers.checkers:
-        log.warn("no credentials configured (--user, --users-file, --auth): STUN Binding works, "
-                 "every TURN request will be refused")
 
     backends = usage_backends(options)
-    log.info("usage ledger: region {region}, every {interval} s, to {backends}",
+    log.debug("usage ledger: region {region}, every {interval} s, to {backends}",
              region=options["region"], interval=options["accounting-interval"],
              backends=", ".join(backends))
 
@@ -553,5 +557,8 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
     reloads.append(("credentials", reload_credentials))
     reloads.append(("peer rules", reload_peer_rules(options, server.set_peer_rules)))
     SighupService(reactor, reloads).setServiceParent(service)
+    if worker is None:  # last, so that every listener has started before it
+        BannerService(lambda: banner(options, 1, listeners.bound, relay_ips, external_ips,
+                                     announced(https), backends, first)).setServiceParent(service)
     return service
 

@@ -25,6 +25,7 @@ from relay.ledger.writer import WHEN_FULL
 from relay.net.proxy_protocol import ProxyTrust, parse_networks
 from relay.net.tls import TLS_VERSIONS
 from relay.service.host import usable_cpus
+from relay.service.loglevel import LEVELS
 from relay.storage.accounts import AccountStore
 from relay.util.argstring import parse_arguments
 from relay.util.secretfile import read_secrets
@@ -140,6 +141,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["api-on-tcp-port", None, "The same on the plain TCP listening ports, for a "
                                   "TLS-terminating balancer in front; needs --api-port and "
                                   "loopback --listening-ip or --proxy-protocol-from"],
+        ["no-first-run", None, "With no credential configured, make no first-run account "
+                               "(every TURN request is then refused) [default: make one in "
+                               "--state-dir, and serve the tokens API on loopback]"],
         ["prometheus", None, "Serve /metrics (Prometheus), /healthz and /readyz on "
                              "--prometheus-address and --prometheus-port"],
     ]
@@ -241,6 +245,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                 "each with its slice of the relay ports; 1: one process "
                                 "[default: the CPUs this process may use, cgroup limits "
                                 "included]"],
+        ["log-level", None, "info", "What the log shows: debug (every listener, worker and "
+                                    "backend as it starts), info (a start banner, "
+                                    "allocations, reloads), warn or error"],
         ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
                                      "parameter: [regions.NAME] host=..., port=3478, "
                                      "tls-port=5349"],
@@ -334,6 +341,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                              f"ports {self['min-port']}-{self['max-port']}")
         if self["max-allocate-lifetime"] < 600:
             _fail("max-allocate-lifetime", "must be at least the default lifetime, 600")
+        if self["log-level"] not in LEVELS:
+            _fail("log-level", f"{self['log-level']!r}: choose one of {', '.join(LEVELS)}")
         for name in ("tls-min-version", "tls-max-version"):
             if self[name] not in TLS_VERSIONS:
                 _fail(name, f"{self[name]!r}: choose one of {', '.join(TLS_VERSIONS)}")
@@ -350,10 +359,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             except ValueError as err:
                 _fail("proxy-protocol-from", str(err))
             self["proxy-trust"] = ProxyTrust(networks, self["proxy-protocol-timeout"])
-        self["checkers"] = self._checkers()
         if self["no-udp"] and self["no-tcp"] and self["no-tls"]:
             _fail("no-udp", "with --no-tcp and --no-tls nothing is left to listen on")
-        self._tokens_api()
+        self.resolve_credentials()
         self._accounting()
         for name in ("alternate-server", "tls-alternate-server"):
             try:
@@ -367,6 +375,12 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 _fail("alternate-domain", str(err))
         if not is_ip(self["prometheus-address"]):
             _fail("prometheus-address", f"{self['prometheus-address']!r} is not an IP address")
+
+    def resolve_credentials(self) -> None:
+        """The auth backends and the tokens API's settings, from the options (again, once
+        relay.service.first_run has added its own)."""
+        self["checkers"] = self._checkers()
+        self._tokens_api()
 
     def _checkers(self) -> list:
         """The auth backends, in the order they are tried: static users first."""

@@ -67,6 +67,7 @@ class ListenersService(Service):
                                           options["tls-handshake-timeout"],
                                           options["connection-idle-timeout"])
         self.ports: List[object] = []
+        self.bound: List[Tuple[str, str, int]] = []  # transport, host, port
 
     def privilegedStartService(self) -> None:
         for transport, sock in self.sockets():
@@ -77,6 +78,7 @@ class ListenersService(Service):
 
     def _listen(self, transport: str, sock: socket.socket) -> None:
         listener = sock.getsockname()[:2]
+        self.bound.append((transport, listener[0], listener[1]))
         self.server.config.policy.own.add(*listener)
         if transport == "udp":
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
@@ -97,7 +99,7 @@ class ListenersService(Service):
             if self.proxy is not None:  # the header comes first, before any TLS
                 factory = self.proxy.wrap(factory)
             self.ports.append(adopt_stream_socket(self.reactor, sock, factory))
-        log.info("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
+        log.debug("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
                  port=listener[1])
 
     def stopService(self) -> None:
@@ -108,6 +110,18 @@ class ListenersService(Service):
         self.ports = []
         if self.hand_off is not None:
             self.hand_off.stop()
+
+
+class BannerService(Service):
+    """Logs the start banner (relay.service.banner) once the services before it have
+    started: a single relay process's whole start at the default --log-level."""
+
+    def __init__(self, text: Callable[[], str]):
+        self.text = text
+
+    def startService(self) -> None:
+        Service.startService(self)
+        log.info("{banner}", banner=self.text())
 
 
 class HTTPService(Service):
@@ -134,9 +148,13 @@ class HTTPService(Service):
         port = self.port = sock.getsockname()[1]  # the one the kernel chose, for port 0
         self.own.add(self.host, port)
         self.listening = adopt_stream_socket(self.reactor, sock, self.factory)
-        log.info("{what} listening on {scheme} [{host}]:{port}", what=self.what,
+        log.debug("{what} listening on {scheme} [{host}]:{port}", what=self.what,
                  scheme=self.scheme, host=self.host, port=port)
         Service.privilegedStartService(self)
+
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}/"
 
     def stopService(self) -> Optional[Deferred]:
         Service.stopService(self)

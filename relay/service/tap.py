@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from twisted.application.service import MultiService
 
+from relay.service import first_run
 from relay.service.build import relay_service
+from relay.service.loglevel import filter_twistd_log
 from relay.service.options import Options
 from relay.service.workers import supervisor
 
@@ -14,6 +16,8 @@ __all__ = ["Options", "makeService"]
 def makeService(options: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
+    filter_twistd_log(options["log-level"])
+    first = first_run.apply(options)
     if options["workers"] > 1:
-        return supervisor(options, reactor)
-    return relay_service(options, reactor)
+        return supervisor(options, reactor, first)
+    return relay_service(options, reactor, first=first)

@@ -31,7 +31,7 @@ import socket
 import sys
 import tempfile
 import zlib
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Callable, Dict, List, Optional, Set, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -48,9 +48,12 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relay.core.peers import LiveRelays
 from relay.net.handoff import inbox_pair
+from relay.service import first_run
+from relay.service.banner import banner
 from relay.service.build import (
     ListenerSockets,
     WorkerRole,
+    announced,
     api_tls_context,
     bind_listeners,
     client_dtls_context,
@@ -68,6 +71,8 @@ from relay.service.build import (
     usage_backends,
     watch_certificates,
 )
+from relay.service.first_run import FirstRun
+from relay.service.loglevel import filtered
 from relay.service.options import Options
 from relay.service.quota_book import GRANTED, Place, QuotaBook
 from relay.service.services import HTTPService, OrderlyStop, RelayService, SighupService
@@ -259,6 +264,8 @@ class Supervisor(OrderlyStop):
         self.processes: Dict[int, _WorkerProcess] = {}
         self.quick_deaths = [0] * self.count
         self.all_ended: Optional[Deferred] = None
+        self.banner: Callable[[], str] = lambda: ""  # set by `supervisor`
+        self.announced = False  # the banner logged, at the first time all are ready
         # The workers' live relayed addresses: a file no other process can open (unlinked),
         # mapped by the parent and by each worker, which gets its descriptor.
         self.live_file = tempfile.TemporaryFile()
@@ -270,7 +277,7 @@ class Supervisor(OrderlyStop):
         self.inboxes = [inbox_pair() for _ in range(self.count)]
         for transport, socks in self.sockets:
             host, port = socks[0].getsockname()[:2]
-            log.info("listening on {transport} [{host}]:{port} for {count} workers",
+            log.debug("listening on {transport} [{host}]:{port} for {count} workers",
                      transport=transport, host=host, port=port, count=self.count)
         super().privilegedStartService()
 
@@ -323,7 +330,7 @@ class Supervisor(OrderlyStop):
             ours.close()
             theirs.close()
         self.processes[index] = process
-        log.info("worker {index} started, pid {pid}", index=index, pid=process.pid)
+        log.debug("worker {index} started, pid {pid}", index=index, pid=process.pid)
 
     def ready_count(self) -> int:
         return sum(process.ready for process in self.processes.values())
@@ -331,11 +338,14 @@ class Supervisor(OrderlyStop):
     def worker_ready(self, index: int) -> None:
         process = self.processes[index]
         process.ready = True
-        log.info("worker {index} (pid {pid}) ready", index=index, pid=process.pid)
+        log.debug("worker {index} (pid {pid}) ready", index=index, pid=process.pid)
         if process.reload_missed:  # SIGHUP came while it started: it may have missed it
             self._signal(process, signal.SIGHUP)
         if self.ready_count() == self.count:
-            log.info("all {count} workers ready", count=self.count)
+            log.debug("all {count} workers ready", count=self.count)
+            if not self.announced:
+                self.announced = True
+                log.info("{banner}", banner=self.banner())
 
     def worker_ended(self, process: _WorkerProcess, reason: Failure) -> None:
         index = process.index
@@ -495,7 +505,7 @@ def _labelled(texts: Dict[int, str], workers: List[int]) -> bytes:
     return generate_latest(registry)
 
 
-def supervisor(options: Options, reactor) -> Supervisor:
+def supervisor(options: Options, reactor, first: Optional[FirstRun] = None) -> Supervisor:
     """The parent of `options["workers"]` worker processes."""
     # Checked here, once, so a bad setting stops the relay rather than every worker in a loop;
     # the self-signed certificate, when needed, is made before the workers look for it.
@@ -515,6 +525,10 @@ def supervisor(options: Options, reactor) -> Supervisor:
                               WorkersMetrics(service), service.not_ready, api_tls,
                               service.not_live):
         http.setServiceParent(service)
+    service.banner = lambda: banner(
+        options, service.count, [(transport, *socks[0].getsockname()[:2])
+                                 for transport, socks in service.sockets],
+        relay_ips, external_ips, announced(service.https()), backends, first)
     reloads = watch_certificates([("tokens API TLS certificate", api_tls)], service)
     reloads.append(("peer rules", reload_peer_rules(options, policy.set_rules)))
     SighupService(reactor, reloads, forward=service.reload_workers).setServiceParent(service)
@@ -571,9 +585,11 @@ def main() -> None:
     # the workers in order; and a reload before its own handler is in place must not end it.
     os.setpgrp()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    globalLogBeginner.beginLoggingTo([_log_lines], redirectStandardIO=False)
     options = Options()
     options.parseOptions(sys.argv[1:])
+    first_run.apply(options)  # made by the parent: read back
+    globalLogBeginner.beginLoggingTo([filtered(_log_lines, options["log-level"])],
+                                     redirectStandardIO=False)
     from twisted.internet import reactor
     sockets = [(transport, socket.socket(fileno=CONTROL_FD + 1 + k))
                for k, transport in enumerate(transports)]

@@ -188,31 +188,46 @@ class AccountStore(SqlStore):
     def add_account(self, account_id: str, max_allocations: int = 0, bandwidth_bps: int = 0,
                     monthly_quota_bytes: Optional[int] = None) -> defer.Deferred[str]:
         """Create an active account; fires with its API key, which nothing can show again."""
-        def add(txn: adbapi.Transaction) -> str:
-            check_account_id(account_id)
-            api_key = secrets.token_urlsafe(32)
-            now = int(time.time())
-            self._execute(
-                txn, "INSERT INTO accounts (account_id, status, api_key_hash, max_allocations,"
-                " bandwidth_bps, monthly_quota_bytes, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id) DO NOTHING",
-                (account_id, ACTIVE, hash_api_key(api_key),
-                 _check_limit("max_allocations", max_allocations),
-                 _check_limit("bandwidth_bps", bandwidth_bps),
-                 None if monthly_quota_bytes is None
-                 else _check_limit("monthly_quota_bytes", monthly_quota_bytes), now, now))
-            if txn.rowcount == 0:
-                raise AccountExists(account_id)
-            return api_key
-        return self._run(add)
+        return self._run(self._add, account_id, max_allocations, bandwidth_bps,
+                         monthly_quota_bytes)
+
+    def _add(self, txn: adbapi.Transaction, account_id: str, max_allocations: int = 0,
+             bandwidth_bps: int = 0, monthly_quota_bytes: Optional[int] = None) -> str:
+        check_account_id(account_id)
+        api_key = secrets.token_urlsafe(32)
+        now = int(time.time())
+        self._execute(
+            txn, "INSERT INTO accounts (account_id, status, api_key_hash, max_allocations,"
+            " bandwidth_bps, monthly_quota_bytes, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (account_id) DO NOTHING",
+            (account_id, ACTIVE, hash_api_key(api_key),
+             _check_limit("max_allocations", max_allocations),
+             _check_limit("bandwidth_bps", bandwidth_bps),
+             None if monthly_quota_bytes is None
+             else _check_limit("monthly_quota_bytes", monthly_quota_bytes), now, now))
+        if txn.rowcount == 0:
+            raise AccountExists(account_id)
+        return api_key
 
     def rotate_api_key(self, account_id: str) -> defer.Deferred[str]:
         """Replace the account's API key; fires with the new one, and the old one stops working."""
-        def rotate(txn: adbapi.Transaction) -> str:
-            api_key = secrets.token_urlsafe(32)
-            self._update(txn, account_id, api_key_hash=hash_api_key(api_key))
-            return api_key
-        return self._run(rotate)
+        return self._run(self._rotate, account_id)
+
+    def _rotate(self, txn: adbapi.Transaction, account_id: str) -> str:
+        api_key = secrets.token_urlsafe(32)
+        self._update(txn, account_id, api_key_hash=hash_api_key(api_key))
+        return api_key
+
+    def account_with_new_key_now(self, account_id: str) -> str:
+        """The account made if need be, with a new API key (returned), at once, blocking,
+        outside the reactor: the relay's first-run account (relay.service.first_run)."""
+        def add_or_rotate(txn: adbapi.Transaction) -> str:
+            try:
+                return self._add(txn, account_id)
+            except AccountExists:
+                return self._rotate(txn, account_id)
+        self.migrate_now()
+        return self.run_now(add_or_rotate)
 
     def set_status(self, account_id: str, status: str) -> defer.Deferred[None]:
         """ACTIVE or SUSPENDED: relays refuse a suspended account's credentials."""

@@ -105,15 +105,14 @@ class SqlStore:
     def _execute_many(self, txn: adbapi.Transaction, sql: str, rows: Iterable[tuple]) -> None:
         txn.executemany(self._sql(sql), rows)
 
-    def migrate_now(self) -> None:
-        """Apply the migrations the database lacks at once, blocking, outside the reactor:
-        the parent of worker processes does it before they start, so they never race each
-        other to create the schema (their own first use then finds nothing to do)."""
+    def run_now(self, interaction: Callable[..., Any], *args: Any) -> Any:
+        """`interaction` in one transaction at once, blocking, outside the reactor: for what
+        a relay does once before it starts (`migrate_now`, the first-run account)."""
         connection = self._pool.connect()
         try:
             txn = adbapi.Transaction(self._pool, connection)
             try:
-                self._migrate(txn, *self.schema)
+                result = interaction(txn, *args)
                 txn.close()
                 connection.commit()
             except BaseException:
@@ -121,6 +120,13 @@ class SqlStore:
                 raise
         finally:
             self._pool.disconnect(connection)
+        return result
+
+    def migrate_now(self) -> None:
+        """Apply the migrations the database lacks, now: the parent of worker processes does
+        it before they start, so they never race each other to create the schema (their own
+        first use then finds nothing to do)."""
+        self.run_now(self._migrate, *self.schema)
 
     # (the table listing the migrations applied, the migrations), set by each store
     schema: Tuple[str, Sequence[Sequence[str]]]

@@ -63,6 +63,7 @@ class QuietSite(Site):
     """A Site that keeps probes and scrapes, every few seconds each, out of the access log."""
 
     QUIET = (b"/metrics", b"/healthz", b"/readyz")
+    noisy = False  # no "Starting factory" line: the start banner names the listener
 
     def log(self, request: Request) -> None:
         if request.path not in self.QUIET:

@@ -23,24 +23,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from support.certs import make_cert
+from support.chromium import CHROMIUM_FLAGS, chromium
 from support.db import raw_rows
 from support.servers import PASSWORD, USER, free_port
 
-CHROMIUM_PATHS = ("/usr/lib/chromium/chromium", "/usr/bin/chromium")
-# The flags: no sandbox (root in a container), nothing phoning home on a closed network.
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync"]
 MESSAGES, SIZE = 20, 1000
 LEDGER_TOTALS = "SELECT SUM(bytes_from_client), SUM(bytes_to_client) FROM usage_deltas"
 CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
-
-
-def chromium() -> str:
-    for path in CHROMIUM_PATHS:
-        if os.access(path, os.X_OK):
-            return path
-    pytest.fail("Chromium not found: run `bash scripts/test.sh`, which installs Debian's chromium")
 
 
 def spki_hash(cert_path) -> str:

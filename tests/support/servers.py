@@ -135,7 +135,9 @@ def launch(args: List[str], host: str, port: int, tls_port: int,
            transports: Iterable[str] = ("udp", "tcp", "tls"), cwd: str = ROOT) -> Server:
     """`twistd turnrelay ARGS`, logging to a pipe; returned once every listener of
     `transports` is announced, stopped if one never is."""
-    process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay", *args],
+    # --log-level debug: the tests wait for each listener, worker and backend coming up.
+    process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay",
+                                "--log-level", "debug", *args],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
     server = Server(process, host, port, tls_port)
     try:

@@ -1,0 +1,51 @@
+"""`--log-level`: what the relay's log shows.
+
+At the default level, `info`, a start is the one banner (relay.service.banner) and whatever
+goes wrong; each listener, worker and backend coming up is `debug`, and so is Twisted's own
+chatter (a line per port opened, the reactor's name), which is shown from `warn` up only.
+Allocations opened and closed, reloads and drains are `info` and always shown.
+
+twistd has no level of its own: it starts its log observer after the plugin's `makeService`,
+so `filter_twistd_log` makes the observers it is given filtered ones, and the events made
+before then, buffered by Twisted, are filtered when replayed.  A worker process
+(relay.service.workers) filters its own observer with the same predicate.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, List
+
+from twisted.logger import (
+    FilteringLogObserver,
+    ILogObserver,
+    LogLevel,
+    LogLevelFilterPredicate,
+    globalLogBeginner,
+)
+
+LEVELS = ("debug", "info", "warn", "error")
+# Namespaces of Twisted's own lines (legacy `log.msg` ones included).
+TWISTED = ("twisted", "log_legacy")
+
+
+def predicate(level: str) -> LogLevelFilterPredicate:
+    minimum = LogLevel.levelWithName(level)
+    found = LogLevelFilterPredicate(defaultLogLevel=minimum)
+    for namespace in TWISTED:
+        found.setLogLevelForNamespace(namespace, max(minimum, LogLevel.warn))
+    return found
+
+
+def filtered(observer: Callable[[dict], None], level: str) -> ILogObserver:
+    return FilteringLogObserver(observer, [predicate(level)])
+
+
+def filter_twistd_log(level: str) -> None:
+    """Make the observers twistd is about to start logging to show only `level` and above."""
+    if level == "debug":
+        return
+    begin = globalLogBeginner.beginLoggingTo
+
+    def begin_filtered(observers: List[Any], *args: Any, **kwargs: Any) -> None:
+        globalLogBeginner.beginLoggingTo = begin  # type: ignore[method-assign]
+        begin([filtered(observer, level) for observer in observers], *args, **kwargs)
+    globalLogBeginner.beginLoggingTo = begin_filtered  # type: ignore[method-assign]
