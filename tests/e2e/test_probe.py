@@ -106,7 +106,9 @@ def test_an_untrusted_certificate_fails_unless_insecure(server_factory):
 
 
 def test_a_forbidden_peer_is_named(server_factory):
-    server = server_factory(loopback_peers=False)
+    # The probe relays between two allocations of the relay, allowed on any address unless an
+    # operator's rule denies it.
+    server = server_factory("--denied-peer-ip", "127.0.0.1", loopback_peers=False)
     result = probe(f"turn:127.0.0.1:{server.port}?transport=udp", "--user", USER,
                    "--password", PASSWORD)
     assert result.returncode == 1
