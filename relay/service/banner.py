@@ -102,7 +102,7 @@ def banner(options: Options, workers: int, listeners: List[Listener],
     """The banner's text; `http` holds (what, base URL) of the HTTP listeners."""
     relays = ", ".join(ip if external_ips.get(ip, ip) == ip else f"{ip} (seen as {external_ips[ip]})"
                        for ip in relay_ips.values())
-    lines = [f"{SOFTWARE} ready: {workers} worker{'s' if workers > 1 else ''} "
+    lines = [f"{SOFTWARE} ready: {f'{workers} workers' if workers > 1 else '1 process'} "
              f"({platform.python_implementation()} {platform.python_version()}), realm "
              f"{options['realm'] or socket.getfqdn()}",
              f"listening: {_listeners(listeners)}",

@@ -24,6 +24,7 @@ from relay.ledger.pricing import RateError, rates_from_options
 from relay.ledger.writer import WHEN_FULL
 from relay.net.proxy_protocol import ProxyTrust, parse_networks
 from relay.net.tls import TLS_VERSIONS
+from relay.service import first_run
 from relay.service.host import usable_cpus
 from relay.service.loglevel import LEVELS
 from relay.storage.accounts import AccountStore
@@ -501,6 +502,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             _fail("api-cert", f"required when --api-listening-ip {self['api-listening-ip']} is "
                               "not a loopback address: API keys must not cross a network in clear")
         db = _first_db_auth(self["auth"])
+        if not db and first_run.wanted(self):
+            return  # its account database comes with the first-run credential (first_run.apply)
         dsn = self["api-db"] or db.get("dsn")
         secret_file = self["api-secret-file"] or db.get("secret-file")
         if not dsn:
