@@ -86,3 +86,10 @@ def test_the_banner_is_short_and_says_what_to_paste(tmp_path):
         f"http://127.0.0.1:3480/v1/accounts/{first.username}/tokens"
     assert '"turn:192.0.2.7:3478?transport=udp"' in paste["ICE server"]
     assert os.path.basename(first.path) == first_run.FILE
+
+
+def test_an_explicit_api_port_serves_the_first_run_account(tmp_path):
+    options = parse(tmp_path, "--api-port", "0")  # no account database given: the first run's
+    first = first_run.apply(options)
+    assert first is not None and options["api-port"] == 0
+    assert options["api-store"] is not None and options["api-secret"]
