@@ -127,9 +127,9 @@ def _first_run_lines(options: Options, relay_ips: Dict[int, str], first: FirstRu
     urls = [f"turn:{_url_host(public_host(options, relay_ips))}:{port}?transport={t}"
             for t in transports]
     ice = json.dumps({"urls": urls, "username": first.username, "credential": first.password})
-    # -y: two allocations relaying to each other; -c: no RTCP pair, whose EVEN-PORT reservation
-    # is one worker's; -s: Send indications, as uclient's channel numbers are RFC 5766's.
-    uclient = ["turnutils_uclient", "-y", "-c", "-s", "-u", first.username, "-w", first.password]
+    # -y: two allocations relaying to each other; -s: Send indications, as uclient's channel
+    # numbers are RFC 5766's (--rfc5766-channels).
+    uclient = ["turnutils_uclient", "-y", "-s", "-u", first.username, "-w", first.password]
     if port != 3478:
         uclient += ["-p", str(port)]
     if options["no-udp"]:

@@ -78,7 +78,7 @@ def test_the_banner_is_short_and_says_what_to_paste(tmp_path):
     paste = {line.split(":", 1)[0].strip(): line.split(":", 1)[1].strip()
              for line in lines if line.startswith("  ")}
     assert shlex.split(paste["relay test"]) == [
-        "turnutils_uclient", "-y", "-c", "-s", "-u", first.username, "-w", first.password,
+        "turnutils_uclient", "-y", "-s", "-u", first.username, "-w", first.password,
         "127.0.0.1"]
     assert paste["browser test"] == (f"http://127.0.0.1:3480/test#account={first.username}"
                                      f"&apikey={first.api_key}&transports=udp%2Ctcp")
