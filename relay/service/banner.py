@@ -37,7 +37,7 @@ def _url_host(host: str) -> str:
 
 def public_host(options: Options, relay_ips: Dict[int, str]) -> str:
     """The host clients elsewhere reach this relay by: --public-host, else the first
-    --external-ip, else the first relay address."""
+    --external-ip, else the first relay address (the tokens API's ICE servers say it too)."""
     external = options["external-ip"]
     return options["public-host"] or (external[0].partition("/")[0] if external
                                       else next(iter(relay_ips.values())))

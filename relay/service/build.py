@@ -45,7 +45,7 @@ from relay.net.tls import ServerDTLS, ServerTLS, self_signed
 from relay.proto import stun
 from relay.proto.demux import ALPN_HTTP, ALPN_STUN_TURN
 from relay.service.alternates import AlternatesFile
-from relay.service.banner import banner
+from relay.service.banner import banner, public_host
 from relay.service.eventlog import log_allocations
 from relay.service.first_run import FirstRun
 from relay.service.host import local_addresses, outbound_ip, raise_file_limit
@@ -196,9 +196,7 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
                 policy: PeerPolicy) -> TokensAPI:
     """The tokens API, whose home region is where this relay's own listeners are reached, and
     which reads usage from the ledger the relay writes."""
-    external = options["external-ip"]
-    host = options["public-host"] or (external[0].partition("/")[0] if external
-                                      else next(iter(relay_ips.values())))
+    host = public_host(options, relay_ips)
     port = options["listening-port"][0]
     home = Region(host, None if options["no-udp"] else port, None if options["no-tcp"] else port,
                   None if options["no-tls"] else options["tls-listening-port"][0])

@@ -273,8 +273,10 @@ def parse(*argv: str) -> Options:
 
 
 @pytest.mark.parametrize("argv, option", [
-    (["--api-port", "8080"], "--api-db"),
-    (["--api-port", "8080", "--api-db", "sqlite:///tmp/accounts.db"], "--api-secret-file"),
+    # With a credential configured: without one, the first-run account is the API's.
+    (["--api-port", "8080", "--user", "a:b"], "--api-db"),
+    (["--api-port", "8080", "--user", "a:b", "--api-db", "sqlite:///tmp/accounts.db"],
+     "--api-secret-file"),
     (["--api-port", "8080", "--api-listening-ip", "0.0.0.0"], "--api-cert"),
     (["--api-port", "8080", "--api-listening-ip", "2001:db8::1"], "--api-cert"),
     (["--api-port", "8080", "--api-listening-ip", "localhost"], "--api-listening-ip"),
