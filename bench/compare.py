@@ -168,7 +168,7 @@ def coturn(workdir: str, cert: str, key: str) -> Server:
 
 
 def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str,
-              workers: int = 1) -> Server:
+              workers: int = 1, dataplane: str = "python") -> Server:
     state = os.path.join(workdir, name.replace(" ", "_") + "-state")
     env = dict(os.environ, PYTHONPATH=ROOT)
     return Server(name, [
@@ -176,8 +176,8 @@ def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str,
         "--listening-port", "{port}", "--tls-listening-port", "{tls_port}", "--relay-ip", HOST,
         "--min-port", str(RELAY_PORTS[0]), "--max-port", str(RELAY_PORTS[1]),
         "--user", f"{USER}:{PASSWORD}", "--realm", REALM, "--allow-loopback-peers",
-        "--cert", cert, "--pkey", key, "--state-dir", state, "--workers", str(workers)],
-        workdir, env, workers)
+        "--cert", cert, "--pkey", key, "--state-dir", state, "--workers", str(workers),
+        "--dataplane", dataplane], workdir, env, workers)
 
 
 class LoadGen:
@@ -566,6 +566,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1,
                         help="also run turnrelay (CPython) with this many --workers, to compare "
                              "CPU per packet and see the load's spread")
+    parser.add_argument("--dataplane", nargs="+", default=["python", "native"],
+                        choices=["python", "native"],
+                        help="turnrelay's data planes to run (CPython, and the --workers run)")
     parser.add_argument("--workers-cores", default=None,
                         help="taskset CPU list for the --workers run, e.g. 0,1 [default: "
                              "--server-core]")
@@ -580,13 +583,15 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="turnrelay-bench-")
     cert, key = self_signed_cert(workdir)
     servers = [] if args.no_coturn else [coturn(workdir, cert, key)]
-    servers.append(turnrelay("turnrelay CPython", os.path.join(os.path.dirname(sys.executable),
-                                                               "twistd"), workdir, cert, key))
-    if args.workers > 1:
-        servers.append(turnrelay(f"turnrelay CPython x{args.workers}",
-                                 os.path.join(os.path.dirname(sys.executable), "twistd"),
-                                 workdir, cert, key, args.workers))
-        servers[-1].cores = args.workers_cores
+    cpython = os.path.join(os.path.dirname(sys.executable), "twistd")
+    for dataplane in args.dataplane:
+        suffix = " native" if dataplane == "native" else ""
+        servers.append(turnrelay("turnrelay CPython" + suffix, cpython, workdir, cert, key,
+                                 dataplane=dataplane))
+        if args.workers > 1:
+            servers.append(turnrelay(f"turnrelay CPython x{args.workers}" + suffix, cpython,
+                                     workdir, cert, key, args.workers, dataplane))
+            servers[-1].cores = args.workers_cores
     if args.pypy and os.path.exists(args.pypy):
         servers.append(turnrelay("turnrelay PyPy", args.pypy, workdir, cert, key))
     else:

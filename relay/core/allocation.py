@@ -85,6 +85,25 @@ class RelayEndpoint(Protocol):
     def close(self) -> None: ...
 
 
+class ForwardingTables(Protocol):
+    """An allocation's entries in a data plane outside Python (`relay.net.native`), which
+    relays its datagrams from what these install and counts them, until `close`."""
+
+    def permit(self, ip: str, native_send: bool) -> None: ...
+
+    def unpermit(self, ip: str) -> None: ...
+
+    def bind(self, number: int, peer: Address) -> None: ...
+
+    def unbind(self, number: int) -> None: ...
+
+    def collect(self) -> None:
+        """Add what it relayed since the last call to the allocation's counters."""
+
+    def close(self) -> None:
+        """Collect, then stop using the relay sockets: they may be closed next."""
+
+
 # A UDP allocation's relayed addresses are RelayEndpoints, a TCP allocation's (RFC 6062)
 # StreamRelayEndpoints; the methods of one kind are only called where `tcp` says which it is.
 AnyRelayEndpoint = Union[RelayEndpoint, StreamRelayEndpoint]
@@ -97,6 +116,10 @@ class Addresses(Protocol):
 
 
 class Allocation:
+    # Set by the I/O layer when a native data plane relays this allocation's datagrams: every
+    # permission and channel change then reaches it too.  A class default: most have none.
+    tables: Optional[ForwardingTables] = None
+
     def __init__(self, key: Tuple[Hashable, Address], client: Address, transport: str,
                  username: str, account: Account, relays: Mapping[int, AnyRelayEndpoint],
                  send_to_client: Callable[[bytes], None], started: float, expires: float,
@@ -214,19 +237,38 @@ class Allocation:
         shared.packets -= 1
         return True
 
+    def permit(self, ip: str, expiry: float) -> None:
+        """A permission for peer `ip` until `expiry` (new, or refreshed)."""
+        if self.tables is not None and ip not in self.permissions:
+            self.tables.permit(ip, ip not in self.relay_only)
+        self.permissions[ip] = expiry
+
+    def revoke(self, ip: str) -> None:
+        del self.permissions[ip]
+        if self.tables is not None:
+            self.tables.unpermit(ip)
+
+    def _unbind(self, number: int) -> Address:
+        peer = self.channels.pop(number)[0]
+        self.channel_of_peer.pop(peer, None)
+        if self.tables is not None:
+            self.tables.unbind(number)
+        return peer
+
     def permit_relay_only(self, ip: str) -> None:
         """`ip` is permitted only as one of the relay's live relayed addresses."""
         if self.relay_only is NONE_YET:
             self.relay_only = {}
         self.relay_only[ip] = True
+        if self.tables is not None and ip in self.permissions:
+            self.tables.permit(ip, False)  # its Send indications: the live check is Python's
 
     def drop_ended_relays(self) -> None:
         """Unbind channels to relay-only peers whose allocation has ended (every tick): the
         port is free again, and whatever binds it next is no allocation of ours."""
         for number, (peer, _, _) in list(self.channels.items()):
             if peer[0] in self.relay_only and not (self.live and self.live.live(peer, False)):
-                del self.channels[number]
-                self.channel_of_peer.pop(peer, None)
+                self._unbind(number)
 
     def bind_channel(self, number: int, peer: Address, now: float) -> None:
         relay = cast(RelayEndpoint, self.relays[stun.address_family(peer[0])])  # not TCP: 400 before
@@ -234,6 +276,8 @@ class Allocation:
             self.channels, self.channel_of_peer = {}, {}
         self.channels[number] = (peer, relay.send, now + CHANNEL_LIFETIME)
         self.channel_of_peer[peer] = number
+        if self.tables is not None:
+            self.tables.bind(number, peer)
         if number in self.cooldown:
             del self.cooldown[number]
 
@@ -254,13 +298,11 @@ class Allocation:
         budget (the core refills the accounts')."""
         self.budget.refill()
         for ip in [ip for ip, expiry in self.permissions.items() if expiry <= now]:
-            del self.permissions[ip]
+            self.revoke(ip)
         for number in [n for n, (_, _, expiry) in self.channels.items() if expiry <= now]:
             if self.cooldown is NONE_YET:
                 self.cooldown = {}
-            peer = self.channels.pop(number)[0]
-            self.channel_of_peer.pop(peer, None)
-            self.cooldown[number] = (peer, now + CHANNEL_COOLDOWN)
+            self.cooldown[number] = (self._unbind(number), now + CHANNEL_COOLDOWN)
         for number in [n for n, (_, until) in self.cooldown.items() if until <= now]:
             del self.cooldown[number]
         for connection in [c for c in self.connections.values()
@@ -286,6 +328,9 @@ class Allocation:
         return own.bytes > 0 and own.packets > 0 and shared.bytes > 0 and shared.packets > 0
 
     def close(self) -> None:
+        if self.tables is not None:
+            self.tables.close()  # its counts in, its relay sockets released, before they close
+            self.tables = None
         for connection in list(self.connections.values()):
             connection.close()
         for relay in self.relays.values():

@@ -287,6 +287,13 @@ class TurnServer:
         while self._response_expiry and self._response_expiry[0][0] <= now:
             self._responses.pop(self._response_expiry.popleft()[1], None)
 
+    def refresh_counters(self) -> None:
+        """Bring every allocation's counters up to this instant: what a native data plane
+        relayed is counted there, and added here when the ledger or the metrics read them."""
+        for allocation in self.allocations.values():
+            if allocation.tables is not None:
+                allocation.tables.collect()
+
     def forget_logins(self) -> None:
         """The credentials changed (SIGHUP): each allocation's next request logs in again."""
         for allocation in self.allocations.values():
@@ -303,7 +310,7 @@ class TurnServer:
         for allocation in self.allocations.values():
             for ip in [ip for ip in allocation.permissions
                        if not policy.permits(ip, ip in allocation.relay_only)]:
-                del allocation.permissions[ip]
+                allocation.revoke(ip)
             for connection in [c for c in allocation.connections.values()
                                if not policy.permits(c.peer[0])]:
                 connection.close()
@@ -697,7 +704,7 @@ class TurnServer:
         if len(ips | allocation.permissions.keys()) > self.config.max_permissions:
             raise stun.StunError(508, "Insufficient Capacity")
         for ip in ips:
-            allocation.permissions[ip] = now + PERMISSION_LIFETIME
+            allocation.permit(ip, now + PERMISSION_LIFETIME)
         return msg.response()
 
     def _channel_bind(self, client: Client, msg: stun.Message, credentials: StunCredentials,
@@ -717,7 +724,7 @@ class TurnServer:
                 and len(allocation.permissions) >= self.config.max_permissions:
             raise stun.StunError(508, "Insufficient Capacity")
         allocation.bind_channel(number, peer, now)
-        allocation.permissions[peer[0]] = now + PERMISSION_LIFETIME
+        allocation.permit(peer[0], now + PERMISSION_LIFETIME)
         return msg.response()
 
     def _close(self, allocation: Allocation, reason: str) -> None:

@@ -232,6 +232,7 @@ class Ledger(Service):
         """Queue a delta for every recorded session that relayed since its last one."""
         if self.full():
             return
+        self.server.refresh_counters()
         now = rfc3339(int(self.clock.seconds()))
         deltas = [self._delta(allocation, reading, now)
                   for allocation, reading in self._readings.items()]
@@ -255,6 +256,7 @@ class Ledger(Service):
         counters hold beyond their last reading.  With what the backend has stored, that is
         every byte relayed, to this instant."""
         queue = next(queue for queue in self.queues if queue.name == backend)
+        self.server.refresh_counters()
         accounts = dict(self._ended)
         totals: Dict[str, int] = {}
         for allocation, reading in self._readings.items():

@@ -527,20 +527,16 @@ static void send_from_client(dp_t *dp, struct dp_alloc *a, const struct addr *sr
 static void from_client(dp_t *dp, int listener, const struct addr *src, const unsigned char *d,
                         int len)
 {
-    if (len >= 4) {
-        unsigned first = d[0];
-        if ((first >= 0x40 && first < 0x80) || (first == 0 && d[1] == SEND_INDICATION)) {
-            struct dp_alloc *a = lookup(dp, listener, src);
-            if (!a)
-                dp->stats[DP_STAT_DROPPED] += 1;
-            else if (first)
-                channel_from_client(dp, a, d, len);
-            else
-                send_from_client(dp, a, src, d, len);
-            return;
-        }
-    }
-    to_python(dp, listener, src, d, len);
+    int relayed_kind = len >= 4 && ((d[0] >= 0x40 && d[0] < 0x80) ||
+                                    (d[0] == 0 && d[1] == SEND_INDICATION));
+    /* Without an allocation here, Python's: it may hold one (a rate-limited one stays there). */
+    struct dp_alloc *a = relayed_kind ? lookup(dp, listener, src) : NULL;
+    if (!a)
+        to_python(dp, listener, src, d, len);
+    else if (d[0])
+        channel_from_client(dp, a, d, len);
+    else
+        send_from_client(dp, a, src, d, len);
 }
 
 /* A datagram on a relay socket: as Allocation.from_peer (UDP clients: no padding). */

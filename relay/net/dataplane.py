@@ -165,6 +165,9 @@ class NativeDataPlane:
                                                              out[2])
 
     def stats(self) -> Dict[str, int]:
+        """Its counters (STATS); zeros once closed."""
+        if self._dp is None:
+            return dict.fromkeys(STATS, 0)
         values = ffi.new("unsigned long long[]", len(STATS))
         lib.dp_stats(self._dp, values)
         return dict(zip(STATS, values))

@@ -103,7 +103,8 @@ def banner(options: Options, workers: int, listeners: List[Listener],
     relays = ", ".join(ip if external_ips.get(ip, ip) == ip else f"{ip} (seen as {external_ips[ip]})"
                        for ip in relay_ips.values())
     lines = [f"{SOFTWARE} ready: {f'{workers} workers' if workers > 1 else '1 process'} "
-             f"({platform.python_implementation()} {platform.python_version()}), realm "
+             f"({platform.python_implementation()} {platform.python_version()}, data plane "
+             f"{options['dataplane']}), realm "
              f"{options['realm'] or socket.getfqdn()}",
              f"listening: {_listeners(listeners)}",
              f"relaying from: {relays}, ports {options['min-port']}-{options['max-port']}",

@@ -537,7 +537,7 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
 
     # A worker's metrics are read by its parent (relay.service.workers), which serves them.
     service.registry = metrics_registry(RelayCollector(server, ledger, listeners.stream_limits,
-                                                       options["region"]))
+                                                       options["region"], listeners.dataplane_stats))
     if worker is None:
         https += http_services(reactor, options, relay_ips, ledger_sql, config.policy,
                                MetricsPage(service.registry), not_ready, api_tls)

@@ -22,6 +22,7 @@ from relay.ledger.jsonl import JsonLinesBackend
 from relay.ledger.plugins import installed, make_backend
 from relay.ledger.pricing import RateError, rates_from_options
 from relay.ledger.writer import WHEN_FULL
+from relay.net import dataplane
 from relay.net.proxy_protocol import ProxyTrust, parse_networks
 from relay.net.tls import TLS_VERSIONS
 from relay.service import first_run
@@ -249,6 +250,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["log-level", None, "info", "What the log shows: debug (every listener, worker and "
                                     "backend as it starts), info (a start banner, "
                                     "allocations, reloads), warn or error"],
+        ["dataplane", None, "python", "What relays UDP clients' datagrams: native (a C thread "
+                                      "per process, relay/net/dataplane.c, where it was built) "
+                                      "or python"],
         ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
                                      "parameter: [regions.NAME] host=..., port=3478, "
                                      "tls-port=5349"],
@@ -315,6 +319,12 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 self[name] = [_port(p) for p in self[name]] or default
             except ValueError:
                 _fail(name, f"{self[name]} is not a list of port numbers")
+        if self["dataplane"] not in ("native", "python"):
+            _fail("dataplane", f"{self['dataplane']!r} is neither native nor python")
+        if self["dataplane"] == "native":
+            if not dataplane.available():
+                _fail("dataplane", "native: relay/net/_dataplane was not built for this "
+                                   "interpreter (pip install . builds it with a C compiler)")
         if self["dtls"] and not self["no-udp"] and \
                 set(self["dtls-listening-port"]) & set(self["listening-port"]):
             _fail("dtls-listening-port", "a UDP port cannot serve both TURN over UDP and DTLS")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
@@ -26,6 +26,7 @@ from relay.net.listeners import (
     adopt_datagram_socket,
     bound_socket,
 )
+from relay.net.native import NativeUdp
 from relay.net.proxy_protocol import ProxyTrust
 from relay.net.tls import ServerDTLS, ServerTLS
 from relay.service.options import Options
@@ -68,6 +69,9 @@ class ListenersService(Service):
                                           options["connection-idle-timeout"])
         self.ports: List[object] = []
         self.bound: List[Tuple[str, str, int]] = []  # transport, host, port
+        # --dataplane native: made with the first UDP listener, in the process that serves it.
+        self.native_dataplane = options["dataplane"] == "native"
+        self.native: Optional[NativeUdp] = None
 
     def privilegedStartService(self) -> None:
         for transport, sock in self.sockets():
@@ -82,7 +86,12 @@ class ListenersService(Service):
         self.server.config.policy.own.add(*listener)
         if transport == "udp":
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
-            self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
+            if self.native_dataplane:
+                if self.native is None:
+                    self.native = NativeUdp(self.reactor, self.server)
+                self.ports.append(self.native.listen(sock, protocol))
+            else:
+                self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
         elif transport == "dtls":
             assert self.dtls is not None
             protocol = DtlsListener(self.server, self.dispatch, listener, self.dtls,
@@ -101,6 +110,10 @@ class ListenersService(Service):
             self.ports.append(adopt_stream_socket(self.reactor, sock, factory))
         log.debug("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
                  port=listener[1])
+
+    def dataplane_stats(self) -> Dict[str, int]:
+        """The native data plane's counters, for the metrics; none without one."""
+        return self.native.plane.stats() if self.native is not None else {}
 
     def stopService(self) -> None:
         Service.stopService(self)

@@ -9,7 +9,7 @@ never a username or an account, whose number has no bound.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -28,8 +28,10 @@ class RelayCollector:
     listeners' `StreamLimits`."""
 
     def __init__(self, server: TurnServer, ledger: Ledger, stream_limits: StreamLimits,
-                 region: str):
+                 region: str, dataplane: Callable[[], Dict[str, int]] = dict):
         self.server = server
+        # The native data plane's counters (relay.net.dataplane.STATS), none on the Python one.
+        self.dataplane = dataplane
         self.ledger = ledger
         self.stream_limits = stream_limits
         self.region = region
@@ -37,6 +39,7 @@ class RelayCollector:
     def collect(self) -> Iterator[Metric]:
         region = self.region
         server, stats = self.server, self.server.stats
+        server.refresh_counters()
         active = dict.fromkeys(TRANSPORTS, 0)
         # transport -> bytes, packets from the client, bytes, packets to the client
         usage: Dict[str, List[int]] = {t: list(stats.closed_usage.get(t, (0, 0, 0, 0)))
@@ -97,6 +100,16 @@ class RelayCollector:
                                 "allocations are redirected or refused", int(server.draining))
         yield from self._ledger_metrics(self.ledger)
         yield from self._stream_metrics(self.stream_limits)
+        native = self.dataplane()
+        if native:
+            datagrams = CounterMetricFamily(
+                "turnrelay_dataplane_datagrams", "UDP datagrams through the native data plane: "
+                "received, forwarded, queued (handed to Python), queue_dropped (the queue was "
+                "full), dropped (no allocation, channel or permission), send_errors",
+                labels=["what"])
+            for what, count in native.items():
+                datagrams.add_metric([what], count)
+            yield datagrams
 
     @staticmethod
     def _ledger_metrics(ledger: Ledger) -> Iterator[Metric]:

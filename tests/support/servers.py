@@ -166,6 +166,9 @@ def start_server(*extra: str, host: str = "127.0.0.1", users=((USER, PASSWORD),)
             args.append(flag)
     if state_dir:
         args += ["--state-dir", state_dir]
+    # scripts/test.sh runs the interop tests once more on the other data plane.
+    if os.environ.get("TURNRELAY_TEST_DATAPLANE"):
+        args += ["--dataplane", os.environ["TURNRELAY_TEST_DATAPLANE"]]
     args += list(extra)
     transports = [name for enabled, name in ((udp, "udp"), (tcp, "tcp"), (tls, "tls")) if enabled]
     return launch(args, host, port, tls_port, transports)

@@ -1,0 +1,149 @@
+"""`--dataplane native`: a process's UDP client listeners read by the native data plane
+(relay.net.dataplane), which relays the datagrams of their allocations from the tables the
+core keeps filled, and hands every other datagram back to the listener's protocol here.
+
+What goes native: an allocation made on a UDP listener, with UDP relays and no rate limit (a
+limited one, whose budgets TCP allocations may share, stays on the Python path, which
+spends them).  It is installed when the core opens it (its relay sockets leave the reactor
+for the data plane), mirrored on every permission and channel change (`ForwardingTables`),
+and released before its relay sockets close, its last counts added to its counters.
+"""
+from __future__ import annotations
+
+import socket
+from typing import Any, Dict, Optional
+
+from twisted.internet.interfaces import IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from relay.core.allocation import Address, Allocation
+from relay.core.server import TurnServer
+from relay.net.dataplane import NativeDataPlane
+from relay.net.listeners import ClientDatagramProtocol, RelayPort
+from relay.proto import stun
+
+log = Logger(namespace="turnrelay")
+BATCH = 256  # queued datagrams handled per wake-up, so the reactor's other work gets its turn
+
+
+class NativeTables:
+    """One allocation's entries in the native data plane (`ForwardingTables`)."""
+
+    __slots__ = ("plane", "handle", "allocation")
+
+    def __init__(self, plane: NativeDataPlane, handle: Any, allocation: Allocation):
+        self.plane, self.handle, self.allocation = plane, handle, allocation
+
+    def permit(self, ip: str, native_send: bool) -> None:
+        self.plane.permit(self.handle, ip, native_send)
+
+    def unpermit(self, ip: str) -> None:
+        self.plane.unpermit(self.handle, ip)
+
+    def bind(self, number: int, peer: Address) -> None:
+        self.plane.bind_channel(self.handle, number, peer)
+
+    def unbind(self, number: int) -> None:
+        self.plane.unbind_channel(self.handle, number)
+
+    def collect(self) -> None:
+        taken = self.plane.take_counters(self.handle)
+        if any(taken):
+            a = self.allocation
+            a.bytes_from_client += taken[0]
+            a.packets_from_client += taken[1]
+            a.bytes_to_client += taken[2]
+            a.packets_to_client += taken[3]
+            a.limited_packets += taken[4]
+            a.limited_bytes += taken[5]
+
+    def close(self) -> None:
+        self.plane.remove_allocation(self.handle)  # nothing more counted after this
+        self.collect()
+
+
+class NativeListener:
+    """A UDP client listener the data plane reads: `stopListening` like a Twisted port."""
+
+    def __init__(self, udp: "NativeUdp", listener: int, sock: socket.socket):
+        self.udp, self.listener, self.socket = udp, listener, sock
+
+    def stopListening(self) -> None:
+        self.udp.stop_listening(self)
+
+
+@implementer(IReadDescriptor)
+class NativeUdp:
+    """A process's native data plane, its UDP listeners and the reader of its queue."""
+
+    def __init__(self, reactor: Any, server: TurnServer):
+        self.reactor = reactor
+        self.server = server
+        self.plane = NativeDataPlane()
+        self.protocols: Dict[int, ClientDatagramProtocol] = {}
+        self.listeners: Dict[Address, int] = {}
+        server.opened_observers.insert(0, self.opened)
+        self.plane.start()
+        reactor.addReader(self)
+
+    def listen(self, sock: socket.socket, protocol: ClientDatagramProtocol) -> NativeListener:
+        """Serve the bound UDP socket `sock` through the data plane; it stays open here, for
+        the replies the core sends through it."""
+        listener = self.plane.add_listener(sock.fileno())
+        protocol._sendto = sock.sendto  # what startProtocol sets on a reactor's port
+        self.protocols[listener] = protocol
+        self.listeners[protocol.listener] = listener
+        return NativeListener(self, listener, sock)
+
+    def stop_listening(self, port: NativeListener) -> None:
+        self.plane.remove_listener(port.listener)
+        protocol = self.protocols.pop(port.listener)
+        del self.listeners[protocol.listener]
+        port.socket.close()
+        if not self.protocols:
+            self.reactor.removeReader(self)
+            self.plane.close()
+
+    def opened(self, allocation: Allocation) -> None:
+        listener = self.listeners.get(allocation.key[0]) if allocation.transport == "udp" else None
+        if listener is None or allocation.tcp or allocation.limited:
+            return
+        relays: Dict[int, Optional[int]] = {stun.FAMILY_IPV4: None, stun.FAMILY_IPV6: None}
+        for family, relay in allocation.relays.items():
+            assert isinstance(relay, RelayPort)
+            self.reactor.removeReader(relay)
+            relays[family] = relay.fileno()
+        for port in self.server.config.policy.own.ports:
+            self.plane.set_own_port(port)
+        handle = self.plane.add_allocation(listener, allocation.client, relays[stun.FAMILY_IPV4],
+                                           relays[stun.FAMILY_IPV6])
+        tables = allocation.tables = NativeTables(self.plane, handle, allocation)
+        for ip in allocation.permissions:  # none yet from the core; kept for any opener's
+            tables.permit(ip, ip not in allocation.relay_only)
+
+    # -- the queue: what the data plane hands back -----------------------------------------
+
+    def fileno(self) -> int:
+        return self.plane.fileno()
+
+    def doRead(self) -> None:
+        pop, protocols = self.plane.pop, self.protocols
+        for _ in range(BATCH):
+            item = pop()
+            if item is None:
+                return
+            listener, data, address = item
+            protocol = protocols.get(listener)
+            if protocol is not None:
+                try:
+                    protocol.datagramReceived(data, address)
+                except Exception:
+                    log.failure("datagram from {address} failed", address=address)
+
+    def logPrefix(self) -> str:
+        return "NativeUdp"
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
