@@ -4,14 +4,19 @@
 # relay/net/dataplane.c aborts the relay, and the test fails.
 #     bash bench/asan.sh [PYTEST ARGS...]
 # The sanitized module is built beside the normal one under the interpreter's own suffix, which
-# Python prefers to abi3, and removed again on exit.
+# Python prefers to abi3; on exit, whatever was there before comes back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ "$#" -gt 0 ] || set -- tests/e2e/test_coturn_clients.py tests/e2e/test_aioice_client.py \
     tests/e2e/test_native_dataplane.py -k "not tcp and not tls"
 suffix=$(.venv/bin/python -c "import importlib.machinery as m; print(m.EXTENSION_SUFFIXES[0])")
 module="relay/net/_dataplane$suffix"
-trap 'rm -f "$module"' EXIT
+if [ -e "$module" ]; then
+    mv "$module" "$module.before-asan"
+    trap 'mv "$module.before-asan" "$module"' EXIT
+else
+    trap 'rm -f "$module"' EXIT
+fi
 TURNRELAY_DATAPLANE_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1" \
     .venv/bin/python relay/net/dataplane_build.py
 # The ASan runtime must come first in the process (Python itself is not instrumented); leaks
