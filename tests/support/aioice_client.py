@@ -22,9 +22,9 @@ class Collector(asyncio.DatagramProtocol):
 
 
 async def _round_trips(server: Tuple[str, int], username: str, password: str,
-                       payloads: List[bytes], transport: str) -> Tuple[str, int]:
+                       payloads: List[bytes], transport: str, peer_host: str) -> Tuple[str, int]:
     loop = asyncio.get_running_loop()
-    echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=("127.0.0.1", 0))
+    echo, _ = await loop.create_datagram_endpoint(Echo, local_addr=(peer_host, 0))
     peer = echo.get_extra_info("sockname")
     try:
         turn, collector = await create_turn_endpoint(Collector, server, username, password,
@@ -42,11 +42,12 @@ async def _round_trips(server: Tuple[str, int], username: str, password: str,
 
 
 def relay_round_trips(server, username: str, password: str, payloads: Optional[List[bytes]] = None,
-                      transport: str = "udp") -> Tuple[str, int]:
-    """Allocate, send each payload to an echo peer, assert it came back; the relayed address.
+                      transport: str = "udp", peer_host: str = "127.0.0.1") -> Tuple[str, int]:
+    """Allocate, send each payload to an echo peer on `peer_host`, assert it came back; the
+    relayed address.
 
     Raises what aioice raises when the allocation is refused (a 401 among them).
     """
     payloads = payloads or [b"hello through the relay"]
     return asyncio.run(_round_trips((server.host, server.port), username, password, payloads,
-                                    transport))
+                                    transport, peer_host))

@@ -145,7 +145,9 @@ def control_plane(address: str = "127.0.0.1", controllers: str = CONTROLLERS) ->
             "--service-account-key-file", str(work / "sa.pub"),
             "--service-account-signing-key-file", str(work / "sa.key"),
             "--service-cluster-ip-range", "10.96.0.0/16", "--endpoint-reconciler-type", "none",
-            "--enable-priority-and-fairness=false", "--profiling=false"], api_log))
+            "--enable-priority-and-fairness=false", "--profiling=false",
+            # A node (tests/support/k8s_node.py) is reached at its address: no DNS names it.
+            "--kubelet-preferred-address-types=InternalIP"], api_log))
         server = f"https://{address}:{api_port}"
         cluster = Cluster(server, kubeconfig(work / "admin.kubeconfig", server, "admin-token"),
                           kubeconfig(work / "operator.kubeconfig", server, "operator-token"), work, processes)

@@ -1,6 +1,6 @@
 """A throwaway PostgreSQL server of the tests' own: initdb in a temporary directory, run as the
-unprivileged `postgres` OS user (PostgreSQL refuses to run as root), listening on 127.0.0.1 only,
-stopped and deleted afterwards.  Nothing of the machine's own clusters is touched.
+unprivileged `postgres` OS user (PostgreSQL refuses to run as root), listening on 127.0.0.1 (and,
+for a test node's pods, on the host end of its private link), stopped and deleted afterwards.  Nothing of the machine's own clusters is touched.
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def _run(argv: List[str], what: str) -> None:
 class Cluster:
     """A PostgreSQL server in a directory of its own, which a test may stop and start again."""
 
-    def __init__(self, root: str, port: int):
+    def __init__(self, root: str, port: int, also_listen: str = ""):
+        self.also_listen = also_listen
         self.bindir = _bindir()
         self.as_postgres = _as_postgres()
         self.root, self.port = root, port
@@ -77,7 +78,8 @@ class Cluster:
             self.as_postgres + [f"{self.bindir}/pg_ctl", "start", "-w", "-t", "30", "-D",
                                 self.data, "-l", self.log,
                                 "-o", f"-p {self.port} -k {self.root} "
-                                      "-c listen_addresses=127.0.0.1 " + SERVER_OPTIONS],
+                                      f"-c listen_addresses=127.0.0.1{',' + self.also_listen if self.also_listen else ''} "
+                                      + SERVER_OPTIONS],
             capture_output=True, text=True, timeout=60)
         if start.returncode != 0:
             server_log = open(self.log).read() if os.path.exists(self.log) else ""
@@ -92,17 +94,21 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def throwaway_cluster() -> Iterator[Cluster]:
+def throwaway_cluster(also_listen: str = "", trusted: str = "") -> Iterator[Cluster]:
     """A started server with the database `turnrelay`, whose superuser `turnrelay` is trusted
-    without a password (only this machine can reach it); stopped and deleted afterwards."""
+    without a password (only this machine can reach it, and the `trusted` CIDR if given: a test
+    node's pods, through `also_listen`); stopped and deleted afterwards."""
     root = tempfile.mkdtemp(prefix="turnrelay-pg-")
     try:
-        cluster = Cluster(root, _restartable_port())
+        cluster = Cluster(root, _restartable_port(), also_listen)
         if cluster.as_postgres:
             shutil.chown(root, "postgres", "postgres")
         _run(cluster.as_postgres + [f"{cluster.bindir}/initdb", "--no-sync", "-A", "trust",
                                     "-U", USER, "-E", "UTF8", "--no-locale", "-D", cluster.data],
              "initdb")
+        if trusted:
+            with open(os.path.join(cluster.data, "pg_hba.conf"), "a") as hba:
+                hba.write(f"host all all {trusted} trust\n")
         cluster.start()
         try:
             _run([f"{cluster.bindir}/createdb", "-h", "127.0.0.1", "-p", str(cluster.port),
