@@ -281,10 +281,14 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
     ports = _listener_ports(listeners) + [
         {"name": "metrics", "containerPort": listeners["metricsPort"], "protocol": "TCP"}]
     mounts = [{"name": "config", "mountPath": CONFIG_PATH, "subPath": "turnrelay.toml", "readOnly": True},
-              {"name": "state", "mountPath": STATE_DIR}]
+              {"name": "state", "mountPath": STATE_DIR},
+              # The root filesystem is read-only; the parent of workers keeps the table of live
+              # relay ports it shares with them in a temporary file.
+              {"name": "tmp", "mountPath": "/tmp"}]
     volumes: List[Dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{name}-config"}},
-        {"name": "state", "emptyDir": {}}]
+        {"name": "state", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {"medium": "Memory"}}]
     if spec.get("tls"):
         volumes.append(_secret_volume("tls", spec["tls"]["secretName"]))
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})

@@ -128,8 +128,11 @@ def prune(body: Mapping[str, Any], keep: List[Dict[str, Any]], logger: logging.L
 
 
 def secret_versions(spec: Mapping[str, Any], namespace: str) -> tuple:
-    """The referenced Secrets' resourceVersions ("tls=12,auth=34"): in the pod template they
-    make a rotated certificate or secret a rolling update.  Also the missing ones' names."""
+    """The auth and accounting Secrets' resourceVersions ("auth=34,accounting=56"): in the pod
+    template they make a rotated secret a rolling update, since the relay reads them at start.
+    A certificate rotated in place rolls nothing: the kubelet updates the mounted Secret and the
+    running relays reload it (they look at their certificate files every few seconds).  Also
+    the missing Secrets' names."""
     secrets = client().resources.get(api_version="v1", kind="Secret")
     versions, missing = [], []
     for field in ("tls", "auth", "accounting"):
@@ -137,7 +140,8 @@ def secret_versions(spec: Mapping[str, Any], namespace: str) -> tuple:
             name = spec[field]["secretName"]
             try:
                 secret = secrets.get(name=name, namespace=namespace)
-                versions.append(f"{field}={secret.metadata.resourceVersion}")
+                if field != "tls":
+                    versions.append(f"{field}={secret.metadata.resourceVersion}")
             except NotFoundError:
                 missing.append(f"{field}.secretName: Secret {name!r} not found in namespace {namespace}")
     return ",".join(versions), missing
