@@ -36,6 +36,7 @@ from relay.auth.cred import IAccount
 from relay.core.credentials import Account, StunCredentials
 from relay.core.server import Client, TurnServer
 from relay.core.tcp import TcpConnection
+from relay.net.source_counts import SourceCounts
 from relay.proto import stun
 from relay.proto.demux import ALPN_STUN_TURN, HTTP, stream_kind
 
@@ -183,7 +184,8 @@ class StreamLimits:
 
     Each connection holds a descriptor and a buffer before it has authenticated anything, so
     a flood from one address, or handshakes left hanging, must not use them all up: at most
-    `per_source` connections per client IP (0: no limit), a TLS handshake finished within
+    `per_source` connections per client IP (0: no limit; in a worker process `shared` adds the
+    other workers' connections, so the limit holds for the relay), a TLS handshake finished within
     `handshake_timeout` seconds, and an allocation made within `idle_timeout` seconds
     (0: no timeout).  An established session is not touched by any of them.
     """
@@ -192,6 +194,8 @@ class StreamLimits:
     handshake_timeout: float = 10
     idle_timeout: float = 60
     open: Dict[str, int] = field(default_factory=dict)   # client IP -> open connections
+    # In a worker process: the other workers' counts, and where this one's go.
+    shared: Optional[SourceCounts] = None
     refusing: Set[str] = field(default_factory=set)      # client IPs refused, logged once
     refused: int = 0    # connections reset for the per-source limit, for the metrics
     timed_out: int = 0  # connections closed by either timeout
@@ -199,7 +203,8 @@ class StreamLimits:
     handed_in: int = 0   # and taken from one
 
     def admit(self, host: str) -> bool:
-        count = self.open.get(host, 0)
+        mine = self.open.get(host, 0)
+        count = mine + (self.shared.others(host) if self.shared is not None else 0)
         if self.per_source and count >= self.per_source:
             if host not in self.refusing:
                 self.refusing.add(host)
@@ -207,10 +212,14 @@ class StreamLimits:
                          "--source-connection-quota allows: refusing more", host=host, count=count)
             self.refused += 1
             return False
-        self.open[host] = count + 1
+        self.open[host] = mine + 1
+        if self.shared is not None:
+            self.shared.add(host, 1)
         return True
 
     def release(self, host: str) -> None:
+        if self.shared is not None:
+            self.shared.add(host, -1)
         count = self.open.pop(host) - 1
         if count:
             self.open[host] = count

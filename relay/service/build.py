@@ -40,6 +40,7 @@ from relay.net.handoff import HandOff
 from relay.net.listeners import LoginDispatcher, RelayBinder, bound_socket
 from relay.net.proxy_protocol import ProxyTrust, parse_networks
 from relay.net.shared_port import HttpForwarder
+from relay.net.source_counts import SourceCounts
 from relay.net.stream_relay import StreamRelayBinder
 from relay.net.tls import ServerDTLS, ServerTLS, self_signed
 from relay.proto import stun
@@ -425,6 +426,7 @@ class WorkerRole:
     parent_endpoints: List[Tuple[str, int]]  # the parent's HTTP listeners: never a peer
     shared_api: Optional[Tuple[str, int]]  # the parent's SHARED_API listener, if any
     live: Any  # the memory every worker marks its live relayed addresses in (LiveRelays)
+    sources: Any  # the memory the workers count connections per client address in
     inbox: socket.socket  # where other workers hand it connections (relay.net.handoff)
     outboxes: List[socket.socket]  # every worker's inbox, by index
 
@@ -528,6 +530,9 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
         dispatch.prepare = hand_off.fetch_reservation
     listeners = ListenersService(reactor, server, dispatch, options, tls, sockets, forwarder,
                                  dtls, hand_off)
+    if worker is not None:
+        listeners.stream_limits.shared = SourceCounts(worker.sources, worker.index, worker.count,
+                                                      worker.secrets[0])
     listeners.setServiceParent(service)
 
     def not_ready() -> Optional[str]:

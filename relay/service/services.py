@@ -229,6 +229,11 @@ class RelayService(OrderlyStop):
         # Called as the drain starts and at each look while it lasts: brings the alternate
         # servers up to date (`AlternatesFile.refresh`).
         self.alternates = alternates or (lambda: None)
+        # A worker process (relay.service.workers) tells its parent once it holds no more
+        # allocations, and drains on, redirecting new clients, until the parent says every
+        # worker is done (`hurry`): a worker that stopped alone would leave its copy of the
+        # listeners to the kernel's hash with nobody reading it.
+        self.report_drained: Optional[Callable[[], None]] = None
 
     def hurry(self, signal_name: str) -> None:
         log.info("{signal} again: ending the drain now", signal=signal_name)
@@ -245,15 +250,20 @@ class RelayService(OrderlyStop):
         drained: Deferred = Deferred()
 
         def look() -> None:
-            if not server.allocations:
+            over = clock.seconds() >= self.deadline
+            if not server.allocations and self.report_drained is not None and not over:
+                self.report_drained()
+                self.report_drained = lambda: None  # once: the parent answers with `hurry`
+            elif not server.allocations:
                 log.info("drained: no allocation left")
-            elif clock.seconds() >= self.deadline:
-                log.info("drain grace over: ending {open} allocations", open=len(server.allocations))
-            else:
-                self.alternates()
-                clock.callLater(self.POLL, look)
+                drained.callback(None)
                 return
-            drained.callback(None)
+            elif over:
+                log.info("drain grace over: ending {open} allocations", open=len(server.allocations))
+                drained.callback(None)
+                return
+            self.alternates()
+            clock.callLater(self.POLL, look)
         look()
         drained.addCallback(lambda _: MultiService.stopService(self))
         return drained

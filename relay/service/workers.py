@@ -15,7 +15,8 @@ and turns the workers' log lines into its own.  Parent and worker talk AMP over 
 (descriptor 3 in the worker); the listeners follow from descriptor 4, in the order the
 TURNRELAY_LISTENERS environment variable names their transports; after them the memory in
 which every worker marks its live relayed addresses (relay.core.peers.LiveRelays), so that two
-allocations on different workers may relay to each other; then the worker's own inbox for
+allocations on different workers may relay to each other, and the one in which they count
+TCP/TLS connections per client address (relay.net.source_counts); then the worker's own inbox for
 connections other workers hand it, and every worker's inbox to hand them to, by index
 (relay.net.handoff: a ConnectionBind reaching a worker that did not issue its CONNECTION-ID).
 The parent keeps the inboxes too, so a restarted worker finds its own.
@@ -47,7 +48,9 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from relay.core.peers import LiveRelays
+from relay.net import source_counts
 from relay.net.handoff import inbox_pair
+from relay.net.source_counts import SourceCounts
 from relay.service import first_run
 from relay.service.banner import banner
 from relay.service.build import (
@@ -101,6 +104,11 @@ class Hello(amp.Command):
 
 class Ready(amp.Command):
     """Worker to parent: listening and taking allocations."""
+    requiresAnswer = False
+
+
+class Drained(amp.Command):
+    """Worker to parent, while stopping: it holds no allocation any more."""
     requiresAnswer = False
 
 
@@ -165,6 +173,12 @@ class _ParentSide(_Control):
             self.supervisor.worker_ready(self.index)
         return {}
 
+    @Drained.responder
+    def drained(self) -> dict:
+        if not self.gone:
+            self.supervisor.worker_drained(self.index)
+        return {}
+
     @ReservePlace.responder
     def reserve(self, reservation: int, username: str, account: str, source: str,
                 max_allocations: int):
@@ -208,6 +222,7 @@ class _WorkerProcess(ProcessProtocol):
         self.started = supervisor.reactor.seconds()
         self.pid: Optional[int] = None
         self.ready = False          # listening and taking allocations
+        self.drained = False        # stopping, and holding no allocation any more
         self.reload_missed = False  # a SIGHUP came before it was ready
         self.pending = {1: b"", 2: b""}
 
@@ -271,6 +286,10 @@ class Supervisor(OrderlyStop):
         self.live_file = tempfile.TemporaryFile()
         self.live_file.truncate(LiveRelays.SIZE)
         self.live = mmap.mmap(self.live_file.fileno(), LiveRelays.SIZE)
+        # And their TCP/TLS connections per client address (relay.net.source_counts).
+        self.sources_file = tempfile.TemporaryFile()
+        self.sources_file.truncate(source_counts.size(self.count))
+        self.sources = mmap.mmap(self.sources_file.fileno(), source_counts.size(self.count))
 
     def privilegedStartService(self) -> None:
         self.sockets = bind_listeners(self.options, self.count)
@@ -303,7 +322,8 @@ class Supervisor(OrderlyStop):
         for k, (_, socks) in enumerate(self.sockets):
             fds[CONTROL_FD + 1 + k] = socks[index].fileno()
         fds[CONTROL_FD + 1 + len(self.sockets)] = self.live_file.fileno()
-        first = CONTROL_FD + 2 + len(self.sockets)
+        fds[CONTROL_FD + 2 + len(self.sockets)] = self.sources_file.fileno()
+        first = CONTROL_FD + 3 + len(self.sockets)
         fds[first] = self.inboxes[index][1].fileno()
         for k, (send, _) in enumerate(self.inboxes):
             fds[first + 1 + k] = send.fileno()
@@ -353,8 +373,15 @@ class Supervisor(OrderlyStop):
         # Its allocations died with it: their ports are no peers any more.
         LiveRelays((), {}, self.live).clear(*relay_port_slice(
             self.options["min-port"], self.options["max-port"], index, self.count))
+        SourceCounts.clear(self.sources, index)  # and its connections
         how = _how_it_ended(reason.value)
         if self.stopping:
+            # Its listener copies leave the port group, so the kernel gives new clients to the
+            # workers still draining (which redirect them) instead of queueing them on a
+            # socket nobody will accept from again.
+            for _, socks in self.sockets:
+                socks[index].close()
+            self._end_drain_if_done()
             if reason.check(ProcessDone):
                 log.info("worker {index} stopped", index=index)
             elif not process.ready and getattr(reason.value, "signal", None) == signal.SIGTERM:
@@ -417,6 +444,20 @@ class Supervisor(OrderlyStop):
     def hurry(self, signal_name: str) -> None:
         log.info("{signal} again: the workers end their drain now", signal=signal_name)
         self.signal_workers(signal.SIGTERM)
+
+    def worker_drained(self, index: int) -> None:
+        process = self.processes.get(index)
+        if process is not None:
+            process.drained = True
+            self._end_drain_if_done()
+
+    def _end_drain_if_done(self) -> None:
+        """The workers drain together: those without allocations wait, still listening and
+        redirecting, until none is left (`RelayService.report_drained`), then all stop."""
+        if self.stopping and self.processes \
+                and all(process.drained for process in self.processes.values()):
+            log.info("every worker drained: stopping them")
+            self.signal_workers(signal.SIGTERM)
 
     def stopService(self) -> Deferred:
         self.stopping = True
@@ -596,7 +637,9 @@ def main() -> None:
     live_fd = CONTROL_FD + 1 + len(transports)
     live = mmap.mmap(live_fd, LiveRelays.SIZE)
     os.close(live_fd)
-    first = live_fd + 1
+    sources = mmap.mmap(live_fd + 1, source_counts.size(count))
+    os.close(live_fd + 1)
+    first = live_fd + 2
     inbox = socket.socket(fileno=first)
     outboxes = [socket.socket(fileno=first + 1 + k) for k in range(count)]
     control = _WorkerSide(reactor)
@@ -620,8 +663,8 @@ def main() -> None:
             release=lambda reservation: control.callRemote(ReleasePlace, reservation=reservation),
             parent_endpoints=[(host, int(port)) for host, port in
                               (endpoint.split() for endpoint in answer["endpoints"])],
-            shared_api=(api[0], int(api[1])) if api else None, live=live, inbox=inbox,
-            outboxes=outboxes)
+            shared_api=(api[0], int(api[1])) if api else None, live=live, sources=sources,
+            inbox=inbox, outboxes=outboxes)
         try:
             service = relay_service(options, reactor, role)
             service.privilegedStartService()
@@ -631,6 +674,7 @@ def main() -> None:
             stop(1)
             return
         control.service = service
+        service.report_drained = lambda: control.callRemote(Drained)
         reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
         control.callRemote(Ready)
 
