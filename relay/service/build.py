@@ -54,11 +54,12 @@ from relay.service.options import Options
 from relay.service.quota_book import Release, Reserve, SharedQuotas
 from relay.service.services import BannerService, HTTPService, ListenersService, RelayService, SighupService
 from relay.storage.sqldb import SqlStore, error_line, pool_from_dsn
+from relay.util.tomlfile import read_toml
 from relay.web.api import TokensAPI
 from relay.web.health import MetricsPage, NotReady, QuietSite, Routes
 from relay.web.metrics import RelayCollector
 from relay.web.metrics import registry as metrics_registry
-from relay.web.regions import Region
+from relay.web.regions import Region, regions_from_table
 from relay.web.test_page import SelfTestPage
 from relay.web.triggers_api import TriggerAnswers
 from relay.web.usage_api import UsageAnswers
@@ -68,6 +69,9 @@ _LEVELS = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info,
            logging.WARNING: LogLevel.warn, logging.ERROR: LogLevel.error}
 _DEFAULT_LISTENING_IPS = ["0.0.0.0", "::"]
 CERTIFICATE_LOOK = 5.0  # seconds between two looks at the certificate files
+# Seconds between two looks at --regions-file: a region marked not ready or draining there
+# stops being handed out by the tokens API within this time.
+REGIONS_LOOK = 1.0
 # The tokens API's loopback listener for HTTP found on the TURN ports (relay.net.shared_port).
 SHARED_API = "tokens API for the TURN ports"
 LOOPBACK = ProxyTrust(parse_networks(["127.0.0.1"]), timeout=5)
@@ -194,22 +198,58 @@ def _server_tls(options: Options, cert: str, key: str, flags: str,
 
 def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
                 ledger_sql: Optional[Tuple[str, SqlUsageBackend]],
-                policy: PeerPolicy) -> TokensAPI:
+                policy: PeerPolicy, parent: MultiService) -> TokensAPI:
     """The tokens API, whose home region is where this relay's own listeners are reached, and
-    which reads usage from the ledger the relay writes."""
+    which reads usage from the ledger the relay writes; a look at --regions-file under
+    `parent` keeps its regions as the file has them."""
     host = public_host(options, relay_ips)
     port = options["listening-port"][0]
-    home = Region(host, None if options["no-udp"] else port, None if options["no-tcp"] else port,
-                  None if options["no-tls"] else options["tls-listening-port"][0])
+    home = {options["region"]: Region(
+        host, None if options["no-udp"] else port, None if options["no-tcp"] else port,
+        None if options["no-tls"] else options["tls-listening-port"][0])}
     # A regions-file entry named like this region wins: a relay behind a load balancer is
-    # reached on the balancer's ports, not its own.
-    regions = {options["region"]: home, **options["regions"]}
-    return TokensAPI(options["api-store"], options["api-secret"], regions, options["region"],
-                     options["api-max-ttl"], clock=reactor.seconds,
-                     usage=UsageAnswers(_usage_reader(ledger_sql),
-                                        options["rates"], reactor.seconds),
-                     key_failures_per_minute=options["api-key-failures-per-minute"],
-                     triggers=TriggerAnswers(options["api-store"], policy, reactor.seconds))
+    # reached on the balancer's ports, not its own, and the file says where it is.
+    api = TokensAPI(options["api-store"], options["api-secret"], {**home, **options["regions"]},
+                    options["region"], options["api-max-ttl"], clock=reactor.seconds,
+                    usage=UsageAnswers(_usage_reader(ledger_sql),
+                                       options["rates"], reactor.seconds),
+                    key_failures_per_minute=options["api-key-failures-per-minute"],
+                    triggers=TriggerAnswers(options["api-store"], policy, reactor.seconds),
+                    geoip=options["geoip"])
+    if options["regions-file"]:
+        TimerService(REGIONS_LOOK, _regions_watch(options["regions-file"], home, api)) \
+            .setServiceParent(parent)
+    return api
+
+
+def _file_stamp(path: str) -> Optional[Tuple[int, int, int]]:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size, status.st_ino
+
+
+def _regions_watch(path: str, home: Dict[str, Region], api: TokensAPI) -> Callable[[], None]:
+    """A look at --regions-file, handing the tokens API its regions again when it changed
+    (written in place or replaced); a file that no longer loads keeps the old ones."""
+    seen = [_file_stamp(path)]
+
+    def look() -> None:
+        stamp = _file_stamp(path)
+        if stamp == seen[0]:
+            return
+        seen[0] = stamp
+        try:
+            regions = regions_from_table(read_toml(path))
+        except ValueError as err:
+            log.error("--regions-file changed but does not load, keeping the old regions: "
+                      "{err}", err=err)
+            return
+        api.set_regions({**home, **regions})
+        log.info("--regions-file changed: {regions}", regions=", ".join(
+            f"{name} {region.state}" for name, region in sorted(api.regions.items())))
+    return look
 
 
 def _usage_reader(ledger_sql: Optional[Tuple[str, SqlUsageBackend]]) -> Optional[UsageReader]:
@@ -366,8 +406,9 @@ def relay_port_slice(low: int, high: int, index: int, count: int) -> Tuple[int, 
 def http_services(reactor, options: Options, relay_ips: Dict[int, str],
                   ledger_sql: Optional[Tuple[str, SqlUsageBackend]], policy: PeerPolicy,
                   metrics: Resource, not_ready: NotReady, api_tls: Optional[ServerTLS],
-                  not_live: Optional[NotReady] = None) -> List[HTTPService]:
-    """--prometheus and --api-port: metrics, health and the tokens API, over HTTP."""
+                  parent: MultiService, not_live: Optional[NotReady] = None) -> List[HTTPService]:
+    """--prometheus and --api-port: metrics, health and the tokens API, over HTTP, started
+    under `parent`."""
     services: List[HTTPService] = []
     if options["prometheus"]:
         services.append(HTTPService(reactor, QuietSite(Routes(metrics, not_ready, None, not_live),
@@ -375,8 +416,8 @@ def http_services(reactor, options: Options, relay_ips: Dict[int, str],
                                     options["prometheus-address"], options["prometheus-port"], None,
                                     "metrics", "--prometheus-address/--prometheus-port", policy.own))
     if options["api-port"] is not None:
-        api = Routes(metrics, not_ready, _tokens_api(reactor, options, relay_ips, ledger_sql, policy),
-                     not_live)
+        api = Routes(metrics, not_ready,
+                     _tokens_api(reactor, options, relay_ips, ledger_sql, policy, parent), not_live)
         api.putChild(b"test", SelfTestPage())
         # Idle connections close after a minute: the API has no use for long-held ones.
         site = QuietSite(api, timeout=60)
@@ -387,6 +428,8 @@ def http_services(reactor, options: Options, relay_ips: Dict[int, str],
         if options["api-on-tls-port"] or options["api-on-tcp-port"]:
             services.append(HTTPService(reactor, site, "127.0.0.1", 0, None, SHARED_API,
                                         "--api-on-tls-port", policy.own, LOOPBACK))
+    for service in services:
+        service.setServiceParent(parent)
     return services
 
 
@@ -545,9 +588,7 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
                                                        options["region"], listeners.dataplane_stats))
     if worker is None:
         https += http_services(reactor, options, relay_ips, ledger_sql, config.policy,
-                               MetricsPage(service.registry), not_ready, api_tls)
-        for http in https:
-            http.setServiceParent(service)
+                               MetricsPage(service.registry), not_ready, api_tls, service)
     TimerService(1.0, lambda: server.tick(reactor.seconds())).setServiceParent(service)
     for checker in checkers.checkers:
         if getattr(checker, "service", None) is not None:

@@ -33,6 +33,7 @@ from relay.util.argstring import parse_arguments
 from relay.util.secretfile import read_secrets
 from relay.util.tomlfile import read_toml
 from relay.util.units import parse_megabytes
+from relay.web.geoip import GeoIP
 from relay.web.regions import check_host, regions_from_table
 
 
@@ -255,7 +256,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                       "or python"],
         ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
                                      "parameter: [regions.NAME] host=..., port=3478, "
-                                     "tls-port=5349"],
+                                     "tls-port=5349, latitude=..., longitude=..., ready=true, "
+                                     "draining=false; re-read when it changes"],
+        ["geoip-db", None, None, "MaxMind or DB-IP city database (.mmdb) locating the tokens "
+                                 "API's end users, whose nearest ready region comes first"],
     ]
 
     def __init__(self) -> None:
@@ -487,6 +491,12 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 self["regions"] = regions_from_table(read_toml(self["regions-file"]))
             except ValueError as err:
                 _fail("regions-file", str(err))
+        self["geoip"] = None
+        if self["geoip-db"]:
+            try:
+                self["geoip"] = GeoIP(self["geoip-db"])
+            except ValueError as err:
+                _fail("geoip-db", str(err))
         if self["public-host"]:
             try:
                 check_host(self["public-host"])

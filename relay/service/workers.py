@@ -562,10 +562,8 @@ def supervisor(options: Options, reactor, first: Optional[FirstRun] = None) -> S
     service = Supervisor(reactor, options, secrets,
                          QuotaBook(options["total-quota"], options["user-quota"],
                                    options["source-quota"]))
-    for http in http_services(reactor, options, relay_ips, ledger_sql, policy,
-                              WorkersMetrics(service), service.not_ready, api_tls,
-                              service.not_live):
-        http.setServiceParent(service)
+    http_services(reactor, options, relay_ips, ledger_sql, policy, WorkersMetrics(service),
+                  service.not_ready, api_tls, service, service.not_live)
     service.banner = lambda: banner(
         options, service.count, [(transport, *socks[0].getsockname()[:2])
                                  for transport, socks in service.sockets],

@@ -25,8 +25,10 @@ Answers, in the order they are decided; every error is JSON `{"code": N, "messag
 - 404 when the path names an account other than the one authenticated, whether it exists or
   not.  Checking the key first and answering "not yours" and "not there" alike means no
   caller learns which accounts exist: an anonymous one only ever sees 401.
-- POST: 400 naming the field for a bad `ttl`, `label` or `region` (413 for a body over
-  64 KiB, 415 for one neither form nor JSON), then 403 for a suspended account.
+- POST: 400 naming the field for a bad `ttl`, `label`, `region` or `client_ip` (413 for a
+  body over 64 KiB, 415 for one neither form nor JSON), 503 when every region is draining or
+  not ready, then 403 for a suspended account.  The ICE servers are those of the region
+  `relay.web.regions.choose` picks, then those of the next nearest (docs/regions.md).
 - DELETE: 404 for a username that is not a REST username of the account.  It works for a
   suspended account, so that a leaked credential can be revoked before reactivation.
 
@@ -37,11 +39,12 @@ a password or the secret.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import re
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional
 from urllib.parse import quote
 
 from twisted.internet import defer
@@ -55,7 +58,10 @@ from relay.core.ratelimit import RateLimiter
 from relay.storage.accounts import ACTIVE, AccountStore
 from relay.util.timefmt import rfc3339
 from relay.web.http import ApiError, Handler, PathKind, Reply, basic_credentials, request_fields, route
-from relay.web.regions import Region
+from relay.web.regions import AUTO, Choice, NoRegionServing, Region, choose
+
+if TYPE_CHECKING:
+    from relay.web.geoip import GeoIP
 
 if TYPE_CHECKING:
     from relay.web.triggers_api import TriggerAnswers
@@ -65,7 +71,7 @@ log = Logger(namespace="turnrelay.api")
 
 DEFAULT_TTL = 86400
 FAILED_KEY_BURST = 10
-FIELDS = ("ttl", "label", "region")
+FIELDS = ("ttl", "label", "region", "client_ip")
 # A label ends up in the username, hence in STUN messages, logs and the DELETE URL.
 _LABEL = re.compile(r"[A-Za-z0-9._~@-]{1,64}")
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,20}")
@@ -109,7 +115,7 @@ class TokensAPI(Resource):
     def __init__(self, store: AccountStore, secret: bytes, regions: Mapping[str, Region],
                  home_region: str, max_ttl: int, *, usage: "UsageAnswers",
                  triggers: "TriggerAnswers", clock: Callable[[], float] = time.time,
-                 key_failures_per_minute: int = 60):
+                 key_failures_per_minute: int = 60, geoip: Optional["GeoIP"] = None):
         super().__init__()
         # Each path's handler per method, in the order the Allow header lists them.
         self.paths: Dict[PathKind, Dict[bytes, Handler]] = {
@@ -124,6 +130,7 @@ class TokensAPI(Resource):
         self.secret = secret
         self.regions = dict(regions)
         self.home_region = home_region
+        self.geoip = geoip
         self.max_ttl = max_ttl
         self.clock = clock
         self.failed_keys = RateLimiter(key_failures_per_minute / 60, FAILED_KEY_BURST)
@@ -194,17 +201,43 @@ class TokensAPI(Resource):
         self.failed_keys.refund(source)
         return account_id
 
-    def _region(self, name: Any) -> Tuple[str, Region]:
-        name = self.home_region if name is None else name
-        if not isinstance(name, str) or name not in self.regions:
-            raise ApiError(400, f"region: expected one of {', '.join(sorted(self.regions))}")
-        return name, self.regions[name]
+    def set_regions(self, regions: Mapping[str, Region]) -> None:
+        """Regions as --regions-file now has them (re-read when it changes)."""
+        self.regions = dict(regions)
+
+    def _choose(self, fields: Mapping[str, Any], request: Request) -> Choice:
+        """The regions whose ICE servers the answer carries: 400 for a bad `region` or
+        `client_ip`, 503 when no region serves."""
+        name, client_ip = fields.get("region"), fields.get("client_ip")
+        if name is not None and (not isinstance(name, str)
+                                 or name != AUTO and name not in self.regions):
+            raise ApiError(400, f"region: expected {AUTO} or one of "
+                                f"{', '.join(sorted(self.regions))}")
+        if client_ip is not None:
+            try:
+                client_ip = str(ipaddress.ip_address(client_ip))
+            except ValueError:
+                raise ApiError(400, "client_ip: expected an IPv4 or IPv6 address") from None
+        else:
+            client_ip = request.getClientAddress().host
+        point, unlocated = None, ""
+        if name == AUTO or name is None and len(self.regions) > 1:
+            if self.geoip is None:
+                unlocated = "no GeoIP database (--geoip-db): the default region"
+            else:
+                point = self.geoip.locate(client_ip)
+                if point is None:
+                    unlocated = f"{client_ip} is not in the GeoIP database: the default region"
+        try:
+            return choose(self.regions, self.home_region, name, point, unlocated)
+        except NoRegionServing as err:
+            raise ApiError(503, str(err)) from None
 
     async def _mint(self, request: Request, account_id: str) -> Reply:
         fields = request_fields(request, FIELDS)
         ttl = parse_ttl(fields.get("ttl"), self.max_ttl)
         label = check_label(fields.get("label"))
-        region_name, region = self._region(fields.get("region"))
+        choice = self._choose(fields, request)
         record = await self.store.get_account(account_id)
         if record is None:  # deleted since its key was checked
             raise _not_yours(account_id)
@@ -215,7 +248,12 @@ class TokensAPI(Resource):
         body = {"account": account_id, "username": username, "password": password, "ttl": ttl,
                 "date_created": rfc3339(int(now)),
                 "date_expires": rfc3339(parse_username(username).expires),
-                "region": region_name, "ice_servers": region.ice_servers(username, password)}
+                "region": choice.first, "region_reason": choice.reason,
+                "fallback_region": choice.second,
+                "ice_servers": [server for name in (choice.first, choice.second) if name
+                                for server in self.regions[name].ice_servers(username, password)]}
+        if choice.note:
+            body["region_note"] = choice.note
         location = f"/v1/accounts/{quote(account_id, safe='')}/tokens/{quote(username, safe=':')}"
         return Reply(201, body, {b"location": location.encode("ascii")})
 

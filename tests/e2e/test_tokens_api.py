@@ -98,15 +98,19 @@ def test_a_token_relays_and_its_revocation_ends_it(api):
     token = minted.body
     username, password = token["username"], token["password"]
     assert set(token) == {"account", "username", "password", "ttl", "date_created",
-                          "date_expires", "region", "ice_servers"}
+                          "date_expires", "region", "region_reason", "fallback_region",
+                          "region_note", "ice_servers"}
     assert (token["account"], token["ttl"], token["region"]) == ("acme", 600, "default")
+    # Three regions and no GeoIP database: the relay's own, then the others by name.
+    assert (token["region_reason"], token["fallback_region"], token["region_note"]) == (
+        "default", "eu-west", "no GeoIP database (--geoip-db): the default region")
     expires = int(username.split(":")[0])
     assert username == f"{expires}:acme:call-1" and before + 600 - 1 <= expires <= time.time() + 600
     assert rfc3339(token["date_expires"]) == expires
     assert rfc3339(token["date_expires"]) - rfc3339(token["date_created"]) == 600
     assert minted.headers["Location"] == tokens_path("acme", username)
     host, port, tls_port = api.server.host, api.server.port, api.server.tls_port
-    assert token["ice_servers"] == [
+    assert token["ice_servers"][:4] == [
         {"urls": f"stun:{host}:{port}"},
         {"urls": f"turn:{host}:{port}?transport=udp", "username": username, "credential": password},
         {"urls": f"turn:{host}:{port}?transport=tcp", "username": username, "credential": password},
@@ -176,20 +180,20 @@ def test_label_and_regions(api):
 
     eu = api.request("POST", tokens_path("acme", query="region=eu-west&ttl=60"),
                      api.auth("acme"), source=source).body
-    assert eu["region"] == "eu-west" and eu["ttl"] == 60
-    assert [s["urls"] for s in eu["ice_servers"]] == [
+    assert (eu["region"], eu["region_reason"], eu["ttl"]) == ("eu-west", "pinned", 60)
+    assert [s["urls"] for s in eu["ice_servers"]][:4] == [
         "stun:turn-eu.example.org:443", "turn:turn-eu.example.org:443?transport=udp",
         "turn:turn-eu.example.org:443?transport=tcp",
         "turns:turn-eu.example.org:5350?transport=tcp"]
     lab6 = api.request("POST", tokens_path("acme", query="region=lab6"), api.auth("acme"),
                        source=source).body
-    assert [s["urls"] for s in lab6["ice_servers"]] == [
+    assert [s["urls"] for s in lab6["ice_servers"]][:4] == [
         "stun:[2001:db8::7]:3478", "turn:[2001:db8::7]:3478?transport=udp",
         "turn:[2001:db8::7]:3478?transport=tcp", "turns:[2001:db8::7]:5349?transport=tcp"]
     unknown = api.request("POST", tokens_path("acme", query="region=mars"), api.auth("acme"),
                           source=source)
     assert (unknown.status, unknown.body) == (400, {
-        "code": 400, "message": "region: expected one of default, eu-west, lab6"})
+        "code": 400, "message": "region: expected auto or one of default, eu-west, lab6"})
 
 
 def test_credentials_accounts_and_methods(api):
