@@ -55,19 +55,19 @@ def allocate(address, transport: str = "udp"):
 def test_draining_relay_redirects_to_a_ready_peer_from_the_file(server_factory, tmp_path):
     peer = server_factory("--workers", "2", state_dir=str(tmp_path / "peer"))
     alternates = tmp_path / "endpoints"
-    # One worker: with two, the one holding no allocation ends its drain at once, and new TCP
-    # connections the kernel still hashes to its listener hang (a workers issue of its own).
-    draining = server_factory("--workers", "1", "--drain-grace", "60",
+    draining = server_factory("--workers", "2", "--drain-grace", "60",
                               "--alternate-servers-file", str(alternates))
-    peer.read_until("all 2 workers ready")
+    for server in (peer, draining):
+        server.read_until("all 2 workers ready")
     # Written after the start, as the operator does once the region's relays are ready.
     replace_file(alternates, "".join(
         f"turn:127.0.0.1:{server.port}?transport=udp\nturns:127.0.0.1:{server.tls_port}?transport=tcp\n"
         for server in (draining, peer)))
     held = HeldSession(draining)  # a live allocation keeps the drain going
     draining.process.send_signal(signal.SIGTERM)
-    draining.read_until(f"draining: new allocations go to 127.0.0.1:{peer.port} (UDP, TCP) "
-                        f"and 127.0.0.1:{peer.tls_port} (TLS)")
+    for index in (0, 1):  # each worker reads the file as its drain starts
+        draining.read_until(f"[worker {index}] draining: new allocations go to 127.0.0.1:{peer.port} "
+                            f"(UDP, TCP) and 127.0.0.1:{peer.tls_port} (TLS)")
 
     reply = allocate(("127.0.0.1", draining.port))
     assert (error_code(reply), reply.get(stun.ALTERNATE_SERVER)) == (300, ("127.0.0.1", peer.port))
@@ -80,7 +80,8 @@ def test_draining_relay_redirects_to_a_ready_peer_from_the_file(server_factory, 
 
     # The peer left the region's endpoints: the file says so, and nowhere is left but itself.
     replace_file(alternates, f"turn:127.0.0.1:{draining.port}?transport=udp\n")
-    draining.read_until("draining: new allocations go to nowhere (508)")
+    for index in (0, 1):  # both still draining, both re-read it
+        draining.read_until(f"[worker {index}] draining: new allocations go to nowhere (508)")
     assert error_code(allocate(("127.0.0.1", draining.port))) == 508
     held.relay(2, 100)  # and the live allocation relays on
     held.close()
