@@ -30,7 +30,11 @@ class GeoIP:
     def locate(self, address: str) -> Optional[Point]:
         """The latitude and longitude the database gives `address`, None when it has none."""
         try:
-            record = self._reader.get(ipaddress.ip_address(address))
+            ip = ipaddress.ip_address(address)
+            # A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d, which not every
+            # database aliases to its IPv4 tree.
+            mapped = getattr(ip, "ipv4_mapped", None)
+            record = self._reader.get(mapped or ip)
         except (ValueError, InvalidDatabaseError):  # an IPv6 address in an IPv4-only database
             return None
         location = record.get("location") if isinstance(record, dict) else None

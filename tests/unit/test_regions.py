@@ -136,6 +136,11 @@ def test_no_region_serving(regions) -> None:
                "us-east", "auto", (0.0, 0.0))
 
 
+def test_geoip_reads_ipv4_mapped_addresses_as_ipv4(geoip) -> None:
+    assert geoip.locate("::ffff:" + address("paris")) == geoip.locate(address("paris")) \
+        == (48.86, 2.35)
+
+
 def test_geoip_unknown_and_country_only_addresses_have_no_place(geoip) -> None:
     assert geoip.locate(UNKNOWN) is None
     assert geoip.locate(COUNTRY_ONLY.replace("0/24", "9")) is None
