@@ -340,5 +340,5 @@ def test_help_documents_the_api_options():
                             text=True, timeout=60)
     for option in ("--api-port", "--api-listening-ip", "--api-cert", "--api-pkey", "--api-db",
                    "--api-secret-file", "--api-max-ttl", "--region", "--public-host",
-                   "--regions-file"):
+                   "--regions-file", "--geoip-db"):
         assert f"{option}=" in result.stdout, option
