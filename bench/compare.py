@@ -3,7 +3,7 @@
     .venv/bin/python bench/compare.py --rounds 3
 
 Each round starts each server in turn (coturn's `turnserver` with one relay thread, turnrelay
-on CPython, turnrelay on PyPy when `--pypy` names one) on loopback, pinned to one core, and
+on CPython on each `--dataplane` (python, native), turnrelay on PyPy when `--pypy` names one) on loopback, pinned to one core, and
 drives it from the other core: `bench/loadgen.c` (built here with gcc) moves the packets,
 coturn's `turnutils_peer` echoes them, and this script makes the allocations with relay.proto.stun.
 The table gives the median over the rounds and each turnrelay/coturn ratio:
@@ -14,6 +14,8 @@ The table gives the median over the rounds and each turnrelay/coturn ratio:
 - the highest offered load (round trips a second) with < 0.1% lost, found by doubling then
   bisecting; ">=" when the load generator, not the server, ran out.
 - round-trip p50/p99 at half that load.
+- udp-spread: the CPU per relayed packet under load spread out as real clients make it (20
+  turnutils_uclient clients, 200 messages a second each), where batching cannot help.
 - Allocate + Refresh(0) cycles a second, and the server's CPU per cycle (UDP).
 - resident memory per idle allocation, over 10,000 UDP allocations.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import select
 import shutil
 import socket
@@ -43,7 +46,11 @@ USER, PASSWORD, REALM = "bench", "bench-password", "bench.turnrelay"
 HOST = "127.0.0.1"
 RELAY_PORTS = (10000, 30000)  # below the kernel's ephemeral ports, which the clients use
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "turnrelay-bench")
-MODES = ("udp-channel", "udp-send", "tcp-channel", "tls-channel")
+MODES = ("udp-channel", "udp-send", "tcp-channel", "tls-channel", "udp-spread")
+# udp-spread: load as a new user makes it, spread out rather than batched: SPREAD_CLIENTS
+# turnutils_uclient clients (-c: no RTCP pair), each SPREAD_MESSAGES messages of 100 bytes
+# at 200 a second (-z 5), through channels to turnutils_peer.
+SPREAD_CLIENTS, SPREAD_MESSAGES = 20, 1500
 LOSS_LIMIT = 0.001
 MAX_RATE = 400_000
 
@@ -177,7 +184,8 @@ def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str,
         "--min-port", str(RELAY_PORTS[0]), "--max-port", str(RELAY_PORTS[1]),
         "--user", f"{USER}:{PASSWORD}", "--realm", REALM, "--allow-loopback-peers",
         "--cert", cert, "--pkey", key, "--state-dir", state, "--workers", str(workers),
-        "--dataplane", dataplane], workdir, env, workers)
+        "--dataplane", dataplane, "--rfc5766-channels"],  # uclient's channel numbers (udp-spread)
+        workdir, env, workers)
 
 
 class LoadGen:
@@ -455,11 +463,33 @@ def memory_figure(server: Server, args) -> Dict[str, float]:
     return {"rss_per_alloc_b": grown * 1024 / max(made, 1), "idle_made": made}
 
 
+def spread_figures(server: Server, peer: Tuple[str, int], args) -> Dict[str, float]:
+    """The udp-spread mode: the server's CPU per relayed packet, and the loss uclient saw."""
+    argv = ["taskset", "-c", str(args.load_core), "turnutils_uclient", "-c", "-z", "5",
+            "-n", str(SPREAD_MESSAGES), "-m", str(SPREAD_CLIENTS), "-l", str(args.size),
+            "-p", str(server.port), "-u", USER, "-w", PASSWORD, "-e", peer[0], "-r", str(peer[1]),
+            HOST]
+    before = cpu_ns(server.pid)
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    used = cpu_ns(server.pid) - before
+    output = result.stdout + result.stderr
+    totals = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", output)
+    if not totals:
+        raise SystemExit(f"uclient failed against {server.name}:\n{output[-2000:]}")
+    sent, received = map(int, totals[-1])
+    # Each message crosses the relay twice: to the peer and, echoed, back.
+    return {"udp-spread cpu_us": used / 1000 / max(sent + received, 1),
+            "udp-spread loss_pct": 100 * (1 - received / max(sent, 1))}
+
+
 def measure(server: Server, loadgen: str, peer: Tuple[str, int], args) -> Dict[str, float]:
     figures: Dict[str, float] = {}
     server.start(server.cores or str(args.server_core))
     try:
         for mode in args.modes:
+            if mode == "udp-spread":
+                figures.update(spread_figures(server, peer, args))
+                continue
             transport, kind = mode.split("-")
             port = server.tls_port if transport == "tls" else server.port
             gen = LoadGen(loadgen, transport, port, args.allocations, args.load_core)
@@ -534,6 +564,11 @@ def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
         lines.append(f"{label:44}" + "".join(cells) + "".join(ratios))
 
     for mode in args.modes:
+        if mode == "udp-spread":
+            row(f"{mode}: CPU us/relayed packet, {SPREAD_CLIENTS} uclient x 200/s", f"{mode} cpu_us",
+                "{:.2f}")
+            row(f"{mode}: messages lost, %", f"{mode} loss_pct", "{:.2f}")
+            continue
         for key, label, fmt in ROWS:
             row(f"{mode}: {label.format(rate=args.rate)}", f"{mode} {key}", fmt)
     if not args.no_alloc:
