@@ -1048,6 +1048,7 @@ int dp_parse_send(const unsigned char *data, int len, unsigned char *ip, int *ip
 {
     struct addr peer;
     const unsigned char *payload;
+    pthread_once(&crc_once, crc_init); /* dp_new's work, for a caller that made no data plane */
     if (len < 0 || parse_send(data, len, &peer, &payload, payload_len) < 0)
         return -1;
     *ip_len = ip_len_of(&peer);

@@ -8,6 +8,8 @@ in order, so no sleep is needed to know the first one was handled.
 import select
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given
@@ -259,3 +261,12 @@ send_indications = st.builds(
 @given(st.one_of(send_indications, mutated(send_indications), st.binary(max_size=200)))
 def test_the_send_parser_agrees_with_the_python_codec(data):
     assert dataplane.parse_send(data) == stun.parse_send_indication(data)
+
+
+def test_the_parser_works_before_any_data_plane_exists():
+    """Its CRC table (FINGERPRINT) was once set up by dp_new only."""
+    code = ("from relay.net import dataplane; from relay.proto import stun; "
+            "m = stun.Message(stun.SEND, stun.INDICATION); "
+            "m.add(stun.XOR_PEER_ADDRESS, ('192.0.2.1', 9)).add(stun.DATA, b'x'); "
+            "assert dataplane.parse_send(m.encode(fingerprint=True)) == (('192.0.2.1', 9), b'x')")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
