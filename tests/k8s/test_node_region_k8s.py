@@ -2,7 +2,8 @@
 with no passwd entry, probed, and `helm install --wait` failing when it cannot start; a
 hostNetwork TurnRegion whose endpoints are the node's address and whose relay reaches the peer
 its `peers` allows and refuses one it does not; Ready following a killed relay within 5 s; a
-roll of two relays on the pod network that never leaves the region without a ready relay.
+roll of two relays on the pod network that never leaves the region without a ready relay; the
+region's PodDisruptionBudget refusing a second eviction at once.
 """
 from __future__ import annotations
 
@@ -250,3 +251,33 @@ def test_a_roll_of_two_relays_on_the_pod_network_always_has_a_ready_relay(cluste
     assert set(deleted) >= before  # the watch saw the whole roll, to the old pods' end
     assert lowest and min(lowest) >= 1, lowest
     print(f"\nready relays after each of the roll's {len(lowest)} pod events: {lowest}")
+
+
+def test_the_disruption_budget_lets_one_relay_of_two_be_evicted_at_a_time(cluster_node, operator_release):
+    """Voluntary evictions (a node drain) go through the region's PodDisruptionBudget: with two
+    relays, the first eviction passes and a second one at once is refused (429)."""
+    name = "pair"  # the two relays of the roll test, or made here
+    apply(cluster_node, REST_SECRET, {
+        "apiVersion": "turnrelay.io/v1alpha1", "kind": "TurnRegion", "metadata": {"name": name, "namespace": NAMESPACE},
+        "spec": {"region": name, "replicas": 2, "workers": 1, "drainSeconds": 3,
+                 "exposure": {"serviceType": "ClusterIP"}, "auth": {"secretName": "rest"}}})
+    wait_for(lambda: get(cluster_node, "pdb", name, "-n", NAMESPACE).get("status", {}).get("disruptionsAllowed") == 1,
+             timeout=180, what="the budget allowing one disruption (both relays Ready)")
+    core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(
+        config_file=cluster_node.cluster.admin_kubeconfig))
+    pods = ready_relays({p["metadata"]["name"]: p for p in get(
+        cluster_node, "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]})
+    assert len(pods) == 2
+
+    def evict(pod: str) -> int:
+        try:
+            core.create_namespaced_pod_eviction(pod, NAMESPACE, {
+                "apiVersion": "policy/v1beta1", "kind": "Eviction", "metadata": {"name": pod, "namespace": NAMESPACE}})
+            return 201
+        except kubernetes.client.ApiException as err:
+            return err.status
+    assert evict(pods[0]) == 201
+    assert evict(pods[1]) == 429  # the budget is spent until a replacement is Ready
+    wait_for(lambda: len(ready_relays({p["metadata"]["name"]: p for p in get(
+        cluster_node, "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]})) == 2,
+        timeout=180, what="a replacement Ready")
