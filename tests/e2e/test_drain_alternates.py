@@ -8,27 +8,10 @@ import signal
 import ssl
 
 from relay.cli.turnclient import TLS, TurnClient
-from relay.core.peers import OwnEndpoints
 from relay.proto import stun
-from relay.service.alternates import parse_alternates
 from support.accounting import HeldSession
 from support.servers import PASSWORD, REALM, USER
 from support.wire_client import WireClient, error_code
-
-
-def test_parse_alternates_skips_its_own_endpoints_host_names_and_repeats():
-    own = OwnEndpoints(local=["10.0.0.5"])
-    own.add("0.0.0.0", 3478)
-    own.add("0.0.0.0", 5349)
-    text = ("turn:10.0.0.5:3478?transport=udp\n"          # this relay, on its own address
-            "turn:10.0.0.6:3478?transport=udp\n"
-            "turn:10.0.0.6:3478?transport=tcp\n"          # the same address for TCP clients
-            "turns:10.0.0.6:5349?transport=tcp\n"
-            "turn:[2001:db8::6]\n"                        # the default port
-            "turns:turn-b.example.org:5349\n"             # no address for ALTERNATE-SERVER
-            "# a comment\n\nnot a uri\n")
-    assert parse_alternates(text, own) == ([("10.0.0.6", 3478), ("2001:db8::6", 3478)],
-                                           [("10.0.0.6", 5349)])
 
 
 def replace_file(path, text: str) -> None:
