@@ -265,7 +265,8 @@ def _error(reply: stun.Message) -> str:
 
 
 def _ms(value: Optional[float]) -> str:
-    return "-" if value is None else f"{value:.1f}"
+    # Hundredths: a round trip through a relay on this host can take less than 50 us.
+    return "-" if value is None else f"{value:.2f}"
 
 
 def table(results: Sequence[Result]) -> str:

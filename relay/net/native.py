@@ -20,7 +20,7 @@ from zope.interface import implementer
 
 from relay.core.allocation import Address, Allocation
 from relay.core.server import TurnServer
-from relay.net.dataplane import NativeDataPlane
+from relay.net.dataplane import DataPlaneError, NativeDataPlane
 from relay.net.listeners import ClientDatagramProtocol, RelayPort
 from relay.proto import stun
 
@@ -113,12 +113,18 @@ class NativeUdp:
         relays: Dict[int, Optional[int]] = {stun.FAMILY_IPV4: None, stun.FAMILY_IPV6: None}
         for family, relay in allocation.relays.items():
             assert isinstance(relay, RelayPort)
-            self.reactor.removeReader(relay)
             relays[family] = relay.fileno()
         for port in self.server.config.policy.own.ports:
             self.plane.set_own_port(port)
-        handle = self.plane.add_allocation(listener, allocation.client, relays[stun.FAMILY_IPV4],
-                                           relays[stun.FAMILY_IPV6])
+        try:
+            handle = self.plane.add_allocation(listener, allocation.client,
+                                               relays[stun.FAMILY_IPV4], relays[stun.FAMILY_IPV6])
+        except (DataPlaneError, MemoryError) as err:
+            log.warn("native data plane refused {client}'s allocation ({err}): the reactor "
+                     "relays it", client=allocation.client, err=err)
+            return
+        for relay in allocation.relays.values():
+            self.reactor.removeReader(relay)  # the data plane reads it now
         tables = allocation.tables = NativeTables(self.plane, handle, allocation)
         for ip in allocation.permissions:  # none yet from the core; kept for any opener's
             tables.permit(ip, ip not in allocation.relay_only)
