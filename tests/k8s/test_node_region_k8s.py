@@ -7,7 +7,6 @@ region's PodDisruptionBudget refusing a second eviction at once.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -18,12 +17,11 @@ from typing import Dict, Iterator, List
 
 import kubernetes
 import pytest
-import yaml
 
 from relay.cli.turnclient import UDP, TurnClient, error_code
 from relay.proto import stun
 from support.k8s_cluster import CHART, RELEASE, RELEASE_NAMESPACE, wait_for
-from support.k8s_node import Node, node
+from support.k8s_node import Node, condition, node, rest_credentials
 from support.servers import running_echo_peer, tool
 
 NAMESPACE, REGION, SECRET = "issue23", "edge", "edge-rest-secret"
@@ -39,16 +37,7 @@ def cluster_node() -> Iterator[Node]:
         yield running
 
 
-def get(cluster_node: Node, *args: str) -> dict:
-    return json.loads(cluster_node.kubectl("get", *args, "-o", "json").stdout)
 
-
-def condition(obj: dict, kind: str) -> str:
-    return next((c["status"] for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), "")
-
-
-def apply(cluster_node: Node, *objects: dict) -> None:
-    cluster_node.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
 
 
 def test_helm_install_wait_fails_when_the_operator_cannot_start(cluster_node):
@@ -61,7 +50,7 @@ def test_helm_install_wait_fails_when_the_operator_cannot_start(cluster_node):
                           "--wait", "--timeout", "45s", check=False)
     assert result.returncode != 0, result.stdout
     assert "context deadline exceeded" in result.stderr or "timed out" in result.stderr, result.stderr
-    [pod] = get(cluster_node, "pods", "-n", "broken-system")["items"]
+    [pod] = cluster_node.get("pods", "-n", "broken-system")["items"]
     assert condition(pod, "Ready") != "True"
     assert pod["status"]["containerStatuses"][0]["restartCount"] >= 1  # it did start, and exit
     cluster.helm("uninstall", "broken", "--namespace", "broken-system", "--wait")
@@ -76,7 +65,7 @@ def operator_release(cluster_node) -> Iterator[None]:
 
 
 def test_operator_pod_ready_under_a_uid_without_passwd_entry_with_probes(cluster_node, operator_release):
-    [pod] = get(cluster_node, "pods", "-n", RELEASE_NAMESPACE)["items"]
+    [pod] = cluster_node.get("pods", "-n", RELEASE_NAMESPACE)["items"]
     assert condition(pod, "Ready") == "True"
     container = pod["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
@@ -91,14 +80,6 @@ def test_operator_pod_ready_under_a_uid_without_passwd_entry_with_probes(cluster
     assert "getpwuid" not in logs
 
 
-def rest_credentials(user: str):
-    import base64
-    import hashlib
-    import hmac
-    username = f"{int(time.time()) + 3600}:{user}"
-    password = base64.b64encode(hmac.new(SECRET.encode(), username.encode(), hashlib.sha1).digest()).decode()
-    return username, password
-
 
 @pytest.fixture(scope="module")
 def region(cluster_node, operator_release) -> Iterator[dict]:
@@ -108,8 +89,8 @@ def region(cluster_node, operator_release) -> Iterator[dict]:
                      "exposure": {"hostNetwork": True, "serviceType": "ClusterIP"},
                      "auth": {"secretName": "rest"},
                      "peers": {"allowed": [f"{cluster_node.host_address}/32"]}}}
-    apply(cluster_node, REST_SECRET, body)
-    yield wait_for(lambda: condition(r := get(cluster_node, "turnregion", REGION, "-n", NAMESPACE), "Ready") == "True"
+    cluster_node.apply(REST_SECRET, body)
+    yield wait_for(lambda: condition(r := cluster_node.get("turnregion", REGION, "-n", NAMESPACE), "Ready") == "True"
                    and r, timeout=180, what="the TurnRegion Ready")
 
 
@@ -118,7 +99,7 @@ def test_host_network_endpoints_are_the_nodes_address(cluster_node, region):
     assert region["status"]["endpoints"] == [f"turn:{address}:3478?transport=udp", f"turn:{address}:3478?transport=tcp",
                                              f"turns:{address}:5349?transport=tcp"]
     assert region["status"]["endpoint"] == address
-    alternates = get(cluster_node, "configmap", f"{REGION}-alternates", "-n", NAMESPACE)
+    alternates = cluster_node.get("configmap", f"{REGION}-alternates", "-n", NAMESPACE)
     assert alternates["data"]["endpoints"].splitlines() == region["status"]["endpoints"]
 
 
@@ -143,7 +124,7 @@ def test_endpoints_relay_to_the_allowed_peer_and_refuse_another(cluster_node, re
                 assert totals and totals[-1] == (str(2 * MESSAGES), str(2 * MESSAGES)), output
     # A private address the region's peers do not allow: refused with 403, as the relay's
     # --allowed-peer-ip leaves every other private range denied.
-    username, password = rest_credentials("refused")
+    username, password = rest_credentials(SECRET, "refused")
     client = TurnClient.connect(UDP, (cluster_node.address, 3478), username, password, REGION,
                                 bind_host=cluster_node.host_address)
     try:
@@ -168,15 +149,15 @@ def first_time(check, timeout: float, what: str) -> float:
 
 
 def test_ready_follows_a_killed_relay_within_5_s(cluster_node, region):
-    [pod] = [p for p in get(cluster_node, "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={REGION}")["items"]
+    [pod] = [p for p in cluster_node.get("pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={REGION}")["items"]
              if condition(p, "Ready") == "True"]
     name = pod["metadata"]["name"]
 
     def pod_ready():
-        return condition(get(cluster_node, "pod", name, "-n", NAMESPACE), "Ready") == "True"
+        return condition(cluster_node.get("pod", name, "-n", NAMESPACE), "Ready") == "True"
 
     def region_ready():
-        return condition(get(cluster_node, "turnregion", REGION, "-n", NAMESPACE), "Ready") == "True"
+        return condition(cluster_node.get("turnregion", REGION, "-n", NAMESPACE), "Ready") == "True"
 
     os.kill(cluster_node.container_pid(name, NAMESPACE, "turnrelay"), signal.SIGKILL)
     pod_down = first_time(lambda: not pod_ready(), 60, "the pod unready")
@@ -201,8 +182,8 @@ def test_a_roll_of_two_relays_on_the_pod_network_always_has_a_ready_relay(cluste
             "metadata": {"name": name, "namespace": NAMESPACE},
             "spec": {"region": name, "replicas": 2, "workers": 1, "drainSeconds": 3,
                      "exposure": {"serviceType": "ClusterIP"}, "auth": {"secretName": "rest"}}}
-    apply(cluster_node, REST_SECRET, body)
-    wait_for(lambda: condition(get(cluster_node, "turnregion", name, "-n", NAMESPACE), "Ready") == "True",
+    cluster_node.apply(REST_SECRET, body)
+    wait_for(lambda: condition(cluster_node.get("turnregion", name, "-n", NAMESPACE), "Ready") == "True",
              timeout=180, what="two relays Ready")
     core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(
         config_file=cluster_node.cluster.admin_kubeconfig))
@@ -240,7 +221,7 @@ def test_a_roll_of_two_relays_on_the_pod_network_always_has_a_ready_relay(cluste
 
     def rolled():
         current = set(ready_relays(pods))
-        deployment = get(cluster_node, "deployment", name, "-n", NAMESPACE)["status"]
+        deployment = cluster_node.get("deployment", name, "-n", NAMESPACE)["status"]
         return (len(current) == 2 and not current & before and deployment.get("updatedReplicas") == 2
                 and deployment.get("replicas") == 2)
     wait_for(rolled, timeout=180, what="the roll to finish")
@@ -257,16 +238,16 @@ def test_the_disruption_budget_lets_one_relay_of_two_be_evicted_at_a_time(cluste
     """Voluntary evictions (a node drain) go through the region's PodDisruptionBudget: with two
     relays, the first eviction passes and a second one at once is refused (429)."""
     name = "pair"  # the two relays of the roll test, or made here
-    apply(cluster_node, REST_SECRET, {
+    cluster_node.apply(REST_SECRET, {
         "apiVersion": "turnrelay.io/v1alpha1", "kind": "TurnRegion", "metadata": {"name": name, "namespace": NAMESPACE},
         "spec": {"region": name, "replicas": 2, "workers": 1, "drainSeconds": 3,
                  "exposure": {"serviceType": "ClusterIP"}, "auth": {"secretName": "rest"}}})
-    wait_for(lambda: get(cluster_node, "pdb", name, "-n", NAMESPACE).get("status", {}).get("disruptionsAllowed") == 1,
+    wait_for(lambda: cluster_node.get("pdb", name, "-n", NAMESPACE).get("status", {}).get("disruptionsAllowed") == 1,
              timeout=180, what="the budget allowing one disruption (both relays Ready)")
     core = kubernetes.client.CoreV1Api(kubernetes.config.new_client_from_config(
         config_file=cluster_node.cluster.admin_kubeconfig))
-    pods = ready_relays({p["metadata"]["name"]: p for p in get(
-        cluster_node, "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]})
+    pods = ready_relays({p["metadata"]["name"]: p for p in cluster_node.get(
+        "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]})
     assert len(pods) == 2
 
     def evict(pod: str) -> int:
@@ -278,6 +259,6 @@ def test_the_disruption_budget_lets_one_relay_of_two_be_evicted_at_a_time(cluste
             return err.status
     assert evict(pods[0]) == 201
     assert evict(pods[1]) == 429  # the budget is spent until a replacement is Ready
-    wait_for(lambda: len(ready_relays({p["metadata"]["name"]: p for p in get(
-        cluster_node, "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]})) == 2,
+    wait_for(lambda: len(ready_relays({p["metadata"]["name"]: p for p in cluster_node.get(
+        "pods", "-n", NAMESPACE, "-l", f"app.kubernetes.io/instance={name}")["items"]})) == 2,
         timeout=180, what="a replacement Ready")

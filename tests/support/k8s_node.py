@@ -14,7 +14,10 @@ inside the namespace's private link.  Missing parts fail the tests: nothing here
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import hmac
 import json
 import os
 import pathlib
@@ -25,7 +28,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import yaml
@@ -52,6 +55,19 @@ def images() -> Dict[str, str]:
     return dict(line.split("=", 1) for line in result.stdout.split())
 
 
+def condition(obj: dict, kind: str) -> str:
+    """The status ("True", "False", "Unknown"; "" when absent) of `obj`'s condition `kind`."""
+    return next((c["status"] for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), "")
+
+
+def rest_credentials(secret: str, user: str) -> Tuple[str, str]:
+    """TURN REST API credentials for `user`, valid for an hour (the relay's rest-secret auth,
+    coturn's -W)."""
+    username = f"{int(time.time()) + 3600}:{user}"
+    password = base64.b64encode(hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()).decode()
+    return username, password
+
+
 def _run(*args: str) -> None:
     subprocess.run(args, check=True, capture_output=True)
 
@@ -74,6 +90,13 @@ class Node:
         if check and result.returncode:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stdout}{result.stderr}")
         return result
+
+    def get(self, *args: str) -> dict:
+        """`kubectl get ARGS` as a dict."""
+        return json.loads(self.kubectl("get", *args, "-o", "json").stdout)
+
+    def apply(self, *objects: dict) -> None:
+        self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(objects))
 
     def ctr(self, *args: str) -> str:
         return subprocess.run(["ctr", "--address", self.socket, "--namespace", "k8s.io", *args],
