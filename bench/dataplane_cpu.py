@@ -31,6 +31,19 @@ LOAD = r"""
 import select, socket, struct, sys, time
 listener, relays, rate, seconds = sys.argv[1], sys.argv[2].split(","), float(sys.argv[3]), float(sys.argv[4])
 host, port = listener.rsplit(":", 1)
+
+
+def drain(socks, timeout):
+    got = 0
+    for s in select.select(socks, [], [], timeout)[0]:
+        try:
+            while True:
+                s.recv(2048); got += 1
+        except BlockingIOError:
+            pass
+    return got
+
+
 clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in relays]
 for c in clients:
     c.bind(("127.0.0.1", 0)); c.setblocking(False)
@@ -54,20 +67,10 @@ while True:
         clients[k].sendto(frame, (host, int(port)))
         peer.sendto(payload, targets[k])
         sent += 1
-    for s in select.select(clients + [peer], [], [], 0.001)[0]:
-        try:
-            while True:
-                s.recv(2048); received += 1
-        except BlockingIOError:
-            pass
-drain = time.monotonic() + 0.5
-while time.monotonic() < drain:
-    for s in select.select(clients + [peer], [], [], 0.05)[0]:
-        try:
-            while True:
-                s.recv(2048); received += 1
-        except BlockingIOError:
-            pass
+    received += drain(clients + [peer], 0.001)
+until = time.monotonic() + 0.5
+while time.monotonic() < until:
+    received += drain(clients + [peer], 0.05)
 print(2 * sent, received, flush=True)
 """
 

@@ -891,6 +891,20 @@ void dp_alloc_remove(dp_t *dp, dp_alloc_t *a)
     pthread_mutex_unlock(&dp->lock);
 }
 
+/* Room for one more entry in a table of `count` entries of `size` bytes: 0 or -ENOMEM. */
+static int room_for_one(void **table, int count, int *capacity, size_t size)
+{
+    if (count < *capacity)
+        return 0;
+    int grown = *capacity ? *capacity * 2 : 4;
+    void *bigger = realloc(*table, (size_t)grown * size);
+    if (!bigger)
+        return -ENOMEM;
+    *table = bigger;
+    *capacity = grown;
+    return 0;
+}
+
 int dp_permit(dp_t *dp, dp_alloc_t *a, const unsigned char *ip, int ip_len, int native_send)
 {
     struct addr peer;
@@ -900,16 +914,7 @@ int dp_permit(dp_t *dp, dp_alloc_t *a, const unsigned char *ip, int ip_len, int 
     int err = 0;
     struct perm *p = find_perm(a, peer.family, peer.ip);
     if (!p) {
-        if (a->nperm == a->capperm) {
-            int cap = a->capperm ? a->capperm * 2 : 4;
-            struct perm *perms = realloc(a->perms, (size_t)cap * sizeof *perms);
-            if (!perms)
-                err = -ENOMEM;
-            else {
-                a->perms = perms;
-                a->capperm = cap;
-            }
-        }
+        err = room_for_one((void **)&a->perms, a->nperm, &a->capperm, sizeof *a->perms);
         if (!err) {
             p = &a->perms[a->nperm++];
             p->family = peer.family;
@@ -945,16 +950,7 @@ int dp_bind_channel(dp_t *dp, dp_alloc_t *a, int number, const unsigned char *ip
     int err = 0;
     struct chan *c = find_chan(a, number);
     if (!c) {
-        if (a->nchan == a->capchan) {
-            int cap = a->capchan ? a->capchan * 2 : 2;
-            struct chan *chans = realloc(a->chans, (size_t)cap * sizeof *chans);
-            if (!chans)
-                err = -ENOMEM;
-            else {
-                a->chans = chans;
-                a->capchan = cap;
-            }
-        }
+        err = room_for_one((void **)&a->chans, a->nchan, &a->capchan, sizeof *a->chans);
         if (!err) {
             c = &a->chans[a->nchan++];
             c->number = number;
