@@ -132,10 +132,10 @@ def test_host_network_region_is_ready_through_the_kubelets_probes(cluster_node, 
 
 
 def uclient(cluster_node: Node, peer: Tuple[str, int], user: str, *flags: str, port: int = 3478) -> str:
-    """coturn's turnutils_uclient with Send indications (-s: its channel numbers are RFC 5766's)
-    and no RTCP allocation (-c: its RESERVATION-TOKEN may reach another of the relay's workers)."""
+    """coturn's turnutils_uclient with Send indications (-s: its channel numbers are RFC 5766's),
+    an RTP/RTCP pair of allocations (EVEN-PORT, RESERVATION-TOKEN)."""
     result = subprocess.run(
-        [tool("turnutils_uclient"), "-s", "-c", *flags, "-W", SECRET, "-u", user, "-p", str(port),
+        [tool("turnutils_uclient"), "-s", *flags, "-W", SECRET, "-u", user, "-p", str(port),
          "-e", peer[0], "-r", str(peer[1]), "-n", str(MESSAGES), "-m", "1", cluster_node.address],
         capture_output=True, text=True, timeout=90)
     return result.stdout + result.stderr
@@ -153,10 +153,10 @@ def test_uclient_relays_through_the_pod_and_the_ledger_is_exact(cluster_node, re
     with running_echo_peer(cluster_node.host_address) as peer:
         output = uclient(cluster_node, peer, user, *flags, port=port)
     totals = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", output)
-    assert totals and totals[-1] == (str(MESSAGES), str(MESSAGES)), output
+    assert totals and totals[-1] == (str(2 * MESSAGES), str(2 * MESSAGES)), output
     assert "Total lost packets 0 (" in output, output
     # uclient's allocations end when it exits; the relay writes their usage within its interval.
-    wait_for(lambda: usage(ledger[0]).get(user) == (MESSAGES, MESSAGES), timeout=30,
+    wait_for(lambda: usage(ledger[0]).get(user) == (2 * MESSAGES, 2 * MESSAGES), timeout=30,
              what=f"{user}'s usage in the ledger: {usage(ledger[0]).get(user)}")
 
 
