@@ -33,12 +33,21 @@ def uclient(server, peer, *flags, port=None, user=USER, password=PASSWORD):
 ])
 def test_uclient_relays_every_message(turnrelay, echo_peer, flags):
     port = turnrelay.tls_port if "-S" in flags else turnrelay.port
-    result = uclient(turnrelay, echo_peer, *flags, port=port)
-    output = result.stdout + result.stderr
-    totals = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", output)
     # uclient opens an RTP/RTCP pair of allocations per client (EVEN-PORT + RESERVATION-TOKEN).
-    expected = MESSAGES * CLIENTS
-    assert totals and totals[-1] == (str(expected), str(expected)), output
+    expected = str(MESSAGES * CLIENTS)
+    for _ in range(3):
+        result = uclient(turnrelay, echo_peer, *flags, port=port)
+        output = result.stdout + result.stderr
+        totals = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", output)
+        relayed_all = totals and totals[-1] == (expected, expected) \
+            and "Total lost packets 0 (" in output
+        # Debian's uclient 4.6.1 opens each TLS connection with TLS 1.0, 1.1 or 1.2 picked at
+        # random (its mainuclient.c) and starts over when the relay refuses the old two; now
+        # and then that costs it a message or its whole run.  Such a run says nothing about
+        # the relay: it is run again, and only such a run.
+        if relayed_all or "alert protocol version" not in output:
+            break
+    assert totals and totals[-1] == (expected, expected), output
     assert "Total lost packets 0 (" in output, output
     assert not re.search(r"error [45]\d\d", output), output  # no STUN error response
 
