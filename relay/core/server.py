@@ -91,6 +91,8 @@ class TurnConfig:
     # CONNECTION-IDs and RESERVATION-TOKENs it issues say so (relay.core.issuer).
     worker_index: int = 0
     worker_count: int = 1
+    # A worker's min_port-max_port is its slice of the relay's range, this one (or None).
+    whole_range: Optional[Tuple[int, int]] = None
 
 
 @dataclass
@@ -665,7 +667,13 @@ class TurnServer:
             held.update(r.endpoint.address[1] for r in self.reservations.values()
                         if r.endpoint.address[0] == host)
         start = self.rng.randint(low, high)
-        for port in itertools.chain(range(start, high + 1), range(low, start)):
+        # Then, in a worker process, the other workers' slices: ports they hold fail to bind
+        # and are skipped, so an Allocate reaching a worker whose slice is full still gets
+        # a port while the range has one.
+        whole_low, whole_high = self.config.whole_range or (low, high)
+        others = itertools.chain(range(max(high + 1, whole_low), whole_high + 1),
+                                 range(whole_low, min(low, whole_high + 1)))
+        for port in itertools.chain(range(start, high + 1), range(low, start), others):
             if port not in held and not (even and port % 2):
                 yield port
 

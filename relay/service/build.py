@@ -509,6 +509,7 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
         tls_alternate_servers=tuple(options["tls-alternate-server"]),
         alternate_domain=options["alternate-domain"],
         tcp_bind_timeout=options["tcp-bind-timeout"], tcp_idle_timeout=options["tcp-idle-timeout"],
+        whole_range=(options["min-port"], options["max-port"]) if worker is not None else None,
         worker_index=worker.index if worker is not None else 0,
         worker_count=worker.count if worker is not None else 1,
     )

@@ -47,15 +47,19 @@ def get(port: int, path: str) -> Tuple[int, str, str]:
 
 
 def scrape(port: int) -> Dict[str, Dict[Labels, float]]:
-    """Every turnrelay sample of /metrics: name -> sorted labels -> value."""
+    """Every turnrelay sample of /metrics: name -> sorted labels -> value, summed over the
+    workers (PromQL's `sum without (worker)`, as a dashboard for the relay does), or for the
+    draining flag their `max`."""
     status, content_type, text = get(port, "/metrics")
     assert status == 200 and content_type.startswith("text/plain; version=0.0.4"), content_type
     samples: Dict[str, Dict[Labels, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name.startswith("turnrelay_"):
-                samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = \
-                    sample.value
+            if sample.name.startswith("turnrelay_") and sample.name != "turnrelay_worker_up":
+                labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "worker"))
+                found = samples.setdefault(sample.name, {})
+                combine = max if sample.name == "turnrelay_draining" else sum
+                found[labels] = combine((found.get(labels, 0), sample.value))
     return samples
 
 

@@ -66,7 +66,7 @@ def test_a_certificate_swapped_on_disk_is_reloaded_while_a_tls_allocation_relays
 
         round_trip(b"before the swap")
         mount(secret, "..2026_11_23_02", *second)
-        server.read_until("TLS certificate files changed: reloaded")
+        server.read_everywhere("TLS certificate files changed: reloaded")
         round_trip(b"after the swap, same connection")
         after = tls_connect(server)[2]
         assert ssl.DER_cert_to_PEM_cert(after).strip() == second[0].read_text().strip()
@@ -75,7 +75,7 @@ def test_a_certificate_swapped_on_disk_is_reloaded_while_a_tls_allocation_relays
         broken = tmp_path / "broken.pem"
         broken.write_text("not a certificate\n")
         mount(secret, "..2026_11_23_03", broken, second[1])
-        server.read_until("TLS certificate files changed but do not load, keeping the old")
+        server.read_everywhere("TLS certificate files changed but do not load, keeping the old")
         assert tls_connect(server)[2] == after
         round_trip(b"after a broken update")
     finally:
@@ -100,7 +100,7 @@ def test_sighup_rereads_peer_rules_from_the_config_file(server_factory, tmp_path
 
         config.write_text('denied-peer-ip = ["127.0.0.1"]\n')
         server.process.send_signal(signal.SIGHUP)
-        server.read_until("peer rules reloaded")
+        server.read_everywhere("peer rules reloaded")
         assert error_code(client.request(stun.CREATE_PERMISSION, (
             stun.XOR_PEER_ADDRESS, soon_denied.getsockname()))) == 403
         # Its permission is gone, both ways: what comes after a dropped datagram shows it
@@ -117,7 +117,7 @@ def test_sighup_rereads_peer_rules_from_the_config_file(server_factory, tmp_path
 
         config.write_text('denied-peer-ip = ["not an address"]\n')
         server.process.send_signal(signal.SIGHUP)
-        server.read_until("peer rules reload failed, keeping the old: --denied-peer-ip: "
+        server.read_everywhere("peer rules reload failed, keeping the old: --denied-peer-ip: "
                           "'not an address'")
         assert error_code(client.request(stun.CREATE_PERMISSION, (
             stun.XOR_PEER_ADDRESS, soon_denied.getsockname()))) == 403

@@ -88,8 +88,10 @@ def test_a_relay_blanks_old_client_addresses_and_keeps_the_usage(kind, server_fa
 
     next_second()  # the session ended before this second: 0 days ago is in the past
     lines = tmp_path / "usage.jsonl"
+    # A JSON lines file takes one process's records: the relay refuses it with workers.
     server = server_factory("--accounting", accounting, "--accounting", f"jsonl:path={lines}",
-                            "--client-address-retention", "0", tcp=False, tls=False)
+                            "--client-address-retention", "0", "--workers", "1", tcp=False,
+                            tls=False)
     server.read_until("usage backend jsonl keeps client addresses: "
                       "--client-address-retention does not apply to it")
     server.search(r"client-address retention: 1 client addresses of sessions ended before "

@@ -332,8 +332,9 @@ def test_without_a_sql_ledger_the_usage_api_says_so(tmp_path, in_reactor):  # no
     keys = in_reactor(create_accounts, accounts, ("acme", "globex"))
     (tmp_path / "mint.secret").write_text("usage-report-secret\n")
     port = free_port()
+    # A JSON lines file takes one process's records: the relay refuses it with workers.
     server = start_server("--accounting", f"jsonl:path={tmp_path / 'usage.jsonl'}",
-                          "--api-port", str(port), "--api-db", accounts, "--api-secret-file",
+                          "--workers", "1", "--api-port", str(port), "--api-db", accounts, "--api-secret-file",
                           str(tmp_path / "mint.secret"), users=(), tcp=False, tls=False,
                           state_dir=str(tmp_path / "state"))
     try:

@@ -9,6 +9,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator, List, Optional, Tuple
 
 import pytest
+
+from relay.service.host import usable_cpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -99,6 +102,16 @@ class Server:
         raise AssertionError(f"server never logged {pattern!r} within {timeout} s; log:\n"
                              + "".join(self.log))
 
+    def read_everywhere(self, needle: str, timeout: float = 20.0) -> None:
+        """Wait until every worker process has logged `needle` (the one process, without
+        workers): what each worker does by itself, such as a reload."""
+        workers = re.search(r"for (\d+) workers", "".join(self.log[:50]))
+        if workers is None:
+            self.read_until(needle, timeout)
+            return
+        for index in range(int(workers.group(1))):
+            self.search(rf"\[worker {index}\] .*{re.escape(needle)}", timeout)
+
     def usage_recorded(self, session: str, backend: Optional[str] = None,
                        timeout: float = 20.0) -> None:
         """Wait until `backend` (any, if None) has stored the end of `session`: the ledger names
@@ -111,6 +124,15 @@ class Server:
         for transport in transports:
             number = self.tls_port if transport == "tls" else self.port
             self.read_until(f"listening on {transport} [{self.host}]:{number}")
+
+    def kill(self) -> None:
+        """SIGKILL the relay whole, as a crash or a pod's SIGKILL would: its worker processes
+        (each in a process group of its own) too."""
+        for pid in re.findall(r"worker \d+ started, pid (\d+)", "".join(self.log)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        self.process.kill()
+        self.process.wait()
 
     def stop(self) -> str:
         """SIGTERM (SIGKILL after 15 s), then the whole log."""
@@ -134,7 +156,7 @@ def stop_process(process: subprocess.Popen, timeout: float = 15.0) -> None:
 def launch(args: List[str], host: str, port: int, tls_port: int,
            transports: Iterable[str] = ("udp", "tcp", "tls"), cwd: str = ROOT) -> Server:
     """`twistd turnrelay ARGS`, logging to a pipe; returned once every listener of
-    `transports` is announced, stopped if one never is."""
+    `transports` is announced and, with workers, every worker is ready; stopped if not."""
     # --log-level debug: the tests wait for each listener, worker and backend coming up.
     process = subprocess.Popen([TWISTD, "-n", "--pidfile=", "-l", "-", "turnrelay",
                                 "--log-level", "debug", *args],
@@ -142,6 +164,9 @@ def launch(args: List[str], host: str, port: int, tls_port: int,
     server = Server(process, host, port, tls_port)
     try:
         server.listening(*transports)
+        workers = re.search(r"listening on \S+ \[\S+\]:\d+ for (\d+) workers", "".join(server.log))
+        if workers:
+            server.read_until(f"all {workers.group(1)} workers ready")
     except BaseException:
         server.stop()
         raise
@@ -158,7 +183,12 @@ def start_server(*extra: str, host: str = "127.0.0.1", users=((USER, PASSWORD),)
             "--min-port", str(relay_ports[0]), "--max-port", str(relay_ports[1]),
             "--realm", REALM,
             # Stopped at once, live allocations or not; a drain test gives its own grace.
-            "--drain-grace", "0", "--workers", "1"] + (["--allow-loopback-peers"] if loopback_peers else [])
+            "--drain-grace", "0"] + (["--allow-loopback-peers"] if loopback_peers else [])
+    # The relay's default, one worker per CPU, which is what users run; two at least, so a
+    # one-CPU machine still tests the workers.  A test of the single-process mode passes
+    # --workers 1 (a later --workers wins).
+    if usable_cpus() < 2:
+        args += ["--workers", "2"]
     for name, password in users:
         args += ["--user", f"{name}:{password}"]
     for enabled, flag in ((udp, "--no-udp"), (tcp, "--no-tcp"), (tls, "--no-tls")):

@@ -115,3 +115,17 @@ def test_an_expired_reservation_is_not_given():
 def test_one_process_owns_every_token():
     harness = Harness()
     assert harness.server.reservation_owner(reserve(harness)) is None
+
+
+def test_a_worker_whose_slice_is_full_binds_a_port_of_another_slice():
+    """Ports of the other workers' slices are tried last; those they hold fail to bind."""
+    harness = Harness(min_port=50000, max_port=50000, whole_range=(49998, 50001),
+                      worker_index=1, worker_count=2)
+    harness.binder.busy.add(49998)  # another worker holds it
+    ports = []
+    for i in range(3):
+        client = harness.client("alice", address=("198.51.100.20", 40020 + i))
+        ports.append(client.allocate().get(stun.XOR_RELAYED_ADDRESS)[1])
+    assert ports[0] == 50000 and sorted(ports[1:]) == [49999, 50001]
+    last = harness.client("alice", address=("198.51.100.20", 40030))
+    assert error_code(last.allocate()) == 508
