@@ -53,7 +53,8 @@ class QuotaTracker:
     `over_quota` seam from its last reading."""
 
     def __init__(self, server: TurnServer, usage: MonthlyUsage, default_quota: int,
-                 clock: Callable[[], float] = time.time, interval: float = INTERVAL):
+                 clock: Callable[[], float] = time.time, interval: float = INTERVAL,
+                 report: Callable[[Set[str]], None] = lambda reached: None):
         self.server = server
         self.usage = usage
         self.default_quota = default_quota
@@ -65,6 +66,12 @@ class QuotaTracker:
         # accounts that have one: the accounts each reading is for
         self.quotas: Dict[str, int] = {}
         self.reached: Set[str] = set()
+        # With worker processes (relay.service.workers): `report` tells the parent this
+        # worker's verdict when it changes, and the parent keeps `elsewhere`, the accounts
+        # another worker found over, so an Allocate reaching a worker where the account was
+        # not active yet gets its 486 at once, as it would from one process.
+        self.report = report
+        self.elsewhere: Set[str] = set()
         self._failing = False
         self.service = TimerService(interval, self.poll)
         server.over_quota = self.over_quota
@@ -77,7 +84,7 @@ class QuotaTracker:
         """Asked at each Allocate and, each tick, for each allocation: so it only notes an
         account not seen yet, and one refused for its quota; `poll` notes the others."""
         account_id = account.account_id
-        if account_id in self.reached:
+        if account_id in self.reached or account_id in self.elsewhere:
             self._see(account, self.clock())
             return True
         if account_id not in self.active:  # first seen here: an Allocate
@@ -112,7 +119,7 @@ class QuotaTracker:
         since = month_start(now)
         quotas = dict(self.quotas)  # this reading's: logins while it runs may change them
         if not quotas:
-            self.reached = set()
+            self._verdict(set())
             return
         accounts = sorted(quotas)
         try:
@@ -134,6 +141,11 @@ class QuotaTracker:
             log.warn("account {account} reached its monthly quota: {used} of {quota} bytes "
                      "since {since}; new allocations get 486 and live ones are closed",
                      account=account, used=usage[account], quota=quotas[account], since=since)
+        self._verdict(reached)
+
+    def _verdict(self, reached: Set[str]) -> None:
+        if reached != self.reached:
+            self.report(reached)
         self.reached = reached
 
 

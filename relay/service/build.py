@@ -9,7 +9,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -301,7 +301,7 @@ def ledger_to_read(options: Options, backends: Dict[str, IUsageBackend]
 
 def _usage_watch(ledger: Ledger, ledger_sql: Optional[Tuple[str, SqlUsageBackend]],
                  server: TurnServer, checkers: ChainedChecker, options: Options,
-                 reactor) -> List[Service]:
+                 reactor, worker: Optional["WorkerRole"]) -> List[Service]:
     """Monthly quotas (relay.ledger.monthly_quota) and usage triggers (relay.ledger.triggers), read from the
     ledger's SQL backend; triggers also need the account database.  Every worker process runs
     both for the accounts active on it: a notice goes out once (`claim_firing`)."""
@@ -310,7 +310,10 @@ def _usage_watch(ledger: Ledger, ledger_sql: Optional[Tuple[str, SqlUsageBackend
                  "--accounting backend")
         return []
     usage = MonthlyUsage(ledger, *ledger_sql)
-    tracker = QuotaTracker(server, usage, options["monthly-quota-bytes"], clock=reactor.seconds)
+    tracker = QuotaTracker(server, usage, options["monthly-quota-bytes"], clock=reactor.seconds,
+                           report=worker.report_reached if worker is not None else lambda r: None)
+    if worker is not None:
+        tracker.elsewhere = worker.reached_elsewhere
     services = [tracker.service]
     stores = [checker.store for checker in checkers.checkers
               if isinstance(checker, AccountsChecker)]
@@ -470,6 +473,10 @@ class WorkerRole:
     shared_api: Optional[Tuple[str, int]]  # the parent's SHARED_API listener, if any
     live: Any  # the memory every worker marks its live relayed addresses in (LiveRelays)
     sources: Any  # the memory the workers count connections per client address in
+    # Monthly quotas: this worker's accounts over theirs, to the parent, and the set of those
+    # the parent says some worker found over (relay.ledger.monthly_quota).
+    report_reached: Callable[[Set[str]], None]
+    reached_elsewhere: Set[str]
     inbox: socket.socket  # where other workers hand it connections (relay.net.handoff)
     outboxes: List[socket.socket]  # every worker's inbox, by index
 
@@ -555,7 +562,7 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
         ClientAddressRetention(backends, options["client-address-retention"],
                                reactor).setServiceParent(service)
     ledger_sql = ledger_to_read(options, backends)
-    for watch in _usage_watch(ledger, ledger_sql, server, checkers, options, reactor):
+    for watch in _usage_watch(ledger, ledger_sql, server, checkers, options, reactor, worker):
         watch.setServiceParent(service)
     if worker is None:
         def sockets() -> List[Tuple[str, socket.socket]]:

@@ -131,6 +131,18 @@ class AccountShare(amp.Command):
     requiresAnswer = False
 
 
+class QuotaReached(amp.Command):
+    """Worker to parent: the accounts it now finds over their monthly quota."""
+    arguments = [(b"accounts", amp.ListOf(amp.Unicode()))]
+    requiresAnswer = False
+
+
+class QuotaElsewhere(amp.Command):
+    """Parent to worker: the accounts some worker finds over their monthly quota."""
+    arguments = [(b"accounts", amp.ListOf(amp.Unicode()))]
+    requiresAnswer = False
+
+
 class Scrape(amp.Command):
     """Parent to worker: its metrics, compressed (an AMP value holds at most 64 KiB)."""
     response = [(b"metrics", amp.String())]
@@ -198,6 +210,12 @@ class _ParentSide(_Control):
         # look again a moment later before refusing.
         return deferLater(self.supervisor.reactor, RELEASE_IN_FLIGHT, look)
 
+    @QuotaReached.responder
+    def quota_reached(self, accounts: List[str]) -> dict:
+        if not self.gone:
+            self.supervisor.quota_reached(self.key, set(accounts))
+        return {}
+
     @ReleasePlace.responder
     def release(self, reservation: int) -> dict:
         place = self.supervisor.book.release(self.key, reservation)
@@ -210,6 +228,7 @@ class _ParentSide(_Control):
         # Nothing more can come from this worker: its allocations are gone with it.
         self.gone = True
         self.supervisor.share_limits(self.supervisor.book.forget(self.key))
+        self.supervisor.quota_reached(self.key, set())
 
 
 class _WorkerProcess(ProcessProtocol):
@@ -276,6 +295,7 @@ class Supervisor(OrderlyStop):
         self.workdir = os.getcwd()
         self.sockets: ListenerSockets = []
         self.inboxes: List[Tuple[socket.socket, socket.socket]] = []  # (send end, read end)
+        self.reached: Dict[int, Set[str]] = {}  # worker run -> accounts it finds over quota
         self.processes: Dict[int, _WorkerProcess] = {}
         self.quick_deaths = [0] * self.count
         self.all_ended: Optional[Deferred] = None
@@ -359,6 +379,9 @@ class Supervisor(OrderlyStop):
         process = self.processes[index]
         process.ready = True
         log.debug("worker {index} (pid {pid}) ready", index=index, pid=process.pid)
+        reached = set().union(*self.reached.values())
+        if reached:  # what it missed of the monthly quotas while it started
+            process.control.callRemote(QuotaElsewhere, accounts=sorted(reached))
         if process.reload_missed:  # SIGHUP came while it started: it may have missed it
             self._signal(process, signal.SIGHUP)
         if self.ready_count() == self.count:
@@ -399,6 +422,18 @@ class Supervisor(OrderlyStop):
         log.error("worker {index} (pid {pid}) died after {lived:.1f} s: {how}; restarting it in "
                   "{wait} s", index=index, pid=process.pid, lived=lived, how=how, wait=wait)
         self.reactor.callLater(wait, self._spawn, index)
+
+    def quota_reached(self, run: int, accounts: Set[str]) -> None:
+        """A worker's monthly-quota verdict changed: every worker hears the union."""
+        before = set().union(*self.reached.values())
+        if accounts:
+            self.reached[run] = accounts
+        else:
+            self.reached.pop(run, None)
+        now = set().union(*self.reached.values())
+        if now != before:
+            for process in self.processes.values():
+                process.control.callRemote(QuotaElsewhere, accounts=sorted(now))
 
     def share_limits(self, accounts: Set[str]) -> None:
         """Tell every worker its part of these accounts' --account-max-bps/pps, which follow
@@ -582,11 +617,18 @@ class _WorkerSide(_Control):
     def __init__(self, reactor):
         super().__init__()
         self.reactor = reactor
+        self.reached_elsewhere: Set[str] = set()  # the parent's QuotaElsewhere
 
     @AccountShare.responder
     def account_share(self, account: str, share: float) -> dict:
         if self.service is not None:
             self.service.server.set_account_share(account, share)
+        return {}
+
+    @QuotaElsewhere.responder
+    def quota_elsewhere(self, accounts: List[str]) -> dict:
+        self.reached_elsewhere.clear()
+        self.reached_elsewhere.update(accounts)
         return {}
 
     @Scrape.responder
@@ -662,7 +704,10 @@ def main() -> None:
             parent_endpoints=[(host, int(port)) for host, port in
                               (endpoint.split() for endpoint in answer["endpoints"])],
             shared_api=(api[0], int(api[1])) if api else None, live=live, sources=sources,
-            inbox=inbox, outboxes=outboxes)
+            inbox=inbox, outboxes=outboxes,
+            report_reached=lambda accounts: control.callRemote(QuotaReached,
+                                                               accounts=sorted(accounts)),
+            reached_elsewhere=control.reached_elsewhere)
         try:
             service = relay_service(options, reactor, role)
             service.privilegedStartService()
