@@ -220,6 +220,10 @@ def test_connection_limits_show_in_the_metrics(server_factory):
     server, port = with_metrics(server_factory, "--source-connection-quota", "2", udp=False,
                                 tls=False)
     held = [socket.create_connection((server.host, server.port), timeout=5) for _ in range(2)]
+    for connection in held:  # accepted, by whichever worker, before the third comes
+        binding = stun.Message(stun.BINDING, stun.REQUEST)
+        connection.sendall(binding.encode())
+        assert stun.parse(connection.recv(1000)).transaction_id == binding.transaction_id
     with socket.create_connection((server.host, server.port), timeout=5) as third:
         try:
             assert third.recv(1) == b""  # reset (or closed) before a byte: over the quota
