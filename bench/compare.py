@@ -400,6 +400,20 @@ class UdpClients:
                 self.errors += 1
                 self.send(s, method)
 
+    def cycles(self, seconds: float, limit: Optional[int] = None) -> int:
+        """Allocate+Refresh(0) cycles, each by a new client, for `seconds` or until `limit`
+        cycles are done; how many were.  The clients' first Allocates must have been sent."""
+        done = 0
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and (limit is None or done < limit):
+            for s, method in self.answers(0.5):
+                if method == stun.ALLOCATE:
+                    self.send(s, stun.REFRESH)
+                else:
+                    done += 1
+                    self.send(self.replace(s), stun.ALLOCATE)
+        return done
+
     def close(self) -> None:
         for s in self.socks:
             s.close()
@@ -416,22 +430,11 @@ def allocation_figures(server: Server, args) -> Dict[str, float]:
     for s in clients.socks:
         clients.send(s, stun.ALLOCATE)
 
-    def cycles_for(seconds: float) -> int:
-        cycles = 0
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            for s, method in clients.answers(0.5):
-                if method == stun.ALLOCATE:
-                    clients.send(s, stun.REFRESH)
-                else:
-                    cycles += 1
-                    clients.send(clients.replace(s), stun.ALLOCATE)
-        return cycles
-    cycles_for(1.0)  # warm-up: every client has its nonce
+    clients.cycles(1.0)  # warm-up: every client has its nonce
     clients.errors = 0
     before = cpu_ns(server.pid)
     start = time.monotonic()
-    cycles = cycles_for(args.seconds)
+    cycles = clients.cycles(args.seconds)
     elapsed = time.monotonic() - start
     used = cpu_ns(server.pid) - before
     clients.close()

@@ -94,14 +94,7 @@ def allocate_cycles(server: compare.Server, cycles: int) -> None:
         clients.send(s, compare.stun.ALLOCATE)
 
     def run(count: int) -> None:
-        done, deadline = 0, time.monotonic() + 120
-        while done < count and time.monotonic() < deadline:
-            for s, method in clients.answers(0.5):
-                if method == compare.stun.ALLOCATE:
-                    clients.send(s, compare.stun.REFRESH)
-                else:
-                    done += 1
-                    clients.send(clients.replace(s), compare.stun.ALLOCATE)
+        done = clients.cycles(120, count)
         if done < count:
             raise SystemExit(f"only {done} of {count} cycles in 120 s")
     try:
