@@ -5,6 +5,7 @@ import subprocess
 import pytest
 
 from support.servers import PASSWORD, USER, running_echo_peer, tool
+from support.uclient import relayed_all
 
 MESSAGES, CLIENTS = 20, 2
 # uclient picks channel numbers in RFC 5766's range, beyond RFC 8656's 0x4FFF.
@@ -34,22 +35,17 @@ def uclient(server, peer, *flags, port=None, user=USER, password=PASSWORD):
 def test_uclient_relays_every_message(turnrelay, echo_peer, flags):
     port = turnrelay.tls_port if "-S" in flags else turnrelay.port
     # uclient opens an RTP/RTCP pair of allocations per client (EVEN-PORT + RESERVATION-TOKEN).
-    expected = str(MESSAGES * CLIENTS)
     for _ in range(3):
         result = uclient(turnrelay, echo_peer, *flags, port=port)
         output = result.stdout + result.stderr
-        totals = re.findall(r"tot_send_msgs=(\d+), tot_recv_msgs=(\d+)", output)
-        relayed_all = totals and totals[-1] == (expected, expected) \
-            and "Total lost packets 0 (" in output
+        relayed = relayed_all(output, MESSAGES * CLIENTS)
         # Debian's uclient 4.6.1 opens each TLS connection with TLS 1.0, 1.1 or 1.2 picked at
         # random (its mainuclient.c) and starts over when the relay refuses the old two; now
         # and then that costs it a message or its whole run.  Such a run says nothing about
         # the relay: it is run again, and only such a run.
-        if relayed_all or "alert protocol version" not in output:
+        if relayed or "alert protocol version" not in output:
             break
-    assert totals and totals[-1] == (expected, expected), output
-    assert "Total lost packets 0 (" in output, output
-    assert not re.search(r"error [45]\d\d", output), output  # no STUN error response
+    assert relayed, output
 
 
 def test_uclient_ipv6_relay_and_dont_fragment(server_factory):
@@ -58,9 +54,7 @@ def test_uclient_ipv6_relay_and_dont_fragment(server_factory):
     with running_echo_peer("::1") as peer:
         result = uclient(server, peer, "-x", "-g")
     output = result.stdout + result.stderr
-    expected = MESSAGES * CLIENTS
-    assert f"tot_send_msgs={expected}, tot_recv_msgs={expected}" in output, output
-    assert "Total lost packets 0 (" in output, output
+    assert relayed_all(output, MESSAGES * CLIENTS), output
     assert "relay=::1:" in server.stop()
 
 
@@ -88,10 +82,7 @@ def test_uclient_client_to_client_over_tcp_relays(turnrelay, tls):
             "-u", USER, "-w", PASSWORD, "-n", str(MESSAGES), "-m", str(CLIENTS), turnrelay.host]
     result = subprocess.run(args, capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
-    expected = MESSAGES * CLIENTS
-    assert f"tot_send_msgs={expected}, tot_recv_msgs={expected}" in output, output
-    assert "Total lost packets 0 (" in output, output
-    assert not re.search(r"error [45]\d\d", output), output
+    assert relayed_all(output, MESSAGES * CLIENTS), output
     log = turnrelay.stop()
     assert re.search(rf"transport={'tls' if tls else 'tcp'} relay=tcp:127\.0\.0\.1:\d+", log), log
     assert "tcp connect user=alice" in log, log
