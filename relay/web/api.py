@@ -25,7 +25,8 @@ Answers, in the order they are decided; every error is JSON `{"code": N, "messag
 - 404 when the path names an account other than the one authenticated, whether it exists or
   not.  Checking the key first and answering "not yours" and "not there" alike means no
   caller learns which accounts exist: an anonymous one only ever sees 401.
-- POST: 400 naming the field for a bad `ttl`, `label`, `region` or `client_ip` (413 for a
+- POST: 400 naming the field for a bad `ttl`, `label`, `region`, `regions` (how many
+  regions' ICE servers to return, 2 by default) or `client_ip` (413 for a
   body over 64 KiB, 415 for one neither form nor JSON), 503 when every region is draining or
   not ready, then 403 for a suspended account.  The ICE servers are those of the region
   `relay.web.regions.choose` picks, then those of the next nearest (docs/regions.md).
@@ -71,7 +72,8 @@ log = Logger(namespace="turnrelay.api")
 
 DEFAULT_TTL = 86400
 FAILED_KEY_BURST = 10
-FIELDS = ("ttl", "label", "region", "client_ip")
+FIELDS = ("ttl", "label", "region", "client_ip", "regions")
+DEFAULT_REGIONS, MAX_REGIONS = 2, 10  # regions an answer carries: the first and a fallback
 # A label ends up in the username, hence in STUN messages, logs and the DELETE URL.
 _LABEL = re.compile(r"[A-Za-z0-9._~@-]{1,64}")
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,20}")
@@ -97,6 +99,17 @@ def parse_ttl(value: Any, max_ttl: int) -> int:
     if not 1 <= ttl <= max_ttl:
         raise ApiError(400, f"ttl: must be from 1 to {max_ttl} seconds")
     return ttl
+
+
+def parse_regions(value: Any) -> int:
+    """How many regions' ICE servers to return, DEFAULT_REGIONS when not given."""
+    if value is None:
+        return DEFAULT_REGIONS
+    if isinstance(value, bool) or not (
+            isinstance(value, int) or isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value)) \
+            or not 1 <= int(value) <= MAX_REGIONS:
+        raise ApiError(400, f"regions: expected a whole number from 1 to {MAX_REGIONS}")
+    return int(value)
 
 
 def check_label(value: Any) -> Optional[str]:
@@ -237,7 +250,18 @@ class TokensAPI(Resource):
         fields = request_fields(request, FIELDS)
         ttl = parse_ttl(fields.get("ttl"), self.max_ttl)
         label = check_label(fields.get("label"))
+        count = parse_regions(fields.get("regions"))
         choice = self._choose(fields, request)
+        body = await self.credential(account_id, ttl, label, choice, count)
+        location = f"/v1/accounts/{quote(account_id, safe='')}/tokens/" \
+                   f"{quote(body['username'], safe=':')}"
+        return Reply(201, body, {b"location": location.encode("ascii")})
+
+    async def credential(self, account_id: str, ttl: int, label: Optional[str], choice: Choice,
+                         count: int) -> Dict[str, Any]:
+        """A fresh credential of the account with the ICE servers of the first `count` regions
+        of `choice`, flat in `ice_servers` and per region in `regions`; 403 for a suspended
+        account."""
         record = await self.store.get_account(account_id)
         if record is None:  # deleted since its key was checked
             raise _not_yours(account_id)
@@ -245,17 +269,18 @@ class TokensAPI(Resource):
             raise ApiError(403, f"account {account_id!r} is {record.status}")
         now = self.clock()
         username, password = mint(self.secret, account_id, ttl, now, label)
+        regions = [{"name": name, "ice_servers": self.regions[name].ice_servers(username, password)}
+                   for name in choice.order[:count]]
         body = {"account": account_id, "username": username, "password": password, "ttl": ttl,
                 "date_created": rfc3339(int(now)),
                 "date_expires": rfc3339(parse_username(username).expires),
                 "region": choice.first, "region_reason": choice.reason,
                 "fallback_region": choice.second,
-                "ice_servers": [server for name in (choice.first, choice.second) if name
-                                for server in self.regions[name].ice_servers(username, password)]}
+                "ice_servers": [server for region in regions for server in region["ice_servers"]],
+                "regions": regions}
         if choice.note:
             body["region_note"] = choice.note
-        location = f"/v1/accounts/{quote(account_id, safe='')}/tokens/{quote(username, safe=':')}"
-        return Reply(201, body, {b"location": location.encode("ascii")})
+        return body
 
     async def _revoke(self, request: Request, account_id: str, username: str) -> Reply:
         """Revoke until the username's own expiry, after which it is refused anyway."""

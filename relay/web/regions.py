@@ -177,11 +177,14 @@ class NoRegionServing(Exception):
 class Choice:
     """The region a credential's ICE servers come from first, the one after it (None when no
     other region serves), why (`geoip`, `pinned` or `default`) and, when the answer is not
-    what was asked for, a note saying so."""
+    what was asked for, a note saying so.  `order` is every serving region in the order
+    they are handed out (first, second, then the rest by the same distance), for a client
+    that measures several before it picks (the tokens API's `regions=N`, /v1/ice.js)."""
     first: str
     second: Optional[str]
     reason: str
     note: Optional[str] = None
+    order: Tuple[str, ...] = ()
 
 
 def _by_distance(regions: Mapping[str, Region], point: Optional[Point]) -> List[str]:
@@ -223,4 +226,4 @@ def choose(regions: Mapping[str, Region], default: str, requested: Optional[str]
         rest = _by_distance({name: regions[name] for name in order[1:]},
                             regions[order[0]].location)
         order[1:] = rest
-    return Choice(order[0], order[1] if len(order) > 1 else None, reason, note)
+    return Choice(order[0], order[1] if len(order) > 1 else None, reason, note, tuple(order))

@@ -100,6 +100,26 @@ def test_region_pins(api) -> None:
     assert (auto["region"], auto["region_reason"]) == ("eu-west", "geoip")
 
 
+def test_regions_n_returns_that_many_regions_each_with_its_servers(api) -> None:
+    token = mint(api, client_ip=address("paris"), regions="3").body
+    assert [region["name"] for region in token["regions"]] == ["eu-west", "us-east", "ap-south"]
+    assert (token["region"], token["fallback_region"]) == ("eu-west", "us-east")
+    for region in token["regions"]:
+        assert [s["urls"].split(":")[1] for s in region["ice_servers"]] == \
+            [HOSTS[region["name"]]] * 4
+    assert token["ice_servers"] == [s for region in token["regions"]
+                                    for s in region["ice_servers"]]
+    assert [r["name"] for r in mint(api, client_ip=address("paris"), regions="10").body[
+        "regions"]] == ["eu-west", "us-east", "ap-south", "us-west"]
+    one = mint(api, client_ip=address("paris"), regions="1").body
+    assert hosts(one) == [HOSTS["eu-west"]] and one["fallback_region"] == "us-east"
+    assert len(mint(api, client_ip=address("paris")).body["regions"]) == 2  # the default
+    for bad in ("0", "11", "two"):
+        refused = mint(api, regions=bad)
+        assert (refused.status, refused.body["message"]) == \
+            (400, "regions: expected a whole number from 1 to 10"), bad
+
+
 def test_bad_fields_are_named(api) -> None:
     bad_ip = mint(api, client_ip="paris")
     assert (bad_ip.status, bad_ip.body["message"]) == \

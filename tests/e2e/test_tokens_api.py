@@ -99,7 +99,7 @@ def test_a_token_relays_and_its_revocation_ends_it(api):
     username, password = token["username"], token["password"]
     assert set(token) == {"account", "username", "password", "ttl", "date_created",
                           "date_expires", "region", "region_reason", "fallback_region",
-                          "region_note", "ice_servers"}
+                          "region_note", "ice_servers", "regions"}
     assert (token["account"], token["ttl"], token["region"]) == ("acme", 600, "default")
     # Three regions and no GeoIP database: the relay's own, then the others by name.
     assert (token["region_reason"], token["fallback_region"], token["region_note"]) == (

@@ -89,6 +89,15 @@ def test_every_continent_gets_its_nearest_region_then_the_next(regions, geoip, c
         (CITIES[city][3], CITIES[city][4], "geoip", None)
 
 
+def test_the_order_holds_every_serving_region_first_and_fallback_first(regions, geoip) -> None:
+    choice = choose(regions, "us-east", "auto", geoip.locate(address("paris")))
+    assert choice.order == ("eu-west", "us-east", "ap-south", "us-west")  # Mumbai, then Oregon
+    pinned = choose(regions, "us-east", "ap-south", (48.86, 2.35))
+    assert pinned.order == ("ap-south", "eu-west", "us-west", "us-east")  # from Mumbai
+    down = {**regions, "us-east": replace(regions["us-east"], draining=True)}
+    assert choose(down, "us-east", "auto", None).order == ("us-west", "eu-west", "ap-south")
+
+
 def test_auto_is_the_default_with_more_than_one_region(regions, geoip) -> None:
     assert choose(regions, "us-east", None, geoip.locate(address("paris"))).first == "eu-west"
     only = {"home": Region("turn.example.org")}
