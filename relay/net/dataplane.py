@@ -15,8 +15,10 @@ from typing import Any, Dict, Optional, Tuple
 
 try:
     from relay.net._dataplane import ffi, lib
-except ImportError:  # not built (no compiler at install time): the Python data plane runs
+    _MISSING = ""
+except ImportError as _err:  # not built (no compiler at install time): the Python data plane runs
     ffi = lib = None
+    _MISSING = str(_err)
 
 Address = Tuple[str, int]
 QUEUE_CAPACITY = 4096  # datagrams waiting for Python; beyond, dropped and counted
@@ -29,6 +31,11 @@ _MAX_DATAGRAM = 65536
 def available() -> bool:
     """Whether the native module was built for this interpreter."""
     return lib is not None
+
+
+def missing() -> str:
+    """Why the native module could not be loaded (the ImportError), or "" once it is."""
+    return _MISSING
 
 
 def _ip(host: str) -> bytes:

@@ -104,7 +104,7 @@ def banner(options: Options, workers: int, listeners: List[Listener],
                        for ip in relay_ips.values())
     lines = [f"{SOFTWARE} ready: {f'{workers} workers' if workers > 1 else '1 process'} "
              f"({platform.python_implementation()} {platform.python_version()}, data plane "
-             f"{options['dataplane']}), realm "
+             f"{options['dataplane']}: {options['dataplane-why']}), realm "
              f"{options['realm'] or socket.getfqdn()}",
              f"listening: {_listeners(listeners)}",
              f"relaying from: {relays}, ports {options['min-port']}-{options['max-port']}",

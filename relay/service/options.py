@@ -251,9 +251,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["log-level", None, "info", "What the log shows: debug (every listener, worker and "
                                     "backend as it starts), info (a start banner, "
                                     "allocations, reloads), warn or error"],
-        ["dataplane", None, "python", "What relays UDP clients' datagrams: native (a C thread "
-                                      "per process, relay/net/dataplane.c, where it was built) "
-                                      "or python"],
+        ["dataplane", None, None, "What relays UDP clients' datagrams: native (a C thread "
+                                  "per process, relay/net/dataplane.c) or python (the "
+                                  "reactor) [default: native where its module was built, "
+                                  "python otherwise]"],
         ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
                                      "parameter: [regions.NAME] host=..., port=3478, "
                                      "tls-port=5349, latitude=..., longitude=..., ready=true, "
@@ -323,12 +324,7 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 self[name] = [_port(p) for p in self[name]] or default
             except ValueError:
                 _fail(name, f"{self[name]} is not a list of port numbers")
-        if self["dataplane"] not in ("native", "python"):
-            _fail("dataplane", f"{self['dataplane']!r} is neither native nor python")
-        if self["dataplane"] == "native":
-            if not dataplane.available():
-                _fail("dataplane", "native: relay/net/_dataplane was not built for this "
-                                   "interpreter (pip install . builds it with a C compiler)")
+        self._choose_dataplane()
         if self["dtls"] and not self["no-udp"] and \
                 set(self["dtls-listening-port"]) & set(self["listening-port"]):
             _fail("dtls-listening-port", "a UDP port cannot serve both TURN over UDP and DTLS")
@@ -431,6 +427,23 @@ class Options(strcred.AuthOptionMixin, usage.Options):
             if hasattr(checker, "strict_expiry"):
                 checker.strict_expiry = bool(self["strict-expiry"])
         return checkers
+
+    def _choose_dataplane(self) -> None:
+        """--dataplane, and why it runs (`dataplane-why`, for the banner): native by default
+        where its module was built, python otherwise; native asked for without it is refused."""
+        if self["dataplane"] is None:
+            if dataplane.available():
+                self["dataplane"], self["dataplane-why"] = "native", "the default"
+            else:
+                self["dataplane"] = "python"
+                self["dataplane-why"] = f"native module not built ({dataplane.missing()})"
+            return
+        if self["dataplane"] not in ("native", "python"):
+            _fail("dataplane", f"{self['dataplane']!r} is neither native nor python")
+        if self["dataplane"] == "native" and not dataplane.available():
+            _fail("dataplane", "native: relay/net/_dataplane was not built for this "
+                               "interpreter (pip install . builds it with a C compiler)")
+        self["dataplane-why"] = "chosen by --dataplane"
 
     def peer_rules_now(self) -> Dict[str, List[str]]:
         """The peer rules (`PEER_RULES`) as the --config file has them now, for a SIGHUP; those

@@ -1,7 +1,7 @@
-"""`--dataplane native` with two workers, as a user would run it: coturn's uclient relays every
-message through the native data plane (its own counters say it relayed them, Python did
-not), and the relay's metrics count the same bytes.  The rest of the interop suite runs on it
-too: scripts/test.sh runs it again with TURNRELAY_TEST_DATAPLANE=native.
+"""The native data plane, the default with the workers, as a user runs it: coturn's uclient
+relays every message through it (its own counters say it relayed them, Python did not), and
+the relay's metrics count the same bytes.  The whole suite runs on it; scripts/test.sh runs
+the UDP interop tests again with TURNRELAY_TEST_DATAPLANE=python, the reference path.
 """
 import http.client
 import re
@@ -27,12 +27,12 @@ def samples(port: int, name: str) -> Dict[tuple, float]:
             if s.name == name}
 
 
-def test_uclient_through_the_native_data_plane_of_two_workers(server_factory, echo_peer):
+def test_uclient_through_the_default_native_data_plane(server_factory, echo_peer, monkeypatch):
+    monkeypatch.delenv("TURNRELAY_TEST_DATAPLANE", raising=False)  # the default, whatever the run
     metrics = free_port()
-    server = server_factory("--rfc5766-channels", "--dataplane", "native", "--workers", "2",
-                            "--prometheus", "--prometheus-port", str(metrics))
+    server = server_factory("--rfc5766-channels", "--prometheus", "--prometheus-port", str(metrics))
     server.read_until(f"metrics listening on http [127.0.0.1]:{metrics}")
-    server.search(r"ready: 2 workers \(CPython [0-9.]+, data plane native\)")
+    server.search(r"ready: \d+ workers \(CPython [0-9.]+, data plane native: the default\)")
     for flags in ((), ("-s",)):  # channels, then Send/Data indications
         # -c: no RTCP pair, whose RESERVATION-TOKEN may reach the other worker (508).
         result = subprocess.run(

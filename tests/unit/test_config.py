@@ -3,6 +3,7 @@ import subprocess
 
 import pytest
 
+from relay.net import dataplane
 from relay.service.options import Options
 from support.servers import TWISTD
 
@@ -19,6 +20,24 @@ def test_defaults():
     assert (options["min-port"], options["max-port"]) == (49152, 65535)
     assert options["tls-min-version"] == options["tls-max-version"] == "1.2"
     assert options["checkers"] == []
+
+
+def test_the_native_data_plane_runs_by_default_where_it_was_built(monkeypatch):
+    options = parse()
+    assert (options["dataplane"], options["dataplane-why"]) == ("native", "the default")
+    options = parse("--dataplane", "python")
+    assert (options["dataplane"], options["dataplane-why"]) == ("python", "chosen by --dataplane")
+    # An install without the module (no compiler, an interpreter it was not built for).
+    monkeypatch.setattr(dataplane, "available", lambda: False)
+    monkeypatch.setattr(dataplane, "missing", lambda: "No module named 'relay.net._dataplane'")
+    options = parse()
+    assert options["dataplane"] == "python"
+    assert options["dataplane-why"] == \
+        "native module not built (No module named 'relay.net._dataplane')"
+    with pytest.raises(SystemExit) as exit_:
+        parse("--dataplane", "native")
+    assert str(exit_.value.code).startswith("turnrelay: --dataplane: native: relay/net/_dataplane "
+                                            "was not built for this interpreter")
 
 
 def test_toml_file_takes_the_same_names_and_the_command_line_wins(tmp_path):
