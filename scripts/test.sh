@@ -40,9 +40,10 @@ export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 status=0
 .venv/bin/python -m pytest "$@" || status=$?
 if [ "$#" -eq 0 ]; then
-    # The UDP interop tests once more on the native data plane (--dataplane native), then on a
-    # build of it with AddressSanitizer and UndefinedBehaviorSanitizer.
-    TURNRELAY_TEST_DATAPLANE=native .venv/bin/python -m pytest -q tests/e2e/test_coturn_clients.py \
+    # The suite ran on the default, the native data plane: the UDP interop tests once more on
+    # the pure-Python reference path (--dataplane python), then on a build of the native one
+    # with AddressSanitizer and UndefinedBehaviorSanitizer.
+    TURNRELAY_TEST_DATAPLANE=python .venv/bin/python -m pytest -q tests/e2e/test_coturn_clients.py \
         tests/e2e/test_aioice_client.py tests/e2e/test_accounting.py \
         tests/e2e/test_metrics_health.py tests/e2e/test_limits.py \
         tests/e2e/test_own_allocations.py tests/e2e/test_workers.py -k "not tcp and not tls" \
