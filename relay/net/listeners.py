@@ -504,7 +504,11 @@ def adopt_datagram_socket(reactor: IReactorSocket, sock: socket.socket,
                           protocol: DatagramProtocol) -> object:
     """Hand a bound UDP socket to the reactor, which keeps its own duplicate descriptor."""
     try:
-        return reactor.adoptDatagramPort(sock.fileno(), sock.family, protocol, MAX_DATAGRAM)
+        port = reactor.adoptDatagramPort(sock.fileno(), sock.family, protocol, MAX_DATAGRAM)
+        # PyPy's socket.fromfd, which the reactor calls, makes the descriptor blocking, and
+        # the duplicate shares that flag: one recvfrom too many would then hang the reactor.
+        sock.setblocking(False)
+        return port
     finally:
         sock.close()
 

@@ -91,6 +91,7 @@ class NativeUdp:
     def listen(self, sock: socket.socket, protocol: ClientDatagramProtocol) -> NativeListener:
         """Serve the bound UDP socket `sock` through the data plane; it stays open here, for
         the replies the core sends through it."""
+        sock.setblocking(False)  # a worker's inherited socket is blocking on PyPy
         listener = self.plane.add_listener(sock.fileno())
         protocol._sendto = sock.sendto  # what startProtocol sets on a reactor's port
         self.protocols[listener] = protocol

@@ -38,7 +38,9 @@ def adopt_stream_socket(reactor, sock: socket.socket, factory: Factory) -> IList
     """Listen on a bound stream socket through the reactor, which keeps its own copy."""
     sock.listen(1024)
     try:
-        return reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+        port = reactor.adoptStreamPort(sock.fileno(), sock.family, factory)
+        sock.setblocking(False)  # as adopt_datagram_socket: PyPy's fromfd made it blocking
+        return port
     finally:
         sock.close()
 
