@@ -9,10 +9,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 from relay.storage.accounts import check_account_id
+
+# A label ends up in the username, hence in STUN messages, logs and the DELETE URL.
+_LABEL = re.compile(r"[A-Za-z0-9._~@-]{1,64}")
+
+
+def valid_label(label: Any) -> str:
+    """`label` itself when it can end a username, ValueError otherwise."""
+    if not (isinstance(label, str) and _LABEL.fullmatch(label)):
+        raise ValueError("expected 1 to 64 letters, digits or . _ ~ @ -")
+    return label
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable, NoReturn, Optional, Sequence
 
 from twisted.internet import defer, task
 
-from relay.auth.tokens import mint, parse_username
+from relay.auth.tokens import mint, parse_username, valid_label
 from relay.cli import probe
 from relay.ledger.pricing import RateError, parse_utc, rates_from_options
 from relay.ledger.report import GROUPS, NoLedger, UsageReader
@@ -28,6 +28,12 @@ from relay.storage.accounts import (
     AccountStore,
     UnknownAccount,
     check_account_id,
+)
+from relay.storage.browser_keys import (
+    DEFAULT_MAX_TTL,
+    DEFAULT_REQUESTS_PER_MINUTE,
+    check_key_id,
+    check_origin,
 )
 from relay.util.secretfile import read_secrets
 from relay.util.timefmt import rfc3339
@@ -146,6 +152,32 @@ async def _account_list(store: AccountStore, args: argparse.Namespace) -> None:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4])
 
 
+async def _browser_key_add(store: AccountStore, args: argparse.Namespace) -> None:
+    key, record = await store.add_browser_key(args.account, args.origin, args.name,
+                                              args.max_ttl, args.requests_per_minute)
+    print(key, flush=True)
+    _note(f"browser key {record.key_id} of {args.account!r} is above: web pages of "
+          f"{', '.join(record.origins)} may use it to fetch ICE servers; it will not be shown "
+          f"again (`turnrelay browser-key revoke {record.key_id}` to revoke it)")
+
+
+async def _browser_key_list(store: AccountStore, args: argparse.Namespace) -> None:
+    rows = [("KEY ID", "ACCOUNT", "NAME", "MAX TTL", "PER MINUTE", "CREATED", "ORIGINS")]
+    rows += [(k.key_id, k.account_id, k.name, str(k.max_ttl), str(k.requests_per_minute),
+              rfc3339(k.created_at), " ".join(k.origins))
+             for k in await store.browser_keys(args.account)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+
+
+async def _browser_key_revoke(store: AccountStore, args: argparse.Namespace) -> None:
+    if not await store.revoke_browser_key(args.key_id):
+        raise Refused(f"no browser key {args.key_id} in the database")
+    print(f"revoked browser key {args.key_id}: web pages can no longer use it; credentials it "
+          "minted expire on their own")
+
+
 async def _token(store: Optional[AccountStore], args: argparse.Namespace) -> None:
     secret = read_secrets(args.secret_file)[0]
     if store is not None:
@@ -212,6 +244,47 @@ def _limit_arguments(parser: argparse.ArgumentParser, changing: bool) -> None:
                              "default: the relay's --monthly-quota-mb)")
 
 
+def _browser_key_commands(commands: Any, database: argparse.ArgumentParser,
+                          account_id: Callable[[str], Any]) -> None:
+    """`turnrelay browser-key add|list|revoke`: keys a web page may carry (docs/api.md)."""
+    keys = commands.add_parser(
+        "browser-key", help="add, list, revoke browser keys (ICE servers for web pages)",
+        description="Browser keys let a web page fetch ICE servers itself, from the origins "
+                    "listed only, for short-lived credentials only; they can do nothing else.")
+    key_commands = keys.add_subparsers(dest="browser_key_command", required=True,
+                                       metavar="ACTION")
+    add = key_commands.add_parser(
+        "add", parents=[database], help="add a browser key and print it once",
+        description="Add a browser key of ACCOUNT for the web origins given, and print it once "
+                    "on stdout.")
+    add.add_argument("account", metavar="ACCOUNT", type=account_id, help="the account id")
+    add.add_argument("--origin", required=True, action="append", type=_argument_type(check_origin),
+                     help="a web origin whose pages may use the key, such as "
+                          "https://app.example.org (repeat for more)")
+    add.add_argument("--name", default="browser", type=_argument_type(valid_label),
+                     help="the label of the usernames it mints, which usage reports show "
+                          "(default: browser)")
+    add.add_argument("--max-ttl", metavar="SECONDS", type=_at_least(1), default=DEFAULT_MAX_TTL,
+                     help=f"longest credential it mints (default {DEFAULT_MAX_TTL}; the relay's "
+                          "--api-max-ttl caps it too)")
+    add.add_argument("--requests-per-minute", metavar="N", type=_at_least(1),
+                     default=DEFAULT_REQUESTS_PER_MINUTE,
+                     help=f"requests the key may make, from all its pages together (default "
+                          f"{DEFAULT_REQUESTS_PER_MINUTE}; the relay also limits each source "
+                          "address, --api-browser-requests-per-minute)")
+    add.set_defaults(run=_browser_key_add, parser=add)
+    listing = key_commands.add_parser("list", parents=[database], help="list browser keys",
+                                      description="List browser keys, without their secrets.")
+    listing.add_argument("--account", type=account_id, help="only this account's keys")
+    listing.set_defaults(run=_browser_key_list, parser=listing)
+    revoke = key_commands.add_parser(
+        "revoke", parents=[database], help="revoke a browser key",
+        description="Delete a browser key: the tokens API refuses it from the next request.")
+    revoke.add_argument("key_id", metavar="KEY_ID", type=_argument_type(check_key_id),
+                        help="the key's id (its 16 hex digits after trbk_), or the whole key")
+    revoke.set_defaults(run=_browser_key_revoke, parser=revoke)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Manage turnrelay's account database and mint "
                     "TURN credentials.", epilog="--db may also come from the TURNRELAY_DB "
@@ -258,6 +331,8 @@ def build_parser() -> Parser:
     listing = account_commands.add_parser("list", parents=[database], help="list the accounts",
                                           description="List every account, its status and quotas.")
     listing.set_defaults(run=_account_list, parser=listing)
+
+    _browser_key_commands(commands, database, account_id)
 
     token = commands.add_parser(
         "token", parents=[database], help="mint a TURN credential offline",

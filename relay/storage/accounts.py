@@ -17,11 +17,12 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, FrozenSet, List, Optional
+from typing import Any, Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from twisted.enterprise import adbapi
 from twisted.internet import defer
 
+from relay.storage.browser_keys import BrowserKey, check_origins, new_key, secret_matches, split_key
 from relay.storage.sqldb import SqlStore, pool_from_dsn
 
 ACTIVE, SUSPENDED = "active", "suspended"
@@ -72,10 +73,24 @@ MIGRATIONS = (
             delivered_at BIGINT,
             PRIMARY KEY (trigger_id, period))""",
     ),
+    # Browser keys (relay.storage.browser_keys): origins space-separated; revoking deletes.
+    (
+        """CREATE TABLE IF NOT EXISTS browser_keys (
+            key_id TEXT PRIMARY KEY,
+            account_id TEXT NOT NULL,
+            secret_hash TEXT NOT NULL,
+            name TEXT NOT NULL,
+            origins TEXT NOT NULL,
+            max_ttl INTEGER NOT NULL CHECK (max_ttl > 0),
+            requests_per_minute INTEGER NOT NULL CHECK (requests_per_minute > 0),
+            created_at BIGINT NOT NULL)""",
+        "CREATE INDEX IF NOT EXISTS browser_keys_by_account ON browser_keys (account_id)",
+    ),
 )
 TRIGGER_COLUMNS = "trigger_id, account_id, threshold_bytes, callback_url, friendly_name, created_at"
 MAX_TRIGGERS = 20  # per account
 RECORD_COLUMNS = "account_id, status, max_allocations, bandwidth_bps, monthly_quota_bytes"
+BROWSER_KEY_COLUMNS = "key_id, account_id, name, origins, max_ttl, requests_per_minute, created_at"
 
 
 def check_account_id(account_id: str) -> str:
@@ -154,6 +169,12 @@ def api_key_matches(encoded: str, api_key: str) -> bool:
         raise ValueError(f"unknown API key hash scheme {scheme!r}")
     derived = _derive(api_key, base64.b64decode(salt), int(iterations))
     return hmac.compare_digest(derived, base64.b64decode(digest))
+
+
+def _browser_key(row: Sequence[Any]) -> BrowserKey:
+    key_id, account_id, name, origins, max_ttl, requests_per_minute, created_at = row
+    return BrowserKey(key_id, account_id, name, tuple(origins.split()), max_ttl,
+                      requests_per_minute, created_at)
 
 
 def _check_limit(name: str, value: int) -> int:
@@ -299,6 +320,65 @@ class AccountStore(SqlStore):
                 self._execute(txn, "DELETE FROM revocations WHERE expires_at < ?", (now,))
             return Snapshot(accounts, revoked)
         return self._run(snapshot)
+
+    # -- browser keys ---------------------------------------------------------------------------
+
+    def add_browser_key(self, account_id: str, origins: Iterable[str], name: str, max_ttl: int,
+                        requests_per_minute: int) -> defer.Deferred[Tuple[str, BrowserKey]]:
+        """A new browser key of the account: fires with (the key, which nothing can show
+        again, and its record); ValueError for a bad origin or limit, UnknownAccount."""
+        def add(txn: adbapi.Transaction) -> Tuple[str, BrowserKey]:
+            if max_ttl <= 0 or requests_per_minute <= 0:
+                raise ValueError("a browser key's max-ttl and requests per minute must be "
+                                 "more than 0")
+            self._execute(txn, "SELECT 1 FROM accounts WHERE account_id = ?", (account_id,))
+            if txn.fetchone() is None:
+                raise UnknownAccount(account_id)
+            key, key_id, hashed = new_key()
+            record = BrowserKey(key_id, account_id, name, check_origins(origins), max_ttl,
+                                requests_per_minute, int(time.time()))
+            self._execute(txn, f"INSERT INTO browser_keys ({BROWSER_KEY_COLUMNS}, secret_hash)"
+                               " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                          (key_id, account_id, name, " ".join(record.origins), max_ttl,
+                           requests_per_minute, record.created_at, hashed))
+            return key, record
+        return self._run(add)
+
+    def browser_keys(self, account_id: Optional[str] = None) -> defer.Deferred[List[BrowserKey]]:
+        """The account's browser keys (every account's without one), oldest first."""
+        def read(txn: adbapi.Transaction) -> List[BrowserKey]:
+            where, params = ("WHERE account_id = ? ", (account_id,)) if account_id else ("", ())
+            self._execute(txn, f"SELECT {BROWSER_KEY_COLUMNS} FROM browser_keys {where}"
+                               "ORDER BY created_at, key_id", params)
+            return [_browser_key(row) for row in txn.fetchall()]
+        return self._run(read)
+
+    def find_browser_key(self, key: str) -> defer.Deferred[Optional[BrowserKey]]:
+        """The record of `key`, None when it is malformed, unknown, revoked or wrong."""
+        def find(txn: adbapi.Transaction) -> Optional[BrowserKey]:
+            parts = split_key(key)
+            if parts is None:
+                return None
+            self._execute(txn, f"SELECT {BROWSER_KEY_COLUMNS}, secret_hash FROM browser_keys"
+                               " WHERE key_id = ?", (parts[0],))
+            row = txn.fetchone()
+            if row is None or not secret_matches(row[-1], parts[1]):
+                return None
+            return _browser_key(row[:-1])
+        return self._run(find)
+
+    def revoke_browser_key(self, key_id: str,
+                           account_id: Optional[str] = None) -> defer.Deferred[bool]:
+        """Delete the key (only if it is `account_id`'s, when given); False if there is none.
+        Credentials it minted stay valid until their (short) expiry."""
+        def revoke(txn: adbapi.Transaction) -> bool:
+            if account_id is None:
+                self._execute(txn, "DELETE FROM browser_keys WHERE key_id = ?", (key_id,))
+            else:
+                self._execute(txn, "DELETE FROM browser_keys WHERE key_id = ? AND account_id = ?",
+                              (key_id, account_id))
+            return txn.rowcount > 0
+        return self._run(revoke)
 
     # -- usage triggers -------------------------------------------------------------------------
 

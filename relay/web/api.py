@@ -54,7 +54,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from relay.auth.tokens import mint, parse_username
+from relay.auth.tokens import mint, parse_username, valid_label
 from relay.core.ratelimit import RateLimiter
 from relay.storage.accounts import ACTIVE, AccountStore
 from relay.util.timefmt import rfc3339
@@ -74,8 +74,6 @@ DEFAULT_TTL = 86400
 FAILED_KEY_BURST = 10
 FIELDS = ("ttl", "label", "region", "client_ip", "regions")
 DEFAULT_REGIONS, MAX_REGIONS = 2, 10  # regions an answer carries: the first and a fallback
-# A label ends up in the username, hence in STUN messages, logs and the DELETE URL.
-_LABEL = re.compile(r"[A-Za-z0-9._~@-]{1,64}")
 _WHOLE_NUMBER = re.compile(r"-?[0-9]{1,20}")
 
 
@@ -113,9 +111,10 @@ def parse_regions(value: Any) -> int:
 
 
 def check_label(value: Any) -> Optional[str]:
-    if value is not None and not (isinstance(value, str) and _LABEL.fullmatch(value)):
-        raise ApiError(400, "label: expected 1 to 64 letters, digits or . _ ~ @ -")
-    return value
+    try:
+        return None if value is None else valid_label(value)
+    except ValueError as err:
+        raise ApiError(400, f"label: {err}") from None
 
 
 class TokensAPI(Resource):

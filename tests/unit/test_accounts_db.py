@@ -1,4 +1,6 @@
 """The account store, through its Deferreds, on SQLite and on a real PostgreSQL."""
+import hashlib
+import re
 import sqlite3
 import time
 
@@ -15,6 +17,7 @@ from relay.storage.accounts import (
     AccountStore,
     UnknownAccount,
 )
+from relay.storage.browser_keys import check_origin
 from relay.storage.sqldb import error_line
 from support.db import raw_rows
 
@@ -208,3 +211,64 @@ def test_a_database_of_before_versioning_is_migrated_in_place(store_dsn, in_reac
     in_reactor(store.close)
     assert raw_rows(store_dsn, "SELECT version FROM accounts_schema_version ORDER BY version") \
         == [(n,) for n in range(1, len(accounts_db.MIGRATIONS) + 1)]
+
+
+# Browser keys: low-privilege keys a web page carries (relay.storage.browser_keys).
+
+def test_a_browser_key_is_shown_once_stored_hashed_and_found_by_its_secret(
+        store, store_dsn, in_reactor):
+    in_reactor(store.add_account, "acme")
+    key, record = in_reactor(store.add_browser_key, "acme",
+                             ["https://App.Example.org:443/", "http://127.0.0.1:8080"], "web",
+                             300, 120)
+    assert re.fullmatch(r"trbk_[0-9a-f]{16}_[0-9a-f]{64}", key)
+    assert record.origins == ("https://app.example.org", "http://127.0.0.1:8080")
+    assert in_reactor(store.find_browser_key, key) == record
+    key_id, secret = key[5:21], key[22:]
+    [(stored,)] = raw_rows(store_dsn, "SELECT secret_hash FROM browser_keys")
+    assert stored == hashlib.sha256(secret.encode()).hexdigest() and secret not in stored
+    # A wrong secret for a real id, an unknown id, and anything malformed find nothing.
+    for wrong in (f"trbk_{key_id}_{'0' * 64}", f"trbk_{'0' * 16}_{secret}", key + "0", "",
+                  key.upper()):
+        assert in_reactor(store.find_browser_key, wrong) is None, wrong
+    assert [k.key_id for k in in_reactor(store.browser_keys, "acme")] == [key_id]
+    assert in_reactor(store.browser_keys, "globex") == []
+
+
+def test_a_revoked_browser_key_is_found_no_more(store, in_reactor):
+    for account in ("acme", "globex"):
+        in_reactor(store.add_account, account)
+    key, record = in_reactor(store.add_browser_key, "acme", ["https://a.example"], "web", 60, 60)
+    assert in_reactor(store.revoke_browser_key, record.key_id, "globex") is False  # not its key
+    assert in_reactor(store.find_browser_key, key) == record
+    assert in_reactor(store.revoke_browser_key, record.key_id, "acme") is True
+    assert in_reactor(store.find_browser_key, key) is None
+    assert in_reactor(store.revoke_browser_key, record.key_id) is False
+
+
+@pytest.mark.parametrize("origins, message", [
+    ([], "a browser key needs at least one origin"),
+    (["app.example.org"], "expected http:// or https:// and a host"),
+    (["ftp://app.example.org"], "expected http:// or https:// and a host"),
+    (["https://app.example.org/path"], "an origin is a scheme, a host and a port only"),
+    (["https://user@app.example.org"], "an origin is a scheme, a host and a port only"),
+    (["https://app.example.org:99999"], "Port out of range"),
+    (["https://app_example.org"], "'app_example.org' is not a host name or an IP address"),
+    (["https://*.example.org"], "is not a host name"),
+])
+def test_a_bad_origin_is_refused_naming_it(store, in_reactor, origins, message):
+    in_reactor(store.add_account, "acme")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        in_reactor(store.add_browser_key, "acme", origins, "web", 60, 60)
+    assert in_reactor(store.browser_keys) == []
+
+
+def test_a_browser_key_needs_an_account(store, in_reactor):
+    with pytest.raises(UnknownAccount):
+        in_reactor(store.add_browser_key, "nobody", ["https://a.example"], "web", 60, 60)
+
+
+def test_origins_are_serialized_as_browsers_send_them():
+    assert check_origin("HTTPS://[::1]:8443") == "https://[::1]:8443"
+    assert check_origin("http://localhost:80") == "http://localhost"
+    assert check_origin("https://app.example.org:8443") == "https://app.example.org:8443"

@@ -46,6 +46,10 @@ def mint(*argv: str, status: int = 0, env_db: str = "") -> dict:
     (["account", "list"], ["--db"]),
     (["token"], ["--account", "--ttl", "--label", "--secret-file", "--db"]),
     (["revoke"], ["USERNAME", "--db"]),
+    (["browser-key", "add"], ["ACCOUNT", "--origin", "--name", "--max-ttl",
+                              "--requests-per-minute", "--db"]),
+    (["browser-key", "list"], ["--account", "--db"]),
+    (["browser-key", "revoke"], ["KEY_ID", "--db"]),
     (["usage"], ["--ledger", "--since", "--until", "--account", "--by", "--json", "--region",
                  "--rate-per-mb", "--rate-table", "TURNRELAY_LEDGER"]),
 ])
@@ -94,6 +98,35 @@ def test_account_lifecycle(store_dsn, store, in_reactor):
     assert in_reactor(store.verify_api_key, "acme", key) is False
     assert "no account 'nobody'" in run_cli("account", "suspend", "nobody", "--db", store_dsn,
                                               status=1).stderr
+
+
+def test_browser_key_lifecycle(store_dsn, store, in_reactor):
+    run_cli("account", "add", "acme", "--db", store_dsn)
+    added = run_cli("browser-key", "add", "acme", "--origin", "https://app.example.org",
+                    "--origin", "http://127.0.0.1:8080", "--max-ttl", "120", "--name", "web",
+                    "--db", store_dsn)
+    key = added.stdout.strip()
+    record = in_reactor(store.find_browser_key, key)
+    assert (record.account_id, record.name, record.origins, record.max_ttl,
+            record.requests_per_minute) == (
+        "acme", "web", ("https://app.example.org", "http://127.0.0.1:8080"), 120, 600)
+    assert key not in added.stderr and f"revoke {record.key_id}" in added.stderr
+    second = run_cli("browser-key", "add", "acme", "--origin", "https://b.example",
+                     "--db", store_dsn).stdout.strip()
+    listing = run_cli("browser-key", "list", "--account", "acme", "--db", store_dsn).stdout
+    assert key not in listing and second not in listing
+    rows = [line.split() for line in listing.splitlines()]
+    assert rows[0] == ["KEY", "ID", "ACCOUNT", "NAME", "MAX", "TTL", "PER", "MINUTE", "CREATED",
+                       "ORIGINS"]
+    assert sorted(row[:5] + row[6:] for row in rows[1:]) == sorted([
+        [record.key_id, "acme", "web", "120", "600", "https://app.example.org",
+         "http://127.0.0.1:8080"],
+        [second[5:21], "acme", "browser", "600", "600", "https://b.example"]])
+    revoked = run_cli("browser-key", "revoke", key, "--db", store_dsn)  # the whole key works too
+    assert revoked.stdout.startswith(f"revoked browser key {record.key_id}")
+    assert in_reactor(store.find_browser_key, key) is None
+    assert f"no browser key {record.key_id}" in run_cli(
+        "browser-key", "revoke", record.key_id, "--db", store_dsn, status=1).stderr
 
 
 def test_a_token_is_minted_offline_with_the_first_secret(secret_file):
@@ -148,6 +181,15 @@ def test_an_expired_username_needs_no_revocation(store_dsn, store, in_reactor):
     (["account", "add", "a:b", "--db", "{sqlite}"], 2, "an account id must be non-empty"),
     (["account", "add", "acme", "--max-allocations", "many", "--db", "{sqlite}"], 2,
      "--max-allocations: 'many': not a whole number"),
+    (["browser-key", "add", "acme", "--origin", "app.example.org", "--db", "{sqlite}"], 2,
+     "--origin: 'app.example.org': expected http:// or https:// and a host"),
+    (["browser-key", "add", "acme", "--db", "{sqlite}"], 2, "required: --origin"),
+    (["browser-key", "add", "nobody", "--origin", "https://a.example", "--db", "{sqlite}"], 1,
+     "no account 'nobody' in the database"),
+    (["browser-key", "add", "acme", "--origin", "https://a.example", "--name", "a b",
+      "--db", "{sqlite}"], 2, "--name: 'a b': expected 1 to 64 letters"),
+    (["browser-key", "revoke", "xyz", "--db", "{sqlite}"], 2,
+     "'xyz' is not a browser key id (16 hex digits)"),
     (["token", "--account", "acme", "--ttl", "0", "--secret-file", "{tmp}/s"], 2,
      "--ttl: '0': must be 1 or more"),
     (["token", "--account", "acme", "--secret-file", "{tmp}/missing"], 1,
