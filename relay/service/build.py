@@ -56,6 +56,7 @@ from relay.service.services import BannerService, HTTPService, ListenersService,
 from relay.storage.sqldb import SqlStore, error_line, pool_from_dsn
 from relay.util.tomlfile import read_toml
 from relay.web.api import TokensAPI
+from relay.web.browser_api import BrowserAnswers
 from relay.web.health import MetricsPage, NotReady, QuietSite, Routes
 from relay.web.metrics import RelayCollector
 from relay.web.metrics import registry as metrics_registry
@@ -216,6 +217,8 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
                     key_failures_per_minute=options["api-key-failures-per-minute"],
                     triggers=TriggerAnswers(options["api-store"], policy, reactor.seconds),
                     geoip=options["geoip"])
+    BrowserAnswers(options["api-store"], api, reactor.seconds,
+                   options["api-browser-requests-per-minute"])
     if options["regions-file"]:
         TimerService(REGIONS_LOOK, _regions_watch(options["regions-file"], home, api)) \
             .setServiceParent(parent)

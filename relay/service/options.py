@@ -66,6 +66,7 @@ NUMBER_OPTIONS = {
     "account-max-bps": _non_negative, "account-max-pps": _non_negative,
     "max-permissions": _non_negative, "max-channels": _non_negative,
     "api-port": _port, "api-max-ttl": _at_least_one, "api-key-failures-per-minute": _at_least_one,
+    "api-browser-requests-per-minute": _at_least_one,
     "source-connection-quota": _non_negative,
     "tls-handshake-timeout": _non_negative, "connection-idle-timeout": _non_negative,
     "accounting-interval": _at_least_one, "accounting-queue": _at_least_one,
@@ -208,6 +209,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                      "lower"],
         ["api-key-failures-per-minute", None, 60, "Failed API key checks an address may make "
                                                   "per minute after a burst of 10 (429 beyond)"],
+        ["api-browser-requests-per-minute", None, 60, "Requests with a browser key (POST "
+                                                      "/v1/ice-servers) an address may make per "
+                                                      "minute (429 beyond)"],
         ["region", None, "default", "Name of this relay's region in tokens API answers and in "
                                     "the usage ledger"],
         ["accounting-interval", None, 10, "Seconds between two usage records of a session"],

@@ -6,6 +6,7 @@
     GET    /v1/accounts/{account}/sessions           200: sessions, a page at a time
     POST, GET /v1/accounts/{account}/triggers        usage triggers (`relay.web.triggers_api`)
     GET, DELETE /v1/accounts/{account}/triggers/{sid}
+    POST   /v1/ice-servers, GET /v1/ice.js            for web pages (`relay.web.browser_api`)
 
 A caller authenticates with HTTP Basic, the account id and the account's API key, as with
 Twilio's Account SID and auth token.  Credentials are TURN REST credentials minted with the
@@ -58,7 +59,16 @@ from relay.auth.tokens import mint, parse_username, valid_label
 from relay.core.ratelimit import RateLimiter
 from relay.storage.accounts import ACTIVE, AccountStore
 from relay.util.timefmt import rfc3339
-from relay.web.http import ApiError, Handler, PathKind, Reply, basic_credentials, request_fields, route
+from relay.web.http import (
+    ApiError,
+    Handler,
+    PathKind,
+    Reply,
+    basic_credentials,
+    public_route,
+    request_fields,
+    route,
+)
 from relay.web.regions import AUTO, Choice, NoRegionServing, Region, choose
 
 if TYPE_CHECKING:
@@ -117,6 +127,16 @@ def check_label(value: Any) -> Optional[str]:
         raise ApiError(400, f"label: {err}") from None
 
 
+def _handler(handlers: Mapping[bytes, Handler], method: bytes) -> Handler:
+    """The path's handler of `method`; 405 with Allow when it has none."""
+    handler = handlers.get(method)
+    if handler is None:
+        allowed = b", ".join(handlers)
+        raise ApiError(405, f"method not allowed; this path serves {allowed.decode()}",
+                       {b"allow": allowed})
+    return handler
+
+
 class TokensAPI(Resource):
     """The whole API as one leaf resource: `route` matches the path, so that every miss is a
     JSON 404 rather than twisted.web's HTML page, and `self.paths` is the one table of what
@@ -138,6 +158,9 @@ class TokensAPI(Resource):
             ("triggers", False): {b"GET": triggers.list_all, b"POST": triggers.create},
             ("triggers", True): {b"GET": triggers.show, b"DELETE": triggers.delete},
         }
+        # Paths outside any account (/v1/NAME), which answer without an API key:
+        # relay.web.browser_api adds its own.
+        self.public: Dict[str, Dict[bytes, Handler]] = {}
         self.store = store
         self.secret = secret
         self.regions = dict(regions)
@@ -175,24 +198,24 @@ class TokensAPI(Resource):
         request.setHeader(b"cache-control", b"no-store")  # answers carry credentials
         for name, value in reply.headers.items():
             request.setHeader(name, value)
+        data = reply.raw
         if reply.body is not None:
             data = json.dumps(reply.body).encode("utf-8")
             request.setHeader(b"content-type", b"application/json")
+        if data is not None:
             request.setHeader(b"content-length", b"%d" % len(data))
             request.write(data)
         request.finish()
 
     async def _dispatch(self, request: Request) -> Reply:
+        public = public_route(request.postpath, self.public)
+        if public is not None:
+            return await _handler(self.public[public], request.method)(request)
         path = route(request.postpath, self.paths)
         if path is None:
             raise ApiError(404, "no such resource")
         account_id, resource, item = path
-        handlers = self.paths[resource, item is not None]
-        handler = handlers.get(request.method)
-        if handler is None:
-            allowed = b", ".join(handlers)
-            raise ApiError(405, f"method not allowed; this path serves {allowed.decode()}",
-                           {b"allow": allowed})
+        handler = _handler(self.paths[resource, item is not None], request.method)
         if await self._authenticate(request) != account_id:
             raise _not_yours(account_id)
         return await handler(request, account_id, *(() if item is None else (item,)))
@@ -217,7 +240,7 @@ class TokensAPI(Resource):
         """Regions as --regions-file now has them (re-read when it changes)."""
         self.regions = dict(regions)
 
-    def _choose(self, fields: Mapping[str, Any], request: Request) -> Choice:
+    def choose_regions(self, fields: Mapping[str, Any], request: Request) -> Choice:
         """The regions whose ICE servers the answer carries: 400 for a bad `region` or
         `client_ip`, 503 when no region serves."""
         name, client_ip = fields.get("region"), fields.get("client_ip")
@@ -250,7 +273,7 @@ class TokensAPI(Resource):
         ttl = parse_ttl(fields.get("ttl"), self.max_ttl)
         label = check_label(fields.get("label"))
         count = parse_regions(fields.get("regions"))
-        choice = self._choose(fields, request)
+        choice = self.choose_regions(fields, request)
         body = await self.credential(account_id, ttl, label, choice, count)
         location = f"/v1/accounts/{quote(account_id, safe='')}/tokens/" \
                    f"{quote(body['username'], safe=':')}"

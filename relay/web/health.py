@@ -15,9 +15,11 @@ they carry no account, username or address.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+import re
+from typing import Any, Callable, Optional
 
 from prometheus_client import CollectorRegistry, generate_latest
+from twisted.web.http import combinedLogFormatter
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -59,11 +61,26 @@ class HealthPage(Resource):
         return _text(request, 200, b"ok\n", b"text/plain")
 
 
+# A key in a query string: refused (it belongs in the body), and masked in the access log.
+_KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s\"]*")
+
+
+def masking_log_formatter(timestamp: str, request: Request) -> str:
+    """The combined log format, with any `key=` in the URL masked: a browser key sent in
+    the query string by mistake is refused, and must not stay in the log either."""
+    return _KEY_IN_QUERY.sub(r"\1***", combinedLogFormatter(timestamp, request))
+
+
 class QuietSite(Site):
-    """A Site that keeps probes and scrapes, every few seconds each, out of the access log."""
+    """A Site that keeps probes and scrapes, every few seconds each, out of the access log,
+    and keys out of the URLs it logs."""
 
     QUIET = (b"/metrics", b"/healthz", b"/readyz")
     noisy = False  # no "Starting factory" line: the start banner names the listener
+
+    def __init__(self, resource: Resource, **kwargs: Any):
+        kwargs.setdefault("logFormatter", masking_log_formatter)
+        super().__init__(resource, **kwargs)
 
     def log(self, request: Request) -> None:
         if request.path not in self.QUIET:

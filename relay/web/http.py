@@ -16,9 +16,11 @@ MAX_BODY = 64 * 1024
 
 @dataclass(frozen=True)
 class Reply:
+    """An answer: a JSON `body`, or `raw` bytes whose content-type is in `headers`."""
     code: int
     body: Optional[Dict[str, Any]] = None
     headers: Mapping[bytes, bytes] = field(default_factory=dict)
+    raw: Optional[bytes] = None
 
 
 class ApiError(Exception):
@@ -64,6 +66,14 @@ def route(postpath: List[bytes], kinds: Container[PathKind]
     if (segments[3], item is not None) not in kinds:
         return None
     return segments[2], segments[3], item
+
+
+def public_route(postpath: List[bytes], names: Container[str]) -> Optional[str]:
+    """NAME for a path /v1/NAME of one of `names` (outside any account), None otherwise."""
+    if len(postpath) != 2 or postpath[0] != b"v1":
+        return None
+    name = postpath[1].decode("utf-8", "replace")
+    return name if name in names else None
 
 
 def url_encoded(encoded: bytes, where: str) -> List[Tuple[str, Any]]:

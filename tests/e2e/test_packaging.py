@@ -28,6 +28,7 @@ def test_wheel_carries_the_plugin_and_nothing_else_under_twisted(wheel):
         assert module in names
     assert not any("__pycache__" in n for n in names)
     assert "relay/web/test_page.html" in names  # package data: the API port's /test page
+    assert "relay/web/ice.js" in names  # package data: the API port's /v1/ice.js
     # The native data plane, compiled by the build (cffi), its source beside it.
     assert any(n.startswith("relay/net/_dataplane.") and n.endswith(".so") for n in names)
     assert "relay/net/dataplane.c" in names and "relay/net/dataplane.h" in names

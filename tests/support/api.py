@@ -30,8 +30,8 @@ class Api:
 
     def request(self, method: str, path: str, auth: Optional[Tuple[str, str]] = None,
                 form: Optional[Dict[str, str]] = None, json_body: Any = None,
-                source: str = "127.0.0.1") -> Response:
-        headers = {}
+                source: str = "127.0.0.1", headers: Optional[Dict[str, str]] = None) -> Response:
+        headers = dict(headers or {})
         body = None
         if auth is not None:
             headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
@@ -54,7 +54,8 @@ class Api:
             data = response.read()
         finally:
             connection.close()
-        parsed = json.loads(data) if data else None
+        is_json = response.headers.get("content-type") == "application/json"
+        parsed = json.loads(data) if data and is_json else data or None
         if isinstance(parsed, dict) and "password" in parsed:
             self.secrets.append(parsed["password"])
         return Response(response.status, response.headers, parsed)
