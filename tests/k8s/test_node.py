@@ -26,6 +26,7 @@ import urllib.request
 from typing import Dict, Iterator, List, Tuple
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from relay.cli.turnclient import UDP, TurnClient, error_code
 from relay.proto import stun
@@ -129,6 +130,9 @@ def test_host_network_region_is_ready_through_the_kubelets_probes(cluster_node, 
     for path, code in (("/healthz", 200), ("/readyz", 200)):
         with urllib.request.urlopen(f"http://{cluster_node.address}:9641{path}", timeout=5) as answer:
             assert answer.status == code
+    # The image built the native data plane, so the relay runs it: its default.
+    assert "data plane native: the default" in "".join(
+        log.read_text() for log in relay_log_files()), relay_logs(cluster_node)
 
 
 def uclient(cluster_node: Node, peer: Tuple[str, int], user: str, *flags: str, port: int = 3478) -> str:
@@ -158,6 +162,18 @@ def test_uclient_relays_through_the_pod_and_the_ledger_is_exact(cluster_node, re
     # uclient's allocations end when it exits; the relay writes their usage within its interval.
     wait_for(lambda: usage(ledger[0]).get(user) == (2 * MESSAGES, 2 * MESSAGES), timeout=30,
              what=f"{user}'s usage in the ledger: {usage(ledger[0]).get(user)}")
+    if transport == "udp":  # the first run: the native data plane relayed all of it, both ways
+        assert native_forwarded(cluster_node) == 4 * MESSAGES
+
+
+def native_forwarded(cluster_node: Node) -> float:
+    """What the relay's native data planes forwarded, every worker's, from its /metrics."""
+    with urllib.request.urlopen(f"http://{cluster_node.address}:9641/metrics", timeout=5) as answer:
+        text = answer.read().decode()
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               for sample in family.samples
+               if sample.name == "turnrelay_dataplane_datagrams_total"
+               and sample.labels.get("what") == "forwarded")
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
@@ -249,11 +265,16 @@ def test_certificate_rotated_in_place_reaches_the_running_relay(cluster_node, re
     assert after["status"]["containerStatuses"][0]["restartCount"] == pod["status"]["containerStatuses"][0]["restartCount"]
 
 
+def relay_log_files() -> List[pathlib.Path]:
+    """The region's relay containers' logs, as the kubelet writes them."""
+    return sorted(pathlib.Path("/var/log/pods").glob(f"{NAMESPACE}_{REGION}-*/turnrelay/*.log"))
+
+
 def relay_logs(cluster_node: Node) -> str:
     """The region's pods and their relays' last log lines, from the kubelet's log folder."""
     pods = cluster_node.kubectl("get", "pods", "-n", NAMESPACE, "-o", "wide").stdout
     logs = []
-    for log in sorted(pathlib.Path("/var/log/pods").glob(f"{NAMESPACE}_{REGION}-*/turnrelay/*.log")):
+    for log in relay_log_files():
         logs.append(f"--- {log}\n" + "".join(log.read_text().splitlines(True)[-15:]))
     return pods + "\n".join(logs)
 
