@@ -2,8 +2,9 @@
 
 A static page: it mints a credential through the tokens API beside it (same origin, so no CORS
 to open) or takes one pasted in, and makes the relay-only call in the visitor's own browser.
-Its Content-Security-Policy allows only its own inline script and style, by hash, and requests
-to this origin: an API key typed into it can go nowhere else.
+Its Content-Security-Policy allows only its own inline script and style, by hash, scripts of
+this origin (/v1/ice.js, with which it measures the regions) and requests to this origin: an
+API key typed into it can go nowhere else.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ class SelfTestPage(Resource):
         super().__init__()
         html = resources.files("relay.web").joinpath("test_page.html").read_text("utf-8")
         self.body = html.encode("utf-8")
-        self.policy = (f"default-src 'none'; script-src {_hashes(html, 'script')}; "
+        # 'self' for /v1/ice.js, which the page imports to measure the regions.
+        self.policy = (f"default-src 'none'; script-src 'self' {_hashes(html, 'script')}; "
                        f"style-src {_hashes(html, 'style')}; connect-src 'self'; "
                        "form-action 'none'; frame-ancestors 'none'; base-uri 'none'").encode()
 

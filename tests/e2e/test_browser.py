@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from support.certs import make_cert
 from support.chromium import CHROMIUM_FLAGS, chromium
 from support.db import raw_rows
+from support.delay_proxy import DelayProxy
 from support.servers import PASSWORD, USER, free_port
 
 MESSAGES, SIZE = 20, 1000
@@ -193,6 +194,34 @@ def test_the_self_test_page_mints_and_connects_over_every_transport(page, api_re
         assert int(relayed.replace(",", "").removesuffix(" B")) > 20 * 1000, row
     assert page.text_content("#status") == "Done."
     assert len(re.findall(r"allocation opened user=\d+:acme:self-test ", server.stop())) == 6
+
+
+def test_the_self_test_page_times_every_region_and_names_the_choice(page, api_relay, tmp_path):
+    """Two regions: this relay, and the same relay behind a path delaying each direction
+    100 ms (support.delay_proxy), named first by the API (its pin).  The page times both,
+    chooses the near one, then relays a call over every transport of both."""
+    regions = tmp_path / "regions.toml"
+    regions.write_text('[regions.far]\nhost = "127.0.0.1"\n')
+    server, port, key = api_relay("--regions-file", str(regions))
+    with DelayProxy(0.1) as proxy:
+        regions.write_text(f'[regions.far]\nhost = "127.0.0.1"\nport = {proxy.forward(server.port)}'
+                           f'\ntls-port = {proxy.forward(server.tls_port, udp=False)}\n')
+        server.read_until("--regions-file changed: default ready, far ready")
+        run_form(page, port, account="acme", apikey=key)
+        regions_table = page.eval_on_selector_all("#regions tbody tr", """rows => rows.map(row => (
+            {region: row.dataset.region, ms: Number(row.dataset.ms), chosen: row.dataset.chosen,
+             cells: [...row.cells].map(cell => cell.textContent)}))""")
+        page.screenshot(path=str(tmp_path / "self-test-regions.png"), full_page=True)
+    # The API's order (no GeoIP: the relay's own region, then the other), each timed.
+    assert [(row["region"], row["chosen"]) for row in regions_table] == \
+        [("default", "true"), ("far", "false")], regions_table
+    near, far = regions_table
+    assert far["ms"] >= 4 * 100 - 5 and 0 < near["ms"] < far["ms"], regions_table
+    assert near["cells"][1:] == [f"{near['ms']:.0f} ms", "chosen"]
+    assert far["cells"][1:] == [f"{far['ms']:.0f} ms", ""]
+    rows = table_rows(page)
+    assert [row["transport"] for row in rows] == ["udp", "tcp", "tls"] * 2, rows
+    assert all(row["ok"] for row in rows), rows
 
 
 def test_the_self_test_page_names_the_likely_causes(page, api_relay, server_factory, tmp_path):

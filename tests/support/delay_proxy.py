@@ -135,6 +135,12 @@ class DelayProxy:
             server = await asyncio.start_server(accepted, host, port)
             self._closers.append(server.close)
 
+    def __enter__(self) -> "DelayProxy":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
     def close(self) -> None:
         def stop() -> None:
             for close in self._closers:
