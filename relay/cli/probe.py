@@ -10,15 +10,20 @@ naming the step and its likely cause, in the words of a WebRTC troubleshooting g
 from __future__ import annotations
 
 import argparse
+import base64
 import json
+import os
 import re
 import socket
 import ssl
 import struct
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import quote, urlencode
 
 from relay.auth.tokens import mint
 from relay.cli.turnclient import TLS, TRANSPORTS, UDP, NoResponse, TurnClient, Unsigned, error_code
@@ -43,11 +48,13 @@ class StepFailed(Exception):
 class Result:
     transport: str
     server: str
+    region: Optional[str] = None
     failed_step: Optional[str] = None
     reason: Optional[str] = None
     reflexive: Optional[str] = None
     relayed: List[str] = field(default_factory=list)
     binding_rtt_ms: Optional[float] = None
+    relayed_ms: Optional[float] = None  # from connecting to the first relayed address
     rtt_ms: List[float] = field(default_factory=list)
     sent: int = 0
 
@@ -100,8 +107,8 @@ class Probe:
     context: Optional[ssl.SSLContext] = None
     peer: Optional[stun.Address] = None  # an echo server to relay to, instead of ourselves
 
-    def run(self, transport: str, port: int) -> Result:
-        result = Result(transport, stun.format_address((self.host, port)))
+    def run(self, transport: str, port: int, region: Optional[str] = None) -> Result:
+        result = Result(transport, stun.format_address((self.host, port)), region)
         clients: List[TurnClient] = []
         try:
             self._steps(result, transport, (self._address(), port), clients)
@@ -140,6 +147,7 @@ class Probe:
 
     def _steps(self, result: Result, transport: str, server: stun.Address,
                clients: List[TurnClient]) -> None:
+        began = time.monotonic()
         first = self._connect(transport, server)
         clients.append(first)
         started = time.monotonic()
@@ -148,9 +156,11 @@ class Probe:
         if reply.cls != stun.SUCCESS:
             raise StepFailed("binding", f"Binding refused: {_error(reply)}")
         result.reflexive = stun.format_address(reply.get(stun.XOR_MAPPED_ADDRESS))
+        relayed = [self._allocate(first)]
+        result.relayed_ms = (time.monotonic() - began) * 1000
         if self.peer is None:
             clients.append(self._connect(transport, server))
-        relayed = [self._allocate(client) for client in clients]
+            relayed.append(self._allocate(clients[1]))
         result.relayed = [stun.format_address(address) for address in relayed]
         peers = list(reversed(relayed)) if self.peer is None else [self.peer]
         for client, peer, channel in zip(clients, peers, CHANNELS):
@@ -269,22 +279,57 @@ def _ms(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _outcome(r: Result) -> str:
+    return "ok" if r.failed_step is None else f"FAILED at {r.failed_step}"
+
+
+def _rtt(r: Result) -> str:
+    return f"{_ms(percentile(r.rtt_ms, 50))}/{_ms(percentile(r.rtt_ms, 99))}" if r.rtt_ms else "-"
+
+
+def _loss(r: Result) -> str:
+    return f"{r.lost}/{r.sent}" if r.sent else "-"
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> List[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in rows]
+
+
 def table(results: Sequence[Result]) -> str:
     """The report: one row per transport, then one line per failure."""
     rows = [("TRANSPORT", "SERVER", "RESULT", "REFLEXIVE", "RELAYED", "BINDING ms",
              "RTT p50/p99 ms", "LOSS")]
-    for r in results:
-        rows.append((r.transport.upper(), r.server,
-                     "ok" if r.failed_step is None else f"FAILED at {r.failed_step}",
-                     r.reflexive or "-", r.relayed[0] if r.relayed else "-",
-                     _ms(r.binding_rtt_ms),
-                     f"{_ms(percentile(r.rtt_ms, 50))}/{_ms(percentile(r.rtt_ms, 99))}"
-                     if r.rtt_ms else "-",
-                     f"{r.lost}/{r.sent}" if r.sent else "-"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in rows]
+    rows += [(r.transport.upper(), r.server, _outcome(r), r.reflexive or "-",
+              r.relayed[0] if r.relayed else "-", _ms(r.binding_rtt_ms), _rtt(r), _loss(r))
+             for r in results]
+    lines = _aligned(rows)
     lines += [f"{r.transport.upper()}: {r.reason}" for r in results if r.reason]
+    return "\n".join(lines)
+
+
+def chosen_region(results: Sequence[Result]) -> Optional[str]:
+    """The region of the lowest median round trip through the relay, the first listed of
+    equals; None when none relayed."""
+    relaying = [r for r in results if r.failed_step is None and r.rtt_ms]
+    if not relaying:
+        return None
+    return min(relaying, key=lambda r: percentile(r.rtt_ms, 50) or 0.0).region
+
+
+def regions_table(results: Sequence[Result]) -> str:
+    """The --regions report: one row per region and transport, side by side, the choice, then
+    one line per failure."""
+    rows = [("REGION", "TRANSPORT", "SERVER", "RESULT", "TO RELAYED ms", "RTT p50/p99 ms",
+             "LOSS")]
+    rows += [(r.region or "-", r.transport.upper(), r.server, _outcome(r), _ms(r.relayed_ms),
+              _rtt(r), _loss(r)) for r in results]
+    lines = _aligned(rows)
+    chosen = chosen_region(results)
+    lines.append(f"chosen: {chosen} (the lowest median round trip through the relay)"
+                 if chosen else "chosen: none (no region relayed)")
+    lines += [f"{r.region} {r.transport.upper()}: {r.reason}" for r in results if r.reason]
     return "\n".join(lines)
 
 
@@ -305,18 +350,18 @@ def _credentials(args: argparse.Namespace) -> Tuple[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     """The probe command: 0 when every transport probed relayed, 1 otherwise."""
+    if args.regions:
+        return _run_regions(args)
+    if args.api or len(args.uri) != 1:
+        args.parser.error("give one URI, or --regions with NAME=URI arguments or --api URL")
     try:
-        host, ports = parse_target(args.uri, args.tls_port)
+        host, ports = parse_target(args.uri[0], args.tls_port)
     except ValueError as e:
-        args.parser.error(f"{args.uri!r}: {e}")
+        args.parser.error(f"{args.uri[0]!r}: {e}")
     if args.transport:
         ports = {t: ports.get(t, args.tls_port if t == TLS else next(iter(ports.values())))
                  for t in args.transport}
-    by_user = args.user is not None and args.password is not None
-    by_secret = args.account is not None and (args.secret or args.secret_file) is not None
-    if by_user == by_secret:
-        args.parser.error("give --user and --password, or --account and --secret "
-                          "(or --secret-file)")
+    _check_credentials(args)
     try:
         username, password = _credentials(args)
         context = _tls_context(args) if TLS in ports else None
@@ -330,6 +375,102 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps([r.summary() for r in results], indent=2))
     else:
         print(table(results))
+    return 0 if all(r.failed_step is None for r in results) else 1
+
+
+def _check_credentials(args: argparse.Namespace) -> None:
+    by_user = args.user is not None and args.password is not None
+    by_secret = args.account is not None and (args.secret or args.secret_file) is not None
+    if by_user == by_secret:
+        args.parser.error("give --user and --password, or --account and --secret "
+                          "(or --secret-file)")
+
+
+# A region to probe: its name, its host and its port per transport.
+Target = Tuple[str, str, Dict[str, int]]
+
+
+def region_target(text: str, tls_port: int) -> Target:
+    """NAME=URI, or a URI alone (named by its host and port)."""
+    name, sep, uri = text.partition("=")
+    if not sep or re.search(r"[:?/\[]", name):
+        name, uri = "", text
+    host, ports = parse_target(uri, tls_port)
+    return name or f"{host}:{next(iter(ports.values()))}", host, ports
+
+
+def regions_from_api(args: argparse.Namespace) -> Tuple[List[Target], str, str]:
+    """The regions the tokens API at --api hands out (`regions=`), in its order, and the
+    credential it minted; OSError or ValueError saying why not."""
+    url = f"{args.api.rstrip('/')}/v1/accounts/{quote(args.account, safe='')}/tokens"
+    form = urlencode({"regions": args.region_count, "ttl": args.ttl, "label": "probe"})
+    basic = base64.b64encode(f"{args.account}:{args.api_key}".encode()).decode()
+    request = urllib.request.Request(url, form.encode(), method="POST", headers={
+        "Authorization": f"Basic {basic}", "Content-Type": "application/x-www-form-urlencoded"})
+    context = _tls_context(args) if url.startswith("https:") else None
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as answer:
+            token = json.load(answer)
+    except urllib.error.HTTPError as e:
+        try:
+            message = json.load(e)["message"]
+        except (ValueError, KeyError, TypeError):
+            message = e.reason
+        raise ValueError(f"the tokens API at {args.api} refused: {e.code} {message}") from None
+    except urllib.error.URLError as e:
+        raise OSError(f"cannot reach the tokens API at {args.api}: {e.reason}") from None
+    targets = []
+    for region in token["regions"]:
+        host, ports = "", {}
+        for server in region["ice_servers"]:
+            if server["urls"].startswith("turn"):
+                parsed = parse_turn_uri(server["urls"])
+                host = parsed.host
+                transport = TLS if parsed.secure else parsed.transport or UDP
+                ports[transport] = parsed.port or (DEFAULT_TLS_PORT if parsed.secure
+                                                   else DEFAULT_PORT)
+        targets.append((region["name"], host, ports))
+    return targets, token["username"], token["password"]
+
+
+def _run_regions(args: argparse.Namespace) -> int:
+    """--regions: each region probed in turn over the chosen transports (UDP by default),
+    side by side, and the one of the lowest median round trip named."""
+    if args.api:
+        if args.uri:
+            args.parser.error("give --api URL or NAME=URI arguments, not both")
+        if args.account is None or not args.api_key:
+            args.parser.error("--api needs --account and --api-key (or TURNRELAY_API_KEY)")
+    elif not args.uri:
+        args.parser.error("--regions needs NAME=URI arguments, or --api URL")
+    else:
+        _check_credentials(args)
+    transports = args.transport or [UDP]
+    try:
+        if args.api:
+            targets, username, password = regions_from_api(args)
+        else:
+            targets = [region_target(text, args.tls_port) for text in args.uri]
+            username, password = _credentials(args)
+        context = _tls_context(args) if TLS in transports else None
+    except (OSError, ValueError) as e:
+        print(f"turnrelay probe: {e}", file=sys.stderr)
+        return 2
+    results = []
+    for name, host, ports in targets:
+        probe = Probe(host, username, password, args.count, args.size, args.timeout, context,
+                      args.peer)
+        for transport in transports:
+            if transport in ports:
+                results.append(probe.run(transport, ports[transport], name))
+            else:
+                results.append(Result(transport, host, name, "connect",
+                                      f"the region has no {transport.upper()} entry"))
+    if args.json:
+        print(json.dumps({"regions": [r.summary() for r in results],
+                          "chosen": chosen_region(results)}, indent=2))
+    else:
+        print(regions_table(results))
     return 0 if all(r.failed_step is None for r in results) else 1
 
 
@@ -375,8 +516,9 @@ def add_command(commands: Any) -> None:
                     "when any transport fails, naming the step and the likely cause.",
         epilog="turn:HOST:PORT probes UDP and TCP on PORT and TLS on --tls-port; "
                "?transport=udp or tcp narrows it to one; turns:HOST:PORT is TLS on PORT.")
-    parser.add_argument("uri", metavar="URI", help="turn:HOST[:PORT][?transport=udp|tcp], "
-                        "turns:HOST[:PORT], or HOST[:PORT]")
+    parser.add_argument("uri", metavar="URI", nargs="*",
+                        help="turn:HOST[:PORT][?transport=udp|tcp], turns:HOST[:PORT], or "
+                             "HOST[:PORT]; with --regions, one per region, as NAME=URI")
     parser.add_argument("--user", help="a long-term credential's username")
     parser.add_argument("--password", help="its password")
     parser.add_argument("--account", help="mint a TURN REST credential for this account ...")
@@ -403,4 +545,16 @@ def add_command(commands: Any) -> None:
     parser.add_argument("--insecure", action="store_true",
                         help="do not verify the TLS certificate")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--regions", action="store_true",
+                        help="probe several regions side by side (UDP unless --transport says "
+                             "otherwise) and name the one of the lowest median round trip: "
+                             "those of the NAME=URI arguments, or those --api hands out")
+    parser.add_argument("--api", metavar="URL", help="with --regions: the tokens API "
+                        "(https://HOST:PORT) whose regions to probe, with a credential it mints "
+                        "for --account with --api-key")
+    parser.add_argument("--api-key", default=os.environ.get("TURNRELAY_API_KEY"),
+                        help="the account's API key (default: $TURNRELAY_API_KEY)")
+    parser.add_argument("--region-count", type=_positive(int), default=10, metavar="N",
+                        help="with --api: how many regions to ask for, nearest first "
+                             "(default 10)")
     parser.set_defaults(main=run, parser=parser)

@@ -10,6 +10,8 @@ import sys
 import pytest
 
 from support.certs import make_cert
+from support.db import create_accounts
+from support.delay_proxy import DelayProxy
 from support.servers import PASSWORD, USER, free_port, tool
 
 CLI = os.path.join(os.path.dirname(sys.executable), "turnrelay")
@@ -173,3 +175,81 @@ def test_probe_over_ipv6_gets_ipv6_relayed_addresses(server_factory):
     for transport in ("UDP", "TCP", "TLS"):
         _, address, status, reflexive, relayed, *_ = rows(result.stdout)[transport]
         assert status == "ok" and reflexive.startswith("[::1]:") and relayed.startswith("[::1]:")
+
+
+# --regions: several regions side by side.  The far region is the same relay behind a path
+# delaying each direction DELAY (support.delay_proxy): a relayed round trip crosses it four
+# times (to the relay and back out, twice), the first relayed address takes three round trips
+# (Binding, Allocate refused 401, Allocate).
+
+DELAY = 0.1
+
+
+def test_probe_regions_side_by_side_names_the_nearest(server_factory):
+    server = server_factory(tls=False)
+    with DelayProxy(DELAY) as proxy:
+        far = proxy.forward(server.port)
+        result = probe("--regions", f"far=turn:127.0.0.1:{far}",
+                       f"near=turn:127.0.0.1:{server.port}", "--user", USER,
+                       "--password", PASSWORD, "--count", "5", "--transport", "udp,tcp")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["REGION", "TRANSPORT", "SERVER", "RESULT", "TO", "RELAYED", "ms",
+                                "RTT", "p50/p99", "ms", "LOSS"]
+    table = {(row[0], row[1]): row for row in map(str.split, lines[1:5])}
+    assert sorted(table) == [("far", "TCP"), ("far", "UDP"), ("near", "TCP"), ("near", "UDP")]
+    for (region, _), (_, _, address, status, relayed_ms, rtt, loss) in table.items():
+        port = far if region == "far" else server.port
+        assert (address, status, loss) == (f"127.0.0.1:{port}", "ok", "0/5")
+        p50 = float(rtt.split("/")[0])
+        if region == "far":
+            assert float(relayed_ms) >= 6 * DELAY * 1000 - 5 and p50 >= 4 * DELAY * 1000 - 5
+        else:
+            assert 0 < p50 < 4 * DELAY * 1000 and float(relayed_ms) < 6 * DELAY * 1000
+    assert lines[5] == "chosen: near (the lowest median round trip through the relay)"
+
+
+def test_probe_regions_from_the_tokens_api(server_factory, tmp_path, in_reactor):  # noqa: F811
+    dsn = f"sqlite:///{tmp_path / 'accounts.db'}"
+    keys = in_reactor(create_accounts, dsn, ("acme",))
+    secret = tmp_path / "mint.secret"
+    secret.write_text(f"{SECRET}\n")
+    regions = tmp_path / "regions.toml"
+    regions.write_text('[regions.far]\nhost = "127.0.0.1"\n')
+    api_port = free_port()
+    server = server_factory("--auth", f"db:dsn={dsn},secret-file={secret}", "--api-port",
+                            str(api_port), "--regions-file", str(regions), "--region", "near",
+                            users=(), tls=False)
+    server.read_until("account database loaded")
+    api = f"http://127.0.0.1:{api_port}"
+    with DelayProxy(DELAY) as proxy:
+        regions.write_text(f'[regions.far]\nhost = "127.0.0.1"\nport = {proxy.forward(server.port)}\n')
+        server.read_until("--regions-file changed: far ready, near ready")
+        result = subprocess.run(
+            [CLI, "probe", "--regions", "--api", api, "--account", "acme", "--count", "3",
+             "--json"], capture_output=True, text=True, timeout=60,
+            env={**os.environ, "TURNRELAY_API_KEY": keys["acme"]})
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    # The API's order (no GeoIP: its own region, then the other), probed side by side.
+    assert [(r["region"], r["transport"], r["ok"]) for r in report["regions"]] == \
+        [("near", "udp", True), ("far", "udp", True)]
+    near, far = report["regions"]
+    assert near["rtt_p50_ms"] < far["rtt_p50_ms"] and far["rtt_p50_ms"] >= 4 * DELAY * 1000 - 5
+    assert report["chosen"] == "near"
+    refused = probe("--regions", "--api", api, "--account", "acme", "--api-key", "wrong")
+    assert (refused.returncode, refused.stderr) == (2, (
+        f"turnrelay probe: the tokens API at {api} refused: 401 wrong account id or API key\n"))
+    assert len(re.findall(r"allocation opened user=\d+:acme:probe ", server.stop())) == 4
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--regions"], "--regions needs NAME=URI arguments, or --api URL"),
+    (["--regions", "--api", "http://127.0.0.1:1", "a=turn:h"], "give --api URL or NAME=URI"),
+    (["--regions", "--api", "http://127.0.0.1:1"], "--api needs --account and --api-key"),
+    (["a=turn:h", "b=turn:h", "--user", "u", "--password", "p"], "give one URI, or --regions"),
+])
+def test_bad_regions_arguments_are_one_line(args, problem):
+    result = probe(*args)
+    assert result.returncode == 2 and problem in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1

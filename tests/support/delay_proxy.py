@@ -125,11 +125,13 @@ class DelayProxy:
             self._closers.append(listener.close)
         if tcp:
             async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                self._closers.append(writer.close)
                 try:
                     up_reader, up_writer = await asyncio.open_connection(*target)
                 except OSError:
                     writer.close()
                     return
+                self._closers.append(up_writer.close)
                 await asyncio.gather(_pipe(reader, up_writer, self.delay),
                                      _pipe(up_reader, writer, self.delay))
             server = await asyncio.start_server(accepted, host, port)
@@ -142,9 +144,15 @@ class DelayProxy:
         self.close()
 
     def close(self) -> None:
-        def stop() -> None:
+        """Close every socket, end every task, then the loop and its thread."""
+        async def shut_down() -> None:
             for close in self._closers:
                 close()
-            self.loop.stop()
-        self.loop.call_soon_threadsafe(stop)
+            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(shut_down(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=10)
+        self.loop.close()
