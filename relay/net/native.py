@@ -82,10 +82,14 @@ class NativeUdp:
         self.reactor = reactor
         self.server = server
         self.plane = NativeDataPlane()
+        try:
+            self.plane.start()
+        except DataPlaneError:
+            self.plane.close()
+            raise
         self.protocols: Dict[int, ClientDatagramProtocol] = {}
         self.listeners: Dict[Address, int] = {}
-        server.opened_observers.insert(0, self.opened)
-        self.plane.start()
+        server.opened_observers.insert(0, self.opened)  # only once its thread runs
         reactor.addReader(self)
 
     def listen(self, sock: socket.socket, protocol: ClientDatagramProtocol) -> NativeListener:

@@ -16,6 +16,7 @@ from twisted.web.server import Site
 
 from relay.core.peers import OwnEndpoints
 from relay.core.server import TurnServer
+from relay.net.dataplane import DataPlaneError
 from relay.net.dtls import DtlsListener
 from relay.net.handoff import HandOff
 from relay.net.listeners import (
@@ -26,7 +27,7 @@ from relay.net.listeners import (
     adopt_datagram_socket,
     bound_socket,
 )
-from relay.net.native import NativeUdp
+from relay.net.native import NativeListener, NativeUdp
 from relay.net.proxy_protocol import ProxyTrust
 from relay.net.tls import ServerDTLS, ServerTLS
 from relay.service.options import Options
@@ -88,12 +89,8 @@ class ListenersService(Service):
         self.server.config.policy.own.add(*listener)
         if transport == "udp":
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
-            if self.native_dataplane:
-                if self.native is None:
-                    self.native = NativeUdp(self.reactor, self.server)
-                self.ports.append(self.native.listen(sock, protocol))
-            else:
-                self.ports.append(adopt_datagram_socket(self.reactor, sock, protocol))
+            native = self._listen_native(sock, protocol) if self.native_dataplane else None
+            self.ports.append(native or adopt_datagram_socket(self.reactor, sock, protocol))
         elif transport == "dtls":
             assert self.dtls is not None
             protocol = DtlsListener(self.server, self.dispatch, listener, self.dtls,
@@ -112,6 +109,21 @@ class ListenersService(Service):
             self.ports.append(adopt_stream_socket(self.reactor, sock, factory))
         log.debug("listening on {transport} [{host}]:{port}", transport=transport, host=listener[0],
                  port=listener[1])
+
+    def _listen_native(self, sock: socket.socket,
+                       protocol: ClientDatagramProtocol) -> Optional[NativeListener]:
+        """The UDP listener served by the native data plane, or None where it refuses it (it
+        reads 64 listeners at most): the reactor then serves that one, as the Python data plane
+        would, and the log says so."""
+        try:
+            if self.native is None:
+                self.native = NativeUdp(self.reactor, self.server)
+            return self.native.listen(sock, protocol)
+        except (DataPlaneError, MemoryError) as err:
+            log.warn("the native data plane refused UDP listener [{host}]:{port} ({err}): the "
+                     "reactor serves it", host=protocol.listener[0], port=protocol.listener[1],
+                     err=err)
+            return None
 
     def dataplane_stats(self) -> Dict[str, int]:
         """The native data plane's counters, for the metrics; none without one."""

@@ -11,6 +11,7 @@ from typing import Dict
 from prometheus_client.parser import text_string_to_metric_families
 
 from support.servers import PASSWORD, USER, free_port, tool
+from support.uclient import relayed_all
 
 MESSAGES, CLIENTS, LENGTH = 50, 4, 100
 
@@ -52,3 +53,22 @@ def test_uclient_through_the_default_native_data_plane(server_factory, echo_peer
     assert sum(v for labels, v in native.items() if ("what", "queue_dropped") in labels) == 0
     packets = samples(metrics, "turnrelay_relayed_packets_total")
     assert sum(v for labels, v in packets.items() if ("transport", "udp") in labels) == relayed
+
+
+def test_udp_listeners_past_the_native_data_planes_64_are_served_by_the_reactor(server_factory,
+                                                                              echo_peer):
+    """The data plane reads 64 listeners a process: a relay given more still serves them all,
+    the rest through the reactor, and says which."""
+    more = [free_port() for _ in range(65)]
+    listening = [arg for port in more for arg in ("--listening-port", str(port))]
+    server = server_factory("--rfc5766-channels", *listening, tcp=False, tls=False)
+    refused = more[-2:]  # of 66 UDP listeners in each process
+    for port in refused:
+        server.search(rf"native data plane refused UDP listener \[127\.0\.0\.1\]:{port} .*"
+                      r"the reactor serves it")
+    for port in (server.port, refused[-1]):  # the first, natively; the last, by the reactor
+        result = subprocess.run(
+            [tool("turnutils_uclient"), "-c", "-p", str(port), "-u", USER, "-w", PASSWORD,
+             "-e", echo_peer[0], "-r", str(echo_peer[1]), "-n", "20", "-m", "2", server.host],
+            capture_output=True, text=True, timeout=120)
+        assert relayed_all(result.stdout + result.stderr, 40), result.stdout + result.stderr
