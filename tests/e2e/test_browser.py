@@ -9,13 +9,11 @@ relay's own log, that turnrelay relayed at least those bytes each way.  One brow
 """
 import base64
 import hashlib
-import http.server
 import json
 import os
 import re
 import subprocess
 import sys
-import threading
 from importlib import resources
 
 import pytest
@@ -23,7 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from support.certs import make_cert
-from support.chromium import CHROMIUM_FLAGS, chromium
+from support.chromium import CHROMIUM_FLAGS, chromium, served_page
 from support.db import raw_rows
 from support.delay_proxy import DelayProxy
 from support.servers import PASSWORD, USER, free_port
@@ -49,24 +47,8 @@ def certificate(tmp_path_factory):
 @pytest.fixture(scope="module")
 def page_url():
     """The self-test page, served on 127.0.0.1 by a plain HTTP server of the test's own."""
-    html = resources.files("relay.web").joinpath("test_page.html").read_bytes()
-
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("content-type", "text/html; charset=utf-8")
-            self.send_header("content-length", str(len(html)))
-            self.end_headers()
-            self.wfile.write(html)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/test"
-    server.shutdown()
-    server.server_close()
+    with served_page(resources.files("relay.web").joinpath("test_page.html").read_bytes()) as port:
+        yield f"http://127.0.0.1:{port}/test"
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,13 @@ region); the module measures both regions from the browser and must put the near
 with times that reflect the delay, remember it, and give the page ICE servers that relay."""
 from __future__ import annotations
 
-import http.server
 import json
 import os
-import threading
 from typing import Iterator, NamedTuple
 
 import pytest
 
-from support.chromium import CHROMIUM_FLAGS, chromium
+from support.chromium import CHROMIUM_FLAGS, chromium, served_page
 from support.cli import run_cli
 from support.db import create_accounts
 from support.delay_proxy import DelayProxy
@@ -54,24 +52,6 @@ class Setup(NamedTuple):
     far_port: int
 
 
-def serve_page() -> http.server.ThreadingHTTPServer:
-    """The application's page, on 127.0.0.1 at a port of its own: its origin."""
-    class Page(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200)
-            self.send_header("content-type", "text/html; charset=utf-8")
-            self.send_header("content-length", str(len(PAGE)))
-            self.end_headers()
-            self.wfile.write(PAGE)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, in_reactor) -> Iterator[Setup]:  # noqa: F811
     tmp = tmp_path_factory.mktemp("browser-regions")
@@ -81,35 +61,30 @@ def setup(tmp_path_factory, in_reactor) -> Iterator[Setup]:  # noqa: F811
     secret.write_text("browser-regions-secret\n")
     auth = ("--auth", f"db:dsn={dsn},secret-file={secret}")
     regions = tmp / "regions.toml"
-    proxy = DelayProxy(DELAY)
-    page = serve_page()
     servers = []
-    try:
-        near = start_server(*auth, "--region", "near", users=(), state_dir=str(tmp / "near"))
-        servers.append(near)
-        regions.write_text(NEAR_ONLY.format(near=near))
-        api_port = free_port()
-        far = start_server(*auth, "--region", "far", "--regions-file", str(regions),
-                           "--api-port", str(api_port), users=(), state_dir=str(tmp / "far"))
-        servers.append(far)
-        far.read_until("account database loaded")
-        # The far region is reached through the delaying path: its entry in the regions file
-        # names the proxy's ports, and wins over the relay's own listeners.
-        far_port = proxy.forward(far.port)
-        far_tls = proxy.forward(far.tls_port, udp=False)
-        regions.write_text(NEAR_ONLY.format(near=near) + FAR.format(port=far_port,
-                                                                   tls_port=far_tls))
-        far.read_until("--regions-file changed: far ready, near ready")
-        page_port = page.server_address[1]
-        key = run_cli("browser-key", "add", "acme", "--origin", f"http://127.0.0.1:{page_port}",
-                      "--name", "web", "--db", dsn).stdout.strip()
-        yield Setup(near, far, f"http://127.0.0.1:{api_port}", key, page_port, far_port)
-    finally:
-        for server in servers:
-            server.stop()
-        proxy.close()
-        page.shutdown()
-        page.server_close()
+    with DelayProxy(DELAY) as proxy, served_page(PAGE) as page_port:
+        try:
+            near = start_server(*auth, "--region", "near", users=(), state_dir=str(tmp / "near"))
+            servers.append(near)
+            regions.write_text(NEAR_ONLY.format(near=near))
+            api_port = free_port()
+            far = start_server(*auth, "--region", "far", "--regions-file", str(regions),
+                               "--api-port", str(api_port), users=(), state_dir=str(tmp / "far"))
+            servers.append(far)
+            far.read_until("account database loaded")
+            # The far region is reached through the delaying path: its entry in the regions file
+            # names the proxy's ports, and wins over the relay's own listeners.
+            far_port = proxy.forward(far.port)
+            far_tls = proxy.forward(far.tls_port, udp=False)
+            regions.write_text(NEAR_ONLY.format(near=near) + FAR.format(port=far_port,
+                                                                       tls_port=far_tls))
+            far.read_until("--regions-file changed: far ready, near ready")
+            key = run_cli("browser-key", "add", "acme", "--origin", f"http://127.0.0.1:{page_port}",
+                          "--name", "web", "--db", dsn).stdout.strip()
+            yield Setup(near, far, f"http://127.0.0.1:{api_port}", key, page_port, far_port)
+        finally:
+            for server in servers:
+                server.stop()
 
 
 @pytest.fixture(scope="module")
