@@ -6,7 +6,9 @@
     GET    /v1/accounts/{account}/sessions           200: sessions, a page at a time
     POST, GET /v1/accounts/{account}/triggers        usage triggers (`relay.web.triggers_api`)
     GET, DELETE /v1/accounts/{account}/triggers/{sid}
-    POST   /v1/ice-servers, GET /v1/ice.js            for web pages (`relay.web.browser_api`)
+    POST, GET /v1/accounts/{account}/browser-keys    browser keys (`relay.web.browser_api`)
+    DELETE /v1/accounts/{account}/browser-keys/{id}
+    POST   /v1/ice-servers, GET /v1/ice.js            for web pages, with a browser key
 
 A caller authenticates with HTTP Basic, the account id and the account's API key, as with
 Twilio's Account SID and auth token.  Credentials are TURN REST credentials minted with the
@@ -109,15 +111,21 @@ def parse_ttl(value: Any, max_ttl: int) -> int:
     return ttl
 
 
-def parse_regions(value: Any) -> int:
-    """How many regions' ICE servers to return, DEFAULT_REGIONS when not given."""
+def whole_number(value: Any, name: str, low: int, high: int, default: int) -> int:
+    """Field `name`, a whole number from `low` to `high` (a JSON number or digits), `default`
+    when not given; 400 naming it otherwise."""
     if value is None:
-        return DEFAULT_REGIONS
+        return default
     if isinstance(value, bool) or not (
             isinstance(value, int) or isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value)) \
-            or not 1 <= int(value) <= MAX_REGIONS:
-        raise ApiError(400, f"regions: expected a whole number from 1 to {MAX_REGIONS}")
+            or not low <= int(value) <= high:
+        raise ApiError(400, f"{name}: expected a whole number from {low} to {high}")
     return int(value)
+
+
+def parse_regions(value: Any) -> int:
+    """How many regions' ICE servers to return, DEFAULT_REGIONS when not given."""
+    return whole_number(value, "regions", 1, MAX_REGIONS, DEFAULT_REGIONS)
 
 
 def check_label(value: Any) -> Optional[str]:

@@ -4,6 +4,11 @@
     POST /v1/ice-servers   201: a short credential and the ICE servers of the nearest regions
     GET  /v1/ice.js        the JavaScript module (ice.js beside this file, package data)
 
+and, for the account's backend with its API key, as `turnrelay browser-key` does:
+
+    POST, GET /v1/accounts/{account}/browser-keys        201: a new key (shown once); 200: the keys
+    DELETE    /v1/accounts/{account}/browser-keys/{id}   204: that key revoked
+
 A web page that asks for its ICE servers itself, rather than through its application's
 backend, lets the GeoIP lookup see the visitor's own address.  It cannot hold the account's
 API key, which anyone could read in the page, so it holds a browser key
@@ -35,19 +40,24 @@ import math
 from dataclasses import replace
 from importlib import resources
 from typing import Any, Callable, Dict, Mapping
+from urllib.parse import quote
 
 from twisted.logger import Logger
 from twisted.web.server import Request
 
+from relay.auth.tokens import valid_label
 from relay.core.ratelimit import RateLimiter
 from relay.storage.accounts import AccountStore
-from relay.storage.browser_keys import BrowserKey
-from relay.web.api import TokensAPI, parse_regions, parse_ttl
+from relay.storage.browser_keys import DEFAULT_MAX_TTL, DEFAULT_REQUESTS_PER_MINUTE, BrowserKey
+from relay.util.timefmt import rfc3339
+from relay.web.api import TokensAPI, parse_regions, parse_ttl, whole_number
 from relay.web.http import ApiError, Reply, request_fields, url_encoded
 
 log = Logger(namespace="turnrelay.api")
 
 FIELDS = ("key", "ttl", "region", "regions", "client_ip", "label")
+KEY_FIELDS = ("origins", "name", "max_ttl", "requests_per_minute")
+MAX_REQUESTS_PER_MINUTE = 100_000
 SCRIPT_MAX_AGE = 3600  # seconds a browser may cache ice.js
 
 
@@ -72,6 +82,9 @@ class BrowserAnswers:
         self.script = resources.files("relay.web").joinpath("ice.js").read_bytes()
         tokens.public.update({"ice-servers": {b"POST": self.ice_servers},
                               "ice.js": {b"GET": self.script_page}})
+        tokens.paths.update({("browser-keys", False): {b"GET": self.list_keys,
+                                                       b"POST": self.add_key},
+                             ("browser-keys", True): {b"DELETE": self.revoke_key}})
 
     async def script_page(self, request: Request) -> Reply:
         """ice.js: public code, so any origin may load it (a module script is fetched with
@@ -144,3 +157,53 @@ class BrowserAnswers:
         count = parse_regions(fields.get("regions"))
         choice = tokens.choose_regions(fields, request)
         return Reply(201, await tokens.credential(key.account_id, ttl, key.name, choice, count))
+
+    # -- the account's own management of its keys (authenticated by the tokens API) ---------
+
+    async def add_key(self, request: Request, account_id: str) -> Reply:
+        """A new key: `origins` (a JSON list, or one string of origins separated by spaces or
+        commas), `name`, `max_ttl`, `requests_per_minute`; 400 naming a bad one."""
+        fields = request_fields(request, KEY_FIELDS)
+        origins = fields.get("origins")
+        if isinstance(origins, str):
+            origins = origins.replace(",", " ").split()
+        if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+            raise ApiError(400, "origins: expected origins such as https://app.example.org, "
+                                "separated by spaces, or a JSON list of them")
+        try:
+            name = valid_label(fields.get("name", "browser"))
+        except ValueError as err:
+            raise ApiError(400, f"name: {err}") from None
+        max_ttl = whole_number(fields.get("max_ttl"), "max_ttl", 1, self.tokens.max_ttl,
+                               min(DEFAULT_MAX_TTL, self.tokens.max_ttl))
+        per_minute = whole_number(fields.get("requests_per_minute"), "requests_per_minute", 1,
+                                  MAX_REQUESTS_PER_MINUTE, DEFAULT_REQUESTS_PER_MINUTE)
+        try:
+            key, record = await self.store.add_browser_key(account_id, origins, name, max_ttl,
+                                                           per_minute)
+        except ValueError as err:
+            raise ApiError(400, f"origins: {err}") from None
+        log.info("tokens API: browser key {key} of {account} added", key=record.key_id,
+                 account=account_id)
+        location = f"/v1/accounts/{quote(account_id, safe='')}/browser-keys/{record.key_id}"
+        return Reply(201, {"key": key, **_described(record)},
+                     {b"location": location.encode("ascii")})
+
+    async def list_keys(self, request: Request, account_id: str) -> Reply:
+        keys = await self.store.browser_keys(account_id)
+        return Reply(200, {"browser_keys": [_described(key) for key in keys]})
+
+    async def revoke_key(self, request: Request, account_id: str, key_id: str) -> Reply:
+        if not await self.store.revoke_browser_key(key_id, account_id):
+            raise ApiError(404, f"no browser key {key_id!r} of account {account_id!r}")
+        log.info("tokens API: browser key {key} of {account} revoked", key=key_id,
+                 account=account_id)
+        return Reply(204)
+
+
+def _described(key: BrowserKey) -> Dict[str, Any]:
+    """A key as the API shows it: everything but its secret."""
+    return {"key_id": key.key_id, "account": key.account_id, "name": key.name,
+            "origins": list(key.origins), "max_ttl": key.max_ttl,
+            "requests_per_minute": key.requests_per_minute,
+            "date_created": rfc3339(key.created_at)}

@@ -5,6 +5,7 @@ it may not (anything else) are both asserted.  Every test speaks from its own lo
 address, since requests are limited per source."""
 from __future__ import annotations
 
+import json
 from typing import Dict, Iterator, Optional
 
 import pytest
@@ -164,6 +165,66 @@ def test_ice_js_is_served_to_any_origin_and_cached(api) -> None:
     wrong_method = api.request("POST", "/v1/ice.js", source="127.0.2.40")
     assert (wrong_method.status, wrong_method.headers["Allow"]) == (405, "GET")
     assert api.request("GET", "/v1/ice-servers", source="127.0.2.40").headers["Allow"] == "POST"
+
+
+def test_the_accounts_backend_adds_lists_and_revokes_keys_with_its_api_key(api) -> None:
+    source = "127.0.2.50"
+    added = api.request("POST", "/v1/accounts/acme/browser-keys", api.auth("acme"), source=source,
+                        json_body={"origins": [ORIGIN, "http://127.0.0.1:8080"], "name": "app",
+                                   "max_ttl": 90})
+    assert added.status == 201, added.body
+    key = added.body["key"]
+    api.secrets.append(key)
+    key_id = key[5:21]
+    assert added.headers["Location"] == f"/v1/accounts/acme/browser-keys/{key_id}"
+    assert {k: v for k, v in added.body.items() if k not in ("key", "date_created")} == {
+        "key_id": key_id, "account": "acme", "name": "app", "max_ttl": 90,
+        "origins": [ORIGIN, "http://127.0.0.1:8080"], "requests_per_minute": 600}
+    token = ask(api, key, source).body
+    assert (token["ttl"], token["username"].endswith(":acme:app")) == (90, True)
+    form = api.request("POST", "/v1/accounts/acme/browser-keys", api.auth("acme"), source=source,
+                       form={"origins": f"{ORIGIN}, https://b.example"})
+    assert form.body["origins"] == [ORIGIN, "https://b.example"]
+    assert form.body["max_ttl"] == 600 and form.body["name"] == "browser"
+    api.secrets.append(form.body["key"])
+
+    listed = api.request("GET", "/v1/accounts/acme/browser-keys", api.auth("acme"), source=source)
+    assert listed.status == 200
+    assert key_id in [k["key_id"] for k in listed.body["browser_keys"]]
+    assert not any("key" in described for described in listed.body["browser_keys"])
+    assert key not in json.dumps(listed.body)
+    # Another account sees none of acme's keys, and cannot revoke them.
+    other = api.request("GET", "/v1/accounts/initech/browser-keys", api.auth("initech"),
+                        source=source)
+    assert {k["account"] for k in other.body["browser_keys"]} <= {"initech"}  # its own only
+    assert key_id not in [k["key_id"] for k in other.body["browser_keys"]]
+    assert api.request("DELETE", f"/v1/accounts/initech/browser-keys/{key_id}",
+                       api.auth("initech"), source=source).status == 404
+    assert api.request("DELETE", f"/v1/accounts/acme/browser-keys/{key_id}", api.auth("acme"),
+                       source=source).status == 204
+    assert ask(api, key, source).status == 401
+    assert api.request("DELETE", f"/v1/accounts/acme/browser-keys/{key_id}", api.auth("acme"),
+                       source=source).body["message"] == \
+        f"no browser key '{key_id}' of account 'acme'"
+    # A browser key cannot manage keys.
+    assert api.request("GET", "/v1/accounts/acme/browser-keys", ("acme", form.body["key"]),
+                       source=source).status == 401
+
+
+@pytest.mark.parametrize("form, message", [
+    ({}, "origins: expected origins such as https://app.example.org, separated by spaces, or "
+         "a JSON list of them"),
+    ({"origins": "app.example.org"}, "origins: origin 'app.example.org': expected http:// or "
+                                     "https:// and a host"),
+    ({"origins": ORIGIN, "name": "a b"}, "name: expected 1 to 64 letters"),
+    ({"origins": ORIGIN, "max_ttl": "86401"}, "max_ttl: expected a whole number from 1 to 86400"),
+    ({"origins": ORIGIN, "requests_per_minute": "0"},
+     "requests_per_minute: expected a whole number from 1 to 100000"),
+])
+def test_a_bad_key_field_is_named(api, form, message) -> None:
+    refused = api.request("POST", "/v1/accounts/acme/browser-keys", api.auth("acme"), form=form,
+                          source="127.0.2.51")
+    assert refused.status == 400 and refused.body["message"].startswith(message), refused.body
 
 
 def test_no_browser_key_reaches_the_log(api) -> None:
