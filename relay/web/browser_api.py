@@ -66,8 +66,8 @@ def _retry_after(per_minute: int) -> Dict[bytes, bytes]:
 
 
 class BrowserAnswers:
-    """The two endpoints, served by `tokens` (whose regions, minting and failed-key bucket
-    they share) once this is made."""
+    """The endpoints above, served by `tokens` (whose regions, minting, authentication and
+    failed-key bucket they share) once this is made."""
 
     def __init__(self, store: AccountStore, tokens: TokensAPI, clock: Callable[[], float],
                  requests_per_minute: int):
@@ -100,7 +100,7 @@ class BrowserAnswers:
         if origin_header is None:
             raise ApiError(403, "a browser key is for web pages: the request has no Origin "
                                 "header")
-        origin = origin_header.decode("ascii", "replace")
+        origin = origin_header.decode("ascii", "replace")[:300]  # echoed in the refusal
         source = request.getClientAddress().host
         now = self.clock()
         if not self.per_source.allow(source, now):
@@ -112,8 +112,8 @@ class BrowserAnswers:
         fields = request_fields(request, FIELDS)
         key = await self._key(fields.get("key"), source, now)
         if origin not in key.origins:
-            log.info("tokens API: browser key {key} used from origin {origin}, not one of its "
-                     "own, by {source}", key=key.key_id, origin=origin, source=source)
+            log.info("tokens API: browser key {key} used from origin {origin!r}, not one of "
+                     "its own, by {source}", key=key.key_id, origin=origin, source=source)
             raise ApiError(403, f"origin {origin} may not use this browser key "
                                 "(its origins are set by turnrelay browser-key add --origin)")
         cors = {b"access-control-allow-origin": origin_header, b"vary": b"Origin"}

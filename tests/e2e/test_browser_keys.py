@@ -114,7 +114,7 @@ def test_another_origin_or_no_origin_is_refused(api) -> None:
     assert (no_origin.status, no_origin.body["message"]) == \
         (403, "a browser key is for web pages: the request has no Origin header")
     assert api.server.read_until(
-        f"browser key {key[5:21]} used from origin null, not one of its own, by {source}")
+        f"browser key {key[5:21]} used from origin 'null', not one of its own, by {source}")
 
 
 def test_a_revoked_or_wrong_key_is_refused(api) -> None:

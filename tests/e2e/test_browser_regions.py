@@ -169,6 +169,6 @@ def test_a_page_of_another_origin_cannot_use_the_key(setup, browser) -> None:
     assert refused["error"].startswith(
         f"turnrelay: no answer from {setup.api} that this page may read (is the page's origin, "
         f"http://localhost:{setup.page_port}, one of the browser key's?)"), refused
-    setup.far.read_until(f"used from origin http://localhost:{setup.page_port}, not one of "
+    setup.far.read_until(f"used from origin 'http://localhost:{setup.page_port}', not one of "
                          "its own")
     page.close()
