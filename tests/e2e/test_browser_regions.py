@@ -136,6 +136,17 @@ def test_the_nearer_region_comes_first_measured_and_remembered(setup, browser) -
     assert (second["chosen"], second["cached"]) == ("near", True), second
     assert second["regions"] == [{"name": "near", "ms": times["near"]},
                                  {"name": "far", "ms": None}]
+    # A remembered winner holds until it expires, even when it is not the fastest; then the
+    # regions are measured again.
+    remember = "([api, entry]) => localStorage.setItem('turnrelay.ice.winner:' + api, " \
+               "JSON.stringify({...entry, expires: Date.now() + entry.expires}))"
+    page.evaluate(remember, [setup.api, {"region": "far", "ms": 1, "expires": 60_000}])
+    pinned = page.evaluate(CALL, [setup.api, setup.key, {}])
+    assert (pinned["chosen"], pinned["cached"]) == ("far", True), pinned
+    page.evaluate(remember, [setup.api, {"region": "far", "ms": 1, "expires": -1}])
+    expired = page.evaluate(CALL, [setup.api, setup.key, {}])
+    assert (expired["chosen"], expired["cached"]) == ("near", False), expired
+    assert expired["regions"][1]["ms"] >= 4 * DELAY * 1000 - 5, expired
     # The ICE servers relay: a relay-only peer connection through the chosen region gets a
     # relay candidate with this fresh credential, and the near relay logs its allocation.
     relayed = page.evaluate("""async ([api, servers]) => {
