@@ -19,7 +19,7 @@ from support.db import create_accounts
 from support.delay_proxy import DelayProxy
 from support.servers import Server, free_port, start_server
 
-DELAY = 0.1  # seconds, each way, in front of the far relay
+DELAY = 0.2  # seconds, each way, in front of the far relay
 PAGE = b"<!doctype html><meta charset=utf-8><title>an application</title>"
 NEAR_ONLY = """
 [regions.near]
