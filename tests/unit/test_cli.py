@@ -50,6 +50,9 @@ def mint(*argv: str, status: int = 0, env_db: str = "") -> dict:
                               "--requests-per-minute", "--db"]),
     (["browser-key", "list"], ["--account", "--db"]),
     (["browser-key", "revoke"], ["KEY_ID", "--db"]),
+    (["probe"], ["URI", "--user", "--password", "--account", "--secret", "--secret-file",
+                 "--transport", "--count", "--json", "--regions", "--api", "--api-key",
+                 "TURNRELAY_API_KEY", "--region-count"]),
     (["usage"], ["--ledger", "--since", "--until", "--account", "--by", "--json", "--region",
                  "--rate-per-mb", "--rate-table", "TURNRELAY_LEDGER"]),
 ])
