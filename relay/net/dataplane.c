@@ -865,11 +865,13 @@ dp_alloc_t *dp_alloc_add(dp_t *dp, int listener, const unsigned char *ip, int ip
     return a;
 }
 
-/* Stops reading its relay sockets (Python closes them after this returns) and forgets it;
- * its memory is freed by the thread before its next wait (or by dp_free). */
-void dp_alloc_remove(dp_t *dp, dp_alloc_t *a)
+/* Stops reading its relay sockets (Python closes them after this returns) and forgets it,
+ * filling `last` with what it counted since the last dp_take_counters: its memory is freed by
+ * the thread before its next wait (or by dp_free), so the handle is not used after this. */
+void dp_alloc_remove(dp_t *dp, dp_alloc_t *a, unsigned long long *last)
 {
     pthread_mutex_lock(&dp->lock);
+    memcpy(last, a->counters, sizeof a->counters);
     unsigned b = hash_key(a->listener, &a->client) & (dp->nbuckets - 1);
     struct dp_alloc **p = &dp->buckets[b];
     while (*p && *p != a)

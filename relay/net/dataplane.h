@@ -49,7 +49,7 @@ void dp_budget_free(dp_t *dp, dp_budget_t *budget);
 dp_alloc_t *dp_alloc_add(dp_t *dp, int listener, const unsigned char *ip, int ip_len, int port,
                          int relay4_fd, int relay6_fd, dp_budget_t *budget,
                          dp_budget_t *account_budget);
-void dp_alloc_remove(dp_t *dp, dp_alloc_t *alloc);
+void dp_alloc_remove(dp_t *dp, dp_alloc_t *alloc, unsigned long long *last_counters);
 int dp_permit(dp_t *dp, dp_alloc_t *alloc, const unsigned char *ip, int ip_len, int native_send);
 int dp_unpermit(dp_t *dp, dp_alloc_t *alloc, const unsigned char *ip, int ip_len);
 int dp_bind_channel(dp_t *dp, dp_alloc_t *alloc, int number, const unsigned char *ip, int ip_len,

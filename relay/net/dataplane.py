@@ -133,9 +133,11 @@ class NativeDataPlane:
             raise DataPlaneError(f"native data plane: cannot add the allocation of {client}")
         return handle
 
-    def remove_allocation(self, handle: Any) -> None:
-        """Stop relaying for it: its relay sockets may be closed once this returns."""
-        lib.dp_alloc_remove(self._dp, handle)
+    def remove_allocation(self, handle: Any) -> Tuple[int, ...]:
+        """Stop relaying for it: its relay sockets may be closed once this returns, and the
+        handle is no longer valid.  What it counted since the last `take_counters`."""
+        lib.dp_alloc_remove(self._dp, handle, self._counters)
+        return tuple(self._counters)
 
     def permit(self, handle: Any, ip: str, native_send: bool = True) -> None:
         """A permission for peer `ip`; with native_send False, Send indications to it go to

@@ -11,7 +11,7 @@ and released before its relay sockets close, its last counts added to its counte
 from __future__ import annotations
 
 import socket
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
@@ -49,7 +49,13 @@ class NativeTables:
         self.plane.unbind_channel(self.handle, number)
 
     def collect(self) -> None:
-        taken = self.plane.take_counters(self.handle)
+        self._add(self.plane.take_counters(self.handle))
+
+    def close(self) -> None:
+        # The last counts come with the removal: the thread may free the entry right after.
+        self._add(self.plane.remove_allocation(self.handle))
+
+    def _add(self, taken: Tuple[int, ...]) -> None:
         if any(taken):
             a = self.allocation
             a.bytes_from_client += taken[0]
@@ -58,10 +64,6 @@ class NativeTables:
             a.packets_to_client += taken[3]
             a.limited_packets += taken[4]
             a.limited_bytes += taken[5]
-
-    def close(self) -> None:
-        self.plane.remove_allocation(self.handle)  # nothing more counted after this
-        self.collect()
 
 
 class NativeListener:

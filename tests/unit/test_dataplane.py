@@ -95,6 +95,10 @@ def test_channel_data_both_ways_counted_exactly(relay):
     assert received(relay.client) == (channel_data(0x4000, b"answer!"), relay.listener_address)
     assert relay.plane.take_counters(relay.handle) == (5, 1, 7, 1, 0, 0)
     assert relay.plane.take_counters(relay.handle) == (0, 0, 0, 0, 0, 0)  # taken, not kept
+    # The removal hands over the last counts: the entry may be freed right after it.
+    relay.from_client(channel_data(0x4000, b"bye"))
+    assert received(relay.peer) == (b"bye", relay.relay_address)
+    assert relay.plane.remove_allocation(relay.handle) == (3, 1, 0, 0, 0, 0)
 
 
 def test_send_and_data_indications(relay):
