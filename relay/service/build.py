@@ -220,20 +220,24 @@ def _tokens_api(reactor, options: Options, relay_ips: Dict[int, str],
     BrowserAnswers(options["api-store"], api, reactor.seconds,
                    options["api-browser-requests-per-minute"])
     if options["regions-file"]:
-        TimerService(REGIONS_LOOK, _regions_watch(options["regions-file"], home, api)) \
+        TimerService(REGIONS_LOOK, regions_watch(options["regions-file"], home, api)) \
             .setServiceParent(parent)
     return api
 
 
-def _file_stamp(path: str) -> Optional[Tuple[int, int, int]]:
+def _file_stamp(path: str) -> Optional[Tuple[str, int, int, int]]:
+    """What changes when the file at `path` does, through symbolic links: a mounted ConfigMap
+    is `path` -> ..data/NAME -> ..TIMESTAMP/NAME, and the kubelet updates it by pointing
+    ..data at a new timestamped directory (so the resolved path alone tells, even when the
+    new file's size, time and a reused inode number match the old one's)."""
     try:
         status = os.stat(path)
     except OSError:
         return None
-    return status.st_mtime_ns, status.st_size, status.st_ino
+    return os.path.realpath(path), status.st_mtime_ns, status.st_size, status.st_ino
 
 
-def _regions_watch(path: str, home: Dict[str, Region], api: TokensAPI) -> Callable[[], None]:
+def regions_watch(path: str, home: Dict[str, Region], api: TokensAPI) -> Callable[[], None]:
     """A look at --regions-file, handing the tokens API its regions again when it changed
     (written in place or replaced); a file that no longer loads keeps the old ones."""
     seen = [_file_stamp(path)]

@@ -135,7 +135,12 @@ def _flag(entry: Mapping[str, Any], key: str, default: bool) -> bool:
 
 
 def regions_from_table(table: Mapping[str, Any]) -> Dict[str, Region]:
-    """The regions of a parsed --regions-file; ValueError naming the region and key at fault."""
+    """The regions of a parsed --regions-file; ValueError naming the region and key at fault.
+
+    An empty file holds no regions yet: the Kubernetes operator's directory is one until the
+    first region has a public address, and its relays start before that."""
+    if not table:
+        return {}
     regions = table.get("regions")
     if not isinstance(regions, dict) or not regions or set(table) != {"regions"}:
         raise ValueError("expected [regions.NAME] tables and nothing else")

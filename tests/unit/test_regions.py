@@ -2,12 +2,15 @@
 nearest serving region, and the GeoIP adapter on a database written by the test."""
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 from dataclasses import replace
 from typing import Any, Dict
 
 import pytest
 
+from relay.service.build import regions_watch
 from relay.service.options import Options
 from relay.web.geoip import GeoIP
 from relay.web.regions import (
@@ -176,3 +179,71 @@ def test_the_geoip_db_option_opens_the_database_or_names_itself(tmp_path, geoip)
         Options().parseOptions(["--geoip-db", str(garbled)])
     assert str(exit_.value.code).startswith(
         f"turnrelay: --geoip-db: cannot read {garbled} as a MaxMind/DB-IP .mmdb database")
+
+
+def test_an_empty_regions_file_holds_no_regions_yet(tmp_path) -> None:
+    """What the Kubernetes operator's directory is until a region has a public address."""
+    assert regions_from_table({}) == {}
+    empty = tmp_path / "regions.toml"
+    empty.write_text("")
+    options = Options()
+    options.parseOptions(["--regions-file", str(empty)])
+    assert options["regions"] == {}
+
+
+class _Api:
+    """The part of the tokens API the watch hands regions to."""
+
+    def __init__(self) -> None:
+        self.regions: Dict[str, Region] = {}
+        self.handed: list = []
+
+    def set_regions(self, regions: Dict[str, Region]) -> None:
+        self.regions = dict(regions)
+        self.handed.append(self.regions)
+
+
+def _kubelet_write(directory: Any, text: str, stamp: str) -> None:
+    """A ConfigMap volume update as the kubelet's AtomicWriter makes it: the new content in a
+    fresh timestamped directory, `..data` swapped to it by a rename, the old one removed; the
+    file itself stays a link through `..data`."""
+    fresh = directory / f"..{stamp}"
+    fresh.mkdir()
+    (fresh / "regions.toml").write_text(text)
+    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
+    os.symlink(fresh.name, directory / "..data_tmp")
+    os.rename(directory / "..data_tmp", directory / "..data")
+    if old:
+        shutil.rmtree(directory / old)
+    if not (directory / "regions.toml").is_symlink():
+        os.symlink("..data/regions.toml", directory / "regions.toml")
+
+
+def test_the_watch_follows_a_config_map_volume_through_the_kubelets_symlink_swap(tmp_path) -> None:
+    directory = tmp_path / "regions"
+    directory.mkdir()
+    serving = '[regions.eu-west]\nhost = "turn-eu.example.org"\nready = true \n'
+    _kubelet_write(directory, serving, "2026_12_03_10_00_00.000000001")
+    path = str(directory / "regions.toml")
+    home = {"us-east": Region("turn-us.example.org")}
+    api = _Api()
+    look = regions_watch(path, home, api)
+    look()
+    assert api.handed == []  # unchanged since the watch began
+    # The same size and the same modification time, as a swap within one clock tick gives.
+    before = os.stat(path)
+    down = serving.replace("ready = true ", "ready = false")
+    _kubelet_write(directory, down, "2026_12_03_10_00_01.000000002")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    look()
+    assert [sorted(handed) for handed in api.handed] == [["eu-west", "us-east"]]
+    assert api.regions["eu-west"].state == "not ready" and api.regions["us-east"].serving
+    look()
+    assert len(api.handed) == 1  # looked at again, unchanged: nothing handed out twice
+    _kubelet_write(directory, "[regions.eu-west]\nhost = 7\n", "2026_12_03_10_00_02.000000003")
+    look()
+    assert len(api.handed) == 1 and api.regions["eu-west"].state == "not ready"  # kept
+    _kubelet_write(directory, "", "2026_12_03_10_00_03.000000004")
+    look()
+    assert api.regions == home  # the directory emptied: this region alone
