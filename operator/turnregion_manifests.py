@@ -15,7 +15,10 @@ Children of TurnRegion NAME in its namespace:
     NetworkPolicy NAME            when spec.networkPolicy is true
     ConfigMap NAME-alternates     hostNetwork only: the region's endpoint URIs, where a draining
                                   relay redirects new allocations (its --alternate-servers-file)
-and, shared by every region of the namespace, ConfigMap turnrelay-regions (the directory).
+and, shared by every region of the namespace, ConfigMap turnrelay-regions (the directory):
+every region's public host, location and readiness in the relay's --regions-file format, which
+each region's relays read (mounted at REGIONS_DIR, re-read when the kubelet updates it), so the
+tokens API of every region hands out the nearest region that serves.
 """
 from __future__ import annotations
 
@@ -33,6 +36,10 @@ DSN_FILE = "/etc/turnrelay/accounting/dsn"
 # A directory mount, not a subPath, so the kubelet brings a rewritten ConfigMap into running pods.
 ALTERNATES_DIR = "/etc/turnrelay/alternates"
 ALTERNATES_FILE = f"{ALTERNATES_DIR}/endpoints"
+# The directory, mounted whole (no subPath) so the kubelet brings a rewritten one into the pods.
+REGIONS_DIR = "/etc/turnrelay/regions"
+REGIONS_FILE = f"{REGIONS_DIR}/regions.toml"
+CONTINENTS = ("AF", "AN", "AS", "EU", "NA", "OC", "SA")  # as relay.web.regions reads them
 # On a Node: the address clients reach its hostNetwork relays at, instead of its ExternalIP or
 # InternalIP (e.g. a public address a 1:1 NAT maps to the node, or a DNS name).
 NODE_ADDRESS = "turnrelay.io/address"
@@ -56,6 +63,7 @@ DEFAULTS: Dict[str, Any] = {
                  "tlsServicePort": 0, "proxyProtocolFrom": []},
     "quotas": {"user": 0, "source": 0, "total": 0, "monthlyMB": 0},
     "drainSeconds": 30,
+    "draining": False,
     "networkPolicy": False,
     "clusterCIDRs": [],
     "peers": {"allowed": [], "denied": [], "allowLoopback": False},
@@ -119,6 +127,25 @@ def spec_problems(spec: Mapping[str, Any]) -> List[str]:
     if len(families) != len(set(families)):
         problems.append("exposure.externalIPs: give at most one IPv4 and one IPv6 address "
                         "(each is the address clients see for the relay's ports)")
+    return problems + location_problems(spec.get("location"))
+
+
+def location_problems(location: Optional[Mapping[str, Any]]) -> List[str]:
+    """What the relays' --regions-file would refuse in `location` (the CRD's schema says the
+    same, but a spec may come from elsewhere, or an old CRD without the schema)."""
+    if location is None:
+        return []
+    problems = []
+    for key, limit in (("latitude", 90), ("longitude", 180)):
+        value = location.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not -limit <= value <= limit:
+            problems.append(f"location.{key}: {value!r} is not a number of degrees from {-limit} to {limit}")
+    country, continent = location.get("country"), location.get("continent")
+    if country is not None and not (isinstance(country, str) and len(country) == 2
+                                    and country.isascii() and country.isupper()):
+        problems.append(f"location.country: {country!r} is not an ISO 3166 code such as \"IE\"")
+    if continent is not None and continent not in CONTINENTS:
+        problems.append(f"location.continent: {continent!r} is not one of {' '.join(CONTINENTS)}")
     return problems
 
 
@@ -180,6 +207,8 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         "prometheus": True,
         "prometheus-address": "0.0.0.0",
         "prometheus-port": listeners["metricsPort"],
+        # The other regions, where they are and whether they serve (the directory, mounted).
+        "regions-file": REGIONS_FILE,
     }
     for transport in ("udp", "tcp", "tls"):
         if transport not in transports:
@@ -285,10 +314,14 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
               # The root filesystem is read-only; the parent of workers keeps the table of live
               # relay ports it shares with them in a temporary file.
               {"name": "tmp", "mountPath": "/tmp"}]
+    # The directory is not optional: the operator writes it before the Deployment, and a relay
+    # started without it would never see the other regions.
+    mounts.append({"name": "regions", "mountPath": REGIONS_DIR, "readOnly": True})
     volumes: List[Dict[str, Any]] = [
         {"name": "config", "configMap": {"name": f"{name}-config"}},
         {"name": "state", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {"medium": "Memory"}}]
+        {"name": "tmp", "emptyDir": {"medium": "Memory"}},
+        {"name": "regions", "configMap": {"name": DIRECTORY_NAME}}]
     if spec.get("tls"):
         volumes.append(_secret_volume("tls", spec["tls"]["secretName"]))
         mounts.append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
@@ -557,21 +590,48 @@ def region_status(body: Mapping[str, Any], deployment_status: Optional[Mapping[s
     return status
 
 
+def serving(body: Mapping[str, Any]) -> Dict[str, bool]:
+    """The region's `ready` and `draining` in the directory: ready while one relay or more is
+    ready (the Deployment's readyReplicas, in the status); draining when its spec says so or it
+    is scaled to zero, so the tokens APIs stop handing it out before its last relay goes.  (A
+    deleted region leaves the directory at once.)"""
+    spec, status = with_defaults(body["spec"]), body.get("status") or {}
+    return {"ready": status.get("readyReplicas", 0) > 0,
+            "draining": bool(spec["draining"]) or spec["replicas"] == 0}
+
+
+def regions_entry(body: Mapping[str, Any]) -> str:
+    """The region's table in --regions-file format (relay.web.regions): its first public host,
+    the ports clients reach it on, its location, and whether it serves."""
+    spec, status = with_defaults(body["spec"]), body.get("status") or {}
+    listeners = spec["listeners"]
+    entry: Dict[str, Any] = {"host": status["endpoint"], "port": listeners["port"],
+                             "tls-port": _service_port(spec, "turns-tls", listeners["tlsPort"])}
+    location = spec.get("location") or {}
+    for key in ("latitude", "longitude", "country", "continent"):
+        if location.get(key) is not None:
+            entry[key] = location[key]
+    entry.update(serving(body))
+    return f"[regions.{json.dumps(spec['region'])}]\n" + "".join(
+        f"{key} = {_toml_value(value)}\n" for key, value in entry.items())
+
+
 def directory(regions: Iterable[Mapping[str, Any]], namespace: str) -> Dict[str, Any]:
-    """ConfigMap turnrelay-regions: every region's endpoints and rate.  `regions.toml` is a
-    ready --regions-file for the tokens API (regions with a public host only); `regions.json`
-    adds the URIs, the rate per MB and readiness for anything else that wants them."""
+    """ConfigMap turnrelay-regions: every region's endpoints, location, readiness and rate.
+    `regions.toml` is the --regions-file every region's relays read (regions with a public
+    host only; empty until one has); `regions.json` adds the URIs, the rate per MB and the
+    ready relays for anything else that wants them."""
     toml, table = [], {}
     for body in sorted(regions, key=lambda b: b["spec"]["region"]):
         spec, status = with_defaults(body["spec"]), body.get("status") or {}
-        listeners = spec["listeners"]
         table[spec["region"]] = {"turnRegion": body["metadata"]["name"],
                                  "endpoints": status.get("endpoints", []),
                                  "ratePerMB": spec.get("ratePerMB"),
-                                 "readyReplicas": status.get("readyReplicas", 0)}
+                                 "readyReplicas": status.get("readyReplicas", 0),
+                                 "location": spec.get("location"),
+                                 **serving(body)}
         if status.get("endpoint"):
-            toml.append(f"[regions.{json.dumps(spec['region'])}]\nhost = {json.dumps(status['endpoint'])}\n"
-                        f"port = {listeners['port']}\ntls-port = {listeners['tlsPort']}\n")
+            toml.append(regions_entry(body))
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": {"name": DIRECTORY_NAME, "namespace": namespace,
                          "labels": {"app.kubernetes.io/name": "turnrelay",

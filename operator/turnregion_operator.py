@@ -203,6 +203,8 @@ def reconcile(region: Dict[str, Any], logger: logging.Logger) -> None:
     if problems:
         logger.warning("not reconciling: " + "; ".join(problems))
     else:
+        # The relays mount the directory: it exists before their first pod does.
+        update_directory(region["metadata"]["namespace"], region)
         wanted = m.children(region, pdb_api_version(), versions)
         for child in wanted:
             kopf.append_owner_reference(child, owner=region)

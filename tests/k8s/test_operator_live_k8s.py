@@ -15,10 +15,12 @@ from typing import Dict, Iterator
 
 import kubernetes
 import pytest
+import tomllib
 import turnregion_manifests as m
 import yaml
 from kubernetes.dynamic.exceptions import UnprocessibleEntityError
 
+from relay.web.regions import regions_from_table
 from support.k8s_cluster import CHART, RELEASE, RELEASE_NAMESPACE, Cluster, control_plane, wait_for
 from support.k8s_operator import AS_UID_WITHOUT_PASSWD, NO_PASSWD_UID, Operator
 from support.servers import free_port
@@ -211,4 +213,86 @@ def test_peers_are_checked_and_mapped(cluster, operator):
     assert '"10.244.0.0/22"' in config and '"10.244.8.0/21"' in config  # the rest stays refused
     wait_for(lambda: any(c["type"] == "Degraded" and c["status"] == "False"
                          for c in status_of(cluster, "sfu").get("conditions", [])), timeout=10)
+    operator.check()
+
+
+NYC = {"latitude": 38.94, "longitude": -77.46, "country": "US", "continent": "NA"}
+
+
+def directory_regions(cluster) -> Dict:
+    """The directory's regions.toml as the relays read it (their --regions-file)."""
+    text = core(cluster).read_namespaced_config_map(m.DIRECTORY_NAME, NAMESPACE).data["regions.toml"]
+    return regions_from_table(tomllib.loads(text))
+
+
+@pytest.mark.parametrize("location, message", [
+    ({"latitude": 91, "longitude": 0},
+     "spec.location.latitude: Invalid value: 91: spec.location.latitude in body should be less than or equal to 90"),
+    ({"latitude": 0, "longitude": -181},
+     "spec.location.longitude: Invalid value: -181: spec.location.longitude in body should be greater than or equal to -180"),
+    ({"latitude": 0}, "spec.location.longitude: Required value"),
+    ({"latitude": 0, "longitude": 0, "country": "usa"}, "spec.location.country in body should match '^[A-Z]{2}$'"),
+    ({"latitude": 0, "longitude": 0, "continent": "EUR"}, 'spec.location.continent: Unsupported value: "EUR"'),
+], ids=["latitude", "longitude", "half", "country", "continent"])
+def test_a_bad_location_is_refused_with_a_clear_message(cluster, location, message):
+    with pytest.raises(UnprocessibleEntityError) as refused:
+        api(cluster, "turnrelay.io/v1alpha1", "TurnRegion").create(
+            body=region_body("lost", {"region": "lost", "location": location}), namespace=NAMESPACE)
+    assert message in json.loads(refused.value.body)["message"]
+
+
+def test_the_directory_follows_the_regions_deployment_status(cluster, operator):
+    """Where the region is, from its spec, and whether it serves, from its Deployment's status
+    (the ReplicaSet and Deployment controllers summing the pods' readiness), reach the
+    directory the relays read within seconds; `draining` takes the region out."""
+    regions = api(cluster, "turnrelay.io/v1alpha1", "TurnRegion")
+    regions.create(body=region_body("nyc", {
+        "region": "us-east", "replicas": 2, "location": NYC,
+        "exposure": {"serviceType": "ClusterIP", "externalIPs": ["198.51.100.20"]}}), namespace=NAMESPACE)
+    assert regions.get(name="nyc", namespace=NAMESPACE).to_dict()["spec"]["location"] == NYC
+    listed = wait_for(lambda: "us-east" in (d := directory_regions(cluster)) and d["us-east"],
+                      timeout=10, what="us-east in the directory")
+    assert (listed.host, listed.location, listed.country, listed.continent) == (
+        "198.51.100.20", (38.94, -77.46), "US", "NA")
+    assert listed.state == "not ready"  # no relay ready yet
+    deployment = api(cluster, "apps/v1", "Deployment").get(name="nyc", namespace=NAMESPACE).to_dict()
+    pod = deployment["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "regions")["configMap"]["name"] == m.DIRECTORY_NAME
+    assert "regions-file = \"/etc/turnrelay/regions/regions.toml\"\n" in \
+        core(cluster).read_namespaced_config_map("nyc-config", NAMESPACE).data["turnrelay.toml"]
+
+    make_node(cluster, "node-r", InternalIP="10.1.0.9")
+    pods = wait_for(lambda: len(relay_pods(cluster, "nyc")) == 2 and relay_pods(cluster, "nyc"))
+    for relay in pods:
+        bind(cluster, relay.metadata.name, "node-r")
+    set_ready(cluster, pods[0].metadata.name, True)
+    started = time.monotonic()
+    wait_for(lambda: directory_regions(cluster)["us-east"].state == "ready", timeout=5,
+             what="ready in the directory within 5 s of a relay's readiness")
+    ready_after = time.monotonic() - started
+    assert api(cluster, "apps/v1", "Deployment").get(
+        name="nyc", namespace=NAMESPACE).to_dict()["status"]["readyReplicas"] == 1
+    set_ready(cluster, pods[1].metadata.name, True)
+    wait_for(lambda: json.loads(core(cluster).read_namespaced_config_map(
+        m.DIRECTORY_NAME, NAMESPACE).data["regions.json"])["us-east"]["readyReplicas"] == 2, timeout=5)
+    # One relay gone unready leaves the region serving; the last one takes it out.
+    set_ready(cluster, pods[0].metadata.name, False)
+    wait_for(lambda: json.loads(core(cluster).read_namespaced_config_map(
+        m.DIRECTORY_NAME, NAMESPACE).data["regions.json"])["us-east"]["readyReplicas"] == 1, timeout=5)
+    assert directory_regions(cluster)["us-east"].state == "ready"
+    set_ready(cluster, pods[1].metadata.name, False)
+    started = time.monotonic()
+    wait_for(lambda: directory_regions(cluster)["us-east"].state == "not ready", timeout=5,
+             what="not ready in the directory within 5 s")
+    unready_after = time.monotonic() - started
+    set_ready(cluster, pods[1].metadata.name, True)
+    wait_for(lambda: directory_regions(cluster)["us-east"].state == "ready", timeout=5)
+    # Marked draining in its spec: out of the answers while its relays keep serving.
+    regions.patch(body={"spec": {"draining": True}}, name="nyc", namespace=NAMESPACE,
+                  content_type="application/merge-patch+json")
+    wait_for(lambda: directory_regions(cluster)["us-east"].state == "draining", timeout=5)
+    regions.patch(body={"spec": {"draining": False}}, name="nyc", namespace=NAMESPACE,
+                  content_type="application/merge-patch+json")
+    wait_for(lambda: directory_regions(cluster)["us-east"].state == "ready", timeout=5)
+    print(f"directory ready {ready_after:.2f} s, not ready {unready_after:.2f} s after the pods' readiness")
     operator.check()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+import json
 import os
 import pathlib
 import time
@@ -14,12 +15,14 @@ import urllib.request
 
 import kubernetes_validate
 import pytest
+import tomllib
 import turnregion_manifests as m
 import yaml
 
 from relay.auth.tokens import mint
 from relay.service.host import usable_cpus
 from relay.service.options import Options
+from relay.web.regions import choose, regions_from_table
 from support.aioice_client import relay_round_trips
 from support.certs import make_cert
 from support.k8s_cluster import SCHEMA_VERSION
@@ -38,7 +41,8 @@ FULL_SPEC = {
     "auth": {"secretName": "rest-secret", "key": "shared"},
     "accounting": {"secretName": "ledger", "key": "dsn"},
     "ratePerMB": 0.004, "quotas": {"user": 5, "source": 10, "total": 1000, "monthlyMB": 50000},
-    "drainSeconds": 20, "workers": 2, "networkPolicy": True, "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"],
+    "drainSeconds": 20, "workers": 2, "draining": False,
+    "location": {"latitude": 53.35, "longitude": -6.26, "country": "IE", "continent": "EU"}, "networkPolicy": True, "clusterCIDRs": ["10.244.0.0/16", "10.96.0.0/12"],
     "resources": {"requests": {"cpu": "500m", "memory": "256Mi"}},
     "nodeSelector": {"turnrelay.io/edge": "true"},
     "tolerations": [{"key": "edge", "operator": "Exists", "effect": "NoSchedule"}],
@@ -241,9 +245,6 @@ def test_directory_lists_every_region_with_rate_and_a_regions_file():
     kubernetes_validate.validate(directory, SCHEMA_VERSION, strict=True)
     table = yaml.safe_load(directory["data"]["regions.json"])
     assert table["us-east"]["ratePerMB"] == 0.002 and table["us-west"]["endpoints"] == []
-    import tomllib
-
-    from relay.web.regions import regions_from_table
     regions = regions_from_table(tomllib.loads(directory["data"]["regions.toml"]))
     assert list(regions) == ["us-east"] and regions["us-east"].host == "198.51.100.1"
 
@@ -256,10 +257,17 @@ def test_config_map_is_a_valid_relay_config(tmp_path):
     text = m.config_toml(region(FULL_SPEC))
     text = text.replace(f"{m.TLS_DIR}/tls.crt", str(cert)).replace(f"{m.TLS_DIR}/tls.key", str(key))
     text = text.replace(m.AUTH_FILE, str(tmp_path / "auth" / "secret"))
+    # The directory as the operator writes it, the region's own entry in it.
+    listed = region(FULL_SPEC)
+    listed["status"] = {"endpoint": "203.0.113.7", "readyReplicas": 3}
+    (tmp_path / "regions.toml").write_text(m.directory([listed], "relays")["data"]["regions.toml"])
+    text = text.replace(m.REGIONS_FILE, str(tmp_path / "regions.toml"))
     config = tmp_path / "turnrelay.toml"
     config.write_text(text)
     options = Options()
     options.parseOptions(["--config", str(config)])
+    assert options["regions"]["eu-west"].location == (53.35, -6.26)
+    assert (options["regions"]["eu-west"].tls_port, options["regions"]["eu-west"].serving) == (443, True)
     assert (options["min-port"], options["max-port"], options["user-quota"]) == (50000, 60000, 5)
     assert options["external-map"] == {None: "203.0.113.7"} and options["region"] == "eu-west"
     assert str(options["rates"].rate_at("eu-west", "2026-11-23T00:00:00Z")) == "0.004"
@@ -283,6 +291,10 @@ def test_generated_config_map_starts_a_working_relay(tmp_path):
     os.rename(tmp_path / "relay.pem", mounts / "tls" / "tls.crt")
     os.rename(tmp_path / "relay.key", mounts / "tls" / "tls.key")
     (mounts / "auth" / "secret").write_text("region-secret\n")
+    # The directory before any region has a public address: no regions yet.
+    (mounts / "regions").mkdir()
+    (mounts / "regions" / "regions.toml").write_text(
+        m.directory([region(spec)], "relays")["data"]["regions.toml"])
     text = cm["data"]["turnrelay.toml"].replace("/etc/turnrelay", str(mounts))
     text = text.replace(m.STATE_DIR, str(tmp_path / "state"))
     config = mounts / "turnrelay.toml"
@@ -402,3 +414,68 @@ def test_host_network_relays_read_their_alternates_from_a_config_map_the_operato
     assert m.deployment(region(two))["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
     assert "keep a ready relay" in m.rollout_note(two)
     assert ("ConfigMap", "eu-alternates") not in by_kind(m.children(region({"region": "r"})))
+
+
+FOUR = {  # the cloud regions of these names: N. Virginia, Oregon, Dublin, Mumbai
+    "us-east": {"latitude": 38.94, "longitude": -77.46, "country": "US", "continent": "NA"},
+    "us-west": {"latitude": 45.84, "longitude": -119.7, "country": "US", "continent": "NA"},
+    "eu-west": {"latitude": 53.35, "longitude": -6.26, "country": "IE", "continent": "EU"},
+    "ap-south": {"latitude": 19.08, "longitude": 72.88, "country": "IN", "continent": "AS"},
+}
+
+
+def listed_region(name, ready=1, replicas=2, **spec):
+    body = region({"region": name, "replicas": replicas, "location": FOUR[name], **spec}, name=name)
+    body["status"] = {"endpoint": f"turn-{name}.example.org", "readyReplicas": ready}
+    return body
+
+
+def test_directory_is_a_regions_file_with_locations_and_readiness():
+    """The relays' --regions-file: where each region is, whether it serves, and the ports its
+    Services offer; regions.json says the same for other readers."""
+    bodies = [listed_region("us-east"), listed_region("us-west", ready=0),
+              listed_region("eu-west", draining=True), listed_region("ap-south", replicas=0),
+              listed_region("us-east", exposure={"tlsServicePort": 443})]
+    bodies[-1]["spec"]["region"], bodies[-1]["metadata"]["name"] = "us-east-2", "us-east-2"
+    directory = m.directory(bodies, "relays")
+    parsed = regions_from_table(tomllib.loads(directory["data"]["regions.toml"]))
+    assert sorted(parsed) == ["ap-south", "eu-west", "us-east", "us-east-2", "us-west"]
+    east = parsed["us-east"]
+    assert (east.host, east.udp_port, east.tls_port) == ("turn-us-east.example.org", 3478, 5349)
+    assert (east.location, east.country, east.continent) == ((38.94, -77.46), "US", "NA")
+    assert parsed["us-east-2"].tls_port == 443  # where clients reach TLS, the Service's port
+    assert {name: r.state for name, r in parsed.items()} == {
+        "us-east": "ready", "us-east-2": "ready", "us-west": "not ready",
+        "eu-west": "draining", "ap-south": "draining"}  # scaled to zero: draining
+    # A user in Paris: eu-west drains and us-west has no ready relay, so us-east, then us-east-2.
+    assert choose(parsed, "us-east", "auto", (48.86, 2.35)).order == ("us-east", "us-east-2")
+    table = json.loads(directory["data"]["regions.json"])
+    assert table["us-west"] == {"turnRegion": "us-west", "endpoints": [], "ratePerMB": None,
+                                "readyReplicas": 0, "location": FOUR["us-west"],
+                                "ready": False, "draining": False}
+    # Without a location the entry has none; the relays order such regions last.
+    bare = region({"region": "lab"}, name="lab")
+    bare["status"] = {"endpoint": "10.0.0.9", "readyReplicas": 1}
+    assert regions_from_table(tomllib.loads(m.directory([bare], "relays")["data"]["regions.toml"]))[
+        "lab"].location is None
+
+
+def test_relays_mount_the_directory_whole_and_read_it():
+    pod = m.deployment(region({"region": "us-east"}))["spec"]["template"]["spec"]
+    assert {"name": "regions", "configMap": {"name": m.DIRECTORY_NAME}} in pod["volumes"]
+    mount = next(v for v in pod["containers"][0]["volumeMounts"] if v["name"] == "regions")
+    assert mount == {"name": "regions", "mountPath": m.REGIONS_DIR, "readOnly": True}  # no subPath
+    assert m.relay_config(region({"region": "us-east"}))["regions-file"] == m.REGIONS_FILE
+    # Readiness and draining live in the directory, not in the relays' config: no roll.
+    assert m.deployment(region({"region": "us-east", "draining": True})) == m.deployment(region({"region": "us-east"}))
+
+
+@pytest.mark.parametrize("location, problem", [
+    ({"latitude": 91, "longitude": 0}, "location.latitude: 91 is not a number of degrees from -90 to 90"),
+    ({"latitude": 0, "longitude": -180.5}, "location.longitude: -180.5 is not a number of degrees from -180 to 180"),
+    ({"latitude": 10}, "location.longitude: None is not a number of degrees from -180 to 180"),
+    ({"latitude": 0, "longitude": 0, "country": "ie"}, "location.country: 'ie' is not an ISO 3166 code such as \"IE\""),
+    ({"latitude": 0, "longitude": 0, "continent": "EUR"}, "location.continent: 'EUR' is not one of AF AN AS EU NA OC SA"),
+])
+def test_a_bad_location_is_a_clear_problem(location, problem):
+    assert m.spec_problems({"region": "r", "location": location}) == [problem]
