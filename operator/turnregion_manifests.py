@@ -33,6 +33,7 @@ DIRECTORY_NAME = "turnrelay-regions"
 CONFIG_PATH = "/etc/turnrelay/turnrelay.toml"
 TLS_DIR, AUTH_FILE = "/etc/turnrelay/tls", "/etc/turnrelay/auth/secret"
 DSN_FILE = "/etc/turnrelay/accounting/dsn"
+API_DSN_FILE = "/etc/turnrelay/api/dsn"
 # A directory mount, not a subPath, so the kubelet brings a rewritten ConfigMap into running pods.
 ALTERNATES_DIR = "/etc/turnrelay/alternates"
 ALTERNATES_FILE = f"{ALTERNATES_DIR}/endpoints"
@@ -127,6 +128,14 @@ def spec_problems(spec: Mapping[str, Any]) -> List[str]:
     if len(families) != len(set(families)):
         problems.append("exposure.externalIPs: give at most one IPv4 and one IPv6 address "
                         "(each is the address clients see for the relay's ports)")
+    if spec.get("api"):
+        port = spec["api"]["port"]
+        if port in {listeners["port"], listeners["tlsPort"], listeners["metricsPort"]} or low <= port <= high:
+            problems.append(f"api.port {port} is also a listener or relay port")
+        for needed, why in (("tls", "the tokens API serves HTTPS with the region's certificate"),
+                            ("auth", "the tokens API mints credentials with the region's shared secret")):
+            if not spec.get(needed):
+                problems.append(f"api: needs {needed}.secretName ({why})")
     return problems + location_problems(spec.get("location"))
 
 
@@ -234,6 +243,13 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         config["alternate-servers-file"] = ALTERNATES_FILE
     if spec["exposure"]["proxyProtocolFrom"]:
         config["proxy-protocol-from"] = list(spec["exposure"]["proxyProtocolFrom"])
+    if spec.get("api"):
+        # Every pod serves the tokens API on its own address; the TCP Service carries its port.
+        config.update({"api-port": spec["api"]["port"], "api-listening-ip": "0.0.0.0",
+                       "api-cert": f"{TLS_DIR}/tls.crt", "api-pkey": f"{TLS_DIR}/tls.key",
+                       "api-secret-file": AUTH_FILE})
+        if spec["api"].get("geoipDB"):
+            config["geoip-db"] = spec["api"]["geoipDB"]
     if spec["quotas"]["monthlyMB"]:
         config["monthly-quota-mb"] = str(spec["quotas"]["monthlyMB"])
     if spec.get("ratePerMB") is not None:
@@ -277,13 +293,19 @@ def config_map(body: Mapping[str, Any]) -> Dict[str, Any]:
 
 def command(body: Mapping[str, Any]) -> List[str]:
     """The relay's command line.  A DSN is a secret that must not sit in the ConfigMap, and the
-    TOML file cannot refer to a file for it, so with an accounting DSN a shell reads the mounted
-    Secret into `--accounting postgresql:dsn=...` (the region's relays share one usage ledger;
-    without it each relay keeps its own SQLite ledger in its state directory) and execs twistd."""
+    TOML file cannot refer to a file for it, so with an accounting DSN (the region's relays
+    share one usage ledger; without it each relay keeps its own SQLite ledger in its state
+    directory) or the tokens API's account database a shell reads the mounted Secrets into
+    `--accounting postgresql:dsn=...` and `--api-db ...` and execs twistd."""
     twistd = ["twistd", "--nodaemon", "--pidfile=", "--logfile=-", "turnrelay", "--config", CONFIG_PATH]
-    if not body["spec"].get("accounting"):
+    reads = []
+    if body["spec"].get("accounting"):
+        reads.append(f'--accounting "postgresql:dsn=$(cat {DSN_FILE})"')
+    if body["spec"].get("api"):
+        reads.append(f'--api-db "$(cat {API_DSN_FILE})"')
+    if not reads:
         return twistd
-    return ["sh", "-c", "exec " + " ".join(twistd) + f' --accounting "postgresql:dsn=$(cat {DSN_FILE})"']
+    return ["sh", "-c", "exec " + " ".join(twistd + reads)]
 
 
 def _secret_volume(name: str, secret: str, items: Optional[List[Dict[str, str]]] = None) -> Dict[str, Any]:
@@ -307,7 +329,7 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
     name = body["metadata"]["name"]
     listeners = spec["listeners"]
     host_network = spec["exposure"]["hostNetwork"]
-    ports = _listener_ports(listeners) + [
+    ports = _listener_ports(listeners) + _api_port(spec) + [
         {"name": "metrics", "containerPort": listeners["metricsPort"], "protocol": "TCP"}]
     mounts = [{"name": "config", "mountPath": CONFIG_PATH, "subPath": "turnrelay.toml", "readOnly": True},
               {"name": "state", "mountPath": STATE_DIR},
@@ -330,7 +352,8 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
                         "configMap": {"name": f"{name}-alternates", "optional": True}})
         mounts.append({"name": "alternates", "mountPath": ALTERNATES_DIR, "readOnly": True})
     for volume, ref, path in (("auth", spec.get("auth"), AUTH_FILE),
-                              ("accounting", spec.get("accounting"), DSN_FILE)):
+                              ("accounting", spec.get("accounting"), DSN_FILE),
+                              ("api", spec.get("api"), API_DSN_FILE)):
         if ref:
             directory, filename = path.rsplit("/", 1)
             volumes.append(_secret_volume(volume, ref["secretName"],
@@ -406,6 +429,13 @@ def alternates_config_map(body: Mapping[str, Any], endpoints: Iterable[str]) -> 
             "data": {ALTERNATES_FILE.rsplit("/", 1)[1]: "".join(f"{uri}\n" for uri in endpoints)}}
 
 
+def _api_port(spec: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """The tokens API's port, when the region serves it (spec.api), as a container port."""
+    if not spec.get("api"):
+        return []
+    return [{"name": "api", "containerPort": spec["api"]["port"], "protocol": "TCP"}]
+
+
 def _service_port(spec: Mapping[str, Any], name: str, container_port: int) -> int:
     """A listener's port on its Service: the container's, but for TLS exposure.tlsServicePort
     when set (443 through firewalls, while the relay, not root, listens on an unprivileged one)."""
@@ -420,7 +450,7 @@ def services(body: Mapping[str, Any]) -> List[Dict[str, Any]]:
     client's own address, which its nonces, quotas and XOR-MAPPED-ADDRESS depend on."""
     spec = with_defaults(body["spec"])
     name, exposure = body["metadata"]["name"], spec["exposure"]
-    listening = _listener_ports(spec["listeners"])
+    listening = _listener_ports(spec["listeners"]) + _api_port(spec)
     built = []
     for protocol in ("UDP", "TCP"):
         ports = [{"name": p["name"], "protocol": protocol,
@@ -450,9 +480,11 @@ def network_policy(body: Mapping[str, Any]) -> Dict[str, Any]:
     """Ingress to the relays on their TCP listeners and on UDP: UDP without a port admits the
     whole relay range, which a NetworkPolicy cannot name on 1.20 (no endPort before 1.22).
     The metrics port admits pods of any namespace (Prometheus), nothing from outside."""
-    listeners = with_defaults(body["spec"])["listeners"]
+    spec = with_defaults(body["spec"])
+    listeners = spec["listeners"]
     ports = [{"protocol": "UDP"}] + [{"protocol": "TCP", "port": p["containerPort"]}
-                                     for p in _listener_ports(listeners) if p["protocol"] == "TCP"]
+                                     for p in _listener_ports(listeners) + _api_port(spec)
+                                     if p["protocol"] == "TCP"]
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _meta(body, body["metadata"]["name"]),
             "spec": {"podSelector": {"matchLabels": selector(body)}, "policyTypes": ["Ingress"],

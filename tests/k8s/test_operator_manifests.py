@@ -10,6 +10,7 @@ import ipaddress
 import json
 import os
 import pathlib
+import ssl
 import time
 import urllib.request
 
@@ -24,8 +25,11 @@ from relay.service.host import usable_cpus
 from relay.service.options import Options
 from relay.web.regions import choose, regions_from_table
 from support.aioice_client import relay_round_trips
+from support.api import Api
 from support.certs import make_cert
-from support.k8s_cluster import SCHEMA_VERSION
+from support.config_volume import kubelet_write
+from support.db import create_accounts
+from support.k8s_cluster import SCHEMA_VERSION, wait_for
 from support.servers import RELAY_PORTS, free_port, launch
 
 CRD = pathlib.Path(__file__).resolve().parents[2] / "helm" / "turnrelay" / "crds" / "turnregions.turnrelay.io.yaml"
@@ -479,3 +483,87 @@ def test_relays_mount_the_directory_whole_and_read_it():
 ])
 def test_a_bad_location_is_a_clear_problem(location, problem):
     assert m.spec_problems({"region": "r", "location": location}) == [problem]
+
+
+def test_relays_serve_the_tokens_api_and_hand_out_the_nearest_serving_region_of_the_directory(
+        tmp_path, in_reactor):
+    """spec.api on a relay started from the generated ConfigMap and command, its directory
+    mounted as the kubelet mounts it: the answer names the region and why, and a directory
+    update (the kubelet's ..data swap) marking this region not ready moves the next answer
+    to the other region within seconds."""
+    port, tls_port, metrics_port, api_port = free_port(), free_port(), free_port(), free_port()
+    spec = {"region": "test-local", "realm": "turnrelay.test", "location": FOUR["us-east"],
+            "listeners": {"port": port, "tlsPort": tls_port, "metricsPort": metrics_port},
+            "relayPorts": {"min": RELAY_PORTS[0], "max": RELAY_PORTS[1]},
+            "tls": {"secretName": "cert"}, "auth": {"secretName": "rest"},
+            "api": {"port": api_port, "secretName": "accounts"}}
+    assert m.spec_problems(spec) == []
+    body = region(spec, name="test-local")
+    mounts = tmp_path / "etc"
+    (mounts / "tls").mkdir(parents=True)
+    (mounts / "auth").mkdir()
+    (mounts / "api").mkdir()
+    (mounts / "regions").mkdir()
+    make_cert(tmp_path, "relay")
+    os.rename(tmp_path / "relay.pem", mounts / "tls" / "tls.crt")
+    os.rename(tmp_path / "relay.key", mounts / "tls" / "tls.key")
+    (mounts / "auth" / "secret").write_text("region-secret\n")
+    dsn = f"sqlite:///{tmp_path / 'accounts.db'}"
+    keys = in_reactor(create_accounts, dsn, ("acme",))
+    (mounts / "api" / "dsn").write_text(dsn)
+    here = copy.deepcopy(body)
+    here["status"] = {"endpoint": "127.0.0.1", "readyReplicas": 1}
+
+    def publish(stamp, **serving):
+        """The directory as the operator writes it, mounted as the kubelet updates it."""
+        listed = copy.deepcopy(here)
+        listed["status"]["readyReplicas"] = serving.get("ready", 1)
+        text = m.directory([listed, listed_region("eu-west")], "relays")["data"]["regions.toml"]
+        kubelet_write(mounts / "regions", text, stamp)
+    publish("2026_12_03_10_00_00.1")
+    text = m.config_map(body)["data"]["turnrelay.toml"].replace("/etc/turnrelay", str(mounts))
+    (mounts / "turnrelay.toml").write_text(text.replace(m.STATE_DIR, str(tmp_path / "state")))
+    # The pod's shell reads the DSN Secret into --api-db; then what a test machine needs.
+    command = m.command(body)
+    assert command[:2] == ["sh", "-c"] and command[2].endswith(f'--api-db "$(cat {m.API_DSN_FILE})"')
+    server = launch(["--config", str(mounts / "turnrelay.toml"), "--api-db", (mounts / "api" / "dsn").read_text(),
+                     "--listening-ip", "127.0.0.1", "--relay-ip", "127.0.0.1",
+                     "--api-listening-ip", "127.0.0.1", "--prometheus-address", "127.0.0.1"],
+                    "127.0.0.1", port, tls_port, cwd=str(tmp_path))
+    try:
+        server.read_until(f"tokens API listening on https [127.0.0.1]:{api_port}")
+        api = Api(server, api_port, ssl._create_unverified_context(), keys)
+        answer = api.mint().body
+        assert (answer["region"], answer["region_reason"], answer["fallback_region"]) == (
+            "test-local", "default", "eu-west")
+        assert answer["ice_servers"][0]["urls"] == f"stun:127.0.0.1:{port}"
+        assert any(s["urls"] == "turns:turn-eu-west.example.org:5349?transport=tcp" for s in answer["ice_servers"])
+        publish("2026_12_03_10_00_01.2", ready=0)
+        moved = wait_for(lambda: (a := api.mint().body)["region"] == "eu-west" and a, timeout=5,
+                         what="the other region within 5 s of the directory's update")
+        assert moved["region_note"].endswith("test-local is not ready: the nearest serving region")
+        assert moved["fallback_region"] is None
+    finally:
+        server.stop()
+
+
+def test_the_tokens_api_is_a_port_of_the_pods_and_the_tcp_service():
+    spec = {"region": "us-east", "tls": {"secretName": "cert"}, "auth": {"secretName": "rest"},
+            "networkPolicy": True, "api": {"port": 8443, "secretName": "accounts", "geoipDB": "/geo/city.mmdb"}}
+    children = by_kind(m.children(region(spec)))
+    for child in children.values():
+        kubernetes_validate.validate(child, SCHEMA_VERSION, strict=True)
+    tcp = children[("Service", "eu-tcp")]["spec"]["ports"]
+    assert {"name": "api", "protocol": "TCP", "port": 8443, "targetPort": 8443} in tcp
+    assert {"protocol": "TCP", "port": 8443} in children[("NetworkPolicy", "eu")]["spec"]["ingress"][0]["ports"]
+    pod = children[("Deployment", "eu")]["spec"]["template"]["spec"]
+    assert {"name": "api", "mountPath": "/etc/turnrelay/api", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert next(v for v in pod["volumes"] if v["name"] == "api")["secret"]["items"] == [{"key": "dsn", "path": "dsn"}]
+    config = m.relay_config(region(spec))
+    assert (config["api-port"], config["api-secret-file"], config["geoip-db"]) == (8443, m.AUTH_FILE, "/geo/city.mmdb")
+    assert "--api-db" not in m.config_toml(region(spec))  # a secret: read by the pod's shell
+    assert m.spec_problems({"region": "r", "api": {"port": 8443, "secretName": "a"}}) == [
+        "api: needs tls.secretName (the tokens API serves HTTPS with the region's certificate)",
+        "api: needs auth.secretName (the tokens API mints credentials with the region's shared secret)"]
+    assert m.spec_problems({**spec, "api": {"port": 3478, "secretName": "a"}}) == [
+        "api.port 3478 is also a listener or relay port"]

@@ -3,7 +3,6 @@ nearest serving region, and the GeoIP adapter on a database written by the test.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import replace
 from typing import Any, Dict
@@ -20,6 +19,7 @@ from relay.web.regions import (
     great_circle_km,
     regions_from_table,
 )
+from support.config_volume import kubelet_write
 from support.geoip import CITIES, COUNTRY_ONLY, REGIONS_TOML, UNKNOWN, address, write_database
 
 if sys.version_info >= (3, 11):
@@ -203,27 +203,11 @@ class _Api:
         self.handed.append(self.regions)
 
 
-def _kubelet_write(directory: Any, text: str, stamp: str) -> None:
-    """A ConfigMap volume update as the kubelet's AtomicWriter makes it: the new content in a
-    fresh timestamped directory, `..data` swapped to it by a rename, the old one removed; the
-    file itself stays a link through `..data`."""
-    fresh = directory / f"..{stamp}"
-    fresh.mkdir()
-    (fresh / "regions.toml").write_text(text)
-    old = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
-    os.symlink(fresh.name, directory / "..data_tmp")
-    os.rename(directory / "..data_tmp", directory / "..data")
-    if old:
-        shutil.rmtree(directory / old)
-    if not (directory / "regions.toml").is_symlink():
-        os.symlink("..data/regions.toml", directory / "regions.toml")
-
-
 def test_the_watch_follows_a_config_map_volume_through_the_kubelets_symlink_swap(tmp_path) -> None:
     directory = tmp_path / "regions"
     directory.mkdir()
     serving = '[regions.eu-west]\nhost = "turn-eu.example.org"\nready = true \n'
-    _kubelet_write(directory, serving, "2026_12_03_10_00_00.000000001")
+    kubelet_write(directory, serving, "2026_12_03_10_00_00.000000001")
     path = str(directory / "regions.toml")
     home = {"us-east": Region("turn-us.example.org")}
     api = _Api()
@@ -233,7 +217,7 @@ def test_the_watch_follows_a_config_map_volume_through_the_kubelets_symlink_swap
     # The same size and the same modification time, as a swap within one clock tick gives.
     before = os.stat(path)
     down = serving.replace("ready = true ", "ready = false")
-    _kubelet_write(directory, down, "2026_12_03_10_00_01.000000002")
+    kubelet_write(directory, down, "2026_12_03_10_00_01.000000002")
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert (os.stat(path).st_size, os.stat(path).st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     look()
@@ -241,9 +225,9 @@ def test_the_watch_follows_a_config_map_volume_through_the_kubelets_symlink_swap
     assert api.regions["eu-west"].state == "not ready" and api.regions["us-east"].serving
     look()
     assert len(api.handed) == 1  # looked at again, unchanged: nothing handed out twice
-    _kubelet_write(directory, "[regions.eu-west]\nhost = 7\n", "2026_12_03_10_00_02.000000003")
+    kubelet_write(directory, "[regions.eu-west]\nhost = 7\n", "2026_12_03_10_00_02.000000003")
     look()
     assert len(api.handed) == 1 and api.regions["eu-west"].state == "not ready"  # kept
-    _kubelet_write(directory, "", "2026_12_03_10_00_03.000000004")
+    kubelet_write(directory, "", "2026_12_03_10_00_03.000000004")
     look()
     assert api.regions == home  # the directory emptied: this region alone
