@@ -21,7 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from relay.auth import tokens
-from relay.auth.cred import IAllocationPolicy, IStunCredentials
+from relay.auth.cred import IAllocationPolicy, IStunCredentials, ISynchronousChecker, deferred_verdict
 from relay.core.credentials import Account
 from relay.proto import stun
 from relay.proto.saslprep import saslprep
@@ -88,11 +88,14 @@ def load_users_file(path: str) -> Dict[str, StaticUser]:
     return users
 
 
-@implementer(ICredentialsChecker)
+@implementer(ICredentialsChecker, ISynchronousChecker)
 class StaticUsersChecker:
     """Users from the command line and/or a users file, each mapped to an account.
 
     `reload` (on SIGHUP) re-reads the file; a broken file keeps the users already loaded.
+    Each user's long-term key is derived once per realm and algorithm and kept, as coturn
+    keeps it, for as long as the user stays as loaded: a reload that removes or changes the
+    user makes its kept key unusable (it is kept with the `StaticUser` it came from).
     """
 
     credentialInterfaces = (IStunCredentials,)
@@ -101,6 +104,9 @@ class StaticUsersChecker:
         self.fixed = dict(users)
         self.path = path
         self.users: Dict[str, StaticUser] = {}
+        # (name, realm, algorithm) -> (the user as loaded, its key): at most two a user, since
+        # the core refuses any realm but its own before a login.
+        self._keys: Dict[Tuple[str, str, int], Tuple[StaticUser, bytes]] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -108,6 +114,7 @@ class StaticUsersChecker:
         if self.path:
             users.update(load_users_file(self.path))
         self.users = users
+        self._keys = {}
 
     @property
     def supportsSha256(self) -> bool:
@@ -123,27 +130,46 @@ class StaticUsersChecker:
                 return name, user
         return None, None
 
-    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+    def _key(self, name: str, user: StaticUser, password: str, realm: str, algorithm: int) -> bytes:
+        kept = self._keys.get((name, realm, algorithm))
+        if kept is not None and kept[0] is user:
+            return kept[1]
+        key = stun.long_term_key(name, realm, password, algorithm)
+        self._keys[name, realm, algorithm] = (user, key)
+        return key
+
+    def verify(self, credentials: IStunCredentials) -> Optional[Account]:
         name, user = self._find(credentials)
         if name is None or user is None:
-            return defer.fail(error.UnauthorizedLogin())
+            return None
         if user.password is not None:
-            ok = credentials.checkPassword(name, user.password)
+            key = self._key(name, user, user.password, credentials.realm, credentials.algorithm)
+        elif credentials.algorithm == stun.ALGORITHM_MD5 and user.md5_key is not None:
+            key = user.md5_key
         else:
-            ok = credentials.algorithm == stun.ALGORITHM_MD5 and credentials.checkKey(name, user.md5_key)
-        if not ok:
-            return defer.fail(error.UnauthorizedLogin())
-        return defer.succeed(user.account)
+            return None
+        return user.account if credentials.checkKey(name, key) else None
+
+    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+        return deferred_verdict(self.verify, credentials)
 
 
-@implementer(ICredentialsChecker, IAllocationPolicy)
+@implementer(ICredentialsChecker, IAllocationPolicy, ISynchronousChecker)
 class RestSecretChecker:
     """TURN REST credentials: `<unix-expiry>:<account-id>[:<label>]`, HMAC-SHA1 password.
 
     Every secret given verifies (rotation).  An expired credential cannot Allocate; with
     `strict_expiry` it can do nothing more, and allocations made with it are closed, while by
     default (as in eturnal) an allocation may outlive the credential that created it.
+
+    The key a credential verified with is kept (at most `KEPT_KEYS`, then all forgotten), with
+    the secret it came from: a client's later logins with it (ICE gathers several candidates,
+    each an Allocate) cost one HMAC of the message instead of three digests more.  The expiry
+    is checked before the kept key is used, and a key whose secret is no longer in `secrets`
+    is not used.
     """
+
+    KEPT_KEYS = 10_000
 
     credentialInterfaces = (IStunCredentials,)
     supportsSha256 = True
@@ -155,6 +181,8 @@ class RestSecretChecker:
         self.skew = skew
         self.strict_expiry = strict_expiry
         self.clock = clock
+        # (username, realm, algorithm) -> (secret, key)
+        self._keys: Dict[Tuple[str, str, int], Tuple[bytes, bytes]] = {}
 
     def account(self, credentials: IStunCredentials) -> Optional[Tuple[tokens.RestUsername, Account]]:
         """Verify a REST credential: its parsed username and account, or None."""
@@ -167,22 +195,33 @@ class RestSecretChecker:
         expired = parsed.expires + self.skew < self.clock()
         if expired and (self.strict_expiry or credentials.message.method == stun.ALLOCATE):
             return None
+        username, realm, algorithm = credentials.username, credentials.realm, credentials.algorithm
+        kept = self._keys.get((username, realm, algorithm))
+        if kept is not None and kept[0] in self.secrets and credentials.checkKey(username, kept[1]):
+            return parsed, Account(parsed.account_id, credential_expires=parsed.expires)
         for secret in self.secrets:
-            if credentials.checkPassword(credentials.username,
-                                         tokens.password_for(secret, credentials.username)):
+            key = stun.long_term_key(username, realm, tokens.password_for(secret, username),
+                                     algorithm)
+            if credentials.checkKey(username, key):
+                if len(self._keys) >= self.KEPT_KEYS:
+                    self._keys.clear()
+                self._keys[username, realm, algorithm] = (secret, key)
                 return parsed, Account(parsed.account_id, credential_expires=parsed.expires)
         return None
 
-    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+    def verify(self, credentials: IStunCredentials) -> Optional[Account]:
         verified = self.account(credentials)
-        return defer.succeed(verified[1]) if verified else defer.fail(error.UnauthorizedLogin())
+        return verified[1] if verified else None
+
+    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+        return deferred_verdict(self.verify, credentials)
 
     def allows(self, username: str, account: Account, now: float) -> bool:
         return not (self.strict_expiry and account.credential_expires is not None
                     and account.credential_expires + self.skew < now)
 
 
-@implementer(ICredentialsChecker, IAllocationPolicy)
+@implementer(ICredentialsChecker, IAllocationPolicy, ISynchronousChecker)
 class ChainedChecker:
     """Several backends at once: the first that accepts a login wins.
 
@@ -206,6 +245,27 @@ class ChainedChecker:
     @property
     def supportsUserhash(self) -> bool:
         return all(getattr(c, "supportsUserhash", False) for c in self.checkers)
+
+    @property
+    def synchronous(self) -> bool:
+        """Whether every backend decides at once, so `verify` may be called."""
+        return all(ISynchronousChecker.providedBy(c) for c in self.checkers)
+
+    def verify(self, credentials: IStunCredentials) -> Optional[Account]:
+        """`requestAvatarId` without Deferreds, for backends that all decide at once: the
+        first that accepts wins; if none does, the first error raised, else a refusal."""
+        failure: Optional[Exception] = None
+        for checker in self.checkers:
+            try:
+                account = checker.verify(credentials)
+            except Exception as err:
+                failure = failure or err
+                continue
+            if account is not None:
+                return account
+        if failure is not None:
+            raise failure
+        return None
 
     def reload(self) -> None:
         for checker in self.checkers:

@@ -14,14 +14,13 @@ import time
 from typing import Callable, Optional, Sequence
 
 from twisted.application.internet import TimerService
-from twisted.cred import error
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from relay.auth.checkers import RestSecretChecker, parse_skew, read_secret_file
-from relay.auth.cred import IAllocationPolicy, IStunCredentials
+from relay.auth.cred import IAllocationPolicy, IStunCredentials, ISynchronousChecker, deferred_verdict
 from relay.core.credentials import Account
 from relay.storage.accounts import ACTIVE, AccountStore, Snapshot
 from relay.storage.sqldb import error_line
@@ -36,7 +35,7 @@ class AccountDatabaseNotReady(Exception):
     """No snapshot yet: a login now is answered 500, not a misleading 401."""
 
 
-@implementer(ICredentialsChecker, IAllocationPolicy)
+@implementer(ICredentialsChecker, IAllocationPolicy, ISynchronousChecker)
 class AccountsChecker:
     credentialInterfaces = (IStunCredentials,)
     supportsSha256 = True
@@ -85,20 +84,24 @@ class AccountsChecker:
                      accounts=len(snapshot.accounts), revoked=len(snapshot.revoked))
         self.snapshot = snapshot
 
-    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+    def verify(self, credentials: IStunCredentials) -> Optional[Account]:
+        """Decided from the last snapshot, so at once (`ISynchronousChecker`)."""
         snapshot = self.snapshot
         if snapshot is None:
-            return defer.fail(AccountDatabaseNotReady())
+            raise AccountDatabaseNotReady()
         verified = self.rest.account(credentials)
         if verified is None:
-            return defer.fail(error.UnauthorizedLogin())
+            return None
         parsed, _ = verified
         record = snapshot.accounts.get(parsed.account_id)
         if record is None or record.status != ACTIVE or credentials.username in snapshot.revoked:
-            return defer.fail(error.UnauthorizedLogin())
-        return defer.succeed(Account(record.account_id, record.status, record.max_allocations,
-                                     record.bandwidth_bps, credential_expires=parsed.expires,
-                                     monthly_quota_bytes=record.monthly_quota_bytes))
+            return None
+        return Account(record.account_id, record.status, record.max_allocations,
+                       record.bandwidth_bps, credential_expires=parsed.expires,
+                       monthly_quota_bytes=record.monthly_quota_bytes)
+
+    def requestAvatarId(self, credentials: IStunCredentials) -> defer.Deferred:
+        return deferred_verdict(self.verify, credentials)
 
     def allows(self, username: str, account: Account, now: float) -> bool:
         if not self.rest.allows(username, account, now):

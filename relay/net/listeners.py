@@ -106,25 +106,41 @@ class LoginDispatcher:
     """Runs a request through the core, logging in through the Portal when it asks, and in a
     worker process reserving a new allocation's place in the parent's quotas first.
 
+    With `verify` (the checkers all decide at once: `ISynchronousChecker`), a login is that
+    call, without the Portal's Deferreds; the Portal serves third-party checkers that wait.
+
     `prepare`, in a worker process, may hold a logged-in request back until what it names
     has come from another worker (a reserved relay port, relay.net.handoff): it returns a
     Deferred to wait for, or None."""
 
     def __init__(self, server: TurnServer, portal: Portal, clock: IReactorTime,
-                 shared: Optional[Admission] = None):
+                 shared: Optional[Admission] = None,
+                 verify: Optional[Callable[[StunCredentials], Optional[Account]]] = None):
         self.server = server
         self.portal = portal
         self.clock = clock
         self.shared = shared
+        self.verify = verify
         self.prepare: Optional[Callable[[Client, StunCredentials], Optional[Deferred]]] = None
 
     def __call__(self, client: Client, data: bytes) -> None:
         credentials = self.server.receive(client, data, self.clock.seconds())
         if credentials is None:
             return
-        d = self.portal.login(credentials, None, IAccount)
-        d.addCallbacks(self._succeeded, self._failed, callbackArgs=(client, credentials),
-                       errbackArgs=(client, credentials))
+        if self.verify is None:
+            d = self.portal.login(credentials, None, IAccount)
+            d.addCallbacks(self._succeeded, self._failed, callbackArgs=(client, credentials),
+                           errbackArgs=(client, credentials))
+            return
+        try:
+            account = self.verify(credentials)
+        except Exception:
+            self._failed(Failure(), client, credentials)
+            return
+        if account is None:
+            self.server.login_failed(client, credentials, self.clock.seconds())
+        else:
+            self._succeeded((IAccount, account, None), client, credentials)
 
     def _succeeded(self, result: tuple, client: Client, credentials: StunCredentials) -> None:
         waiting = self.prepare(client, credentials) if self.prepare is not None else None

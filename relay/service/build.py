@@ -563,7 +563,8 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
         shared = SharedQuotas(server, reactor, worker.reserve, worker.release, always=any(
             options[name] for name in ("total-quota", "user-quota", "source-quota",
                                        "account-max-bps", "account-max-pps")))
-    dispatch = LoginDispatcher(server, portal, reactor, shared)
+    dispatch = LoginDispatcher(server, portal, reactor, shared,
+                               verify=checkers.verify if checkers.synchronous else None)
     # Blanking old client addresses is for the whole relay: one worker does it.
     if options["client-address-retention"] is not None and (worker is None or worker.index == 0):
         ClientAddressRetention(backends, options["client-address-retention"],
