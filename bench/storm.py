@@ -13,7 +13,8 @@ the same run, one after the other, each on its own fresh ports.
 Printed per server: the time until every client relays (from the first arrival), how many
 never did within `--timeout`, error answers by method and code (a 401/438 challenge is not an
 error), retransmissions (RFC 8489's doubling from 500 ms), the peak resident memory and the
-CPU time of the server's processes (for turnrelay, the parent of the workers on its own).  Bounded:
+CPU time of the server's processes (for turnrelay, the parent of the workers on its own), and
+the datagrams the kernel dropped at full receive queues meanwhile (RcvbufErrors).  Bounded:
 `--clients` at most 20,000, the whole run at most `--timeout` seconds a server; loopback only.
 """
 from __future__ import annotations
@@ -208,6 +209,14 @@ class PeakRss:
         self.peak = max(self.peak, total)
 
 
+def udp_receive_drops() -> int:
+    """The kernel's count of datagrams dropped at full UDP receive queues (RcvbufErrors),
+    machine-wide: on a shared machine, others' drops count too."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Udp:")]
+    return int(rows[1][rows[0].index("RcvbufErrors")])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=10000)
@@ -216,6 +225,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a server, at most")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="turnrelay's worker processes (default: its own default, one per CPU)")
+    parser.add_argument("--dataplane", default="native", choices=["native", "python"],
+                        help="turnrelay's UDP data plane (default: native, the relay's default)")
     parser.add_argument("--server-cores", default=None,
                         help="taskset CPU list for the servers (default: every CPU)")
     args = parser.parse_args()
@@ -233,7 +244,7 @@ def main() -> None:
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     servers = [compare.coturn(workdir, cert, key),
                compare.turnrelay(f"turnrelay x{args.workers}", twistd, workdir, cert, key,
-                                 workers=args.workers)]
+                                 workers=args.workers, dataplane=args.dataplane)]
     results: List[Tuple[str, Dict[str, float], Dict[Tuple[str, int], int], int]] = []
     load = os.getloadavg()
     with running_echo_peer(compare.HOST) as peer:
@@ -243,7 +254,9 @@ def main() -> None:
                 storm = Storm(server.port, peer, args.clients, args.arrival, args.packets)
                 rss = PeakRss(server.pid)
                 before = compare.cpu_ns_by_process(server.pid)
+                drops = udp_receive_drops()
                 figures = storm.run(args.timeout, rss)
+                figures["drops"] = udp_receive_drops() - drops
                 used = {pid: ns - before.get(pid, 0)
                         for pid, ns in compare.cpu_ns_by_process(server.pid).items()}
                 figures["cpu_s"] = sum(used.values()) / 1e9
@@ -260,6 +273,7 @@ def main() -> None:
               f"{figures['median_setup_ms']:.0f} ms, never relayed {figures['never_relayed']}, "
               f"retransmissions {figures['retransmissions']}, peak RSS {peak / 1024:.0f} MiB, "
               f"CPU {figures['cpu_s']:.1f} s (main process {figures['main_cpu_s']:.1f} s), "
+              f"UDP receive-buffer drops {figures['drops']:.0f}, "
               f"errors: {shown or 'none'}")
     if len(results) == 2:
         ratio = results[1][1]["all_relaying_s"] / results[0][1]["all_relaying_s"]

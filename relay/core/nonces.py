@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import os
 import struct
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 from relay.util.secretfile import read_secrets
 
@@ -41,11 +41,21 @@ def load_secrets(path: Optional[str]) -> list:
 
 
 class NonceIssuer:
+    """Issues and checks nonces with fixed `secrets` (the first signs).
+
+    A nonce is checked on every authenticated request, and the clients behind one address
+    share it within a second, so the issue time of each one whose MAC verified is kept (at
+    most `KEPT`, then all forgotten): its next check is a lookup and the age test.
+    """
+
+    KEPT = 4096
+
     def __init__(self, secrets: Sequence[bytes], lifetime: float, features: int):
-        self.secrets = list(secrets)
+        self.secrets = tuple(secrets)
         self.lifetime = lifetime
         self.features = features
         self.prefix = COOKIE + base64.b64encode(features.to_bytes(3, "big")).decode() if features else ""
+        self._verified: Dict[Tuple[str, str], int] = {}  # (nonce, client IP) -> issue time
 
     def _mac(self, secret: bytes, prefix: str, stamp: bytes, client_ip: str) -> bytes:
         data = prefix.encode() + stamp + client_ip.encode()
@@ -57,19 +67,31 @@ class NonceIssuer:
         return self.prefix + base64.urlsafe_b64encode(stamp + mac).decode()
 
     def check(self, nonce: str, client_ip: str, now: float) -> NonceStatus:
+        issued = self._verified.get((nonce, client_ip))
+        if issued is None:
+            issued = self._verify(nonce, client_ip)
+            if issued is None:
+                return NonceStatus.INVALID
+            if len(self._verified) >= self.KEPT:
+                self._verified.clear()
+            self._verified[nonce, client_ip] = issued
+        # Signed 32-bit age: a nonce from a fleet member whose clock runs a little ahead is
+        # young, not 136 years old.
+        age = ((int(now) - issued + 2**31) & 0xFFFFFFFF) - 2**31
+        return NonceStatus.VALID if -CLOCK_SKEW <= age <= self.lifetime else NonceStatus.STALE
+
+    def _verify(self, nonce: str, client_ip: str) -> Optional[int]:
+        """The issue time of a nonce one of our secrets signed for `client_ip`, else None."""
         if not nonce.startswith(self.prefix):
-            return NonceStatus.INVALID
+            return None
         try:
             blob = base64.urlsafe_b64decode(nonce[len(self.prefix):].encode())
         except ValueError:
-            return NonceStatus.INVALID
+            return None
         if len(blob) != 16:
-            return NonceStatus.INVALID
+            return None
         stamp, mac = blob[:4], blob[4:]
-        if not any(hmac.compare_digest(mac, self._mac(s, self.prefix, stamp, client_ip))
-                   for s in self.secrets):
-            return NonceStatus.INVALID
-        # Signed 32-bit age: a nonce from a fleet member whose clock runs a little ahead is
-        # young, not 136 years old.
-        age = ((int(now) - struct.unpack("!I", stamp)[0] + 2**31) & 0xFFFFFFFF) - 2**31
-        return NonceStatus.VALID if -CLOCK_SKEW <= age <= self.lifetime else NonceStatus.STALE
+        for secret in self.secrets:
+            if hmac.compare_digest(mac, self._mac(secret, self.prefix, stamp, client_ip)):
+                return struct.unpack("!I", stamp)[0]
+        return None

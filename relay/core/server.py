@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import random
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple, cast
@@ -34,6 +33,7 @@ from relay.core.ratelimit import RateLimiter
 from relay.core.tcp import StreamRelayEndpoint
 from relay.core.tcp_relay import TcpRelay
 from relay.proto import stun
+from relay.util.secure_random import PooledSystemRandom
 
 UDP_PROTOCOL = 17
 TCP_PROTOCOL = 6
@@ -137,7 +137,7 @@ class TurnServer:
         self.nonces = nonces
         self.bind = bind
         self.auth_limiter = auth_limiter or RateLimiter(rate=2.0, burst=20)
-        self.rng = rng or random.SystemRandom()
+        self.rng = rng or PooledSystemRandom()
         self.allocations: Dict[Tuple[Hashable, Address], Allocation] = {}
         self.reservations: Dict[bytes, Reservation] = {}
         # Account id -> the budget its allocations here share; its `users` counts them, so it
@@ -169,6 +169,11 @@ class TurnServer:
         self.tcp = TcpRelay(self)
         self.connections = self.tcp.connections
         self._algorithms_attr = [(alg, b"") for alg in config.password_algorithms]
+        # A challenge's REALM and PASSWORD-ALGORITHMS, encoded once: every new client gets one.
+        self._realm_attr = (stun.REALM, stun.Message(0, 0, b"").add(stun.REALM, config.realm)
+                            .attributes[0][1])
+        self._algorithms_wire = (stun.PASSWORD_ALGORITHMS, stun.Message(0, 0, b"").add(
+            stun.PASSWORD_ALGORITHMS, self._algorithms_attr).attributes[0][1])
         self._handlers = {
             stun.ALLOCATE: self._allocate,
             stun.REFRESH: self._refresh,
@@ -384,9 +389,9 @@ class TurnServer:
     def _challenge(self, client: Client, msg: stun.Message, code: int, reason: str,
                    now: float) -> stun.Message:
         response = msg.error(code, reason)
-        response.add(stun.REALM, self.config.realm)
+        response.attributes.append(self._realm_attr)
         response.add(stun.NONCE, self.nonces.issue(client.address[0], now))
-        response.add(stun.PASSWORD_ALGORITHMS, self._algorithms_attr)
+        response.attributes.append(self._algorithms_wire)
         return response
 
     # -- authentication (RFC 8489 section 9.2.4) ----------------------------------------------
@@ -519,7 +524,7 @@ class TurnServer:
             except stun.StunError as err:
                 response.add(stun.ADDRESS_ERROR_CODE, (stun.FAMILY_IPV6, err.code, err.reason))
         lifetime = self._lifetime(msg)
-        session_id = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
+        session_id = _uuid4_hex(self.rng.getrandbits(128))
         config = self.config
         budget = Budget.of_allocation(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
         allocation = Allocation(client.key, client.address, client.transport, username,
@@ -755,6 +760,12 @@ class TurnServer:
             del self._account_budgets[allocation.account.account_id]
         for observe in self.closed_observers:
             observe(allocation, reason)
+
+
+def _uuid4_hex(bits: int) -> str:
+    """`uuid.UUID(int=bits, version=4).hex`, without building the UUID object."""
+    bits = (bits & ~(0xC000 << 48) | 0x8000 << 48) & ~(0xF000 << 64) | 4 << 76
+    return "%032x" % bits
 
 
 def _part(limit: int, share: float) -> int:

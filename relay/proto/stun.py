@@ -363,7 +363,10 @@ class Message:
         return self
 
     def has(self, attr_type: int) -> bool:
-        return any(t == attr_type for t, _ in self.attributes)
+        for t, _ in self.attributes:  # a loop: any() over a generator costs twice as much
+            if t == attr_type:
+                return True
+        return False
 
     def get(self, attr_type: int, default: Any = None) -> Any:
         """The first value of `attr_type`, decoded; a malformed value raises StunError(400)."""

@@ -1,2 +1,2 @@
 """Small helpers every layer may use: TOML and secret files, time and unit formats, argument
-strings.  Imports nothing from relay."""
+strings, strong random numbers drawn in blocks.  Imports nothing from relay."""

@@ -259,3 +259,24 @@ def test_tampered_nonces_are_invalid(mangle):
     issuer = NonceIssuer([SECRET], 600, FEATURES)
     nonce = issuer.issue(CLIENT, NOW)
     assert issuer.check(mangle(nonce), CLIENT, NOW) is NonceStatus.INVALID
+
+
+def test_a_kept_nonce_still_goes_stale_and_stays_bound_to_its_ip(monkeypatch):
+    issuer = NonceIssuer([SECRET], 600, FEATURES)
+    nonce = issuer.issue(CLIENT, NOW)
+    assert issuer.check(nonce, CLIENT, NOW) is NonceStatus.VALID  # now kept
+    macs = []
+    monkeypatch.setattr(issuer, "_mac", lambda *args: macs.append(args) or b"x" * 12)
+    assert issuer.check(nonce, CLIENT, NOW + 10) is NonceStatus.VALID
+    assert macs == []  # the kept issue time, no MAC
+    assert issuer.check(nonce, CLIENT, NOW + 601) is NonceStatus.STALE
+    assert issuer.check(nonce, "192.0.2.99", NOW) is NonceStatus.INVALID
+
+
+def test_kept_nonces_are_bounded():
+    issuer = NonceIssuer([SECRET], 600, FEATURES)
+    issuer.KEPT = 3
+    for n in range(10):
+        ip = f"192.0.2.{n}"
+        assert issuer.check(issuer.issue(ip, NOW), ip, NOW) is NonceStatus.VALID
+        assert len(issuer._verified) <= 3
