@@ -46,6 +46,9 @@ CONTINENTS = ("AF", "AN", "AS", "EU", "NA", "OC", "SA")  # as relay.web.regions 
 NODE_ADDRESS = "turnrelay.io/address"
 STATE_DIR = "/var/lib/turnrelay"
 CONFIG_HASH = "turnrelay.io/config-hash"
+# On relay pods: the directory's resourceVersion they were last told of (a change makes the
+# kubelet bring the rewritten ConfigMap into the pod at once).
+REGIONS_VERSION = "turnrelay.io/regions-version"
 SECRET_VERSIONS = "turnrelay.io/secret-versions"
 RELAY_UID = 10001
 # Draining a relay: the preStop pause lets the endpoints controller take the terminating pod out

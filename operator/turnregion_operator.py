@@ -302,4 +302,30 @@ def update_directory(namespace: str, fresh: Optional[Mapping[str, Any]], gone: s
     directory["metadata"]["ownerReferences"] = [
         {"apiVersion": f"{m.GROUP}/{m.VERSION}", "kind": m.KIND, "name": r["metadata"]["name"],
          "uid": uid} for uid, r in sorted(regions.items())]
-    ensure(directory)
+    version = ensure(directory)["metadata"]["resourceVersion"]
+    if _directory_versions.get(namespace) != version:
+        _directory_versions[namespace] = version
+        nudge_relays(namespace, version)
+
+
+# The directory's resourceVersion each namespace's relays were last nudged with.
+_directory_versions: Dict[str, str] = {}
+
+
+def nudge_relays(namespace: str, version: str) -> None:
+    """Bring a rewritten directory into the running relays now.  The kubelet updates a mounted
+    ConfigMap only when it syncs the pod, which it does every minute or so (its syncFrequency)
+    or when the pod changes: so the directory's resourceVersion goes on every relay pod as an
+    annotation, and a region that stops serving leaves the other regions' answers within
+    seconds, not a minute."""
+    pods = client().resources.get(api_version="v1", kind="Pod")
+    listed = pods.get(namespace=namespace, label_selector=f"{MANAGED_BY},app.kubernetes.io/component=relay")
+    for pod in listed.to_dict()["items"]:
+        meta = pod["metadata"]
+        if meta.get("deletionTimestamp") or (meta.get("annotations") or {}).get(m.REGIONS_VERSION) == version:
+            continue
+        try:
+            pods.patch(body={"metadata": {"annotations": {m.REGIONS_VERSION: version}}}, name=meta["name"],
+                       namespace=namespace, content_type="application/merge-patch+json")
+        except NotFoundError:
+            continue  # gone meanwhile

@@ -13,6 +13,7 @@ the host end of the node's link, which the region's `peers` allows.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pathlib
@@ -32,13 +33,14 @@ from relay.cli.turnclient import UDP, TurnClient, error_code
 from relay.proto import stun
 from support.aioice_client import relay_round_trips
 from support.certs import make_cert
-from support.db import raw_rows
+from support.db import create_accounts, raw_rows
 from support.k8s_cluster import CHART, RELEASE, RELEASE_NAMESPACE, wait_for
 from support.k8s_node import Node, condition, node, rest_credentials
 from support.postgres import throwaway_cluster
 from support.servers import running_echo_peer, tool
 
 NAMESPACE, REGION, SECRET = "relays", "node-east", "node-rest-secret"
+API_PORT = 8443
 DRAIN_SECONDS = 20
 MESSAGES = 20
 # Usage per account from the region's ledger, as support.accounting sums it.
@@ -328,6 +330,66 @@ def test_kubectl_delete_pod_drains_the_same_way(cluster_node, region, ledger):
     name = ready_pod(cluster_node)["metadata"]["name"]
     roll_drains(cluster_node, ledger, "deleted", lambda: cluster_node.kubectl(
         "delete", "pod", name, "-n", NAMESPACE, "--wait=false"))
+
+
+def mint_on(address: str, port: int, account: str, key: str) -> dict:
+    """A token from the tokens API a relay pod serves (its certificate is the test's own)."""
+    request = urllib.request.Request(
+        f"https://{address}:{port}/v1/accounts/{account}/tokens", data=b"ttl=600", method="POST",
+        headers={"Authorization": "Basic " + base64.b64encode(f"{account}:{key}".encode()).decode(),
+                 "Content-Type": "application/x-www-form-urlencoded"})
+    with urllib.request.urlopen(request, timeout=10, context=ssl._create_unverified_context()) as answer:
+        return json.loads(answer.read())
+
+
+def test_a_relay_pods_tokens_api_hands_out_the_nearest_serving_region(cluster_node, region, ledger,
+                                                                      in_reactor):
+    """Two regions on the node, where their cloud namesakes are: node-east (hostNetwork, its
+    tokens API on) and node-west (pod network). node-east's relay answers with itself, then
+    node-west; marked draining, its answers move to node-west within seconds: the operator
+    rewrites the directory and nudges the pods, the kubelet swaps the mounted file, the relay
+    re-reads it."""
+    keys = in_reactor(create_accounts, ledger[0], ("acme",))
+    west = {"apiVersion": "turnrelay.io/v1alpha1", "kind": "TurnRegion",
+            "metadata": {"name": "node-west", "namespace": NAMESPACE},
+            "spec": {"region": "node-west", "replicas": 1,
+                     "location": {"latitude": 53.35, "longitude": -6.26, "country": "IE", "continent": "EU"},
+                     "exposure": {"serviceType": "ClusterIP", "externalIPs": ["198.51.100.30"]}}}
+    cluster_node.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "accounts", "namespace": NAMESPACE},
+                        "stringData": {"dsn": ledger[1]}}, west)
+    old = ready_pod(cluster_node)["metadata"]["uid"]
+    cluster_node.kubectl("patch", "turnregion", REGION, "-n", NAMESPACE, "--type", "merge", "-p", json.dumps(
+        {"spec": {"location": {"latitude": 38.94, "longitude": -77.46, "country": "US", "continent": "NA"},
+                  "api": {"port": API_PORT, "secretName": "accounts"}}}))
+    wait_for(lambda: ready_pod(cluster_node)["metadata"]["uid"] != old, timeout=120, what="node-east rolled")
+    wait_for(lambda: condition(cluster_node.get("turnregion", "node-west", "-n", NAMESPACE), "Ready") == "True",
+             timeout=120, what="node-west Ready")
+
+    def answer(first: str) -> dict:
+        def check():
+            token = mint_on(cluster_node.address, API_PORT, "acme", keys["acme"])
+            return token if token["region"] == first else None
+        return check
+    token = wait_for(answer(REGION), timeout=90, what="node-east's answer")
+    if token["fallback_region"] != "node-west":  # node-west's readiness not yet in node-east's pod
+        token = wait_for(lambda: (t := answer(REGION)()) and t["fallback_region"] == "node-west" and t,
+                         timeout=90, what="node-west as the fallback")
+    assert token["region_reason"] == "default"  # no GeoIP database: the relay's own region
+    urls = [server["urls"] for server in token["ice_servers"]]
+    assert urls[0] == f"stun:{cluster_node.address}:3478"
+    assert "turn:198.51.100.30:3478?transport=udp" in urls
+    started = time.monotonic()
+    cluster_node.kubectl("patch", "turnregion", REGION, "-n", NAMESPACE, "--type", "merge", "-p",
+                         '{"spec": {"draining": true}}')
+    moved = wait_for(answer("node-west"), timeout=30, what="node-west first once node-east drains")
+    took = time.monotonic() - started
+    assert moved["region_note"].endswith(f"{REGION} is draining: the nearest serving region")
+    assert moved["ice_servers"][0]["urls"] == "stun:198.51.100.30:3478"
+    print(f"\nnode-east draining: its tokens API answered node-west {took:.1f} s after the patch")
+    assert took < 15, took
+    cluster_node.kubectl("patch", "turnregion", REGION, "-n", NAMESPACE, "--type", "merge", "-p",
+                         '{"spec": {"draining": false}}')
+    cluster_node.kubectl("delete", "turnregion", "node-west", "-n", NAMESPACE)
 
 
 def test_helm_uninstall_stops_the_operator(cluster_node, operator_release):

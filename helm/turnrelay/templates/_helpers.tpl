@@ -59,10 +59,11 @@ app.kubernetes.io/part-of: turnrelay
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
-# Watched, so the status follows the relays' readiness and nodes at once.
+# Watched, so the status follows the relays' readiness and nodes at once; patched with an
+# annotation (the region directory's version) so the kubelet updates their mounted directory now.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [list, watch]
+  verbs: [list, watch, patch]
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, create, patch, delete]
