@@ -115,6 +115,8 @@ class Storm:
         self.request(client, now)
 
     def receive(self, client: Client, data: bytes, now: float) -> None:
+        if client.step == DONE:  # e.g. the answer to a retransmitted ChannelBind, late
+            return
         if client.step == RELAYING:
             if data[:2] == self.channel_data[:2]:
                 client.step, client.relaying_at = DONE, now

@@ -126,6 +126,11 @@ class PeerPolicy:
     """Cluster networks and the relay's own endpoints are never peers; then operator allow
     rules win over deny rules, which win over the built-in defaults."""
 
+    # Verdicts kept per (host, live_relay), at most this many, then all forgotten: clients
+    # of one media server or one call name the same peers over and over, and a verdict
+    # parses the address and walks every rule.  New rules forget them all.
+    KEPT = 4096
+
     def __init__(self, allowed: Iterable[str] = (), denied: Iterable[str] = (),
                  allow_loopback: bool = False, cluster: Iterable[str] = (),
                  own: Optional[OwnEndpoints] = None):
@@ -134,6 +139,7 @@ class PeerPolicy:
         # Kubernetes pod and service networks (--cluster-cidr): above every allow rule, so an
         # operator allowing a private range for a media server cannot open the cluster too.
         self.cluster: List[Tuple[IPAddress, IPAddress]] = []
+        self._verdicts: Dict[Tuple[str, bool], bool] = {}
         self.set_rules(allowed, denied, cluster)
         self.allow_loopback = allow_loopback
         # Shared, not copied: a policy rebuilt on reload keeps the listeners bound at start.
@@ -146,13 +152,30 @@ class PeerPolicy:
         ValueError before any is replaced."""
         self.allowed, self.denied, self.cluster = (
             [parse_rule(r) for r in rules] for rules in (allowed, denied, cluster))
+        self._verdicts = {}
+
+    @property
+    def allow_loopback(self) -> bool:
+        return self._allow_loopback
+
+    @allow_loopback.setter
+    def allow_loopback(self, value: bool) -> None:
+        self._allow_loopback = value
+        self._verdicts = {}
 
     def permits(self, host: str, live_relay: bool = False) -> bool:
         """Whether `host` may be a peer; `live_relay`: it is the address of one of this
         relay's live allocations (`LiveRelays`), which only cluster networks and the
         operator's deny rules refuse, not the built-in loopback and private defaults."""
-        candidates = _candidates(host)
-        return bool(candidates) and all(self._permits_one(a, live_relay) for a in candidates)
+        verdict = self._verdicts.get((host, live_relay))
+        if verdict is None:
+            candidates = _candidates(host)
+            verdict = bool(candidates) and all(self._permits_one(a, live_relay)
+                                               for a in candidates)
+            if len(self._verdicts) >= self.KEPT:
+                self._verdicts = {}
+            self._verdicts[host, live_relay] = verdict
+        return verdict
 
     def permits_peer(self, peer: Tuple[str, int], live_relay: bool = False) -> bool:
         """A permission's or channel's peer: its address, and not one of our own endpoints."""

@@ -41,6 +41,16 @@ class PooledSystemRandom(random.Random):
         size = (k + 7) // 8
         return int.from_bytes(self._bytes(size), "big") >> (size * 8 - k)
 
+    def _randbelow(self, n: int) -> int:
+        """What randint and randrange draw: `getrandbits` inlined, rejection as Random's."""
+        k = n.bit_length()
+        size = (k + 7) // 8
+        shift = size * 8 - k
+        while True:
+            r = int.from_bytes(self._bytes(size), "big") >> shift
+            if r < n:
+                return r
+
     def random(self) -> float:
         return self.getrandbits(53) * 2.0 ** -53
 

@@ -280,3 +280,22 @@ def test_kept_nonces_are_bounded():
         ip = f"192.0.2.{n}"
         assert issuer.check(issuer.issue(ip, NOW), ip, NOW) is NonceStatus.VALID
         assert len(issuer._verified) <= 3
+
+
+def test_kept_peer_verdicts_follow_new_rules_and_loopback():
+    policy = PeerPolicy()
+    assert policy.permits("8.8.8.8") and not policy.permits("127.0.0.1")
+    policy.set_rules([], ["8.8.8.0/24"], [])
+    assert not policy.permits("8.8.8.8")
+    policy.allow_loopback = True
+    assert policy.permits("127.0.0.1")
+    policy.set_rules([], [], ["127.0.0.0/8"])
+    assert not policy.permits("127.0.0.1") and policy.permits("8.8.8.8")
+
+
+def test_kept_peer_verdicts_are_bounded():
+    policy = PeerPolicy()
+    policy.KEPT = 3
+    for n in range(10):
+        assert policy.permits(f"8.8.8.{n}")
+        assert len(policy._verdicts) <= 3
