@@ -56,15 +56,29 @@ class NonceIssuer:
         self.features = features
         self.prefix = COOKIE + base64.b64encode(features.to_bytes(3, "big")).decode() if features else ""
         self._verified: Dict[Tuple[str, str], int] = {}  # (nonce, client IP) -> issue time
+        self._issued: Dict[str, str] = {}  # client IP -> its nonce of `_issued_second`
+        self._issued_second = -1
 
     def _mac(self, secret: bytes, prefix: str, stamp: bytes, client_ip: str) -> bytes:
         data = prefix.encode() + stamp + client_ip.encode()
         return hmac.new(secret, data, hashlib.sha256).digest()[:12]
 
     def issue(self, client_ip: str, now: float) -> str:
-        stamp = struct.pack("!I", int(now) & 0xFFFFFFFF)
-        mac = self._mac(self.secrets[0], self.prefix, stamp, client_ip)
-        return self.prefix + base64.urlsafe_b64encode(stamp + mac).decode()
+        """The nonce for `client_ip` this second: the same for every client behind that
+        address until the second ends, so it is made once (many clients behind one NAT
+        arrive together in a reconnect storm) and kept until then."""
+        second = int(now) & 0xFFFFFFFF
+        if second != self._issued_second:
+            self._issued, self._issued_second = {}, second
+        nonce = self._issued.get(client_ip)
+        if nonce is None:
+            stamp = struct.pack("!I", second)
+            mac = self._mac(self.secrets[0], self.prefix, stamp, client_ip)
+            nonce = self.prefix + base64.urlsafe_b64encode(stamp + mac).decode()
+            if len(self._issued) >= self.KEPT:
+                self._issued = {}
+            self._issued[client_ip] = nonce
+        return nonce
 
     def check(self, nonce: str, client_ip: str, now: float) -> NonceStatus:
         issued = self._verified.get((nonce, client_ip))

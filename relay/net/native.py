@@ -11,7 +11,7 @@ and released before its relay sockets close, its last counts added to its counte
 from __future__ import annotations
 
 import socket
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Set, Tuple
 
 from twisted.internet.interfaces import IReadDescriptor
 from twisted.logger import Logger
@@ -91,6 +91,7 @@ class NativeUdp:
             raise
         self.protocols: Dict[int, ClientDatagramProtocol] = {}
         self.listeners: Dict[Address, int] = {}
+        self.own_ports: Set[int] = set()  # the relay's own ports the data plane knows
         server.opened_observers.insert(0, self.opened)  # only once its thread runs
         reactor.addReader(self)
 
@@ -121,8 +122,11 @@ class NativeUdp:
         for family, relay in allocation.relays.items():
             assert isinstance(relay, RelayPort)
             relays[family] = relay.fileno()
-        for port in self.server.config.policy.own.ports:
-            self.plane.set_own_port(port)
+        own = self.server.config.policy.own.ports
+        if len(own) != len(self.own_ports):  # ports are only ever added to OwnEndpoints
+            for port in own - self.own_ports:
+                self.plane.set_own_port(port)
+            self.own_ports = set(own)
         try:
             handle = self.plane.add_allocation(listener, allocation.client,
                                                relays[stun.FAMILY_IPV4], relays[stun.FAMILY_IPV6])

@@ -299,3 +299,17 @@ def test_kept_peer_verdicts_are_bounded():
     for n in range(10):
         assert policy.permits(f"8.8.8.{n}")
         assert len(policy._verdicts) <= 3
+
+
+def test_a_nonce_is_made_once_a_second_per_address_and_the_same_as_made_anew(monkeypatch):
+    issuer = NonceIssuer([SECRET], 600, FEATURES)
+    first = issuer.issue(CLIENT, NOW)
+    macs = []
+    mac = issuer._mac
+    monkeypatch.setattr(issuer, "_mac", lambda *args: macs.append(args) or mac(*args))
+    assert issuer.issue(CLIENT, NOW + 0.5) == first and macs == []
+    assert issuer.issue("192.0.2.7", NOW) != first
+    later = issuer.issue(CLIENT, NOW + 1)
+    assert later != first
+    assert later == NonceIssuer([SECRET], 600, FEATURES).issue(CLIENT, NOW + 1)
+    assert issuer.check(later, CLIENT, NOW + 1) is NonceStatus.VALID
