@@ -430,7 +430,7 @@ def allocation_figures(server: Server, args) -> Dict[str, float]:
     for s in clients.socks:
         clients.send(s, stun.ALLOCATE)
 
-    clients.cycles(1.0)  # warm-up: every client has its nonce
+    clients.cycles(args.alloc_warmup)  # warm-up: every client has its nonce (PyPy: its JIT)
     clients.errors = 0
     before = cpu_ns(server.pid)
     start = time.monotonic()
@@ -593,6 +593,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=100, help="payload bytes (default 100)")
     parser.add_argument("--allocations", type=int, default=8, help="allocations carrying the load")
     parser.add_argument("--alloc-clients", type=int, default=16)
+    parser.add_argument("--alloc-warmup", type=float, default=1.0,
+                        help="seconds of Allocate cycles before the measured ones (PyPy's JIT "
+                             "needs 20 or so)")
     parser.add_argument("--idle", type=int, default=10000, help="idle allocations for RSS; 0: skip")
     parser.add_argument("--no-alloc", action="store_true", help="skip the allocation figures")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
@@ -611,9 +614,10 @@ def main() -> None:
                         help="taskset CPU list for the --workers run, e.g. 0,1 [default: "
                              "--server-core]")
     args = parser.parse_args()
-    if args.seconds > 60 or args.probe_seconds > 60 or args.rounds > 20 or args.idle > 15000:
-        parser.error("runs are bounded: --seconds/--probe-seconds <= 60, --rounds <= 20, "
-                     "--idle <= 15000")
+    if args.seconds > 60 or args.probe_seconds > 60 or args.rounds > 20 or args.idle > 15000 \
+            or args.alloc_warmup > 60:
+        parser.error("runs are bounded: --seconds/--probe-seconds/--alloc-warmup <= 60, "
+                     "--rounds <= 20, --idle <= 15000")
     with open("/proc/loadavg") as f:
         load_before = " ".join(f.read().split()[:3])
     os.sched_setaffinity(0, {args.load_core})
