@@ -9,10 +9,20 @@ from the peer at a paced rate, reads what is relayed back, and counts it.
 from the peer, so 2 x rate relayed packets a second.  The figure is the thread's own CPU time
 (/proc/self/task/TID/stat) over the packets it relayed: it leaves out the reactor, which
 relays nothing here.  Loopback only, bounded in time.
+
+    .venv/bin/python bench/dataplane_cpu.py --burst 400 --repeat 20
+
+`--burst N` measures full batches instead, as at the highest load: before the thread starts,
+each client queues N ChannelData on the listener and the peer N datagrams on each relay
+socket; then the thread drains them all, and the figure is its CPU time (schedstat, in ns)
+over the packets it relayed, the median over `--repeat` drains, with UDP GSO on and off in
+turn (TURNRELAY_DATAPLANE_GSO does not apply here).
 """
 import argparse
 import os
 import socket
+import statistics
+import struct
 import subprocess
 import sys
 
@@ -75,14 +85,87 @@ print(2 * sent, received, flush=True)
 """
 
 
+def thread_cpu_ns(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def udp(buffer: int = 0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+def drain_once(burst: int, allocations: int, gso: bool) -> float:
+    """One drain of queued full batches (see --burst): the thread's CPU ns per relayed packet."""
+    big = 4 * 1024 * 1024  # the kernel caps it at net.core.rmem_max
+    plane = dataplane.NativeDataPlane()
+    plane.gso(gso)
+    listener_sock = udp(big)
+    listener = plane.add_listener(listener_sock.fileno())
+    peer = udp(big)
+    clients, relays = [udp(big) for _ in range(allocations)], [udp(big) for _ in range(allocations)]
+    for client, relay in zip(clients, relays):
+        handle = plane.add_allocation(listener, client.getsockname(), relay.fileno(), None)
+        plane.permit(handle, "127.0.0.1")
+        plane.bind_channel(handle, 0x4000, peer.getsockname())
+    payload = b"x" * 100
+    frame = struct.pack("!HH", 0x4000, len(payload)) + payload
+    for _ in range(burst):
+        for client, relay in zip(clients, relays):
+            client.sendto(frame, listener_sock.getsockname())
+            peer.sendto(payload, relay.getsockname())
+    expected = 2 * burst * allocations
+    before = set(os.listdir("/proc/self/task"))
+    plane.start()
+    (tid,) = {int(t) for t in set(os.listdir("/proc/self/task")) - before}
+    got = 0
+    for sock in [peer] + clients:
+        sock.settimeout(5)
+    try:
+        for sock, count in [(peer, burst * allocations)] + [(c, burst) for c in clients]:
+            for _ in range(count):
+                sock.recv(2048)
+                got += 1
+    except socket.timeout:
+        pass
+    cpu = thread_cpu_ns(tid)  # all of it: the thread began with the drain
+    stats = plane.stats()
+    plane.close()
+    for sock in [listener_sock, peer] + clients + relays:
+        sock.close()
+    if got < expected or stats["forwarded"] < expected:
+        raise SystemExit(f"lost datagrams: {got} of {expected} arrived ({stats}): use a smaller --burst")
+    return cpu / stats["forwarded"]
+
+
+def burst(args) -> None:
+    results: dict = {True: [], False: []}
+    for _ in range(args.repeat):
+        for gso in (True, False):
+            results[gso].append(drain_once(args.burst, args.allocations, gso))
+    for gso, values in results.items():
+        values.sort()
+        print(f"GSO {'on ' if gso else 'off'}: {statistics.median(values):.0f} ns of the thread's CPU "
+              f"per relayed packet (median of {len(values)}, {values[0]:.0f}-{values[-1]:.0f})")
+    print(f"{args.burst} queued per socket, {args.allocations} allocations; "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rate", type=float, default=10000, help="round trips a second")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--allocations", type=int, default=20)
+    parser.add_argument("--burst", type=int, default=0, help="queued datagrams per socket (see above)")
+    parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity"):  # not on PyPy 3.9
         os.sched_setaffinity(0, {0})
+    if args.burst:
+        return burst(args)
     before = set(os.listdir("/proc/self/task"))
     plane = dataplane.NativeDataPlane()
     plane.start()

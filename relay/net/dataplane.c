@@ -17,6 +17,7 @@
 #endif
 #include <errno.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,6 +46,11 @@
 #define ATTR_MESSAGE_INTEGRITY_SHA256 0x001C
 #define ATTR_FINGERPRINT 0x8028
 #define TID_POOL 4096        /* transaction ids drawn per getrandom call */
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103      /* Linux 4.18's UDP GSO, for headers older than the kernel */
+#endif
+#define GSO_MAX_SEGMENTS 64  /* the kernel's UDP_MAX_SEGMENTS before 6.9 */
+#define GSO_MAX_BYTES 60000  /* a superpacket stays one IP datagram (64 KiB, headers included) */
 
 enum { K_WAKE, K_LISTENER, K_RELAY };
 
@@ -103,14 +109,30 @@ struct qitem {
     unsigned char data[];
 };
 
-/* One batch of datagrams out: a header, the payload where it was read, padding. */
+/* One batch of datagrams out: a header, the payload where it was read, padding.
+ *
+ * At the flush, the datagrams to one destination through one socket that follow one another
+ * in the batch with one size (the last may be shorter) become one group, sent as one UDP GSO
+ * superpacket (UDP_SEGMENT): the kernel then builds, routes and queues the group once and
+ * cuts it into datagrams at the end (the device, or the receiving socket on loopback).  A
+ * group never reorders a flow: a datagram of another size starts a new group. */
 struct out {
     int n;
     int fd[BATCH];
+    int len[BATCH];
     struct mmsghdr msg[BATCH];
     struct iovec iov[BATCH][3];
     unsigned char head[BATCH][48];
     struct sockaddr_storage to[BATCH];
+    /* the groups of the flush: group g holds datagrams order[first[g]..first[g]+count[g]) */
+    int ngroups;
+    int group_of[BATCH], order[BATCH], first[BATCH], count[BATCH], bytes[BATCH];
+    struct mmsghdr gmsg[BATCH];
+    struct iovec giov[BATCH * 3];
+    union {
+        struct cmsghdr align;
+        char buf[CMSG_SPACE(sizeof(uint16_t))];
+    } gctl[BATCH];
 };
 
 struct dp {
@@ -129,6 +151,7 @@ struct dp {
     unsigned char tids[12 * TID_POOL];
     int tid_offset;
     unsigned long long stats[DP_STAT_COUNT];
+    int gso;                  /* 1 while UDP GSO works here (probed at dp_new, off on a refusal) */
     /* receive side of a batch */
     unsigned char *rbuf;      /* BATCH * MAX_DATAGRAM */
     struct mmsghdr rmsg[BATCH];
@@ -406,20 +429,125 @@ static const unsigned char *next_tid(dp_t *dp)
 
 /* -- sending -------------------------------------------------------------------------------- */
 
+/* Datagrams out[i] for i in `which` (count of them), one sendmmsg per run of one socket. */
+static void send_each(dp_t *dp, const int *which, int count)
+{
+    struct out *o = &dp->out;
+    struct mmsghdr msgs[BATCH];
+    for (int i = 0; i < count;) {
+        int fd = o->fd[which[i]], run = 0;
+        while (i + run < count && o->fd[which[i + run]] == fd) {
+            msgs[run] = o->msg[which[i + run]];
+            run++;
+        }
+        for (int done = 0; done < run;) {
+            int sent = fd < 0 ? -1 : sendmmsg(fd, msgs + done, (unsigned)(run - done), 0);
+            if (sent < 1) {
+                dp->stats[DP_STAT_SEND_ERRORS] += 1; /* skip the one refused, try the rest */
+                sent = 1;
+            }
+            done += sent;
+        }
+        i += run;
+    }
+}
+
+static int same_flow(const struct out *o, int i, int j)
+{
+    return o->fd[i] == o->fd[j] && o->msg[i].msg_hdr.msg_namelen == o->msg[j].msg_hdr.msg_namelen &&
+           memcmp(&o->to[i], &o->to[j], o->msg[i].msg_hdr.msg_namelen) == 0;
+}
+
+/* Sort the batch into groups (see struct out), each one message of o->gmsg. */
+static void group(struct out *o)
+{
+    int opener[BATCH], open[BATCH]; /* per group: its first datagram; 1 while one may join */
+    o->ngroups = 0;
+    for (int i = 0; i < o->n; i++) {
+        int g = o->ngroups - 1;
+        while (g >= 0 && !same_flow(o, opener[g], i))
+            g--; /* this flow's latest group */
+        int size = g >= 0 ? o->len[opener[g]] : 0;
+        if (g >= 0 && open[g] && o->len[i] > 0 && o->len[i] <= size &&
+            o->count[g] < GSO_MAX_SEGMENTS && o->bytes[g] + o->len[i] <= GSO_MAX_BYTES) {
+            o->count[g]++;
+            o->bytes[g] += o->len[i];
+            open[g] = o->len[i] == size; /* a shorter one ends it: the kernel cuts equal sizes */
+        } else {
+            g = o->ngroups++;
+            opener[g] = i;
+            open[g] = o->len[i] > 0; /* a segment size of 0 would mean no GSO */
+            o->count[g] = 1;
+            o->bytes[g] = o->len[i];
+        }
+        o->group_of[i] = g;
+    }
+    int filled[BATCH];
+    for (int g = 0, offset = 0; g < o->ngroups; offset += o->count[g], g++) {
+        o->first[g] = offset;
+        filled[g] = 0;
+    }
+    for (int i = 0; i < o->n; i++) {
+        int g = o->group_of[i];
+        o->order[o->first[g] + filled[g]++] = i;
+    }
+    int niov = 0;
+    for (int g = 0; g < o->ngroups; g++) {
+        const int *members = o->order + o->first[g];
+        struct msghdr *h = &o->gmsg[g].msg_hdr;
+        *h = o->msg[members[0]].msg_hdr;
+        if (o->count[g] == 1)
+            continue;
+        h->msg_iov = o->giov + niov;
+        h->msg_iovlen = 0;
+        for (int k = 0; k < o->count[g]; k++) {
+            const struct msghdr *m = &o->msg[members[k]].msg_hdr;
+            memcpy(o->giov + niov, m->msg_iov, m->msg_iovlen * sizeof *m->msg_iov);
+            niov += (int)m->msg_iovlen;
+            h->msg_iovlen += m->msg_iovlen;
+        }
+        h->msg_control = o->gctl[g].buf;
+        h->msg_controllen = sizeof o->gctl[g].buf;
+        struct cmsghdr *cm = CMSG_FIRSTHDR(h);
+        cm->cmsg_level = SOL_UDP;
+        cm->cmsg_type = UDP_SEGMENT;
+        cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+        uint16_t segment = (uint16_t)o->len[members[0]];
+        memcpy(CMSG_DATA(cm), &segment, sizeof segment);
+    }
+}
+
 static void flush(dp_t *dp)
 {
     struct out *o = &dp->out;
-    int i = 0;
-    while (i < o->n) {
-        int run = 1;
-        while (i + run < o->n && o->fd[i + run] == o->fd[i])
+    if (!dp->gso) {
+        int all[BATCH];
+        for (int i = 0; i < o->n; i++)
+            all[i] = i;
+        send_each(dp, all, o->n);
+        o->n = 0;
+        return;
+    }
+    group(o);
+    for (int g = 0; g < o->ngroups;) {
+        int fd = o->fd[o->order[o->first[g]]], run = 1;
+        while (g + run < o->ngroups && o->fd[o->order[o->first[g + run]]] == fd)
             run++;
-        int sent = o->fd[i] < 0 ? -1 : sendmmsg(o->fd[i], &o->msg[i], (unsigned)run, 0);
+        int sent = fd < 0 ? -1 : sendmmsg(fd, &o->gmsg[g], (unsigned)run, 0);
+        for (int k = 0; k < sent; k++)
+            dp->stats[DP_STAT_GSO_SENDS] += o->count[g + k] > 1;
         if (sent < 1) {
-            dp->stats[DP_STAT_SEND_ERRORS] += 1; /* skip the one refused, try the rest */
+            /* Group g refused: it goes again datagram by datagram, so GSO never loses what
+             * plain sends relay.  A refusal of GSO itself (a kernel or socket without it)
+             * turns it off; a full buffer or a segment over the path's MTU does not. */
+            if (o->count[g] > 1 && fd >= 0 && errno != EAGAIN && errno != EMSGSIZE) {
+                dp->gso = 0;
+                dp->stats[DP_STAT_GSO_REFUSED] += 1;
+            }
+            send_each(dp, o->order + o->first[g], o->count[g]);
             sent = 1;
         }
-        i += sent;
+        g += sent;
     }
     o->n = 0;
 }
@@ -445,6 +573,7 @@ static void emit(dp_t *dp, int fd, const struct addr *to, const unsigned char *h
     o->msg[i].msg_hdr.msg_namelen = to_sockaddr(to, &o->to[i]);
     o->msg[i].msg_hdr.msg_iov = o->iov[i];
     o->msg[i].msg_hdr.msg_iovlen = (size_t)niov;
+    o->len[i] = head_len + payload_len + pad;
     dp->stats[DP_STAT_FORWARDED] += 1;
     if (o->n == BATCH)
         flush(dp);
@@ -669,6 +798,17 @@ static int watch(dp_t *dp, struct dsock *s)
     return epoll_ctl(dp->epfd, EPOLL_CTL_ADD, s->fd, &ev) < 0 ? -errno : 0;
 }
 
+/* Whether this kernel takes UDP_SEGMENT (Linux 4.18+): asked once, of a socket of our own. */
+static int gso_available(void)
+{
+    int fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0), segment = 1200;
+    if (fd < 0)
+        return 0;
+    int ok = setsockopt(fd, SOL_UDP, UDP_SEGMENT, &segment, sizeof segment) == 0;
+    close(fd);
+    return ok;
+}
+
 dp_t *dp_new(int queue_capacity)
 {
     pthread_once(&crc_once, crc_init);
@@ -687,6 +827,7 @@ dp_t *dp_new(int queue_capacity)
     dp->queue = calloc((size_t)queue_capacity, sizeof *dp->queue);
     dp->rbuf = malloc((size_t)BATCH * MAX_DATAGRAM);
     dp->tid_offset = (int)sizeof dp->tids;
+    dp->gso = gso_available();
     dp->wake = (struct dsock){.kind = K_WAKE, .fd = dp->wakefd};
     if (dp->epfd < 0 || dp->wakefd < 0 || dp->eventfd < 0 || !dp->buckets || !dp->queue ||
         !dp->rbuf || watch(dp, &dp->wake) < 0) {
@@ -748,6 +889,18 @@ void dp_free(dp_t *dp)
 int dp_event_fd(dp_t *dp)
 {
     return dp->eventfd;
+}
+
+int dp_gso(dp_t *dp, int enable)
+{
+    pthread_mutex_lock(&dp->lock);
+    if (enable == 0)
+        dp->gso = 0;
+    else if (enable > 0)
+        dp->gso = gso_available();
+    int on = dp->gso;
+    pthread_mutex_unlock(&dp->lock);
+    return on;
 }
 
 int dp_add_listener(dp_t *dp, int fd)

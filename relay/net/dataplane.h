@@ -24,6 +24,8 @@ enum {
     DP_STAT_QUEUE_DROPPED,   /* datagrams for Python dropped: the queue was full */
     DP_STAT_DROPPED,         /* datagrams dropped by the tables (no allocation, channel, permission) */
     DP_STAT_SEND_ERRORS,     /* sends the kernel refused (a full buffer, an ICMP error) */
+    DP_STAT_GSO_SENDS,       /* groups of datagrams sent as one UDP GSO superpacket */
+    DP_STAT_GSO_REFUSED,     /* superpackets the kernel refused (then sent one by one; GSO off) */
     DP_STAT_COUNT
 };
 
@@ -37,6 +39,9 @@ dp_t *dp_new(int queue_capacity);
 int dp_start(dp_t *dp);
 void dp_free(dp_t *dp);
 int dp_event_fd(dp_t *dp);
+/* UDP GSO for the sends (on from dp_new where the kernel has it): `enable` 0 turns it off,
+ * 1 back on where the kernel has it, -1 leaves it; returns whether it is on. */
+int dp_gso(dp_t *dp, int enable);
 
 int dp_add_listener(dp_t *dp, int fd);
 int dp_remove_listener(dp_t *dp, int listener);

@@ -10,6 +10,7 @@ queue whose eventfd the reactor watches (`pop`).
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Any, Dict, Optional, Tuple
 
@@ -24,7 +25,8 @@ Address = Tuple[str, int]
 QUEUE_CAPACITY = 4096  # datagrams waiting for Python; beyond, dropped and counted
 COUNTERS = ("bytes_from_client", "packets_from_client", "bytes_to_client", "packets_to_client",
             "limited_packets", "limited_bytes")
-STATS = ("received", "forwarded", "queued", "queue_dropped", "dropped", "send_errors")
+STATS = ("received", "forwarded", "queued", "queue_dropped", "dropped", "send_errors",
+         "gso_sends", "gso_refused")
 _MAX_DATAGRAM = 65536
 
 
@@ -73,6 +75,8 @@ class NativeDataPlane:
         self._pop_out = ffi.new("int[4]")  # listener, ip length, port, (unused)
         self._pop_ip = ffi.new("unsigned char[16]")
         self._counters = ffi.new("unsigned long long[]", len(COUNTERS))
+        if os.environ.get("TURNRELAY_DATAPLANE_GSO") == "off":  # to measure what GSO brings
+            self.gso(False)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -84,6 +88,11 @@ class NativeDataPlane:
         if self._dp is not None:
             lib.dp_free(self._dp)
             self._dp = None
+
+    def gso(self, enable: Optional[bool] = None) -> bool:
+        """Whether runs of equal-size datagrams to one destination go out as one UDP GSO
+        superpacket (on by default where the kernel has it); `enable` turns it on or off."""
+        return bool(lib.dp_gso(self._dp, -1 if enable is None else int(enable)))
 
     def fileno(self) -> int:
         """The eventfd that is readable while datagrams wait in the queue for `pop`."""

@@ -105,7 +105,9 @@ class RelayCollector:
             datagrams = CounterMetricFamily(
                 "turnrelay_dataplane_datagrams", "UDP datagrams through the native data plane: "
                 "received, forwarded, queued (handed to Python), queue_dropped (the queue was "
-                "full), dropped (no allocation, channel or permission), send_errors",
+                "full), dropped (no allocation, channel or permission), send_errors; "
+                "gso_sends counts groups sent as one UDP GSO superpacket, gso_refused those the "
+                "kernel refused (sent again one by one)",
                 labels=["what"])
             for what, count in native.items():
                 datagrams.add_metric([what], count)

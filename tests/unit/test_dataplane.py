@@ -274,3 +274,55 @@ def test_the_parser_works_before_any_data_plane_exists():
             "m.add(stun.XOR_PEER_ADDRESS, ('192.0.2.1', 9)).add(stun.DATA, b'x'); "
             "assert dataplane.parse_send(m.encode(fingerprint=True)) == (('192.0.2.1', 9), b'x')")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def queued_then_relayed(plane, relay, sizes):
+    """The peer queues datagrams of `sizes` on the relay socket before the thread starts, so
+    the thread reads them in one batch; what the client receives, in order."""
+    relay.plane.permit(relay.handle, relay.peer_address[0])
+    relay.plane.bind_channel(relay.handle, 0x4000, relay.peer_address)
+    sent = [b"%03d" % i + b"x" * (size - 3) for i, size in enumerate(sizes)]
+    for data in sent:
+        relay.peer.sendto(data, relay.relay_address)
+    plane.start()
+    return sent, [received(relay.client)[0] for _ in sent]
+
+
+@pytest.fixture
+def stopped_plane():
+    plane = dataplane.NativeDataPlane(queue_capacity=8)
+    yield plane
+    plane.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_a_batch_goes_out_as_gso_groups_in_order(stopped_plane, host):
+    """Equal-size datagrams to one client go out as one UDP GSO superpacket (on this kernel),
+    which the client's socket receives cut back into the same datagrams, in order; a size
+    change starts a new group, so nothing is reordered."""
+    relay = Relay(stopped_plane, host)
+    try:
+        assert stopped_plane.gso(), "this kernel has UDP GSO (Linux 4.18+)"
+        sizes = [100] * 20 + [60] + [100] * 5 + [200, 200, 30]
+        sent, got = queued_then_relayed(stopped_plane, relay, sizes)
+        assert got == [channel_data(0x4000, data) for data in sent]
+        stats = stopped_plane.stats()
+        assert stats["gso_sends"] >= 3 and stats["gso_refused"] == stats["send_errors"] == 0
+        assert relay.plane.take_counters(relay.handle)[2:4] == (sum(sizes), len(sizes))
+    finally:
+        relay.close()
+
+
+def test_a_refused_gso_send_goes_again_one_by_one(stopped_plane):
+    """A socket that cannot take GSO (SO_NO_CHECK: no UDP checksum, which GSO needs) refuses
+    the superpacket: its datagrams go again one by one, none lost, and GSO is off from then."""
+    relay = Relay(stopped_plane, "127.0.0.1")
+    try:
+        relay.listener_sock.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK
+        sent, got = queued_then_relayed(stopped_plane, relay, [100] * 10)
+        assert got == [channel_data(0x4000, data) for data in sent]
+        stats = stopped_plane.stats()
+        assert (stats["gso_refused"], stats["gso_sends"], stats["send_errors"]) == (1, 0, 0)
+        assert not stopped_plane.gso()
+    finally:
+        relay.close()
