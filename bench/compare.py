@@ -609,7 +609,8 @@ def main() -> None:
                              "CPU per packet and see the load's spread")
     parser.add_argument("--dataplane", nargs="+", default=["python", "native"],
                         choices=["python", "native"],
-                        help="turnrelay's data planes to run (CPython, and the --workers run)")
+                        help="turnrelay's data planes to run (CPython, and the --workers run; "
+                             "PyPy runs the last one)")
     parser.add_argument("--workers-cores", default=None,
                         help="taskset CPU list for the --workers run, e.g. 0,1 [default: "
                              "--server-core]")
@@ -635,7 +636,9 @@ def main() -> None:
                                      workdir, cert, key, args.workers, dataplane))
             servers[-1].cores = args.workers_cores
     if args.pypy and os.path.exists(args.pypy):
-        servers.append(turnrelay("turnrelay PyPy", args.pypy, workdir, cert, key))
+        suffix = " native" if args.dataplane[-1] == "native" else ""
+        servers.append(turnrelay("turnrelay PyPy" + suffix, args.pypy, workdir, cert, key,
+                                 dataplane=args.dataplane[-1]))
     else:
         print(f"no PyPy twistd at {args.pypy}: PyPy skipped", file=sys.stderr)
     results: Dict[str, List[Dict[str, float]]] = {s.name: [] for s in servers}
