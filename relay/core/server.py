@@ -14,7 +14,7 @@ import itertools
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple, cast
+from typing import Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple, cast
 
 from relay.core.allocation import (
     PERMISSION_LIFETIME,
@@ -30,6 +30,7 @@ from relay.core.issuer import issue, issuer
 from relay.core.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStatus
 from relay.core.peers import LiveRelays, PeerPolicy
 from relay.core.ratelimit import RateLimiter
+from relay.core.redirect import DRAINING, FULL, Alternate, Redirects, try_alternate
 from relay.core.tcp import StreamRelayEndpoint
 from relay.core.tcp_relay import TcpRelay
 from relay.proto import stun
@@ -74,9 +75,9 @@ class TurnConfig:
     software: Optional[str] = None
     policy: PeerPolicy = field(default_factory=PeerPolicy)
     password_algorithms: Tuple[int, ...] = (stun.ALGORITHM_SHA256, stun.ALGORITHM_MD5)
-    # Where a draining server sends new Allocates (300, RFC 8489 section 10): UDP/TCP clients
-    # to `alternate_servers`, TLS clients to `tls_alternate_servers` with `alternate_domain`
-    # (the name their certificate check needs), each to one of the client's address family.
+    # The other relays of this region, where a draining or full server sends new Allocates
+    # first (relay.core.redirect): UDP/TCP clients to `alternate_servers`, TLS clients to
+    # `tls_alternate_servers` with `alternate_domain` (the name their certificate check needs).
     alternate_servers: Tuple[Address, ...] = ()
     tls_alternate_servers: Tuple[Address, ...] = ()
     alternate_domain: Optional[str] = None
@@ -109,6 +110,7 @@ class ServerStats:
     closed: Dict[str, int] = field(default_factory=dict)  # end reason -> allocations
     # [packets, bytes] the rate limits dropped in ended allocations (live ones hold their own).
     closed_limited: List[int] = field(default_factory=lambda: [0, 0])
+    redirected: Dict[str, int] = field(default_factory=dict)  # draining|full -> Allocates
 
 
 @dataclass
@@ -161,7 +163,9 @@ class TurnServer:
         self.stats = ServerStats()
         # Set by `drain` (SIGTERM): new Allocates are redirected or refused, the rest goes on.
         self.draining = False
-        self._next_alternate = 0
+        # Where new Allocates go while draining or full, beyond `config`'s alternates: the
+        # other regions' relays, kept current by the service layer.
+        self.redirects = Redirects()
         # The monthly byte quota's seam (relay.ledger.monthly_quota): asked before each Allocate (True answers
         # 486) and, every tick, for each allocation (True closes it, reason "quota").
         self.over_quota: Callable[[Account], bool] = lambda account: False
@@ -587,12 +591,12 @@ class TurnServer:
 
     def _check_quotas(self, client: Client, username: str, account: Account) -> None:
         if self.draining:
-            raise self._redirect(client)
+            raise self.redirect(client, DRAINING)
         if not self.may_allocate():
             raise stun.StunError(508, "Insufficient Capacity")
         config = self.config
         if config.total_quota and len(self.allocations) >= config.total_quota:
-            raise stun.StunError(508, "Insufficient Capacity")
+            raise self.redirect(client, FULL)
         if self.over_quota(account):
             raise stun.StunError(486, "Allocation Quota Reached")
         shared = self._account_budgets.get(account.account_id)
@@ -606,25 +610,21 @@ class TurnServer:
                 a.client[0] == client.address[0] for a in self.allocations.values()) >= config.source_quota:
             raise stun.StunError(486, "Allocation Quota Reached")
 
-    def _redirect(self, client: Client) -> stun.StunError:
-        """A draining server's answer to an Allocate: 300 to an alternate server of the
-        client's address family (round robin) when one is configured, else 508 Insufficient
-        Capacity, on which RFC 8656 has a client wait and retry or try another server."""
+    def redirect(self, client: Client, reason: str) -> stun.StunError:
+        """The answer to an Allocate this server does not take (`reason`: draining, or full
+        with --total-quota allocations, which with workers the parent's count tells): 300 to
+        the nearest alternate of the client's kind (relay.core.redirect), else 508
+        Insufficient Capacity."""
         config = self.config
-        family = stun.address_family(client.address[0])
-        tls = client.transport == "tls"
-        # No alternate is a DTLS server: a DTLS client is answered 508.
-        servers = {"tls": config.tls_alternate_servers, "dtls": ()}.get(
-            client.transport, config.alternate_servers)
-        candidates = [a for a in servers if stun.address_family(a[0]) == family]
-        if not candidates:
+        own_region = tuple(Alternate(a) for a in config.alternate_servers) + tuple(
+            Alternate(a, True, config.alternate_domain) for a in config.tls_alternate_servers)
+        alternate = self.redirects.choose((own_region,) + self.redirects.regions,
+                                          stun.address_family(client.address[0]),
+                                          client.transport, config.policy.own)
+        if alternate is None:
             return stun.StunError(508, "Insufficient Capacity")
-        self._next_alternate += 1
-        attributes: List[Tuple[int, Any]] = [
-            (stun.ALTERNATE_SERVER, candidates[self._next_alternate % len(candidates)])]
-        if tls and config.alternate_domain:
-            attributes.append((stun.ALTERNATE_DOMAIN, config.alternate_domain))
-        return stun.StunError(300, "Try Alternate", attributes)
+        self.stats.redirected[reason] = self.stats.redirected.get(reason, 0) + 1
+        return try_alternate(alternate)
 
     def _bind_relay(self, family: int, dont_fragment: bool, even_port: Optional[bool],
                     response: stun.Message, now: float, tcp: bool = False) -> AnyRelayEndpoint:

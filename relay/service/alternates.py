@@ -1,12 +1,13 @@
-"""A draining relay's redirect targets from a file of TURN URIs (--alternate-servers-file).
+"""The other relays of this region, from a file of TURN URIs (--alternate-servers-file).
 
 The operator writes a hostNetwork region's endpoints there (one URI per node running a ready
-relay) and the kubelet keeps the mounted copy current.  A draining relay looks at the file
-while it drains, re-reading it when it changes, and sends new Allocates with 300 Try Alternate
-to those of the client's kind: UDP and TCP clients to the turn: URIs, TLS clients to the turns:
-ones.  Its own endpoints (`OwnEndpoints`: its listeners on this host's and its external
-addresses) are left out, and so are host names, since ALTERNATE-SERVER carries an address.
-The --alternate-server options stay as they are, first in the list.
+relay) and the kubelet keeps the mounted copy current.  A relay looks at the file every
+second, re-reading it when it changes, and while draining or full sends new Allocates with
+300 Try Alternate to those of the client's kind (relay.core.redirect): UDP and TCP clients
+to the turn: URIs, TLS clients to the turns: ones.  Its own endpoints (`OwnEndpoints`: its
+listeners on this host's and its external addresses) are left out, and so are host names,
+since ALTERNATE-SERVER carries an address.  The --alternate-server options stay as they are,
+first in the list.
 """
 from __future__ import annotations
 
@@ -77,9 +78,9 @@ class AlternatesFile:
         plain, tls = parse_alternates(text, self.config.policy.own)
         self.config.alternate_servers = self.static[0] + tuple(a for a in plain if a not in self.static[0])
         self.config.tls_alternate_servers = self.static[1] + tuple(a for a in tls if a not in self.static[1])
-        log.info("draining: new allocations go to {plain} (UDP, TCP) and {tls} (TLS)",
+        log.info("redirects in this region: {plain} (UDP, TCP) and {tls} (TLS)",
                  plain=_shown(self.config.alternate_servers), tls=_shown(self.config.tls_alternate_servers))
 
 
 def _shown(addresses: Tuple[Address, ...]) -> str:
-    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses) or "nowhere (508)"
+    return ", ".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in addresses) or "none"

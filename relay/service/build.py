@@ -52,6 +52,7 @@ from relay.service.first_run import FirstRun
 from relay.service.host import local_addresses, outbound_ip, raise_file_limit
 from relay.service.options import Options
 from relay.service.quota_book import Release, Reserve, SharedQuotas
+from relay.service.redirects import RegionRedirects
 from relay.service.services import BannerService, HTTPService, ListenersService, RelayService, SighupService
 from relay.storage.sqldb import SqlStore, error_line, pool_from_dsn
 from relay.util.tomlfile import read_toml
@@ -547,9 +548,15 @@ def relay_service(options: Options, reactor, worker: Optional[WorkerRole] = None
              region=options["region"], interval=options["accounting-interval"],
              backends=", ".join(backends))
 
-    alternates = (AlternatesFile(options["alternate-servers-file"], server.config).refresh
-                  if options["alternate-servers-file"] else None)
-    service = RelayService(server, reactor, options["drain-grace"], alternates)
+    service = RelayService(server, reactor, options["drain-grace"])
+    looks = []  # where new Allocates go while draining or full (relay.service.redirects)
+    if options["alternate-servers-file"]:
+        looks.append(AlternatesFile(options["alternate-servers-file"], server.config).refresh)
+    if options["regions-file"]:
+        looks.append(RegionRedirects(server, options["regions-file"], options["region"],
+                                     _file_stamp).look)
+    if looks:
+        TimerService(REGIONS_LOOK, lambda: [look() for look in looks]).setServiceParent(service)
     log_allocations(server)
     # Started first and so stopped last: the listeners' shutdown ends every allocation, and
     # the ledger then writes their last usage before the process exits.

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 
 from relay.core.allocation import Allocation
 from relay.core.credentials import Account, StunCredentials
+from relay.core.redirect import FULL
 from relay.core.server import Client, TurnServer
 from relay.proto import stun
 
@@ -133,7 +134,10 @@ class SharedQuotas:
                   credentials: StunCredentials, account: Account) -> None:
         now = self.clock.seconds()
         if code != GRANTED:
-            self.server.refused(client, credentials, stun.StunError(code, _REASONS[code]), now)
+            # 508 is the relay's --total-quota: full, so the client is sent elsewhere if it can be.
+            err = self.server.redirect(client, FULL) if code == 508 \
+                else stun.StunError(code, _REASONS[code])
+            self.server.refused(client, credentials, err, now)
             return
         self.server.authenticated(client, credentials, account, now)
         # Two Allocates of one client in flight at once: the second finds the first's

@@ -234,15 +234,11 @@ class RelayService(OrderlyStop):
 
     POLL = 0.25  # seconds between two looks at whether the last allocation has ended
 
-    def __init__(self, server: TurnServer, reactor, grace: float,
-                 alternates: Optional[Callable[[], None]] = None):
+    def __init__(self, server: TurnServer, reactor, grace: float):
         super().__init__(reactor)
         self.server = server
         self.grace = grace
         self.deadline = 0.0
-        # Called as the drain starts and at each look while it lasts: brings the alternate
-        # servers up to date (`AlternatesFile.refresh`).
-        self.alternates = alternates or (lambda: None)
         # A worker process (relay.service.workers) tells its parent once it holds no more
         # allocations, and drains on, redirecting new clients, until the parent says every
         # worker is done (`hurry`): a worker that stopped alone would leave its copy of the
@@ -256,7 +252,6 @@ class RelayService(OrderlyStop):
     def stopService(self) -> Deferred:
         self.stopping = True
         server, clock = self.server, self.reactor
-        self.alternates()
         server.drain()
         log.info("draining: new allocations refused, {open} open ones may run {grace} s more",
                  open=len(server.allocations), grace=self.grace)
@@ -276,7 +271,6 @@ class RelayService(OrderlyStop):
                 log.info("drain grace over: ending {open} allocations", open=len(server.allocations))
                 drained.callback(None)
                 return
-            self.alternates()
             clock.callLater(self.POLL, look)
         look()
         drained.addCallback(lambda _: MultiService.stopService(self))

@@ -89,6 +89,13 @@ class RelayCollector:
         for code, count in sorted(stats.allocate_errors.items()):
             failed.add_metric([str(code), region], count)
         yield failed
+        redirected = CounterMetricFamily("turnrelay_allocations_redirected", "Allocate requests "
+                                         "sent to another relay (300 Try Alternate), by reason "
+                                         "(draining, full: at --total-quota)",
+                                         labels=["reason", "region"])
+        for reason, count in sorted(stats.redirected.items()):
+            redirected.add_metric([reason, region], count)
+        yield redirected
         yield CounterMetricFamily("turnrelay_auth_failures", "Requests with a wrong user, "
                                   "password or realm", stats.auth_failures)
         limited_packets, limited_bytes = server.limited_totals()

@@ -46,11 +46,11 @@ def test_draining_relay_redirects_to_a_ready_peer_from_the_file(server_factory, 
     replace_file(alternates, "".join(
         f"turn:127.0.0.1:{server.port}?transport=udp\nturns:127.0.0.1:{server.tls_port}?transport=tcp\n"
         for server in (draining, peer)))
+    for index in (0, 1):  # each worker reads the file within a second
+        draining.read_until(f"[worker {index}] redirects in this region: 127.0.0.1:{peer.port} "
+                            f"(UDP, TCP) and 127.0.0.1:{peer.tls_port} (TLS)")
     held = HeldSession(draining)  # a live allocation keeps the drain going
     draining.process.send_signal(signal.SIGTERM)
-    for index in (0, 1):  # each worker reads the file as its drain starts
-        draining.read_until(f"[worker {index}] draining: new allocations go to 127.0.0.1:{peer.port} "
-                            f"(UDP, TCP) and 127.0.0.1:{peer.tls_port} (TLS)")
 
     reply = allocate(("127.0.0.1", draining.port))
     assert (error_code(reply), reply.get(stun.ALTERNATE_SERVER)) == (300, ("127.0.0.1", peer.port))
@@ -64,7 +64,7 @@ def test_draining_relay_redirects_to_a_ready_peer_from_the_file(server_factory, 
     # The peer left the region's endpoints: the file says so, and nowhere is left but itself.
     replace_file(alternates, f"turn:127.0.0.1:{draining.port}?transport=udp\n")
     for index in (0, 1):  # both still draining, both re-read it
-        draining.read_until(f"[worker {index}] draining: new allocations go to nowhere (508)")
+        draining.read_until(f"[worker {index}] redirects in this region: none (UDP, TCP) and none (TLS)")
     assert error_code(allocate(("127.0.0.1", draining.port))) == 508
     held.relay(2, 100)  # and the live allocation relays on
     held.close()

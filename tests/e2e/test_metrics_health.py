@@ -191,6 +191,8 @@ def test_sigterm_drains_redirects_new_allocations_and_records_the_shutdown(serve
         # The name a TLS client checks the alternate's certificate against.
         assert reply.get(stun.ALTERNATE_DOMAIN) == ("turn-b.example.org" if transport == TLS
                                                     else None)
+    assert scrape(port)["turnrelay_allocations_redirected_total"] == {
+        (("reason", "draining"), ("region", "default")): 3}
     usage = held.relay(3, 50)  # the live allocation keeps relaying through the grace
 
     server.read_until("drain grace over: ending 1 allocations", timeout=30)
