@@ -101,9 +101,11 @@ LIST_OPTIONS = {
             "db:dsn=...,secret-file=PATH; repeat to combine (see --help-auth)",
     "static-auth-secret": "Secret for TURN REST credentials (coturn's option); repeat to "
                           "accept several during rotation. Prefer --auth rest-secret:secret-file=",
-    "alternate-server": "IP:PORT ([IPv6]:PORT) a draining relay redirects new UDP and TCP "
-                        "allocations to (300 Try Alternate); repeat for several, one per "
-                        "family at least [default: refuse them with 508]",
+    "alternate-server": "IP:PORT ([IPv6]:PORT) of another relay of this region, where a "
+                        "draining or full (--total-quota) relay redirects new UDP and TCP "
+                        "allocations (300 Try Alternate); repeat for several, one per family "
+                        "at least [default: the nearest serving region of --regions-file, "
+                        "else refuse them with 508]",
     "tls-alternate-server": "IP:PORT the same for TLS clients",
     "proxy-protocol-from": "Load balancer address or CIDR network whose connections start "
                            "with a PROXY protocol header (v1 or v2) naming the real client; "
@@ -162,7 +164,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["stale-nonce", None, 600, "Seconds a nonce stays valid"],
         ["user-quota", None, 0, "Concurrent allocations per user (0: no limit)"],
         ["source-quota", None, 0, "Concurrent allocations per client IP (0: no limit)"],
-        ["total-quota", None, 0, "Concurrent allocations in all (0: no limit)"],
+        ["total-quota", None, 0, "Concurrent allocations in all, over every worker; beyond, "
+                                "new ones are redirected to another relay (300) or refused "
+                                "(508) (0: no limit)"],
         ["max-bps", None, 0, "Bytes per second one allocation may relay, both directions "
                              "together; excess is dropped (0: no limit)"],
         ["max-pps", None, 0, "Packets per second one allocation may relay, both directions "
@@ -240,10 +244,10 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                                   "ones are refused (0: end them at once)"],
         ["alternate-servers-file", None, None, "File of turn:/turns: URIs (RFC 7065), one a "
                                                "line, e.g. a TurnRegion's endpoints: a draining "
-                                               "relay also redirects new allocations to these "
-                                               "(UDP, TCP to turn:, TLS to turns:), its own "
-                                               "left out; re-read while draining when it "
-                                               "changes, absent means none"],
+                                               "or full relay also redirects new allocations "
+                                               "to these (UDP, TCP to turn:, TLS to turns:), "
+                                               "its own left out; re-read when it changes, "
+                                               "absent means none"],
         ["alternate-domain", None, None, "Domain name in ALTERNATE-DOMAIN of redirections to "
                                          "--tls-alternate-server: what the TLS client checks "
                                          "the alternate's certificate against"],
@@ -262,7 +266,8 @@ class Options(strcred.AuthOptionMixin, usage.Options):
         ["regions-file", None, None, "TOML file of other regions for the tokens API's region "
                                      "parameter: [regions.NAME] host=..., port=3478, "
                                      "tls-port=5349, latitude=..., longitude=..., ready=true, "
-                                     "draining=false; re-read when it changes"],
+                                     "draining=false; re-read when it changes. A draining "
+                                     "or full relay redirects to the nearest serving one"],
         ["geoip-db", None, None, "MaxMind or DB-IP city database (.mmdb) locating the tokens "
                                  "API's end users, whose nearest ready region comes first"],
     ]
