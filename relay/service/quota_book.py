@@ -26,7 +26,6 @@ from relay.proto import stun
 
 log = Logger(namespace="turnrelay")
 GRANTED = 0
-_REASONS = {486: "Allocation Quota Reached", 508: "Insufficient Capacity"}
 
 
 @dataclass(frozen=True)
@@ -134,9 +133,10 @@ class SharedQuotas:
                   credentials: StunCredentials, account: Account) -> None:
         now = self.clock.seconds()
         if code != GRANTED:
-            # 508 is the relay's --total-quota: full, so the client is sent elsewhere if it can be.
+            # 508 is the relay's --total-quota: full, so the client is sent elsewhere if it
+            # can be; 486 a user's, an account's or an address's quota.
             err = self.server.redirect(client, FULL) if code == 508 \
-                else stun.StunError(code, _REASONS[code])
+                else stun.StunError(486, "Allocation Quota Reached")
             self.server.refused(client, credentials, err, now)
             return
         self.server.authenticated(client, credentials, account, now)
