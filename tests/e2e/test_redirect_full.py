@@ -1,6 +1,7 @@
 """A full relay (at --total-quota, counted over its workers) sends new Allocates to the nearest
 serving region of its --regions-file with 300 Try Alternate, and coturn's turnutils_uclient
-follows the redirect and relays through that region's relay."""
+follows the redirect and relays through that region's relay; once that region drains too,
+the answer is 508."""
 from __future__ import annotations
 
 import re
@@ -65,6 +66,13 @@ def test_a_full_relay_sends_new_allocations_to_the_nearest_serving_region(server
     output = with_peer.stdout + with_peer.stderr
     assert "error 300 (Try Alternate)" in output, output
     assert relayed_all(output, 2 * MESSAGES * CLIENTS), output  # -y: each client and its partner
+    # eu-west drains too: within a second no region is left to send to, and the answer is 508.
+    path.write_text(regions_file(full, far, free_port()).replace(
+        'longitude = -6.26\n', 'longitude = -6.26\ndraining = true\n'))
+    full.read_everywhere("redirects beyond this region, nearest first: none")
+    client = WireClient((full.host, full.port), USER, PASSWORD, REALM)
+    assert error_code(client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17))) == 508
+    client.close()
     held.relay(2, 100)  # the full relay's own allocation relays on
     held.close()
     full_log, far_log = full.stop(), far.stop()
