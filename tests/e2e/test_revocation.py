@@ -26,7 +26,13 @@ def fleet(store_dsn, server_factory, tmp_path):
     auth = f"db:dsn={store_dsn},secret-file={secret}"
     relays = [server_factory("--auth", auth, users=(), tls=False) for _ in range(2)]
     for relay in relays:
-        relay.read_until("account database loaded")
+        # Every worker polls the database itself, and until its first snapshot it answers a
+        # login 500 (AccountDatabaseNotReady): wait for each one's, not only the first's.
+        workers = relay.search(r"ready: (\d+) workers|ready: 1 process").group(1)
+        for index in range(int(workers or 0)):
+            relay.read_until(f"[worker {index}] account database loaded")
+        if workers is None:
+            relay.read_until("account database loaded")
 
     def token(account="acme", ttl=600, label="device-1"):
         if ttl <= 0:  # the CLI refuses to mint an expired credential; the format allows it
