@@ -41,7 +41,7 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessDone, ProcessExitedAlready, ProcessTerminated
 from twisted.internet.protocol import Factory, ProcessProtocol
 from twisted.internet.task import deferLater
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel, formatEvent, globalLogBeginner
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel, globalLogBeginner
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
@@ -76,6 +76,7 @@ from relay.service.build import (
 )
 from relay.service.first_run import FirstRun
 from relay.service.loglevel import filtered
+from relay.service.logtext import event_text
 from relay.service.options import Options
 from relay.service.quota_book import GRANTED, Place, QuotaBook
 from relay.service.services import HTTPService, OrderlyStop, RelayService, SighupService
@@ -265,7 +266,8 @@ class _WorkerProcess(ProcessProtocol):
                 level, line = LogLevel.levelWithName(name), rest
             except InvalidLogLevelError:
                 level = LogLevel.info
-        log.emit(level, "[worker {index}] {line}", index=self.index, line=line)
+        # Pre-formatted (relay.service.logtext writes it as it is), the same text as before.
+        log.emit(level, "{line}", line=f"[worker {self.index}] {line}")
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self.pending.items():
@@ -651,7 +653,7 @@ class _WorkerSide(_Control):
 
 def _log_lines(event: dict) -> None:
     """A worker's log, a line per line of text, each starting with its level's name."""
-    text = formatEvent(event)
+    text = event_text(event)
     if "log_failure" in event:
         text += "\n" + event["log_failure"].getTraceback()
     level = event.get("log_level", LogLevel.info).name

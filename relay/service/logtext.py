@@ -1,0 +1,71 @@
+"""The text of a log line, made cheaply: what twistd's file observer writes, at a fraction of the CPU.
+
+twistd writes each event through `formatEventAsClassicLogText`, which makes a timezone and a
+`datetime` and runs `strftime` for every line's timestamp and parses the event's format
+string: about 17 us a line on CPython 3.11, where an Allocate+Refresh(0) cycle (two lines)
+costs the relay a few hundred.  `classic_text` writes the same text: the timestamp is made
+once a second, and an event whose format is just `{line}` (relay.service.eventlog's lines,
+a worker's lines in the parent) is written as it is.  Any other event is Twisted's own
+formatting with the cached timestamp, so tracebacks, `log_system` and legacy events read as
+before.
+
+`speed_up` gives this formatter to the file observers twistd starts (stdout with `-n`, or
+`--logfile`, whose `LogFile` keeps rotating as before: only the text is made here).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Optional
+
+from twisted.logger import FileLogObserver, formatEvent, formatEventAsClassicLogText
+
+_STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # twisted.logger.timeFormatRFC3339
+_stamps: Dict[int, str] = {}
+
+
+def timestamp(when: Optional[float]) -> str:
+    """`when` as twisted.logger.formatTime writes it (local time, numeric offset), made once a second."""
+    if when is None:
+        return "-"
+    second = int(when)
+    stamp = _stamps.get(second)
+    if stamp is None:
+        _stamps.clear()
+        stamp = _stamps[second] = time.strftime(_STAMP_FORMAT, time.localtime(second))
+    return stamp
+
+
+def preformatted(event: Dict[str, Any]) -> Optional[str]:
+    """The text of an event logged as `log.info("{line}", line=...)`, or None for any other."""
+    if event.get("log_format") == "{line}" and "log_failure" not in event:
+        line = event.get("line")
+        if isinstance(line, str) and line:
+            return line
+    return None
+
+
+def event_text(event: Dict[str, Any]) -> str:
+    """What `formatEvent` makes of `event`, without parsing the format of a pre-formatted line."""
+    line = preformatted(event)
+    return formatEvent(event) if line is None else line
+
+
+def classic_text(event: Dict[str, Any]) -> Optional[str]:
+    """The line `formatEventAsClassicLogText` makes of `event`, or None when it makes none."""
+    line = preformatted(event)
+    level = event.get("log_level")
+    if line is not None and level is not None and "log_system" not in event and "\n" not in line:
+        return (f"{timestamp(event.get('log_time'))} "
+                f"[{event.get('log_namespace', '-')}#{level.name}] {line}\n")
+    return formatEventAsClassicLogText(event, formatTime=timestamp)
+
+
+def speed_up(observer: Any) -> None:
+    """Make `observer`, if it is a text file observer twistd made, write its lines with `classic_text`.
+
+    Only `textFileLogObserver`'s (with twistd's default time format); a JSON one, or an
+    observer from `--logger`, is left as it is.
+    """
+    if (isinstance(observer, FileLogObserver) and getattr(observer.formatEvent, "__qualname__", "")
+            == "textFileLogObserver.<locals>.formatEvent"):
+        observer.formatEvent = classic_text

@@ -1,0 +1,65 @@
+"""relay.service.logtext writes the lines twistd's text observer would, byte for byte."""
+from __future__ import annotations
+
+import io
+
+import pytest
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    LogPublisher,
+    formatEventAsClassicLogText,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
+
+from relay.service.logtext import classic_text, event_text, speed_up
+
+
+def _events() -> list:
+    """Events as Loggers make them: pre-formatted lines, formats with fields, a failure, a system."""
+    events: list = []
+    publisher = LogPublisher(events.append)
+    log = Logger(namespace="turnrelay", observer=publisher)
+    log.info("{line}", line="allocation opened user=alice client=127.0.0.1:5000 session=abc")
+    log.warn("{line}", line="[worker 1] allocation closed user=bob reason=refresh")
+    log.error("worker {index} (pid {pid}) stopped: {how}", index=0, pid=42, how="exit code 1")
+    log.info("{line}", line="two\nlines")
+    log.info("{line}", line="")
+    log.info("{banner}", banner="turnrelay listening")
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        log.failure("went wrong", Failure())
+    Logger(namespace="twisted", observer=publisher).info("{line}", line="x", log_system="udp")
+    events.append({"log_format": "no time", "log_level": LogLevel.info})
+    events.append({"log_format": "{line}", "line": "no level", "log_time": 1.5})
+    return events
+
+
+@pytest.mark.parametrize("event", _events())
+def test_the_same_text_as_twisted(event: dict) -> None:
+    assert classic_text(event) == formatEventAsClassicLogText(event)
+
+
+def test_each_second_its_own_timestamp() -> None:
+    events = _events()[:1]
+    for when in (1_000_000_000.0, 1_000_000_000.999, 1_000_000_001.0, 999_999_999.5):
+        event = dict(events[0], log_time=when)
+        assert classic_text(event) == formatEventAsClassicLogText(event)
+
+
+def test_event_text_is_the_events_text() -> None:
+    from twisted.logger import formatEvent
+    for event in _events():
+        assert event_text(event) == formatEvent(event)
+
+
+def test_only_text_observers_are_sped_up() -> None:
+    text, json = textFileLogObserver(io.StringIO()), jsonFileLogObserver(io.StringIO())
+    json_format = json.formatEvent
+    speed_up(text)
+    speed_up(json)
+    assert text.formatEvent is classic_text
+    assert json.formatEvent is json_format
