@@ -295,3 +295,27 @@ def test_a_json_lines_ledger_needs_a_single_process(tmp_path):
     assert result.returncode != 0
     assert "--accounting: jsonl:path=" in result.stderr
     assert "a JSON lines file takes one process's records: add --workers 1" in result.stderr
+
+
+LINE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} \[turnrelay#info\] \[worker ([01])\] "
+                  r"allocation (opened|closed) user=\S+ .*session=(\S+)\n")
+
+
+def test_every_workers_allocation_lines_reach_the_log_once_and_whole(server_factory):
+    """Both workers' lines, written by many allocations made and freed in a row, each in the
+    parent's log once, whole and with its timestamp (relay.service.logtext formats them)."""
+    server = start_workers(server_factory)
+    made = allocations(server, 200)
+    for client, _ in made:
+        assert client.request(stun.REFRESH, (stun.LIFETIME, 0)).cls == stun.SUCCESS
+    log = server.stop()  # the parent reads its workers' output to its end before it exits
+    mentions = [line for line in log.splitlines(keepends=True)
+                if re.search(r"allocation (opened|closed)", line)]
+    matched = [LINE.fullmatch(line) for line in mentions]
+    assert all(matched), [line for line, m in zip(mentions, matched) if not m][:3]
+    by_event: Dict[str, List[str]] = {"opened": [], "closed": []}
+    for m in matched:
+        by_event[m.group(2)].append(m.group(3))
+    assert len(by_event["opened"]) == len(set(by_event["opened"])) == 200
+    assert sorted(by_event["closed"]) == sorted(by_event["opened"])
+    assert {m.group(1) for m in matched} == {"0", "1"}
