@@ -14,6 +14,7 @@ from twisted.logger import (
 )
 from twisted.python.failure import Failure
 
+from relay.service import logtext
 from relay.service.logtext import classic_text, event_text, speed_up
 
 
@@ -63,3 +64,21 @@ def test_only_text_observers_are_sped_up() -> None:
     speed_up(json)
     assert text.formatEvent is classic_text
     assert json.formatEvent is json_format
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "Asia/Kolkata", "UTC"])
+def test_the_timestamp_in_other_time_zones(monkeypatch, zone: str) -> None:
+    """Local time with its offset, as Twisted writes it, on both sides of a DST change."""
+    import time
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    logtext._stamps.clear()  # made under the previous zone (a relay's zone does not change)
+    try:
+        event = _events()[0]
+        for when in (1_710_054_000.0, 1_710_054_000.0 + 7200, 1_730_613_600.0):  # around DST
+            assert classic_text(dict(event, log_time=when)) == formatEventAsClassicLogText(
+                dict(event, log_time=when))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+        logtext._stamps.clear()
