@@ -10,16 +10,36 @@ queue whose eventfd the reactor watches (`pop`).
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import socket
+from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
+
+
+def _stale(built_from: str) -> str:
+    """Why a module built from sources with digest `built_from` must not be used: the sources
+    beside it differ (a checkout updated without `pip install -e .`; dataplane_build.py's
+    `source_digest` made the digest the same way).  "" when they match or are not shipped."""
+    here = Path(__file__).resolve().parent
+    try:
+        sources = b"".join((here / name).read_bytes() for name in ("dataplane.h", "dataplane.c"))
+    except OSError:
+        return ""
+    if hashlib.sha256(sources).hexdigest() == built_from:
+        return ""
+    return "relay/net/_dataplane was built from older sources: rebuild it with pip install -e ."
+
 
 try:
     from relay.net._dataplane import ffi, lib
-    _MISSING = ""
+    _MISSING = _stale(ffi.string(lib.dp_source_digest()).decode()
+                      if hasattr(lib, "dp_source_digest") else "")
 except ImportError as _err:  # not built (no compiler at install time): the Python data plane runs
     ffi = lib = None
     _MISSING = str(_err)
+if _MISSING:
+    ffi = lib = None
 
 Address = Tuple[str, int]
 QUEUE_CAPACITY = 4096  # datagrams waiting for Python; beyond, dropped and counted

@@ -445,13 +445,13 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 self["dataplane"], self["dataplane-why"] = "native", "the default"
             else:
                 self["dataplane"] = "python"
-                self["dataplane-why"] = f"native module not built ({dataplane.missing()})"
+                self["dataplane-why"] = f"native module unavailable ({dataplane.missing()})"
             return
         if self["dataplane"] not in ("native", "python"):
             _fail("dataplane", f"{self['dataplane']!r} is neither native nor python")
         if self["dataplane"] == "native" and not dataplane.available():
-            _fail("dataplane", "native: relay/net/_dataplane was not built for this "
-                               "interpreter (pip install . builds it with a C compiler)")
+            _fail("dataplane", f"native: {dataplane.missing()} (pip install . builds "
+                               "relay/net/_dataplane for this interpreter with a C compiler)")
         self["dataplane-why"] = "chosen by --dataplane"
 
     def peer_rules_now(self) -> Dict[str, List[str]]:

@@ -33,11 +33,12 @@ def test_the_native_data_plane_runs_by_default_where_it_was_built(monkeypatch):
     options = parse()
     assert options["dataplane"] == "python"
     assert options["dataplane-why"] == \
-        "native module not built (No module named 'relay.net._dataplane')"
+        "native module unavailable (No module named 'relay.net._dataplane')"
     with pytest.raises(SystemExit) as exit_:
         parse("--dataplane", "native")
-    assert str(exit_.value.code).startswith("turnrelay: --dataplane: native: relay/net/_dataplane "
-                                            "was not built for this interpreter")
+    assert str(exit_.value.code).startswith(
+        "turnrelay: --dataplane: native: No module named 'relay.net._dataplane' (pip install . "
+        "builds relay/net/_dataplane for this interpreter")
 
 
 def test_toml_file_takes_the_same_names_and_the_command_line_wins(tmp_path):

@@ -65,6 +65,14 @@ class Relay:
             sock.close()
 
 
+def test_a_module_built_from_other_sources_is_not_used():
+    """A checkout updated without a rebuild: its old module's C functions may take other
+    arguments, so the Python data plane runs and the banner says to rebuild."""
+    assert dataplane.available(), dataplane.missing()
+    assert dataplane._stale(dataplane.ffi.string(dataplane.lib.dp_source_digest()).decode()) == ""
+    assert "built from older sources: rebuild it with pip install -e ." in dataplane._stale("0" * 64)
+
+
 @pytest.fixture
 def plane():
     assert dataplane.available(), "relay/net/_dataplane is not built: pip install . builds it"
