@@ -8,10 +8,11 @@ quarter of an Allocate+Refresh(0) cycle's CPU.
 """
 from __future__ import annotations
 
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from relay.core.allocation import Allocation
 from relay.core.server import TurnServer
+from relay.service.logtext import emit_line
 
 log = Logger(namespace="turnrelay")
 
@@ -26,7 +27,7 @@ def _opened(allocation: Allocation) -> None:
     client = allocation.client
     relays = ",".join(f"{host}:{port}" for host, port in
                       (relay.address for relay in allocation.relays.values()))
-    log.info("{line}", line=(
+    emit_line(log, LogLevel.info, (
         f"allocation opened user={allocation.username} account={allocation.account.account_id} "
         f"client={client[0]}:{client[1]} transport={allocation.transport} "
         f"relay={'tcp:' if allocation.tcp else ''}{relays} "
@@ -35,7 +36,7 @@ def _opened(allocation: Allocation) -> None:
 
 def _closed(allocation: Allocation, reason: str) -> None:
     client = allocation.client
-    log.info("{line}", line=(
+    emit_line(log, LogLevel.info, (
         f"allocation closed user={allocation.username} client={client[0]}:{client[1]} "
         f"reason={reason} from_client={allocation.packets_from_client}/"
         f"{allocation.bytes_from_client}B to_client={allocation.packets_to_client}/"

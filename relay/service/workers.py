@@ -76,7 +76,7 @@ from relay.service.build import (
 )
 from relay.service.first_run import FirstRun
 from relay.service.loglevel import filtered
-from relay.service.logtext import event_text
+from relay.service.logtext import emit_line, event_text
 from relay.service.options import Options
 from relay.service.quota_book import GRANTED, Place, QuotaBook
 from relay.service.services import HTTPService, OrderlyStop, RelayService, SighupService
@@ -267,7 +267,7 @@ class _WorkerProcess(ProcessProtocol):
             except InvalidLogLevelError:
                 level = LogLevel.info
         # Pre-formatted (relay.service.logtext writes it as it is), the same text as before.
-        log.emit(level, "{line}", line=f"[worker {self.index}] {line}")
+        emit_line(log, level, f"[worker {self.index}] {line}")
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self.pending.items():

@@ -82,3 +82,15 @@ def test_the_timestamp_in_other_time_zones(monkeypatch, zone: str) -> None:
         monkeypatch.undo()
         time.tzset()
         logtext._stamps.clear()
+
+
+@pytest.mark.parametrize("level", [LogLevel.info, LogLevel.warn, LogLevel.error])
+def test_emit_line_sends_the_event_logger_emit_sends(level: LogLevel) -> None:
+    events: list = []
+    log = Logger(namespace="turnrelay", source=object(), observer=LogPublisher(events.append))
+    log.emit(level, "{line}", line="[worker 1] allocation opened user=alice")
+    logtext.emit_line(log, level, "[worker 1] allocation opened user=alice")
+    expected, made = events
+    assert isinstance(made["log_time"], float)
+    assert {**made, "log_time": 0} == {**expected, "log_time": 0}
+    assert classic_text({**made, "log_time": 0}) == classic_text({**expected, "log_time": 0})
