@@ -51,6 +51,8 @@ def test_draining_relay_redirects_to_a_ready_peer_from_the_file(server_factory, 
                             f"(UDP, TCP) and 127.0.0.1:{peer.tls_port} (TLS)")
     held = HeldSession(draining)  # a live allocation keeps the drain going
     draining.process.send_signal(signal.SIGTERM)
+    for index in (0, 1):  # the parent passes SIGTERM on: each worker has heard it
+        draining.read_until(f"[worker {index}] draining: new allocations refused")
 
     reply = allocate(("127.0.0.1", draining.port))
     assert (error_code(reply), reply.get(stun.ALTERNATE_SERVER)) == (300, ("127.0.0.1", peer.port))

@@ -88,14 +88,19 @@ def mapped(turn: TurnClient) -> Address:
 
 
 def refused(port: int, source: str, payload: bytes) -> bool:
-    """Whether the relay closes or resets a direct connection before answering anything."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10,
-                                  source_address=(source, 0)) as sock:
-        try:
+    """Whether the relay closes or resets a direct connection before answering anything.
+
+    The reset can come before connect() returns: the relay aborts an untrusted
+    connection as soon as it accepts it, and a non-blocking connect (the timeout)
+    then reports the RST it found in SO_ERROR.
+    """
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                      source_address=(source, 0)) as sock:
             sock.sendall(payload)
             return sock.recv(100) == b""
-        except ConnectionResetError:
-            return True
+    except ConnectionResetError:
+        return True
 
 
 @pytest.mark.parametrize("transport", [TCP, TLS])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import re
 import shutil
 import signal
@@ -39,19 +40,34 @@ def tool(name: str) -> str:
     return path
 
 
+def _ephemeral_low() -> int:
+    """The lowest port Linux hands out to binds of port 0 (32768 unless tuned)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Listening ports below the ephemeral range: a port found free there cannot be handed by the
+# kernel to some other socket's bind(port 0) between this check and the server's own bind.
+LISTEN_PORTS = (20000, _ephemeral_low())
+_random = random.Random()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP on `host` (TURN listens on both with one number)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
-        with socket.socket(family, socket.SOCK_STREAM) as tcp:
-            tcp.bind((host, 0))
-            port = tcp.getsockname()[1]
-            with socket.socket(family, socket.SOCK_DGRAM) as udp:
-                try:
-                    udp.bind((host, port))
-                except OSError:
-                    continue
-                return port
+    for _ in range(200):
+        port = _random.randrange(*LISTEN_PORTS)
+        with socket.socket(family, socket.SOCK_STREAM) as tcp, \
+                socket.socket(family, socket.SOCK_DGRAM) as udp:
+            try:
+                tcp.bind((host, port))
+                udp.bind((host, port))
+            except OSError:
+                continue
+            return port
     raise RuntimeError("no free port")
 
 
