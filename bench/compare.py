@@ -1,12 +1,14 @@
-"""turnrelay beside coturn on this machine: the same client, the same load, one after the other.
+"""turnrelay beside coturn and pion/turn on this machine: the same client, the same load, one
+after the other.
 
     .venv/bin/python bench/compare.py --rounds 3
 
-Each round starts each server in turn (coturn's `turnserver` with one relay thread, turnrelay
+Each round starts each server in turn (coturn's `turnserver` with one relay thread, pion/turn
+(Go, bench/pion_server.go built from Debian's golang-github-pion-turn.v2-dev), turnrelay
 on CPython on each `--dataplane` (python, native), turnrelay on PyPy when `--pypy` names one) on loopback, pinned to one core, and
 drives it from the other core: `bench/loadgen.c` (built here with gcc) moves the packets,
 coturn's `turnutils_peer` echoes them, and this script makes the allocations with relay.proto.stun.
-The table gives the median over the rounds and each turnrelay/coturn ratio:
+The table gives the median over the rounds and each server's ratio to the first (coturn):
 
 - CPU us per relayed packet at a fixed offered load: the server's CPU time (every thread and
   child, from /proc schedstat) over the packets relayed in both directions.  Noise-proof on a
@@ -172,6 +174,31 @@ def coturn(workdir: str, cert: str, key: str) -> Server:
         "--relay-threads=1", "--allow-loopback-peers", "--no-dtls", "--no-cli",
         "--cert", cert, "--pkey", key, "--log-file", "{log}", "--simple-log",
         "--no-stdout-log", "--pidfile", os.path.join(workdir, "coturn.pid")], workdir)
+
+
+def build_pion() -> Optional[str]:
+    """bench/pion_server.go built offline against Debian's pion/turn sources, or None (and why,
+    on stderr) where Go or those sources are missing."""
+    source = os.path.join(ROOT, "bench", "pion_server.go")
+    gopath = "/usr/share/gocode"
+    if not shutil.which("go") or not os.path.isdir(os.path.join(gopath, "src/github.com/pion/turn/v2")):
+        print("pion/turn skipped: apt-get install golang-go golang-github-pion-turn.v2-dev",
+              file=sys.stderr)
+        return None
+    os.makedirs(CACHE, exist_ok=True)
+    binary = os.path.join(CACHE, "pion-turn")
+    if not os.path.exists(binary) or os.path.getmtime(binary) < os.path.getmtime(source):
+        subprocess.run(["go", "build", "-o", binary, source], check=True,
+                       env=dict(os.environ, GO111MODULE="off", GOPATH=gopath))
+    return binary
+
+
+def pion(binary: str, workdir: str, cert: str, key: str) -> Server:
+    """pion/turn pinned like the others: Go sizes GOMAXPROCS from the affinity, so one core."""
+    return Server("pion", [
+        binary, "-ip", HOST, "-port", "{port}", "-tls-port", "{tls_port}", "-user", USER,
+        "-password", PASSWORD, "-realm", REALM, "-cert", cert, "-key", key,
+        "-min-port", str(RELAY_PORTS[0]), "-max-port", str(RELAY_PORTS[1])], workdir)
 
 
 def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str,
@@ -547,8 +574,9 @@ ROWS = [
 
 def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
     names = list(results)
-    lines = [f"{'':44}" + "".join(f"{n:>19}" for n in names)
-             + "".join(f"{n.split()[-1] + '/coturn':>16}" for n in names[1:])]
+    widths = [max(19, len(n) + 2) for n in names]
+    lines = [f"{'':44}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
+             + "".join(f"{n.split()[-1] + '/' + names[0]:>16}" for n in names[1:])]
 
     def median(name: str, key: str) -> Optional[float]:
         values = [r[key] for r in results[name] if key in r]
@@ -557,11 +585,11 @@ def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
     def row(label: str, key: str, fmt: str) -> None:
         values = [median(n, key) for n in names]
         cells = []
-        for n, v in zip(names, values):
+        for n, v, w in zip(names, values, widths):
             text = "-" if v is None else fmt.format(v)
             if key.endswith("max_rate") and median(n, key + "_limited"):
                 text = ">=" + text
-            cells.append(f"{text:>19}")
+            cells.append(f"{text:>{w}}")
         ratios = [f"{(v / values[0]) if v is not None and values[0] else float('nan'):>16.2f}"
                   for v in values[1:]]
         lines.append(f"{label:44}" + "".join(cells) + "".join(ratios))
@@ -602,6 +630,7 @@ def main() -> None:
     parser.add_argument("--pypy", default=os.path.join(CACHE, "pypy-venv", "bin", "twistd"),
                         help="twistd of a PyPy environment with turnrelay's dependencies")
     parser.add_argument("--no-coturn", action="store_true")
+    parser.add_argument("--no-pion", action="store_true")
     parser.add_argument("--server-core", type=int, default=1)
     parser.add_argument("--load-core", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1,
@@ -626,6 +655,9 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="turnrelay-bench-")
     cert, key = self_signed_cert(workdir)
     servers = [] if args.no_coturn else [coturn(workdir, cert, key)]
+    pion_binary = None if args.no_pion else build_pion()
+    if pion_binary:
+        servers.append(pion(pion_binary, workdir, cert, key))
     cpython = os.path.join(os.path.dirname(sys.executable), "twistd")
     for dataplane in args.dataplane:
         suffix = " native" if dataplane == "native" else ""
