@@ -7,8 +7,9 @@ What a region failing over looks like to the region that takes its clients: ever
 arrives within `--arrival` seconds and does what a call does first: an Allocate (challenged
 with 401, then signed), a CreatePermission and a ChannelBind for the echo peer
 (`turnutils_peer`), then `--packets` ChannelData packets, done once the first comes back.
-coturn and turnrelay (its default worker count, the one users run) face the same clients in
-the same run, one after the other, each on its own fresh ports.
+coturn, pion/turn (bench/pion_server.go, Go on as many cores as the servers get; `--no-pion`
+leaves it out) and turnrelay (its default worker count, the one users run) face the same
+clients in the same run, one after the other, each on its own fresh ports.
 
 Printed per server: the time until every client relays (from the first arrival), how many
 never did within `--timeout`, error answers by method and code (a 401/438 challenge is not an
@@ -227,6 +228,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds a server, at most")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="turnrelay's worker processes (default: its own default, one per CPU)")
+    parser.add_argument("--no-pion", action="store_true")
     parser.add_argument("--dataplane", default="native", choices=["native", "python"],
                         help="turnrelay's UDP data plane (default: native, the relay's default)")
     parser.add_argument("--server-cores", default=None,
@@ -244,9 +246,11 @@ def main() -> None:
     workdir = tempfile.mkdtemp(prefix="turnrelay-storm-")
     cert, key = compare.self_signed_cert(workdir)
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    servers = [compare.coturn(workdir, cert, key),
-               compare.turnrelay(f"turnrelay x{args.workers}", twistd, workdir, cert, key,
-                                 workers=args.workers, dataplane=args.dataplane)]
+    pion = None if args.no_pion else compare.build_pion()
+    servers = [compare.coturn(workdir, cert, key)]
+    servers += [compare.pion(pion, workdir, cert, key)] if pion else []
+    servers.append(compare.turnrelay(f"turnrelay x{args.workers}", twistd, workdir, cert, key,
+                                     workers=args.workers, dataplane=args.dataplane))
     results: List[Tuple[str, Dict[str, float], Dict[Tuple[str, int], int], int]] = []
     load = os.getloadavg()
     with running_echo_peer(compare.HOST) as peer:
@@ -277,9 +281,9 @@ def main() -> None:
               f"CPU {figures['cpu_s']:.1f} s (main process {figures['main_cpu_s']:.1f} s), "
               f"UDP receive-buffer drops {figures['drops']:.0f}, "
               f"errors: {shown or 'none'}")
-    if len(results) == 2:
-        ratio = results[1][1]["all_relaying_s"] / results[0][1]["all_relaying_s"]
-        print(f"time until all relay, turnrelay/coturn: {ratio:.2f}")
+    ours = results[-1][1]["all_relaying_s"]
+    for name, figures, _, _ in results[:-1]:
+        print(f"time until all relay, turnrelay/{name}: {ours / figures['all_relaying_s']:.2f}")
 
 
 if __name__ == "__main__":

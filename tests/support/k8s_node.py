@@ -39,7 +39,8 @@ from support.servers import stop_process
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 NODE_NAME = "node-1"
-PAUSE_IMAGE = "docker.io/library/turnrelay-pause:1"
+# A short name, as the images were tagged: containerd normalizes it to the same reference.
+PAUSE_IMAGE = "turnrelay-pause:1"
 # What a node's pods need besides CONTROLLERS: the node's not-ready taint lifted, Services'
 # endpoints, the disruption budgets.
 NODE_CONTROLLERS = CONTROLLERS + ",nodelifecycle,endpoint,endpointslice,disruption,podgc"
