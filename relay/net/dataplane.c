@@ -1135,6 +1135,16 @@ void dp_take_counters(dp_t *dp, dp_alloc_t *a, unsigned long long *out)
     pthread_mutex_unlock(&dp->lock);
 }
 
+int dp_catch_up(dp_t *dp, int listener)
+{
+    pthread_mutex_lock(&dp->lock);
+    if (listener >= 0 && listener < MAX_LISTENERS && dp->listeners[listener].used)
+        read_socket(dp, &dp->listeners[listener].sock);
+    int queued = dp->qlen;
+    pthread_mutex_unlock(&dp->lock);
+    return queued;
+}
+
 /* The oldest datagram for Python: its length, or -1 when the queue is empty, or -2 (and the
  * datagram dropped, counted) when it does not fit `capacity`. */
 int dp_pop(dp_t *dp, unsigned char *buf, int capacity, int *listener, unsigned char *ip,

@@ -64,6 +64,9 @@ void dp_take_counters(dp_t *dp, dp_alloc_t *alloc, unsigned long long *out);
 
 int dp_pop(dp_t *dp, unsigned char *buf, int capacity, int *listener, unsigned char *ip,
            int *ip_len, int *port);
+/* Read `listener`'s socket now, on the caller's thread (relay.net.steering: before a request
+ * that reached another socket): the datagrams queued for Python then, 0 when none. */
+int dp_catch_up(dp_t *dp, int listener);
 void dp_stats(dp_t *dp, unsigned long long *out);
 
 /* parse_send, the Send indication parser, alone: 0 and the peer and payload's place, or -1

@@ -193,6 +193,11 @@ class NativeDataPlane:
         lib.dp_take_counters(self._dp, handle, self._counters)
         return tuple(self._counters)
 
+    def catch_up(self, listener: int) -> int:
+        """Read `listener`'s socket now, on this thread, as its own thread would: the datagrams
+        then waiting for `pop`."""
+        return lib.dp_catch_up(self._dp, listener)
+
     def pop(self) -> Optional[Tuple[int, bytes, Address]]:
         """The oldest datagram handed to Python: (listener, data, client address), or None."""
         out = self._pop_out

@@ -172,6 +172,9 @@ class ClientDatagramProtocol(DatagramProtocol):
         self.allocations = server.allocations
         self.dispatch = dispatch
         self.listener = listener
+        # The reactor's half of a steered listener (relay.net.steering) reads the native data
+        # plane's half up to now before each request (relay.net.native.NativeUdp.catch_up).
+        self.catch_up: Optional[Callable[[], None]] = None
 
     def startProtocol(self) -> None:
         self._sendto = self.transport.socket.sendto  # every client's UdpSender shares it
@@ -190,6 +193,8 @@ class ClientDatagramProtocol(DatagramProtocol):
                 if allocation is not None:
                     allocation.from_client_send(data)
                 return
+        if self.catch_up is not None:
+            self.catch_up()
         self.dispatch(Client("udp", self.listener, addr, UdpSender(self._sendto, addr).send),
                       data)
 

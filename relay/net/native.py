@@ -142,6 +142,13 @@ class NativeUdp:
 
     # -- the queue: what the data plane hands back -----------------------------------------
 
+    def catch_up(self, listener: int) -> None:
+        """Before a request that reached the reactor's own socket (relay.net.steering): what
+        its client sent earlier to `listener`'s is relayed, counted or handled first, as when
+        one socket carried both (a Refresh(0) after a burst closes with the burst counted)."""
+        if self.plane.catch_up(listener):
+            self.doRead()
+
     def fileno(self) -> int:
         return self.plane.fileno()
 

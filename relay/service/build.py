@@ -41,6 +41,7 @@ from relay.net.listeners import LoginDispatcher, RelayBinder, bound_socket
 from relay.net.proxy_protocol import ProxyTrust, parse_networks
 from relay.net.shared_port import HttpForwarder
 from relay.net.source_counts import SourceCounts
+from relay.net.steering import attach as attach_steering
 from relay.net.stream_relay import StreamRelayBinder
 from relay.net.tls import ServerDTLS, ServerTLS, self_signed
 from relay.proto import stun
@@ -112,6 +113,10 @@ def bind_listeners(options: Options, copies: int = 1) -> ListenerSockets:
     """Bind every client listener, `copies` sockets for each (one per worker process, sharing
     its address through SO_REUSEPORT when more than one).
 
+    On the native data plane a UDP listener comes twice, as "udp" (the reactor's sockets, for
+    STUN requests) and then "udp-data" (the data plane's, for ChannelData and Send
+    indications), steered apart by relay.net.steering; as one "udp" if the kernel refuses it.
+
     Stream sockets listen at once: a worker being restarted then finds the connections the
     kernel queued on its socket meanwhile, rather than them going to nobody or elsewhere.
     """
@@ -127,6 +132,9 @@ def bind_listeners(options: Options, copies: int = 1) -> ListenerSockets:
         for port, transport in transports:
             kind = socket.SOCK_DGRAM if transport in ("udp", "dtls") else socket.SOCK_STREAM
             try:
+                if transport == "udp" and options["dataplane"] == "native":
+                    found += _steered_copies(host, port, copies)
+                    continue
                 socks = _bound_copies(host, port, kind, copies)
             except OSError as err:
                 if not explicit and err.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
@@ -139,6 +147,23 @@ def bind_listeners(options: Options, copies: int = 1) -> ListenerSockets:
     if not found:
         raise SystemExit("turnrelay: no listener could be opened")
     return found
+
+
+def _steered_copies(host: str, port: int, copies: int) -> ListenerSockets:
+    """A UDP listener for the native data plane: ("udp", the reactor's sockets) and
+    ("udp-data", the data plane's), one each per process, or one ("udp") if steering is
+    refused."""
+    socks = _bound_copies(host, port, socket.SOCK_DGRAM, 2 * copies)
+    try:
+        attach_steering(socks[0], copies)
+    except OSError as err:
+        log.warn("UDP [{host}]:{port}: the kernel refused the steering program ({err}): STUN "
+                 "requests reach the reactor through the native data plane's queue",
+                 host=host, port=port, err=err.strerror)
+        for sock in socks[1::2]:
+            sock.close()
+        return [("udp", socks[0::2])]
+    return [("udp", socks[0::2]), ("udp-data", socks[1::2])]
 
 
 def _bound_copies(host: str, port: int, kind: int, copies: int) -> List[socket.socket]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
@@ -20,6 +21,7 @@ from relay.net.dataplane import DataPlaneError
 from relay.net.dtls import DtlsListener
 from relay.net.handoff import HandOff
 from relay.net.listeners import (
+    Address,
     ClientDatagramProtocol,
     ClientStreamFactory,
     LoginDispatcher,
@@ -77,19 +79,37 @@ class ListenersService(Service):
         self.native: Optional[NativeUdp] = None
 
     def privilegedStartService(self) -> None:
-        for transport, sock in self.sockets():
-            self._listen(transport, sock)
+        sockets = self.sockets()
+        # UDP listeners whose datagrams the kernel steers (relay.net.steering): STUN requests
+        # to the reactor's socket, ChannelData and Send indications to the data plane's.
+        steered: Dict[Address, Optional[ClientDatagramProtocol]] = {
+            sock.getsockname()[:2]: None for transport, sock in sockets if transport == "udp-data"}
+        for transport, sock in sockets:
+            self._listen(transport, sock, steered)
         if self.hand_off is not None:
             self.hand_off.start()
         Service.privilegedStartService(self)
 
-    def _listen(self, transport: str, sock: socket.socket) -> None:
+    def _listen(self, transport: str, sock: socket.socket,
+                steered: Dict[Address, Optional[ClientDatagramProtocol]]) -> None:
         listener = sock.getsockname()[:2]
+        if transport == "udp-data":  # the data plane's half of a steered "udp" listener
+            protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
+            native = self._listen_native(sock, protocol) if self.native_dataplane else None
+            control = steered[listener]
+            if native is not None and self.native is not None and control is not None:
+                control.catch_up = partial(self.native.catch_up, native.listener)
+            self.ports.append(native or adopt_datagram_socket(self.reactor, sock, protocol))
+            return
         self.bound.append((transport, listener[0], listener[1]))
         self.server.config.policy.own.add(*listener)
         if transport == "udp":
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
-            native = self._listen_native(sock, protocol) if self.native_dataplane else None
+            native = None
+            if listener in steered:
+                steered[listener] = protocol  # its "udp-data" half follows
+            elif self.native_dataplane:
+                native = self._listen_native(sock, protocol)
             self.ports.append(native or adopt_datagram_socket(self.reactor, sock, protocol))
         elif transport == "dtls":
             assert self.dtls is not None

@@ -603,7 +603,8 @@ def supervisor(options: Options, reactor, first: Optional[FirstRun] = None) -> S
                   service.not_ready, api_tls, service, service.not_live)
     service.banner = lambda: banner(
         options, service.count, [(transport, *socks[0].getsockname()[:2])
-                                 for transport, socks in service.sockets],
+                                 for transport, socks in service.sockets
+                                 if transport != "udp-data"],  # a "udp" listener's other half
         relay_ips, external_ips, announced(service.https()), backends, first)
     reloads = watch_certificates([("tokens API TLS certificate", api_tls)], service)
     reloads.append(("peer rules", reload_peer_rules(options, policy.set_rules)))
