@@ -27,6 +27,7 @@ it is not part of the test suite.  PyPy: see docs/performance.md.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import re
 import select
@@ -75,6 +76,20 @@ def cpu_ns_by_process(pid: int) -> Dict[int, int]:
 
 def cpu_ns(pid: int) -> int:
     return sum(cpu_ns_by_process(pid).values())
+
+
+def context_switches(pid: int) -> int:
+    """Context switches so far, voluntary and not, of every thread of `pid` and its children:
+    a thread handing work to another costs the receiver's wake-up."""
+    total = 0
+    for proc in [pid] + children(pid):
+        for status in glob.glob(f"/proc/{proc}/task/*/status"):
+            try:
+                with open(status) as f:
+                    total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+    return total
 
 
 def children(pid: int) -> List[int]:
@@ -459,14 +474,15 @@ def allocation_figures(server: Server, args) -> Dict[str, float]:
 
     clients.cycles(args.alloc_warmup)  # warm-up: every client has its nonce (PyPy: its JIT)
     clients.errors = 0
-    before = cpu_ns(server.pid)
+    before, switches = cpu_ns(server.pid), context_switches(server.pid)
     start = time.monotonic()
     cycles = clients.cycles(args.seconds)
     elapsed = time.monotonic() - start
     used = cpu_ns(server.pid) - before
+    switched = context_switches(server.pid) - switches
     clients.close()
     return {"allocs_per_s": cycles / elapsed, "alloc_cpu_us": used / 1000 / max(cycles, 1),
-            "alloc_errors": clients.errors}
+            "alloc_switches": switched / max(cycles, 1), "alloc_errors": clients.errors}
 
 
 def memory_figure(server: Server, args) -> Dict[str, float]:
@@ -605,6 +621,7 @@ def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
     if not args.no_alloc:
         row("Allocate+Refresh(0) cycles/s (UDP)", "allocs_per_s", "{:.0f}")
         row("CPU us per Allocate+Refresh(0) cycle", "alloc_cpu_us", "{:.0f}")
+        row("context switches per cycle", "alloc_switches", "{:.2f}")
         if args.idle:
             row(f"RSS bytes per idle allocation ({args.idle})", "rss_per_alloc_b", "{:.0f}")
     return "\n".join(lines)
