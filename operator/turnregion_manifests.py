@@ -34,6 +34,9 @@ CONFIG_PATH = "/etc/turnrelay/turnrelay.toml"
 TLS_DIR, AUTH_FILE = "/etc/turnrelay/tls", "/etc/turnrelay/auth/secret"
 DSN_FILE = "/etc/turnrelay/accounting/dsn"
 API_DSN_FILE = "/etc/turnrelay/api/dsn"
+# spec.api.geoipVolume, read-only: a city database is 100 MB or more, beyond what a ConfigMap or
+# Secret holds (1 MiB), so it comes from a volume (a PersistentVolumeClaim, an image volume).
+GEOIP_DIR = "/etc/turnrelay/geoip"
 # A directory mount, not a subPath, so the kubelet brings a rewritten ConfigMap into running pods.
 ALTERNATES_DIR = "/etc/turnrelay/alternates"
 ALTERNATES_FILE = f"{ALTERNATES_DIR}/endpoints"
@@ -139,6 +142,15 @@ def spec_problems(spec: Mapping[str, Any]) -> List[str]:
                             ("auth", "the tokens API mints credentials with the region's shared secret")):
             if not spec.get(needed):
                 problems.append(f"api: needs {needed}.secretName ({why})")
+        geoip, volume = spec["api"].get("geoipDB"), spec["api"].get("geoipVolume")
+        if volume and not geoip:
+            problems.append("api.geoipVolume: needs api.geoipDB, the database's path in it")
+        elif geoip and not volume and not geoip.startswith("/"):
+            problems.append(f"api.geoipDB {geoip!r}: a relative path needs api.geoipVolume "
+                            "(else give the absolute path inside the relay image)")
+        if volume and len(volume) != 1:
+            problems.append("api.geoipVolume: one volume source, e.g. "
+                            "{persistentVolumeClaim: {claimName: geoip, readOnly: true}}")
     return problems + location_problems(spec.get("location"))
 
 
@@ -252,7 +264,7 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
                        "api-cert": f"{TLS_DIR}/tls.crt", "api-pkey": f"{TLS_DIR}/tls.key",
                        "api-secret-file": AUTH_FILE})
         if spec["api"].get("geoipDB"):
-            config["geoip-db"] = spec["api"]["geoipDB"]
+            config["geoip-db"] = geoip_path(spec["api"])
     if spec["quotas"]["monthlyMB"]:
         config["monthly-quota-mb"] = str(spec["quotas"]["monthlyMB"])
     if spec.get("ratePerMB") is not None:
@@ -260,6 +272,13 @@ def relay_config(body: Mapping[str, Any]) -> Dict[str, Any]:
         # API server stored is the decimal the user wrote (up to 15 significant digits).
         config["rate-per-mb"] = repr(spec["ratePerMB"])
     return config
+
+
+def geoip_path(api: Mapping[str, Any]) -> str:
+    """spec.api.geoipDB as the relay reads it: a relative path lies in spec.api.geoipVolume,
+    an absolute one in the relay's image."""
+    path = api["geoipDB"]
+    return path if path.startswith("/") else f"{GEOIP_DIR}/{path}"
 
 
 def cluster_networks(spec: Mapping[str, Any]) -> List[str]:
@@ -362,6 +381,9 @@ def deployment(body: Mapping[str, Any], secret_versions: str = "") -> Dict[str, 
             volumes.append(_secret_volume(volume, ref["secretName"],
                                           [{"key": ref.get("key", filename), "path": filename}]))
             mounts.append({"name": volume, "mountPath": directory, "readOnly": True})
+    if spec.get("api", {}).get("geoipVolume"):
+        volumes.append({**spec["api"]["geoipVolume"], "name": "geoip"})
+        mounts.append({"name": "geoip", "mountPath": GEOIP_DIR, "readOnly": True})
     container: Dict[str, Any] = {
         "name": "turnrelay",
         "image": spec["image"],

@@ -567,3 +567,26 @@ def test_the_tokens_api_is_a_port_of_the_pods_and_the_tcp_service():
         "api: needs auth.secretName (the tokens API mints credentials with the region's shared secret)"]
     assert m.spec_problems({**spec, "api": {"port": 3478, "secretName": "a"}}) == [
         "api.port 3478 is also a listener or relay port"]
+
+
+def test_the_geoip_database_comes_from_a_volume_of_the_spec():
+    claim = {"persistentVolumeClaim": {"claimName": "geoip", "readOnly": True}}
+    spec = {"region": "us-east", "tls": {"secretName": "cert"}, "auth": {"secretName": "rest"},
+            "api": {"port": 8443, "secretName": "accounts", "geoipDB": "dbip-city.mmdb",
+                    "geoipVolume": claim}}
+    children = by_kind(m.children(region(spec)))
+    for child in children.values():
+        kubernetes_validate.validate(child, SCHEMA_VERSION, strict=True)
+    pod = children[("Deployment", "eu")]["spec"]["template"]["spec"]
+    assert {"name": "geoip", **claim} in pod["volumes"]
+    assert {"name": "geoip", "mountPath": m.GEOIP_DIR, "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert m.relay_config(region(spec))["geoip-db"] == f"{m.GEOIP_DIR}/dbip-city.mmdb"
+    api = spec["api"]
+    assert m.spec_problems({**spec, "api": {**api, "geoipDB": None}}) == [
+        "api.geoipVolume: needs api.geoipDB, the database's path in it"]
+    assert m.spec_problems({**spec, "api": {**api, "geoipVolume": None}}) == [
+        "api.geoipDB 'dbip-city.mmdb': a relative path needs api.geoipVolume (else give the "
+        "absolute path inside the relay image)"]
+    assert m.spec_problems({**spec, "api": {**api, "geoipVolume": {**claim, "emptyDir": {}}}}) == [
+        "api.geoipVolume: one volume source, e.g. {persistentVolumeClaim: {claimName: geoip, "
+        "readOnly: true}}"]
