@@ -36,13 +36,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--out", default="allocate-profile.svg")
     parser.add_argument("--root", default=compare.ROOT, help="the checkout whose relay/ runs")
+    parser.add_argument("--dataplane", default="python", choices=["python", "native"],
+                        help="the relay's data plane (python: the figures docs/performance.md "
+                             "has tracked since before the native one)")
     args = parser.parse_args()
     if not 1 <= args.seconds <= 60:
         parser.error("bounded: --seconds between 1 and 60")
     workdir = tempfile.mkdtemp(prefix="turnrelay-profile-")
     cert, key = compare.self_signed_cert(workdir)
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    server = compare.turnrelay("turnrelay", twistd, workdir, cert, key)
+    server = compare.turnrelay("turnrelay", twistd, workdir, cert, key,
+                               dataplane=args.dataplane)
     server.env["PYTHONPATH"] = args.root
     compare.ROOT = args.root  # the server's working directory, which twistd puts on sys.path
     collapsed = os.path.join(workdir, "stacks.txt")

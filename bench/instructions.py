@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--packets", type=int, default=600, help="round trips measured")
     parser.add_argument("--rate", type=float, default=50, help="round trips a second")
     parser.add_argument("--root", default=compare.ROOT, help="the checkout whose relay/ runs")
+    parser.add_argument("--dataplane", default="python", choices=["python", "native"],
+                        help="the relay's data plane (python: the figures docs/performance.md "
+                             "has tracked since before the native one)")
     args = parser.parse_args()
     if args.packets / args.rate > 60:
         parser.error("bounded: --packets / --rate must be <= 60 seconds")
@@ -40,7 +43,8 @@ def main() -> None:
     cert, key = compare.self_signed_cert(workdir)
     out = os.path.join(workdir, "callgrind.out")
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    server = compare.turnrelay("turnrelay", twistd, workdir, cert, key)
+    server = compare.turnrelay("turnrelay", twistd, workdir, cert, key,
+                               dataplane=args.dataplane)
     server.template = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                        f"--callgrind-out-file={out}", sys.executable] + server.template
     server.env["PYTHONPATH"] = args.root
