@@ -47,7 +47,9 @@ from support.servers import free_port, running_echo_peer, stop_process  # noqa: 
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench.turnrelay"
 HOST = "127.0.0.1"
-RELAY_PORTS = (10000, 30000)  # below the kernel's ephemeral ports, which the clients use
+# Below the kernel's ephemeral ports, which the clients use, and below the ports the test suite
+# listens on (tests/support/servers.LISTEN_PORTS), so a benchmark can run beside it.
+RELAY_PORTS = (10000, 30000)
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "turnrelay-bench")
 MODES = ("udp-channel", "udp-send", "tcp-channel", "tls-channel", "udp-spread")
 # udp-spread: load as a new user makes it, spread out rather than batched: SPREAD_CLIENTS
