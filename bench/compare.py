@@ -593,8 +593,10 @@ ROWS = [
 def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
     names = list(results)
     widths = [max(19, len(n) + 2) for n in names]
+    ratio_names = [n.replace("turnrelay ", "") + "/" + names[0] for n in names[1:]]
+    ratio_widths = [max(16, len(n) + 2) for n in ratio_names]
     lines = [f"{'':44}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths))
-             + "".join(f"{n.split()[-1] + '/' + names[0]:>16}" for n in names[1:])]
+             + "".join(f"{n:>{w}}" for n, w in zip(ratio_names, ratio_widths))]
 
     def median(name: str, key: str) -> Optional[float]:
         values = [r[key] for r in results[name] if key in r]
@@ -608,8 +610,8 @@ def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
             if key.endswith("max_rate") and median(n, key + "_limited"):
                 text = ">=" + text
             cells.append(f"{text:>{w}}")
-        ratios = [f"{(v / values[0]) if v is not None and values[0] else float('nan'):>16.2f}"
-                  for v in values[1:]]
+        ratios = [f"{(v / values[0]) if v is not None and values[0] else float('nan'):>{w}.2f}"
+                  for v, w in zip(values[1:], ratio_widths)]
         lines.append(f"{label:44}" + "".join(cells) + "".join(ratios))
 
     for mode in args.modes:
