@@ -6,6 +6,7 @@ listener it was asked for; the echo peer is ready when it has echoed a probe.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 import re
@@ -53,15 +54,18 @@ def _ephemeral_low() -> int:
 # kernel to some other socket's bind(port 0) between this check and the server's own bind.  And
 # above 10000-30000, where bench/ scripts put their relays' ports: a benchmark run beside the
 # suite must not take a port a test has just found free.
-LISTEN_PORTS = (30000, max(_ephemeral_low(), 32768))
-_random = random.Random()
+LISTEN_PORTS = range(30000, max(_ephemeral_low(), 32768))
+# Handed out in turn from a random start, so that calls in a row never give the same port (a
+# test asking for 65 at once got one twice about half the time when each was drawn at random).
+_start = random.randrange(len(LISTEN_PORTS))
+_next_port = itertools.cycle([*LISTEN_PORTS[_start:], *LISTEN_PORTS[:_start]])
 
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free for both UDP and TCP on `host` (TURN listens on both with one number)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(200):
-        port = _random.randrange(*LISTEN_PORTS)
+    for _ in range(len(LISTEN_PORTS)):
+        port = next(_next_port)
         with socket.socket(family, socket.SOCK_STREAM) as tcp, \
                 socket.socket(family, socket.SOCK_DGRAM) as udp:
             try:
