@@ -100,6 +100,9 @@ class ForwardingTables(Protocol):
     def collect(self) -> None:
         """Add what it relayed since the last call to the allocation's counters."""
 
+    def refill(self) -> None:
+        """A new second of the allocation's own budget, which the data plane spends itself."""
+
     def close(self) -> None:
         """Collect, then stop using the relay sockets: they may be closed next."""
 
@@ -305,6 +308,8 @@ class Allocation:
         """Drop expired permissions and channels (into cooldown); refill this allocation's
         budget (the core refills the accounts')."""
         self.budget.refill()
+        if self.tables is not None:
+            self.tables.refill()
         for ip in [ip for ip, expiry in self.permissions.items() if expiry <= now]:
             self.revoke(ip)
         for number in [n for n, (_, _, expiry) in self.channels.items() if expiry <= now]:

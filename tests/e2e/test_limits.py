@@ -18,7 +18,15 @@ from relay.auth import tokens
 from relay.cli.turnclient import UDP, TurnClient, error_code
 from relay.proto import stun
 from support.core_harness import PEER, PEER2, FixedAccount, Harness, channel_data
-from support.relay_clients import TRANSPORTS, burst, closed_counters, connect, counters, udp_socket
+from support.relay_clients import (
+    TRANSPORTS,
+    burst,
+    closed_counters,
+    connect,
+    counters,
+    received,
+    udp_socket,
+)
 from support.servers import PASSWORD, REALM, USER
 
 ALLOCATE_UDP = (stun.REQUESTED_TRANSPORT, 17)
@@ -121,17 +129,6 @@ def test_a_port_held_by_another_process_is_skipped():
 
 
 # -- a real relay ------------------------------------------------------------------------------
-
-def received(sink: socket.socket) -> int:
-    count = 0
-    sink.setblocking(False)
-    try:
-        while True:
-            sink.recv(65536)
-            count += 1
-    except BlockingIOError:
-        return count
-
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_max_bps_per_allocation_on_a_real_relay(server_factory, transport):

@@ -10,6 +10,8 @@ from typing import Dict
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from relay.proto import stun
+from support.relay_clients import burst, connect, counters, received, udp_socket
 from support.servers import PASSWORD, USER, free_port, tool
 from support.uclient import relayed_all
 
@@ -75,3 +77,24 @@ def test_udp_listeners_past_the_native_data_planes_64_are_served_by_the_reactor(
              "-e", echo_peer[0], "-r", str(echo_peer[1]), "-n", "20", "-m", "2", server.host],
             capture_output=True, text=True, timeout=120)
         assert relayed_all(result.stdout + result.stderr, 40), result.stdout + result.stderr
+
+
+def test_an_allocations_own_rate_limit_is_spent_by_the_native_data_plane(server_factory):
+    """--max-pps: the allocation is still relayed natively; the data plane drops and counts
+    what its budget does not cover, and the core's tick refills that budget every second."""
+    metrics = free_port()
+    server = server_factory("--max-pps", "5", "--prometheus", "--prometheus-port", str(metrics))
+    server.read_until(f"metrics listening on http [127.0.0.1]:{metrics}")
+    with udp_socket("127.0.0.1") as sink:
+        peer = sink.getsockname()[:2]
+        client = connect(server, "udp")
+        assert client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).cls == stun.SUCCESS
+        assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
+            == stun.SUCCESS
+        burst(client, peer, 20, 10)
+        relayed, limited = counters(server, client)
+        client.close()
+        assert 5 <= relayed <= 10 and relayed + limited == 20, (relayed, limited)
+        assert received(sink) == relayed
+    native = samples(metrics, "turnrelay_dataplane_datagrams_total")
+    assert sum(v for labels, v in native.items() if ("what", "forwarded") in labels) == relayed

@@ -51,6 +51,18 @@ def closed_counters(server, client: TurnClient) -> str:
                          rf"from_client=(\d+/\d+B)").group(1)
 
 
+def received(sink: socket.socket) -> int:
+    """The datagrams waiting on `sink`, read."""
+    count = 0
+    sink.setblocking(False)
+    try:
+        while True:
+            sink.recv(65536)
+            count += 1
+    except BlockingIOError:
+        return count
+
+
 def burst(client: TurnClient, peer: Tuple[str, int], count: int, size: int) -> None:
     for i in range(count):
         client.send_indication(peer, bytes([i % 256]) * size)
