@@ -18,7 +18,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 import tracemalloc
 from typing import List
 
@@ -56,16 +55,6 @@ def main() -> None:
     snapshots: List[tracemalloc.Snapshot] = []
     made: List[int] = []
 
-    def allocate(count: int) -> int:
-        clients = compare.UdpClients(port, count)
-        batches.append(clients)  # kept open: their allocations stay
-        for sock in clients.socks:
-            clients.send(sock, compare.stun.ALLOCATE)
-        answered, deadline = 0, time.monotonic() + 60
-        while clients.in_flight and time.monotonic() < deadline:
-            answered += sum(1 for _ in clients.answers(1.0))
-        return answered
-
     # The clients run in this process too: what they hold is not the relay's.
     theirs = [tracemalloc.Filter(False, os.path.join(compare.ROOT, folder, "*"))
               for folder in ("bench", "tests")]
@@ -77,11 +66,12 @@ def main() -> None:
 
     def clients() -> None:
         try:
-            allocate(200)  # warm: pools, caches, the first nonces
+            compare.idle_allocations(port, 200, batches)  # warm: pools, caches, first nonces
             done = threading.Event()
             reactor.callFromThread(snapshot, done.set)
             done.wait(30)
-            made.append(sum(allocate(200) for _ in range(args.allocations // 200)))
+            made.append(sum(compare.idle_allocations(port, 200, batches)
+                            for _ in range(args.allocations // 200)))
         finally:
             reactor.callFromThread(snapshot, reactor.stop)
 

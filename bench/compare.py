@@ -487,24 +487,26 @@ def allocation_figures(server: Server, args) -> Dict[str, float]:
             "alloc_switches": switched / max(cycles, 1), "alloc_errors": clients.errors}
 
 
+def idle_allocations(port: int, count: int, batches: List[UdpClients]) -> int:
+    """`count` new clients each make an allocation and keep it (their sockets stay open, in
+    `batches`, until the caller closes them); how many were made within 60 s."""
+    clients = UdpClients(port, count)
+    batches.append(clients)
+    for s in clients.socks:
+        clients.send(s, stun.ALLOCATE)
+    made = 0
+    deadline = time.monotonic() + 60
+    while clients.in_flight and time.monotonic() < deadline:
+        made += sum(1 for _ in clients.answers(1.0))
+    return made
+
+
 def memory_figure(server: Server, args) -> Dict[str, float]:
     """Resident memory per idle UDP allocation: the growth over `args.idle` allocations."""
     batches: List[UdpClients] = []
-
-    def allocate(count: int) -> int:
-        clients = UdpClients(server.port, count)
-        batches.append(clients)
-        for s in clients.socks:
-            clients.send(s, stun.ALLOCATE)
-        made = 0
-        deadline = time.monotonic() + 60
-        while clients.in_flight and time.monotonic() < deadline:
-            made += sum(1 for _ in clients.answers(1.0))
-        return made
-
-    allocate(200)  # warm: the first allocations grow pools and caches
+    idle_allocations(server.port, 200, batches)  # warm: the first ones grow pools and caches
     base = rss_kib(server.pid)
-    made = sum(allocate(200) for _ in range(args.idle // 200))
+    made = sum(idle_allocations(server.port, 200, batches) for _ in range(args.idle // 200))
     grown = rss_kib(server.pid) - base
     for clients in batches:
         clients.close()

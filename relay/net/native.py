@@ -89,6 +89,10 @@ class NativeListener:
     def stopListening(self) -> None:
         self.udp.stop_listening(self)
 
+    def catch_up(self) -> None:
+        """`NativeUdp.catch_up` for this listener: the steered reactor socket's hook."""
+        self.udp.catch_up(self.listener)
+
 
 @implementer(IReadDescriptor)
 class NativeUdp:
@@ -144,8 +148,7 @@ class NativeUdp:
         budget = None
         try:
             if allocation.budget.limited:
-                budget = self.plane.budget()
-                self.plane.refill(budget, allocation.budget.bandwidth, allocation.budget.packet_rate)
+                budget = self.plane.budget()  # filled below, before any permission lets a packet by
             handle = self.plane.add_allocation(listener, allocation.client,
                                                relays[stun.FAMILY_IPV4], relays[stun.FAMILY_IPV6],
                                                budget)
@@ -158,6 +161,7 @@ class NativeUdp:
         for relay in allocation.relays.values():
             self.reactor.removeReader(relay)  # the data plane reads it now
         tables = allocation.tables = NativeTables(self.plane, handle, allocation, budget)
+        tables.refill()
         for ip in allocation.permissions:  # none yet from the core; kept for any opener's
             tables.permit(ip, ip not in allocation.relay_only)
 

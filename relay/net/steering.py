@@ -26,6 +26,8 @@ import socket
 import struct
 from typing import List
 
+from relay.proto.stun import SEND_INDICATION
+
 SO_ATTACH_REUSEPORT_CBPF = 51  # <asm-generic/socket.h>; not in Python's socket module
 _NET = -0x100000  # SKF_NET_OFF: loads relative to the IP header
 
@@ -35,8 +37,6 @@ _LDW_ABS, _LDH_ABS, _LDB_ABS, _LDH_IND = 0x20, 0x28, 0x30, 0x48
 _ADD_K, _MUL_K, _RSH_K, _LSH_K, _MOD_K, _XOR_X = 0x04, 0x24, 0x74, 0x64, 0x94, 0xAC
 _JEQ_K, _JGE_K = 0x15, 0x35
 _TAX, _TXA, _RET_A = 0x07, 0x87, 0x16
-
-SEND_INDICATION = 0x0016
 
 
 def _insn(code: int, jt: int = 0, jf: int = 0, k: int = 0) -> bytes:

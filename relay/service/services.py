@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import socket
-from functools import partial
 from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
@@ -97,8 +96,8 @@ class ListenersService(Service):
             protocol = ClientDatagramProtocol(self.server, self.dispatch, listener)
             native = self._listen_native(sock, protocol) if self.native_dataplane else None
             control = steered[listener]
-            if native is not None and self.native is not None and control is not None:
-                control.catch_up = partial(self.native.catch_up, native.listener)
+            if native is not None and control is not None:
+                control.catch_up = native.catch_up
             self.ports.append(native or adopt_datagram_socket(self.reactor, sock, protocol))
             return
         self.bound.append((transport, listener[0], listener[1]))

@@ -5,6 +5,7 @@ from typing import List
 
 import pytest
 
+from relay.net.listeners import bound_socket
 from relay.net.steering import attach
 
 STUN_REQUEST = b"\x00\x03\x00\x00\x21\x12\xa4\x42" + bytes(12)  # an Allocate's header
@@ -14,15 +15,11 @@ OTHER = b"\x90\x00rtp?"  # neither STUN nor ChannelData
 
 
 def group(host: str, processes: int) -> List[socket.socket]:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    socks: List[socket.socket] = []
-    for _ in range(2 * processes):
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, socks[0].getsockname()[1] if socks else 0))
-        socks.append(sock)
+    """A listener's group as relay.service.build binds it, with the program attached."""
+    socks = [bound_socket(host, 0, socket.SOCK_DGRAM, reuse_port=True)]
+    port = socks[0].getsockname()[1]
+    socks += [bound_socket(host, port, socket.SOCK_DGRAM, reuse_port=True)
+              for _ in range(2 * processes - 1)]
     attach(socks[0], processes)
     return socks
 
