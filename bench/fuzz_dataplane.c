@@ -22,7 +22,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (!plane) {
         plane = dp_new(64);
         dp_add_listener(plane, -1);
-        budget = dp_budget_new(plane);
+        budget = dp_budget_new();
         alloc = dp_alloc_add(plane, 0, CLIENT, 4, 5000, -1, -1, budget, NULL);
         dp_set_own_port(plane, 3478, 1);
     }
@@ -56,7 +56,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             dp_unbind_channel(plane, alloc, 0x4000 | (port & 0x3FFF));
             break;
         case 6:
-            dp_budget_refill(plane, budget, len >= 2 ? port : 0, len >= 1 ? arg[0] : 0);
+            dp_budget_refill(budget, len >= 2 ? port : 0, len >= 1 ? arg[0] : 0);
             break;
         case 7: {
             unsigned char buf[2048], ip[16];

@@ -53,12 +53,6 @@ class Budget:
         self.bytes = self.packets = 0
         self.refill()
 
-    @classmethod
-    def of_allocation(cls, bandwidth: int, packet_rate: int) -> Budget:
-        """One allocation's own budget: without a limit, the `NO_LIMIT` they all share (never
-        exhausted, so sharing it changes nothing) rather than one each."""
-        return cls(bandwidth, packet_rate) if bandwidth or packet_rate else NO_LIMIT
-
     @property
     def limited(self) -> bool:
         return bool(self.bandwidth or self.packet_rate)
@@ -68,6 +62,15 @@ class Budget:
         # debt is paid from the next second's budget.  Datagrams never overdraw.
         self.bytes = min(self.bytes, 0) + (self.bandwidth or UNLIMITED)
         self.packets = min(self.packets, 0) + (self.packet_rate or UNLIMITED)
+
+    def affords(self, size: int) -> bool:
+        """Room for a datagram of `size` bytes (`affords(1)`: neither balance is spent)."""
+        return size <= self.bytes and self.packets >= 1
+
+    def charge(self, size: int) -> None:
+        """Take a packet of `size` bytes, even beyond the balance (a debt)."""
+        self.bytes -= size
+        self.packets -= 1
 
 
 NO_LIMIT = Budget()
@@ -99,9 +102,6 @@ class ForwardingTables(Protocol):
 
     def collect(self) -> None:
         """Add what it relayed since the last call to the allocation's counters."""
-
-    def refill(self) -> None:
-        """A new second of the allocation's own budget, which the data plane spends itself."""
 
     def close(self) -> None:
         """Collect, then stop using the relay sockets: they may be closed next."""
@@ -238,14 +238,12 @@ class Allocation:
         """Take one packet of `size` bytes from this second's budgets, the allocation's and its
         account's; False (drop, and count it) when either would overdraw."""
         own, shared = self.budget, self.account_budget
-        if size > own.bytes or size > shared.bytes or own.packets < 1 or shared.packets < 1:
+        if not (own.affords(size) and shared.affords(size)):
             self.limited_packets += 1
             self.limited_bytes += size
             return False
-        own.bytes -= size
-        own.packets -= 1
-        shared.bytes -= size
-        shared.packets -= 1
+        own.charge(size)
+        shared.charge(size)
         return True
 
     def permit(self, ip: str, expiry: float) -> None:
@@ -308,8 +306,6 @@ class Allocation:
         """Drop expired permissions and channels (into cooldown); refill this allocation's
         budget (the core refills the accounts')."""
         self.budget.refill()
-        if self.tables is not None:
-            self.tables.refill()
         for ip in [ip for ip, expiry in self.permissions.items() if expiry <= now]:
             self.revoke(ip)
         for number in [n for n, (_, _, expiry) in self.channels.items() if expiry <= now]:
@@ -331,14 +327,12 @@ class Allocation:
     def overdraw(self, size: int) -> bool:
         """Charge a stream read of `size` bytes, which cannot be dropped, so a budget may go
         below zero; False once either budget is spent (the connections then pause)."""
-        for budget in (self.budget, self.account_budget):
-            budget.bytes -= size
-            budget.packets -= 1
+        self.budget.charge(size)
+        self.account_budget.charge(size)
         return self.within_budget()
 
     def within_budget(self) -> bool:
-        own, shared = self.budget, self.account_budget
-        return own.bytes > 0 and own.packets > 0 and shared.bytes > 0 and shared.packets > 0
+        return self.budget.affords(1) and self.account_budget.affords(1)
 
     def close(self) -> None:
         if self.tables is not None:

@@ -145,6 +145,9 @@ class TurnServer:
         # Account id -> the budget its allocations here share; its `users` counts them, so it
         # goes with the last one, and an Allocate checks max_allocations without a scan.
         self._account_budgets: Dict[str, Budget] = {}
+        # What a budget with a limit is made as: relay.net.native makes it the data plane's, so
+        # that its thread and this core spend one balance.
+        self.limited_budget: Callable[[int, int], Budget] = Budget
         # Worker processes (relay.service.workers): account id -> this process's share of the account's
         # --account-max-bps/pps, as the parent last told it (absent: the whole of them).
         self._account_shares: Dict[str, float] = {}
@@ -530,7 +533,7 @@ class TurnServer:
         lifetime = self._lifetime(msg)
         session_id = _uuid4_hex(self.rng.getrandbits(128))
         config = self.config
-        budget = Budget.of_allocation(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
+        budget = self._budget(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
         allocation = Allocation(client.key, client.address, client.transport, username,
                                 account, relays, client.send, started=now, expires=now + lifetime,
                                 session_id=session_id, budget=budget,
@@ -560,9 +563,14 @@ class TurnServer:
         --account-max-bps/--account-max-pps), counting one more of them."""
         budget = self._account_budgets.get(account_id)
         if budget is None:
-            budget = self._account_budgets[account_id] = Budget(*self._account_limits(account_id))
+            budget = self._account_budgets[account_id] = \
+                self._budget(*self._account_limits(account_id)) or Budget()
         budget.users += 1
         return budget
+
+    def _budget(self, bandwidth: int, packet_rate: int) -> Optional[Budget]:
+        """A new budget with these limits (0: none), or None without any."""
+        return self.limited_budget(bandwidth, packet_rate) if bandwidth or packet_rate else None
 
     def _account_limits(self, account_id: str) -> Tuple[int, int]:
         share = self._account_shares.get(account_id, 1.0)

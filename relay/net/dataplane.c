@@ -69,8 +69,12 @@ struct dsock {
     struct dp_alloc *alloc;
 };
 
+/* This second's balance.  The thread and Python (a TCP relay of the same account, a datagram
+ * the data plane hands over) spend it alike, so every access is atomic and none needs the data
+ * plane's lock: a budget lives on while Python or an installed allocation holds a reference. */
 struct dp_budget {
     long long bytes, packets;
+    int refs;
 };
 
 struct perm {
@@ -283,25 +287,38 @@ static struct chan *find_chan_of_peer(struct dp_alloc *a, const struct addr *pee
     return NULL;
 }
 
+static long long balance(const long long *field)
+{
+    return __atomic_load_n(field, __ATOMIC_RELAXED);
+}
+
+/* Room for a datagram of `size` bytes in `b` (NULL: no limit).  A datagram that passes this
+ * while another thread spends the same budget may overdraw it: the debt is paid from the next
+ * second's, as a TCP read's is. */
+static int affords(dp_budget_t *b, long long size)
+{
+    return !b || (size <= balance(&b->bytes) && balance(&b->packets) >= 1);
+}
+
+static void charge(dp_budget_t *b, long long size)
+{
+    if (b) {
+        __atomic_sub_fetch(&b->bytes, size, __ATOMIC_RELAXED);
+        __atomic_sub_fetch(&b->packets, 1, __ATOMIC_RELAXED);
+    }
+}
+
 /* Take one packet of `size` bytes from the allocation's and its account's budgets, as
  * Allocation._spend does: 0 (drop, and count it) when either would overdraw. */
 static int spend(struct dp_alloc *a, long long size)
 {
-    dp_budget_t *own = a->budget, *shared = a->account;
-    if ((own && (size > own->bytes || own->packets < 1)) ||
-        (shared && (size > shared->bytes || shared->packets < 1))) {
+    if (!affords(a->budget, size) || !affords(a->account, size)) {
         a->counters[DP_LIMITED_PACKETS] += 1;
         a->counters[DP_LIMITED_BYTES] += (unsigned long long)size;
         return 0;
     }
-    if (own) {
-        own->bytes -= size;
-        own->packets -= 1;
-    }
-    if (shared) {
-        shared->bytes -= size;
-        shared->packets -= 1;
-    }
+    charge(a->budget, size);
+    charge(a->account, size);
     return 1;
 }
 
@@ -748,6 +765,8 @@ static void read_socket(dp_t *dp, struct dsock *s)
 
 static void free_alloc(struct dp_alloc *a)
 {
+    dp_budget_release(a->budget);
+    dp_budget_release(a->account);
     free(a->perms);
     free(a->chans);
     free(a);
@@ -953,28 +972,53 @@ void dp_set_own_port(dp_t *dp, int port, int own)
     pthread_mutex_unlock(&dp->lock);
 }
 
-dp_budget_t *dp_budget_new(dp_t *dp)
+dp_budget_t *dp_budget_new(void)
 {
-    (void)dp;
     dp_budget_t *b = calloc(1, sizeof *b);
-    if (b)
+    if (b) {
         b->bytes = b->packets = UNLIMITED;
+        b->refs = 1;
+    }
     return b;
 }
 
-/* Budget.refill: a debt (a negative balance) is paid from the new second's budget. */
-void dp_budget_refill(dp_t *dp, dp_budget_t *b, long long bandwidth, long long packet_rate)
+/* Budget.refill: a debt (a negative balance) is paid from the new second's budget.  A spend
+ * between the read and the write is not lost: the write retries. */
+static void refill_field(long long *field, long long per_second)
 {
-    pthread_mutex_lock(&dp->lock);
-    b->bytes = (b->bytes < 0 ? b->bytes : 0) + (bandwidth > 0 ? bandwidth : UNLIMITED);
-    b->packets = (b->packets < 0 ? b->packets : 0) + (packet_rate > 0 ? packet_rate : UNLIMITED);
-    pthread_mutex_unlock(&dp->lock);
+    long long old = balance(field), fresh;
+    do
+        fresh = (old < 0 ? old : 0) + (per_second > 0 ? per_second : UNLIMITED);
+    while (!__atomic_compare_exchange_n(field, &old, fresh, 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED));
 }
 
-void dp_budget_free(dp_t *dp, dp_budget_t *b)
+void dp_budget_refill(dp_budget_t *b, long long bandwidth, long long packet_rate)
 {
-    (void)dp;
-    free(b);
+    refill_field(&b->bytes, bandwidth);
+    refill_field(&b->packets, packet_rate);
+}
+
+int dp_budget_affords(dp_budget_t *b, long long size)
+{
+    return affords(b, size);
+}
+
+void dp_budget_charge(dp_budget_t *b, long long size)
+{
+    charge(b, size);
+}
+
+static void hold(dp_budget_t *b)
+{
+    if (b)
+        __atomic_add_fetch(&b->refs, 1, __ATOMIC_RELAXED);
+}
+
+void dp_budget_release(dp_budget_t *b)
+{
+    if (b && __atomic_sub_fetch(&b->refs, 1, __ATOMIC_ACQ_REL) == 0)
+        free(b);
 }
 
 dp_alloc_t *dp_alloc_add(dp_t *dp, int listener, const unsigned char *ip, int ip_len, int port,
@@ -1009,6 +1053,8 @@ dp_alloc_t *dp_alloc_add(dp_t *dp, int listener, const unsigned char *ip, int ip
         a->next = dp->buckets[b];
         dp->buckets[b] = a;
         dp->nallocs++;
+        hold(budget); /* released with the allocation, by free_alloc */
+        hold(account_budget);
     }
     pthread_mutex_unlock(&dp->lock);
     if (err) {

@@ -47,9 +47,14 @@ int dp_add_listener(dp_t *dp, int fd);
 int dp_remove_listener(dp_t *dp, int listener);
 void dp_set_own_port(dp_t *dp, int port, int own);
 
-dp_budget_t *dp_budget_new(dp_t *dp);
-void dp_budget_refill(dp_t *dp, dp_budget_t *budget, long long bandwidth, long long packet_rate);
-void dp_budget_free(dp_t *dp, dp_budget_t *budget);
+/* Budgets need no data plane: Python spends them too (dp_budget_charge), and one may outlive
+ * it.  dp_budget_new's reference is Python's, dropped by dp_budget_release; each allocation
+ * installed with a budget holds another until it is freed. */
+dp_budget_t *dp_budget_new(void);
+void dp_budget_refill(dp_budget_t *budget, long long bandwidth, long long packet_rate);
+int dp_budget_affords(dp_budget_t *budget, long long size);
+void dp_budget_charge(dp_budget_t *budget, long long size);
+void dp_budget_release(dp_budget_t *budget);
 
 dp_alloc_t *dp_alloc_add(dp_t *dp, int listener, const unsigned char *ip, int ip_len, int port,
                          int relay4_fd, int relay6_fd, dp_budget_t *budget,

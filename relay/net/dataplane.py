@@ -16,6 +16,8 @@ import socket
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from relay.core.allocation import Budget
+
 
 def _stale(built_from: str) -> str:
     """Why a module built from sources with digest `built_from` must not be used: the sources
@@ -77,11 +79,41 @@ def _check(result: int) -> None:
         raise DataPlaneError(-result, "native data plane: " + errno.errorcode.get(-result, "?"))
 
 
+class NativeBudget(Budget):
+    """A `Budget` whose balance the data plane keeps, so that its thread and the Python path
+    (an account's TCP relays, a Send indication the data plane hands over) spend one balance.
+
+    Every limited budget of a process with a native data plane is one
+    (`TurnServer.limited_budget`): an allocation may go native after its budgets were made, and
+    an account's is shared by allocations on either path.  The balance outlives this object
+    while an installed allocation holds it; the `bytes` and `packets` slots of `Budget` stay
+    unused.
+    """
+
+    __slots__ = ("handle",)
+
+    def __init__(self, bandwidth: int = 0, packet_rate: int = 0):
+        handle = lib.dp_budget_new()
+        if handle == ffi.NULL:
+            raise MemoryError("native data plane budget")
+        self.handle = ffi.gc(handle, lib.dp_budget_release)
+        super().__init__(bandwidth, packet_rate)
+
+    def refill(self) -> None:
+        lib.dp_budget_refill(self.handle, self.bandwidth, self.packet_rate)
+
+    def affords(self, size: int) -> bool:
+        return bool(lib.dp_budget_affords(self.handle, size))
+
+    def charge(self, size: int) -> None:
+        lib.dp_budget_charge(self.handle, size)
+
+
 class NativeDataPlane:
     """One forwarder thread and its tables; a worker process has one.
 
-    Handles (`add_allocation`, `budget`) are cffi pointers owned here: a handle is used only
-    until it is removed or freed, which the core's allocation lifecycle guarantees.
+    Allocation handles (`add_allocation`) are cffi pointers owned here: a handle is used only
+    until it is removed, which the core's allocation lifecycle guarantees.
     """
 
     def __init__(self, queue_capacity: int = QUEUE_CAPACITY):
@@ -134,30 +166,16 @@ class NativeDataPlane:
         applies `OwnEndpoints` in full (the data plane knows ports only)."""
         lib.dp_set_own_port(self._dp, port, int(own))
 
-    def budget(self) -> Any:
-        """A new budget (unlimited until refilled), shared by the allocations given it."""
-        budget = lib.dp_budget_new(self._dp)
-        if budget == ffi.NULL:
-            raise MemoryError("native data plane budget")
-        return budget
-
-    def refill(self, budget: Any, bandwidth: int, packet_rate: int) -> None:
-        """`Budget.refill` for a native budget: one second's bytes and packets (0 = no limit),
-        less any debt."""
-        lib.dp_budget_refill(self._dp, budget, bandwidth, packet_rate)
-
-    def free_budget(self, budget: Any) -> None:
-        """Once no allocation still installed uses it."""
-        lib.dp_budget_free(self._dp, budget)
-
     def add_allocation(self, listener: int, client: Address, relay4: Optional[int],
-                       relay6: Optional[int], budget: Any = None, account_budget: Any = None) -> Any:
+                       relay6: Optional[int], budget: Optional[NativeBudget] = None,
+                       account_budget: Optional[NativeBudget] = None) -> Any:
         """Relay for `client` on `listener` through the relay sockets given (descriptors, which
         the data plane reads from now on), within the budgets given (None: no limit)."""
         ip = _ip(client[0])
         handle = lib.dp_alloc_add(self._dp, listener, ip, len(ip), client[1],
                                   -1 if relay4 is None else relay4, -1 if relay6 is None else relay6,
-                                  budget or ffi.NULL, account_budget or ffi.NULL)
+                                  budget.handle if budget is not None else ffi.NULL,
+                                  account_budget.handle if account_budget is not None else ffi.NULL)
         if handle == ffi.NULL:
             raise DataPlaneError(f"native data plane: cannot add the allocation of {client}")
         return handle

@@ -2,14 +2,13 @@
 (relay.net.dataplane), which relays the datagrams of their allocations from the tables the
 core keeps filled, and hands every other datagram back to the listener's protocol here.
 
-What goes native: an allocation made on a UDP listener, with UDP relays, and no account-wide
-rate limit (an account's budget is shared with its TCP allocations, which the Python path
-relays, so an allocation under one stays on that path too).  An allocation's own limits
-(`--max-bps`, `--max-pps`, the account's per-allocation bandwidth) become a native budget,
-which the core's tick refills every second.  The allocation is installed when the core
-opens it (its relay sockets leave the reactor for the data plane), mirrored on every
-permission and channel change (`ForwardingTables`), and released before its relay sockets
-close, its last counts added to its counters.
+What goes native: an allocation made on a UDP listener, with UDP relays.  Its rate limits
+come along: every limited budget of the process is a `NativeBudget`, whose balance the data
+plane's thread and the Python path (the account's TCP allocations, what the data plane hands
+over) spend alike, and which the core's tick refills every second.  The allocation is
+installed when the core opens it (its relay sockets leave the reactor for the data plane),
+mirrored on every permission and channel change (`ForwardingTables`), and released before its
+relay sockets close, its last counts added to its counters.
 """
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from zope.interface import implementer
 
 from relay.core.allocation import Address, Allocation
 from relay.core.server import TurnServer
-from relay.net.dataplane import DataPlaneError, NativeDataPlane
+from relay.net.dataplane import DataPlaneError, NativeBudget, NativeDataPlane
 from relay.net.listeners import ClientDatagramProtocol, RelayPort
 from relay.proto import stun
 
@@ -32,20 +31,12 @@ BATCH = 256  # queued datagrams handled per wake-up, so the reactor's other work
 
 
 class NativeTables:
-    """One allocation's entries in the native data plane (`ForwardingTables`), and its own
-    native budget if it has a limit."""
+    """One allocation's entries in the native data plane (`ForwardingTables`)."""
 
-    __slots__ = ("plane", "handle", "allocation", "budget")
+    __slots__ = ("plane", "handle", "allocation")
 
-    def __init__(self, plane: NativeDataPlane, handle: Any, allocation: Allocation,
-                 budget: Any = None):
+    def __init__(self, plane: NativeDataPlane, handle: Any, allocation: Allocation):
         self.plane, self.handle, self.allocation = plane, handle, allocation
-        self.budget = budget
-
-    def refill(self) -> None:
-        if self.budget is not None:
-            limits = self.allocation.budget
-            self.plane.refill(self.budget, limits.bandwidth, limits.packet_rate)
 
     def permit(self, ip: str, native_send: bool) -> None:
         self.plane.permit(self.handle, ip, native_send)
@@ -65,9 +56,6 @@ class NativeTables:
     def close(self) -> None:
         # The last counts come with the removal: the thread may free the entry right after.
         self._add(self.plane.remove_allocation(self.handle))
-        if self.budget is not None:  # no installed allocation uses it any more
-            self.plane.free_budget(self.budget)
-            self.budget = None
 
     def _add(self, taken: Tuple[int, ...]) -> None:
         if any(taken):
@@ -111,6 +99,7 @@ class NativeUdp:
         self.listeners: Dict[Address, int] = {}
         self.own_ports: Set[int] = set()  # the relay's own ports the data plane knows
         server.opened_observers.insert(0, self.opened)  # only once its thread runs
+        server.limited_budget = NativeBudget
         reactor.addReader(self)
 
     def listen(self, sock: socket.socket, protocol: ClientDatagramProtocol) -> NativeListener:
@@ -134,7 +123,7 @@ class NativeUdp:
 
     def opened(self, allocation: Allocation) -> None:
         listener = self.listeners.get(allocation.key[0]) if allocation.transport == "udp" else None
-        if listener is None or allocation.tcp or allocation.account_budget.limited:
+        if listener is None or allocation.tcp:
             return
         relays: Dict[int, Optional[int]] = {stun.FAMILY_IPV4: None, stun.FAMILY_IPV6: None}
         for family, relay in allocation.relays.items():
@@ -145,23 +134,19 @@ class NativeUdp:
             for port in own - self.own_ports:
                 self.plane.set_own_port(port)
             self.own_ports = set(own)
-        budget = None
+        own, shared = (budget if isinstance(budget, NativeBudget) else None
+                       for budget in (allocation.budget, allocation.account_budget))
         try:
-            if allocation.budget.limited:
-                budget = self.plane.budget()  # filled below, before any permission lets a packet by
             handle = self.plane.add_allocation(listener, allocation.client,
                                                relays[stun.FAMILY_IPV4], relays[stun.FAMILY_IPV6],
-                                               budget)
+                                               own, shared)
         except (DataPlaneError, MemoryError) as err:
-            if budget is not None:
-                self.plane.free_budget(budget)
             log.warn("native data plane refused {client}'s allocation ({err}): the reactor "
                      "relays it", client=allocation.client, err=err)
             return
         for relay in allocation.relays.values():
             self.reactor.removeReader(relay)  # the data plane reads it now
-        tables = allocation.tables = NativeTables(self.plane, handle, allocation, budget)
-        tables.refill()
+        tables = allocation.tables = NativeTables(self.plane, handle, allocation)
         for ip in allocation.permissions:  # none yet from the core; kept for any opener's
             tables.permit(ip, ip not in allocation.relay_only)
 

@@ -6,7 +6,7 @@ the UDP interop tests again with TURNRELAY_TEST_DATAPLANE=python, the reference 
 import http.client
 import re
 import subprocess
-from typing import Dict
+from typing import Dict, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -79,22 +79,46 @@ def test_udp_listeners_past_the_native_data_planes_64_are_served_by_the_reactor(
         assert relayed_all(result.stdout + result.stderr, 40), result.stdout + result.stderr
 
 
-def test_an_allocations_own_rate_limit_is_spent_by_the_native_data_plane(server_factory):
-    """--max-pps: the allocation is still relayed natively; the data plane drops and counts
-    what its budget does not cover, and the core's tick refills that budget every second."""
+def bursts(server_factory, limit: str, transports: Tuple[str, ...]) -> Tuple[list, float]:
+    """A relay with `limit` (a rate-limit flag and its value): one allocation per client
+    transport sends 20 Send indications at once to one peer.  What each relayed and had
+    dropped, by its close line (checked against what the peer received), and the datagrams
+    the data plane forwarded."""
     metrics = free_port()
-    server = server_factory("--max-pps", "5", "--prometheus", "--prometheus-port", str(metrics))
+    server = server_factory(*limit.split(), "--prometheus", "--prometheus-port", str(metrics))
     server.read_until(f"metrics listening on http [127.0.0.1]:{metrics}")
     with udp_socket("127.0.0.1") as sink:
         peer = sink.getsockname()[:2]
-        client = connect(server, "udp")
-        assert client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).cls == stun.SUCCESS
-        assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
-            == stun.SUCCESS
-        burst(client, peer, 20, 10)
-        relayed, limited = counters(server, client)
-        client.close()
-        assert 5 <= relayed <= 10 and relayed + limited == 20, (relayed, limited)
-        assert received(sink) == relayed
+        clients = [connect(server, transport) for transport in transports]
+        for client in clients:
+            assert client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).cls \
+                == stun.SUCCESS
+            assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
+                == stun.SUCCESS
+        for client in clients:
+            burst(client, peer, 20, 10)
+        results = [counters(server, client) for client in clients]
+        for client in clients:
+            client.close()
+        assert all(relayed + limited == 20 for relayed, limited in results), results
+        assert received(sink) == sum(relayed for relayed, _ in results)
     native = samples(metrics, "turnrelay_dataplane_datagrams_total")
-    assert sum(v for labels, v in native.items() if ("what", "forwarded") in labels) == relayed
+    return results, sum(v for labels, v in native.items() if ("what", "forwarded") in labels)
+
+
+def test_an_allocations_own_rate_limit_is_spent_by_the_native_data_plane(server_factory):
+    """--max-pps: the allocation is still relayed natively; the data plane drops and counts
+    what its budget does not cover, and the core's tick refills that budget every second."""
+    [(relayed, limited)], forwarded = bursts(server_factory, "--max-pps 5", ("udp",))
+    assert 5 <= relayed <= 10, (relayed, limited)
+    assert forwarded == relayed
+
+
+def test_an_accounts_budget_is_spent_by_both_data_planes(server_factory):
+    """--account-max-pps: the account's UDP client is relayed natively and its TCP client by
+    Python, and both spend one balance.  One worker, so that both clients reach it (with
+    several, each holds its share of the limit, which test_limits covers)."""
+    [(native, _), (python, _)], forwarded = bursts(
+        server_factory, "--account-max-pps 4 --workers 1", ("udp", "tcp"))
+    assert 4 <= native + python <= 8, (native, python)
+    assert forwarded == native > 0  # the UDP client's burst went first

@@ -5,6 +5,7 @@ Where a test shows that a datagram was *not* relayed, it sends a permitted one a
 the same path and checks that this is the one that arrives: a socket's datagrams are handled
 in order, so no sleep is needed to know the first one was handled.
 """
+import gc
 import select
 import socket
 import struct
@@ -47,7 +48,7 @@ class Relay:
         self.relay_sock.setblocking(False)
         self.client, self.peer, self.other_peer = udp(host), udp(host), udp(host)
         self.listener = plane.add_listener(self.listener_sock.fileno())
-        self.budget = plane.budget()
+        self.budget = dataplane.NativeBudget()
         v6 = ":" in host
         self.handle = plane.add_allocation(
             self.listener, self.client.getsockname()[:2],
@@ -211,21 +212,65 @@ def test_send_indications_python_must_judge_go_to_python(relay):
     assert plane.take_counters(relay.handle) == (0, 0, 0, 0, 0, 0)
 
 
+def refill(budget: dataplane.NativeBudget, bandwidth: int, packet_rate: int) -> None:
+    budget.bandwidth, budget.packet_rate = bandwidth, packet_rate
+    budget.refill()
+
+
 def test_budgets_drop_and_count_what_they_do_not_cover(relay):
     plane = relay.plane
     plane.permit(relay.handle, relay.peer_address[0])
     plane.bind_channel(relay.handle, 0x4000, relay.peer_address)
-    plane.refill(relay.budget, 0, 2)  # two packets this second
+    refill(relay.budget, 0, 2)  # two packets this second
     for payload in (b"one", b"two", b"three"):
         relay.from_client(channel_data(0x4000, payload))
     assert received(relay.peer)[0] == b"one"
     assert received(relay.peer)[0] == b"two"
     handled_so_far(relay)  # "three" too
-    plane.refill(relay.budget, 10, 0)  # ten bytes, any number of packets
+    refill(relay.budget, 10, 0)  # ten bytes, any number of packets
     relay.from_client(channel_data(0x4000, b"eleven byte"))
     relay.from_client(channel_data(0x4000, b"four"))
     assert received(relay.peer)[0] == b"four"  # so "three" and "eleven byte" were dropped
     assert plane.take_counters(relay.handle) == (10, 3, 0, 0, 2, 16)
+
+
+def test_python_and_the_data_plane_spend_one_balance(relay):
+    """An account's budget is spent by its TCP relays in Python and by the data plane alike."""
+    plane, budget = relay.plane, relay.budget
+    plane.permit(relay.handle, relay.peer_address[0])
+    plane.bind_channel(relay.handle, 0x4000, relay.peer_address)
+    refill(budget, 0, 3)
+    budget.charge(100)  # two packets relayed by Python
+    budget.charge(100)
+    assert budget.affords(5)
+    for payload in (b"one", b"two"):
+        relay.from_client(channel_data(0x4000, payload))
+    assert received(relay.peer)[0] == b"one"
+    handled_so_far(relay)
+    assert not budget.affords(1)
+    assert plane.take_counters(relay.handle)[4:] == (1, 3)  # "two" was dropped
+    refill(budget, 1000, 0)
+    budget.charge(1400)  # a TCP read overdraws: the debt is paid from the next second's
+    assert not budget.affords(1)
+    refill(budget, 1000, 0)
+    assert budget.affords(600) and not budget.affords(601)
+
+
+def test_a_budget_lives_while_an_installed_allocation_uses_it(relay):
+    """Python may drop its reference first (the allocation closed, its account's budget
+    gone): the data plane keeps spending it until the allocation is removed (ASan would see a
+    use after free)."""
+    plane = relay.plane
+    plane.permit(relay.handle, relay.peer_address[0])
+    plane.bind_channel(relay.handle, 0x4000, relay.peer_address)
+    refill(relay.budget, 0, 1)
+    del relay.budget
+    gc.collect()
+    for payload in (b"one", b"two"):
+        relay.from_client(channel_data(0x4000, payload))
+    assert received(relay.peer)[0] == b"one"
+    handled_so_far(relay)
+    assert plane.take_counters(relay.handle)[4:] == (1, 3)
 
 
 def test_a_removed_allocation_is_pythons_again(relay):
