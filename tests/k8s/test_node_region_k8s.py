@@ -47,12 +47,15 @@ def test_helm_install_wait_fails_when_the_operator_cannot_start(cluster_node):
     result = cluster.helm("install", "broken", str(CHART), "--namespace", "broken-system", "--create-namespace",
                           "--set", "operator.watchNamespaces={broken-system}",
                           "--set-json", 'operator.extraArgs=["--no-such-flag"]',
-                          "--wait", "--timeout", "45s", check=False)
+                          "--wait", "--timeout", "25s", check=False)
     assert result.returncode != 0, result.stdout
     assert "context deadline exceeded" in result.stderr or "timed out" in result.stderr, result.stderr
     [pod] = cluster_node.get("pods", "-n", "broken-system")["items"]
     assert condition(pod, "Ready") != "True"
-    assert pod["status"]["containerStatuses"][0]["restartCount"] >= 1  # it did start, and exit
+    status = pod["status"]["containerStatuses"][0]
+    # It did start, and exit (restarted at once, or waiting out the kubelet's 10 s back-off).
+    assert status["restartCount"] >= 1 or "terminated" in status.get("lastState", {}) \
+        or "terminated" in status.get("state", {}), status
     cluster.helm("uninstall", "broken", "--namespace", "broken-system", "--wait")
 
 
