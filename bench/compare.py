@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the tests' support package
@@ -60,19 +60,24 @@ LOSS_LIMIT = 0.001
 MAX_RATE = 400_000
 
 
+def _task_files(pid: int, name: str) -> Iterator[Tuple[int, str]]:
+    """(process, text) of /proc/PROC/task/TASK/`name` for every thread of `pid` and of its child
+    processes; a thread or process gone meanwhile is skipped."""
+    for proc in [pid] + children(pid):
+        for path in glob.glob(f"/proc/{proc}/task/*/{name}"):
+            try:
+                with open(path) as f:
+                    yield proc, f.read()
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+
+
 def cpu_ns_by_process(pid: int) -> Dict[int, int]:
     """CPU time so far of `pid` and of each of its child processes, every thread counted, in
     nanoseconds."""
-    found = {}
-    for proc in [pid] + children(pid):
-        total = 0
-        try:
-            for task in os.listdir(f"/proc/{proc}/task"):
-                with open(f"/proc/{proc}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        found[proc] = total
+    found: Dict[int, int] = {}
+    for proc, text in _task_files(pid, "schedstat"):
+        found[proc] = found.get(proc, 0) + int(text.split()[0])
     return found
 
 
@@ -83,15 +88,18 @@ def cpu_ns(pid: int) -> int:
 def context_switches(pid: int) -> int:
     """Context switches so far, voluntary and not, of every thread of `pid` and its children:
     a thread handing work to another costs the receiver's wake-up."""
-    total = 0
-    for proc in [pid] + children(pid):
-        for status in glob.glob(f"/proc/{proc}/task/*/status"):
-            try:
-                with open(status) as f:
-                    total += sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
-            except (FileNotFoundError, ProcessLookupError):
-                continue
-    return total
+    return sum(int(line.split()[1]) for _, text in _task_files(pid, "status")
+               for line in text.splitlines() if "ctxt_switches" in line)
+
+
+def user_system_ticks(pid: int) -> Tuple[int, int]:
+    """User and system CPU time so far (clock ticks) of every thread of `pid` and its
+    children: how much of a cost is the server's own code and how much the kernel's."""
+    user = system = 0
+    for _, text in _task_files(pid, "stat"):
+        fields = text.rsplit(")", 1)[1].split()  # from the state, field 3 of proc(5)
+        user, system = user + int(fields[11]), system + int(fields[12])
+    return user, system
 
 
 def children(pid: int) -> List[int]:
@@ -483,13 +491,16 @@ def allocation_figures(server: Server, args) -> Dict[str, float]:
     clients.cycles(args.alloc_warmup)  # warm-up: every client has its nonce (PyPy: its JIT)
     clients.errors = 0
     before, switches = cpu_ns(server.pid), context_switches(server.pid)
+    ticks = user_system_ticks(server.pid)
     start = time.monotonic()
     cycles = clients.cycles(args.seconds)
     elapsed = time.monotonic() - start
     used = cpu_ns(server.pid) - before
     switched = context_switches(server.pid) - switches
+    user, system = (after - earlier for after, earlier in zip(user_system_ticks(server.pid), ticks))
     clients.close()
     return {"allocs_per_s": cycles / elapsed, "alloc_cpu_us": used / 1000 / max(cycles, 1),
+            "alloc_system_pct": 100 * system / max(user + system, 1),
             "alloc_switches": switched / max(cycles, 1), "alloc_errors": clients.errors}
 
 
@@ -636,6 +647,7 @@ def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
     if not args.no_alloc:
         row("Allocate+Refresh(0) cycles/s (UDP)", "allocs_per_s", "{:.0f}")
         row("CPU us per Allocate+Refresh(0) cycle", "alloc_cpu_us", "{:.0f}")
+        row("  of which system time (the kernel's), %", "alloc_system_pct", "{:.0f}")
         row("context switches per cycle", "alloc_switches", "{:.2f}")
         if args.idle:
             row(f"RSS bytes per idle allocation ({args.idle})", "rss_per_alloc_b", "{:.0f}")

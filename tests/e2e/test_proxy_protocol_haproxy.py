@@ -21,6 +21,7 @@ import pytest
 from relay.cli.turnclient import TCP, TLS, TurnClient, error_code
 from relay.proto import stun
 from relay.proto.proxy_protocol import encode_v2
+from support.relay_clients import refused
 from support.servers import PASSWORD, USER, free_port, stop_process, tool
 
 Address = Tuple[str, int]
@@ -87,22 +88,6 @@ def mapped(turn: TurnClient) -> Address:
     return turn.exchange(stun.Message(stun.BINDING, stun.REQUEST)).get(stun.XOR_MAPPED_ADDRESS)
 
 
-def refused(port: int, source: str, payload: bytes) -> bool:
-    """Whether the relay closes or resets a direct connection before answering anything.
-
-    The reset can come before connect() returns: the relay aborts an untrusted
-    connection as soon as it accepts it, and a non-blocking connect (the timeout)
-    then reports the RST it found in SO_ERROR.
-    """
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=10,
-                                      source_address=(source, 0)) as sock:
-            sock.sendall(payload)
-            return sock.recv(100) == b""
-    except ConnectionResetError:
-        return True
-
-
 @pytest.mark.parametrize("transport", [TCP, TLS])
 def test_behind_haproxy_the_relay_sees_limits_and_records_the_real_client(
         server_factory, tmp_path, transport):
@@ -136,11 +121,12 @@ def test_direct_connections_are_refused_with_or_without_a_header(server_factory)
     binding = stun.Message(stun.BINDING, stun.REQUEST).encode()
     forged = encode_v2(("203.0.113.9", 1234), ("127.0.0.1", server.port)) + binding
     for port in (server.port, server.tls_port):
-        assert refused(port, "127.0.0.2", binding)
-        assert refused(port, "127.0.0.2", forged)
-        assert refused(port, "127.0.0.2", b"PROXY TCP4 203.0.113.9 127.0.0.1 1 2\r\n" + binding)
+        assert refused(("127.0.0.1", port), binding, "127.0.0.2")
+        assert refused(("127.0.0.1", port), forged, "127.0.0.2")
+        assert refused(("127.0.0.1", port), b"PROXY TCP4 203.0.113.9 127.0.0.1 1 2\r\n" + binding,
+                       "127.0.0.2")
     # From the trusted address, a connection without a header is refused too ...
-    assert refused(server.port, "127.0.0.1", binding)
+    assert refused(("127.0.0.1", server.port), binding, "127.0.0.1")
     # ... and one with a header is served as the client it names.
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(forged)

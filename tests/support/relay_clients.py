@@ -63,6 +63,24 @@ def received(sink: socket.socket) -> int:
         return count
 
 
+def refused(address: Address, payload: bytes = b"", source: str = "") -> bool:
+    """Whether the relay closes or resets a new TCP connection (after `payload`, from
+    `source`) before answering anything.
+
+    The reset can come before connect() returns: the relay aborts a connection it refuses as
+    soon as it accepts it, and a non-blocking connect (the timeout) then reports the RST it
+    found in SO_ERROR.
+    """
+    try:
+        with socket.create_connection(address, timeout=10,
+                                      source_address=(source, 0) if source else None) as sock:
+            if payload:
+                sock.sendall(payload)
+            return sock.recv(100) == b""
+    except ConnectionResetError:
+        return True
+
+
 def burst(client: TurnClient, peer: Tuple[str, int], count: int, size: int) -> None:
     for i in range(count):
         client.send_indication(peer, bytes([i % 256]) * size)
