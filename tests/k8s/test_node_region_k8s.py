@@ -202,18 +202,24 @@ def test_a_roll_of_two_relays_on_the_pod_network_always_has_a_ready_relay(cluste
     stream = kubernetes.watch.Watch()
 
     def watch():
+        # With a timeout the client ends the stream quietly when its connection drops (a CI run lost
+        # the roll's deletions so): it is watched again from the last event seen, none missed.
+        version = listed.metadata.resource_version
         try:
-            for event in stream.stream(core.list_namespaced_pod, NAMESPACE, label_selector=selector,
-                                       resource_version=listed.metadata.resource_version, timeout_seconds=170):
-                obj = core.api_client.sanitize_for_serialization(event["object"])
-                if event["type"] == "DELETED":
-                    pods.pop(obj["metadata"]["name"], None)
-                    deleted.append(obj["metadata"]["name"])
-                else:
-                    pods[obj["metadata"]["name"]] = obj
-                lowest.append(len(ready_relays(pods)))
-                if done.is_set():
-                    return
+            while not done.is_set():
+                for event in stream.stream(core.list_namespaced_pod, NAMESPACE,
+                                           label_selector=selector, resource_version=version,
+                                           timeout_seconds=170):
+                    obj = core.api_client.sanitize_for_serialization(event["object"])
+                    version = obj["metadata"]["resourceVersion"]
+                    if event["type"] == "DELETED":
+                        pods.pop(obj["metadata"]["name"], None)
+                        deleted.append(obj["metadata"]["name"])
+                    else:
+                        pods[obj["metadata"]["name"]] = obj
+                    lowest.append(len(ready_relays(pods)))
+                    if done.is_set():
+                        return
         except Exception as err:  # noqa: BLE001 - reported below unless the test is over
             if not done.is_set():
                 failures.append(err)
