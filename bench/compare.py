@@ -368,16 +368,13 @@ def relay_figures(server: Server, gen: LoadGen, args) -> Dict[str, float]:
             good, bad = (mid, bad) if ok else (good, mid)
     out["max_rate"] = good
     out["max_rate_limited"] = float(limited)
-    if good:
-        _, received, p50, p99 = gen.run(good / 2, args.probe_seconds, args.size)
-        if received:
-            out["rtt_p50"], out["rtt_p99"] = p50, p99
     # Each server's half max is a load of its own: a faster one is timed under more.  The
     # same load for all, too, where each of them is loss-free.
-    if args.rtt_rate <= good:
-        _, received, p50, p99 = gen.run(args.rtt_rate, args.probe_seconds, args.size)
-        if received:
-            out["rtt_p50_same"], out["rtt_p99_same"] = p50, p99
+    for suffix, rate in (("", good / 2), ("_same", args.rtt_rate if args.rtt_rate <= good else 0)):
+        if rate:
+            _, received, p50, p99 = gen.run(rate, args.probe_seconds, args.size)
+            if received:
+                out["rtt_p50" + suffix], out["rtt_p99" + suffix] = p50, p99
     return out
 
 

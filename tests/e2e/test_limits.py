@@ -21,6 +21,7 @@ from support.core_harness import PEER, PEER2, FixedAccount, Harness, channel_dat
 from support.relay_clients import (
     TRANSPORTS,
     burst,
+    bursting,
     closed_counters,
     connect,
     counters,
@@ -148,23 +149,10 @@ def test_max_bps_per_allocation_on_a_real_relay(server_factory, transport):
 
 
 def allocations_bursting(server, users: List[Tuple[str, str]], count: int) -> List[int]:
-    """Each user's allocation sends `count` small Send indications at once; what each relayed,
-    checked against what the peer received."""
+    """What each user's allocation relayed of `count` Send indications sent at once."""
     with udp_socket("127.0.0.1") as sink:
-        peer = sink.getsockname()[:2]
         clients = [connect(server, "udp", user, password) for user, password in users]
-        for client in clients:
-            assert client.request(stun.ALLOCATE, ALLOCATE_UDP).cls == stun.SUCCESS
-            assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
-                == stun.SUCCESS
-        for client in clients:
-            burst(client, peer, count, 10)
-        results = [counters(server, client) for client in clients]
-        assert all(relayed + limited == count for relayed, limited in results), results
-        assert received(sink) == sum(relayed for relayed, _ in results)
-        for client in clients:
-            client.close()
-    return [relayed for relayed, _ in results]
+        return [relayed for relayed, _ in bursting(server, clients, count, sink)]
 
 
 def test_max_pps_per_allocation_on_a_real_relay(server_factory):

@@ -10,8 +10,7 @@ from typing import Dict, Tuple
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from relay.proto import stun
-from support.relay_clients import burst, connect, counters, received, udp_socket
+from support.relay_clients import bursting, connect, udp_socket
 from support.servers import PASSWORD, USER, free_port, tool
 from support.uclient import relayed_all
 
@@ -81,32 +80,14 @@ def test_udp_listeners_past_the_native_data_planes_64_are_served_by_the_reactor(
 
 def bursts(server_factory, limit: str, transports: Tuple[str, ...]) -> Tuple[list, float]:
     """A relay with `limit` (a rate-limit flag and its value): one allocation per client
-    transport sends 20 Send indications at once to one peer.  What each relayed and had
-    dropped, by its close line (checked against what the peer received), and the datagrams
-    the data plane forwarded."""
+    transport sends 20 Send indications at once (`bursting`).  What each relayed and had
+    dropped, and the datagrams the data plane forwarded."""
     metrics = free_port()
     server = server_factory(*limit.split(), "--prometheus", "--prometheus-port", str(metrics))
     server.read_until(f"metrics listening on http [127.0.0.1]:{metrics}")
     with udp_socket("127.0.0.1") as sink:
-        peer = sink.getsockname()[:2]
-        clients = [connect(server, transport) for transport in transports]
-        for client in clients:
-            assert client.request(stun.ALLOCATE, (stun.REQUESTED_TRANSPORT, 17)).cls \
-                == stun.SUCCESS
-            assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
-                == stun.SUCCESS
-        for client in clients:
-            burst(client, peer, 20, 10)
-            # A request after its burst: the relay handles the burst before the next client's
-            # (the data plane's socket is read up to a request, relay.net.steering), so the
-            # bursts spend the budgets in this order.
-            assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
-                == stun.SUCCESS
-        results = [counters(server, client) for client in clients]
-        for client in clients:
-            client.close()
-        assert all(relayed + limited == 20 for relayed, limited in results), results
-        assert received(sink) == sum(relayed for relayed, _ in results)
+        results = bursting(server, [connect(server, transport) for transport in transports], 20,
+                           sink)
     native = samples(metrics, "turnrelay_dataplane_datagrams_total")
     return results, sum(v for labels, v in native.items() if ("what", "forwarded") in labels)
 

@@ -7,7 +7,7 @@ import contextlib
 import socket
 import ssl
 import threading
-from typing import Iterator, Tuple
+from typing import Iterator, List, Tuple
 
 import pytest
 
@@ -79,6 +79,28 @@ def refused(address: Address, payload: bytes = b"", source: str = "") -> bool:
             return sock.recv(100) == b""
     except ConnectionResetError:
         return True
+
+
+def bursting(server, clients: List[TurnClient], count: int, sink: socket.socket) -> List[Tuple[int, int]]:
+    """Each client's UDP allocation sends `count` 10-byte Send indications at once to `sink`,
+    one client after another (a request after each burst: the relay answers it only once the
+    burst is handled, the native data plane's socket included), then is deleted.  What each
+    relayed and had dropped, by its close line, checked against what `sink` received."""
+    peer = sink.getsockname()[:2]
+    for client in clients:
+        assert client.request(stun.ALLOCATE, UDP).cls == stun.SUCCESS
+        assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
+            == stun.SUCCESS
+    for client in clients:
+        burst(client, peer, count, 10)
+        assert client.request(stun.CREATE_PERMISSION, (stun.XOR_PEER_ADDRESS, peer)).cls \
+            == stun.SUCCESS
+    results = [counters(server, client) for client in clients]
+    for client in clients:
+        client.close()
+    assert all(relayed + limited == count for relayed, limited in results), results
+    assert received(sink) == sum(relayed for relayed, _ in results)
+    return results
 
 
 def burst(client: TurnClient, peer: Tuple[str, int], count: int, size: int) -> None:
