@@ -15,6 +15,7 @@ import os
 import struct
 from typing import Dict, Optional, Sequence, Tuple
 
+from relay.util.keyed_hmac import hmac_digest
 from relay.util.secretfile import read_secrets
 
 COOKIE = "obMatJos2"
@@ -61,7 +62,7 @@ class NonceIssuer:
 
     def _mac(self, secret: bytes, prefix: str, stamp: bytes, client_ip: str) -> bytes:
         data = prefix.encode() + stamp + client_ip.encode()
-        return hmac.new(secret, data, hashlib.sha256).digest()[:12]
+        return hmac_digest(secret, data, hashlib.sha256)[:12]
 
     def issue(self, client_ip: str, now: float) -> str:
         """The nonce for `client_ip` this second: the same for every client behind that

@@ -173,7 +173,9 @@ class ClientDatagramProtocol(DatagramProtocol):
         self.dispatch = dispatch
         self.listener = listener
         # The reactor's half of a steered listener (relay.net.steering) reads the native data
-        # plane's half up to now before each request (relay.net.native.NativeUdp.catch_up).
+        # plane's half up to now before each request of a client with an allocation
+        # (relay.net.native.NativeUdp.catch_up).  Without one, what it sent there is dropped
+        # whenever it is read, so an Allocate or a challenge spares that system call.
         self.catch_up: Optional[Callable[[], None]] = None
 
     def startProtocol(self) -> None:
@@ -193,7 +195,7 @@ class ClientDatagramProtocol(DatagramProtocol):
                 if allocation is not None:
                     allocation.from_client_send(data)
                 return
-        if self.catch_up is not None:
+        if self.catch_up is not None and (self.listener, addr) in self.allocations:
             self.catch_up()
         self.dispatch(Client("udp", self.listener, addr, UdpSender(self._sendto, addr).send),
                       data)

@@ -20,6 +20,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+from relay.util.keyed_hmac import hmac_digest
+
 MAGIC_COOKIE = 0x2112A442
 _COOKIE_BYTES = struct.pack("!I", MAGIC_COOKIE)
 _FINGERPRINT_XOR = 0x5354554E
@@ -184,6 +186,10 @@ def _decode_xor_address(value: bytes, tid: bytes) -> Address:
 
 
 def _encode_xor_address(value: Address, tid: bytes) -> bytes:
+    host, port = value
+    if ":" not in host:  # IPv4, the common case, in one pack
+        address = _U32.unpack(socket.inet_pton(socket.AF_INET, host))[0]
+        return _XOR_V4.pack(_IPV4_PREFIX, port ^ _PORT_MASK, address ^ MAGIC_COOKIE)
     plain = _encode_address(value, tid)
     return plain[:2] + _xor(plain[2:4], tid) + _xor(plain[4:], tid)
 
@@ -403,7 +409,7 @@ class Message:
             attr_type, digest, size = ((MESSAGE_INTEGRITY_SHA256, hashlib.sha256, 32) if sha256
                                        else (MESSAGE_INTEGRITY, hashlib.sha1, 20))
             header = HEADER.pack(msg_type, len(body) + 4 + size, MAGIC_COOKIE, self.transaction_id)
-            mac = hmac.new(key, header + body, digest).digest()
+            mac = hmac_digest(key, header + body, digest)
             body += _ATTR_HEADER.pack(attr_type, size) + mac
         if fingerprint:
             header = HEADER.pack(msg_type, len(body) + 8, MAGIC_COOKIE, self.transaction_id)
@@ -424,7 +430,7 @@ class Message:
             covered = self.raw[:offset]
             length = offset - HEADER.size + 4 + len(received)
             header = covered[:2] + struct.pack("!H", length) + covered[4:HEADER.size]
-            mac = hmac.new(key, header + covered[HEADER.size:], digest).digest()
+            mac = hmac_digest(key, header + covered[HEADER.size:], digest)
             return hmac.compare_digest(mac[:len(received)], received)
         return False
 

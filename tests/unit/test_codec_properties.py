@@ -11,6 +11,7 @@ same inputs every run; bench/fuzz.sh runs the long, coverage-guided search.
 """
 from __future__ import annotations
 
+import socket
 from typing import List, Tuple
 
 from hypothesis import HealthCheck, given, settings
@@ -156,6 +157,20 @@ def test_a_data_indication_parses_back(peer, payload, tid):
     assert (msg.method, msg.cls, msg.transaction_id) == (stun.DATA_METHOD, stun.INDICATION, tid)
     assert (msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)) == (peer, payload)
 
+
+
+@SETTINGS
+@given(addresses, st.binary(min_size=12, max_size=12))
+def test_an_xor_address_is_the_address_xored_with_cookie_and_transaction_id(address, tid):
+    """RFC 8489 section 14.2, spelled out byte by byte against the codec's packed fast path."""
+    host, port = address
+    family = stun.address_family(host)
+    packed = socket.inet_pton(socket.AF_INET6 if family == stun.FAMILY_IPV6 else socket.AF_INET, host)
+    mask = (stun.MAGIC_COOKIE.to_bytes(4, "big") + tid)[:len(packed)]
+    expected = (bytes((0, family)) + (port ^ (stun.MAGIC_COOKIE >> 16)).to_bytes(2, "big")
+                + bytes(a ^ b for a, b in zip(packed, mask)))
+    msg = stun.Message(stun.ALLOCATE, stun.SUCCESS, tid).add(stun.XOR_RELAYED_ADDRESS, address)
+    assert msg.attributes == [(stun.XOR_RELAYED_ADDRESS, expected)]
 
 @CHEAP
 @given(st.binary(max_size=40), st.integers(0, 40))
