@@ -363,12 +363,19 @@ class Message:
     # what checking MESSAGE-INTEGRITY(-SHA256) needs.
     raw: bytes = b""
     integrity_offsets: Dict[int, int] = field(default_factory=dict)
+    # Also set by `parse`: each type's first value.  A request is asked for a dozen attributes,
+    # most of them absent, and each miss scanned every attribute.  `add` drops it; whoever
+    # edits `attributes` of a parsed message directly must too.
+    first: Optional[Dict[int, bytes]] = field(default=None, compare=False, repr=False)
 
     def add(self, attr_type: int, value: Any) -> "Message":
         self.attributes.append((attr_type, ATTRIBUTES[attr_type].encode(value, self.transaction_id)))
+        self.first = None
         return self
 
     def has(self, attr_type: int) -> bool:
+        if self.first is not None:
+            return attr_type in self.first
         for t, _ in self.attributes:  # a loop: any() over a generator costs twice as much
             if t == attr_type:
                 return True
@@ -376,6 +383,9 @@ class Message:
 
     def get(self, attr_type: int, default: Any = None) -> Any:
         """The first value of `attr_type`, decoded; a malformed value raises StunError(400)."""
+        if self.first is not None:
+            value = self.first.get(attr_type)
+            return default if value is None else ATTRIBUTES[attr_type].decode(value, self.transaction_id)
         for t, value in self.attributes:
             if t == attr_type:
                 return ATTRIBUTES[attr_type].decode(value, self.transaction_id)
@@ -450,36 +460,37 @@ def parse(data: bytes) -> Message:
     if not is_stun(data):
         raise StunDecodeError("not a STUN message")
     msg_type, length, _, tid = HEADER.unpack_from(data)
-    if length % 4 or len(data) != HEADER.size + length:
+    end = len(data)
+    if length % 4 or end != HEADER.size + length:
         raise StunDecodeError("bad STUN length")
-    method, cls = split_type(msg_type)
-    msg = Message(method, cls, tid, raw=bytes(data))
+    data = bytes(data)
+    attributes: List[Tuple[int, bytes]] = []
+    integrity: Dict[int, int] = {}
+    unpack = _ATTR_HEADER.unpack_from
     # The length is a multiple of 4, and so is each attribute with its padding: every offset
     # below has a whole attribute header before `end`, and the last padding ends at `end`.
-    offset, end = HEADER.size, len(data)
+    offset = HEADER.size
     while offset < end:
-        attr_type, attr_len = _ATTR_HEADER.unpack_from(data, offset)
+        attr_type, attr_len = unpack(data, offset)
         value_end = offset + 4 + attr_len
         if value_end > end:
             raise StunDecodeError("truncated attribute")
-        value = bytes(data[offset + 4:value_end])
         if attr_type == FINGERPRINT:
-            if value_end + (-attr_len % 4) != end or attr_len != 4:
+            if value_end + (-attr_len & 3) != end or attr_len != 4:
                 raise StunDecodeError("FINGERPRINT is not last")
-            expected = (binascii.crc32(data[:offset]) ^ _FINGERPRINT_XOR) & 0xFFFFFFFF
-            if struct.unpack("!I", value)[0] != expected:
+            if _U32.unpack_from(data, offset + 4)[0] != \
+                    (binascii.crc32(data[:offset]) ^ _FINGERPRINT_XOR) & 0xFFFFFFFF:
                 raise StunDecodeError("FINGERPRINT mismatch")
-            msg.attributes.append((attr_type, value))
-        elif MESSAGE_INTEGRITY_SHA256 in msg.integrity_offsets:
-            pass
-        elif MESSAGE_INTEGRITY in msg.integrity_offsets and attr_type != MESSAGE_INTEGRITY_SHA256:
-            pass
-        else:
-            if attr_type in (MESSAGE_INTEGRITY, MESSAGE_INTEGRITY_SHA256):
-                msg.integrity_offsets[attr_type] = offset
-            msg.attributes.append((attr_type, value))
-        offset = value_end + (-attr_len % 4)
-    return msg
+            attributes.append((attr_type, data[offset + 4:value_end]))
+        elif not integrity or (attr_type == MESSAGE_INTEGRITY_SHA256
+                               and MESSAGE_INTEGRITY_SHA256 not in integrity):
+            if attr_type == MESSAGE_INTEGRITY or attr_type == MESSAGE_INTEGRITY_SHA256:
+                integrity[attr_type] = offset
+            attributes.append((attr_type, data[offset + 4:value_end]))
+        offset = value_end + (-attr_len & 3)
+    method, cls = split_type(msg_type)
+    # The first of each type: reversed, so that it is the last one a dict keeps.
+    return Message(method, cls, tid, attributes, data, integrity, dict(reversed(attributes)))
 
 
 # Send and Data indications carry the relayed packets that have no channel: they get a
