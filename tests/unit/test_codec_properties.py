@@ -158,7 +158,6 @@ def test_a_data_indication_parses_back(peer, payload, tid):
     assert (msg.get(stun.XOR_PEER_ADDRESS), msg.get(stun.DATA)) == (peer, payload)
 
 
-
 @SETTINGS
 @given(addresses, st.binary(min_size=12, max_size=12))
 def test_an_xor_address_is_the_address_xored_with_cookie_and_transaction_id(address, tid):
@@ -171,6 +170,7 @@ def test_an_xor_address_is_the_address_xored_with_cookie_and_transaction_id(addr
                 + bytes(a ^ b for a, b in zip(packed, mask)))
     msg = stun.Message(stun.ALLOCATE, stun.SUCCESS, tid).add(stun.XOR_RELAYED_ADDRESS, address)
     assert msg.attributes == [(stun.XOR_RELAYED_ADDRESS, expected)]
+
 
 @CHEAP
 @given(st.binary(max_size=40), st.integers(0, 40))

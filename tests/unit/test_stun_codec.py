@@ -129,3 +129,15 @@ def test_stream_framing_pads_channel_data():
     assert stun.stream_frame_length(b"\x40\x00\x00\x05hel") is None
     assert stun.stream_frame_length(b"\x00\x01\x00\x00") is None
     assert stun.stream_frame_length(b"\x80\x00\x00\x00") == -1
+
+
+def test_of_repeated_attributes_the_first_is_read_before_and_after_an_add():
+    """`parse` keeps each type's first value for lookups; an `add` must not leave that stale."""
+    msg = stun.Message(stun.ALLOCATE, stun.REQUEST).add(stun.USERNAME, "first").add(stun.USERNAME, "second")
+    parsed = stun.parse(msg.encode())
+    assert parsed.get(stun.USERNAME) == "first"
+    assert parsed.get_all(stun.USERNAME) == ["first", "second"]
+    assert not parsed.has(stun.SOFTWARE) and parsed.get(stun.SOFTWARE, "none") == "none"
+    parsed.add(stun.SOFTWARE, "added")
+    assert parsed.has(stun.SOFTWARE) and parsed.get(stun.SOFTWARE) == "added"
+    assert parsed.get(stun.USERNAME) == "first"
