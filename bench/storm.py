@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/storm.py                       # 10,000 clients within 2 s
     .venv/bin/python bench/storm.py --clients 2000 --arrival 1
+    .venv/bin/python bench/storm.py --pypy          # turnrelay on PyPy too
 
 What a region failing over looks like to the region that takes its clients: every client
 arrives within `--arrival` seconds and does what a call does first: an Allocate (challenged
@@ -233,6 +234,10 @@ def main() -> None:
                         help="turnrelay's UDP data plane (default: native, the relay's default)")
     parser.add_argument("--server-cores", default=None,
                         help="taskset CPU list for the servers (default: every CPU)")
+    parser.add_argument("--pypy", nargs="?", const=os.path.join(compare.CACHE, "pypy-venv", "bin", "twistd"),
+                        default=None, metavar="TWISTD",
+                        help="also run turnrelay on PyPy: this twistd (default: the venv "
+                             "docs/performance.md describes)")
     args = parser.parse_args()
     if not 1 <= args.clients <= 20000:
         parser.error("bounded: --clients from 1 to 20,000")
@@ -251,6 +256,11 @@ def main() -> None:
     servers += [compare.pion(pion, workdir, cert, key)] if pion else []
     servers.append(compare.turnrelay(f"turnrelay x{args.workers}", twistd, workdir, cert, key,
                                      workers=args.workers, dataplane=args.dataplane))
+    if args.pypy:
+        if not os.path.exists(args.pypy):
+            parser.error(f"no PyPy twistd at {args.pypy} (see docs/performance.md)")
+        servers.append(compare.turnrelay(f"turnrelay PyPy x{args.workers}", args.pypy, workdir,
+                                         cert, key, workers=args.workers, dataplane=args.dataplane))
     results: List[Tuple[str, Dict[str, float], Dict[Tuple[str, int], int], int]] = []
     load = os.getloadavg()
     with running_echo_peer(compare.HOST) as peer:
@@ -281,9 +291,11 @@ def main() -> None:
               f"CPU {figures['cpu_s']:.1f} s (main process {figures['main_cpu_s']:.1f} s), "
               f"UDP receive-buffer drops {figures['drops']:.0f}, "
               f"errors: {shown or 'none'}")
-    ours = results[-1][1]["all_relaying_s"]
-    for name, figures, _, _ in results[:-1]:
-        print(f"time until all relay, turnrelay/{name}: {ours / figures['all_relaying_s']:.2f}")
+    peers = [(name, figures) for name, figures, _, _ in results if not name.startswith("turnrelay")]
+    for name, figures, _, _ in results:
+        for peer, theirs in peers if name.startswith("turnrelay") else []:
+            print(f"time until all relay, {name}/{peer}: "
+                  f"{figures['all_relaying_s'] / theirs['all_relaying_s']:.2f}")
 
 
 if __name__ == "__main__":
