@@ -51,6 +51,7 @@ HOST = "127.0.0.1"
 # listens on (tests/support/servers.LISTEN_PORTS), so a benchmark can run beside it.
 RELAY_PORTS = (10000, 30000)
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "turnrelay-bench")
+PYPY_TWISTD = os.path.join(CACHE, "pypy-venv", "bin", "twistd")  # docs/performance.md makes it
 MODES = ("udp-channel", "udp-send", "tcp-channel", "tls-channel", "udp-spread")
 # udp-spread: load as a new user makes it, spread out rather than batched: SPREAD_CLIENTS
 # turnutils_uclient clients (-c: no RTCP pair), each SPREAD_MESSAGES messages of 100 bytes
@@ -672,7 +673,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=10000, help="idle allocations for RSS; 0: skip")
     parser.add_argument("--no-alloc", action="store_true", help="skip the allocation figures")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    parser.add_argument("--pypy", default=os.path.join(CACHE, "pypy-venv", "bin", "twistd"),
+    parser.add_argument("--pypy", default=PYPY_TWISTD,
                         help="twistd of a PyPy environment with turnrelay's dependencies")
     parser.add_argument("--no-coturn", action="store_true")
     parser.add_argument("--no-pion", action="store_true")

@@ -234,7 +234,7 @@ def main() -> None:
                         help="turnrelay's UDP data plane (default: native, the relay's default)")
     parser.add_argument("--server-cores", default=None,
                         help="taskset CPU list for the servers (default: every CPU)")
-    parser.add_argument("--pypy", nargs="?", const=os.path.join(compare.CACHE, "pypy-venv", "bin", "twistd"),
+    parser.add_argument("--pypy", nargs="?", const=compare.PYPY_TWISTD,
                         default=None, metavar="TWISTD",
                         help="also run turnrelay on PyPy: this twistd (default: the venv "
                              "docs/performance.md describes)")

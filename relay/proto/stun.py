@@ -363,19 +363,12 @@ class Message:
     # what checking MESSAGE-INTEGRITY(-SHA256) needs.
     raw: bytes = b""
     integrity_offsets: Dict[int, int] = field(default_factory=dict)
-    # Also set by `parse`: each type's first value.  A request is asked for a dozen attributes,
-    # most of them absent, and each miss scanned every attribute.  `add` drops it; whoever
-    # edits `attributes` of a parsed message directly must too.
-    first: Optional[Dict[int, bytes]] = field(default=None, compare=False, repr=False)
 
     def add(self, attr_type: int, value: Any) -> "Message":
         self.attributes.append((attr_type, ATTRIBUTES[attr_type].encode(value, self.transaction_id)))
-        self.first = None
         return self
 
     def has(self, attr_type: int) -> bool:
-        if self.first is not None:
-            return attr_type in self.first
         for t, _ in self.attributes:  # a loop: any() over a generator costs twice as much
             if t == attr_type:
                 return True
@@ -383,9 +376,6 @@ class Message:
 
     def get(self, attr_type: int, default: Any = None) -> Any:
         """The first value of `attr_type`, decoded; a malformed value raises StunError(400)."""
-        if self.first is not None:
-            value = self.first.get(attr_type)
-            return default if value is None else ATTRIBUTES[attr_type].decode(value, self.transaction_id)
         for t, value in self.attributes:
             if t == attr_type:
                 return ATTRIBUTES[attr_type].decode(value, self.transaction_id)
@@ -489,8 +479,7 @@ def parse(data: bytes) -> Message:
             attributes.append((attr_type, data[offset + 4:value_end]))
         offset = value_end + (-attr_len & 3)
     method, cls = split_type(msg_type)
-    # The first of each type: reversed, so that it is the last one a dict keeps.
-    return Message(method, cls, tid, attributes, data, integrity, dict(reversed(attributes)))
+    return Message(method, cls, tid, attributes, data, integrity)
 
 
 # Send and Data indications carry the relayed packets that have no channel: they get a

@@ -132,7 +132,8 @@ def test_stream_framing_pads_channel_data():
 
 
 def test_of_repeated_attributes_the_first_is_read_before_and_after_an_add():
-    """`parse` keeps each type's first value for lookups; an `add` must not leave that stale."""
+    """RFC 8489 section 14: the first of repeated attributes counts, also in a parsed message
+    something was added to."""
     msg = stun.Message(stun.ALLOCATE, stun.REQUEST).add(stun.USERNAME, "first").add(stun.USERNAME, "second")
     parsed = stun.parse(msg.encode())
     assert parsed.get(stun.USERNAME) == "first"
