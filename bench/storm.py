@@ -291,11 +291,11 @@ def main() -> None:
               f"CPU {figures['cpu_s']:.1f} s (main process {figures['main_cpu_s']:.1f} s), "
               f"UDP receive-buffer drops {figures['drops']:.0f}, "
               f"errors: {shown or 'none'}")
-    peers = [(name, figures) for name, figures, _, _ in results if not name.startswith("turnrelay")]
-    for name, figures, _, _ in results:
-        for peer, theirs in peers if name.startswith("turnrelay") else []:
-            print(f"time until all relay, {name}/{peer}: "
-                  f"{figures['all_relaying_s'] / theirs['all_relaying_s']:.2f}")
+    times = {name: figures["all_relaying_s"] for name, figures, _, _ in results}
+    ours = [name for name in times if name.startswith("turnrelay")]
+    for name in ours:
+        for peer in [peer for peer in times if peer not in ours]:
+            print(f"time until all relay, {name}/{peer}: {times[name] / times[peer]:.2f}")
 
 
 if __name__ == "__main__":
