@@ -178,8 +178,13 @@ class Allocation:
         # RFC 6062: a TCP allocation relays over its peer data connections, by CONNECTION-ID.
         self.tcp = tcp
         self.connections: Dict[int, TcpConnection] = {} if tcp else NONE_YET
-        if not tcp:
-            for relay in relays.values():
+
+    def start_relaying(self) -> None:
+        """Have its relay sockets' datagrams come to `from_peer`, once the opened observers
+        have run: none of that when a data plane outside Python took them then (`tables`),
+        so their descriptors never enter the reactor just to leave it again."""
+        if not self.tcp and self.tables is None:
+            for relay in self.relays.values():
                 cast(RelayEndpoint, relay).attach(self.from_peer)
 
     def from_peer(self, data: bytes, peer: Address) -> None:

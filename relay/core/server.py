@@ -556,6 +556,7 @@ class TurnServer:
         response.add(stun.XOR_MAPPED_ADDRESS, client.address)
         for observe in self.opened_observers:
             observe(allocation)
+        allocation.start_relaying()
         return response
 
     def _account_budget(self, account_id: str) -> Budget:

@@ -473,17 +473,15 @@ class ReadSocket:
             self.socket.close()
 
 
-def _nowhere(data: bytes, peer: Address) -> None:
-    """Where a relay socket's datagrams go until its allocation attaches."""
-
-
 @implementer(IReadDescriptor)
 class RelayPort(ReadSocket):
     """One relay socket of an allocation, read by the reactor directly.
 
     Twisted's udp.Port would log every open and close (thousands a minute on a busy relay)
-    and re-validate addresses on every write; a relay socket needs neither.  Datagrams go to
-    the receiver set by `attach` (the allocation's hot path); before that, to nowhere.
+    and re-validate addresses on every write; a relay socket needs neither.  The reactor reads
+    it from `attach` on, for the receiver given (the allocation's hot path); one the native
+    data plane reads (relay.net.native) is never attached, and never costs the reactor an
+    epoll registration.
     """
 
     __slots__ = ("_recvfrom", "_sendto", "_receive")
@@ -494,11 +492,11 @@ class RelayPort(ReadSocket):
         super().__init__(reactor, sock)
         self._recvfrom = sock.recvfrom
         self._sendto = sock.sendto
-        self._receive: Callable[[bytes, Address], None] = _nowhere
-        reactor.addReader(self)
+        self._receive: Callable[[bytes, Address], None]  # set by `attach`, before any read
 
     def attach(self, receiver: Callable[[bytes, Address], None]) -> None:
         self._receive = receiver
+        self.reactor.addReader(self)
 
     def logPrefix(self) -> str:
         return "RelayPort"

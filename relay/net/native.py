@@ -6,7 +6,7 @@ What goes native: an allocation made on a UDP listener, with UDP relays.  Its ra
 come along: every limited budget of the process is a `NativeBudget`, whose balance the data
 plane's thread and the Python path (the account's TCP allocations, what the data plane hands
 over) spend alike, and which the core's tick refills every second.  The allocation is
-installed when the core opens it (its relay sockets leave the reactor for the data plane),
+installed when the core opens it (its relay sockets go to the data plane, never to the reactor),
 mirrored on every permission and channel change (`ForwardingTables`), and released before its
 relay sockets close, its last counts added to its counters.
 """
@@ -144,8 +144,6 @@ class NativeUdp:
             log.warn("native data plane refused {client}'s allocation ({err}): the reactor "
                      "relays it", client=allocation.client, err=err)
             return
-        for relay in allocation.relays.values():
-            self.reactor.removeReader(relay)  # the data plane reads it now
         tables = allocation.tables = NativeTables(self.plane, handle, allocation)
         for ip in allocation.permissions:  # none yet from the core; kept for any opener's
             tables.permit(ip, ip not in allocation.relay_only)
