@@ -270,6 +270,21 @@ class LoadGen:
         sent, received, p50, p99, _ = map(int, self.process.stdout.readline().split())
         return sent, received, p50, p99
 
+    def start_cycles(self, clients: int, warmup: float, seconds: float) -> None:
+        """Allocate+Refresh(0) cycles by `clients` at once, each cycle by a new client; returns
+        once `warmup` seconds of them are over and the `seconds` counted begin."""
+        key = stun.long_term_key(USER, REALM, PASSWORD)
+        self.process.stdin.write(b"A %d %f %f %s %s %s\n" % (
+            clients, warmup, seconds, key.hex().encode(), USER.encode(), REALM.encode()))
+        self.process.stdin.flush()
+        if self.process.stdout.readline() != b"W\n":
+            raise SystemExit("loadgen's Allocate cycles did not start")
+
+    def cycles_done(self) -> Tuple[int, int, float]:
+        """Once the counted seconds are over: cycles done, error answers, seconds taken."""
+        done, errors, elapsed_ns = map(int, self.process.stdout.readline().split())
+        return done, errors, elapsed_ns / 1e9
+
     def close(self) -> None:
         self.process.stdin.write(b"Q\n")
         self.process.stdin.close()
@@ -476,30 +491,30 @@ class UdpClients:
 
 
 def allocation_figures(server: Server, args) -> Dict[str, float]:
-    """Allocate + Refresh(0) cycles over UDP, `args.alloc_clients` in flight at once.
+    """Allocate + Refresh(0) cycles over UDP, `args.alloc_clients` in flight at once, from
+    bench/loadgen.c on `args.load_core` (C: the load costs a small part of the answers).
 
     Each cycle is a new client, as in real use: an Allocate challenged with 401, the Allocate
     again with credentials, then Refresh(0).  (Reusing the 5-tuple at once is not comparable:
-    coturn answers 437 until its timer has freed the old allocation.)
+    coturn answers 437 until its timer has freed the old allocation.)  The server's CPU counts
+    all its processes: with `--workers`, the parent's too.
     """
-    clients = UdpClients(server.port, args.alloc_clients)
-    for s in clients.socks:
-        clients.send(s, stun.ALLOCATE)
-
-    clients.cycles(args.alloc_warmup)  # warm-up: every client has its nonce (PyPy: its JIT)
-    clients.errors = 0
-    before, switches = cpu_ns(server.pid), context_switches(server.pid)
-    ticks = user_system_ticks(server.pid)
-    start = time.monotonic()
-    cycles = clients.cycles(args.seconds)
-    elapsed = time.monotonic() - start
-    used = cpu_ns(server.pid) - before
-    switched = context_switches(server.pid) - switches
-    user, system = (after - earlier for after, earlier in zip(user_system_ticks(server.pid), ticks))
-    clients.close()
+    gen = LoadGen(build_loadgen(), "udp", server.port, 1, args.load_core)
+    try:
+        # The warm-up gives every client its nonce, and PyPy's JIT its traces.
+        gen.start_cycles(args.alloc_clients, args.alloc_warmup, args.seconds)
+        before, switches = cpu_ns(server.pid), context_switches(server.pid)
+        ticks = user_system_ticks(server.pid)
+        cycles, errors, elapsed = gen.cycles_done()
+        used = cpu_ns(server.pid) - before
+        switched = context_switches(server.pid) - switches
+        user, system = (after - earlier
+                        for after, earlier in zip(user_system_ticks(server.pid), ticks))
+    finally:
+        gen.close()
     return {"allocs_per_s": cycles / elapsed, "alloc_cpu_us": used / 1000 / max(cycles, 1),
             "alloc_system_pct": 100 * system / max(user + system, 1),
-            "alloc_switches": switched / max(cycles, 1), "alloc_errors": clients.errors}
+            "alloc_switches": switched / max(cycles, 1), "alloc_errors": errors}
 
 
 def idle_allocations(port: int, count: int, batches: List[UdpClients]) -> int:

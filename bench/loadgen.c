@@ -8,10 +8,17 @@
  * send time, reads the echoes relayed back, and reports how many came back and their
  * round-trip times.  Loopback only, bounded in time: every run and every wait has an end.
  *
+ * One mode is all C: Allocate+Refresh(0) cycles, each by a new UDP client, so that the load
+ * costs a small part of what the servers' answers cost (the Python client took about half a
+ * core at coturn's rate) and two worker processes can be measured on a two-core machine.
+ *
  *   loadgen udp|tcp|tls HOST PORT NCONN
  *   stdin:  "X idx len\n" + bytes   send one request, answer "len\n" + the response (0: none)
  *           "T idx len\n" + bytes   the template for connection idx
  *           "R rate seconds size\n" a paced run; answers "sent received p50_us p99_us max_us\n"
+ *           "A clients warmup seconds keyhex user realm\n"
+ *                                   Allocate+Refresh(0) cycles (UDP): answers "W\n" after the
+ *                                   warm-up, then "cycles errors elapsed_ns\n"
  *           "Q\n"                    quit
  */
 #define _GNU_SOURCE
@@ -21,6 +28,8 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <openssl/ssl.h>
 #include <poll.h>
 #include <stdint.h>
@@ -290,6 +299,153 @@ static void run(double rate, double seconds, int size) {
     fflush(stdout);
 }
 
+/* -- Allocate+Refresh(0) cycles ----------------------------------------------------------- */
+
+enum { ALLOCATE = 0x003, REFRESH = 0x004, MAX_CLIENTS = 1024 };
+
+typedef struct {
+    int fd, method, nonce_len;
+    unsigned char msg[512];
+    int len;
+    char nonce[256];
+    uint64_t sent_ns;
+} cycler_t;
+
+static struct sockaddr_in target;
+static unsigned char cycle_key[16];
+static char cycle_user[64], cycle_realm[64];
+
+static int put_attr(unsigned char *m, int off, int type, const void *value, int len) {
+    m[off] = type >> 8, m[off + 1] = type, m[off + 2] = len >> 8, m[off + 3] = len;
+    memcpy(m + off + 4, value, len);
+    int padded = (len + 3) & ~3;
+    memset(m + off + 4 + len, 0, padded - len);
+    return off + 4 + padded;
+}
+
+/* A request of `method` from client c: with credentials once it has a nonce. */
+static void cycle_send(cycler_t *c, int method) {
+    unsigned char *m = c->msg;
+    static const unsigned char udp[4] = {17, 0, 0, 0}, zero[4] = {0, 0, 0, 0};
+    m[0] = 0, m[1] = method;
+    m[4] = 0x21, m[5] = 0x12, m[6] = 0xA4, m[7] = 0x42;
+    for (int i = 8; i < 20; i++) m[i] = rand();
+    int off = method == ALLOCATE ? put_attr(m, 20, 0x0019, udp, 4) : put_attr(m, 20, 0x000D, zero, 4);
+    if (c->nonce_len) {
+        off = put_attr(m, off, 0x0006, cycle_user, strlen(cycle_user));
+        off = put_attr(m, off, 0x0014, cycle_realm, strlen(cycle_realm));
+        off = put_attr(m, off, 0x0015, c->nonce, c->nonce_len);
+        m[2] = (off + 4) >> 8, m[3] = off + 4; /* the length MESSAGE-INTEGRITY covers: with it */
+        unsigned char mac[20];
+        unsigned int mac_len;
+        HMAC(EVP_sha1(), cycle_key, sizeof cycle_key, m, off, mac, &mac_len);
+        off = put_attr(m, off, 0x0008, mac, 20);
+    }
+    m[2] = (off - 20) >> 8, m[3] = off - 20;
+    c->len = off, c->method = method, c->sent_ns = now_ns();
+    send(c->fd, m, off, 0);
+}
+
+/* A new client (socket) in c, added to `ep`, with no nonce yet. */
+static void cycle_client(cycler_t *c, int ep) {
+    c->fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+    if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&target, sizeof target) < 0) die("socket");
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = c};
+    if (epoll_ctl(ep, EPOLL_CTL_ADD, c->fd, &ev) < 0) die("epoll_ctl");
+    c->nonce_len = 0;
+}
+
+static void cycle_replace(cycler_t *c, int ep) {
+    close(c->fd); /* also leaves ep */
+    cycle_client(c, ep);
+}
+
+/* The answer `r` (`n` bytes) to client c's request: the client's next step; 1 when a cycle ended,
+ * -1 for an error answer, 0 otherwise. */
+static int cycle_answer(cycler_t *c, int ep, const unsigned char *r, int n) {
+    if (n < 20 || memcmp(r + 8, c->msg + 8, 12)) return 0;
+    int type = (r[0] << 8) | r[1];
+    if ((type & 0x0110) == 0x0100) { /* success */
+        if (c->method == ALLOCATE) {
+            cycle_send(c, REFRESH);
+            return 0;
+        }
+        cycle_replace(c, ep);
+        cycle_send(c, ALLOCATE);
+        return 1;
+    }
+    int code = 0, nonce_len = -1;
+    for (int off = 20; off + 4 <= n;) {
+        int t = (r[off] << 8) | r[off + 1], len = (r[off + 2] << 8) | r[off + 3];
+        if (off + 4 + len > n) break;
+        if (t == 0x0009 && len >= 4) code = (r[off + 6] & 7) * 100 + r[off + 7];
+        if (t == 0x0015 && len <= (int)sizeof c->nonce) {
+            memcpy(c->nonce, r + off + 4, len);
+            nonce_len = len;
+        }
+        off += 4 + ((len + 3) & ~3);
+    }
+    if ((code == 401 || code == 438) && nonce_len > 0) {
+        c->nonce_len = nonce_len;
+        cycle_send(c, c->method);
+        return 0;
+    }
+    if (code == 437 && c->method == ALLOCATE) { /* a port whose allocation is not freed yet */
+        cycle_replace(c, ep);
+        cycle_send(c, ALLOCATE);
+        return 0;
+    }
+    cycle_send(c, c->method);
+    return -1;
+}
+
+static void cycles(int nclients, double warmup, double seconds) {
+    static cycler_t clients[MAX_CLIENTS];
+    int ep = epoll_create1(0);
+    for (int i = 0; i < nclients; i++) {
+        cycle_client(&clients[i], ep);
+        cycle_send(&clients[i], ALLOCATE);
+    }
+    uint64_t start = now_ns(), end = start + (uint64_t)(warmup * 1e9), next_check = start;
+    uint64_t done = 0, errors = 0;
+    int measuring = 0;
+    struct epoll_event events[64];
+    static unsigned char r[2048];
+    for (;;) {
+        uint64_t now = now_ns();
+        if (now >= end) {
+            if (measuring) break;
+            printf("W\n");
+            fflush(stdout);
+            measuring = 1, done = errors = 0, start = now_ns();
+            end = start + (uint64_t)(seconds * 1e9);
+        }
+        if (now >= next_check) { /* UDP: retransmit what has waited a second */
+            next_check = now + 100000000ull;
+            for (int i = 0; i < nclients; i++)
+                if (now - clients[i].sent_ns > 1000000000ull) {
+                    clients[i].sent_ns = now;
+                    send(clients[i].fd, clients[i].msg, clients[i].len, 0);
+                }
+        }
+        int ready = epoll_wait(ep, events, 64, 100);
+        for (int k = 0; k < ready; k++) {
+            cycler_t *c = events[k].data.ptr;
+            int n = recv(c->fd, r, sizeof r, 0);
+            if (n <= 0) continue;
+            int step = cycle_answer(c, ep, r, n);
+            if (step > 0) done++;
+            if (step < 0) errors++;
+        }
+    }
+    uint64_t elapsed = now_ns() - start;
+    for (int i = 0; i < nclients; i++) close(clients[i].fd);
+    close(ep);
+    printf("%llu %llu %llu\n", (unsigned long long)done, (unsigned long long)errors,
+           (unsigned long long)elapsed);
+    fflush(stdout);
+}
+
 static int read_exact(unsigned char *buf, int len) {
     return fread(buf, 1, len, stdin) == (size_t)len;
 }
@@ -334,6 +490,8 @@ int main(int argc, char **argv) {
         }
         set_nonblocking(c->fd);
     }
+    target = server;
+    srand(getpid());
     printf("ready\n");
     fflush(stdout);
     char line[256];
@@ -350,6 +508,18 @@ int main(int argc, char **argv) {
         } else if (sscanf(line, "R %lf %lf %d", &rate, &seconds, &size) == 3 && size >= 20 &&
                    size <= 1200 && seconds <= 60) {
             run(rate, seconds, size);
+        } else if (line[0] == 'A') {
+            int nclients;
+            double warmup;
+            char key_hex[33];
+            if (sscanf(line, "A %d %lf %lf %32s %63s %63s", &nclients, &warmup, &seconds, key_hex,
+                       cycle_user, cycle_realm) != 6 || nclients < 1 || nclients > MAX_CLIENTS ||
+                warmup > 60 || seconds > 60 || strlen(key_hex) != 32) {
+                fprintf(stderr, "bad command: %s", line);
+                return 2;
+            }
+            for (int i = 0; i < 16; i++) sscanf(key_hex + 2 * i, "%2hhx", &cycle_key[i]);
+            cycles(nclients, warmup, seconds);
         } else if (line[0] == 'Q') {
             return 0;
         } else {
