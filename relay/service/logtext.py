@@ -10,7 +10,9 @@ formatting with the cached timestamp, so tracebacks, `log_system` and legacy eve
 before.
 
 `speed_up` gives this formatter to the file observers twistd starts (stdout with `-n`, or
-`--logfile`, whose `LogFile` keeps rotating as before: only the text is made here).
+`--logfile`, whose `LogFile` keeps rotating as before: only the text is made here), and notes
+in `shared_stream` the descriptor of a stream one writes to: worker processes write their
+lines there themselves (relay.service.workers).
 """
 from __future__ import annotations
 
@@ -18,9 +20,13 @@ import time
 from typing import Any, Dict, Optional
 
 from twisted.logger import FileLogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText
+from twisted.python.logfile import BaseLogFile
 
 _STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # twisted.logger.timeFormatRFC3339
 _stamps: Dict[int, str] = {}
+# The descriptor twistd's text log is written to when it is a plain stream (`-n`, `--logfile=-`:
+# what containers run), set by `speed_up`; None for a `--logfile` file, syslog or `--logger`.
+shared_stream: Optional[int] = None
 
 
 def timestamp(when: Optional[float]) -> str:
@@ -60,13 +66,17 @@ def event_text(event: Dict[str, Any]) -> str:
     return formatEvent(event) if line is None else line
 
 
+def classic_line(when: Optional[float], namespace: str, level: LogLevel, line: str) -> str:
+    """The classic text of a one-line event."""
+    return f"{timestamp(when)} [{namespace}#{level.name}] {line}\n"
+
+
 def classic_text(event: Dict[str, Any]) -> Optional[str]:
     """The line `formatEventAsClassicLogText` makes of `event`, or None when it makes none."""
     line = preformatted(event)
     level = event.get("log_level")
     if line is not None and level is not None and "log_system" not in event and "\n" not in line:
-        return (f"{timestamp(event.get('log_time'))} "
-                f"[{event.get('log_namespace', '-')}#{level.name}] {line}\n")
+        return classic_line(event.get("log_time"), event.get("log_namespace", "-"), level, line)
     return formatEventAsClassicLogText(event, formatTime=timestamp)
 
 
@@ -76,6 +86,15 @@ def speed_up(observer: Any) -> None:
     Only `textFileLogObserver`'s (with twistd's default time format); a JSON one, or an
     observer from `--logger`, is left as it is.
     """
+    global shared_stream
     if (isinstance(observer, FileLogObserver) and getattr(observer.formatEvent, "__qualname__", "")
             == "textFileLogObserver.<locals>.formatEvent"):
         observer.formatEvent = classic_text
+        # A `--logfile` is not shared: its LogFile writes at its own offset, not at the end,
+        # and rotates by the bytes it wrote itself.
+        stream = getattr(observer, "_outFile", None)
+        if stream is not None and not isinstance(stream, BaseLogFile):
+            try:
+                shared_stream = stream.fileno()
+            except (AttributeError, OSError, ValueError):
+                pass

@@ -229,6 +229,11 @@ def test_workers_stop_when_their_parent_is_killed(server_factory):
     finally:
         for pidfd in pidfds:
             os.close(pidfd)
+    # Each worker says why it stopped: it writes to the relay's log stream itself, with no
+    # parent left to pass its lines on.
+    log = server.stop()
+    for index in range(WORKERS):
+        assert f"[turnrelay#warn] [worker {index}] the parent process is gone: stopping\n" in log
 
 
 def test_the_default_number_of_workers_never_exceeds_the_relay_ports():

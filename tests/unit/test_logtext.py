@@ -13,6 +13,7 @@ from twisted.logger import (
     textFileLogObserver,
 )
 from twisted.python.failure import Failure
+from twisted.python.logfile import LogFile
 
 from relay.service import logtext
 from relay.service.logtext import classic_text, event_text, speed_up
@@ -64,6 +65,18 @@ def test_only_text_observers_are_sped_up() -> None:
     speed_up(json)
     assert text.formatEvent is classic_text
     assert json.formatEvent is json_format
+
+
+def test_a_text_stream_is_shared_with_the_workers_and_a_rotated_file_is_not(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(logtext, "shared_stream", None)
+    rotated = LogFile.fromFullPath(str(tmp_path / "relay.log"))
+    with open(tmp_path / "events.json", "w") as events, open(tmp_path / "stdout", "w") as stream:
+        speed_up(textFileLogObserver(rotated))
+        speed_up(jsonFileLogObserver(events))
+        assert logtext.shared_stream is None
+        speed_up(textFileLogObserver(stream))
+        assert logtext.shared_stream == stream.fileno()
+    rotated.close()
 
 
 @pytest.mark.parametrize("zone", ["America/New_York", "Asia/Kolkata", "UTC"])
