@@ -143,8 +143,9 @@ class Server:
     start_timeout = 60.0
 
     def __init__(self, name: str, argv: List[str], workdir: str, env: Optional[dict] = None,
-                 workers: int = 1):
+                 workers: int = 1, logs_to_stdout: bool = False):
         self.name = name
+        self.logs_to_stdout = logs_to_stdout  # its standard output is its log, else discarded
         self.workers = workers
         self.cores: Optional[str] = None  # a taskset list of its own, else --server-core
         self.log_path = os.path.join(workdir, name.replace(" ", "_") + ".log")
@@ -160,7 +161,9 @@ class Server:
             argv = [a.format(port=self.port, tls_port=self.tls_port, log=self.log_path)
                     for a in self.template]
             self.process = subprocess.Popen(["taskset", "-c", cores] + argv, cwd=ROOT,
-                                            env=self.env, stdout=subprocess.DEVNULL,
+                                            env=self.env,
+                                            stdout=open(self.log_path, "w") if self.logs_to_stdout
+                                            else subprocess.DEVNULL,
                                             stderr=open(self.log_path + ".err", "w"))
             deadline = time.monotonic() + self.start_timeout
             while time.monotonic() < deadline and self.process.poll() is None:
@@ -229,16 +232,18 @@ def pion(binary: str, workdir: str, cert: str, key: str) -> Server:
 
 def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str,
               workers: int = 1, dataplane: str = "python") -> Server:
+    """turnrelay as its container runs it (docker/relay.Dockerfile): logging to standard output,
+    which goes to the log file."""
     state = os.path.join(workdir, name.replace(" ", "_") + "-state")
     env = dict(os.environ, PYTHONPATH=ROOT)
     return Server(name, [
-        twistd, "-n", "--pidfile=", "-l", "{log}", "turnrelay", "--listening-ip", HOST,
+        twistd, "-n", "--pidfile=", "--logfile=-", "turnrelay", "--listening-ip", HOST,
         "--listening-port", "{port}", "--tls-listening-port", "{tls_port}", "--relay-ip", HOST,
         "--min-port", str(RELAY_PORTS[0]), "--max-port", str(RELAY_PORTS[1]),
         "--user", f"{USER}:{PASSWORD}", "--realm", REALM, "--allow-loopback-peers",
         "--cert", cert, "--pkey", key, "--state-dir", state, "--workers", str(workers),
         "--dataplane", dataplane, "--rfc5766-channels"],  # uclient's channel numbers (udp-spread)
-        workdir, env, workers)
+        workdir, env, workers, logs_to_stdout=True)
 
 
 class LoadGen:
