@@ -11,12 +11,14 @@ reach the worker holding the allocation.
 The parent keeps what is one per relay: the quotas that span workers (relay.service.quota_book),
 the nonce keys (any worker accepts any worker's nonces), the tokens API, `/metrics` (every
 worker's, each sample labelled `worker`) and `/readyz`.  It passes SIGTERM and SIGHUP on.
+
 A worker writes its log lines to the relay's log stream itself when twistd logs to one (`-n`,
 `--logfile=-`, as containers run it: the same text, one write per event); to a `--logfile`
 file or another observer, the parent writes them, read from the worker's standard output.
 Passed on by the parent, the two lines of an Allocate+Refresh(0) cycle cost the relay about
-100 us of CPU (590 against 500 us a cycle, the default two workers on two cores).  Parent and worker talk AMP over a socket pair
-(descriptor 3 in the worker); the listeners follow from descriptor 4, in the order the
+100 us of CPU (590 against 500 us a cycle, the default two workers on two cores).
+
+Parent and worker talk AMP over a socket pair (descriptor 3 in the worker); the listeners follow from descriptor 4, in the order the
 TURNRELAY_LISTENERS environment variable names their transports; after them the memory in
 which every worker marks its live relayed addresses (relay.core.peers.LiveRelays), so that two
 allocations on different workers may relay to each other, and the one in which they count
