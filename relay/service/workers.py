@@ -18,14 +18,15 @@ file or another observer, the parent writes them, read from the worker's standar
 Passed on by the parent, the two lines of an Allocate+Refresh(0) cycle cost the relay about
 100 us of CPU (590 against 500 us a cycle, the default two workers on two cores).
 
-Parent and worker talk AMP over a socket pair (descriptor 3 in the worker); the listeners follow from descriptor 4, in the order the
-TURNRELAY_LISTENERS environment variable names their transports; after them the memory in
-which every worker marks its live relayed addresses (relay.core.peers.LiveRelays), so that two
-allocations on different workers may relay to each other, and the one in which they count
-TCP/TLS connections per client address (relay.net.source_counts); then the worker's own inbox for
-connections other workers hand it, and every worker's inbox to hand them to, by index
-(relay.net.handoff: a ConnectionBind reaching a worker that did not issue its CONNECTION-ID).
-The parent keeps the inboxes too, so a restarted worker finds its own.
+Parent and worker talk AMP over a socket pair (descriptor 3 in the worker); the listeners
+follow from descriptor 4, in the order the TURNRELAY_LISTENERS environment variable names their
+transports; after them the memory in which every worker marks its live relayed addresses
+(relay.core.peers.LiveRelays), so that two allocations on different workers may relay to each
+other, and the one in which they count TCP/TLS connections per client address
+(relay.net.source_counts); then the worker's own inbox for connections other workers hand it,
+and every worker's inbox to hand them to, by index (relay.net.handoff: a ConnectionBind
+reaching a worker that did not issue its CONNECTION-ID). The parent keeps the inboxes too, so a
+restarted worker finds its own.
 """
 from __future__ import annotations
 
