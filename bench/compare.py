@@ -18,7 +18,8 @@ The table gives the median over the rounds and each server's ratio to the first 
 - round-trip p50/p99 at half that load.
 - udp-spread: the CPU per relayed packet under load spread out as real clients make it (20
   turnutils_uclient clients, 200 messages a second each), where batching cannot help.
-- Allocate + Refresh(0) cycles a second, and the server's CPU per cycle (UDP).
+- Allocate + Refresh(0) cycles a second, and the server's CPU per cycle (UDP), each cycle by a
+  new client of `bench/loadgen.c`.
 - resident memory per idle allocation, over 10,000 UDP allocations.
 
 Everything binds 127.0.0.1 and every run is bounded in packets and seconds.  Run it on demand;
