@@ -315,6 +315,7 @@ class Supervisor(OrderlyStop):
         self.all_ended: Optional[Deferred] = None
         self.banner: Callable[[], str] = lambda: ""  # set by `supervisor`
         self.announced = False  # the banner logged, at the first time all are ready
+        self.drain_over = False  # every worker drained, and told to stop
         # The workers' live relayed addresses: a file no other process can open (unlinked),
         # mapped by the parent and by each worker, which gets its descriptor.
         self.live_file = tempfile.TemporaryFile()
@@ -506,8 +507,11 @@ class Supervisor(OrderlyStop):
     def _end_drain_if_done(self) -> None:
         """The workers drain together: those without allocations wait, still listening and
         redirecting, until none is left (`RelayService.report_drained`), then all stop."""
-        if self.stopping and self.processes \
+        if self.stopping and not self.drain_over and self.processes \
                 and all(process.drained for process in self.processes.values()):
+            # Once: a worker that ends first must not have the others signalled again, as
+            # they may be past their own handler by then, and a SIGTERM would kill them.
+            self.drain_over = True
             log.info("every worker drained: stopping them")
             self.signal_workers(signal.SIGTERM)
 

@@ -236,6 +236,17 @@ def test_workers_stop_when_their_parent_is_killed(server_factory):
         assert f"[turnrelay#warn] [worker {index}] the parent process is gone: stopping\n" in log
 
 
+def test_a_stop_signals_the_drained_workers_once_and_each_stops_cleanly(server_factory):
+    """The first worker to end must not get the others a second SIGTERM: past their own
+    handler by then, they would be killed by it, an error line in every other stop."""
+    server = start_workers(server_factory, "--drain-grace", "20")  # drained at once: none held
+    log = server.stop()
+    assert log.count("every worker drained: stopping them") == 1, log
+    for index in range(WORKERS):
+        assert f"[turnrelay#info] worker {index} stopped\n" in log, log
+    assert "#error]" not in log, log
+
+
 def test_the_default_number_of_workers_never_exceeds_the_relay_ports():
     options = Options()
     options.parseOptions(["--min-port", "50000", "--max-port", "50000", "--no-tls"])

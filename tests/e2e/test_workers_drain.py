@@ -30,4 +30,5 @@ def test_new_clients_are_answered_until_every_worker_has_drained(server_factory)
     held.delete()
     assert server.process.wait(timeout=30) == 0
     log = server.stop()
-    assert "every worker drained: stopping them" in log, log
+    assert log.count("every worker drained: stopping them") == 1, log
+    assert "#error]" not in log, log
