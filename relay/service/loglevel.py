@@ -23,7 +23,7 @@ from twisted.logger import (
 )
 from zope.interface import implementer
 
-from relay.service.logtext import speed_up
+from relay.service.logtext import note_stream, speed_up
 
 LEVELS = ("debug", "info", "warn", "error")
 # Namespaces of Twisted's own lines (legacy `log.msg` ones included).
@@ -66,13 +66,15 @@ def filtered(observer: Callable[[dict], None], level: str) -> ILogObserver:
 def filter_twistd_log(level: str) -> None:
     """Make the observers twistd is about to start logging to show only `level` and above.
 
-    They also get the cheaper formatter of relay.service.logtext (the same text).
+    They also get the cheaper formatter of relay.service.logtext (the same text), and a plain
+    stream among them is noted for the workers to write to.
     """
     begin = globalLogBeginner.beginLoggingTo
 
     def begin_filtered(observers: List[Any], *args: Any, **kwargs: Any) -> None:
         globalLogBeginner.beginLoggingTo = begin  # type: ignore[method-assign]
         for observer in observers:
+            note_stream(observer)  # first: it knows twistd's observer by its own formatter
             speed_up(observer)
         if level != "debug":
             observers = [filtered(observer, level) for observer in observers]

@@ -10,9 +10,9 @@ formatting with the cached timestamp, so tracebacks, `log_system` and legacy eve
 before.
 
 `speed_up` gives this formatter to the file observers twistd starts (stdout with `-n`, or
-`--logfile`, whose `LogFile` keeps rotating as before: only the text is made here), and notes
-in `shared_stream` the descriptor of a stream one writes to: worker processes write their
-lines there themselves (relay.service.workers).
+`--logfile`, whose `LogFile` keeps rotating as before: only the text is made here), and
+`note_stream` notes in `shared_stream` the descriptor of a stream one writes to: worker
+processes write their lines there themselves (relay.service.workers).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from twisted.python.logfile import BaseLogFile
 _STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # twisted.logger.timeFormatRFC3339
 _stamps: Dict[int, str] = {}
 # The descriptor twistd's text log is written to when it is a plain stream (`-n`, `--logfile=-`:
-# what containers run), set by `speed_up`; None for a `--logfile` file, syslog or `--logger`.
+# what containers run), set by `note_stream`; None for a `--logfile` file, syslog or `--logger`.
 shared_stream: Optional[int] = None
 
 
@@ -80,21 +80,29 @@ def classic_text(event: Dict[str, Any]) -> Optional[str]:
     return formatEventAsClassicLogText(event, formatTime=timestamp)
 
 
+def _twistd_text(observer: Any) -> bool:
+    """Whether `observer` is a `textFileLogObserver` twistd made (with its default time format)."""
+    return (isinstance(observer, FileLogObserver) and getattr(observer.formatEvent, "__qualname__", "")
+            == "textFileLogObserver.<locals>.formatEvent")
+
+
 def speed_up(observer: Any) -> None:
     """Make `observer`, if it is a text file observer twistd made, write its lines with `classic_text`.
 
-    Only `textFileLogObserver`'s (with twistd's default time format); a JSON one, or an
-    observer from `--logger`, is left as it is.
+    A JSON observer, or one from `--logger`, is left as it is.
     """
-    global shared_stream
-    if (isinstance(observer, FileLogObserver) and getattr(observer.formatEvent, "__qualname__", "")
-            == "textFileLogObserver.<locals>.formatEvent"):
+    if _twistd_text(observer):
         observer.formatEvent = classic_text
-        # A `--logfile` is not shared: its LogFile writes at its own offset, not at the end,
-        # and rotates by the bytes it wrote itself.
-        stream = getattr(observer, "_outFile", None)
-        if stream is not None and not isinstance(stream, BaseLogFile):
-            try:
-                shared_stream = stream.fileno()
-            except (AttributeError, OSError, ValueError):
-                pass
+
+
+def note_stream(observer: Any) -> None:
+    """Note in `shared_stream` the descriptor `observer` writes to, if it is twistd's text
+    observer on a plain stream.  A `--logfile` is not shared: its LogFile writes at its own
+    offset, not at the end, and rotates by the bytes it wrote itself."""
+    global shared_stream
+    stream = getattr(observer, "_outFile", None) if _twistd_text(observer) else None
+    if stream is not None and not isinstance(stream, BaseLogFile):
+        try:
+            shared_stream = stream.fileno()
+        except (AttributeError, OSError, ValueError):
+            pass

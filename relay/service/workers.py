@@ -105,6 +105,12 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_IN_FLIGHT = 0.25  # seconds a refused reservation waits for a release to arrive
 
 
+def worker_line(index: int, line: str) -> str:
+    """A worker's log line as the relay's log shows it, whether the parent passes it on or the
+    worker writes it to the shared stream itself."""
+    return f"[worker {index}] {line}"
+
+
 # -- what parent and worker say to each other ---------------------------------------------
 
 class Hello(amp.Command):
@@ -279,7 +285,7 @@ class _WorkerProcess(ProcessProtocol):
             except InvalidLogLevelError:
                 level = LogLevel.info
         # Pre-formatted (relay.service.logtext writes it as it is), the same text as before.
-        emit_line(log, level, f"[worker {self.index}] {line}")
+        emit_line(log, level, worker_line(self.index, line))
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self.pending.items():
@@ -697,7 +703,7 @@ def _to_stream(index: int) -> Callable[[dict], None]:
     def write(event: dict) -> None:
         level, lines = _event_lines(event)
         when = event.get("log_time")
-        data = "".join(classic_line(when, log.namespace, level, f"[worker {index}] {line}")
+        data = "".join(classic_line(when, log.namespace, level, worker_line(index, line))
                        for line in lines).encode("utf-8", "backslashreplace")
         try:
             while data:

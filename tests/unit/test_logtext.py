@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from relay.service import logtext
-from relay.service.logtext import classic_text, event_text, speed_up
+from relay.service.logtext import classic_text, event_text, note_stream, speed_up
 
 
 def _events() -> list:
@@ -71,10 +71,10 @@ def test_a_text_stream_is_shared_with_the_workers_and_a_rotated_file_is_not(monk
     monkeypatch.setattr(logtext, "shared_stream", None)
     rotated = LogFile.fromFullPath(str(tmp_path / "relay.log"))
     with open(tmp_path / "events.json", "w") as events, open(tmp_path / "stdout", "w") as stream:
-        speed_up(textFileLogObserver(rotated))
-        speed_up(jsonFileLogObserver(events))
+        note_stream(textFileLogObserver(rotated))
+        note_stream(jsonFileLogObserver(events))
         assert logtext.shared_stream is None
-        speed_up(textFileLogObserver(stream))
+        note_stream(textFileLogObserver(stream))
         assert logtext.shared_stream == stream.fileno()
     rotated.close()
 
