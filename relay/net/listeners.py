@@ -48,7 +48,7 @@ log = Logger(namespace="turnrelay")
 
 def bound_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, kind)
+    sock = socket.socket(family, kind | socket.SOCK_NONBLOCK)  # one system call fewer than setblocking
     try:
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
@@ -57,7 +57,6 @@ def bound_socket(host: str, port: int, kind: int, reuse_port: bool = False) -> s
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.setblocking(False)
     except OSError:
         sock.close()
         raise
@@ -455,11 +454,15 @@ class ReadSocket:
 
     __slots__ = ("reactor", "socket", "address")
 
-    def __init__(self, reactor: IReactorFDSet, sock: socket.socket):
+    def __init__(self, reactor: IReactorFDSet, sock: socket.socket, address: Optional[Address] = None):
+        """`address`, when the caller knows it (the host as the kernel spells it, interned),
+        spares a `getsockname`."""
         self.reactor = reactor
         self.socket = sock
-        host, port = sock.getsockname()[:2]
-        self.address: Address = (sys.intern(host), port)
+        if address is None:
+            host, port = sock.getsockname()[:2]
+            address = (sys.intern(host), port)
+        self.address: Address = address
 
     def fileno(self) -> int:
         return self.socket.fileno()
@@ -488,8 +491,8 @@ class RelayPort(ReadSocket):
 
     BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the others
 
-    def __init__(self, reactor: IReactorFDSet, sock: socket.socket):
-        super().__init__(reactor, sock)
+    def __init__(self, reactor: IReactorFDSet, sock: socket.socket, address: Optional[Address] = None):
+        super().__init__(reactor, sock, address)
         self._recvfrom = sock.recvfrom
         self._sendto = sock.sendto
         self._receive: Callable[[bytes, Address], None]  # set by `attach`, before any read
@@ -539,6 +542,9 @@ class RelayBinder:
 
     def __init__(self, reactor: IReactorFDSet):
         self.reactor = reactor
+        # Each relay IP as the kernel spells it (`getsockname` of its first socket), interned:
+        # the port of a socket bound to a given one is known without asking again.
+        self._hosts: Dict[str, str] = {}
 
     def __call__(self, host: str, port: int, dont_fragment: bool) -> Optional[RelayPort]:
         try:
@@ -549,7 +555,12 @@ class RelayBinder:
             raise
         if dont_fragment:
             _set_dont_fragment(sock)
-        return RelayPort(self.reactor, sock)
+        known = self._hosts.get(host)
+        if known is None or not port:
+            relay = RelayPort(self.reactor, sock)
+            self._hosts[host] = relay.address[0]
+            return relay
+        return RelayPort(self.reactor, sock, (known, port))
 
 
 def _set_dont_fragment(sock: socket.socket) -> None:
