@@ -53,6 +53,7 @@ HOST = "127.0.0.1"
 RELAY_PORTS = (10000, 30000)
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "turnrelay-bench")
 PYPY_TWISTD = os.path.join(CACHE, "pypy-venv", "bin", "twistd")  # docs/performance.md makes it
+SYSTEM_PYTHON = "/usr/bin/python3"  # the one users run turnrelay on (see system_cpython)
 MODES = ("udp-channel", "udp-send", "tcp-channel", "tls-channel", "udp-spread")
 # udp-spread: load as a new user makes it, spread out rather than batched: SPREAD_CLIENTS
 # turnutils_uclient clients (-c: no RTCP pair), each SPREAD_MESSAGES messages of 100 bytes
@@ -221,6 +222,37 @@ def build_pion() -> Optional[str]:
         subprocess.run(["go", "build", "-o", binary, source], check=True,
                        env=dict(os.environ, GO111MODULE="off", GOPATH=gopath))
     return binary
+
+
+def system_cpython() -> str:
+    """twistd in a venv of the machine's own python3 (/usr/bin/python3), made here once.
+
+    That is the CPython users run: `scripts/serve.sh` on Debian and the container image install
+    into Debian's python3, which Debian builds with profile-guided and link-time optimisation,
+    like the python:3.11 images.  The interpreter running the bench may be another build (a
+    pyenv one, without those: the project machine's took 1.2x the CPU per Allocate cycle).
+    Without /usr/bin/python3, or when it cannot make the venv, this interpreter's twistd."""
+    venv = os.path.join(CACHE, "cpython-venv")
+    twistd = os.path.join(venv, "bin", "twistd")
+    if not os.path.exists(twistd) and os.path.exists(SYSTEM_PYTHON):
+        made = subprocess.run(
+            f"{SYSTEM_PYTHON} -m venv {venv} && {venv}/bin/pip install -q -e {ROOT} "
+            "--config-settings editable_mode=compat", shell=True)
+        if made.returncode != 0:
+            shutil.rmtree(venv, ignore_errors=True)
+    if os.path.exists(twistd):
+        return twistd
+    print(f"no venv of {SYSTEM_PYTHON}: turnrelay runs on {sys.executable}", file=sys.stderr)
+    return os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def interpreter(twistd: str) -> str:
+    """The Python `twistd` runs on, as a line of the report: version and base interpreter."""
+    python = os.path.join(os.path.dirname(twistd), "python")
+    return subprocess.run(
+        [python, "-c", "import platform, sys; print(platform.python_implementation(), "
+         "platform.python_version(), getattr(sys, '_base_executable', sys.executable))"],
+        capture_output=True, text=True, check=True).stdout.strip()
 
 
 def pion(binary: str, workdir: str, cert: str, key: str) -> Server:
@@ -694,6 +726,9 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=10000, help="idle allocations for RSS; 0: skip")
     parser.add_argument("--no-alloc", action="store_true", help="skip the allocation figures")
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--cpython", default=None, metavar="TWISTD",
+                        help="twistd of the CPython environment turnrelay runs in (default: a "
+                             "venv of /usr/bin/python3, made once, as users run it)")
     parser.add_argument("--pypy", default=PYPY_TWISTD,
                         help="twistd of a PyPy environment with turnrelay's dependencies")
     parser.add_argument("--no-coturn", action="store_true")
@@ -725,7 +760,8 @@ def main() -> None:
     pion_binary = None if args.no_pion else build_pion()
     if pion_binary:
         servers.append(pion(pion_binary, workdir, cert, key))
-    cpython = os.path.join(os.path.dirname(sys.executable), "twistd")
+    cpython = args.cpython or system_cpython()
+    runs_on = interpreter(cpython)
     for dataplane in args.dataplane:
         suffix = " native" if dataplane == "native" else ""
         servers.append(turnrelay("turnrelay CPython" + suffix, cpython, workdir, cert, key,
@@ -753,7 +789,7 @@ def main() -> None:
         load = f.read().split()[:3]
     print(f"{args.rounds} rounds, {args.size}-byte payloads, {args.allocations} allocations, "
           f"server on core {args.server_core}, load on core {args.load_core}; "
-          f"loadavg {load_before} before, {' '.join(load)} after")
+          f"loadavg {load_before} before, {' '.join(load)} after; turnrelay CPython is {runs_on}")
     print(table(results, args))
     shutil.rmtree(workdir, ignore_errors=True)
 

@@ -234,6 +234,9 @@ def main() -> None:
                         help="turnrelay's UDP data plane (default: native, the relay's default)")
     parser.add_argument("--server-cores", default=None,
                         help="taskset CPU list for the servers (default: every CPU)")
+    parser.add_argument("--cpython", default=None, metavar="TWISTD",
+                        help="twistd of the CPython environment turnrelay runs in (default: a "
+                             "venv of /usr/bin/python3, made once, as users run it)")
     parser.add_argument("--pypy", nargs="?", const=compare.PYPY_TWISTD,
                         default=None, metavar="TWISTD",
                         help="also run turnrelay on PyPy: this twistd (default: the venv "
@@ -250,7 +253,7 @@ def main() -> None:
     cores = args.server_cores or f"0-{(os.cpu_count() or 1) - 1}"
     workdir = tempfile.mkdtemp(prefix="turnrelay-storm-")
     cert, key = compare.self_signed_cert(workdir)
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    twistd = args.cpython or compare.system_cpython()
     pion = None if args.no_pion else compare.build_pion()
     servers = [compare.coturn(workdir, cert, key)]
     servers += [compare.pion(pion, workdir, cert, key)] if pion else []
@@ -282,7 +285,7 @@ def main() -> None:
                 server.stop()
     print(f"{args.clients} clients arriving within {args.arrival} s, {args.packets} packets each, "
           f"servers on CPUs {cores}; loadavg {load[0]:.2f} before, "
-          f"{os.getloadavg()[0]:.2f} after")
+          f"{os.getloadavg()[0]:.2f} after; turnrelay CPython is {compare.interpreter(twistd)}")
     for name, figures, errors, peak in results:
         shown = ", ".join(f"{method} {code}: {n}" for (method, code), n in sorted(errors.items()))
         print(f"{name:16} all relaying after {figures['all_relaying_s']:.2f} s, median setup "
