@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/apt.sh
-python3 -c "import ensurepip" 2>/dev/null || apt_install python3-venv
-[ -x .venv/bin/python ] || python3 -m venv .venv
+"$PYTHON3" -c "import ensurepip" 2>/dev/null || apt_install python3-venv
+[ -x .venv/bin/python ] || "$PYTHON3" -m venv .venv
 .venv/bin/python -m pip install -q .
 exec .venv/bin/twistd -n --pidfile= turnrelay "$@"

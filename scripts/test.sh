@@ -9,7 +9,7 @@ packages=()
 command -v turnutils_uclient >/dev/null || packages+=(coturn)   # turnutils_* client tools
 command -v openssl >/dev/null || packages+=(openssl)           # test certificates
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || packages+=(postgresql)  # throwaway servers
-python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
+"$PYTHON3" -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 command -v haproxy >/dev/null || packages+=(haproxy)           # the PROXY protocol tests
 command -v curl >/dev/null || packages+=(curl)                 # HTTPS on the shared TURN port
 [ -x /usr/lib/chromium/chromium ] || packages+=(chromium)     # the browser WebRTC tests
@@ -30,7 +30,7 @@ bash scripts/images.sh >/dev/null
 
 # Playwright drives Debian's Chromium: never let it download a browser of its own.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
-[ -x .venv/bin/python ] || python3 -m venv .venv
+[ -x .venv/bin/python ] || "$PYTHON3" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # editable_mode=compat: a plain editable install hides twisted/plugins from twistd.
 .venv/bin/python -m pip install -q -e '.[test]' --config-settings editable_mode=compat
