@@ -235,10 +235,11 @@ def system_cpython() -> str:
     venv = os.path.join(CACHE, "cpython-venv")
     twistd = os.path.join(venv, "bin", "twistd")
     if not os.path.exists(twistd) and os.path.exists(SYSTEM_PYTHON):
-        made = subprocess.run(
-            f"{SYSTEM_PYTHON} -m venv {venv} && {venv}/bin/pip install -q -e {ROOT} "
-            "--config-settings editable_mode=compat", shell=True)
-        if made.returncode != 0:
+        try:
+            subprocess.run([SYSTEM_PYTHON, "-m", "venv", venv], check=True)
+            subprocess.run([os.path.join(venv, "bin", "pip"), "install", "-q", "-e", ROOT,
+                            "--config-settings", "editable_mode=compat"], check=True)
+        except subprocess.CalledProcessError:
             shutil.rmtree(venv, ignore_errors=True)
     if os.path.exists(twistd):
         return twistd
