@@ -229,7 +229,7 @@ class OrderlyStop(MultiService):
 
     def _stop(self, name: str) -> None:
         if self.stopping:
-            self.hurry(name)
+            self.hurry(f"{name} again")
         else:
             log.info("{signal}: shutting down", signal=name)
             self.reactor.stop()
@@ -238,8 +238,9 @@ class OrderlyStop(MultiService):
         self.stopping = True
         return super().stopService()
 
-    def hurry(self, signal_name: str) -> None:
-        """The stop signal came again."""
+    def hurry(self, reason: str) -> None:
+        """The stop signal came again, or (in a worker process) the parent says to end the
+        drain for `reason`."""
 
 
 class RelayService(OrderlyStop):
@@ -264,9 +265,11 @@ class RelayService(OrderlyStop):
         # listeners to the kernel's hash with nobody reading it.
         self.report_drained: Optional[Callable[[], None]] = None
 
-    def hurry(self, signal_name: str) -> None:
-        log.info("{signal} again: ending the drain now", signal=signal_name)
-        self.deadline = 0.0
+    def hurry(self, reason: str) -> None:
+        log.info("{reason}: ending the drain now", reason=reason)
+        # Also before `stopService` has run: in a worker, the parent's word may be read
+        # before the worker's own SIGTERM handler has begun the drain.
+        self.grace = self.deadline = 0.0
 
     def stopService(self) -> Deferred:
         self.stopping = True

@@ -131,6 +131,15 @@ class Drained(amp.Command):
     requiresAnswer = False
 
 
+class EndDrain(amp.Command):
+    """Parent to worker, while stopping: end the drain now, for `reason` (the stop signal came
+    to the parent again, or every worker has drained).  Not a second SIGTERM: one that
+    reaches a worker before its handler has run for the first is merged with it, and the
+    worker would drain for its whole grace."""
+    arguments = [(b"reason", amp.Unicode())]
+    requiresAnswer = False
+
+
 class ReservePlace(amp.Command):
     """Worker to parent: a place in the quotas for a new allocation (relay.service.quota_book)."""
     arguments = [(b"reservation", amp.Integer()), (b"username", amp.Unicode()),
@@ -500,9 +509,14 @@ class Supervisor(OrderlyStop):
         dying = [index for index, deaths in enumerate(self.quick_deaths) if deaths >= GIVE_UP]
         return f"worker {dying[0]} keeps dying at start" if dying else None
 
-    def hurry(self, signal_name: str) -> None:
-        log.info("{signal} again: the workers end their drain now", signal=signal_name)
-        self.signal_workers(signal.SIGTERM)
+    def hurry(self, reason: str) -> None:
+        log.info("{reason}: the workers end their drain now", reason=reason)
+        self._end_drains(reason)
+
+    def _end_drains(self, reason: str) -> None:
+        for process in list(self.processes.values()):
+            if not process.control.gone:
+                process.control.callRemote(EndDrain, reason=reason)
 
     def worker_drained(self, index: int) -> None:
         process = self.processes.get(index)
@@ -515,11 +529,10 @@ class Supervisor(OrderlyStop):
         redirecting, until none is left (`RelayService.report_drained`), then all stop."""
         if self.stopping and not self.drain_over and self.processes \
                 and all(process.drained for process in self.processes.values()):
-            # Once: a worker that ends first must not have the others signalled again, as
-            # they may be past their own handler by then, and a SIGTERM would kill them.
+            # Once: a worker that ends first must not have the others told again.
             self.drain_over = True
             log.info("every worker drained: stopping them")
-            self.signal_workers(signal.SIGTERM)
+            self._end_drains("every worker drained")
 
     def stopService(self) -> Deferred:
         self.stopping = True
@@ -659,6 +672,12 @@ class _WorkerSide(_Control):
         self.reached_elsewhere.update(accounts)
         return {}
 
+    @EndDrain.responder
+    def end_drain(self, reason: str) -> dict:
+        if self.service is not None:
+            self.service.hurry(reason)
+        return {}
+
     @Scrape.responder
     def scrape(self) -> dict:
         return {"metrics": zlib.compress(generate_latest(self.service.registry))}
@@ -674,7 +693,7 @@ class _WorkerSide(_Control):
         if self.service is not None:
             self.service.grace = 0.0
             if stopping:
-                self.service.hurry("parent gone")
+                self.service.hurry("the parent process is gone")
         try:
             self.reactor.stop()
         except ReactorNotRunning:
