@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -228,11 +229,15 @@ class OrderlyStop(MultiService):
         self.reactor.callFromThread(self._stop, signal.Signals(number).name)
 
     def _stop(self, name: str) -> None:
-        if self.stopping:
-            self.hurry(f"{name} again")
-        else:
-            log.info("{signal}: shutting down", signal=name)
-            self.reactor.stop()
+        if not self.stopping:
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:
+                pass  # stopping already: the first signal was handled in this same turn
+            else:
+                log.info("{signal}: shutting down", signal=name)
+                return
+        self.hurry(f"{name} again")
 
     def stopService(self) -> Optional[Deferred]:
         self.stopping = True
