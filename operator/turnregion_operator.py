@@ -222,21 +222,32 @@ def write_status(region: Dict[str, Any], problems: List[str]) -> None:
     """The status from the children as stored now, the alternates of a hostNetwork region
     (its draining relays' redirect targets), and the namespace's directory."""
     namespace, name = region["metadata"]["namespace"], region["metadata"]["name"]
-    host_network = m.with_defaults(region["spec"])["exposure"]["hostNetwork"]
+    regions = client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND)
     with _status_locks[(namespace, name)]:
+        # Read again under the lock: a handler that waited here may hold a spec older than
+        # the one the writer before it used (a `draining` just set or cleared).
+        try:
+            region = regions.get(name=name, namespace=namespace).to_dict()
+        except NotFoundError:
+            return  # deleted meanwhile; region_deleted takes it out of the directory
+        if region["metadata"].get("deletionTimestamp"):
+            return
+        host_network = m.with_defaults(region["spec"])["exposure"]["hostNetwork"]
         deployments, services = owned(region, "apps/v1", "Deployment"), owned(region, "v1", "Service")
         addresses = relay_node_addresses(region) if host_network else []
         status = m.region_status(region, deployments[0].get("status") if deployments else None,
                                  [s.get("status") for s in services], problems, now(), addresses)
         # Written here rather than through kopf's patch: the drift timer runs outside any handler.
-        client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND).status.patch(
+        regions.status.patch(
             body={"status": status}, name=name, namespace=namespace,
             content_type="application/merge-patch+json")
         if host_network and not problems:
             alternates = m.alternates_config_map(region, status["endpoints"])
             kopf.append_owner_reference(alternates, owner=region)
             ensure(alternates)
-    update_directory(namespace, {**region, "status": status})
+        # Still under the lock: a directory written from an older status never lands after
+        # one written from a newer.
+        update_directory(namespace, {**region, "status": status})
 
 
 def relay_node_addresses(region: Mapping[str, Any]) -> List[str]:
@@ -288,6 +299,16 @@ def update_directory(namespace: str, fresh: Optional[Mapping[str, Any]], gone: s
     """Rewrite ConfigMap turnrelay-regions from every live region of the namespace, `fresh`
     standing in for its stored self.  Each region is an owner, so the garbage collector
     deletes the directory with the last of them."""
+    with _directory_locks[namespace]:
+        _write_directory(namespace, fresh, gone)
+
+
+# One directory writer at a time per namespace, so the relays' last nudge names the
+# directory's last version (handlers run on kopf's thread pool).
+_directory_locks: Dict[str, threading.Lock] = collections.defaultdict(threading.Lock)
+
+
+def _write_directory(namespace: str, fresh: Optional[Mapping[str, Any]], gone: str) -> None:
     listed = client().resources.get(api_version=f"{m.GROUP}/{m.VERSION}", kind=m.KIND)
     regions = {}
     for item in listed.get(namespace=namespace).to_dict()["items"]:

@@ -556,7 +556,7 @@ class RelayBinder:
         if dont_fragment:
             _set_dont_fragment(sock)
         known = self._hosts.get(host)
-        if known is None or not port:
+        if known is None:
             relay = RelayPort(self.reactor, sock)
             self._hosts[host] = relay.address[0]
             return relay

@@ -687,13 +687,13 @@ class _WorkerSide(_Control):
         # The parent is gone (killed, or it crashed, or it ended the stop it began): stop at
         # once, its usage written, rather than run on unsupervised in the listeners' port
         # group, where a new relay would share the clients with it.
-        stopping = self.service is not None and self.service.stopping
-        if not stopping:
+        service = self.service
+        if service is not None and service.stopping:
+            service.hurry("the parent process is gone")
+        else:
             log.warn("the parent process is gone: stopping")
-        if self.service is not None:
-            self.service.grace = 0.0
-            if stopping:
-                self.service.hurry("the parent process is gone")
+            if service is not None:
+                service.grace = 0.0
         try:
             self.reactor.stop()
         except ReactorNotRunning:

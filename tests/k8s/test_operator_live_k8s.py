@@ -296,8 +296,11 @@ def test_the_directory_follows_the_regions_deployment_status(cluster, operator):
     wait_for(lambda: directory_regions(cluster)["us-east"].state == "ready", timeout=5)
     # Every relay pod is told the directory's version: the kubelet then updates its mounted
     # copy at once rather than at its next periodic sync of the pod.
-    version = core(cluster).read_namespaced_config_map(m.DIRECTORY_NAME, NAMESPACE).metadata.resource_version
-    wait_for(lambda: {p.metadata.annotations.get(m.REGIONS_VERSION) for p in relay_pods(cluster, "nyc")} == {version},
-             timeout=5, what="the relay pods annotated with the directory's version")
+    def nudged():
+        version = core(cluster).read_namespaced_config_map(m.DIRECTORY_NAME, NAMESPACE).metadata.resource_version
+        annotated = [p.metadata.annotations.get(m.REGIONS_VERSION) for p in relay_pods(cluster, "nyc")]
+        assert set(annotated) == {version}, f"directory {version}, pods {annotated}"
+        return True
+    wait_for(nudged, timeout=5, what="the relay pods annotated with the directory's current version")
     print(f"directory ready {ready_after:.2f} s, not ready {unready_after:.2f} s after the pods' readiness")
     operator.check()
