@@ -33,7 +33,6 @@ from relay.util.argstring import parse_arguments
 from relay.util.secretfile import read_secrets
 from relay.util.tomlfile import read_toml
 from relay.util.units import parse_megabytes
-from relay.web.geoip import GeoIP
 from relay.web.regions import check_host, regions_from_table
 
 
@@ -515,6 +514,9 @@ class Options(strcred.AuthOptionMixin, usage.Options):
                 _fail("regions-file", str(err))
         self["geoip"] = None
         if self["geoip-db"]:
+            # Imported only here: the maxminddb reader is about 40 ms of every
+            # process's start (the parent and each worker) for a relay that reads no database.
+            from relay.web.geoip import GeoIP
             try:
                 self["geoip"] = GeoIP(self["geoip-db"])
             except ValueError as err:
