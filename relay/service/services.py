@@ -220,10 +220,15 @@ class OrderlyStop(MultiService):
         self.stopping = False
 
     def startService(self) -> None:
-        super().startService()
-        # Replacing the reactor's own handlers, installed as it starts.
+        # At once, and again once the reactor runs, replacing its own handlers installed as
+        # it starts.  twistd starts the services before the reactor, and a single process
+        # prints its start banner then: a SIGINT sent on seeing it (or any Ctrl-C) would
+        # otherwise raise KeyboardInterrupt inside the reactor's start-up, which Twisted
+        # logs and goes on from, the signal lost and the relay left running.
         for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._signalled)
             self.reactor.callWhenRunning(signal.signal, number, self._signalled)
+        super().startService()
 
     def _signalled(self, number: int, frame: object) -> None:
         self.reactor.callFromThread(self._stop, signal.Signals(number).name)

@@ -1,20 +1,32 @@
 """The stop signals of a relay process (relay.service.services.OrderlyStop): the first stops
 the reactor, any later one asks the service to hurry, also when both are handled before the
-reactor has begun its shutdown."""
+reactor has begun its shutdown; and one that comes before the reactor runs is not lost."""
 from __future__ import annotations
 
-from typing import List
+import os
+import signal
+from typing import Any, Callable, Iterator, List
 
+import pytest
 from twisted.internet.error import ReactorNotRunning
 
 from relay.service.services import OrderlyStop
 
 
 class StoppingReactor:
-    """A reactor's `stop` as Twisted's: a second call before the shutdown raises."""
+    """A reactor's `stop` as Twisted's: a second call before the shutdown raises.  Not yet
+    running: `callWhenRunning` and `callFromThread` keep their calls for later."""
 
     def __init__(self) -> None:
         self.stops = 0
+        self.when_running: List[Callable[[], Any]] = []
+        self.from_thread: List[Callable[[], Any]] = []
+
+    def callWhenRunning(self, f: Callable[..., Any], *args: Any) -> None:
+        self.when_running.append(lambda: f(*args))
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        self.from_thread.append(lambda: f(*args))
 
     def stop(self) -> None:
         if self.stops:
@@ -46,3 +58,28 @@ def test_a_signal_once_stopping_hurries() -> None:
     service._stop("SIGTERM")
     assert service.reactor.stops == 1
     assert service.hurried == ["SIGTERM again"]
+
+
+@pytest.fixture
+def stop_handlers() -> Iterator[None]:
+    saved = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+
+
+def test_a_signal_before_the_reactor_runs_stops_it_once_it_does(stop_handlers: None) -> None:
+    """twistd starts the services, then the reactor: a SIGINT in between used to raise
+    KeyboardInterrupt inside the reactor's start-up, and the relay ran on."""
+    service = Recorded(StoppingReactor())
+    service.startService()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # handled here, at the next bytecode
+    except KeyboardInterrupt:
+        pytest.fail("the SIGINT met Python's default handler: the service had none yet")
+    reactor = service.reactor
+    assert reactor.stops == 0 and len(reactor.from_thread) == 1
+    for call in reactor.when_running + reactor.from_thread:  # the reactor starts
+        call()
+    assert reactor.stops == 1
+    assert signal.getsignal(signal.SIGTERM) == signal.getsignal(signal.SIGINT) == service._signalled
