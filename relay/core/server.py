@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple, cast
 
 from relay.core.allocation import (
+    NO_LIMIT,
     PERMISSION_LIFETIME,
     Address,
     Allocation,
@@ -283,6 +284,7 @@ class TurnServer:
         # both refilled may its throttled TCP connections read again.
         for budget in self._account_budgets.values():
             budget.refill()
+        NO_LIMIT.refill()  # shared by every allocation without a limit of its own
         for allocation in list(self.allocations.values()):
             if allocation.expires <= now:
                 self._close(allocation, "expired")

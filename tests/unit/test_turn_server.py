@@ -730,6 +730,28 @@ def test_create_permission_refreshes_the_permission(harness, alice):
     assert "8.8.8.8" in alice.allocation.permissions
 
 
+def test_each_permission_and_channel_ends_at_its_own_latest_expiry(harness, alice):
+    """The tick sweeps an allocation only once something in it may have ended: each sweep
+    must find the next end again, after a refresh too."""
+    alice.allocate_ok((stun.LIFETIME, 3600))
+    alice.create_permission(PEER)          # until 300
+    alice.channel_bind(0x4000, PEER2)      # the channel until 600, its permission until 300
+    harness.advance(200)
+    alice.create_permission(PEER)          # now until 500
+    harness.advance(101)
+    assert set(alice.allocation.permissions) == {PEER[0]}
+    harness.advance(198)
+    assert set(alice.allocation.permissions) == {PEER[0]}
+    harness.advance(2)
+    assert alice.allocation.permissions == {} and set(alice.allocation.channels) == {0x4000}
+    harness.advance(100)
+    assert alice.allocation.channels == {} and set(alice.allocation.cooldown) == {0x4000}
+    harness.advance(CHANNEL_COOLDOWN - 2)
+    assert set(alice.allocation.cooldown) == {0x4000}
+    harness.advance(2)
+    assert alice.allocation.cooldown == {}
+
+
 # -- ChannelBind and ChannelData (RFC 8656 section 11) -----------------------------------------
 
 @pytest.mark.parametrize("number", [0x0000, 0x3FFF, 0x5000, 0x7FFE, 0x7FFF, 0x8000, 0xFFFF])
