@@ -20,7 +20,8 @@ The table gives the median over the rounds and each server's ratio to the first 
   turnutils_uclient clients, 200 messages a second each), where batching cannot help.
 - Allocate + Refresh(0) cycles a second, and the server's CPU per cycle (UDP), each cycle by a
   new client of `bench/loadgen.c`.
-- resident memory per idle allocation, over 10,000 UDP allocations.
+- resident memory per idle allocation, over 10,000 UDP allocations, and the CPU those
+  allocations cost while idle (each server's timers: expiry, permissions, rate limits).
 
 Everything binds 127.0.0.1 and every run is bounded in packets and seconds.  Run it on demand;
 it is not part of the test suite.  PyPy: see docs/performance.md.
@@ -556,6 +557,9 @@ def allocation_figures(server: Server, args) -> Dict[str, float]:
             "alloc_switches": switched / max(cycles, 1), "alloc_errors": errors}
 
 
+IDLE_SECONDS = 10.0  # one usage-ledger pass (every 10 s) falls within it
+
+
 def idle_allocations(port: int, count: int, batches: List[UdpClients]) -> int:
     """`count` new clients each make an allocation and keep it (their sockets stay open, in
     `batches`, until the caller closes them); how many were made within 60 s."""
@@ -577,9 +581,13 @@ def memory_figure(server: Server, args) -> Dict[str, float]:
     base = rss_kib(server.pid)
     made = sum(idle_allocations(server.port, 200, batches) for _ in range(args.idle // 200))
     grown = rss_kib(server.pid) - base
+    before = cpu_ns(server.pid)
+    time.sleep(IDLE_SECONDS)  # the window measured: nothing is sent
+    idle_cpu = cpu_ns(server.pid) - before
     for clients in batches:
         clients.close()
-    return {"rss_per_alloc_b": grown * 1024 / max(made, 1), "idle_made": made}
+    return {"rss_per_alloc_b": grown * 1024 / max(made, 1), "idle_made": made,
+            "idle_cpu_pct": 100 * idle_cpu / (IDLE_SECONDS * 1e9)}
 
 
 def spread_figures(server: Server, peer: Tuple[str, int], args) -> Dict[str, float]:
@@ -703,6 +711,7 @@ def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
         row("context switches per cycle", "alloc_switches", "{:.2f}")
         if args.idle:
             row(f"RSS bytes per idle allocation ({args.idle})", "rss_per_alloc_b", "{:.0f}")
+            row(f"CPU % of a core, {args.idle} idle allocations", "idle_cpu_pct", "{:.2f}")
     return "\n".join(lines)
 
 
