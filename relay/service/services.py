@@ -2,6 +2,7 @@
 (drain, then close) and its SIGHUP reloads."""
 from __future__ import annotations
 
+import gc
 import signal
 import socket
 from typing import Callable, Dict, List, Optional, Tuple
@@ -208,6 +209,19 @@ class HTTPService(Service):
         return self.listening.stopListening()
 
 
+def freeze_start_up() -> None:
+    """Put what start-up made (modules, the relay's tables) beyond CPython's cyclic collector.
+
+    They live as long as the process, yet each full collection walked them all: 30-90 ms every
+    few seconds under steady Allocates, in which the reactor served nothing.  Frozen, a full
+    collection walks only what came since (3-8 ms).  Start-up's garbage is collected first,
+    so that none is kept for good.  PyPy's collector has no `freeze` and no such pauses.
+    """
+    gc.collect()
+    if hasattr(gc, "freeze"):
+        gc.freeze()
+
+
 class OrderlyStop(MultiService):
     """A root service that SIGTERM (and SIGINT) stops in order, exiting 0 where twistd's own
     handlers would have the process end by the signal: the first signal stops the reactor,
@@ -229,6 +243,7 @@ class OrderlyStop(MultiService):
             signal.signal(number, self._signalled)
             self.reactor.callWhenRunning(signal.signal, number, self._signalled)
         super().startService()
+        freeze_start_up()
 
     def _signalled(self, number: int, frame: object) -> None:
         self.reactor.callFromThread(self._stop, signal.Signals(number).name)
