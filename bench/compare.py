@@ -19,7 +19,8 @@ The table gives the median over the rounds and each server's ratio to the first 
 - udp-spread: the CPU per relayed packet under load spread out as real clients make it (20
   turnutils_uclient clients, 200 messages a second each), where batching cannot help.
 - Allocate + Refresh(0) cycles a second, and the server's CPU per cycle (UDP), each cycle by a
-  new client of `bench/loadgen.c`.
+  new client of `bench/loadgen.c`; meanwhile, how long a Binding request (100 a second) waits
+  for its answer: the server's stalls under that load.
 - resident memory per idle allocation, over 10,000 UDP allocations, and the CPU those
   allocations cost while idle (each server's timers: expiry, permissions, rate limits).
 
@@ -39,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -530,6 +532,48 @@ class UdpClients:
             s.close()
 
 
+class BindingProbe:
+    """Binding requests to the server, one every `GAP` seconds from a thread of this process,
+    while the Allocate cycles run: the server's answer time to a request that waits for no
+    login or database, so the stalls of its event loop (a long read, a collection) show."""
+
+    GAP = 0.01
+    TIMEOUT = 1.0  # a lost request counts as this long
+
+    def __init__(self, port: int):
+        self.port = port
+        self.rtts: List[float] = []
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((HOST, self.port))
+            while self.running:
+                request = stun.Message(stun.BINDING, stun.REQUEST)
+                sent = time.perf_counter()
+                sock.send(request.encode())
+                rtt = self.TIMEOUT
+                sock.settimeout(self.TIMEOUT)
+                try:
+                    while time.perf_counter() - sent < self.TIMEOUT:
+                        if stun.parse(sock.recv(2048)).transaction_id == request.transaction_id:
+                            rtt = time.perf_counter() - sent
+                            break
+                except socket.timeout:
+                    pass
+                self.rtts.append(rtt)
+                time.sleep(self.GAP)
+
+    def figures(self) -> Dict[str, float]:
+        self.running = False
+        self.thread.join()
+        ms = sorted(1000 * rtt for rtt in self.rtts)
+        return {"probe_p50_ms": ms[len(ms) // 2], "probe_p99_ms": ms[int(len(ms) * 0.99)],
+                "probe_max_ms": ms[-1]}
+
+
 def allocation_figures(server: Server, args) -> Dict[str, float]:
     """Allocate + Refresh(0) cycles over UDP, `args.alloc_clients` in flight at once, from
     bench/loadgen.c on `args.load_core` (C: the load costs a small part of the answers).
@@ -545,16 +589,18 @@ def allocation_figures(server: Server, args) -> Dict[str, float]:
         gen.start_cycles(args.alloc_clients, args.alloc_warmup, args.seconds)
         before, switches = cpu_ns(server.pid), context_switches(server.pid)
         ticks = user_system_ticks(server.pid)
+        probe = BindingProbe(server.port)
         cycles, errors, elapsed = gen.cycles_done()
         used = cpu_ns(server.pid) - before
         switched = context_switches(server.pid) - switches
         user, system = (after - earlier
                         for after, earlier in zip(user_system_ticks(server.pid), ticks))
+        probed = probe.figures()
     finally:
         gen.close()
     return {"allocs_per_s": cycles / elapsed, "alloc_cpu_us": used / 1000 / max(cycles, 1),
             "alloc_system_pct": 100 * system / max(user + system, 1),
-            "alloc_switches": switched / max(cycles, 1), "alloc_errors": errors}
+            "alloc_switches": switched / max(cycles, 1), "alloc_errors": errors, **probed}
 
 
 IDLE_SECONDS = 10.0  # one usage-ledger pass (every 10 s) falls within it
@@ -709,6 +755,9 @@ def table(results: Dict[str, List[Dict[str, float]]], args) -> str:
         row("CPU us per Allocate+Refresh(0) cycle", "alloc_cpu_us", "{:.0f}")
         row("  of which system time (the kernel's), %", "alloc_system_pct", "{:.0f}")
         row("context switches per cycle", "alloc_switches", "{:.2f}")
+        row("meanwhile, Binding answered in p50 ms", "probe_p50_ms", "{:.2f}")
+        row("  p99 ms", "probe_p99_ms", "{:.2f}")
+        row("  longest, ms", "probe_max_ms", "{:.1f}")
         if args.idle:
             row(f"RSS bytes per idle allocation ({args.idle})", "rss_per_alloc_b", "{:.0f}")
             row(f"CPU % of a core, {args.idle} idle allocations", "idle_cpu_pct", "{:.2f}")
