@@ -557,10 +557,11 @@ def adopt_datagram_socket(reactor: IReactorSocket, sock: socket.socket,
     """Hand a bound UDP socket to the reactor as a `ListenerPort`, which keeps its own
     duplicate descriptor."""
     try:
+        # Made as the reactor's adoptDatagramPort makes its port, which takes no port class.
         port = ListenerPort._fromListeningDescriptor(reactor, sock.fileno(), sock.family,
                                                      protocol, maxPacketSize=MAX_DATAGRAM)
         port.startListening()
-        # PyPy's socket.fromfd, which the reactor calls, makes the descriptor blocking, and
+        # PyPy's socket.fromfd, which Twisted calls there, makes the descriptor blocking, and
         # the duplicate shares that flag: one recvfrom too many would then hang the reactor.
         sock.setblocking(False)
         return port

@@ -215,7 +215,7 @@ def freeze_start_up() -> None:
     They live as long as the process, yet each full collection walked them all: 30-90 ms every
     few seconds under steady Allocates, in which the reactor served nothing.  Frozen, a full
     collection walks only what came since (3-8 ms).  Start-up's garbage is collected first,
-    so that none is kept for good.  PyPy's collector has no `freeze` and no such pauses.
+    so that none is kept for good.  PyPy's collector, incremental, has no `freeze`.
     """
     gc.collect()
     if hasattr(gc, "freeze"):
