@@ -550,12 +550,12 @@ class BindingProbe:
     def _run(self) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
             sock.connect((HOST, self.port))
+            sock.settimeout(self.TIMEOUT)
             while self.running:
                 request = stun.Message(stun.BINDING, stun.REQUEST)
                 sent = time.perf_counter()
                 sock.send(request.encode())
                 rtt = self.TIMEOUT
-                sock.settimeout(self.TIMEOUT)
                 try:
                     while time.perf_counter() - sent < self.TIMEOUT:
                         if stun.parse(sock.recv(2048)).transaction_id == request.transaction_id:

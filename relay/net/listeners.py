@@ -43,6 +43,8 @@ from relay.proto.demux import ALPN_STUN_TURN, HTTP, stream_kind
 
 Address = Tuple[str, int]
 MAX_DATAGRAM = 65536
+# Datagrams a UDP socket is read for per wake-up, so that one busy socket cannot starve the rest.
+READ_BATCH = 64
 _SEND_INDICATION = stun.SEND_INDICATION  # its first byte is 0
 log = Logger(namespace="turnrelay")
 
@@ -490,7 +492,7 @@ class RelayPort(ReadSocket):
 
     __slots__ = ("_recvfrom", "_sendto", "_receive")
 
-    BATCH = 64  # datagrams read per wake-up, so one busy socket cannot starve the others
+    BATCH = READ_BATCH
 
     def __init__(self, reactor: IReactorFDSet, sock: socket.socket, address: Optional[Address] = None):
         super().__init__(reactor, sock, address)
@@ -526,16 +528,17 @@ class RelayPort(ReadSocket):
 
 
 class ListenerPort(udp.Port):
-    """A client listener's UDP port: Twisted's, reading at most `BATCH` datagrams a wake-up.
+    """A client listener's UDP port: Twisted's, reading at most `READ_BATCH` datagrams a wake-up.
 
     Twisted's port reads up to 256 KiB a wake-up: some 2,600 STUN requests of 100 bytes, which
     under a steady stream of Allocates made one reactor iteration last 30-150 ms, and no timer,
     thread result (the ledger's writes) or other socket was served meanwhile.  The usage
     ledger's queue then grew by a thousand records a second until it refused allocations with
-    508.  Bounded by count, as a relay socket is (`RelayPort.BATCH`).
+    508.  Bounded by count, as a relay socket is.  An error the socket reports ends the
+    wake-up, as on a relay socket, where Twisted's port would have closed the listener for good.
     """
 
-    BATCH = 64
+    BATCH = READ_BATCH
 
     def doRead(self) -> None:
         recvfrom, size = self.socket.recvfrom, self.maxPacketSize
@@ -544,8 +547,8 @@ class ListenerPort(udp.Port):
         for _ in range(self.BATCH):
             try:
                 data, addr = recvfrom(size)
-            except (BlockingIOError, InterruptedError, ConnectionRefusedError):
-                return  # nothing more to read, or an ICMP error: nothing to do for UDP
+            except OSError:
+                return  # nothing more to read, or an error (ICMP, buffers): UDP may drop
             try:
                 received(data, addr[:2] if v6 else addr)  # no flow and scope ids
             except Exception:

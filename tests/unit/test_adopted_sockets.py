@@ -6,6 +6,7 @@ blocking, and its duplicate shares the flag: a worker's reactor then hung in its
 one recvfrom (or accept) too many, relaying nothing back from peers and never stopping.  The
 `fromfd` here does what PyPy's does, on any interpreter.
 """
+import errno
 import fcntl
 import os
 import socket
@@ -18,16 +19,15 @@ from relay.service.services import adopt_stream_socket
 
 
 class FakeReactor:
-    """What adopting a socket asks of a reactor: stream ports through `fromfd`, readers kept."""
+    """What adopting a socket asks of a reactor: stream ports through `fromfd` (as Twisted
+    makes datagram ports), readers kept."""
 
     def __init__(self):
         self.adopted = []
         self.readers = []
 
     def adoptStreamPort(self, fd, family, factory):
-        sock = socket.fromfd(fd, family, socket.SOCK_STREAM)
-        self.adopted.append(sock)
-        return sock
+        return socket.fromfd(fd, family, socket.SOCK_STREAM)
 
     def addReader(self, reader):
         self.readers.append(reader)
@@ -44,8 +44,7 @@ def reactor(monkeypatch):
     def pypy_like_fromfd(fd, family, kind, proto=0):
         sock = real_fromfd(fd, family, kind, proto)
         sock.setblocking(True)
-        if kind == socket.SOCK_DGRAM:
-            reactor.adopted.append(sock)
+        reactor.adopted.append(sock)
         return sock
 
     monkeypatch.setattr(socket, "fromfd", pypy_like_fromfd)
@@ -90,3 +89,23 @@ def test_a_udp_listener_reads_a_bounded_batch_per_wake_up(reactor):
         port.doRead()  # nothing left: returns at once
         assert [data for data, _ in protocol.datagrams] == [b"request %d" % n for n in range(100)]
         assert {addr for _, addr in protocol.datagrams} == {client.getsockname()}
+
+
+class Failing:
+    """A socket whose next read reports an error, as a full buffer or ICMP may."""
+
+    def recvfrom(self, size):
+        raise OSError(errno.ENOBUFS, "No buffer space available")
+
+
+def test_a_read_error_leaves_the_udp_listener_listening(reactor):
+    """Twisted's port raised it to the reactor, which closed the listener for good."""
+    port = adopt_datagram_socket(reactor, bound_socket("127.0.0.1", 0, socket.SOCK_DGRAM),
+                                 Received())
+    listening = port.socket
+    port.socket = Failing()
+    try:
+        port.doRead()  # no exception: the reactor keeps it
+    finally:
+        port.socket = listening
+    assert reactor.readers == [port]
