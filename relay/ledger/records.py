@@ -28,7 +28,7 @@ END_REASONS = ("expired", "deleted", "revoked", "quota", "disconnected", "shutdo
 class SessionStarted:
     """Who pays for a session, and where and how it ran."""
 
-    session_id: str                    # uuid4 hex, made at Allocate
+    session_id: str                    # UUIDv7 hex (time-ordered), made at Allocate
     account_id: str
     username: str
     region: str

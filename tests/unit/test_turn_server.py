@@ -3,6 +3,7 @@ permissions, channels and relaying, driven with an injected clock and a fake rel
 from __future__ import annotations
 
 import base64
+import uuid
 
 import pytest
 
@@ -20,6 +21,7 @@ from support.core_harness import (
     RELAY_V4,
     RELAY_V6,
     SOFTWARE,
+    START,
     Harness,
     RawValue,
     channel_data,
@@ -188,6 +190,21 @@ def test_allocate_success(harness, alice):
     assert harness.binder.bound == {(RELAY_V4, port)}
     assert alice.relay().receiver == allocation.from_peer
 
+
+
+def test_session_ids_are_uuid7_in_the_order_sessions_start(harness):
+    """RFC 9562 UUIDv7s: the ledger's sessions table is keyed by them, and keys in start
+    order append to its index where uuid4s would land anywhere in it."""
+    ids = []
+    for k in range(3):
+        client = harness.client("alice", address=("198.51.100.20", 41000 + k))
+        client.allocate_ok()
+        ids.append(uuid.UUID(client.allocation.session_id))
+        harness.advance(0.002)
+    assert [u.version for u in ids] == [7, 7, 7]
+    assert {u.variant for u in ids} == {uuid.RFC_4122}
+    assert ids[0].int >> 80 == int(START * 1000)  # the Unix time in milliseconds
+    assert ids == sorted(ids) and len({u.int & (1 << 74) - 1 for u in ids}) == 3
 
 @pytest.mark.parametrize("requested, granted", [(None, 600), (3000, 3000), (99999, 3600),
                                                 (10, 600), (600, 600), (3600, 3600)])
