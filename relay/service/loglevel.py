@@ -72,10 +72,11 @@ def filter_twistd_log(level: str) -> None:
     begin = globalLogBeginner.beginLoggingTo
 
     def begin_filtered(observers: List[Any], *args: Any, **kwargs: Any) -> None:
+        from twisted.internet import reactor  # twistd has installed its reactor by now
         globalLogBeginner.beginLoggingTo = begin  # type: ignore[method-assign]
         for observer in observers:
             note_stream(observer)  # first: it knows twistd's observer by its own formatter
-            speed_up(observer)
+            speed_up(observer, reactor)
         if level != "debug":
             observers = [filtered(observer, level) for observer in observers]
         begin(observers, *args, **kwargs)

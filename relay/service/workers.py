@@ -39,7 +39,7 @@ import socket
 import sys
 import tempfile
 import zlib
-from typing import Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -88,7 +88,7 @@ from relay.service.build import (
 )
 from relay.service.first_run import FirstRun
 from relay.service.loglevel import filtered
-from relay.service.logtext import classic_line, emit_line, event_text
+from relay.service.logtext import LineBatch, classic_line, emit_line, event_text
 from relay.service.options import Options
 from relay.service.quota_book import GRANTED, Place, QuotaBook
 from relay.service.services import HTTPService, OrderlyStop, RelayService, SighupService
@@ -707,29 +707,40 @@ def _event_lines(event: dict) -> Tuple[LogLevel, List[str]]:
     return event.get("log_level", LogLevel.info), text.splitlines() or [""]
 
 
-def _log_lines(event: dict) -> None:
+def _to_parent(reactor: Any) -> Callable[[dict], None]:
     """A worker's log for the parent to write, a line per line of text, each starting with its
-    level's name."""
-    level, lines = _event_lines(event)
-    sys.stdout.write("".join(f"{level.name} {line}\n" for line in lines))
-    sys.stdout.flush()
+    level's name: written a reactor iteration at a time (`LineBatch`)."""
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    batch = LineBatch(write, reactor)
+
+    def observe(event: dict) -> None:
+        level, lines = _event_lines(event)
+        batch.add("".join(f"{level.name} {line}\n" for line in lines))
+    return observe
 
 
-def _to_stream(index: int) -> Callable[[dict], None]:
+def _to_stream(index: int, reactor: Any) -> Callable[[dict], None]:
     """A worker's log written to the relay's log stream (its standard output, shared with the
     parent) as the parent would write it: the parent's namespace, `[worker N]` before each
-    line, and one write per event, which a pipe keeps whole up to 4 kB."""
-    def write(event: dict) -> None:
-        level, lines = _event_lines(event)
-        when = event.get("log_time")
-        data = "".join(classic_line(when, log.namespace, level, worker_line(index, line))
-                       for line in lines).encode("utf-8", "backslashreplace")
+    line, a reactor iteration's lines at a time in writes that a pipe keeps whole
+    (`LineBatch`)."""
+    def write(text: str) -> None:
+        data = text.encode("utf-8", "backslashreplace")
         try:
             while data:
                 data = data[os.write(1, data):]
         except OSError:
             pass  # a log stream that is gone or full must not end the worker
-    return write
+    batch = LineBatch(write, reactor)
+
+    def observe(event: dict) -> None:
+        level, lines = _event_lines(event)
+        when = event.get("log_time")
+        batch.add("".join(classic_line(when, log.namespace, level, worker_line(index, line))
+                          for line in lines))
+    return observe
 
 
 def main() -> None:
@@ -742,11 +753,11 @@ def main() -> None:
     options = Options()
     options.parseOptions(sys.argv[1:])
     first_run.apply(options)  # made by the parent: read back
-    to_stream = os.environ.get("TURNRELAY_WORKER_LOG") == "stream"
-    globalLogBeginner.beginLoggingTo([filtered(_to_stream(index) if to_stream else _log_lines,
-                                               options["log-level"])],
-                                     redirectStandardIO=False)
     from twisted.internet import reactor
+    to_stream = os.environ.get("TURNRELAY_WORKER_LOG") == "stream"
+    observer = _to_stream(index, reactor) if to_stream else _to_parent(reactor)
+    globalLogBeginner.beginLoggingTo([filtered(observer, options["log-level"])],
+                                     redirectStandardIO=False)
     sockets = [(transport, socket.socket(fileno=CONTROL_FD + 1 + k))
                for k, transport in enumerate(transports)]
     live_fd = CONTROL_FD + 1 + len(transports)

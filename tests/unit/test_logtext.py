@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import io
+import select
+from typing import Callable, List
 
 import pytest
+from twisted.internet.task import Clock
 from twisted.logger import (
     Logger,
     LogLevel,
@@ -16,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
 from relay.service import logtext
-from relay.service.logtext import classic_text, event_text, note_stream, speed_up
+from relay.service.logtext import LineBatch, classic_text, event_text, note_stream, speed_up
 
 
 def _events() -> list:
@@ -61,8 +64,8 @@ def test_event_text_is_the_events_text() -> None:
 def test_only_text_observers_are_sped_up() -> None:
     text, json = textFileLogObserver(io.StringIO()), jsonFileLogObserver(io.StringIO())
     json_format = json.formatEvent
-    speed_up(text)
-    speed_up(json)
+    speed_up(text, FakeReactor())
+    speed_up(json, FakeReactor())
     assert text.formatEvent is classic_text
     assert json.formatEvent is json_format
 
@@ -107,3 +110,97 @@ def test_emit_line_sends_the_event_logger_emit_sends(level: LogLevel) -> None:
     assert isinstance(made["log_time"], float)
     assert {**made, "log_time": 0} == {**expected, "log_time": 0}
     assert classic_text({**made, "log_time": 0}) == classic_text({**expected, "log_time": 0})
+
+
+class FakeReactor(Clock):
+    """A clock that is running, and stops as a reactor does: "after shutdown" triggers run
+    once `running` is False."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.running = True
+        self.after_shutdown: List[Callable[[], None]] = []
+
+    def addSystemEventTrigger(self, phase: str, event: str, call: Callable[[], None]) -> None:
+        assert (phase, event) == ("after", "shutdown")
+        self.after_shutdown.append(call)
+
+    def stop(self) -> None:
+        self.running = False
+        for call in self.after_shutdown:
+            call()
+
+
+def test_a_batch_writes_an_iterations_lines_at_once_in_order() -> None:
+    reactor, writes = FakeReactor(), []
+    batch = LineBatch(writes.append, reactor)
+    for k in range(3):
+        batch.add(f"line {k}\n")
+    assert writes == []
+    reactor.advance(0)  # the next iteration's timed calls
+    assert writes == ["line 0\nline 1\nline 2\n"]
+    batch.add("line 3\n")
+    reactor.advance(0)
+    assert writes[1:] == ["line 3\n"]
+
+
+def test_a_batch_writes_at_once_before_the_reactor_runs_and_once_it_has_stopped() -> None:
+    reactor, writes = FakeReactor(), []
+    reactor.running = False
+    batch = LineBatch(writes.append, reactor)
+    batch.add("starting\n")
+    assert writes == ["starting\n"]
+    reactor.running = True
+    batch.add("held\n")
+    reactor.stop()  # the held line goes out as the reactor stops, before any later one
+    assert writes == ["starting\n", "held\n"]
+    batch.add("stopped\n")
+    assert writes == ["starting\n", "held\n", "stopped\n"]
+    reactor.advance(0)
+    assert len(writes) == 3
+
+
+@pytest.mark.parametrize("line", ["allocation opened user=alice session=abc\n",
+                                  "allocation opened user=\u00e9l\u00e8ve session=abc\n",
+                                  b"allocation opened user=alice\n"])
+def test_a_batch_writes_whole_lines_a_pipe_keeps_whole(line) -> None:
+    """A pipe never interleaves a write of at most PIPE_BUF bytes with another process's."""
+    reactor, writes = FakeReactor(), []
+    batch = LineBatch(writes.append, reactor)
+    for _ in range(200):
+        batch.add(line)
+    reactor.advance(0)
+    assert len(writes) > 1 and writes[0][:0].join(writes) == line * 200
+    for write in writes:
+        data = write if isinstance(write, bytes) else write.encode()
+        assert len(data) <= select.PIPE_BUF and write.endswith(line[-1:])
+
+
+def test_a_line_longer_than_a_pipe_keeps_whole_is_written_whole_on_its_own() -> None:
+    reactor, writes = FakeReactor(), []
+    batch = LineBatch(writes.append, reactor)
+    long = "x" * (select.PIPE_BUF + 10) + "\n"
+    for text in ("before\n", long, "after\n", "no end"):
+        batch.add(text)
+    reactor.advance(0)
+    assert writes == ["before\n", long, "after\nno end"]
+
+
+def test_twistds_text_observer_writes_an_iterations_events_in_one_write() -> None:
+    class Stream(io.StringIO):
+        writes = 0
+
+        def write(self, text: str) -> int:
+            self.writes += 1
+            return super().write(text)
+
+    stream, reactor = Stream(), FakeReactor()
+    observer = textFileLogObserver(stream)
+    speed_up(observer, reactor)
+    events = _events()[:2]
+    for event in events:
+        observer(event)
+    assert stream.getvalue() == ""
+    reactor.advance(0)
+    assert stream.writes == 1
+    assert stream.getvalue() == "".join(formatEventAsClassicLogText(event) for event in events)
