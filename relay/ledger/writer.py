@@ -38,9 +38,10 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relay.core.allocation import Address, Allocation
+from relay.core.allocation import Allocation
 from relay.core.server import TurnServer
 from relay.ledger.records import IUsageBackend, Record, SessionEnded, SessionStarted, UsageDelta
+from relay.proto.stun import format_address
 from relay.storage.sqldb import error_line
 from relay.util.timefmt import rfc3339
 
@@ -58,11 +59,6 @@ SHUTDOWN_WAIT = 10.0
 SESSIONS_PER_LINE = 20
 
 Counts = Tuple[int, int, int, int]  # bytes/packets from the client, bytes/packets to it
-
-
-def _endpoint(address: Address) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _Reading:
@@ -209,11 +205,11 @@ class Ledger(Service):
             return
         self._readings[allocation] = _Reading()
         external = self.server.config.external_ips
-        relays = tuple(_endpoint((external.get(host, host), port))
+        relays = tuple(format_address((external.get(host, host), port))
                        for host, port in (r.address for r in allocation.relays.values()))
         self._push([SessionStarted(
             allocation.session_id, allocation.account.account_id, allocation.username,
-            self.region, allocation.transport, _endpoint(allocation.client), relays,
+            self.region, allocation.transport, format_address(allocation.client), relays,
             rfc3339(int(allocation.started)))])
 
     def closed(self, allocation: Allocation, reason: str) -> None:
@@ -278,7 +274,14 @@ class Ledger(Service):
         return max((len(queue.pending) for queue in self.queues), default=0)
 
     def full(self) -> bool:
-        """Whether the slowest backend holds `limit` records; says so, loudly, when it does."""
+        """Whether the slowest backend holds `limit` records; says so, loudly, when it does.
+        Asked twice per Allocate: a plain loop first, not `backlog`'s generator."""
+        for queue in self.queues:
+            if len(queue.pending) >= self.limit:
+                break
+        else:
+            if not self._full:
+                return False
         backlog = self.backlog()
         if backlog < self.limit:
             if self._full:
