@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import select
 import time
-from typing import Any, Callable, Dict, List, Optional, TypeVar
+from typing import Any, Callable, Dict, List, Optional
 
 from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import FileLogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.python.logfile import BaseLogFile
+from twisted.python.threadable import isInIOThread
 
 _STAMP_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # twisted.logger.timeFormatRFC3339
 _stamps: Dict[int, str] = {}
@@ -89,9 +90,6 @@ def _twistd_text(observer: Any) -> bool:
             == "textFileLogObserver.<locals>.formatEvent")
 
 
-Text = TypeVar("Text", str, bytes)
-
-
 class LineBatch:
     """Log text held until the reactor's current iteration ends, then written in few writes.
 
@@ -104,16 +102,20 @@ class LineBatch:
 
     Each write is whole lines of at most PIPE_BUF bytes, which a pipe never interleaves with
     another process's writes: a container's standard output is one, shared with the workers.
+    A line logged in another thread (a database pool's) is written at once, from there.
     """
 
-    def __init__(self, write: Callable[[Text], object], reactor: Any) -> None:
+    def __init__(self, write: Callable[[str], object], reactor: Any) -> None:
         self._write = write
         self._reactor: IReactorCore = reactor
         self._later: IReactorTime = reactor
-        self._pending: List[Any] = []
+        self._pending: List[str] = []
         reactor.addSystemEventTrigger("after", "shutdown", self.flush)
 
-    def add(self, text: Text) -> None:
+    def add(self, text: str) -> None:
+        if not isInIOThread():
+            self._write(text)
+            return
         if not self._reactor.running:
             self.flush()
             self._write(text)
@@ -126,15 +128,14 @@ class LineBatch:
         if not self._pending:
             return
         pending, self._pending = self._pending, []
-        text = pending[0][:0].join(pending)
-        newline = "\n" if isinstance(text, str) else b"\n"
+        text = "".join(pending)
         # A character is at most 4 bytes of UTF-8.
         limit = select.PIPE_BUF if text.isascii() else select.PIPE_BUF // 4
         start = 0
         while len(text) - start > limit:
-            cut = text.rfind(newline, start, start + limit) + 1
+            cut = text.rfind("\n", start, start + limit) + 1
             if cut <= start:  # one line longer than the limit: whole, on its own
-                cut = text.find(newline, start + limit) + 1 or len(text)
+                cut = text.find("\n", start + limit) + 1 or len(text)
             self._write(text[start:cut])
             start = cut
         if start < len(text):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import select
+import threading
 from typing import Callable, List
 
 import pytest
@@ -15,6 +16,7 @@ from twisted.logger import (
     jsonFileLogObserver,
     textFileLogObserver,
 )
+from twisted.python import threadable
 from twisted.python.failure import Failure
 from twisted.python.logfile import LogFile
 
@@ -112,6 +114,12 @@ def test_emit_line_sends_the_event_logger_emit_sends(level: LogLevel) -> None:
     assert classic_text({**made, "log_time": 0}) == classic_text({**expected, "log_time": 0})
 
 
+@pytest.fixture(autouse=True)
+def reactor_thread(monkeypatch) -> None:
+    """This thread is the reactor's, as `reactor.run` makes the one that calls it."""
+    monkeypatch.setattr(threadable, "ioThread", threadable.getThreadID())
+
+
 class FakeReactor(Clock):
     """A clock that is running, and stops as a reactor does: "after shutdown" triggers run
     once `running` is False."""
@@ -161,19 +169,30 @@ def test_a_batch_writes_at_once_before_the_reactor_runs_and_once_it_has_stopped(
 
 
 @pytest.mark.parametrize("line", ["allocation opened user=alice session=abc\n",
-                                  "allocation opened user=\u00e9l\u00e8ve session=abc\n",
-                                  b"allocation opened user=alice\n"])
-def test_a_batch_writes_whole_lines_a_pipe_keeps_whole(line) -> None:
+                                  "allocation opened user=\u00e9l\u00e8ve session=abc\n"])
+def test_a_batch_writes_whole_lines_a_pipe_keeps_whole(line: str) -> None:
     """A pipe never interleaves a write of at most PIPE_BUF bytes with another process's."""
     reactor, writes = FakeReactor(), []
     batch = LineBatch(writes.append, reactor)
     for _ in range(200):
         batch.add(line)
     reactor.advance(0)
-    assert len(writes) > 1 and writes[0][:0].join(writes) == line * 200
+    assert len(writes) > 1 and "".join(writes) == line * 200
     for write in writes:
-        data = write if isinstance(write, bytes) else write.encode()
-        assert len(data) <= select.PIPE_BUF and write.endswith(line[-1:])
+        assert len(write.encode()) <= select.PIPE_BUF and write.endswith("\n")
+
+
+def test_a_line_from_another_thread_is_written_at_once_from_there() -> None:
+    """The reactor's timed calls are its own thread's: another thread never schedules one."""
+    reactor, writes = FakeReactor(), []
+    batch = LineBatch(writes.append, reactor)
+    batch.add("held\n")
+    thread = threading.Thread(target=batch.add, args=("from a pool\n",))
+    thread.start()
+    thread.join()
+    assert writes == ["from a pool\n"]
+    reactor.advance(0)
+    assert writes == ["from a pool\n", "held\n"]
 
 
 def test_a_line_longer_than_a_pipe_keeps_whole_is_written_whole_on_its_own() -> None:
