@@ -533,7 +533,7 @@ class TurnServer:
             except stun.StunError as err:
                 response.add(stun.ADDRESS_ERROR_CODE, (stun.FAMILY_IPV6, err.code, err.reason))
         lifetime = self._lifetime(msg)
-        session_id = uuid7_hex(now, self.rng.getrandbits(74))
+        session_id = _uuid7_hex(now, self.rng.getrandbits(74))
         config = self.config
         budget = self._budget(_lowest(account.bandwidth_bps, config.max_bps), config.max_pps)
         allocation = Allocation(client.key, client.address, client.transport, username,
@@ -773,7 +773,7 @@ class TurnServer:
             observe(allocation, reason)
 
 
-def uuid7_hex(now: float, bits: int) -> str:
+def _uuid7_hex(now: float, bits: int) -> str:
     """An RFC 9562 UUIDv7 as 32 hex digits: the Unix time in milliseconds (48 bits), the
     version, 74 of `bits` at random, the variant.  A session id: the ledger's sessions table
     is keyed by it, and time-ordered keys land at the end of its primary key's B-tree, where
