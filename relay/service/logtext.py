@@ -21,7 +21,6 @@ import select
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import FileLogObserver, Logger, LogLevel, formatEvent, formatEventAsClassicLogText
 from twisted.python.logfile import BaseLogFile
 from twisted.python.threadable import isInIOThread
@@ -107,8 +106,7 @@ class LineBatch:
 
     def __init__(self, write: Callable[[str], object], reactor: Any) -> None:
         self._write = write
-        self._reactor: IReactorCore = reactor
-        self._later: IReactorTime = reactor
+        self._reactor = reactor  # its `running`, and `callLater`
         self._pending: List[str] = []
         reactor.addSystemEventTrigger("after", "shutdown", self.flush)
 
@@ -121,7 +119,7 @@ class LineBatch:
             self._write(text)
             return
         if not self._pending:
-            self._later.callLater(0, self.flush)
+            self._reactor.callLater(0, self.flush)
         self._pending.append(text)
 
     def flush(self) -> None:
@@ -142,9 +140,10 @@ class LineBatch:
             self._write(text[start:])
 
 
-class _BatchedFile:
-    """The file a `FileLogObserver` writes to, its writes held in a `LineBatch`.  The observer
-    flushes after each event: the batch's own write flushes instead."""
+class BatchedFile:
+    """A text file written through a `LineBatch`: twistd's text observer's, and a worker's
+    standard output to the parent.  A `FileLogObserver` flushes after each event: the batch's
+    own write flushes instead."""
 
     def __init__(self, out: Any, reactor: Any) -> None:
         self.batch = LineBatch(lambda text: (out.write(text), out.flush()), reactor)
@@ -162,7 +161,7 @@ def speed_up(observer: Any, reactor: Any) -> None:
     """
     if _twistd_text(observer):
         observer.formatEvent = classic_text
-        observer._outFile = _BatchedFile(observer._outFile, reactor)
+        observer._outFile = BatchedFile(observer._outFile, reactor)
 
 
 def note_stream(observer: Any) -> None:

@@ -88,7 +88,7 @@ from relay.service.build import (
 )
 from relay.service.first_run import FirstRun
 from relay.service.loglevel import filtered
-from relay.service.logtext import LineBatch, classic_line, emit_line, event_text
+from relay.service.logtext import BatchedFile, LineBatch, classic_line, emit_line, event_text
 from relay.service.options import Options
 from relay.service.quota_book import GRANTED, Place, QuotaBook
 from relay.service.services import HTTPService, OrderlyStop, RelayService, SighupService
@@ -709,15 +709,12 @@ def _event_lines(event: dict) -> Tuple[LogLevel, List[str]]:
 
 def _to_parent(reactor: Any) -> Callable[[dict], None]:
     """A worker's log for the parent to write, a line per line of text, each starting with its
-    level's name: written a reactor iteration at a time (`LineBatch`)."""
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-    batch = LineBatch(write, reactor)
+    level's name: written a reactor iteration at a time (`BatchedFile`)."""
+    write = BatchedFile(sys.stdout, reactor).write
 
     def observe(event: dict) -> None:
         level, lines = _event_lines(event)
-        batch.add("".join(f"{level.name} {line}\n" for line in lines))
+        write("".join(f"{level.name} {line}\n" for line in lines))
     return observe
 
 
