@@ -1,5 +1,6 @@
-"""Everything but the native data plane's build lives in setup.cfg: `cffi_modules` has no
+"""Everything but the native modules' builds lives in setup.cfg: `cffi_modules` has no
 setup.cfg form."""
 from setuptools import setup
 
-setup(cffi_modules=["relay/net/dataplane_build.py:ffibuilder"])
+setup(cffi_modules=["relay/net/dataplane_build.py:ffibuilder",
+                    "relay/util/keyed_hmac_build.py:ffibuilder"])

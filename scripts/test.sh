@@ -15,10 +15,11 @@ command -v curl >/dev/null || packages+=(curl)                 # HTTPS on the sh
 [ -x /usr/lib/chromium/chromium ] || packages+=(chromium)     # the browser WebRTC tests
 command -v ip >/dev/null || packages+=(iproute2)              # the quick start test's network namespace
 command -v unshare >/dev/null || packages+=(util-linux)
-# The native data plane (relay/net/dataplane.c) is compiled by `pip install`: a C compiler and
-# the headers of the interpreters it builds for (PyPy's too), and clang for its fuzz target.
+# The native modules (relay/net/dataplane.c, relay/util/keyed_hmac.c) are compiled by `pip
+# install`: a C compiler, the headers of the interpreters they build for (PyPy's too) and of
+# OpenSSL, and clang for the data plane's fuzz target.
 command -v gcc >/dev/null || packages+=(gcc)
-for package in libffi-dev python3-dev pypy3-dev clang libclang-rt-14-dev; do
+for package in libffi-dev libssl-dev python3-dev pypy3-dev clang libclang-rt-14-dev; do
     dpkg -s "$package" >/dev/null 2>&1 || packages+=("$package")
 done
 apt_install "${packages[@]}"

@@ -3,7 +3,7 @@ source (dataplane.c) compiled for whichever runtime builds it, CPython or PyPy.
 
 `pip install .` runs it (setup.py's `cffi_modules`); by hand, from the checkout's root:
 `python relay/net/dataplane_build.py` writes the module next to this file.
-TURNRELAY_DATAPLANE_CFLAGS adds compiler flags, for example `-fsanitize=address,undefined -g`
+TURNRELAY_NATIVE_CFLAGS adds compiler flags, for example `-fsanitize=address,undefined -g`
 for the sanitizer build the interop tests run against once (bench/asan.sh).
 """
 import hashlib
@@ -26,7 +26,7 @@ def source_digest() -> str:
 
 ffibuilder = cffi.FFI()
 ffibuilder.cdef((HERE / "dataplane.h").read_text() + "\nconst char *dp_source_digest(void);")
-_flags = shlex.split(os.environ.get("TURNRELAY_DATAPLANE_CFLAGS", ""))
+_flags = shlex.split(os.environ.get("TURNRELAY_NATIVE_CFLAGS", ""))
 ffibuilder.set_source(
     "relay.net._dataplane",
     '#include "dataplane.c"\n'
