@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 from relay.storage.accounts import check_account_id
+from relay.util.keyed_hmac import hmac_digest
 
 # A label ends up in the username, hence in STUN messages, logs and the DELETE URL.
 _LABEL = re.compile(r"[A-Za-z0-9._~@-]{1,64}")
@@ -42,7 +42,8 @@ def parse_username(username: str) -> RestUsername:
 
 
 def password_for(secret: bytes, username: str) -> str:
-    return base64.b64encode(hmac.new(secret, username.encode("utf-8"), hashlib.sha1).digest()).decode()
+    """Under one of a relay's few secrets, for each new username that logs in."""
+    return base64.b64encode(hmac_digest(secret, username.encode("utf-8"), hashlib.sha1)).decode()
 
 
 def mint(secret: bytes, account_id: str, ttl: int, now: float,

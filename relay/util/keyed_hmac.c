@@ -53,7 +53,7 @@ kh_key *kh_new(int sha256, const unsigned char *key, size_t key_len)
     return made;
 }
 
-int kh_digest(const kh_key *key, const unsigned char *data, size_t data_len, char *out)
+int kh_digest(const kh_key *key, const unsigned char *data, size_t data_len, unsigned char *out)
 {
     unsigned char inner[EVP_MAX_MD_SIZE];
     unsigned int size = 0;
@@ -63,7 +63,7 @@ int kh_digest(const kh_key *key, const unsigned char *data, size_t data_len, cha
         && EVP_MD_CTX_copy_ex(ctx, key->inner) && EVP_DigestUpdate(ctx, data, data_len)
         && EVP_DigestFinal_ex(ctx, inner, &size)
         && EVP_MD_CTX_copy_ex(ctx, key->outer) && EVP_DigestUpdate(ctx, inner, size)
-        && EVP_DigestFinal_ex(ctx, (unsigned char *)out, &size);
+        && EVP_DigestFinal_ex(ctx, out, &size);
     EVP_MD_CTX_free(ctx);
     return ok ? (int)size : 0;
 }

@@ -7,4 +7,4 @@ typedef struct kh_key kh_key;
 kh_key *kh_new(int sha256, const unsigned char *key, size_t key_len);
 void kh_free(kh_key *key);
 /* The HMAC of `data` into `out` (room for 32 bytes): its length, 0 if OpenSSL fails. */
-int kh_digest(const kh_key *key, const unsigned char *data, size_t data_len, char *out);
+int kh_digest(const kh_key *key, const unsigned char *data, size_t data_len, unsigned char *out);
