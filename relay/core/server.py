@@ -219,7 +219,7 @@ class TurnServer:
                 raise stun.StunError(400, "Bad Request")
             return self._credentials(client, msg, now)
         except stun.StunError as err:
-            self._reply(client, msg, self._failure(msg, err), now)
+            self._reply(client, msg, self._failure(msg, err))
             return None
 
     def authenticated(self, client: Client, credentials: StunCredentials, account: Account,
@@ -244,7 +244,7 @@ class TurnServer:
         if not self.auth_limiter.allow(client.address[0], now):
             return
         self._reply(client, credentials.message, self._challenge(client, credentials.message, 401,
-                                                                 "Unauthorized", now), now)
+                                                                 "Unauthorized", now))
 
     def refused(self, client: Client, credentials: StunCredentials, err: stun.StunError,
                 now: float) -> None:
@@ -255,7 +255,7 @@ class TurnServer:
 
     def server_error(self, client: Client, msg: stun.Message, now: float) -> None:
         """The auth backend failed: say so rather than blame the client's password."""
-        self._reply(client, msg, self._failure(msg, stun.StunError(500, "Server Error")), now)
+        self._reply(client, msg, self._failure(msg, stun.StunError(500, "Server Error")))
 
     def channel_data(self, client: Client, data: bytes) -> None:
         """ChannelData on a stream connection, whose client is known without a lookup."""
@@ -374,26 +374,32 @@ class TurnServer:
         return _error(msg, err)
 
     def answer(self, client: Client, credentials: StunCredentials, response: stun.Message,
-                now: float) -> None:
-        """The signed answer to an authenticated request."""
+               now: float) -> None:
+        """The signed answer to an authenticated request, remembered for 40 s so that a
+        retransmitted request gets the same answer (RFC 8489 section 6.3.1).
+
+        Only these are remembered: the same section finds remembering inappropriate for a
+        request that is not authenticated, and such a request's answer (a challenge, a stale
+        nonce, a refused login, a bad request) changes no state, so a retransmission is answered
+        afresh.  Nor can a flood of them push real answers out of the bounded memory."""
         if self.config.software:
             response.add(stun.SOFTWARE, self.config.software)
-        self._reply(client, credentials.message, response, now, credentials.key)
+        request = credentials.message
+        wire = self._reply(client, request, response, credentials.key)
+        cache_key = (client.listener, client.address, request.transaction_id)
+        responses, expiry = self._responses, self._response_expiry
+        responses[cache_key] = wire
+        expiry.append((now + RESPONSE_CACHE_LIFETIME, cache_key))
+        while len(responses) > RESPONSE_CACHE_SIZE:
+            responses.pop(expiry.popleft()[1], None)
 
-    def _reply(self, client: Client, request: stun.Message, response: stun.Message, now: float,
-               key: Optional[bytes] = None, remember: bool = True) -> None:
-        """Send `response`, remembered for 40 s (unless not `remember`) so that a retransmitted
-        request gets the same answer."""
+    def _reply(self, client: Client, request: stun.Message, response: stun.Message,
+               key: Optional[bytes] = None) -> bytes:
+        """Send `response` to `request` (signed under `key`, if any); returns what was sent."""
         wire = response.encode(key=key, sha256=request.has(stun.MESSAGE_INTEGRITY_SHA256),
                                fingerprint=request.has(stun.FINGERPRINT))
-        if remember:
-            cache_key = (client.listener, client.address, request.transaction_id)
-            responses, expiry = self._responses, self._response_expiry
-            responses[cache_key] = wire
-            expiry.append((now + RESPONSE_CACHE_LIFETIME, cache_key))
-            while len(responses) > RESPONSE_CACHE_SIZE:
-                responses.pop(expiry.popleft()[1], None)
         client.send(wire)
+        return wire
 
     def _challenge(self, client: Client, msg: stun.Message, code: int, reason: str,
                    now: float) -> stun.Message:
@@ -407,12 +413,10 @@ class TurnServer:
 
     def _credentials(self, client: Client, msg: stun.Message, now: float) -> Optional[StunCredentials]:
         if not (msg.has(stun.MESSAGE_INTEGRITY) or msg.has(stun.MESSAGE_INTEGRITY_SHA256)):
-            # Not remembered: RFC 8489 section 6.3.1 finds that inappropriate for requests that
-            # are not authenticated, and a retransmission's fresh challenge changes no state.
-            # Every allocation begins with one, and kept 40 s they made up a tenth of the
-            # memory of an idle allocation.
-            self._reply(client, msg, self._challenge(client, msg, 401, "Unauthorized", now), now,
-                        remember=False)
+            # Not remembered, as no answer to a request not authenticated is (`answer`): every
+            # allocation begins with one, and kept 40 s they made up a tenth of the memory of an
+            # idle allocation.
+            self._reply(client, msg, self._challenge(client, msg, 401, "Unauthorized", now))
             return None
         username, userhash = msg.get(stun.USERNAME), msg.get(stun.USERHASH)
         realm, nonce = msg.get(stun.REALM), msg.get(stun.NONCE)
@@ -421,7 +425,7 @@ class TurnServer:
         if userhash is not None and not self.nonces.features & FEATURE_USERNAME_ANONYMITY:
             raise stun.StunError(400, "Bad Request")
         if self.nonces.check(nonce, client.address[0], now) is not NonceStatus.VALID:
-            self._reply(client, msg, self._challenge(client, msg, 438, "Stale Nonce", now), now)
+            self._reply(client, msg, self._challenge(client, msg, 438, "Stale Nonce", now))
             return None
         offered, chosen = msg.get(stun.PASSWORD_ALGORITHMS), msg.get(stun.PASSWORD_ALGORITHM)
         if offered is None and chosen is None:

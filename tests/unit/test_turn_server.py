@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from relay.core import server as server_module
 from relay.core.allocation import CHANNEL_COOLDOWN, CHANNEL_LIFETIME, PERMISSION_LIFETIME
 from relay.core.nonces import FEATURE_PASSWORD_ALGORITHMS
 from relay.core.ratelimit import RateLimiter
@@ -318,6 +319,30 @@ def test_retransmitted_allocate_gets_the_cached_response(harness, alice):
     assert stun.parse(first[0]).cls == stun.SUCCESS
     assert len(harness.server.allocations) == 1
     assert len(harness.binder.endpoints) == 1
+
+
+def test_answers_to_requests_not_authenticated_are_not_remembered(harness, alice, monkeypatch):
+    """RFC 8489 section 6.3.1: a stale nonce, a bad request or a wrong password is answered
+    afresh when retransmitted, and a flood of them from other sources leaves the remembered
+    answers to authenticated requests in place."""
+    monkeypatch.setattr(server_module, "RESPONSE_CACHE_SIZE", 2)
+    wire = alice.signed_wire(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)])
+    first = alice.exchange(wire)
+    for n in range(4):
+        mallory = harness.client("alice", address=("198.51.100.66", 20000 + n))
+        stale = mallory.signed_wire(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)], nonce="stale")
+        answer = mallory.exchange_one(stale)
+        harness.advance(1)
+        again = mallory.exchange_one(stale)  # a nonce of this second: made afresh
+        assert error_code(answer) == error_code(again) == 438
+        assert again.get(stun.NONCE) != answer.get(stun.NONCE)
+        bad = mallory.signed_wire(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)], omit=[stun.REALM])
+        assert error_code(mallory.exchange_one(bad)) == 400
+        wrong = mallory.signed_wire(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)], password="wrong")
+        failures = harness.server.stats.auth_failures
+        assert error_code(mallory.exchange_one(wrong)) == error_code(mallory.exchange_one(wrong)) == 401
+        assert harness.server.stats.auth_failures == failures + 2  # the password checked twice
+    assert alice.exchange(wire) == first
 
 
 def test_cached_response_is_forgotten_after_40_seconds(harness, alice):
