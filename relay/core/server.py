@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple, cast
+from typing import Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Tuple, cast
 
 from relay.core.allocation import (
     NO_LIMIT,
@@ -32,6 +31,7 @@ from relay.core.nonces import FEATURE_USERNAME_ANONYMITY, NonceIssuer, NonceStat
 from relay.core.peers import LiveRelays, PeerPolicy
 from relay.core.ratelimit import RateLimiter
 from relay.core.redirect import DRAINING, FULL, Alternate, Redirects, try_alternate
+from relay.core.remembered import RememberedAnswers
 from relay.core.tcp import StreamRelayEndpoint
 from relay.core.tcp_relay import TcpRelay
 from relay.proto import stun
@@ -40,8 +40,11 @@ from relay.util.secure_random import PooledSystemRandom
 UDP_PROTOCOL = 17
 TCP_PROTOCOL = 6
 RESERVATION_LIFETIME = 30
-RESPONSE_CACHE_LIFETIME = 40  # RFC 8489 section 6.3.1: 40 s covers a UDP client's retransmits
-RESPONSE_CACHE_SIZE = 100_000  # a flood of requests must not grow it without bound
+# Answers remembered for retransmissions (relay.core.remembered) from 40 to 80 s: RFC 8489
+# section 6.3.1's 40 s covers a UDP client's retransmits.  At most 100,000: a flood of
+# requests must not grow them without bound.
+RESPONSE_CACHE_LIFETIME = 40
+RESPONSE_CACHE_SIZE = 100_000
 _BIND_ATTEMPTS = 40
 
 # bind(host, port, dont_fragment) -> a bound RelayEndpoint, or None when the port is taken.
@@ -152,10 +155,7 @@ class TurnServer:
         # Worker processes (relay.service.workers): account id -> this process's share of the account's
         # --account-max-bps/pps, as the parent last told it (absent: the whole of them).
         self._account_shares: Dict[str, float] = {}
-        # Responses remembered for retransmissions, oldest first in `_response_expiry` (a
-        # plain dict: an OrderedDict's links would double the cost of an entry).
-        self._responses: Dict[Tuple[Hashable, Address, bytes], bytes] = {}
-        self._response_expiry: Deque[Tuple[float, Tuple[Hashable, Address, bytes]]] = deque()
+        self._answers = RememberedAnswers(RESPONSE_CACHE_LIFETIME, RESPONSE_CACHE_SIZE)
         # Told of each new allocation, and of each allocation's end with its reason, in turn:
         # the operator's log (relay.service.eventlog), the usage ledger (its first and last
         # readings), and in a worker process the quotas shared with the others.
@@ -207,7 +207,7 @@ class TurnServer:
             return None
         if msg.method == stun.CONNECTION_BIND and self.tcp.hand_over(client, msg):
             return None
-        cached = self._responses.get((client.listener, client.address, msg.transaction_id))
+        cached = self._answers.get((client.listener, client.address, msg.transaction_id))
         if cached is not None:
             client.send(cached)
             return None
@@ -300,8 +300,7 @@ class TurnServer:
                     allocation.resume_throttled()
         for token in [t for t, r in self.reservations.items() if r.expires <= now]:
             self.reservations.pop(token).endpoint.close()
-        while self._response_expiry and self._response_expiry[0][0] <= now:
-            self._responses.pop(self._response_expiry.popleft()[1], None)
+        self._answers.expire(now)
 
     def refresh_counters(self) -> None:
         """Bring every allocation's counters up to this instant: what a native data plane
@@ -386,12 +385,7 @@ class TurnServer:
             response.add(stun.SOFTWARE, self.config.software)
         request = credentials.message
         wire = self._reply(client, request, response, credentials.key)
-        cache_key = (client.listener, client.address, request.transaction_id)
-        responses, expiry = self._responses, self._response_expiry
-        responses[cache_key] = wire
-        expiry.append((now + RESPONSE_CACHE_LIFETIME, cache_key))
-        while len(responses) > RESPONSE_CACHE_SIZE:
-            responses.pop(expiry.popleft()[1], None)
+        self._answers.put((client.listener, client.address, request.transaction_id), wire, now)
 
     def _reply(self, client: Client, request: stun.Message, response: stun.Message,
                key: Optional[bytes] = None) -> bytes:
