@@ -46,6 +46,7 @@ RESERVATION_LIFETIME = 30
 RESPONSE_CACHE_LIFETIME = 40
 RESPONSE_CACHE_SIZE = 100_000
 _BIND_ATTEMPTS = 40
+_DATAGRAM_TRANSPORTS = frozenset({"udp", "dtls"})
 
 # bind(host, port, dont_fragment) -> a bound RelayEndpoint, or None when the port is taken.
 Binder = Callable[[str, int, bool], Optional[RelayEndpoint]]
@@ -385,7 +386,8 @@ class TurnServer:
             response.add(stun.SOFTWARE, self.config.software)
         request = credentials.message
         wire = self._reply(client, request, response, credentials.key)
-        self._answers.put((client.listener, client.address, request.transaction_id), wire, now)
+        if client.transport in _DATAGRAM_TRANSPORTS:  # over TCP or TLS, no client retransmits
+            self._answers.put((client.listener, client.address, request.transaction_id), wire, now)
 
     def _reply(self, client: Client, request: stun.Message, response: stun.Message,
                key: Optional[bytes] = None) -> bytes:

@@ -345,6 +345,15 @@ def test_answers_to_requests_not_authenticated_are_not_remembered(harness, alice
     assert alice.exchange(wire) == first
 
 
+def test_a_stream_clients_repeated_request_is_answered_afresh(harness):
+    """No client retransmits over TCP or TLS (RFC 8489 section 6.2.2): nothing is remembered
+    for one, and the same Allocate again finds the allocation it made."""
+    client = harness.client("alice", transport="tcp")
+    wire = client.signed_wire(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)])
+    assert stun.parse(client.exchange(wire)[0]).cls == stun.SUCCESS
+    assert error_code(client.exchange_one(wire)) == 437
+
+
 def test_cached_response_is_kept_40_seconds_and_forgotten_by_80(harness, alice):
     wire = alice.signed_wire(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)])
     first = alice.exchange(wire)
