@@ -17,9 +17,8 @@ class RememberedAnswers:
     newer becomes it.  So no answer needs an expiry record of its own (a tuple and a float each
     in a queue, which at 14,000 answers a second held 100,000), and the older dict is not written
     to: on PyPy, whose collector marks the heap a step at a time, one big dict written at every
-    answer stretched some marking steps to 40-50 ms (under Allocate cycles, the longest wait of
-    a Binding request in three runs each went from 31-77 ms to 23-49 ms; docs/performance.md).
-    Under a flood of answers the bound keeps the last `size / 2` to `size` of them.
+    answer stretched some of its marking steps to 40-50 ms (docs/performance.md).  Under a
+    flood of answers the bound keeps the last `size / 2` to `size` of them.
     """
 
     def __init__(self, lifetime: float, size: int):
