@@ -254,7 +254,7 @@ class TurnServer:
         if client.connected:
             self.answer(client, credentials, self._failure(credentials.message, err), now)
 
-    def server_error(self, client: Client, msg: stun.Message, now: float) -> None:
+    def server_error(self, client: Client, msg: stun.Message) -> None:
         """The auth backend failed: say so rather than blame the client's password."""
         self._reply(client, msg, self._failure(msg, stun.StunError(500, "Server Error")))
 

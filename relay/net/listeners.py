@@ -162,7 +162,7 @@ class LoginDispatcher:
             self.server.login_failed(client, credentials, self.clock.seconds())
         else:
             log.failure("auth backend failed", failure)
-            self.server.server_error(client, credentials.message, self.clock.seconds())
+            self.server.server_error(client, credentials.message)
 
 
 class ClientDatagramProtocol(DatagramProtocol):

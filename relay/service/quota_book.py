@@ -149,4 +149,4 @@ class SharedQuotas:
 
     def _failed(self, failure, client: Client, credentials: StunCredentials) -> None:
         log.failure("the parent process did not answer a quota reservation", failure)
-        self.server.server_error(client, credentials.message, self.clock.seconds())
+        self.server.server_error(client, credentials.message)

@@ -345,6 +345,17 @@ def test_answers_to_requests_not_authenticated_are_not_remembered(harness, alice
     assert alice.exchange(wire) == first
 
 
+def test_a_failed_auth_backend_is_a_500_answered_afresh(harness, alice):
+    """The login's backend failed (a database down): 500, not remembered, so the client's
+    retransmission tries the login again."""
+    wire = alice.signed_wire(stun.ALLOCATE, [(stun.REQUESTED_TRANSPORT, 17)])
+    credentials = harness.server.receive(alice.client, wire, harness.now)
+    assert credentials is not None
+    harness.server.server_error(alice.client, credentials.message)
+    assert error_code(stun.parse(alice.received[-1])) == 500
+    assert harness.server.receive(alice.client, wire, harness.now) is not None  # a login again
+
+
 def test_a_stream_clients_repeated_request_is_answered_afresh(harness):
     """No client retransmits over TCP or TLS (RFC 8489 section 6.2.2): nothing is remembered
     for one, and the same Allocate again finds the allocation it made."""
