@@ -27,6 +27,12 @@ class Client:
     # whose CONNECTION-ID that worker issued.
     hand_over: Optional[Callable[[int], None]] = None
 
+    @property
+    def datagram(self) -> bool:
+        """Over UDP or DTLS: each request a datagram, which the client retransmits until
+        answered, and no control connection for an RFC 6062 TCP allocation."""
+        return self.transport in ("udp", "dtls")
+
     def __post_init__(self) -> None:
         # The allocations' key, made once: a stream's every ChannelData frame looks it up.
         self.key: Tuple[Hashable, Address] = (self.listener, self.address)

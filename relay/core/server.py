@@ -46,7 +46,6 @@ RESERVATION_LIFETIME = 30
 RESPONSE_CACHE_LIFETIME = 40
 RESPONSE_CACHE_SIZE = 100_000
 _BIND_ATTEMPTS = 40
-_DATAGRAM_TRANSPORTS = frozenset({"udp", "dtls"})
 
 # bind(host, port, dont_fragment) -> a bound RelayEndpoint, or None when the port is taken.
 Binder = Callable[[str, int, bool], Optional[RelayEndpoint]]
@@ -375,8 +374,9 @@ class TurnServer:
 
     def answer(self, client: Client, credentials: StunCredentials, response: stun.Message,
                now: float) -> None:
-        """The signed answer to an authenticated request, remembered for 40 s so that a
-        retransmitted request gets the same answer (RFC 8489 section 6.3.1).
+        """The signed answer to an authenticated request, remembered 40 to 80 s when it came
+        in a datagram, so that a retransmitted request gets the same answer (RFC 8489 section
+        6.3.1; relay.core.remembered).
 
         Only these are remembered: the same section finds remembering inappropriate for a
         request that is not authenticated, and such a request's answer (a challenge, a stale
@@ -386,7 +386,7 @@ class TurnServer:
             response.add(stun.SOFTWARE, self.config.software)
         request = credentials.message
         wire = self._reply(client, request, response, credentials.key)
-        if client.transport in _DATAGRAM_TRANSPORTS:  # over TCP or TLS, no client retransmits
+        if client.datagram:  # over TCP or TLS, no client retransmits
             self._answers.put((client.listener, client.address, request.transaction_id), wire, now)
 
     def _reply(self, client: Client, request: stun.Message, response: stun.Message,
@@ -490,7 +490,7 @@ class TurnServer:
         even_port = msg.get(stun.EVEN_PORT)
         # RFC 6062 section 5.1: a TCP allocation needs a TCP or TLS control connection, and
         # has no use for the UDP-only attributes.
-        if tcp and (client.transport in ("udp", "dtls") or token is not None or even_port is not None
+        if tcp and (client.datagram or token is not None or even_port is not None
                     or msg.has(stun.DONT_FRAGMENT)):
             raise stun.StunError(400, "Bad Request")
         # Combinations RFC 8656 section 7.2 rejects: a token already fixes the family and

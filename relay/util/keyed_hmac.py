@@ -13,9 +13,8 @@ finalizer, which only a major collection runs.  An HMAC took 2.5-3.2 us and a mi
 them forced 123-127 major collections, whose finalizer step stalled a relay under Allocate
 cycles for 40-70 ms each time; in C one takes 0.25-0.30 us and a million force none.  On
 CPython, which frees a `hashlib` object at once, copying them is the faster way (0.52 against
-0.76 us), so it stays.
-Without the module (no OpenSSL headers at install), or for a digest other than SHA-1 and
-SHA-256, `hashlib` makes them everywhere.
+0.76 us), so it stays.  Without the module (no OpenSSL headers at install), or for a digest
+other than SHA-1 and SHA-256, `hashlib` makes them everywhere.
 
 `hmac_digest(key, data, hashlib.sha1)` equals `hmac.new(key, data, hashlib.sha1).digest()`.
 """
