@@ -47,6 +47,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the tests' support package
 from relay.proto import stun  # noqa: E402
+from relay.service.workers import PYPY_GC  # noqa: E402
 from support.servers import free_port, running_echo_peer, stop_process  # noqa: E402
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench.turnrelay"
@@ -270,9 +271,12 @@ def pion(binary: str, workdir: str, cert: str, key: str) -> Server:
 def turnrelay(name: str, twistd: str, workdir: str, cert: str, key: str,
               workers: int = 1, dataplane: str = "python") -> Server:
     """turnrelay as its container runs it (docker/relay.Dockerfile): logging to standard output,
-    which goes to the log file."""
+    which goes to the log file.  On PyPy a single process (`workers=1`) gets the collector
+    settings the relay gives its worker processes (`PYPY_GC`), unless this environment has
+    its own: what a worker runs, measured on one core."""
     state = os.path.join(workdir, name.replace(" ", "_") + "-state")
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(PYPY_GC, **os.environ)
+    env["PYTHONPATH"] = ROOT
     return Server(name, [
         twistd, "-n", "--pidfile=", "--logfile=-", "turnrelay", "--listening-ip", HOST,
         "--listening-port", "{port}", "--tls-listening-port", "{tls_port}", "--relay-ip", HOST,

@@ -215,6 +215,20 @@ def test_quota_book_counts_every_worker():
                            ("source", "192.0.2.4"): 1, ("account", "other", 0): 1}
 
 
+def test_workers_get_pypys_collector_settings_unless_the_relay_has_its_own(server_factory,
+                                                                         monkeypatch):
+    """A worker on PyPy runs a 16 MB nursery and 2 MB marking steps (relay.service.workers
+    .PYPY_GC); a value in the relay's own environment is the operator's, and wins."""
+    monkeypatch.setenv("PYPY_GC_NURSERY", "8MB")
+    server = start_workers(server_factory)
+    for index in range(WORKERS):
+        pid = int(server.search(rf"worker {index} started, pid (\d+)").group(1))
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            environ = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+        assert environ[b"PYPY_GC_NURSERY"] == b"8MB"
+        assert environ[b"PYPY_GC_INCREMENT_STEP"] == b"2MB"
+
+
 def test_workers_stop_when_their_parent_is_killed(server_factory):
     """No relay runs on unsupervised, holding its ports, after its parent is gone."""
     server = start_workers(server_factory)
