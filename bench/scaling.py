@@ -36,6 +36,14 @@ CGROUP_V2 = "/sys/fs/cgroup"
 PERIOD_US = 10_000  # a short period: a quota used up stalls a worker for less of each
 
 
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 class CpuQuota:
     """A cgroup whose processes may use `cpus` CPUs' worth of time, spread over any cores."""
 
@@ -46,7 +54,7 @@ class CpuQuota:
             os.makedirs(self.path, exist_ok=True)
             self._write("cpu.cfs_period_us", str(PERIOD_US))
             self._write("cpu.cfs_quota_us", str(quota))
-        elif "cpu" in open(os.path.join(CGROUP_V2, "cgroup.controllers")).read().split():
+        elif "cpu" in _read(os.path.join(CGROUP_V2, "cgroup.subtree_control")).split():
             self.path = os.path.join(CGROUP_V2, name)
             os.makedirs(self.path, exist_ok=True)
             self._write("cpu.max", f"{quota} {PERIOD_US}")
@@ -65,7 +73,7 @@ class CpuQuota:
         """Once the processes it held are gone (a worker ends just after its parent: a bounded
         wait for that)."""
         deadline = time.monotonic() + 10
-        while open(os.path.join(self.path, "cgroup.procs")).read().strip():
+        while _read(os.path.join(self.path, "cgroup.procs")).strip():
             if time.monotonic() > deadline:
                 raise SystemExit(f"{self.path} still holds processes")
             time.sleep(0.05)
