@@ -47,7 +47,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the tests' support package
 from relay.proto import stun  # noqa: E402
-from relay.service.workers import PYPY_GC  # noqa: E402
+from relay.service.runtime import PYPY_GC  # noqa: E402
 from support.servers import free_port, running_echo_peer, stop_process  # noqa: E402
 
 USER, PASSWORD, REALM = "bench", "bench-password", "bench.turnrelay"

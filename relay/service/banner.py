@@ -22,6 +22,7 @@ from relay.ledger.records import IUsageBackend
 from relay.ledger.sql import SqlUsageBackend
 from relay.service.first_run import FirstRun
 from relay.service.options import Options
+from relay.service.runtime import collector_hint
 from relay.storage.sqldb import without_password
 
 Listener = Tuple[str, str, int]  # transport, host, port
@@ -110,6 +111,9 @@ def banner(options: Options, workers: int, listeners: List[Listener],
              f"relaying from: {relays}, ports {options['min-port']}-{options['max-port']}",
              f"credentials: {_credentials(options, first)}",
              f"usage ledger: {_ledger(options, backends)}"]
+    hint = collector_hint(workers)
+    if hint:
+        lines.append(hint)
     tls = _tls(options)
     if tls:
         lines.append(f"TLS: {tls}")

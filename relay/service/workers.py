@@ -91,6 +91,7 @@ from relay.service.loglevel import filtered
 from relay.service.logtext import BatchedFile, LineBatch, classic_line, emit_line, event_text
 from relay.service.options import Options
 from relay.service.quota_book import GRANTED, Place, QuotaBook
+from relay.service.runtime import PYPY_GC
 from relay.service.services import HTTPService, OrderlyStop, RelayService, SighupService
 from relay.web.metrics import CONTENT_TYPE
 
@@ -103,14 +104,6 @@ STOP_MARGIN = 30.0  # seconds a stopping worker has after its drain grace, for i
 GIVE_UP = 5  # quick deaths in a row after which /healthz says the relay is not alive
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE_IN_FLIGHT = 0.25  # seconds a refused reservation waits for a release to arrive
-# PyPy's collector in each worker process, where the relay's own environment does not set these
-# (CPython ignores them).  PyPy sizes its nursery by the L2 cache, 1 MB on the project machine:
-# under steady Allocates it then made 3,000 minor collections a second, which with the marking
-# steps of the major ones took a fifth of a worker's time.  A 16 MB nursery, with marking
-# steps held at 2 MB (by default twice the nursery, so each step would grow with it), made
-# 1.2x the cycles a second, and Binding answers' p99 fell from 13-15 to 5-6 ms
-# (docs/performance.md).
-PYPY_GC = {"PYPY_GC_NURSERY": "16MB", "PYPY_GC_INCREMENT_STEP": "2MB"}
 
 
 def worker_line(index: int, line: str) -> str:
@@ -387,7 +380,7 @@ class Supervisor(OrderlyStop):
         fds[first] = self.inboxes[index][1].fileno()
         for k, (send, _) in enumerate(self.inboxes):
             fds[first + 1 + k] = send.fileno()
-        env = dict(PYPY_GC, **os.environ)
+        env = dict(PYPY_GC, **os.environ)  # PyPy's collector: the operator's settings win
         env.update(TURNRELAY_WORKER=f"{index} {self.count}",
                    TURNRELAY_WORKER_LOG="relayed" if stream is None else "stream",
                    TURNRELAY_LISTENERS=" ".join(t for t, _ in self.sockets),

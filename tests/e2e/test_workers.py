@@ -217,7 +217,7 @@ def test_quota_book_counts_every_worker():
 
 def test_workers_get_pypys_collector_settings_unless_the_relay_has_its_own(server_factory,
                                                                          monkeypatch):
-    """A worker on PyPy runs a 16 MB nursery and 2 MB marking steps (relay.service.workers
+    """A worker on PyPy runs a 16 MB nursery and 2 MB marking steps (relay.service.runtime
     .PYPY_GC); a value in the relay's own environment is the operator's, and wins."""
     monkeypatch.setenv("PYPY_GC_NURSERY", "8MB")
     server = start_workers(server_factory)

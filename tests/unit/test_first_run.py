@@ -2,6 +2,7 @@
 (relay.service.banner): made once, private, reused, off as soon as any credential source is
 configured, and printed as lines to paste within the banner's 15 lines."""
 import os
+import platform
 import shlex
 import stat
 
@@ -13,6 +14,7 @@ from relay.proto import stun
 from relay.service import first_run
 from relay.service.banner import banner
 from relay.service.options import Options
+from relay.service.runtime import PYPY_GC
 from relay.storage.accounts import api_key_matches
 
 
@@ -93,3 +95,23 @@ def test_an_explicit_api_port_serves_the_first_run_account(tmp_path):
     first = first_run.apply(options)
     assert first is not None and options["api-port"] == 0
     assert options["api-store"] is not None and options["api-secret"]
+
+
+def test_a_single_pypy_process_is_told_how_to_start_its_collector(tmp_path, monkeypatch):
+    """PyPy reads its collector's settings as it starts: the parent gives them to its workers,
+    and a single process started without them says how (relay.service.runtime)."""
+    monkeypatch.setattr(platform, "python_implementation", lambda: "PyPy")
+    for name in PYPY_GC:
+        monkeypatch.delenv(name, raising=False)
+    options = parse(tmp_path)
+    listeners = [("udp", "0.0.0.0", 3478)]
+
+    def text(workers: int) -> str:
+        return banner(options, workers, listeners, {stun.FAMILY_IPV4: "192.0.2.7"}, {}, [], {},
+                      None)
+    assert "started with PYPY_GC_NURSERY=16MB PYPY_GC_INCREMENT_STEP=2MB" in text(1)
+    assert "PYPY_GC" not in text(2)  # the workers have them
+    monkeypatch.setenv("PYPY_GC_NURSERY", "32MB")  # the operator's choice
+    assert "PYPY_GC" not in text(1)
+    monkeypatch.undo()
+    assert "PYPY_GC" not in text(1)  # CPython
