@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Mapping, Optional
+from typing import Optional
 
 # PyPy sizes its nursery by the L2 cache, 1 MB on the project machine: under steady Allocates it
 # then made 3,000 minor collections a second, which with the marking steps of the major ones
@@ -19,11 +19,11 @@ from typing import Mapping, Optional
 PYPY_GC = {"PYPY_GC_NURSERY": "16MB", "PYPY_GC_INCREMENT_STEP": "2MB"}
 
 
-def collector_hint(workers: int, environ: Mapping[str, str] = os.environ) -> Optional[str]:
+def collector_hint(workers: int) -> Optional[str]:
     """The banner's line for a single process on PyPy started without any of `PYPY_GC`'s
     settings (the operator's own choice otherwise); None anywhere else."""
     if platform.python_implementation() != "PyPy" or workers > 1 \
-            or any(name in environ for name in PYPY_GC):
+            or any(name in os.environ for name in PYPY_GC):
         return None
     settings = " ".join(f"{name}={value}" for name, value in PYPY_GC.items())
     return (f"PyPy collector: its own nursery, sized by the L2 cache; a single process under load "
