@@ -166,7 +166,7 @@ def main() -> None:
           f"{args.cpu_per_worker} CPU per worker or relay thread, servers on CPUs {every_core}, "
           f"load on CPU {args.load_core}; loadavg {load_before} before, {load_after} after; "
           f"turnrelay is {compare.interpreter(twistd)}")
-    print(f"{'server':30} {'cycles/s':>10} {'x its 1':>8} {'CPU us/cycle':>13} {'CPU used':>9} "
+    print(f"{'server':30} {'cycles/s':>10} {'x first':>8} {'CPU us/cycle':>13} {'CPU used':>9} "
           f"{'quota':>6} {'errors':>7}")
     single: Dict[str, float] = {}
     for n, server, _ in servers:
